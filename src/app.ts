@@ -1,0 +1,86 @@
+import { Ajv } from 'ajv'
+import addFormats from 'ajv-formats'
+import Fastify, { LogController, type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import { CacheService, type CoreLogger } from './cache/cache-service.js'
+import { defaultConfig, type Config } from './config.js'
+import auth from './plugins/auth.js'
+import errors from './plugins/errors.js'
+import health from './plugins/health.js'
+import debugRoutes from './routes/debug.js'
+import entryRoutes from './routes/entries.js'
+import invalidationRoutes from './routes/invalidations.js'
+import { MemoryStore } from './stores/memory-store.js'
+import type { Store } from './stores/store.js'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    cache: CacheService
+    config: Config
+  }
+}
+
+export interface BuildOptions {
+  /** Fastify's logger option; off by default (server.ts passes pino options). */
+  logger?: FastifyServerOptions['logger']
+  /** A store to use instead of the one the config selects (tests). */
+  store?: Store
+  /** The clock (tests pass a fake one). */
+  now?: () => number
+  /** Lease checks on writes; off only to prove the race test can fail. */
+  leasesEnabled?: boolean
+}
+
+// Bodies are validated strictly (a string is not a number); query strings and params
+// arrive as text, so they are coerced.
+function validatorCompiler() {
+  const strict = new Ajv({ allErrors: false, coerceTypes: false, useDefaults: true, removeAdditional: false, strict: false })
+  const coercing = new Ajv({ allErrors: false, coerceTypes: true, useDefaults: true, removeAdditional: false, strict: false })
+  addFormats.default(strict)
+  addFormats.default(coercing)
+  return ({ schema, httpPart }: { schema: object; httpPart?: string }) =>
+    (httpPart === 'body' ? strict : coercing).compile(schema)
+}
+
+/** Builds the cachewarden Fastify app (no `listen`): plugins, then routes. */
+export async function buildApp(partial: Partial<Config> = {}, options: BuildOptions = {}): Promise<FastifyInstance> {
+  const config: Config = { ...defaultConfig(), ...partial }
+  const app = Fastify({
+    logger: options.logger ?? false,
+    bodyLimit: config.bodyLimitBytes,
+    // Keys may be up to 512 bytes, i.e. up to 1536 characters once URL-encoded.
+    routerOptions: { maxParamLength: config.limits.maxKeyBytes * 3 + 64 },
+    // Per-request log lines would cost more than a cache hit; errors are still logged.
+    logController: new LogController({ disableRequestLogging: true }),
+    onProtoPoisoning: 'error',
+    onConstructorPoisoning: 'error',
+    return503OnClosing: true,
+  })
+  app.setValidatorCompiler(validatorCompiler())
+
+  const now = options.now ?? Date.now
+  const store =
+    options.store ??
+    new MemoryStore({ maxEntries: config.maxEntries, maxBytes: config.maxBytes, now })
+  const cache = new CacheService({
+    store,
+    limits: config.limits,
+    now,
+    logger: app.log as CoreLogger,
+    fillLeaseMs: config.fillLeaseMs,
+    invalidationLogSize: config.invalidationLogSize,
+    leasesEnabled: options.leasesEnabled,
+  })
+  app.decorate('config', config)
+  app.decorate('cache', cache)
+  app.addHook('onClose', async () => {
+    await cache.close()
+  })
+
+  await app.register(errors)
+  await app.register(auth, { keys: config.apiKeys })
+  await app.register(health)
+  await app.register(entryRoutes)
+  await app.register(invalidationRoutes)
+  await app.register(debugRoutes)
+  return app
+}

@@ -1,0 +1,411 @@
+import { createHash, randomUUID } from 'node:crypto'
+import { EventEmitter } from 'node:events'
+import { CacheError, backendUnavailable, invalidRequest, leaseInvalidated } from '../errors.js'
+import type { Store } from '../stores/store.js'
+import {
+  DEFAULT_LIMITS,
+  checkKey,
+  checkSelector,
+  checkTags,
+  checkTtl,
+  checkUserId,
+  etagOf,
+  serializeValue,
+  type Limits,
+} from './limits.js'
+import { Ring } from './ring.js'
+import {
+  SELECTOR_KINDS,
+  SELECTOR_LABEL,
+  type EvictionReason,
+  type InvalidationMode,
+  type InvalidationRecord,
+  type InvalidationResult,
+  type InvalidationSource,
+  type LeaseStamp,
+  type Selector,
+  type StoredEntry,
+} from './types.js'
+
+export const DEFAULT_FILL_LEASE_MS = 2000
+export const DEFAULT_INVALIDATION_LOG_SIZE = 1000
+/** Most keys with an outstanding fill lease tracked at once (herd control only; safe to forget). */
+const MAX_FILL_LEASES = 100_000
+/** Waiters are told to come back after at most this long, even if the fill lease has longer to run. */
+const MAX_RETRY_AFTER_MS = 100
+
+/** The subset of a pino logger the core uses. */
+export interface CoreLogger {
+  info(obj: object, msg?: string): void
+  warn(obj: object, msg?: string): void
+  error(obj: object, msg?: string): void
+}
+
+export interface CacheServiceOptions {
+  store: Store
+  limits?: Partial<Limits>
+  /** The clock; tests pass a fake one. */
+  now?: () => number
+  logger?: CoreLogger
+  /** How long a fill lease keeps other missers waiting (herd control). */
+  fillLeaseMs?: number
+  /** How many recent invalidations `GET /v1/debug/invalidations` can show. */
+  invalidationLogSize?: number
+  /** Leases are checked on writes; off only to prove the race test can fail. */
+  leasesEnabled?: boolean
+}
+
+/** A lease handed out with a miss. */
+export interface IssuedLease {
+  lease: string
+  fill: boolean
+  retryAfterMs?: number
+}
+
+export type ReadResult = { entry: StoredEntry; lease?: undefined } | { entry?: undefined; lease: IssuedLease }
+
+/** The body of a write, as PUT and batch-set accept it. */
+export interface WriteInput {
+  value: unknown
+  ttlMs?: number | null
+  userId?: string | null
+  tags?: string[] | null
+  lease?: string | { lease?: string; token?: string } | null
+  origin?: string
+}
+
+export interface InvalidateOptions {
+  mode?: InvalidationMode
+  source: InvalidationSource
+  actor?: string
+  reason?: string
+}
+
+/** Monotonic totals: the Prometheus counters read these; the resettable summary subtracts a baseline. */
+export interface Totals {
+  hits: number
+  misses: number
+  sets: number
+  evictions: Record<EvictionReason, number>
+  leasesIssued: number
+  leaseRejections: number
+  invalidations: number
+  invalidationsBySelector: Record<string, number>
+  invalidationsBySource: Record<string, number>
+  invalidationFailures: Record<string, number>
+}
+
+function emptyTotals(): Totals {
+  return {
+    hits: 0,
+    misses: 0,
+    sets: 0,
+    evictions: { evict: 0, expire: 0 },
+    leasesIssued: 0,
+    leaseRejections: 0,
+    invalidations: 0,
+    invalidationsBySelector: {},
+    invalidationsBySource: {},
+    invalidationFailures: {},
+  }
+}
+
+export interface CacheServiceEvents {
+  invalidation: [InvalidationRecord]
+  invalidation_failed: [{ source: InvalidationSource; selector: Selector; error: Error }]
+  cleared: [{ cleared: number; actor: string | undefined; reason: string | undefined }]
+}
+
+/**
+ * The cache core: validation, leases and herd control, invalidation, the invalidation log
+ * and the stats. It knows nothing of HTTP. Every invalidation, whatever its source, goes
+ * through `invalidate`, which is where the log, the counters and the event for metrics,
+ * logs and the SSE stream are all fed.
+ */
+export class CacheService extends EventEmitter<CacheServiceEvents> {
+  readonly store: Store
+  readonly limits: Limits
+  readonly now: () => number
+  readonly totals: Totals = emptyTotals()
+  readonly #logger: CoreLogger | undefined
+  readonly #fillLeaseMs: number
+  readonly #leasesEnabled: boolean
+  readonly #log: Ring<InvalidationRecord>
+  readonly #fills = new Map<string, number>()
+  #baseline: Totals = emptyTotals()
+  #last: InvalidationRecord | undefined
+
+  constructor(options: CacheServiceOptions) {
+    super()
+    this.store = options.store
+    this.limits = { ...DEFAULT_LIMITS, ...options.limits }
+    this.now = options.now ?? Date.now
+    this.#logger = options.logger
+    this.#fillLeaseMs = options.fillLeaseMs ?? DEFAULT_FILL_LEASE_MS
+    this.#leasesEnabled = options.leasesEnabled ?? true
+    this.#log = new Ring(options.invalidationLogSize ?? DEFAULT_INVALIDATION_LOG_SIZE)
+    this.store.onEviction((_entry, reason) => {
+      this.totals.evictions[reason]++
+    })
+  }
+
+  /** Reads an entry; a miss (or a stale entry without `allowStale`) comes back with a lease. */
+  async read(key: string, allowStale = false): Promise<ReadResult> {
+    checkKey(key, this.limits)
+    const now = this.now()
+    const entry = await this.store.get(key, now)
+    if (entry !== undefined && (allowStale || !entry.stale)) {
+      this.totals.hits++
+      return { entry }
+    }
+    this.totals.misses++
+    return { lease: await this.issueLease(key, now) }
+  }
+
+  /** Reads many keys; misses each get a lease. */
+  async readMany(keys: string[], allowStale = false): Promise<{ entries: Map<string, StoredEntry>; leases: Map<string, IssuedLease> }> {
+    if (keys.length > this.limits.maxBatch) throw invalidRequest(`keys has more than ${this.limits.maxBatch} items`)
+    keys.forEach((key, i) => checkKey(key, this.limits, `keys[${i}]`))
+    const now = this.now()
+    const entries = new Map<string, StoredEntry>()
+    const leases = new Map<string, IssuedLease>()
+    for (const key of keys) {
+      if (entries.has(key) || leases.has(key)) continue
+      const entry = await this.store.get(key, now)
+      if (entry !== undefined && (allowStale || !entry.stale)) {
+        this.totals.hits++
+        entries.set(key, entry)
+      } else {
+        this.totals.misses++
+        leases.set(key, await this.issueLease(key, now))
+      }
+    }
+    return { entries, leases }
+  }
+
+  /** Reads an entry for inspection: no hit counted, stale and all. */
+  async inspect(key: string): Promise<StoredEntry | undefined> {
+    checkKey(key, this.limits)
+    return this.store.peek(key, this.now())
+  }
+
+  /** Validates and writes one entry. Throws `lease_invalidated` when its lease was voided. */
+  async write(key: string, input: WriteInput): Promise<StoredEntry> {
+    const entry = this.buildEntry(key, input)
+    const lease = this.#parseLease(input.lease, key)
+    const outcome = await this.store.set(entry, this.#leasesEnabled ? lease : undefined)
+    if (outcome === 'lease_invalidated') {
+      this.totals.leaseRejections++
+      throw leaseInvalidated(key)
+    }
+    this.totals.sets++
+    this.#fills.delete(key)
+    return entry
+  }
+
+  /** Builds (and validates) the entry a write would store. */
+  buildEntry(key: string, input: WriteInput): StoredEntry {
+    checkKey(key, this.limits)
+    if (input === null || typeof input !== 'object') throw invalidRequest('body must be an object')
+    const value = serializeValue(input.value, this.limits)
+    const ttlMs = checkTtl(input.ttlMs, this.limits)
+    const userId = input.userId === undefined || input.userId === null ? undefined : checkUserId(input.userId, this.limits)
+    const tags = input.tags === undefined || input.tags === null ? undefined : checkTags(input.tags, this.limits)
+    const now = this.now()
+    let size = byteLength(key) + byteLength(value)
+    if (userId !== undefined) size += byteLength(userId)
+    if (tags) for (const tag of tags) size += byteLength(tag)
+    return {
+      key,
+      value,
+      etag: etagOf(value),
+      userId,
+      tags: tags && tags.length > 0 ? tags : undefined,
+      createdAt: now,
+      expiresAt: now + ttlMs,
+      hits: 0,
+      lastAccessAt: now,
+      stale: false,
+      origin: input.origin,
+      size,
+    }
+  }
+
+  /**
+   * The one invalidation function. Every source (API, events, PostgreSQL, bus, admin) calls
+   * it; it validates, applies through the store, logs, counts and emits `invalidation`.
+   */
+  async invalidate(rawSelector: Selector, options: InvalidateOptions): Promise<InvalidationResult> {
+    const selector = checkSelector(rawSelector, this.limits)
+    const mode = options.mode ?? 'delete'
+    const started = performance.now()
+    let invalidated: number
+    try {
+      invalidated = await this.store.invalidate(selector, mode, this.now())
+    } catch (error) {
+      this.#countFailure(options.source)
+      this.emit('invalidation_failed', { source: options.source, selector, error: error as Error })
+      this.#logger?.error({ err: error, source: options.source }, 'invalidation failed')
+      throw error instanceof CacheError ? error : backendUnavailable('the store')
+    }
+    const durationMs = round(performance.now() - started)
+    const record: InvalidationRecord = {
+      id: randomUUID(),
+      selector,
+      mode,
+      source: options.source,
+      invalidated,
+      durationMs,
+      at: new Date(this.now()).toISOString(),
+      actor: options.actor,
+      reason: options.reason,
+    }
+    this.#record(record)
+    return { id: record.id, invalidated, mode, durationMs }
+  }
+
+  /** Counts an invalidation that never reached the store (e.g. an unparseable notification). */
+  countFailure(source: InvalidationSource): void {
+    this.#countFailure(source)
+  }
+
+  /** Drops everything and voids every lease (the emergency clear). */
+  async clear(actor?: string, reason?: string): Promise<number> {
+    const cleared = await this.store.clear()
+    this.#fills.clear()
+    this.emit('cleared', { cleared, actor, reason })
+    return cleared
+  }
+
+  recentInvalidations(limit: number): InvalidationRecord[] {
+    return this.#log.recent(limit)
+  }
+
+  /** The stats summary of `GET /v1/stats`: totals since the last reset. */
+  async stats() {
+    const { entries, bytes } = await this.store.size()
+    const t = this.totals
+    const b = this.#baseline
+    const hits = t.hits - b.hits
+    const misses = t.misses - b.misses
+    return {
+      entries,
+      bytes,
+      hits,
+      misses,
+      hitRatio: hits + misses === 0 ? 0 : round(hits / (hits + misses), 4),
+      sets: t.sets - b.sets,
+      evictions: t.evictions.evict + t.evictions.expire - b.evictions.evict - b.evictions.expire,
+      invalidations: {
+        bySelector: diff(t.invalidationsBySelector, b.invalidationsBySelector),
+        bySource: diff(t.invalidationsBySource, b.invalidationsBySource),
+        failed: sum(t.invalidationFailures) - sum(b.invalidationFailures),
+        last: this.#last ?? null,
+      },
+      leases: { issued: t.leasesIssued - b.leasesIssued, rejected: t.leaseRejections - b.leaseRejections },
+    }
+  }
+
+  /** Zeroes the summary; the monotonic totals behind the Prometheus counters keep counting. */
+  resetStats(): void {
+    this.#baseline = structuredClone(this.totals)
+    this.#last = undefined
+  }
+
+  async close(): Promise<void> {
+    await this.store.close()
+  }
+
+  /** Issues a lease for a missed key; the first miss in a while gets the fill lease. */
+  async issueLease(key: string, now = this.now()): Promise<IssuedLease> {
+    const stamp = await this.store.leaseStamp()
+    this.totals.leasesIssued++
+    const lease = encodeLease(stamp, key)
+    const fillUntil = this.#fills.get(key)
+    if (fillUntil !== undefined && fillUntil > now) {
+      return { lease, fill: false, retryAfterMs: Math.max(1, Math.min(fillUntil - now, MAX_RETRY_AFTER_MS)) }
+    }
+    if (fillUntil === undefined && this.#fills.size >= MAX_FILL_LEASES) this.#pruneFills(now)
+    this.#fills.set(key, now + this.#fillLeaseMs)
+    return { lease, fill: true }
+  }
+
+  #parseLease(raw: WriteInput['lease'], key: string): LeaseStamp | undefined {
+    if (raw === undefined || raw === null) return undefined
+    const token = typeof raw === 'string' ? raw : (raw.lease ?? raw.token)
+    if (typeof token !== 'string') throw invalidRequest('lease must be the token a miss returned')
+    const stamp = decodeLease(token)
+    if (stamp === undefined) throw invalidRequest('lease is not a token cachewarden issued')
+    if (stamp.keyHash !== keyHash(key)) {
+      this.totals.leaseRejections++
+      throw new CacheError('lease_invalidated', 'the lease was issued for another key')
+    }
+    return stamp
+  }
+
+  #record(record: InvalidationRecord): void {
+    const t = this.totals
+    t.invalidations++
+    for (const kind of SELECTOR_KINDS) {
+      if (record.selector[kind]?.length) {
+        const label = SELECTOR_LABEL[kind]
+        t.invalidationsBySelector[label] = (t.invalidationsBySelector[label] ?? 0) + 1
+      }
+    }
+    t.invalidationsBySource[record.source] = (t.invalidationsBySource[record.source] ?? 0) + 1
+    this.#log.push(record)
+    this.#last = record
+    this.#logger?.info(
+      {
+        invalidation: record.id,
+        source: record.source,
+        mode: record.mode,
+        selectors: Object.fromEntries(SELECTOR_KINDS.filter((k) => record.selector[k]).map((k) => [k, record.selector[k]!.length])),
+        invalidated: record.invalidated,
+        durationMs: record.durationMs,
+      },
+      'invalidation',
+    )
+    this.emit('invalidation', record)
+  }
+
+  #countFailure(source: InvalidationSource): void {
+    this.totals.invalidationFailures[source] = (this.totals.invalidationFailures[source] ?? 0) + 1
+  }
+
+  #pruneFills(now: number): void {
+    for (const [key, until] of this.#fills) if (until <= now) this.#fills.delete(key)
+    // Still full of live fills: forget the oldest; the worst case is one more concurrent fill.
+    while (this.#fills.size >= MAX_FILL_LEASES) this.#fills.delete(this.#fills.keys().next().value!)
+  }
+}
+
+/** `epoch.seq.keyhash`: the key hash binds a lease to its key. */
+export function encodeLease(stamp: LeaseStamp, key: string): string {
+  return `${stamp.epoch}.${stamp.seq.toString(36)}.${keyHash(key)}`
+}
+
+export function decodeLease(token: string): (LeaseStamp & { keyHash: string }) | undefined {
+  if (token.length > 128) return undefined
+  const parts = token.split('.')
+  if (parts.length !== 3 || !/^[A-Za-z0-9_-]{1,32}$/.test(parts[0]!) || !/^[0-9a-z]{1,12}$/.test(parts[1]!)) {
+    return undefined
+  }
+  return { epoch: parts[0]!, seq: parseInt(parts[1]!, 36), keyHash: parts[2]! }
+}
+
+function keyHash(key: string): string {
+  return createHash('sha1').update(key).digest('base64url').slice(0, 11)
+}
+
+const byteLength = (s: string) => (s.length < 128 && /^[\x20-\x7e]*$/.test(s) ? s.length : Buffer.byteLength(s))
+
+const round = (n: number, digits = 3) => Math.round(n * 10 ** digits) / 10 ** digits
+
+const sum = (r: Record<string, number>) => Object.values(r).reduce((a, b) => a + b, 0)
+
+function diff(now: Record<string, number>, base: Record<string, number>): Record<string, number> {
+  const out: Record<string, number> = {}
+  for (const [k, v] of Object.entries(now)) if (v - (base[k] ?? 0) > 0) out[k] = v - (base[k] ?? 0)
+  return out
+}

@@ -1,0 +1,136 @@
+import { createHash } from 'node:crypto'
+import { invalidRequest, valueTooLarge } from '../errors.js'
+import type { Selector } from './types.js'
+import { SELECTOR_KINDS } from './types.js'
+
+/** The limits of DESIGN.md section 2; every one is configurable. */
+export interface Limits {
+  maxKeyBytes: number
+  maxUserIdBytes: number
+  maxTagBytes: number
+  maxTags: number
+  maxValueBytes: number
+  maxValueDepth: number
+  minTtlMs: number
+  maxTtlMs: number
+  defaultTtlMs: number
+  maxPrefixBytes: number
+  /** Most items in a batch or in one selector list. */
+  maxBatch: number
+}
+
+export const DEFAULT_LIMITS: Limits = {
+  maxKeyBytes: 512,
+  maxUserIdBytes: 128,
+  maxTagBytes: 128,
+  maxTags: 32,
+  maxValueBytes: 1024 * 1024,
+  maxValueDepth: 64,
+  minTtlMs: 1,
+  maxTtlMs: 30 * 24 * 3600 * 1000,
+  defaultTtlMs: 300_000,
+  maxPrefixBytes: 512,
+  maxBatch: 1000,
+}
+
+// C0 controls, DEL and C1 controls.
+// eslint-disable-next-line no-control-regex
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/
+
+/** Checks a name (key, user id, tag, prefix): a non-empty string within `maxBytes`, no controls. */
+export function checkName(field: string, value: unknown, maxBytes: number): string {
+  if (typeof value !== 'string') throw invalidRequest(`${field} must be a string`)
+  if (value.length === 0) throw invalidRequest(`${field} must not be empty`)
+  // UTF-16 length bounds the UTF-8 length from below, so most names skip the byte count.
+  if (value.length > maxBytes || (value.length * 3 > maxBytes && Buffer.byteLength(value) > maxBytes)) {
+    throw invalidRequest(`${field} is longer than ${maxBytes} bytes`)
+  }
+  if (CONTROL.test(value)) throw invalidRequest(`${field} must not contain control characters`)
+  if (!value.isWellFormed()) {
+    throw invalidRequest(`${field} must be well-formed Unicode`)
+  }
+  return value
+}
+
+export function checkKey(key: unknown, limits: Limits, field = 'key'): string {
+  return checkName(field, key, limits.maxKeyBytes)
+}
+
+export function checkUserId(userId: unknown, limits: Limits, field = 'userId'): string {
+  return checkName(field, userId, limits.maxUserIdBytes)
+}
+
+export function checkTags(tags: unknown, limits: Limits, field = 'tags'): string[] {
+  if (!Array.isArray(tags)) throw invalidRequest(`${field} must be an array of strings`)
+  if (tags.length > limits.maxTags) throw invalidRequest(`${field} has more than ${limits.maxTags} tags`)
+  tags.forEach((tag, i) => checkName(`${field}[${i}]`, tag, limits.maxTagBytes))
+  // Duplicates would double-count in the index; keep the first of each.
+  return tags.length > 1 ? [...new Set(tags as string[])] : (tags as string[])
+}
+
+export function checkTtl(ttlMs: unknown, limits: Limits, field = 'ttlMs'): number {
+  if (ttlMs === undefined || ttlMs === null) return limits.defaultTtlMs
+  if (typeof ttlMs !== 'number' || !Number.isInteger(ttlMs)) throw invalidRequest(`${field} must be an integer`)
+  if (ttlMs < limits.minTtlMs || ttlMs > limits.maxTtlMs) {
+    throw invalidRequest(`${field} must be between ${limits.minTtlMs} and ${limits.maxTtlMs}`)
+  }
+  return ttlMs
+}
+
+/** Serializes a value, enforcing the depth and size limits. */
+export function serializeValue(value: unknown, limits: Limits, field = 'value'): string {
+  if (value === undefined) throw invalidRequest(`${field} is required`)
+  if (depthExceeds(value, limits.maxValueDepth)) {
+    throw invalidRequest(`${field} is nested deeper than ${limits.maxValueDepth} levels`)
+  }
+  const json = JSON.stringify(value)
+  if (json.length > limits.maxValueBytes || (json.length * 3 > limits.maxValueBytes && Buffer.byteLength(json) > limits.maxValueBytes)) {
+    throw valueTooLarge(`${field} is larger than ${limits.maxValueBytes} bytes serialized`)
+  }
+  return json
+}
+
+/** The content hash of a serialized value. */
+export function etagOf(json: string): string {
+  return createHash('sha1').update(json).digest('base64url').slice(0, 22)
+}
+
+/** Checks a selector: at least one list, each within the batch limit, every name valid. */
+export function checkSelector(selector: Selector, limits: Limits): Selector {
+  const out: Selector = {}
+  let any = false
+  for (const kind of SELECTOR_KINDS) {
+    const list = selector[kind]
+    if (list === undefined || list === null) continue
+    if (!Array.isArray(list)) throw invalidRequest(`${kind} must be an array`)
+    if (list.length > limits.maxBatch) throw invalidRequest(`${kind} has more than ${limits.maxBatch} items`)
+    if (list.length === 0) continue
+    const max =
+      kind === 'keys' ? limits.maxKeyBytes
+      : kind === 'userIds' ? limits.maxUserIdBytes
+      : kind === 'tags' ? limits.maxTagBytes
+      : limits.maxPrefixBytes
+    list.forEach((name, i) => checkName(`${kind}[${i}]`, name, max))
+    out[kind] = [...new Set(list)]
+    any = true
+  }
+  if (!any) {
+    throw invalidRequest('the selector needs at least one non-empty list of keys, userIds, tags or prefixes')
+  }
+  return out
+}
+
+function depthExceeds(value: unknown, maxDepth: number): boolean {
+  // Iterative, so a hostile value cannot overflow the stack here.
+  if (value === null || typeof value !== 'object') return false
+  const stack: Array<[unknown, number]> = [[value, 1]]
+  while (stack.length > 0) {
+    const [node, depth] = stack.pop()!
+    if (depth > maxDepth) return true
+    const children = Array.isArray(node) ? node : Object.values(node as object)
+    for (const child of children) {
+      if (child !== null && typeof child === 'object') stack.push([child, depth + 1])
+    }
+  }
+  return false
+}

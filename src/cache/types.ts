@@ -1,0 +1,74 @@
+// Types shared by the core, the stores and the HTTP layer. No Fastify here.
+
+/** One cache entry as a store keeps it. `value` is the serialized JSON, written out as is. */
+export interface StoredEntry {
+  key: string
+  /** Serialized JSON of the value. */
+  value: string
+  /** Content hash of `value` (unquoted). */
+  etag: string
+  userId: string | undefined
+  tags: string[] | undefined
+  createdAt: number
+  expiresAt: number
+  hits: number
+  lastAccessAt: number
+  stale: boolean
+  origin: string | undefined
+  /** Accounted bytes: key + value + user + tags, UTF-8. */
+  size: number
+}
+
+export type InvalidationMode = 'delete' | 'stale'
+
+export interface Selector {
+  keys?: string[]
+  userIds?: string[]
+  tags?: string[]
+  prefixes?: string[]
+}
+
+export const SELECTOR_KINDS = ['keys', 'userIds', 'tags', 'prefixes'] as const
+export type SelectorKind = (typeof SELECTOR_KINDS)[number]
+/** Metric label for each selector kind (bounded, never the selector's values). */
+export const SELECTOR_LABEL: Record<SelectorKind, string> = {
+  keys: 'key',
+  userIds: 'user',
+  tags: 'tag',
+  prefixes: 'prefix',
+}
+
+/** Where an invalidation came from. */
+export type InvalidationSource = 'api' | 'event' | 'postgres' | 'bus' | 'admin' | 'consistency' | 'listener'
+
+/** A lease as a store checks it: the store's epoch and the invalidation sequence when issued. */
+export interface LeaseStamp {
+  epoch: string
+  seq: number
+}
+
+export type SetOutcome = 'ok' | 'lease_invalidated'
+
+export type EvictionReason = 'evict' | 'expire'
+
+/** What the store reports when it drops an entry by itself. */
+export type EvictionListener = (entry: StoredEntry, reason: EvictionReason) => void
+
+export interface InvalidationRecord {
+  id: string
+  selector: Selector
+  mode: InvalidationMode
+  source: InvalidationSource
+  invalidated: number
+  durationMs: number
+  at: string
+  actor: string | undefined
+  reason: string | undefined
+}
+
+export interface InvalidationResult {
+  id: string
+  invalidated: number
+  mode: InvalidationMode
+  durationMs: number
+}

@@ -1,0 +1,164 @@
+import { Type } from '@sinclair/typebox'
+import type { FastifyInstance } from 'fastify'
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
+import { renderBatch, renderEntry } from '../cache/render.js'
+import type { WriteInput } from '../cache/cache-service.js'
+import { CacheError, truncate } from '../errors.js'
+import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, tooLarge } from '../schemas/common.js'
+import {
+  BatchGetBody,
+  BatchGetResult,
+  BatchSetBody,
+  BatchSetResult,
+  Entry,
+  KeyParams,
+  ReadQuery,
+  WriteBody,
+  WriteResult,
+} from '../schemas/entries.js'
+
+const JSON_TYPE = 'application/json; charset=utf-8'
+
+/** `If-None-Match` matches when it lists the entry's etag (quoted, weak or bare) or `*`. */
+function etagMatches(header: string, etag: string): boolean {
+  if (header === `"${etag}"` || header === '*') return true
+  return header.split(',').some((tag) => {
+    const t = tag.trim().replace(/^W\//, '')
+    return t === `"${etag}"` || t === etag || t === '*'
+  })
+}
+
+export default async function entryRoutes(fastify: FastifyInstance) {
+  const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
+  const cache = app.cache
+
+  app.get(
+    '/v1/entries/:key',
+    {
+      config: { scope: 'read' },
+      schema: {
+        tags: ['entries'],
+        summary: 'Read an entry',
+        description:
+          'Returns the entry with an `ETag`; 304 when `If-None-Match` matches. A miss is 404 `not_found` ' +
+          'carrying a `lease`: send it back with the PUT that fills the key, and the write is refused ' +
+          'if an invalidation touched the key meanwhile. Only one miss at a time gets `fill: true`; the ' +
+          'others get `fill: false` and `retryAfterMs`.',
+        params: KeyParams,
+        querystring: ReadQuery,
+        response: { 200: Entry, 304: { type: 'null', description: 'Not modified' }, 404: MissBody, ...badRequest, ...authErrors },
+      },
+    },
+    async (request, reply) => {
+      const { key } = request.params
+      const result = await cache.read(key, request.query.allowStale === true)
+      if (result.entry !== undefined) {
+        const entry = result.entry
+        const inm = request.headers['if-none-match']
+        reply.header('etag', `"${entry.etag}"`)
+        if (inm !== undefined && etagMatches(inm, entry.etag)) return reply.code(304).send()
+        return reply.type(JSON_TYPE).send(renderEntry(entry, cache.now()))
+      }
+      return reply.code(404).send({ error: 'not_found', message: `no entry for "${truncate(key)}"`, ...result.lease })
+    },
+  )
+
+  app.put(
+    '/v1/entries/:key',
+    {
+      config: { scope: 'write' },
+      schema: {
+        tags: ['entries'],
+        summary: 'Write an entry',
+        description:
+          'Stores `value` under the key for `ttlMs` (default 300000), indexed by `userId` and `tags`. ' +
+          'With the `lease` from a miss, the write is refused with 409 `lease_invalidated` if an ' +
+          'invalidation covering the key was accepted after the lease was issued. Without a lease it always writes.',
+        params: KeyParams,
+        body: WriteBody,
+        response: {
+          200: WriteResult,
+          409: { ...MissBody, description: 'The lease was voided by an invalidation (`lease_invalidated`)' },
+          ...badRequest,
+          ...tooLarge,
+          ...authErrors,
+        },
+      },
+    },
+    async (request) => {
+      const entry = await cache.write(request.params.key, request.body as WriteInput)
+      return { key: entry.key, etag: entry.etag, expiresAt: new Date(entry.expiresAt).toISOString() }
+    },
+  )
+
+  app.delete(
+    '/v1/entries/:key',
+    {
+      config: { scope: 'invalidate' },
+      schema: {
+        tags: ['entries'],
+        summary: 'Invalidate one entry',
+        description: 'Deletes the entry (or marks it stale with `?mode=stale`) and voids outstanding leases on the key.',
+        params: KeyParams,
+        querystring: ModeQuery,
+        response: { 200: InvalidationResult, ...badRequest, ...authErrors },
+      },
+    },
+    async (request) =>
+      cache.invalidate(
+        { keys: [request.params.key] },
+        { mode: request.query.mode, source: 'api', actor: request.apiKey?.name },
+      ),
+  )
+
+  app.post(
+    '/v1/entries/batch-get',
+    {
+      config: { scope: 'read' },
+      schema: {
+        tags: ['entries'],
+        summary: 'Read many entries',
+        description: 'Up to 1000 keys. Each missing key is listed in `missing` and gets a lease in `leases`.',
+        querystring: Type.Object({ allowStale: Type.Optional(Type.Boolean()) }),
+        body: BatchGetBody,
+        response: { 200: BatchGetResult, ...badRequest, ...authErrors },
+      },
+    },
+    async (request, reply) => {
+      const { entries, leases } = await cache.readMany(request.body.keys, request.query.allowStale === true)
+      return reply.type(JSON_TYPE).send(renderBatch(entries, leases, cache.now()))
+    },
+  )
+
+  app.post(
+    '/v1/entries/batch-set',
+    {
+      config: { scope: 'write' },
+      bodyLimit: app.config.batchBodyLimitBytes,
+      schema: {
+        tags: ['entries'],
+        summary: 'Write many entries',
+        description:
+          'Up to 1000 entries, each the PUT body plus `key`. Each is validated and written on its own: ' +
+          'one bad entry gets its own status and error and does not sink the others.',
+        body: BatchSetBody,
+        response: { 200: BatchSetResult, ...badRequest, ...tooLarge, ...authErrors },
+      },
+    },
+    async (request) => {
+      const results = []
+      for (const item of request.body.entries) {
+        const key = item !== null && typeof item === 'object' ? (item as { key?: unknown }).key : undefined
+        try {
+          if (typeof key !== 'string') throw new CacheError('invalid_request', 'key must be a string')
+          const entry = await cache.write(key, item as unknown as WriteInput)
+          results.push({ key, status: 200, etag: entry.etag, expiresAt: new Date(entry.expiresAt).toISOString() })
+        } catch (error) {
+          if (!(error instanceof CacheError) || error.statusCode >= 500) throw error
+          results.push({ key: typeof key === 'string' ? key : '', status: error.statusCode, error: error.code, message: error.message })
+        }
+      }
+      return { results }
+    },
+  )
+}

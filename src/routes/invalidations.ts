@@ -1,0 +1,87 @@
+import { Type } from '@sinclair/typebox'
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
+import type { FastifyInstance } from 'fastify'
+import { InvalidationMode, InvalidationResult, ModeQuery, authErrors, badRequest } from '../schemas/common.js'
+
+const names = (what: string) => Type.Optional(Type.Array(Type.String(), { maxItems: 1000, description: what }))
+
+export const SelectorBody = Type.Object(
+  {
+    keys: names('exact keys'),
+    userIds: names('every entry of these users'),
+    tags: names('every entry carrying any of these tags'),
+    prefixes: names('every entry whose key starts with one of these (never empty)'),
+    mode: Type.Optional(InvalidationMode),
+    reason: Type.Optional(Type.String({ maxLength: 1024, description: 'why, for the invalidation log' })),
+  },
+  {
+    examples: [{ userIds: ['42'], tags: ['analytics:42'], mode: 'delete', reason: 'persona updated' }],
+  },
+)
+
+export default async function invalidationRoutes(fastify: FastifyInstance) {
+  const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
+  const cache = app.cache
+  const common = { config: { scope: 'invalidate' as const } }
+
+  app.post(
+    '/v1/invalidations',
+    {
+      ...common,
+      schema: {
+        tags: ['invalidation'],
+        summary: 'Invalidate by selector',
+        description:
+          'Deletes (or marks stale) every entry matching any of the lists: keys, userIds, tags, prefixes ' +
+          '(at least one, each at most 1000). Outstanding leases on every named scope are voided, so a slow ' +
+          'fill that read before this cannot write its old value after it.',
+        body: SelectorBody,
+        response: { 200: InvalidationResult, ...badRequest, ...authErrors },
+      },
+    },
+    async (request) => {
+      const { mode, reason, ...selector } = request.body
+      return cache.invalidate(selector, { mode, reason, source: 'api', actor: request.apiKey?.name })
+    },
+  )
+
+  app.delete(
+    '/v1/users/:userId/entries',
+    {
+      ...common,
+      schema: {
+        tags: ['invalidation'],
+        summary: 'Invalidate a user\'s entries',
+        description: 'Shorthand for `POST /v1/invalidations {userIds:[userId]}`. Costs O(that user\'s entries).',
+        params: Type.Object({ userId: Type.String({ minLength: 1 }) }),
+        querystring: ModeQuery,
+        response: { 200: InvalidationResult, ...badRequest, ...authErrors },
+      },
+    },
+    async (request) =>
+      cache.invalidate(
+        { userIds: [request.params.userId] },
+        { mode: request.query.mode, source: 'api', actor: request.apiKey?.name },
+      ),
+  )
+
+  app.delete(
+    '/v1/tags/:tag/entries',
+    {
+      ...common,
+      schema: {
+        tags: ['invalidation'],
+        summary: 'Invalidate a tag\'s entries',
+        description: 'Shorthand for `POST /v1/invalidations {tags:[tag]}`.',
+        params: Type.Object({ tag: Type.String({ minLength: 1 }) }),
+        querystring: ModeQuery,
+        response: { 200: InvalidationResult, ...badRequest, ...authErrors },
+      },
+    },
+    async (request) =>
+      cache.invalidate(
+        { tags: [request.params.tag] },
+        { mode: request.query.mode, source: 'api', actor: request.apiKey?.name },
+      ),
+  )
+}

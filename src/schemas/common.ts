@@ -1,0 +1,61 @@
+import { Type, type TSchema } from '@sinclair/typebox'
+
+// Limits here are the contract's outer bounds; the configurable limits are checked in the
+// core (src/cache/limits.ts), which names the field in its message.
+
+export const ErrorBody = Type.Object(
+  {
+    error: Type.String({ description: 'stable error code', examples: ['invalid_request'] }),
+    message: Type.String({ description: 'human-readable explanation' }),
+  },
+  { additionalProperties: true },
+)
+
+/** A miss: `not_found` with the lease the caller fills under (DESIGN.md section 4). */
+export const MissBody = Type.Object(
+  {
+    error: Type.Literal('not_found'),
+    message: Type.String(),
+    lease: Type.Optional(Type.String({ description: 'lease token to send back with the PUT that fills this key' })),
+    fill: Type.Optional(Type.Boolean({ description: 'true: you are the one caller expected to fill this key' })),
+    retryAfterMs: Type.Optional(Type.Integer({ description: 'with fill:false, when to read again' })),
+  },
+)
+
+const err = (description: string): TSchema => Type.Object(ErrorBody.properties, { additionalProperties: true, description })
+
+/** The error responses every authenticated route can give. */
+export const authErrors = {
+  401: err('No or unknown bearer key (`unauthorized`)'),
+  403: err('The key lacks the route\'s scope (`forbidden`)'),
+  429: err('Too many requests (`rate_limited`)'),
+  500: err('A bug (`internal_error`); logged, never detailed'),
+  503: err('A backend the request needs is unreachable (`backend_unavailable`)'),
+}
+
+export const badRequest = { 400: err('Schema or limit violation (`invalid_request`); the message names the field') }
+export const tooLarge = { 413: err('`value_too_large` or `payload_too_large`') }
+export const notFoundError = { 404: err('No such entry or route (`not_found`)') }
+
+export const Json = Type.Unknown({ description: 'any JSON value' })
+
+export const InvalidationMode = Type.Union([Type.Literal('delete'), Type.Literal('stale')], {
+  description: '`delete` removes entries; `stale` keeps them, marked stale, for `?allowStale` readers',
+})
+
+export const InvalidationResult = Type.Object(
+  {
+    id: Type.String(),
+    invalidated: Type.Integer({ description: 'entries deleted or newly marked stale' }),
+    mode: InvalidationMode,
+    durationMs: Type.Number(),
+  },
+)
+
+export const Timestamp = Type.String({ format: 'date-time' })
+
+export const ModeQuery = Type.Object({ mode: Type.Optional(InvalidationMode) })
+
+export const LimitQuery = Type.Object({
+  limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
+})

@@ -1,0 +1,57 @@
+import { randomBytes } from 'node:crypto'
+import closeWithGrace from 'close-with-grace'
+import { buildApp } from './app.js'
+import { ConfigError, loadConfig, type Config } from './config.js'
+
+/** How long in-flight requests get to finish after SIGTERM/SIGINT. */
+const SHUTDOWN_GRACE_MS = 10_000
+
+function configOrExit(): Config {
+  try {
+    return loadConfig()
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      process.stderr.write(`cachewarden: invalid configuration: ${error.message}\n`)
+      process.exit(78) // EX_CONFIG
+    }
+    throw error
+  }
+}
+
+const config = configOrExit()
+
+let generatedSecret: string | undefined
+if (config.apiKeys.length === 0) {
+  // Closed by default: with no keys configured, make one admin key and show it once.
+  generatedSecret = randomBytes(24).toString('base64url')
+  config.apiKeys.push({ name: 'generated-admin', scopes: new Set(['admin']), secret: generatedSecret })
+}
+
+const app = await buildApp(config, {
+  logger: {
+    level: config.logLevel,
+    redact: { paths: ['req.headers.authorization', 'headers.authorization'], censor: '[redacted]' },
+  },
+})
+
+closeWithGrace({ delay: SHUTDOWN_GRACE_MS }, async ({ signal, err }) => {
+  if (err) app.log.error({ err }, 'shutting down after an error')
+  else app.log.info({ signal }, 'shutting down')
+  await app.close()
+})
+
+try {
+  await app.listen({ host: config.host, port: config.port })
+} catch (error) {
+  app.log.fatal({ err: error }, 'could not start')
+  process.exit(1)
+}
+
+if (generatedSecret !== undefined) {
+  // Printed straight to stdout, never through the logger, so it is not shipped to log stores.
+  process.stdout.write(
+    `\nNo API keys configured (CACHEWARDEN_API_KEYS): generated one admin key for this run.\n` +
+      `  Authorization: Bearer ${generatedSecret}\n` +
+      `It is shown once and lost on restart; configure keys for real use.\n\n`,
+  )
+}

@@ -1,0 +1,338 @@
+import { LRUCache } from 'lru-cache'
+import { LeaseBook } from '../cache/lease-book.js'
+import type {
+  EvictionListener,
+  EvictionReason,
+  InvalidationMode,
+  LeaseStamp,
+  Selector,
+  SetOutcome,
+  StoredEntry,
+} from '../cache/types.js'
+import type { Store } from './store.js'
+
+export const DEFAULT_MAX_ENTRIES = 1_000_000
+export const DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+/** Expiry is swept in buckets of this width, so a sweep never looks at live entries. */
+const EXPIRY_BUCKET_MS = 1000
+/** Long loops (prefix scans, expiry sweeps) yield to the event loop after this long. */
+const SLICE_MS = 4
+
+export interface MemoryStoreOptions {
+  /** Most entries kept before LRU eviction (CACHE_MAX_ENTRIES). */
+  maxEntries?: number
+  /** Most accounted bytes kept before LRU eviction (CACHE_MAX_BYTES). */
+  maxBytes?: number
+  /** The clock; tests pass a fake one. */
+  now?: () => number
+  /** How often expired entries are swept, in ms; 0 turns the timer off (tests sweep by hand). */
+  sweepIntervalMs?: number
+  /** Bounds of the lease bookkeeping. */
+  maxLeaseScopes?: number
+  maxLeasePrefixes?: number
+}
+
+/**
+ * The embedded store: an lru-cache of entries plus exact, eager indexes.
+ *
+ * Every way an entry leaves (overwrite, delete, TTL expiry, LRU eviction) goes through
+ * lru-cache's `dispose`, which is the one place index memberships are removed, so the
+ * indexes cannot drift from the entries. Expiry is eager: entries sit in per-second
+ * buckets and a timer sweeps the due ones, freeing memory and index slots on time.
+ */
+export class MemoryStore implements Store {
+  readonly kind = 'memory'
+  readonly #lru: LRUCache<string, StoredEntry>
+  readonly #users = new Map<string, Set<string>>()
+  readonly #tags = new Map<string, Set<string>>()
+  readonly #buckets = new Map<number, Set<string>>()
+  // Bucket ids, a min-heap, so a sweep finds the due buckets without scanning them all.
+  readonly #bucketHeap: number[] = []
+  readonly #leases: LeaseBook
+  readonly #listeners: EvictionListener[] = []
+  readonly #now: () => number
+  readonly #timer: NodeJS.Timeout | undefined
+  #dropReason: EvictionReason | undefined
+  #sweeping = false
+
+  constructor(options: MemoryStoreOptions = {}) {
+    this.#now = options.now ?? Date.now
+    this.#leases = new LeaseBook(options.maxLeaseScopes, options.maxLeasePrefixes)
+    this.#lru = new LRUCache<string, StoredEntry>({
+      max: options.maxEntries ?? DEFAULT_MAX_ENTRIES,
+      maxSize: options.maxBytes ?? DEFAULT_MAX_BYTES,
+      sizeCalculation: (entry) => entry.size,
+      dispose: (entry, key, reason) => {
+        this.#unindex(entry)
+        const dropped = reason === 'evict' ? 'evict' : this.#dropReason
+        if (dropped) for (const listener of this.#listeners) listener(entry, dropped)
+      },
+    })
+    const interval = options.sweepIntervalMs ?? 1000
+    if (interval > 0) {
+      this.#timer = setInterval(() => void this.sweep(), interval)
+      this.#timer.unref()
+    }
+  }
+
+  async get(key: string, now: number): Promise<StoredEntry | undefined> {
+    return this.getSync(key, now)
+  }
+
+  /** The synchronous read the hot path uses. */
+  getSync(key: string, now: number): StoredEntry | undefined {
+    const entry = this.#lru.get(key)
+    if (entry === undefined) return undefined
+    if (entry.expiresAt <= now) {
+      this.#drop(key, 'expire')
+      return undefined
+    }
+    entry.hits++
+    entry.lastAccessAt = now
+    return entry
+  }
+
+  async peek(key: string, now: number): Promise<StoredEntry | undefined> {
+    const entry = this.#lru.peek(key)
+    return entry !== undefined && entry.expiresAt > now ? entry : undefined
+  }
+
+  async set(entry: StoredEntry, lease?: LeaseStamp): Promise<SetOutcome> {
+    return this.setSync(entry, lease)
+  }
+
+  setSync(entry: StoredEntry, lease?: LeaseStamp): SetOutcome {
+    if (lease && !this.#leases.allows(lease, entry.key, entry.userId, entry.tags)) return 'lease_invalidated'
+    // set() disposes the old entry (removing its memberships) before we index the new one.
+    this.#lru.set(entry.key, entry)
+    if (this.#lru.peek(entry.key) !== entry) return 'ok' // larger than the whole cache: not kept
+    this.#index(entry)
+    return 'ok'
+  }
+
+  async invalidate(selector: Selector, mode: InvalidationMode, now: number): Promise<number> {
+    // Stamp first: from here on, leases issued before this invalidation are refused, even
+    // while a long prefix scan is still running.
+    this.#leases.record(selector)
+    let count = 0
+    const apply = (key: string) => {
+      const entry = this.#lru.peek(key)
+      if (entry === undefined) return
+      if (mode === 'delete') {
+        this.#lru.delete(key)
+        count++
+      } else if (!entry.stale) {
+        entry.stale = true
+        count++
+      }
+    }
+    for (const key of selector.keys ?? []) apply(key)
+    for (const userId of selector.userIds ?? []) {
+      const keys = this.#users.get(userId)
+      if (keys) for (const key of [...keys]) apply(key)
+    }
+    for (const tag of selector.tags ?? []) {
+      const keys = this.#tags.get(tag)
+      if (keys) for (const key of [...keys]) apply(key)
+    }
+    if (selector.prefixes?.length) count += await this.#invalidatePrefixes(selector.prefixes, mode)
+    void now
+    return count
+  }
+
+  async clear(): Promise<number> {
+    this.#leases.recordClear()
+    const count = this.#lru.size
+    this.#lru.clear()
+    return count
+  }
+
+  async leaseStamp(): Promise<LeaseStamp> {
+    return this.#leases.stamp()
+  }
+
+  leaseStampSync(): LeaseStamp {
+    return this.#leases.stamp()
+  }
+
+  async userEntries(userId: string, now: number): Promise<StoredEntry[]> {
+    const out: StoredEntry[] = []
+    for (const key of this.#users.get(userId) ?? []) {
+      const entry = this.#lru.peek(key)
+      if (entry !== undefined && entry.expiresAt > now) out.push(entry)
+    }
+    return out
+  }
+
+  async userKeys(userId: string): Promise<string[]> {
+    return [...(this.#users.get(userId) ?? [])]
+  }
+
+  async tagKeys(tag: string): Promise<string[]> {
+    return [...(this.#tags.get(tag) ?? [])]
+  }
+
+  async sampleKeys(limit: number): Promise<string[]> {
+    const out: string[] = []
+    for (const key of this.#lru.keys()) {
+      if (out.length >= limit) break
+      out.push(key)
+    }
+    return out
+  }
+
+  async size(): Promise<{ entries: number; bytes: number }> {
+    return { entries: this.#lru.size, bytes: this.#lru.calculatedSize }
+  }
+
+  onEviction(listener: EvictionListener): void {
+    this.#listeners.push(listener)
+  }
+
+  async close(): Promise<void> {
+    if (this.#timer) clearInterval(this.#timer)
+  }
+
+  /** Index sizes, for the property test and the debug routes. */
+  indexSnapshot(): { users: Map<string, Set<string>>; tags: Map<string, Set<string>>; keys: string[] } {
+    return { users: this.#users, tags: this.#tags, keys: [...this.#lru.keys()] }
+  }
+
+  /** Drops every entry whose TTL has run out; yields to the event loop on large sweeps. */
+  async sweep(): Promise<number> {
+    if (this.#sweeping) return 0
+    this.#sweeping = true
+    let dropped = 0
+    try {
+      const due = Math.floor(this.#now() / EXPIRY_BUCKET_MS)
+      let sliceStart = performance.now()
+      while (this.#bucketHeap.length > 0 && this.#bucketHeap[0]! <= due) {
+        const bucketId = this.#bucketHeap[0]!
+        const bucket = this.#buckets.get(bucketId)
+        if (bucket) {
+          for (const key of bucket) {
+            const entry = this.#lru.peek(key)
+            if (entry !== undefined && entry.expiresAt <= this.#now()) {
+              this.#drop(key, 'expire')
+              dropped++
+            } else {
+              bucket.delete(key)
+            }
+            if (performance.now() - sliceStart > SLICE_MS) {
+              await yieldToLoop()
+              sliceStart = performance.now()
+            }
+          }
+          if (bucket.size > 0) continue // entries re-set into this bucket meanwhile: go again
+          this.#buckets.delete(bucketId)
+        }
+        heapPop(this.#bucketHeap)
+      }
+    } finally {
+      this.#sweeping = false
+    }
+    return dropped
+  }
+
+  async #invalidatePrefixes(prefixes: string[], mode: InvalidationMode): Promise<number> {
+    // Every entry is in exactly one expiry bucket, and Map/Set iterators survive mutation,
+    // so walking the buckets in slices is a full scan that never blocks the loop for long.
+    let count = 0
+    let sliceStart = performance.now()
+    for (const bucket of this.#buckets.values()) {
+      for (const key of bucket) {
+        for (const prefix of prefixes) {
+          if (!key.startsWith(prefix)) continue
+          const entry = this.#lru.peek(key)
+          if (entry !== undefined) {
+            if (mode === 'delete') {
+              this.#lru.delete(key)
+              count++
+            } else if (!entry.stale) {
+              entry.stale = true
+              count++
+            }
+          }
+          break
+        }
+        if (performance.now() - sliceStart > SLICE_MS) {
+          await yieldToLoop()
+          sliceStart = performance.now()
+        }
+      }
+    }
+    return count
+  }
+
+  #drop(key: string, reason: EvictionReason): void {
+    this.#dropReason = reason
+    try {
+      this.#lru.delete(key)
+    } finally {
+      this.#dropReason = undefined
+    }
+  }
+
+  #index(entry: StoredEntry): void {
+    if (entry.userId !== undefined) addTo(this.#users, entry.userId, entry.key)
+    if (entry.tags) for (const tag of entry.tags) addTo(this.#tags, tag, entry.key)
+    const bucketId = Math.ceil(entry.expiresAt / EXPIRY_BUCKET_MS)
+    let bucket = this.#buckets.get(bucketId)
+    if (bucket === undefined) {
+      bucket = new Set()
+      this.#buckets.set(bucketId, bucket)
+      heapPush(this.#bucketHeap, bucketId)
+    }
+    bucket.add(entry.key)
+  }
+
+  #unindex(entry: StoredEntry): void {
+    if (entry.userId !== undefined) removeFrom(this.#users, entry.userId, entry.key)
+    if (entry.tags) for (const tag of entry.tags) removeFrom(this.#tags, tag, entry.key)
+    // The bucket itself is dropped by the sweep, which owns the heap.
+    this.#buckets.get(Math.ceil(entry.expiresAt / EXPIRY_BUCKET_MS))?.delete(entry.key)
+  }
+}
+
+function addTo(index: Map<string, Set<string>>, name: string, key: string): void {
+  const keys = index.get(name)
+  if (keys) keys.add(key)
+  else index.set(name, new Set([key]))
+}
+
+function removeFrom(index: Map<string, Set<string>>, name: string, key: string): void {
+  const keys = index.get(name)
+  if (keys === undefined) return
+  keys.delete(key)
+  if (keys.size === 0) index.delete(name)
+}
+
+const yieldToLoop = () => new Promise<void>((resolve) => setImmediate(resolve))
+
+function heapPush(heap: number[], value: number): void {
+  heap.push(value)
+  let i = heap.length - 1
+  while (i > 0) {
+    const parent = (i - 1) >> 1
+    if (heap[parent]! <= heap[i]!) break
+    ;[heap[parent], heap[i]] = [heap[i]!, heap[parent]!]
+    i = parent
+  }
+}
+
+function heapPop(heap: number[]): void {
+  const last = heap.pop()!
+  if (heap.length === 0) return
+  heap[0] = last
+  let i = 0
+  for (;;) {
+    const l = 2 * i + 1
+    const r = l + 1
+    let m = i
+    if (l < heap.length && heap[l]! < heap[m]!) m = l
+    if (r < heap.length && heap[r]! < heap[m]!) m = r
+    if (m === i) return
+    ;[heap[m], heap[i]] = [heap[i]!, heap[m]!]
+    i = m
+  }
+}

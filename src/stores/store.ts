@@ -1,0 +1,66 @@
+import type {
+  EvictionListener,
+  InvalidationMode,
+  LeaseStamp,
+  Selector,
+  SetOutcome,
+  StoredEntry,
+} from '../cache/types.js'
+
+/**
+ * The contract every store keeps (test/stores/store-contract.ts checks it).
+ *
+ * A store owns the entries, the exact `userId -> keys` and `tag -> keys` indexes and the
+ * lease sequences, so that a store backed by Redis can update all three atomically in
+ * one script. The CacheService above it owns validation, herd control, stats and the log.
+ */
+export interface Store {
+  readonly kind: string
+
+  /** Reads an entry, counting a hit on it. Expired entries are never returned. */
+  get(key: string, now: number): Promise<StoredEntry | undefined>
+
+  /** Reads an entry without touching its hit count or recency. */
+  peek(key: string, now: number): Promise<StoredEntry | undefined>
+
+  /**
+   * Writes an entry, replacing any entry under its key (and its index memberships).
+   * With a lease, refuses when an invalidation covering the entry's key, user, tags or a
+   * prefix of its key, or a clear, was accepted after the lease's sequence.
+   */
+  set(entry: StoredEntry, lease?: LeaseStamp): Promise<SetOutcome>
+
+  /**
+   * Applies an invalidation: bumps the sequence, records it for every scope in the
+   * selector (so older leases on them are refused), then deletes or marks stale every
+   * matching entry. Returns how many entries it touched.
+   */
+  invalidate(selector: Selector, mode: InvalidationMode, now: number): Promise<number>
+
+  /** Drops every entry and voids every outstanding lease. Returns how many entries went. */
+  clear(): Promise<number>
+
+  /** The stamp a lease issued now carries. */
+  leaseStamp(): Promise<LeaseStamp>
+
+  /** A user's entries (for inspection), from the index: O(that user's entries). */
+  userEntries(userId: string, now: number): Promise<StoredEntry[]>
+
+  /** Keys of a user (for tests and consistency checks). */
+  userKeys(userId: string): Promise<string[]>
+
+  /** Keys of a tag. */
+  tagKeys(tag: string): Promise<string[]>
+
+  /** Up to `limit` keys, for sampling. */
+  sampleKeys(limit: number): Promise<string[]>
+
+  /** Current counts. */
+  size(): Promise<{ entries: number; bytes: number }>
+
+  /** Called when the store drops an entry by itself (LRU eviction, TTL expiry). */
+  onEviction(listener: EvictionListener): void
+
+  /** Stops timers and connections. */
+  close(): Promise<void>
+}

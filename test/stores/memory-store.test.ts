@@ -1,0 +1,72 @@
+import t from 'tap'
+import { MemoryStore } from '../../src/stores/memory-store.js'
+import { entry, storeContract } from './store-contract.js'
+
+storeContract(t, 'MemoryStore', async (clock) => new MemoryStore({ now: clock.now, sweepIntervalMs: 0 }))
+
+class Clock {
+  ms = Date.UTC(2026, 0, 1)
+  now = () => this.ms
+  advance(ms: number) {
+    this.ms += ms
+  }
+}
+
+t.test('LRU eviction past maxEntries drops the least recently used and unindexes it', async (t) => {
+  const clock = new Clock()
+  const store = new MemoryStore({ maxEntries: 3, now: clock.now, sweepIntervalMs: 0 })
+  const evicted: string[] = []
+  store.onEviction((e, reason) => evicted.push(`${e.key}:${reason}`))
+  for (const key of ['a', 'b', 'c']) await store.set(entry(clock, key, { userId: 'u' }))
+  await store.get('a', clock.now())
+  await store.set(entry(clock, 'd', { userId: 'u' }))
+  t.same(evicted, ['b:evict'])
+  t.same((await store.userKeys('u')).sort(), ['a', 'c', 'd'])
+})
+
+t.test('maxBytes bounds the accounted bytes', async (t) => {
+  const clock = new Clock()
+  const store = new MemoryStore({ maxBytes: 1000, now: clock.now, sweepIntervalMs: 0 })
+  for (let i = 0; i < 50; i++) await store.set(entry(clock, `k${i}`, { size: 100 }))
+  const { entries, bytes } = await store.size()
+  t.equal(entries, 10)
+  t.equal(bytes, 1000)
+})
+
+t.test('an entry larger than the whole cache is not kept and leaves no index behind', async (t) => {
+  const clock = new Clock()
+  const store = new MemoryStore({ maxBytes: 1000, now: clock.now, sweepIntervalMs: 0 })
+  await store.set(entry(clock, 'big', { size: 5000, userId: 'u' }))
+  t.equal(await store.get('big', clock.now()), undefined)
+  t.same(await store.userKeys('u'), [])
+})
+
+t.test('the sweep drops expired entries eagerly and reports them as expired', async (t) => {
+  const clock = new Clock()
+  const store = new MemoryStore({ now: clock.now, sweepIntervalMs: 0 })
+  const expired: string[] = []
+  store.onEviction((e, reason) => expired.push(`${e.key}:${reason}`))
+  await store.set(entry(clock, 'short', { userId: 'u', expiresAt: clock.now() + 1500 }))
+  await store.set(entry(clock, 'long', { userId: 'u', expiresAt: clock.now() + 60_000 }))
+  t.equal(await store.sweep(), 0)
+  clock.advance(3000)
+  t.equal(await store.sweep(), 1)
+  t.same(expired, ['short:expire'])
+  t.same(await store.userKeys('u'), ['long'])
+  t.equal((await store.size()).entries, 1)
+})
+
+t.test('a prefix invalidation over many entries yields to the event loop', async (t) => {
+  const clock = new Clock()
+  const store = new MemoryStore({ now: clock.now, sweepIntervalMs: 0 })
+  for (let i = 0; i < 200_000; i++) {
+    store.setSync(entry(clock, `${i % 2 ? 'odd' : 'even'}:${i}`, { expiresAt: clock.now() + 1000 + (i % 100) * 1000 }))
+  }
+  let ticks = 0
+  const timer = setInterval(() => ticks++, 1)
+  const count = await store.invalidate({ prefixes: ['odd:'] }, 'delete', clock.now())
+  clearInterval(timer)
+  t.equal(count, 100_000)
+  t.equal((await store.size()).entries, 100_000)
+  t.ok(ticks > 0, `timers ran ${ticks} times during the scan`)
+})

@@ -1,0 +1,216 @@
+// The store contract: every Store implementation runs this same suite
+// (memory-store.test.ts, and the Redis-backed store in cluster mode).
+import type { Test } from 'tap'
+import type { StoredEntry } from '../../src/cache/types.js'
+import type { Store } from '../../src/stores/store.js'
+
+export interface ContractClock {
+  now: () => number
+  advance(ms: number): void
+}
+
+/** Makes a fresh, empty store on the given clock; the suite closes it. */
+export type StoreFactory = (clock: ContractClock) => Promise<Store>
+
+export function entry(clock: ContractClock, key: string, fields: Partial<StoredEntry> = {}): StoredEntry {
+  const now = clock.now()
+  const value = fields.value ?? JSON.stringify({ key })
+  return {
+    key,
+    value,
+    etag: `etag-${value.length}`,
+    userId: undefined,
+    tags: undefined,
+    createdAt: now,
+    expiresAt: now + 60_000,
+    hits: 0,
+    lastAccessAt: now,
+    stale: false,
+    origin: undefined,
+    size: key.length + value.length,
+    ...fields,
+  }
+}
+
+class Clock implements ContractClock {
+  ms = Date.UTC(2026, 0, 1)
+  now = () => this.ms
+  advance(ms: number) {
+    this.ms += ms
+  }
+}
+
+export function storeContract(t: Test, name: string, factory: StoreFactory): void {
+  t.test(`${name} store contract`, async (t) => {
+    const open = async (t: Test) => {
+      const clock = new Clock()
+      const store = await factory(clock)
+      t.teardown(() => store.close())
+      return { store, clock }
+    }
+
+    t.test('a set entry reads back with its value, user and tags', async (t) => {
+      const { store, clock } = await open(t)
+      t.equal(await store.set(entry(clock, 'a', { userId: 'u1', tags: ['x', 'y'] })), 'ok')
+      const got = await store.get('a', clock.now())
+      t.equal(got?.value, JSON.stringify({ key: 'a' }))
+      t.equal(got?.userId, 'u1')
+      t.same(got?.tags, ['x', 'y'])
+      t.equal(await store.get('missing', clock.now()), undefined)
+    })
+
+    t.test('get counts hits and peek does not', async (t) => {
+      const { store, clock } = await open(t)
+      await store.set(entry(clock, 'a'))
+      await store.get('a', clock.now())
+      await store.get('a', clock.now())
+      await store.peek('a', clock.now())
+      t.equal((await store.peek('a', clock.now()))?.hits, 2)
+    })
+
+    t.test('keys with separators, spaces and non-ASCII are distinct keys', async (t) => {
+      const { store, clock } = await open(t)
+      const keys = ['a:b/c', 'a:b', 'with space', 'ключ', '鍵/🔑', 'a*', 'a?b']
+      for (const key of keys) await store.set(entry(clock, key, { value: JSON.stringify(key) }))
+      for (const key of keys) t.equal((await store.get(key, clock.now()))?.value, JSON.stringify(key), key)
+    })
+
+    t.test('an expired entry is never returned', async (t) => {
+      const { store, clock } = await open(t)
+      await store.set(entry(clock, 'a', { expiresAt: clock.now() + 1000 }))
+      clock.advance(999)
+      t.ok(await store.get('a', clock.now()))
+      clock.advance(1)
+      t.equal(await store.get('a', clock.now()), undefined)
+      t.equal(await store.peek('a', clock.now()), undefined)
+    })
+
+    t.test('overwriting moves the key between user and tag indexes', async (t) => {
+      const { store, clock } = await open(t)
+      await store.set(entry(clock, 'a', { userId: 'u1', tags: ['x'] }))
+      await store.set(entry(clock, 'a', { userId: 'u2', tags: ['y'] }))
+      t.same(await store.userKeys('u1'), [])
+      t.same(await store.userKeys('u2'), ['a'])
+      t.same(await store.tagKeys('x'), [])
+      t.same(await store.tagKeys('y'), ['a'])
+    })
+
+    t.test('invalidating a user removes exactly that user\'s entries', async (t) => {
+      const { store, clock } = await open(t)
+      for (let i = 0; i < 5; i++) await store.set(entry(clock, `u1:${i}`, { userId: 'u1' }))
+      for (let i = 0; i < 5; i++) await store.set(entry(clock, `u2:${i}`, { userId: 'u2' }))
+      await store.set(entry(clock, 'shared'))
+      t.equal(await store.invalidate({ userIds: ['u1'] }, 'delete', clock.now()), 5)
+      for (let i = 0; i < 5; i++) t.equal(await store.get(`u1:${i}`, clock.now()), undefined)
+      for (let i = 0; i < 5; i++) t.ok(await store.get(`u2:${i}`, clock.now()))
+      t.ok(await store.get('shared', clock.now()))
+      t.same(await store.userKeys('u1'), [])
+      t.equal((await store.size()).entries, 6)
+    })
+
+    t.test('invalidating by tag, key and prefix', async (t) => {
+      const { store, clock } = await open(t)
+      await store.set(entry(clock, 'p:1', { tags: ['t1'] }))
+      await store.set(entry(clock, 'p:2', { tags: ['t2'] }))
+      await store.set(entry(clock, 'q:1', { tags: ['t1', 't2'] }))
+      await store.set(entry(clock, 'r:1'))
+      t.equal(await store.invalidate({ tags: ['t1'] }, 'delete', clock.now()), 2)
+      t.same((await store.tagKeys('t2')).sort(), ['p:2'])
+      t.equal(await store.invalidate({ prefixes: ['p:'] }, 'delete', clock.now()), 1)
+      t.equal(await store.invalidate({ keys: ['r:1', 'nope'] }, 'delete', clock.now()), 1)
+      t.equal((await store.size()).entries, 0)
+    })
+
+    t.test('stale mode keeps entries, marked stale, and counts each once', async (t) => {
+      const { store, clock } = await open(t)
+      await store.set(entry(clock, 'a', { userId: 'u1' }))
+      await store.set(entry(clock, 'b', { userId: 'u1' }))
+      t.equal(await store.invalidate({ userIds: ['u1'] }, 'stale', clock.now()), 2)
+      t.equal(await store.invalidate({ userIds: ['u1'] }, 'stale', clock.now()), 0)
+      t.equal((await store.get('a', clock.now()))?.stale, true)
+      t.equal((await store.size()).entries, 2)
+      // A write replaces the stale entry with a fresh one.
+      await store.set(entry(clock, 'a', { userId: 'u1' }))
+      t.equal((await store.get('a', clock.now()))?.stale, false)
+    })
+
+    t.test('sizes are the sum of entry sizes', async (t) => {
+      const { store, clock } = await open(t)
+      await store.set(entry(clock, 'a', { size: 100 }))
+      await store.set(entry(clock, 'b', { size: 50 }))
+      await store.set(entry(clock, 'a', { size: 10 }))
+      t.same(await store.size(), { entries: 2, bytes: 60 })
+    })
+
+    t.test('userEntries lists a user\'s live entries', async (t) => {
+      const { store, clock } = await open(t)
+      await store.set(entry(clock, 'a', { userId: 'u1' }))
+      await store.set(entry(clock, 'b', { userId: 'u1', expiresAt: clock.now() + 10 }))
+      clock.advance(20)
+      t.same((await store.userEntries('u1', clock.now())).map((e) => e.key), ['a'])
+    })
+
+    t.test('clear drops everything', async (t) => {
+      const { store, clock } = await open(t)
+      await store.set(entry(clock, 'a', { userId: 'u1' }))
+      await store.set(entry(clock, 'b', { tags: ['t'] }))
+      t.equal(await store.clear(), 2)
+      t.same(await store.size(), { entries: 0, bytes: 0 })
+      t.same(await store.userKeys('u1'), [])
+      t.same(await store.tagKeys('t'), [])
+    })
+
+    t.test('a lease with no invalidation since writes', async (t) => {
+      const { store, clock } = await open(t)
+      const lease = await store.leaseStamp()
+      t.equal(await store.set(entry(clock, 'a', { userId: 'u1' }), lease), 'ok')
+    })
+
+    for (const [scope, selector, fields] of [
+      ['key', { keys: ['a'] }, {}],
+      ['user', { userIds: ['u1'] }, { userId: 'u1' }],
+      ['tag', { tags: ['t1'] }, { tags: ['t0', 't1'] }],
+      ['prefix', { prefixes: ['a'] }, {}],
+    ] as const) {
+      t.test(`an invalidation by ${scope} voids an older lease on it`, async (t) => {
+        const { store, clock } = await open(t)
+        const lease = await store.leaseStamp()
+        await store.invalidate(selector, 'delete', clock.now())
+        t.equal(await store.set(entry(clock, 'a', fields), lease), 'lease_invalidated')
+        t.equal(await store.get('a', clock.now()), undefined, 'nothing was written')
+        const fresh = await store.leaseStamp()
+        t.equal(await store.set(entry(clock, 'a', fields), fresh), 'ok', 'a newer lease writes')
+      })
+    }
+
+    t.test('an invalidation of another scope leaves a lease valid', async (t) => {
+      const { store, clock } = await open(t)
+      const lease = await store.leaseStamp()
+      await store.invalidate({ keys: ['b'], userIds: ['u2'], tags: ['t9'], prefixes: ['b'] }, 'delete', clock.now())
+      t.equal(await store.set(entry(clock, 'a', { userId: 'u1', tags: ['t1'] }), lease), 'ok')
+    })
+
+    t.test('a clear voids every older lease', async (t) => {
+      const { store, clock } = await open(t)
+      const lease = await store.leaseStamp()
+      await store.clear()
+      t.equal(await store.set(entry(clock, 'a'), lease), 'lease_invalidated')
+    })
+
+    t.test('a lease from another store epoch or from the future is refused', async (t) => {
+      const { store, clock } = await open(t)
+      const lease = await store.leaseStamp()
+      t.equal(await store.set(entry(clock, 'a'), { ...lease, epoch: 'someone-else' }), 'lease_invalidated')
+      t.equal(await store.set(entry(clock, 'a'), { ...lease, seq: lease.seq + 1000 }), 'lease_invalidated')
+    })
+
+    t.test('an LRU eviction or expiry keeps the indexes in step', async (t) => {
+      const { store, clock } = await open(t)
+      await store.set(entry(clock, 'a', { userId: 'u1', tags: ['t'], expiresAt: clock.now() + 5 }))
+      clock.advance(10)
+      t.equal(await store.get('a', clock.now()), undefined)
+      t.same(await store.userKeys('u1'), [])
+      t.same(await store.tagKeys('t'), [])
+    })
+  })
+}
