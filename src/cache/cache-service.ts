@@ -110,10 +110,23 @@ function emptyTotals(): Totals {
   }
 }
 
+/**
+ * What the core and the modules around it report. The metrics plugin, the audit log, the
+ * SSE stream and the structured logs all subscribe here, so no route or module counts
+ * anything itself.
+ */
 export interface CacheServiceEvents {
   invalidation: [InvalidationRecord]
   invalidation_failed: [{ source: InvalidationSource; selector: Selector; error: Error }]
   cleared: [{ cleared: number; actor: string | undefined; reason: string | undefined }]
+  /** One call to an origin (src/origins): result is `success`, `error` or `timeout`. */
+  origin_request: [{ origin: string; result: 'success' | 'error' | 'timeout'; durationMs: number }]
+  /** One refresh-ahead, forced refresh or warm load: result is `success` or `error`. */
+  refresh: [{ result: 'success' | 'error' }]
+  /** The Redis pub/sub bus connected or lost (cluster mode). */
+  bus_state: [{ connected: boolean }]
+  /** The PostgreSQL listener started or stopped listening. */
+  pg_listener_state: [{ connected: boolean }]
 }
 
 /**
