@@ -1,7 +1,7 @@
 // The store contract: every Store implementation runs this same suite
 // (memory-store.test.ts, and the Redis-backed store in cluster mode).
 import type { Test } from 'tap'
-import type { StoredEntry } from '../../src/cache/types.js'
+import type { Selector, StoredEntry } from '../../src/cache/types.js'
 import type { Store } from '../../src/stores/store.js'
 
 export interface ContractClock {
@@ -166,12 +166,13 @@ export function storeContract(t: Test, name: string, factory: StoreFactory): voi
       t.equal(await store.set(entry(clock, 'a', { userId: 'u1' }), lease), 'ok')
     })
 
-    for (const [scope, selector, fields] of [
+    const scopes: Array<[string, Selector, Partial<StoredEntry>]> = [
       ['key', { keys: ['a'] }, {}],
       ['user', { userIds: ['u1'] }, { userId: 'u1' }],
       ['tag', { tags: ['t1'] }, { tags: ['t0', 't1'] }],
       ['prefix', { prefixes: ['a'] }, {}],
-    ] as const) {
+    ]
+    for (const [scope, selector, fields] of scopes) {
       t.test(`an invalidation by ${scope} voids an older lease on it`, async (t) => {
         const { store, clock } = await open(t)
         const lease = await store.leaseStamp()
