@@ -1,0 +1,290 @@
+// The Lua scripts of the TieredStore. Each one runs atomically in Redis, so an entry, its
+// user and tag index memberships, the expiry index, the byte count and the lease stamps
+// can never be seen half-updated by another instance.
+//
+// Key layout (KEYS[1] is the base, `{<namespace>}:`, so every key shares one hash tag and
+// every script touches a single slot, which Redis Cluster requires):
+//
+//   {ns}:g                  generation; a clear bumps it, so data keys of the old one are
+//                           unreachable at once and collected in the background
+//   {ns}:<g>:e:<key>        hash: the entry (fields below)
+//   {ns}:<g>:u:<userId>     set: keys of a user
+//   {ns}:<g>:t:<tag>        set: keys of a tag
+//   {ns}:<g>:x              sorted set: key -> expiresAt (TTL sweep, capacity eviction, count)
+//   {ns}:<g>:b              integer: accounted bytes
+//   {ns}:epoch              lease epoch; a Redis that lost its data gets a new one, so
+//                           every older lease is refused
+//   {ns}:seq                invalidation sequence
+//   {ns}:clr                sequence of the last clear
+//   {ns}:floor              highest sequence of a forgotten stamp (leases below it are refused)
+//   {ns}:st                 sorted set: scope (k\0key, u\0user, t\0tag) -> last sequence
+//   {ns}:px                 sorted set: prefix -> last sequence
+//   {ns}:bus                pub/sub channel of the invalidation bus
+//
+// Entry hash fields: v value, et etag, u userId, t tags (JSON), c createdAt, x expiresAt,
+// h hits, a lastAccessAt, s stale (0/1), o origin, z accounted size.
+//
+// Numbers travel as strings and are compared with tonumber(); nothing is stored through
+// Lua's tostring(), which would print a millisecond timestamp in exponent notation.
+
+const PRELUDE = `
+local base = KEYS[1]
+local gen = redis.call('GET', base .. 'g') or '0'
+local pre = base .. gen .. ':'
+local xkey = pre .. 'x'
+local bkey = pre .. 'b'
+local function ekey(k) return pre .. 'e:' .. k end
+local function ukey(u) return pre .. 'u:' .. u end
+local function tkey(t) return pre .. 't:' .. t end
+
+-- Removes an entry with its memberships; false when it was not there.
+local function drop(k)
+  local e = ekey(k)
+  local f = redis.call('HMGET', e, 'u', 't', 'z')
+  redis.call('ZREM', xkey, k)
+  if not f[3] then return false end
+  redis.call('DEL', e)
+  if f[1] then redis.call('SREM', ukey(f[1]), k) end
+  if f[2] then
+    for _, t in ipairs(cjson.decode(f[2])) do redis.call('SREM', tkey(t), k) end
+  end
+  redis.call('DECRBY', bkey, f[3])
+  return true
+end
+
+-- Keeps a sorted set of stamps to its bound; what is forgotten raises the floor.
+local function trim(z, max)
+  local n = redis.call('ZCARD', z)
+  if n <= max then return end
+  local cut = redis.call('ZRANGE', z, n - max - 1, n - max - 1, 'WITHSCORES')
+  local floor = tonumber(redis.call('GET', base .. 'floor') or '0')
+  if tonumber(cut[2]) > floor then redis.call('SET', base .. 'floor', cut[2]) end
+  redis.call('ZREMRANGEBYRANK', z, 0, n - max - 1)
+end
+
+-- Extends an index set's TTL to outlive its longest-lived member.
+local function keepIndex(idx, px)
+  if redis.call('PTTL', idx) < px then redis.call('PEXPIRE', idx, px) end
+end
+`
+
+/** get(key, now, countHit): the entry as a flat field list, 1 if it had expired (and was dropped), or nil. */
+const GET = `${PRELUDE}
+local k = ARGV[1]
+local e = ekey(k)
+local x = redis.call('HGET', e, 'x')
+if not x then return nil end
+if tonumber(x) <= tonumber(ARGV[2]) then
+  drop(k)
+  return 1
+end
+if ARGV[3] == '1' then
+  redis.call('HINCRBY', e, 'h', 1)
+  redis.call('HSET', e, 'a', ARGV[2])
+end
+return redis.call('HGETALL', e)
+`
+
+/**
+ * set(key, value, etag, userId|'', tagsJson|'', createdAt, expiresAt, size, origin|'', hits,
+ * lastAccessAt, stale, pttl, leaseEpoch|'', leaseSeq, maxEntries, maxBytes, channel, message)
+ * -> {1, evictedKeys} or {0} when the lease was voided.
+ */
+const SET = `${PRELUDE}
+local k = ARGV[1]
+local u = ARGV[4]
+local tags = ARGV[5]
+
+if ARGV[14] ~= '' then
+  local ok = true
+  local ls = tonumber(ARGV[15])
+  local cur = tonumber(redis.call('GET', base .. 'seq') or '0')
+  if redis.call('GET', base .. 'epoch') ~= ARGV[14] or ls == nil or ls < 0 or ls > cur then
+    ok = false
+  elseif ls < cur then
+    if ls < tonumber(redis.call('GET', base .. 'floor') or '0') or ls < tonumber(redis.call('GET', base .. 'clr') or '0') then
+      ok = false
+    end
+    local function newer(scope)
+      local s = redis.call('ZSCORE', base .. 'st', scope)
+      return s and tonumber(s) > ls
+    end
+    if ok and newer('k\\0' .. k) then ok = false end
+    if ok and u ~= '' and newer('u\\0' .. u) then ok = false end
+    if ok and tags ~= '' then
+      for _, t in ipairs(cjson.decode(tags)) do
+        if newer('t\\0' .. t) then ok = false break end
+      end
+    end
+    if ok then
+      for _, p in ipairs(redis.call('ZRANGEBYSCORE', base .. 'px', '(' .. ARGV[15], '+inf')) do
+        if string.sub(k, 1, #p) == p then ok = false break end
+      end
+    end
+  end
+  if not ok then return {0} end
+end
+
+-- Dropping first removes the old memberships, so an overwrite moves the key between indexes.
+drop(k)
+local e = ekey(k)
+local px = tonumber(ARGV[13])
+redis.call('HSET', e, 'v', ARGV[2], 'et', ARGV[3], 'c', ARGV[6], 'x', ARGV[7], 'z', ARGV[8],
+  'h', ARGV[10], 'a', ARGV[11], 's', ARGV[12])
+if ARGV[9] ~= '' then redis.call('HSET', e, 'o', ARGV[9]) end
+if u ~= '' then
+  redis.call('HSET', e, 'u', u)
+  redis.call('SADD', ukey(u), k)
+  keepIndex(ukey(u), px)
+end
+if tags ~= '' then
+  redis.call('HSET', e, 't', tags)
+  for _, t in ipairs(cjson.decode(tags)) do
+    redis.call('SADD', tkey(t), k)
+    keepIndex(tkey(t), px)
+  end
+end
+redis.call('PEXPIRE', e, px)
+redis.call('ZADD', xkey, ARGV[7], k)
+redis.call('INCRBY', bkey, ARGV[8])
+
+-- Over capacity: evict the entries closest to expiry (Redis' own volatile-ttl policy).
+local evicted = {}
+local maxEntries = tonumber(ARGV[16])
+local maxBytes = tonumber(ARGV[17])
+while redis.call('ZCARD', xkey) > maxEntries or tonumber(redis.call('GET', bkey) or '0') > maxBytes do
+  local victim = redis.call('ZRANGE', xkey, 0, 0)[1]
+  if not victim then break end
+  drop(victim)
+  evicted[#evicted + 1] = victim
+end
+redis.call('PUBLISH', ARGV[18], ARGV[19])
+return {1, evicted}
+`
+
+/**
+ * invalidate(selectorJson, mode, stamp 1|0, maxScopes, maxPrefixes, channel, message|'')
+ * -> {count, seq}. Stamps every scope (keys, users, tags, prefixes) with a new sequence,
+ * then applies keys, users and tags through the indexes: O(matched entries). Prefixes are
+ * scanned outside Lua in batches, which call this again with stamp=0 and the found keys.
+ */
+const INVALIDATE = `${PRELUDE}
+local sel = cjson.decode(ARGV[1])
+local mode = ARGV[2]
+local seq = 0
+if ARGV[3] == '1' then
+  seq = redis.call('INCR', base .. 'seq')
+  local st = base .. 'st'
+  for _, k in ipairs(sel.keys or {}) do redis.call('ZADD', st, seq, 'k\\0' .. k) end
+  for _, u in ipairs(sel.userIds or {}) do redis.call('ZADD', st, seq, 'u\\0' .. u) end
+  for _, t in ipairs(sel.tags or {}) do redis.call('ZADD', st, seq, 't\\0' .. t) end
+  trim(st, tonumber(ARGV[4]))
+  for _, p in ipairs(sel.prefixes or {}) do redis.call('ZADD', base .. 'px', seq, p) end
+  trim(base .. 'px', tonumber(ARGV[5]))
+end
+
+local count = 0
+local function apply(k)
+  if mode == 'delete' then
+    if drop(k) then count = count + 1 return true end
+    return false
+  end
+  local e = ekey(k)
+  local s = redis.call('HGET', e, 's')
+  if not s then return false end
+  if s == '0' then
+    redis.call('HSET', e, 's', '1')
+    count = count + 1
+  end
+  return true
+end
+for _, k in ipairs(sel.keys or {}) do apply(k) end
+for _, u in ipairs(sel.userIds or {}) do
+  local idx = ukey(u)
+  for _, k in ipairs(redis.call('SMEMBERS', idx)) do
+    -- A member whose hash Redis expired on its own is an orphan: forget it here.
+    if not apply(k) then redis.call('SREM', idx, k) end
+  end
+end
+for _, t in ipairs(sel.tags or {}) do
+  local idx = tkey(t)
+  for _, k in ipairs(redis.call('SMEMBERS', idx)) do
+    if not apply(k) then redis.call('SREM', idx, k) end
+  end
+end
+if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+return {count, seq}
+`
+
+/** clear(channel, message) -> {entries, oldGeneration}. Voids every lease and switches generation. */
+const CLEAR = `${PRELUDE}
+local seq = redis.call('INCR', base .. 'seq')
+redis.call('SET', base .. 'clr', seq)
+local n = redis.call('ZCARD', xkey)
+redis.call('INCR', base .. 'g')
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return {n, gen}
+`
+
+/** stamp(newEpoch) -> {epoch, seq}: the stamp a lease issued now carries. */
+const STAMP = `
+local base = KEYS[1]
+redis.call('SET', base .. 'epoch', ARGV[1], 'NX')
+return {redis.call('GET', base .. 'epoch'), tonumber(redis.call('GET', base .. 'seq') or '0')}
+`
+
+/** sweep(now, limit) -> expired keys dropped. */
+const SWEEP = `${PRELUDE}
+local out = {}
+for _, k in ipairs(redis.call('ZRANGEBYSCORE', xkey, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))) do
+  drop(k)
+  out[#out + 1] = k
+end
+return out
+`
+
+/** members('u'|'t', name) -> keys of the index whose entries exist. */
+const MEMBERS = `${PRELUDE}
+local idx = pre .. ARGV[1] .. ':' .. ARGV[2]
+local out = {}
+for _, k in ipairs(redis.call('SMEMBERS', idx)) do
+  if redis.call('EXISTS', ekey(k)) == 1 then out[#out + 1] = k end
+end
+return out
+`
+
+/** userEntries(userId, now) -> {key, fields} pairs of the user's live entries. */
+const USER_ENTRIES = `${PRELUDE}
+local out = {}
+for _, k in ipairs(redis.call('SMEMBERS', ukey(ARGV[1]))) do
+  local f = redis.call('HGETALL', ekey(k))
+  local x = redis.call('HGET', ekey(k), 'x')
+  if x and tonumber(x) > tonumber(ARGV[2]) then
+    out[#out + 1] = k
+    out[#out + 1] = f
+  end
+end
+return out
+`
+
+/** info(limit) -> {entries, bytes, generation, sampleKeys}. */
+const INFO = `${PRELUDE}
+local sample = {}
+if tonumber(ARGV[1]) > 0 then sample = redis.call('ZRANGE', xkey, 0, tonumber(ARGV[1]) - 1) end
+return {redis.call('ZCARD', xkey), tonumber(redis.call('GET', bkey) or '0'), gen, sample}
+`
+
+/** The scripts, registered with ioredis' defineCommand (EVALSHA, falling back to EVAL after a Redis restart). */
+export const REDIS_SCRIPTS = {
+  cwGet: GET,
+  cwSet: SET,
+  cwInvalidate: INVALIDATE,
+  cwClear: CLEAR,
+  cwStamp: STAMP,
+  cwSweep: SWEEP,
+  cwMembers: MEMBERS,
+  cwUserEntries: USER_ENTRIES,
+  cwInfo: INFO,
+} as const
+
+export type ScriptName = keyof typeof REDIS_SCRIPTS

@@ -1,0 +1,578 @@
+import { randomBytes } from 'node:crypto'
+import { Redis, type RedisOptions } from 'ioredis'
+import type { CoreLogger } from '../cache/cache-service.js'
+import type {
+  EvictionListener,
+  EvictionReason,
+  InvalidationMode,
+  LeaseStamp,
+  Selector,
+  SetOutcome,
+  StoredEntry,
+} from '../cache/types.js'
+import { CacheError, backendUnavailable } from '../errors.js'
+import { DEFAULT_MAX_LEASE_PREFIXES, DEFAULT_MAX_LEASE_SCOPES } from '../cache/lease-book.js'
+import { DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, MemoryStore } from './memory-store.js'
+import { REDIS_SCRIPTS, type ScriptName } from './redis-scripts.js'
+import type { Store } from './store.js'
+
+export const DEFAULT_NAMESPACE = 'cw'
+export const DEFAULT_L1_MAX_TTL_MS = 60_000
+/** Redis keeps an entry this much longer than its TTL, so a clock a little behind another never reads a hole. */
+export const DEFAULT_TTL_MARGIN_MS = 60_000
+/** A Redis command that takes longer than this fails (the request gets 503 or a miss) instead of hanging. */
+export const DEFAULT_COMMAND_TIMEOUT_MS = 2000
+const DEFAULT_SWEEP_INTERVAL_MS = 1000
+const SWEEP_BATCH = 1000
+const SCAN_COUNT = 1000
+/** Keys whose L1 fill must be refused while a read is in flight; past this, all fills are refused once. */
+const MAX_DROPPED_KEYS = 10_000
+/** The lease stamp handed out while Redis is unreachable: no store ever accepts it. */
+const OFFLINE_STAMP: LeaseStamp = { epoch: 'offline', seq: 0 }
+
+export interface TieredStoreOptions {
+  /** redis:// or rediss:// URL (REDIS_URL). */
+  redisUrl: string
+  /** Prefix of every Redis key, inside a hash tag: `{cw}:...`. Instances sharing data share it. */
+  namespace?: string
+  /** The clock; tests pass a fake one. Expiry is decided by it, never by Redis alone. */
+  now?: () => number
+  /** Most entries (and accounted bytes) Redis keeps; beyond, the entries closest to expiry go. */
+  maxEntries?: number
+  maxBytes?: number
+  /** Bounds of each instance's L1 (default: the same as Redis). */
+  l1MaxEntries?: number
+  l1MaxBytes?: number
+  /** An L1 copy lives at most this long (L1_MAX_TTL_MS): the staleness bound if a bus message is lost. */
+  l1MaxTtlMs?: number
+  /** How much longer than its TTL Redis keeps an entry before dropping it by itself. */
+  ttlMarginMs?: number
+  /** How often expired entries are swept from Redis, in ms; 0 turns the timer off. */
+  sweepIntervalMs?: number
+  maxLeaseScopes?: number
+  maxLeasePrefixes?: number
+  commandTimeoutMs?: number
+  /** Called when the bus subscriber connects (after the L1 flush) or disconnects. */
+  onBusState?: (connected: boolean) => void
+  logger?: CoreLogger
+}
+
+/** What travels on the bus: selectors and keys, never values. */
+interface BusMessage {
+  /** The sender's instance id; it applied the change to its own L1 already. */
+  f: string
+  s?: Selector
+  m?: InvalidationMode
+  /** A clear: every L1 drops everything. */
+  flush?: 1
+}
+
+/** An L1 copy: `expiresAt` is the L1 deadline; `real` is the entry as Redis has it. */
+interface L1Entry extends StoredEntry {
+  real: StoredEntry
+}
+
+type ScriptClient = Record<ScriptName, (...args: Array<string | number>) => Promise<unknown>>
+
+/**
+ * The cluster-mode store (DESIGN.md section 7): an L1 MemoryStore per instance in front of
+ * Redis, which holds the entries, the indexes and the lease sequences, all updated by Lua
+ * scripts (redis-scripts.ts). Every change is published on a pub/sub bus so the other
+ * instances drop their L1 copies; while the bus is down the L1 is not trusted (reads go to
+ * Redis), and when it comes back the L1 is flushed, since messages may have been missed.
+ * With Redis down, reads answer from L1 or miss and writes throw `backend_unavailable`.
+ */
+export class TieredStore implements Store {
+  readonly kind = 'tiered'
+  /** This instance's id on the bus. */
+  readonly id = randomBytes(8).toString('base64url')
+  readonly #redis: Redis
+  readonly #sub: Redis
+  readonly #scripts: ScriptClient
+  readonly #l1: MemoryStore
+  readonly #base: string
+  readonly #channel: string
+  readonly #now: () => number
+  readonly #maxEntries: number
+  readonly #maxBytes: number
+  readonly #l1MaxTtlMs: number
+  readonly #ttlMarginMs: number
+  readonly #maxLeaseScopes: number
+  readonly #maxLeasePrefixes: number
+  readonly #logger: CoreLogger | undefined
+  readonly #listeners: EvictionListener[] = []
+  readonly #busListeners: Array<(connected: boolean) => void> = []
+  readonly #timer: NodeJS.Timeout | undefined
+  #busUp = false
+  #closing = false
+  #sweeping = false
+  // L1 fills are guarded by generations: a read that started before an L1 invalidation of
+  // its key (or of everything) must not put what it read into L1 after that invalidation.
+  #gen = 0
+  #coarseGen = 0
+  readonly #dropped = new Map<string, number>()
+  readonly #background = new Set<Promise<unknown>>()
+
+  constructor(options: TieredStoreOptions) {
+    this.#now = options.now ?? Date.now
+    const namespace = options.namespace ?? DEFAULT_NAMESPACE
+    if (/[{}]/.test(namespace)) throw new TypeError('namespace must not contain { or }')
+    this.#base = `{${namespace}}:`
+    this.#channel = `${this.#base}bus`
+    this.#maxEntries = options.maxEntries ?? DEFAULT_MAX_ENTRIES
+    this.#maxBytes = options.maxBytes ?? DEFAULT_MAX_BYTES
+    this.#l1MaxTtlMs = options.l1MaxTtlMs ?? DEFAULT_L1_MAX_TTL_MS
+    this.#ttlMarginMs = options.ttlMarginMs ?? DEFAULT_TTL_MARGIN_MS
+    this.#maxLeaseScopes = options.maxLeaseScopes ?? DEFAULT_MAX_LEASE_SCOPES
+    this.#maxLeasePrefixes = options.maxLeasePrefixes ?? DEFAULT_MAX_LEASE_PREFIXES
+    this.#logger = options.logger
+    if (options.onBusState) this.#busListeners.push(options.onBusState)
+    const sweepIntervalMs = options.sweepIntervalMs ?? DEFAULT_SWEEP_INTERVAL_MS
+    this.#l1 = new MemoryStore({
+      maxEntries: options.l1MaxEntries ?? this.#maxEntries,
+      maxBytes: options.l1MaxBytes ?? this.#maxBytes,
+      now: this.#now,
+      sweepIntervalMs,
+    })
+
+    const common: RedisOptions = {
+      lazyConnect: true,
+      // Fail fast while disconnected: a request gets its 503 or its miss at once instead of
+      // waiting in a queue, and nothing in flight is silently replayed after a reconnect.
+      enableOfflineQueue: false,
+      autoResendUnfulfilledCommands: false,
+      maxRetriesPerRequest: 0,
+      commandTimeout: options.commandTimeoutMs ?? DEFAULT_COMMAND_TIMEOUT_MS,
+      connectTimeout: 2000,
+      retryStrategy: (times) => Math.min(50 * times, 1000),
+    }
+    this.#redis = new Redis(options.redisUrl, common)
+    // The subscriber subscribes by hand on every `ready`, so the bus counts as up only once
+    // the subscription is confirmed.
+    this.#sub = new Redis(options.redisUrl, { ...common, autoResubscribe: false, commandTimeout: undefined })
+    for (const [name, lua] of Object.entries(REDIS_SCRIPTS)) {
+      this.#redis.defineCommand(name, { numberOfKeys: 1, lua })
+    }
+    this.#scripts = this.#redis as unknown as ScriptClient
+
+    this.#redis.on('error', () => {}) // the state shows in readiness and in failed requests
+    this.#sub.on('error', () => {})
+    this.#sub.on('ready', () => {
+      this.#sub.subscribe(this.#channel).then(
+        () => this.#setBus(true),
+        () => this.#sub.disconnect(true),
+      )
+    })
+    this.#sub.on('close', () => this.#setBus(false))
+    this.#sub.on('message', (_channel: string, message: string) => this.#onMessage(message))
+
+    if (sweepIntervalMs > 0) {
+      this.#timer = setInterval(() => void this.sweep(), sweepIntervalMs)
+      this.#timer.unref()
+    }
+  }
+
+  /** Connects both Redis clients; waits up to `waitMs` for them, and keeps retrying in the background either way. */
+  async connect(waitMs = 3000): Promise<boolean> {
+    this.#redis.connect().catch(() => {})
+    this.#sub.connect().catch(() => {})
+    const deadline = Date.now() + waitMs
+    while (!this.ready() && Date.now() < deadline && !this.#closing) await sleep(10)
+    return this.ready()
+  }
+
+  /** True while Redis answers and the bus is subscribed (for `/health/ready`). */
+  ready(): boolean {
+    return this.#redis.status === 'ready' && this.#busUp
+  }
+
+  get busConnected(): boolean {
+    return this.#busUp
+  }
+
+  /** Adds a listener for bus state changes. */
+  onBusState(listener: (connected: boolean) => void): void {
+    this.#busListeners.push(listener)
+  }
+
+  async get(key: string, now: number): Promise<StoredEntry | undefined> {
+    if (this.#busUp) {
+      const hit = this.#l1Get(key, now)
+      if (hit !== undefined) return hit
+    }
+    const startGen = this.#gen
+    let entry: StoredEntry | undefined
+    try {
+      entry = await this.#l2Get(key, now, true)
+    } catch {
+      // Redis is down: an L1 copy (even one the bus could not vouch for) beats a miss.
+      return this.#l1Get(key, now)
+    }
+    if (entry !== undefined && this.#mayFill(key, startGen)) this.#l1Put(entry, now)
+    return entry
+  }
+
+  async peek(key: string, now: number): Promise<StoredEntry | undefined> {
+    if (this.#busUp) {
+      const copy = (await this.#l1.peek(key, now)) as L1Entry | undefined
+      if (copy !== undefined) return syncReal(copy)
+    }
+    try {
+      return await this.#l2Get(key, now, false)
+    } catch {
+      const copy = (await this.#l1.peek(key, now)) as L1Entry | undefined
+      return copy === undefined ? undefined : syncReal(copy)
+    }
+  }
+
+  async set(entry: StoredEntry, lease?: LeaseStamp): Promise<SetOutcome> {
+    const now = this.#now()
+    const pttl = Math.max(1, entry.expiresAt - now) + this.#ttlMarginMs
+    let result: [number, string[]?]
+    try {
+      result = (await this.#scripts.cwSet(
+        this.#base,
+        entry.key,
+        entry.value,
+        entry.etag,
+        entry.userId ?? '',
+        entry.tags?.length ? JSON.stringify(entry.tags) : '',
+        entry.createdAt,
+        entry.expiresAt,
+        entry.size,
+        entry.origin ?? '',
+        entry.hits,
+        entry.lastAccessAt,
+        entry.stale ? 1 : 0,
+        pttl,
+        lease?.epoch ?? '',
+        lease?.seq ?? 0,
+        this.#maxEntries,
+        this.#maxBytes,
+        this.#channel,
+        this.#message({ keys: [entry.key] }, 'delete'),
+      )) as [number, string[]?]
+    } catch (error) {
+      throw this.#unavailable(error, 'write')
+    } finally {
+      // Never put the written entry in L1 here: a concurrent write may have landed in Redis
+      // after this one. The next read fills L1 from Redis.
+      this.#dropKeys([entry.key])
+    }
+    if (result[0] === 0) return 'lease_invalidated'
+    const evicted = result[1] ?? []
+    if (evicted.length > 0) {
+      this.#dropKeys(evicted)
+      this.#report(evicted, 'evict')
+    }
+    return 'ok'
+  }
+
+  async invalidate(selector: Selector, mode: InvalidationMode, now: number): Promise<number> {
+    const prefixes = selector.prefixes ?? []
+    const message = this.#message(selector, mode)
+    try {
+      const [count] = (await this.#scripts.cwInvalidate(
+        this.#base,
+        JSON.stringify(selector),
+        mode,
+        1,
+        this.#maxLeaseScopes,
+        this.#maxLeasePrefixes,
+        this.#channel,
+        // With prefixes, publish only once the scan is done, so no other instance refills its
+        // L1 from an entry the scan has yet to reach.
+        prefixes.length > 0 ? '' : message,
+      )) as [number, number]
+      if (prefixes.length === 0) return count
+      const scanned = await this.#invalidatePrefixes(prefixes, mode)
+      await this.#redis.publish(this.#channel, message)
+      return count + scanned
+    } catch (error) {
+      throw this.#unavailable(error, 'invalidation')
+    } finally {
+      // Applied whether Redis took it or not: a failed invalidation still drops local copies.
+      await this.#applyToL1(selector, mode, now)
+    }
+  }
+
+  async clear(): Promise<number> {
+    try {
+      const [count, oldGen] = (await this.#scripts.cwClear(this.#base, this.#channel, JSON.stringify({ f: this.id, flush: 1 }))) as [
+        number,
+        string,
+      ]
+      this.#track(this.#collect(oldGen))
+      return count
+    } catch (error) {
+      throw this.#unavailable(error, 'clear')
+    } finally {
+      await this.#flushL1()
+    }
+  }
+
+  async leaseStamp(): Promise<LeaseStamp> {
+    try {
+      const [epoch, seq] = (await this.#scripts.cwStamp(this.#base, randomBytes(6).toString('base64url'))) as [string, number]
+      return { epoch, seq }
+    } catch {
+      // A miss must still answer while Redis is down; this lease can never write.
+      return OFFLINE_STAMP
+    }
+  }
+
+  async userEntries(userId: string, now: number): Promise<StoredEntry[]> {
+    const flat = (await this.#call(() => this.#scripts.cwUserEntries(this.#base, userId, now))) as Array<string | string[]>
+    const out: StoredEntry[] = []
+    for (let i = 0; i < flat.length; i += 2) out.push(parseEntry(flat[i] as string, flat[i + 1] as string[]))
+    return out
+  }
+
+  async userKeys(userId: string): Promise<string[]> {
+    return (await this.#call(() => this.#scripts.cwMembers(this.#base, 'u', userId))) as string[]
+  }
+
+  async tagKeys(tag: string): Promise<string[]> {
+    return (await this.#call(() => this.#scripts.cwMembers(this.#base, 't', tag))) as string[]
+  }
+
+  async sampleKeys(limit: number): Promise<string[]> {
+    const info = (await this.#call(() => this.#scripts.cwInfo(this.#base, Math.max(0, limit)))) as [number, number, string, string[]]
+    return info[3]
+  }
+
+  async size(): Promise<{ entries: number; bytes: number }> {
+    try {
+      const [entries, bytes] = (await this.#scripts.cwInfo(this.#base, 0)) as [number, number]
+      return { entries, bytes }
+    } catch {
+      // Stats and metrics must not fail with Redis: show what this instance holds.
+      return this.#l1.size()
+    }
+  }
+
+  /** What this instance's L1 holds (for tests and the consistency check). */
+  async l1Peek(key: string, now: number): Promise<StoredEntry | undefined> {
+    const copy = (await this.#l1.peek(key, now)) as L1Entry | undefined
+    return copy === undefined ? undefined : { ...copy.real, stale: copy.stale }
+  }
+
+  async l1Size(): Promise<{ entries: number; bytes: number }> {
+    return this.#l1.size()
+  }
+
+  onEviction(listener: EvictionListener): void {
+    this.#listeners.push(listener)
+  }
+
+  /** Drops entries whose TTL ran out (by the store's clock) with their memberships. */
+  async sweep(): Promise<number> {
+    if (this.#sweeping || this.#redis.status !== 'ready') return 0
+    this.#sweeping = true
+    let dropped = 0
+    try {
+      for (;;) {
+        const keys = (await this.#scripts.cwSweep(this.#base, this.#now(), SWEEP_BATCH)) as string[]
+        dropped += keys.length
+        this.#report(keys, 'expire')
+        if (keys.length < SWEEP_BATCH || this.#closing) break
+      }
+    } catch {
+      // Redis went away mid-sweep; the next sweep picks up where this one stopped.
+    } finally {
+      this.#sweeping = false
+    }
+    return dropped
+  }
+
+  async close(): Promise<void> {
+    this.#closing = true
+    if (this.#timer) clearInterval(this.#timer)
+    await Promise.allSettled(this.#background)
+    this.#redis.disconnect()
+    this.#sub.disconnect()
+    await this.#l1.close()
+  }
+
+  async #l2Get(key: string, now: number, countHit: boolean): Promise<StoredEntry | undefined> {
+    const reply = (await this.#scripts.cwGet(this.#base, key, now, countHit ? 1 : 0)) as string[] | number | null
+    if (reply === null) return undefined
+    if (typeof reply === 'number') {
+      this.#report([key], 'expire')
+      return undefined
+    }
+    return parseEntry(key, reply)
+  }
+
+  #l1Get(key: string, now: number): StoredEntry | undefined {
+    const copy = this.#l1.getSync(key, now) as L1Entry | undefined
+    return copy === undefined ? undefined : syncReal(copy)
+  }
+
+  #l1Put(entry: StoredEntry, now: number): void {
+    const copy: L1Entry = { ...entry, expiresAt: Math.min(entry.expiresAt, now + this.#l1MaxTtlMs), real: entry }
+    this.#l1.setSync(copy)
+  }
+
+  #mayFill(key: string, startGen: number): boolean {
+    return this.#busUp && this.#coarseGen <= startGen && (this.#dropped.get(key) ?? 0) <= startGen
+  }
+
+  #dropKeys(keys: string[]): void {
+    const gen = ++this.#gen
+    for (const key of keys) this.#dropped.set(key, gen)
+    // A keys-only invalidation of the MemoryStore completes synchronously.
+    void this.#l1.invalidate({ keys }, 'delete', this.#now())
+    if (this.#dropped.size > MAX_DROPPED_KEYS) {
+      this.#dropped.clear()
+      this.#coarseGen = gen
+    }
+  }
+
+  async #applyToL1(selector: Selector, mode: InvalidationMode, now: number): Promise<void> {
+    if (selector.keys?.length && !selector.userIds?.length && !selector.tags?.length && !selector.prefixes?.length) {
+      const gen = ++this.#gen
+      for (const key of selector.keys) this.#dropped.set(key, gen)
+    } else {
+      this.#coarseGen = ++this.#gen
+      this.#dropped.clear()
+    }
+    await this.#l1.invalidate(selector, mode, now)
+  }
+
+  async #flushL1(): Promise<void> {
+    this.#coarseGen = ++this.#gen
+    this.#dropped.clear()
+    await this.#l1.clear()
+  }
+
+  async #invalidatePrefixes(prefixes: string[], mode: InvalidationMode): Promise<number> {
+    const gen = ((await this.#redis.get(`${this.#base}g`)) ?? '0')
+    const entryPrefix = `${this.#base}${gen}:e:`
+    let count = 0
+    for (const prefix of prefixes) {
+      let cursor = '0'
+      do {
+        const [next, found] = await this.#redis.scan(cursor, 'MATCH', `${globEscape(entryPrefix + prefix)}*`, 'COUNT', SCAN_COUNT)
+        cursor = next
+        if (found.length === 0) continue
+        const keys = found.map((k) => k.slice(entryPrefix.length))
+        const [n] = (await this.#scripts.cwInvalidate(this.#base, JSON.stringify({ keys }), mode, 0, 0, 0, '', '')) as [number]
+        count += n
+      } while (cursor !== '0')
+    }
+    return count
+  }
+
+  /** Unlinks the data keys of a generation a clear left behind, in batches. */
+  async #collect(gen: string): Promise<void> {
+    let cursor = '0'
+    try {
+      do {
+        const [next, found] = await this.#redis.scan(cursor, 'MATCH', `${globEscape(`${this.#base}${gen}:`)}*`, 'COUNT', SCAN_COUNT)
+        cursor = next
+        if (found.length > 0) await this.#redis.unlink(...found)
+      } while (cursor !== '0' && !this.#closing)
+    } catch {
+      // Whatever is left expires by its own TTL.
+    }
+  }
+
+  #track(promise: Promise<unknown>): void {
+    this.#background.add(promise)
+    void promise.finally(() => this.#background.delete(promise))
+  }
+
+  #onMessage(raw: string): void {
+    let message: BusMessage
+    try {
+      message = JSON.parse(raw) as BusMessage
+    } catch {
+      return
+    }
+    if (message.f === this.id) return
+    if (message.flush) void this.#flushL1()
+    else if (message.s) void this.#applyToL1(message.s, message.m === 'stale' ? 'stale' : 'delete', this.#now())
+  }
+
+  #setBus(up: boolean): void {
+    if (up === this.#busUp) return
+    // Messages may have been missed while the bus was down: nothing in L1 can be trusted.
+    if (up) void this.#flushL1()
+    this.#busUp = up
+    this.#logger?.[up ? 'info' : 'warn']({ bus: this.#channel }, up ? 'cluster bus connected' : 'cluster bus disconnected')
+    for (const listener of this.#busListeners) listener(up)
+  }
+
+  #message(selector: Selector, mode: InvalidationMode): string {
+    return JSON.stringify({ f: this.id, s: selector, m: mode } satisfies BusMessage)
+  }
+
+  #report(keys: string[], reason: EvictionReason): void {
+    if (this.#listeners.length === 0) return
+    for (const key of keys) for (const listener of this.#listeners) listener(stub(key), reason)
+  }
+
+  async #call<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn()
+    } catch (error) {
+      throw this.#unavailable(error, 'read')
+    }
+  }
+
+  #unavailable(error: unknown, what: string): CacheError {
+    if (error instanceof CacheError) return error
+    this.#logger?.error({ err: error }, `Redis ${what} failed`)
+    return backendUnavailable('Redis')
+  }
+}
+
+function syncReal(copy: L1Entry): StoredEntry {
+  const real = copy.real
+  real.hits = copy.hits
+  real.lastAccessAt = copy.lastAccessAt
+  real.stale = copy.stale
+  return real
+}
+
+function parseEntry(key: string, flat: string[]): StoredEntry {
+  const f: Record<string, string> = {}
+  for (let i = 0; i < flat.length; i += 2) f[flat[i]!] = flat[i + 1]!
+  return {
+    key,
+    value: f.v ?? 'null',
+    etag: f.et ?? '',
+    userId: f.u,
+    tags: f.t ? (JSON.parse(f.t) as string[]) : undefined,
+    createdAt: Number(f.c),
+    expiresAt: Number(f.x),
+    hits: Number(f.h ?? 0),
+    lastAccessAt: Number(f.a ?? f.c),
+    stale: f.s === '1',
+    origin: f.o,
+    size: Number(f.z ?? 0),
+  }
+}
+
+/** Eviction listeners get the key; the rest of the entry is gone with it. */
+function stub(key: string): StoredEntry {
+  return {
+    key,
+    value: 'null',
+    etag: '',
+    userId: undefined,
+    tags: undefined,
+    createdAt: 0,
+    expiresAt: 0,
+    hits: 0,
+    lastAccessAt: 0,
+    stale: false,
+    origin: undefined,
+    size: 0,
+  }
+}
+
+const globEscape = (s: string) => s.replace(/[*?[\]\\]/g, '\\$&')
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref())

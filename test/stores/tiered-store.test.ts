@@ -1,0 +1,155 @@
+import t from 'tap'
+import { TieredStore } from '../../src/stores/tiered-store.js'
+import { requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
+import { entry, storeContract, type ContractClock } from './store-contract.js'
+
+if (requireRedisServer(t)) {
+  const redis = await startRedis(t)
+  let n = 0
+
+  /** A TieredStore on the test's redis-server, in a namespace of its own. */
+  const open = async (clock: ContractClock, options: Partial<ConstructorParameters<typeof TieredStore>[0]> = {}) => {
+    const store = new TieredStore({ redisUrl: redis.url, namespace: `t${n++}`, now: clock.now, sweepIntervalMs: 0, ...options })
+    if (!(await store.connect(10_000))) throw new Error('the TieredStore did not connect')
+    return store
+  }
+
+  // A read fills L1 unless a bus message about the key lands while it is in flight (the
+  // write's own message, typically): read until the copy is there.
+  const filled = (store: TieredStore, key: string, clock: ContractClock) =>
+    waitUntil(async () => {
+      await store.get(key, clock.now())
+      return (await store.l1Peek(key, clock.now())) !== undefined
+    })
+
+  storeContract(t, 'TieredStore', (clock) => open(clock))
+
+  class Clock {
+    ms = Date.UTC(2026, 0, 1)
+    now = () => this.ms
+    advance(ms: number) {
+      this.ms += ms
+    }
+  }
+
+  t.test('an L1 copy never outlives l1MaxTtlMs, while Redis keeps the entry', async (t) => {
+    const clock = new Clock()
+    const store = await open(clock, { l1MaxTtlMs: 1000 })
+    t.teardown(() => store.close())
+    await store.set(entry(clock, 'a', { expiresAt: clock.now() + 60_000 }))
+    t.ok(await filled(store, 'a', clock), 'a read filled L1')
+    clock.advance(1000)
+    t.equal(await store.l1Peek('a', clock.now()), undefined, 'the L1 copy is gone after l1MaxTtlMs')
+    const again = await store.get('a', clock.now())
+    t.equal(again?.expiresAt, clock.now() - 1000 + 60_000, 'the entry keeps its real expiry')
+  })
+
+  t.test('a write on one store drops the copy another store holds in L1', async (t) => {
+    const clock = new Clock()
+    const namespace = `shared${n++}`
+    const a = await open(clock, { namespace })
+    const b = await open(clock, { namespace })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    await a.set(entry(clock, 'k', { value: '"v1"' }))
+    t.ok(await filled(b, 'k', clock))
+    t.equal((await b.l1Peek('k', clock.now()))?.value, '"v1"')
+    await a.set(entry(clock, 'k', { value: '"v2"' }))
+    t.ok(await waitUntil(async () => (await b.l1Peek('k', clock.now())) === undefined), 'the bus dropped the L1 copy')
+    t.equal((await b.get('k', clock.now()))?.value, '"v2"')
+  })
+
+  t.test('a user invalidation on one store reaches the other store\'s L1 through its index', async (t) => {
+    const clock = new Clock()
+    const namespace = `shared${n++}`
+    const a = await open(clock, { namespace })
+    const b = await open(clock, { namespace })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    for (let i = 0; i < 3; i++) await a.set(entry(clock, `u1:${i}`, { userId: 'u1' }))
+    await a.set(entry(clock, 'other', { userId: 'u2' }))
+    for (const key of ['u1:0', 'u1:1', 'u1:2', 'other']) t.ok(await filled(b, key, clock), `${key} is in b's L1`)
+    t.equal(await a.invalidate({ userIds: ['u1'] }, 'delete', clock.now()), 3)
+    t.ok(await waitUntil(async () => (await b.l1Size()).entries === 1))
+    t.ok(await b.l1Peek('other', clock.now()), 'another user\'s copy stays')
+  })
+
+  t.test('stale mode travels on the bus and marks the L1 copies stale', async (t) => {
+    const clock = new Clock()
+    const namespace = `shared${n++}`
+    const a = await open(clock, { namespace })
+    const b = await open(clock, { namespace })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    await a.set(entry(clock, 'k', { tags: ['t'] }))
+    t.ok(await filled(b, 'k', clock))
+    t.equal((await b.l1Peek('k', clock.now()))?.stale, false)
+    await a.invalidate({ tags: ['t'] }, 'stale', clock.now())
+    t.ok(await waitUntil(async () => (await b.l1Peek('k', clock.now()))?.stale === true))
+    t.equal((await b.get('k', clock.now()))?.stale, true)
+  })
+
+  t.test('a clear on one store empties every L1 and voids leases everywhere', async (t) => {
+    const clock = new Clock()
+    const namespace = `shared${n++}`
+    const a = await open(clock, { namespace })
+    const b = await open(clock, { namespace })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    await a.set(entry(clock, 'k', { userId: 'u' }))
+    t.ok(await filled(b, 'k', clock))
+    const lease = await b.leaseStamp()
+    t.equal(await a.clear(), 1)
+    t.ok(await waitUntil(async () => (await b.l1Size()).entries === 0))
+    t.equal(await b.get('k', clock.now()), undefined)
+    t.equal(await b.set(entry(clock, 'k'), lease), 'lease_invalidated')
+    t.same(await b.userKeys('u'), [])
+  })
+
+  t.test('past maxEntries, the entries closest to expiry are evicted with their memberships', async (t) => {
+    const clock = new Clock()
+    const store = await open(clock, { maxEntries: 3 })
+    t.teardown(() => store.close())
+    const evicted: string[] = []
+    store.onEviction((e, reason) => evicted.push(`${e.key}:${reason}`))
+    for (const [key, ttl] of [['a', 5000], ['b', 1000], ['c', 9000], ['d', 7000]] as const) {
+      await store.set(entry(clock, key, { userId: 'u', expiresAt: clock.now() + ttl }))
+    }
+    t.same(evicted, ['b:evict'])
+    t.same((await store.userKeys('u')).sort(), ['a', 'c', 'd'])
+    t.same((await store.size()).entries, 3)
+  })
+
+  t.test('the sweep drops expired entries by the store\'s clock and reports them', async (t) => {
+    const clock = new Clock()
+    const store = await open(clock)
+    t.teardown(() => store.close())
+    const expired: string[] = []
+    store.onEviction((e, reason) => expired.push(`${e.key}:${reason}`))
+    await store.set(entry(clock, 'short', { tags: ['t'], expiresAt: clock.now() + 1500 }))
+    await store.set(entry(clock, 'long', { tags: ['t'], expiresAt: clock.now() + 60_000 }))
+    t.equal(await store.sweep(), 0)
+    clock.advance(3000)
+    t.equal(await store.sweep(), 1)
+    t.same(expired, ['short:expire'])
+    t.same(await store.tagKeys('t'), ['long'])
+    t.same(await store.size(), { entries: 1, bytes: 'long'.length + JSON.stringify({ key: 'long' }).length })
+  })
+
+  t.test('forgotten lease stamps raise the floor, so old leases are refused', async (t) => {
+    const clock = new Clock()
+    const store = await open(clock, { maxLeaseScopes: 2 })
+    t.teardown(() => store.close())
+    const lease = await store.leaseStamp()
+    for (const key of ['x', 'y', 'z']) await store.invalidate({ keys: [key] }, 'delete', clock.now())
+    t.equal(await store.set(entry(clock, 'unrelated'), lease), 'lease_invalidated', 'errs towards refusing')
+    t.equal(await store.set(entry(clock, 'unrelated'), await store.leaseStamp()), 'ok')
+  })
+
+  t.test('a prefix invalidation scans in batches and matches glob characters literally', async (t) => {
+    const clock = new Clock()
+    const store = await open(clock)
+    t.teardown(() => store.close())
+    for (let i = 0; i < 2500; i++) await store.set(entry(clock, `p*:${i}`))
+    await store.set(entry(clock, 'pX:1'))
+    await store.set(entry(clock, 'p:1'))
+    t.equal(await store.invalidate({ prefixes: ['p*:'] }, 'delete', clock.now()), 2500)
+    t.equal((await store.size()).entries, 2)
+  })
+}
