@@ -11,6 +11,7 @@ import entryRoutes from './routes/entries.js'
 import invalidationRoutes from './routes/invalidations.js'
 import { MemoryStore } from './stores/memory-store.js'
 import type { Store } from './stores/store.js'
+import { TieredStore } from './stores/tiered-store.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -58,9 +59,12 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   app.setValidatorCompiler(validatorCompiler())
 
   const now = options.now ?? Date.now
+  const bounds = { maxEntries: config.maxEntries, maxBytes: config.maxBytes, now }
   const store =
     options.store ??
-    new MemoryStore({ maxEntries: config.maxEntries, maxBytes: config.maxBytes, now })
+    (config.redisUrl
+      ? new TieredStore({ ...bounds, redisUrl: config.redisUrl, l1MaxTtlMs: config.l1MaxTtlMs, logger: app.log as CoreLogger })
+      : new MemoryStore(bounds))
   const cache = new CacheService({
     store,
     limits: config.limits,
@@ -79,6 +83,12 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   await app.register(errors)
   await app.register(auth, { keys: config.apiKeys })
   await app.register(health)
+  if (store instanceof TieredStore) {
+    store.onBusState((connected) => cache.emit('bus_state', { connected }))
+    app.readinessChecks.push({ name: 'redis', ready: () => store.ready() })
+    // Connect once every plugin is registered, so the first bus_state reaches all listeners.
+    app.addHook('onReady', async () => void (await store.connect()))
+  }
   await app.register(entryRoutes)
   await app.register(invalidationRoutes)
   await app.register(debugRoutes)
