@@ -14,6 +14,8 @@ const fillL1 = (app: FastifyInstance, key: string) =>
     return (await l1(app).l1Peek(key, app.cache.now())) !== undefined
   })
 
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
 if (requireRedisServer(t)) {
   const redis = await startRedis(t)
   const a = await build(t, { redisUrl: redis.url })
@@ -95,9 +97,11 @@ if (requireRedisServer(t)) {
       const key = `race:${round}`
       const lease = (await get(a, key)).json().lease as string
       // Fire both at once; which lands first in Redis is up to the race.
+      // A random head start for one side or the other mixes both orders over the rounds.
+      const lead = Math.random() * 4 - 2
       const [write, inv] = await Promise.all([
-        call(a, { method: 'PUT', url: `/v1/entries/${key}`, payload: { value: 'old', lease } }),
-        call(b, { method: 'DELETE', url: `/v1/entries/${key}`, key: 'invalidate' }),
+        sleep(Math.max(0, -lead)).then(() => call(a, { method: 'PUT', url: `/v1/entries/${key}`, payload: { value: 'old', lease } })),
+        sleep(Math.max(0, lead)).then(() => call(b, { method: 'DELETE', url: `/v1/entries/${key}`, key: 'invalidate' })),
       ])
       t.equal(inv.statusCode, 200)
       if (write.statusCode === 409) refused++

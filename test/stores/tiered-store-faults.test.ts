@@ -1,0 +1,136 @@
+// Cluster mode under Redis faults: the real redis-server is killed and restarted on the same
+// port, and the bus connection is dropped with CLIENT KILL, in the middle of the tests.
+import type { FastifyInstance } from 'fastify'
+import { Redis } from 'ioredis'
+import t from 'tap'
+import type { TieredStore } from '../../src/stores/tiered-store.js'
+import { build, call, get, put } from '../helpers/build.js'
+import { requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
+
+const tiered = (app: FastifyInstance) => app.cache.store as TieredStore
+
+const fillL1 = (app: FastifyInstance, key: string) =>
+  waitUntil(async () => {
+    await get(app, key)
+    return (await tiered(app).l1Peek(key, app.cache.now())) !== undefined
+  })
+
+const readyStatus = async (app: FastifyInstance) => (await app.inject({ url: '/health/ready' })).statusCode
+
+if (requireRedisServer(t)) {
+  const redis = await startRedis(t)
+  const a = await build(t, { redisUrl: redis.url })
+  const b = await build(t, { redisUrl: redis.url })
+  const busStates: boolean[] = []
+  b.cache.on('bus_state', ({ connected }) => busStates.push(connected))
+
+  t.test('with Redis down: reads answer from L1 or miss, writes and invalidations are 503, ready is 503', async (t) => {
+    await put(a, 'cached', { value: 'v1', userId: 'u1' })
+    await put(a, 'dropped', { value: 'v1' })
+    for (const app of [a, b]) {
+      t.ok(await fillL1(app, 'cached'))
+      t.ok(await fillL1(app, 'dropped'))
+    }
+    const failedBefore = (await call(a, { url: '/v1/stats' })).json().invalidations.failed
+
+    await redis.stop()
+    t.ok(await waitUntil(async () => (await readyStatus(a)) === 503 && (await readyStatus(b)) === 503), 'ready flips to 503')
+    t.ok(await waitUntil(() => busStates.includes(false)), 'bus_state reports the bus down')
+
+    const hit = await get(b, 'cached')
+    t.equal(hit.statusCode, 200, 'an L1 copy still answers')
+    t.equal(hit.json().value, 'v1')
+    const miss = await get(b, 'never-cached')
+    t.equal(miss.statusCode, 404, 'a key not in L1 is a miss, not a 5xx')
+    t.type(miss.json().lease, 'string')
+    const batch = await call(b, { method: 'POST', url: '/v1/entries/batch-get', payload: { keys: ['cached', 'never-cached'] } })
+    t.equal(batch.statusCode, 200)
+    t.same(batch.json().missing, ['never-cached'])
+
+    const write = await call(a, { method: 'PUT', url: '/v1/entries/x', payload: { value: 1 } })
+    t.equal(write.statusCode, 503)
+    t.equal(write.json().error, 'backend_unavailable')
+    const leased = await call(a, { method: 'PUT', url: '/v1/entries/never-cached', payload: { value: 1, lease: miss.json().lease } })
+    t.equal(leased.statusCode, 503, 'a leased write is 503 too, not a 409')
+
+    const inv = await call(a, { method: 'DELETE', url: '/v1/entries/dropped', key: 'invalidate' })
+    t.equal(inv.statusCode, 503)
+    t.equal(inv.json().error, 'backend_unavailable')
+    t.equal((await get(a, 'dropped')).statusCode, 404, 'the failed invalidation still dropped the local L1 copy')
+    const stats = (await call(a, { url: '/v1/stats' })).json()
+    t.equal(stats.invalidations.failed, failedBefore + 1, 'the failure is counted')
+    const users = await call(a, { method: 'DELETE', url: '/v1/users/u1/entries', key: 'invalidate' })
+    t.equal(users.statusCode, 503)
+    t.equal((await get(a, 'cached')).statusCode, 404, 'a user selector drops the local copies too')
+
+    const busDowns = busStates.length
+    await redis.start()
+    t.ok(await waitUntil(async () => (await readyStatus(a)) === 200 && (await readyStatus(b)) === 200, 15_000), 'ready is back to 200')
+    t.equal(busStates.at(-1), true, 'bus_state reports the bus up again')
+    t.ok(busStates.length > busDowns)
+
+    // Redis came back empty; every L1 was flushed on reconnect, so nothing older is served.
+    t.same(await tiered(b).l1Size(), { entries: 0, bytes: 0 }, 'b flushed its L1 on reconnect')
+    t.equal((await get(b, 'cached')).statusCode, 404, 'no stale read after recovery')
+    await put(a, 'cached', { value: 'v2' })
+    t.equal((await get(b, 'cached')).json().value, 'v2')
+    const again = await call(a, { method: 'DELETE', url: '/v1/entries/cached', key: 'invalidate' })
+    t.equal(again.statusCode, 200, 'invalidations work again without a restart')
+    t.ok(await waitUntil(async () => (await get(b, 'cached')).statusCode === 404))
+  })
+
+  t.test('no acknowledged invalidation is lost when Redis dies in the middle of a stream of them', async (t) => {
+    const keys = Array.from({ length: 60 }, (_, i) => `stream:${i}`)
+    for (const key of keys) await put(a, key, { value: key })
+    for (const key of keys) t.ok(await fillL1(b, key))
+    const failedBefore = (await call(a, { url: '/v1/stats' })).json().invalidations.failed
+    const results: Array<{ key: string; status: number }> = []
+    const invalidations = (async () => {
+      for (const key of keys) {
+        const res = await call(a, { method: 'DELETE', url: `/v1/entries/${encodeURIComponent(key)}`, key: 'invalidate' })
+        results.push({ key, status: res.statusCode })
+        await new Promise((r) => setTimeout(r, 5))
+      }
+    })()
+    await waitUntil(() => results.length >= 15)
+    await redis.stop()
+    await invalidations
+    const acked = results.filter((r) => r.status === 200)
+    const failed = results.filter((r) => r.status === 503)
+    t.equal(acked.length + failed.length, keys.length, 'every answer is 200 or 503')
+    t.ok(acked.length >= 15 && failed.length > 0, `${acked.length} acknowledged, ${failed.length} failed`)
+    const stats = (await call(a, { url: '/v1/stats' })).json()
+    t.equal(stats.invalidations.failed - failedBefore, failed.length, 'every 503 is reported as a failed invalidation')
+    // Acknowledged means applied in Redis and published: b dropped its copy, while still down.
+    for (const { key } of acked) t.equal(await tiered(b).l1Peek(key, b.cache.now()), undefined, `${key} left b's L1`)
+    await redis.start()
+    t.ok(await waitUntil(async () => (await readyStatus(a)) === 200 && (await readyStatus(b)) === 200, 15_000))
+    for (const { key } of acked) t.equal((await get(b, key)).statusCode, 404)
+  })
+
+  t.test('a dropped bus connection is noticed, flushes L1 on reconnect and loses no acknowledged invalidation', async (t) => {
+    const admin = new Redis(redis.url)
+    t.teardown(() => admin.disconnect())
+    const keys = Array.from({ length: 40 }, (_, i) => `bus:${i}`)
+    for (const key of keys) await put(a, key, { value: key })
+    for (const key of keys) t.ok(await fillL1(b, key))
+    const before = busStates.length
+    const acked: string[] = []
+    const invalidations = (async () => {
+      for (const key of keys) {
+        const res = await call(a, { method: 'DELETE', url: `/v1/entries/${encodeURIComponent(key)}`, key: 'invalidate' })
+        t.equal(res.statusCode, 200, 'Redis is up: every invalidation is acknowledged')
+        if (res.statusCode === 200) acked.push(key)
+        await new Promise((r) => setTimeout(r, 2))
+      }
+    })()
+    await waitUntil(() => acked.length >= 10)
+    const killed = await admin.client('KILL', 'TYPE', 'pubsub')
+    t.ok(Number(killed) >= 2, 'both subscribers were cut')
+    await invalidations
+    t.ok(await waitUntil(() => busStates.length >= before + 2 && busStates.at(-1) === true), 'b saw the bus go down and come back')
+    t.same(busStates.slice(before, before + 2), [false, true])
+    for (const key of acked) t.equal((await get(b, key)).statusCode, 404, `${key} is a miss on b`)
+    t.equal(await readyStatus(b), 200)
+  })
+}
