@@ -102,6 +102,7 @@ export class TieredStore implements Store {
   readonly #logger: CoreLogger | undefined
   readonly #listeners: EvictionListener[] = []
   readonly #busListeners: Array<(connected: boolean) => void> = []
+  readonly #remoteListeners: Array<(message: { selector?: Selector; mode?: InvalidationMode; flush: boolean }) => void> = []
   readonly #timer: NodeJS.Timeout | undefined
   #busUp = false
   #closing = false
@@ -361,6 +362,11 @@ export class TieredStore implements Store {
     return this.#l1.size()
   }
 
+  /** Adds a listener called once another instance's invalidation or clear has been applied to this L1. */
+  onRemoteInvalidation(listener: (message: { selector?: Selector; mode?: InvalidationMode; flush: boolean }) => void): void {
+    this.#remoteListeners.push(listener)
+  }
+
   onEviction(listener: EvictionListener): void {
     this.#listeners.push(listener)
   }
@@ -491,8 +497,12 @@ export class TieredStore implements Store {
       return
     }
     if (message.f === this.id) return
-    if (message.flush) void this.#flushL1()
-    else if (message.s) void this.#applyToL1(message.s, message.m === 'stale' ? 'stale' : 'delete', this.#now())
+    const mode = message.m === 'stale' ? 'stale' : 'delete'
+    const applied = message.flush ? this.#flushL1() : message.s ? this.#applyToL1(message.s, mode, this.#now()) : undefined
+    if (applied === undefined || this.#remoteListeners.length === 0) return
+    void applied.then(() => {
+      for (const listener of this.#remoteListeners) listener({ selector: message.s, mode, flush: message.flush === 1 })
+    })
   }
 
   #setBus(up: boolean): void {

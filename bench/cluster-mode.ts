@@ -1,0 +1,203 @@
+// Cluster mode benchmarks (BENCHMARKS.md, "Cluster mode"):
+//   1. GET-hit throughput of a cluster-mode server (L1 hits) against a memory-mode server,
+//      autocannon against real servers (child processes) started by this script.
+//   2. Invalidation propagation: from one instance's invalidate() to another's L1.
+//   3. Invalidating a user with 10 entries among N entries in Redis, against SCAN MATCH + DEL.
+// Run: node --import tsx bench/cluster-mode.ts [--entries 1000000] [--duration 4]
+import { spawn, type ChildProcess } from 'node:child_process'
+import { performance } from 'node:perf_hooks'
+import autocannon from 'autocannon'
+import { Redis } from 'ioredis'
+import { TieredStore } from '../src/stores/tiered-store.js'
+import { RedisServer, freePort, waitUntil } from '../test/helpers/redis-server.js'
+
+const arg = (name: string, fallback: number) => {
+  const i = process.argv.indexOf(`--${name}`)
+  return i > 0 ? Number(process.argv[i + 1]) : fallback
+}
+const ENTRIES = arg('entries', 1_000_000)
+const DURATION_S = arg('duration', 4)
+const SECRET = 'bench-secret-0123456789'
+const auth = { authorization: `Bearer ${SECRET}` }
+
+const pct = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!
+const fmt = (n: number, d = 2) => n.toFixed(d)
+
+async function startServer(env: Record<string, string>): Promise<{ url: string; child: ChildProcess }> {
+  const port = await freePort()
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
+    env: { ...process.env, ...env, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: 'warn', CACHEWARDEN_API_KEYS: `bench:admin:${SECRET}` },
+    stdio: ['ignore', 'ignore', 'inherit'],
+  })
+  const url = `http://127.0.0.1:${port}`
+  const up = await waitUntil(async () => {
+    try {
+      return (await fetch(`${url}/health/ready`)).status === 200
+    } catch {
+      return false
+    }
+  }, 30_000, 50)
+  if (!up) throw new Error(`server with ${JSON.stringify(env)} did not become ready`)
+  return { url, child }
+}
+
+async function getHitRps(url: string): Promise<number> {
+  const res = await autocannon({ url: `${url}/v1/entries/hot:key`, headers: auth, connections: 16, duration: DURATION_S })
+  if (res.non2xx > 0 || res.errors > 0) throw new Error(`${url}: ${res.non2xx} non-2xx, ${res.errors} errors`)
+  return res.requests.average
+}
+
+async function throughput(redisUrl: string) {
+  const memory = await startServer({})
+  const cluster = await startServer({ REDIS_URL: redisUrl })
+  try {
+    for (const { url } of [memory, cluster]) {
+      const put = await fetch(`${url}/v1/entries/hot:key`, {
+        method: 'PUT',
+        headers: { ...auth, 'content-type': 'application/json' },
+        body: JSON.stringify({ value: { user: 42, widgets: Array.from({ length: 20 }, (_, i) => ({ id: i, title: `widget ${i}` })) } }),
+      })
+      if (put.status !== 200) throw new Error(`PUT failed: ${put.status}`)
+      await fetch(`${url}/v1/entries/hot:key`, { headers: auth }) // fills the L1
+    }
+    await getHitRps(memory.url) // warm-up of both JITs
+    await getHitRps(cluster.url)
+    const m: number[] = []
+    const c: number[] = []
+    // Interleaved rounds, so a neighbour's load on the shared machine hits both sides alike.
+    for (let round = 0; round < 2; round++) {
+      m.push(await getHitRps(memory.url))
+      c.push(await getHitRps(cluster.url))
+    }
+    const mem = m.reduce((a, b) => a + b) / m.length
+    const clu = c.reduce((a, b) => a + b) / c.length
+    console.log(`GET hit: memory ${fmt(mem, 0)} req/s, cluster (L1 hit) ${fmt(clu, 0)} req/s, ratio ${fmt(clu / mem)}`)
+  } finally {
+    memory.child.kill()
+    cluster.child.kill()
+  }
+}
+
+async function propagation(redisUrl: string) {
+  const a = new TieredStore({ redisUrl, namespace: 'prop', sweepIntervalMs: 0 })
+  const b = new TieredStore({ redisUrl, namespace: 'prop', sweepIntervalMs: 0 })
+  await Promise.all([a.connect(), b.connect()])
+  const N = 2000
+  const fromCall: number[] = []
+  const fromAck: number[] = []
+  let applied: (() => void) | undefined
+  b.onRemoteInvalidation(() => applied?.())
+  const now = Date.now()
+  const put = (key: string) =>
+    a.set({ key, value: '1', etag: 'e', userId: undefined, tags: undefined, createdAt: now, expiresAt: now + 600_000, hits: 0, lastAccessAt: now, stale: false, origin: undefined, size: 10 })
+  // B's L1 holds other entries too, as a live L1 does. (lru-cache's delete of the very last
+  // entry runs clear(), which costs O(max entries): a one-entry L1 would measure that.)
+  for (let i = 0; i < 1000; i++) await put(`other:${i}`)
+  for (let i = 0; i < 1000; i++) await b.get(`other:${i}`, Date.now())
+  for (let i = 0; i < N; i++) {
+    const key = `prop:${i}`
+    await put(key)
+    await waitUntil(async () => (await b.get(key, Date.now()), (await b.l1Peek(key, Date.now())) !== undefined), 5000, 0)
+    const arrived = new Promise<number>((resolve) => (applied = () => resolve(performance.now())))
+    const start = performance.now()
+    await a.invalidate({ keys: [key] }, 'delete', Date.now())
+    const acked = performance.now()
+    const at = await arrived
+    if ((await b.l1Peek(key, Date.now())) !== undefined) throw new Error('the L1 copy survived')
+    fromCall.push(at - start)
+    fromAck.push(at - acked)
+  }
+  fromCall.sort((x, y) => x - y)
+  fromAck.sort((x, y) => x - y)
+  console.log(
+    `propagation (${N} invalidations, A's call -> B's L1 dropped): p50 ${fmt(pct(fromCall, 50), 3)} ms, ` +
+      `p99 ${fmt(pct(fromCall, 99), 3)} ms, max ${fmt(fromCall.at(-1)!, 3)} ms; after A's ack: p50 ${fmt(pct(fromAck, 50), 3)} ms, p99 ${fmt(pct(fromAck, 99), 3)} ms`,
+  )
+  await Promise.all([a.close(), b.close()])
+}
+
+// Bulk loader: writes `count` entries per call server-side, in exactly the layout of the
+// store's set script (entry hash, user index, expiry index, bytes), without a round trip each.
+const BULK_LOAD = `
+local base = KEYS[1]
+local pre = base .. (redis.call('GET', base .. 'g') or '0') .. ':'
+local first, count, users = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local value, pttl = ARGV[6], tonumber(ARGV[7])
+local bytes = 0
+for j = first, first + count - 1 do
+  local u = tostring(j % users)
+  local k = 'user:' .. u .. ':item:' .. tostring(math.floor(j / users))
+  local e = pre .. 'e:' .. k
+  local z = #k + #value + #u
+  redis.call('HSET', e, 'v', value, 'et', 'etag', 'c', ARGV[4], 'x', ARGV[5], 'z', z, 'h', 0, 'a', ARGV[4], 's', '0', 'u', u)
+  redis.call('PEXPIRE', e, pttl)
+  redis.call('SADD', pre .. 'u:' .. u, k)
+  redis.call('PEXPIRE', pre .. 'u:' .. u, pttl)
+  redis.call('ZADD', pre .. 'x', ARGV[5], k)
+  bytes = bytes + z
+end
+redis.call('INCRBY', pre .. 'b', bytes)
+return count
+`
+
+async function userVsScan(redisUrl: string) {
+  const users = ENTRIES / 10
+  const loader = new Redis(redisUrl)
+  loader.defineCommand('bulkLoad', { numberOfKeys: 1, lua: BULK_LOAD })
+  const base = '{big}:'
+  const now = Date.now()
+  const value = JSON.stringify({ widgets: [1, 2, 3], title: 'a dashboard' })
+  const started = performance.now()
+  const BATCH = 2000
+  const bulk = loader as unknown as { bulkLoad(...args: Array<string | number>): Promise<number> }
+  for (let i = 0; i < ENTRIES; i += BATCH) {
+    await bulk.bulkLoad(base, i, Math.min(BATCH, ENTRIES - i), users, now, now + 3_600_000, value, 7_200_000)
+  }
+  const loadS = (performance.now() - started) / 1000
+  const dbsize = await loader.dbsize()
+  console.log(`loaded ${ENTRIES} entries (${users} users x 10) in ${fmt(loadS, 1)} s (${fmt(ENTRIES / loadS, 0)}/s); Redis holds ${dbsize} keys`)
+
+  const store = new TieredStore({ redisUrl, namespace: 'big', sweepIntervalMs: 0, maxEntries: ENTRIES * 2, maxBytes: 1e12 })
+  await store.connect()
+  const indexed: number[] = []
+  for (let u = 1; u <= 21; u++) {
+    const t0 = performance.now()
+    const n = await store.invalidate({ userIds: [String(u * 37)] }, 'delete', Date.now())
+    indexed.push(performance.now() - t0)
+    if (n !== 10) throw new Error(`user ${u * 37}: ${n} invalidated, expected 10`)
+  }
+  indexed.sort((x, y) => x - y)
+  const scanned: number[] = []
+  for (let u = 1; u <= 3; u++) {
+    const t0 = performance.now()
+    let cursor = '0'
+    let deleted = 0
+    do {
+      const [next, keys] = await loader.scan(cursor, 'MATCH', `${base}0:e:user:${u * 41}:*`, 'COUNT', 1000)
+      cursor = next
+      if (keys.length > 0) deleted += await loader.del(...keys)
+    } while (cursor !== '0')
+    scanned.push(performance.now() - t0)
+    if (deleted !== 10) throw new Error(`SCAN deleted ${deleted}, expected 10`)
+  }
+  scanned.sort((x, y) => x - y)
+  const idx = pct(indexed, 50)
+  const scan = pct(scanned, 50)
+  console.log(
+    `invalidate one user (10 entries among ${ENTRIES}): indexed ${fmt(idx, 3)} ms (median of ${indexed.length}), ` +
+      `SCAN MATCH COUNT 1000 + DEL ${fmt(scan, 1)} ms (median of ${scanned.length}), ratio ${fmt(scan / idx, 0)}x`,
+  )
+  await store.close()
+  loader.disconnect()
+}
+
+const redis = new RedisServer(await freePort())
+await redis.start()
+try {
+  console.log(`node ${process.version}, ${new Date().toISOString()}`)
+  if (!process.argv.includes("--skip-http")) await throughput(redis.url)
+  await propagation(redis.url)
+  await userVsScan(redis.url)
+} finally {
+  await redis.stop()
+}
