@@ -5,7 +5,7 @@ import { Redis } from 'ioredis'
 import t from 'tap'
 import type { TieredStore } from '../../src/stores/tiered-store.js'
 import { build, call, get, put } from '../helpers/build.js'
-import { requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
+import { RedisServer, freePort, requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
 
 const tiered = (app: FastifyInstance) => app.cache.store as TieredStore
 
@@ -132,5 +132,20 @@ if (requireRedisServer(t)) {
     t.same(busStates.slice(before, before + 2), [false, true])
     for (const key of acked) t.equal((await get(b, key)).statusCode, 404, `${key} is a miss on b`)
     t.equal(await readyStatus(b), 200)
+  })
+
+  t.test('an instance started while Redis is down answers at once and becomes ready when Redis comes up', async (t) => {
+    const late = new RedisServer(await freePort())
+    t.teardown(() => late.stop())
+    const started = Date.now()
+    const app = await build(t, { redisUrl: late.url })
+    t.ok(Date.now() - started < 15_000, 'the start did not hang on Redis')
+    t.equal(await readyStatus(app), 503)
+    t.equal((await get(app, 'k')).statusCode, 404, 'a read is a miss, not a 5xx')
+    t.equal((await call(app, { method: 'PUT', url: '/v1/entries/k', payload: { value: 1 } })).statusCode, 503)
+    await late.start()
+    t.ok(await waitUntil(async () => (await readyStatus(app)) === 200, 15_000), 'ready once Redis is up')
+    await put(app, 'k', { value: 1 })
+    t.equal((await get(app, 'k')).statusCode, 200)
   })
 }
