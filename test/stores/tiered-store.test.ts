@@ -152,4 +152,35 @@ if (requireRedisServer(t)) {
     t.equal(await store.invalidate({ prefixes: ['p*:'] }, 'delete', clock.now()), 2500)
     t.equal((await store.size()).entries, 2)
   })
+
+  t.test('an L1 fill racing an invalidation from another store never keeps the old value', async (t) => {
+    const clock = new Clock()
+    const namespace = `shared${n++}`
+    const a = await open(clock, { namespace })
+    const b = await open(clock, { namespace })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    // Other entries in a's L1, as in a live L1.
+    for (let i = 0; i < 50; i++) await b.set(entry(clock, `other:${i}`))
+    for (let i = 0; i < 50; i++) await a.get(`other:${i}`, clock.now())
+    let applied = 0
+    a.onRemoteInvalidation(() => applied++)
+    let stale = 0
+    const rounds = 60
+    for (let round = 0; round < rounds; round++) {
+      const key = `race:${round}`
+      const seen = applied
+      await b.set(entry(clock, key, { value: '"old"' }))
+      t.ok(await waitUntil(() => applied > seen), 'the set\'s own bus message reached a')
+      const target = applied + 1
+      // a reads Redis (and would fill L1) while b invalidates; a random head start varies the order.
+      const lead = Math.random() * 2
+      await Promise.all([
+        new Promise((r) => setTimeout(r, lead)).then(() => a.get(key, clock.now())),
+        b.invalidate({ keys: [key] }, 'delete', clock.now()),
+      ])
+      t.ok(await waitUntil(() => applied >= target), 'the invalidation reached a')
+      if ((await a.l1Peek(key, clock.now())) !== undefined) stale++
+    }
+    t.equal(stale, 0, `no L1 kept the old value after the invalidation (${rounds} rounds)`)
+  })
 }
