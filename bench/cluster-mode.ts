@@ -1,6 +1,7 @@
 // Cluster mode benchmarks (BENCHMARKS.md, "Cluster mode"):
 //   1. GET-hit throughput of a cluster-mode server (L1 hits) against a memory-mode server,
-//      autocannon against real servers (child processes) started by this script.
+//      autocannon against real servers (child processes) started by this script; then the
+//      same comparison in process, without HTTP (CacheService.read on each store).
 //   2. Invalidation propagation: from one instance's invalidate() to another's L1.
 //   3. Invalidating a user with 10 entries among N entries in Redis, against SCAN MATCH + DEL.
 // Run: node --import tsx bench/cluster-mode.ts [--entries 1000000] [--duration 4]
@@ -8,6 +9,8 @@ import { spawn, type ChildProcess } from 'node:child_process'
 import { performance } from 'node:perf_hooks'
 import autocannon from 'autocannon'
 import { Redis } from 'ioredis'
+import { CacheService } from '../src/cache/cache-service.js'
+import { MemoryStore } from '../src/stores/memory-store.js'
 import { TieredStore } from '../src/stores/tiered-store.js'
 import { RedisServer, freePort, waitUntil } from '../test/helpers/redis-server.js'
 
@@ -78,6 +81,29 @@ async function throughput(redisUrl: string) {
     memory.child.kill()
     cluster.child.kill()
   }
+}
+
+/** The same GET-hit comparison without HTTP: CacheService.read on each store, interleaved. */
+async function coreReads(redisUrl: string) {
+  const tiered = new TieredStore({ redisUrl, namespace: 'core' })
+  await tiered.connect()
+  const memory = new MemoryStore()
+  const ms: Record<string, number[]> = { memory: [], tiered: [] }
+  for (let round = 0; round < 6; round++) {
+    for (const store of [memory, tiered]) {
+      const cache = new CacheService({ store })
+      await cache.write('hot', { value: { a: 1 } })
+      await cache.read('hot')
+      const t0 = performance.now()
+      for (let i = 0; i < 200_000; i++) await cache.read('hot')
+      ms[store.kind]!.push(performance.now() - t0)
+    }
+  }
+  const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]!
+  const mem = median(ms.memory!)
+  const tie = median(ms.tiered!)
+  console.log(`CacheService.read hit, 200k reads: memory ${fmt(mem, 0)} ms, tiered (L1) ${fmt(tie, 0)} ms, throughput ratio ${fmt(mem / tie)}`)
+  await Promise.all([tiered.close(), memory.close()])
 }
 
 async function propagation(redisUrl: string) {
@@ -202,6 +228,7 @@ await redis.start()
 try {
   console.log(`node ${process.version}, ${new Date().toISOString()}`)
   if (!process.argv.includes("--skip-http")) await throughput(redis.url)
+  await coreReads(redis.url)
   await propagation(redis.url)
   await userVsScan(redis.url)
 } finally {
