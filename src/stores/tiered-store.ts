@@ -314,7 +314,12 @@ export class TieredStore implements Store {
 
   async leaseStamp(): Promise<LeaseStamp> {
     try {
-      const [epoch, seq] = (await this.#scripts.cwStamp(this.#base, randomBytes(6).toString('base64url'))) as [string, number]
+      const [epoch, seq] = (await this.#scripts.cwStamp(
+        this.#base,
+        // Proposed only if Redis has no epoch (first start, or it lost its data). Fresh each
+        // time: reusing one would revive leases from before an earlier data loss.
+        randomBytes(6).toString('base64url'),
+      )) as [string, number]
       return { epoch, seq }
     } catch {
       // A miss must still answer while Redis is down; this lease can never write.
@@ -533,7 +538,7 @@ export class TieredStore implements Store {
 
   #unavailable(error: unknown, what: string): CacheError {
     if (error instanceof CacheError) return error
-    this.#logger?.error({ err: error }, `Redis ${what} failed`)
+    this.#logger?.warn({ err: error }, `Redis ${what} failed`)
     return backendUnavailable('Redis')
   }
 }

@@ -32,6 +32,7 @@ if (requireRedisServer(t)) {
       t.ok(await fillL1(app, 'dropped'))
     }
     const failedBefore = (await call(a, { url: '/v1/stats' })).json().invalidations.failed
+    const oldLease = (await get(a, 'leased')).json().lease as string
 
     await redis.stop()
     t.ok(await waitUntil(async () => (await readyStatus(a)) === 503 && (await readyStatus(b)) === 503), 'ready flips to 503')
@@ -74,6 +75,10 @@ if (requireRedisServer(t)) {
     t.equal((await get(b, 'cached')).statusCode, 404, 'no stale read after recovery')
     await put(a, 'cached', { value: 'v2' })
     t.equal((await get(b, 'cached')).json().value, 'v2')
+    // Redis lost its sequences with its data: a lease from before must not be taken for a new one.
+    for (let i = 0; i < 5; i++) await call(b, { method: 'DELETE', url: `/v1/entries/other-${i}`, key: 'invalidate' })
+    const stale = await call(a, { method: 'PUT', url: '/v1/entries/leased', payload: { value: 'old', lease: oldLease } })
+    t.equal(stale.statusCode, 409, 'a lease from before the data loss is refused')
     const again = await call(a, { method: 'DELETE', url: '/v1/entries/cached', key: 'invalidate' })
     t.equal(again.statusCode, 200, 'invalidations work again without a restart')
     t.ok(await waitUntil(async () => (await get(b, 'cached')).statusCode === 404))
