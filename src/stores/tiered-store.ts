@@ -187,6 +187,7 @@ export class TieredStore implements Store {
     return this.#redis.status === 'ready' && this.#busUp
   }
 
+  /** True while the bus subscription is confirmed. */
   get busConnected(): boolean {
     return this.#busUp
   }
@@ -363,6 +364,7 @@ export class TieredStore implements Store {
     return copy === undefined ? undefined : { ...copy.real, stale: copy.stale }
   }
 
+  /** Counts of this instance's L1. */
   async l1Size(): Promise<{ entries: number; bytes: number }> {
     return this.#l1.size()
   }

@@ -61,6 +61,11 @@ export class RedisServer {
     throw new Error(`redis-server on port ${this.port} did not start`)
   }
 
+  /** Freezes (SIGSTOP) or thaws (SIGCONT) redis-server: connections stay open but nothing answers. */
+  pause(frozen: boolean): void {
+    this.#child?.kill(frozen ? 'SIGSTOP' : 'SIGCONT')
+  }
+
   /** Kills redis-server and waits until it is gone (its data goes with it). */
   async stop(): Promise<void> {
     const child = this.#child
@@ -69,6 +74,7 @@ export class RedisServer {
     await new Promise<void>((resolve) => {
       child.once('exit', () => resolve())
       child.kill('SIGKILL')
+      child.kill('SIGCONT') // a frozen process takes its SIGKILL only once thawed on some systems
     })
   }
 }

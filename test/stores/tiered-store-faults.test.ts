@@ -3,7 +3,7 @@
 import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
 import t from 'tap'
-import type { TieredStore } from '../../src/stores/tiered-store.js'
+import { TieredStore } from '../../src/stores/tiered-store.js'
 import { build, call, get, put } from '../helpers/build.js'
 import { RedisServer, freePort, requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
 
@@ -152,5 +152,34 @@ if (requireRedisServer(t)) {
     t.ok(await waitUntil(async () => (await readyStatus(app)) === 200, 15_000), 'ready once Redis is up')
     await put(app, 'k', { value: 1 })
     t.equal((await get(app, 'k')).statusCode, 200)
+  })
+
+  t.test('a frozen Redis makes requests fail fast instead of hanging', async (t) => {
+    const frozen = await startRedis(t)
+    const now = Date.now
+    const store = new TieredStore({ redisUrl: frozen.url, commandTimeoutMs: 300, sweepIntervalMs: 0 })
+    t.teardown(() => store.close())
+    t.ok(await store.connect(10_000))
+    const base = { etag: 'e', userId: undefined, tags: undefined, createdAt: now(), expiresAt: now() + 60_000, hits: 0, lastAccessAt: now(), stale: false, origin: undefined, size: 10 }
+    await store.set({ ...base, key: 'cached', value: '1' })
+    t.ok(await waitUntil(async () => (await store.get('cached', now()), (await store.l1Peek('cached', now())) !== undefined)))
+    frozen.pause(true)
+    t.teardown(() => frozen.pause(false))
+    let started = Date.now()
+    t.equal((await store.get('cached', now()))?.value, '1', 'an L1 hit does not touch Redis')
+    t.equal(await store.get('not-cached', now()), undefined, 'a miss')
+    t.ok(Date.now() - started < 2000, `the miss took ${Date.now() - started} ms`)
+    started = Date.now()
+    await t.rejects(store.set({ ...base, key: 'x', value: '2' }), { name: 'CacheError', code: 'backend_unavailable' })
+    await t.rejects(store.invalidate({ userIds: ['u'] }, 'delete', now()), { name: 'CacheError', code: 'backend_unavailable' })
+    t.ok(Date.now() - started < 3000, `the write and the invalidation failed in ${Date.now() - started} ms`)
+    frozen.pause(false)
+    t.ok(await waitUntil(async () => {
+      try {
+        return (await store.set({ ...base, key: 'x', value: '3' })) === 'ok'
+      } catch {
+        return false
+      }
+    }), 'writes work again once Redis answers')
   })
 }
