@@ -43,8 +43,8 @@ export interface MemoryStoreOptions {
 export class MemoryStore implements Store {
   readonly kind = 'memory'
   readonly #lru: LRUCache<string, StoredEntry>
-  readonly #users = new Map<string, Set<string>>()
-  readonly #tags = new Map<string, Set<string>>()
+  readonly #users = new Map<string, Members>()
+  readonly #tags = new Map<string, Members>()
   readonly #buckets = new Map<number, Set<string>>()
   // Bucket ids, a min-heap, so a sweep finds the due buckets without scanning them all.
   readonly #bucketHeap: number[] = []
@@ -275,8 +275,10 @@ export class MemoryStore implements Store {
   }
 
   #index(entry: StoredEntry): void {
-    if (entry.userId !== undefined) addTo(this.#users, entry.userId, entry.key)
-    if (entry.tags) for (const tag of entry.tags) addTo(this.#tags, tag, entry.key)
+    // Entries share the index's copy of their user id and tags: one string per name, not per entry.
+    if (entry.userId !== undefined) entry.userId = addTo(this.#users, entry.userId, entry.key)
+    const tags = entry.tags
+    if (tags) for (let i = 0; i < tags.length; i++) tags[i] = addTo(this.#tags, tags[i]!, entry.key)
     const bucketId = Math.floor(entry.expiresAt / EXPIRY_BUCKET_MS)
     let bucket = this.#buckets.get(bucketId)
     if (bucket === undefined) {
@@ -295,13 +297,25 @@ export class MemoryStore implements Store {
   }
 }
 
-function addTo(index: Map<string, Set<string>>, name: string, key: string): void {
-  const keys = index.get(name)
-  if (keys) keys.add(key)
-  else index.set(name, new Set([key]))
+/** The keys of one user or tag, and the one copy of its name that entries share. */
+class Members extends Set<string> {
+  constructor(readonly name: string) {
+    super()
+  }
 }
 
-function removeFrom(index: Map<string, Set<string>>, name: string, key: string): void {
+/** Adds a key to a name's members and returns the canonical copy of the name. */
+function addTo(index: Map<string, Members>, name: string, key: string): string {
+  let keys = index.get(name)
+  if (keys === undefined) {
+    keys = new Members(name)
+    index.set(name, keys)
+  }
+  keys.add(key)
+  return keys.name
+}
+
+function removeFrom(index: Map<string, Members>, name: string, key: string): void {
   const keys = index.get(name)
   if (keys === undefined) return
   keys.delete(key)
