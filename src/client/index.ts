@@ -64,7 +64,7 @@ export interface GetOrSetOptions extends Omit<WriteOptions, 'lease'> {
 
 /** What happened inside one getOrSet call (for metrics and tests). */
 export interface GetOrSetTrace {
-  outcome: 'hit' | 'filled' | 'fill_refused' | 'waited_hit' | 'loaded_after_wait'
+  outcome: 'hit' | 'filled' | 'fill_refused' | 'waited_hit' | 'loaded_after_wait' | 'not_cached'
   /** Misses that came back `fill: false`, i.e. how often this call waited. */
   waits: number
 }
@@ -163,6 +163,8 @@ export class CachewardenClient {
    *   loading), the loaded value is returned to the caller but not cached. It is what the
    *   source held when this call began, so the caller gets a consistent answer, and no
    *   second load is spent on a key that is being changed; the next caller fills afresh.
+   * The value must be JSON. A loader that returns `undefined` gets it back uncached (other
+   * callers then wait out the fill lease: return `null` to cache an absence instead).
    * Loader errors propagate (the fill lease then expires on the server); so do cache errors.
    */
   async getOrSet<T>(key: string, loader: () => Promise<T> | T, options: GetOrSetOptions = {}): Promise<T> {
@@ -186,6 +188,8 @@ export class CachewardenClient {
       deadline ??= Date.now() + maxWaitMs
       if (lease.fill || Date.now() >= deadline) {
         const value = await loader()
+        // undefined is not JSON: nothing to cache (return null to cache an absence).
+        if (value === undefined) return { value, trace: { outcome: 'not_cached', waits } }
         try {
           await this.set(key, value, { ...write, lease: lease.lease })
         } catch (error) {

@@ -82,9 +82,8 @@ t.test('contract errors arrive as classes carrying code and status', async (t) =
     ['a bad ttl', () => client().set('k', 1, { ttlMs: -5 }), InvalidRequestError, 'invalid_request', 400],
     ['an empty selector', () => client().invalidate({}), InvalidRequestError, 'invalid_request', 400],
     ['a value over the limit', () => client().set('k', 'x'.repeat(100)), TooLargeError, 'value_too_large', 413],
-    ['a wrong base path', () => client({ url: 'http://127.0.0.1:1' }).get('k'), CachewardenError, '', 0],
   ]
-  for (const [name, run, Class, code, status] of cases.slice(0, -1)) {
+  for (const [name, run, Class, code, status] of cases) {
     const error = await run().catch((e: unknown) => e)
     t.ok(error instanceof Class, `${name}: ${(error as Error).name}`)
     t.equal((error as CachewardenError).code, code, name)
@@ -229,6 +228,15 @@ t.test('getOrSet', async (t) => {
     t.equal(loads, 1)
     t.equal(result.trace.outcome, 'loaded_after_wait')
     t.equal((await c.get('k'))?.value, 1, 'its lease was still valid, so it was cached')
+  })
+
+  t.test('a loader returning undefined gets it back, uncached; null is cached', async (t) => {
+    const { app, client } = await serve(t)
+    const c = client()
+    t.same(await c.getOrSetTraced('k', () => undefined), { value: undefined, trace: { outcome: 'not_cached', waits: 0 } })
+    t.equal(await app.cache.inspect('k'), undefined)
+    t.same(await c.getOrSetTraced('n', () => null), { value: null, trace: { outcome: 'filled', waits: 0 } })
+    t.equal((await c.get('n'))?.value, null)
   })
 
   t.test('a loader error propagates and caches nothing', async (t) => {
