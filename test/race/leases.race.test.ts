@@ -48,7 +48,7 @@ class SlowDatabase {
   }
 
   /** Resolves once the slow read of `key` has taken its snapshot (false if none came). */
-  async slowReadStarted(key: string, timeoutMs = 3000): Promise<boolean> {
+  async slowReadStarted(key: string, timeoutMs = 10_000): Promise<boolean> {
     const until = Date.now() + timeoutMs
     while (!this.#slowStarted.has(key)) {
       if (Date.now() > until) return false
