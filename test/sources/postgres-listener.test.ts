@@ -4,7 +4,7 @@ import type { FastifyInstance } from 'fastify'
 import t, { type Test } from 'tap'
 import type { InvalidationRecord } from '../../src/cache/types.js'
 import { buildApp } from '../../src/app.js'
-import type { Config } from '../../src/config.js'
+import { loadConfig, type Config } from '../../src/config.js'
 import { TEST_API_KEYS, build, call, get, put } from '../helpers/build.js'
 import { createDatabase, postgresAvailable, waitFor } from '../helpers/postgres.js'
 
@@ -164,10 +164,10 @@ t.test('a killed listener reconnects, flips readiness, and marks everything stal
   t.equal(stale.json().stale, true, 'kept for allowStale readers')
   const write = await call(app, { method: 'PUT', url: '/v1/entries/filled-later', payload: { value: 'old', lease } })
   t.equal(write.statusCode, 409, 'a lease issued before the reconnect is void')
-  const last = app.cache.recentInvalidations(1)[0]!
-  t.same(last.selector, { all: true })
-  t.equal(last.source, 'postgres')
-  t.equal(last.invalidated, 2)
+  const [last] = (await call(app, { url: '/v1/debug/invalidations?limit=1' })).json().invalidations
+  t.match(last, { selector: { all: true }, source: 'postgres', mode: 'stale', invalidated: 2, actor: 'postgres-listener' })
+  t.match(last.reason, /reconnected/)
+  t.equal((await call(app, { url: '/v1/stats' })).json().invalidations.bySelector.all, 1)
 
   // And it listens again for real.
   await put(app, 'dash:43', { value: 1, userId: '43' })
@@ -223,4 +223,16 @@ t.test('without PG_URL there is no postgres readiness check', async (t) => {
   const ready = await app.inject({ url: '/health/ready' })
   t.equal(ready.statusCode, 200)
   t.same(ready.json().checks, {})
+})
+
+t.test('the reconnect policy settings are validated at start', async (t) => {
+  t.equal(loadConfig({}).pgReconnectPolicy, 'stale-all')
+  t.equal(loadConfig({}).pgReconnectPolicyOnStart, false)
+  t.equal(loadConfig({ PG_RECONNECT_POLICY: 'clear', PG_RECONNECT_POLICY_ON_START: 'true' }).pgReconnectPolicy, 'clear')
+  t.equal(loadConfig({ PG_RECONNECT_POLICY_ON_START: 'true' }).pgReconnectPolicyOnStart, true)
+  t.throws(() => loadConfig({ PG_RECONNECT_POLICY: 'wipe' }), {
+    variable: 'PG_RECONNECT_POLICY',
+    message: 'PG_RECONNECT_POLICY: must be one of stale-all, clear, none, got "wipe"',
+  })
+  t.throws(() => loadConfig({ PG_RECONNECT_POLICY_ON_START: 'yes' }), { name: 'ConfigError', message: /^PG_RECONNECT_POLICY_ON_START: / })
 })
