@@ -1,12 +1,13 @@
 import { randomBytes } from 'node:crypto'
 import { once } from 'node:events'
 import type { FastifyInstance } from 'fastify'
+import pg from 'pg'
 import t, { type Test } from 'tap'
 import type { InvalidationRecord } from '../../src/cache/types.js'
 import { buildApp } from '../../src/app.js'
 import { loadConfig, type Config } from '../../src/config.js'
 import { TEST_API_KEYS, build, call, get, put } from '../helpers/build.js'
-import { createDatabase, postgresAvailable, waitFor } from '../helpers/postgres.js'
+import { PG_ADMIN_URL, createDatabase, postgresAvailable, waitFor } from '../helpers/postgres.js'
 
 const available = await postgresAvailable(t)
 
@@ -204,6 +205,26 @@ t.test('with the policy on start, the first connect marks entries stale too', { 
   await waitFor(async () => (await app.inject({ url: '/health/ready' })).statusCode === 200, 20_000, 'ready')
   t.equal((await get(app, 'early', '?allowStale=true')).json().stale, true)
   t.equal(app.cache.recentInvalidations(1)[0]!.reason, 'postgres listener started: entries may predate it')
+})
+
+t.test('a database that appears after start is listened to, and what was cached meanwhile is marked stale', { skip: !available }, async (t) => {
+  const name = `cw_test_late_${randomBytes(4).toString('hex')}`
+  const admin = new pg.Client({ connectionString: PG_ADMIN_URL })
+  await admin.connect()
+  t.teardown(async () => {
+    await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
+    await admin.end()
+  })
+  const url = new URL(PG_ADMIN_URL)
+  url.pathname = `/${name}`
+  const app = await build(t, { pgUrl: url.toString() })
+  // Cached while the listener cannot listen: a change now would not be notified.
+  await put(app, 'meanwhile', { value: 1 })
+  t.equal((await app.inject({ url: '/health/ready' })).statusCode, 503)
+  await admin.query(`CREATE DATABASE ${name}`)
+  await waitFor(async () => (await app.inject({ url: '/health/ready' })).statusCode === 200, 30_000, 'the listener to connect')
+  t.equal((await get(app, 'meanwhile')).statusCode, 404)
+  t.equal((await get(app, 'meanwhile', '?allowStale=true')).json().stale, true)
 })
 
 t.test('an unreachable database leaves the app serving but not ready, and closing does not hang', async (t) => {
