@@ -3,7 +3,7 @@ import { CacheService } from '../../src/cache/cache-service.js'
 import type { InvalidationRecord } from '../../src/cache/types.js'
 import { MemoryStore } from '../../src/stores/memory-store.js'
 import type { Store } from '../../src/stores/store.js'
-import { FakeClock } from '../helpers/build.js'
+import { FakeClock, build, call, get, put } from '../helpers/build.js'
 
 function service(store?: Store) {
   const clock = new FakeClock()
@@ -65,4 +65,17 @@ t.test('a store without markAllStale is cleared instead, with a warning', async 
   t.same([result.invalidated, result.mode], [2, 'delete'])
   t.equal((await cache.store.size()).entries, 0)
   t.same(warnings, ['store cannot mark all stale; clearing it'])
+})
+
+t.test('no client can send the selector all: the API keeps only the four lists', async (t) => {
+  const app = await build(t)
+  await put(app, 'a', { value: 1 })
+  const only = await call(app, { method: 'POST', url: '/v1/invalidations', payload: { all: true } })
+  t.equal(only.statusCode, 400)
+  t.equal(only.json().error, 'invalid_request')
+  const mixed = await call(app, { method: 'POST', url: '/v1/invalidations', payload: { all: true, keys: ['b'] } })
+  t.equal(mixed.statusCode, 200)
+  t.equal(mixed.json().invalidated, 0)
+  t.same(app.cache.recentInvalidations(1)[0]!.selector, { keys: ['b'] })
+  t.equal((await get(app, 'a')).statusCode, 200)
 })
