@@ -128,10 +128,23 @@ t.test('a malformed notification is logged and counted, and the listener goes on
   t.equal(stats.json().invalidations.failed, garbage.length)
 })
 
-/** Kills the listener's backend and returns the states it went through until it listens again. */
+/** Kills the listener's backend and checks readiness through the loss until it listens again. */
 async function killListener(t: Test, app: FastifyInstance, db: import('pg').Client, appName: string) {
   const states: boolean[] = []
-  app.cache.on('pg_listener_state', ({ connected }) => states.push(connected))
+  const check = app.readinessChecks.find((c) => c.name === 'postgres')!
+  // Asked the moment the listener reports the loss: the first retry is ~100 ms away.
+  let readyAtLoss: boolean | Promise<boolean> | undefined
+  let probe: Promise<Awaited<ReturnType<FastifyInstance['inject']>>> | undefined
+  let back: () => void
+  const up = new Promise<void>((resolve) => (back = resolve))
+  app.cache.on('pg_listener_state', ({ connected }) => {
+    states.push(connected)
+    if (!connected && probe === undefined) {
+      readyAtLoss = check.ready()
+      probe = app.inject({ url: '/health/ready' })
+    }
+    if (connected) back()
+  })
   const down = once(app.cache, 'pg_listener_state')
   const { rows } = await db.query(
     `SELECT pg_terminate_backend(pid) AS killed FROM pg_stat_activity
@@ -140,11 +153,11 @@ async function killListener(t: Test, app: FastifyInstance, db: import('pg').Clie
   )
   t.same(rows, [{ killed: true }], 'exactly one listener backend killed')
   t.same(await down, [{ connected: false }])
-  // Asked right away: the first retry is ~100 ms away.
-  const ready = await app.inject({ url: '/health/ready' })
+  t.equal(readyAtLoss, false)
+  const ready = await probe!
   t.equal(ready.statusCode, 503, 'not ready while not listening')
   t.same(ready.json().checks, { postgres: false })
-  t.same(await once(app.cache, 'pg_listener_state'), [{ connected: true }])
+  await up
   t.equal((await app.inject({ url: '/health/ready' })).statusCode, 200, 'ready again once listening')
   t.same(states, [false, true])
 }
