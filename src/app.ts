@@ -8,7 +8,9 @@ import errors from './plugins/errors.js'
 import health from './plugins/health.js'
 import debugRoutes from './routes/debug.js'
 import entryRoutes from './routes/entries.js'
+import eventRoutes from './routes/events.js'
 import invalidationRoutes from './routes/invalidations.js'
+import { PostgresListener } from './sources/postgres-listener.js'
 import { MemoryStore } from './stores/memory-store.js'
 import type { Store } from './stores/store.js'
 
@@ -86,5 +88,21 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   await app.register(entryRoutes)
   await app.register(invalidationRoutes)
   await app.register(debugRoutes)
+  await app.register(eventRoutes)
+
+  if (config.pgUrl !== undefined) {
+    const listener = new PostgresListener({
+      url: config.pgUrl,
+      channel: config.pgChannel,
+      cache,
+      logger: app.log as CoreLogger,
+      reconnectPolicy: config.pgReconnectPolicy,
+      policyOnFirstConnect: config.pgReconnectPolicyOnStart,
+    })
+    app.readinessChecks.push({ name: 'postgres', ready: () => listener.listening })
+    // Started once the app is ready (not while plugins load); /health/ready is 503 until it listens.
+    app.addHook('onReady', async () => listener.start())
+    app.addHook('onClose', () => listener.close())
+  }
   return app
 }

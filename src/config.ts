@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs'
 import { DEFAULT_LIMITS, type Limits } from './cache/limits.js'
+import { compileRules } from './sources/events.js'
 import { DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES } from './stores/memory-store.js'
 
 export const SCOPES = ['read', 'write', 'invalidate', 'admin'] as const
@@ -34,6 +35,10 @@ export interface Config {
   redisUrl: string | undefined
   pgUrl: string | undefined
   pgChannel: string
+  /** What the PostgreSQL listener does on a reconnect, for the notifications it may have missed. */
+  pgReconnectPolicy: PgReconnectPolicy
+  /** Apply `pgReconnectPolicy` on the first connect too (entries may predate this process, e.g. in Redis). */
+  pgReconnectPolicyOnStart: boolean
   l1MaxTtlMs: number
   refreshConcurrency: number
   fillLeaseMs: number
@@ -42,6 +47,9 @@ export interface Config {
 }
 
 export const DEFAULT_PORT = 8080
+
+export const PG_RECONNECT_POLICIES = ['stale-all', 'clear', 'none'] as const
+export type PgReconnectPolicy = (typeof PG_RECONNECT_POLICIES)[number]
 
 export function defaultConfig(): Config {
   return {
@@ -58,6 +66,8 @@ export function defaultConfig(): Config {
     redisUrl: undefined,
     pgUrl: undefined,
     pgChannel: 'cachewarden',
+    pgReconnectPolicy: 'stale-all',
+    pgReconnectPolicyOnStart: false,
     l1MaxTtlMs: 60_000,
     refreshConcurrency: 3,
     fillLeaseMs: 2000,
@@ -127,6 +137,16 @@ export function loadConfig(env: Env = process.env): Config {
   if (!/^[A-Za-z_][A-Za-z0-9_]{0,62}$/.test(c.pgChannel)) {
     throw new ConfigError('PG_CHANNEL', 'must be a plain SQL identifier (letters, digits, underscore)')
   }
+  const policy = str('PG_RECONNECT_POLICY') ?? c.pgReconnectPolicy
+  if (!(PG_RECONNECT_POLICIES as readonly string[]).includes(policy)) {
+    throw new ConfigError('PG_RECONNECT_POLICY', `must be one of ${PG_RECONNECT_POLICIES.join(', ')}, got "${policy}"`)
+  }
+  c.pgReconnectPolicy = policy as PgReconnectPolicy
+  const onStart = str('PG_RECONNECT_POLICY_ON_START')
+  if (onStart !== undefined && onStart !== 'true' && onStart !== 'false') {
+    throw new ConfigError('PG_RECONNECT_POLICY_ON_START', `must be true or false, got "${onStart}"`)
+  }
+  c.pgReconnectPolicyOnStart = onStart === 'true'
   c.l1MaxTtlMs = int('L1_MAX_TTL_MS', c.l1MaxTtlMs, 1)
   c.refreshConcurrency = int('REFRESH_CONCURRENCY', c.refreshConcurrency, 1, 1000)
   c.fillLeaseMs = int('FILL_LEASE_MS', c.fillLeaseMs, 1, 600_000)
@@ -163,6 +183,8 @@ export function loadConfig(env: Env = process.env): Config {
       throw new ConfigError('CONFIG_FILE', 'must hold a JSON object')
     }
     c.configFile = parsed as ConfigFile
+    // Checked here too (buildApp checks again), so a bad rule stops the start with its name.
+    compileRules(c.configFile.rules, c.limits)
   }
   return c
 }

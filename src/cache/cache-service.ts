@@ -285,6 +285,46 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     return { id: record.id, invalidated, mode, durationMs }
   }
 
+  /**
+   * Marks every entry stale and voids every lease: for a source that may have missed
+   * invalidations (the PostgreSQL listener after a reconnect). Recorded like any other
+   * invalidation, with the selector `{all: true}`. A store without `markAllStale` is cleared.
+   */
+  async markAllStale(options: Omit<InvalidateOptions, 'mode'>): Promise<InvalidationResult> {
+    const started = performance.now()
+    let invalidated: number
+    let mode: InvalidationMode = 'stale'
+    try {
+      if (this.store.markAllStale) {
+        invalidated = await this.store.markAllStale()
+      } else {
+        this.#logger?.warn({ store: this.store.kind, source: options.source }, 'store cannot mark all stale; clearing it')
+        invalidated = await this.store.clear()
+        mode = 'delete'
+        this.#fills.clear()
+      }
+    } catch (error) {
+      this.#countFailure(options.source)
+      this.emit('invalidation_failed', { source: options.source, selector: { all: true }, error: error as Error })
+      this.#logger?.error({ err: error, source: options.source }, 'invalidation failed')
+      throw error instanceof CacheError ? error : backendUnavailable('the store')
+    }
+    const record: InvalidationRecord = {
+      id: randomUUID(),
+      selector: { all: true },
+      mode,
+      source: options.source,
+      invalidated,
+      durationMs: round(performance.now() - started),
+      at: new Date(this.now()).toISOString(),
+      actor: options.actor,
+      reason: options.reason,
+    }
+    this.totals.invalidationsBySelector.all = (this.totals.invalidationsBySelector.all ?? 0) + 1
+    this.#record(record)
+    return { id: record.id, invalidated, mode, durationMs: record.durationMs }
+  }
+
   /** Counts an invalidation that never reached the store (e.g. an unparseable notification). */
   countFailure(source: InvalidationSource): void {
     this.#countFailure(source)

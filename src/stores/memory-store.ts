@@ -147,6 +147,24 @@ export class MemoryStore implements Store {
     return count
   }
 
+  async markAllStale(): Promise<number> {
+    this.#leases.recordClear()
+    let count = 0
+    let sliceStart = performance.now()
+    // lru-cache's values() iterator survives the yields; entries set meanwhile are fresh writes.
+    for (const entry of this.#lru.values()) {
+      if (!entry.stale) {
+        entry.stale = true
+        count++
+      }
+      if (performance.now() - sliceStart > SLICE_MS) {
+        await yieldToLoop()
+        sliceStart = performance.now()
+      }
+    }
+    return count
+  }
+
   async leaseStamp(): Promise<LeaseStamp> {
     return this.#leases.stamp()
   }
