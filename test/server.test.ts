@@ -46,7 +46,7 @@ t.test('with no keys it prints one admin key once, and that key works', async (t
   t.equal(put.status, 200)
   t.equal((await fetch(`${base}/v1/entries/hello`)).status, 401, 'closed without the key')
   const got = await fetch(`${base}/v1/entries/hello`, { headers: { authorization: `Bearer ${secret}` } })
-  t.equal((await got.json()).value, 'world')
+  t.equal(((await got.json()) as { value: string }).value, 'world')
   server.child.kill('SIGTERM')
   const [code] = await once(server.child, 'exit')
   t.equal(code, 0, 'SIGTERM exits cleanly')
@@ -68,7 +68,7 @@ t.test('SIGTERM lets an in-flight request finish', async (t) => {
   server.child.kill('SIGTERM')
   const res = await inFlight
   t.equal(res.status, 200)
-  t.equal((await res.json()).results.length, 300)
+  t.equal(((await res.json()) as { results: unknown[] }).results.length, 300)
   const [code] = await once(server.child, 'exit')
   t.equal(code, 0)
 })
