@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs'
 import { DEFAULT_LIMITS, type Limits } from './cache/limits.js'
+import { parseOriginsConfig } from './origins/config.js'
 import { DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES } from './stores/memory-store.js'
 
 export const SCOPES = ['read', 'write', 'invalidate', 'admin'] as const
@@ -163,6 +164,7 @@ export function loadConfig(env: Env = process.env): Config {
       throw new ConfigError('CONFIG_FILE', 'must hold a JSON object')
     }
     c.configFile = parsed as ConfigFile
+    parseOriginsConfig(c.configFile, c.limits) // throws ConfigError naming origins[i].field or warm.field
   }
   return c
 }
