@@ -6,7 +6,7 @@ import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
 const dash = (id: string) => `/users/${id}/dashboard`
 const TTL = 10_000
 
-async function setup(t: Parameters<Parameters<typeof t.test>[1]>[0], extra: Record<string, unknown> = {}, refreshConcurrency = 3) {
+async function setup(t: { teardown(fn: () => unknown): void }, extra: Record<string, unknown> = {}, refreshConcurrency = 3) {
   const origin = await OriginServer.start(t)
   const clock = new FakeClock()
   const app = await build(t, { refreshConcurrency, configFile: { origins: [dashboardOrigin(origin, { ttlMs: TTL, ...extra })] } }, { now: clock.now })
