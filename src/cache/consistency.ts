@@ -49,8 +49,9 @@ type Status =
 
 /**
  * Compares cached entries with the source of truth: values or etags the caller provides,
- * or what the origins hold now. Etags are compared as the core computes them (the hash of
- * the value's JSON), so equal JSON is consistent whatever its key order in transit.
+ * or what the origins hold now. Etags are compared as the core computes them: the hash of
+ * `JSON.stringify(value)`, so a provided value must serialize as the cached one did (same
+ * key order) to count as consistent.
  */
 export class ConsistencyChecker {
   readonly copyChecks: CopyCheck[] = []
