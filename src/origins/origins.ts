@@ -214,6 +214,8 @@ export class Origins {
     if (entry === undefined) return
     const match = this.matchEntry(entry)
     if (match === undefined) return
+    const now = this.cache.now()
+    if (!entry.stale && now - entry.createdAt < match.origin.refreshAhead * (entry.expiresAt - entry.createdAt)) return
     try {
       await this.refreshMatch(match)
     } catch (error) {
