@@ -27,6 +27,8 @@ export class OriginServer {
   /** Every request answers this status (until unset). */
   failAll: number | undefined
   failStatus = 500
+  /** With `hold()`, only requests for this path wait (undefined: all). */
+  holdPath: string | undefined
   /** Never answer (timeouts). */
   hang = false
   #gate: Promise<void> | undefined
@@ -98,7 +100,7 @@ export class OriginServer {
         body = JSON.stringify(this.values.get(path))
       }
       if (this.delayMs > 0) await new Promise((r) => setTimeout(r, this.delayMs))
-      if (this.#gate) await this.#gate
+      if (this.#gate && (this.holdPath === undefined || this.holdPath === path)) await this.#gate
       res.writeHead(status, { 'content-type': 'application/json' }).end(body)
     } finally {
       if (!this.hang) this.inFlight--

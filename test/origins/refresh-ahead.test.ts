@@ -104,6 +104,24 @@ t.test('a key is never refreshed twice at once, however often it is read', async
   t.equal(origin.calls, 2)
 })
 
+t.test('a queued key refreshed by other means meanwhile is not refreshed again', async (t) => {
+  const { origin, clock, app } = await setup(t, {}, 1)
+  await load(app, origin, ['blocker', 'a'])
+  origin.holdPath = dash('blocker')
+  origin.hold()
+  clock.advance(0.9 * TTL)
+  await get(app, 'dashboard:blocker')
+  await origin.waitForCalls(3)
+  await get(app, 'dashboard:a')
+  t.equal(app.origins.refresher.pending, 1, 'a is queued behind the blocker')
+  t.equal((await call(app, { method: 'POST', url: '/v1/entries/dashboard%3Aa/refresh' })).statusCode, 200)
+  const calls = origin.calls
+  t.equal(calls, 4)
+  origin.release()
+  await app.origins.refresher.drain()
+  t.equal(origin.calls, calls, 'the queued refresh found a fresh entry and skipped it')
+})
+
 t.test('batch-get hits schedule refreshes too', async (t) => {
   const { origin, clock, app } = await setup(t)
   await load(app, origin, ['1', '2'])
