@@ -9,6 +9,8 @@ import { RefreshAhead } from './refresh-ahead.js'
 /** After a failed background refresh, hits on that key wait this long before asking again. */
 export const DEFAULT_REFRESH_FAILURE_COOLDOWN_MS = 1000
 const MAX_COOLDOWNS = 10_000
+/** During an outage every hot key fails; one warning per origin per this long, with the count, is enough. */
+const FAILURE_LOG_INTERVAL_MS = 5000
 
 /** A key an origin serves, with everything needed to load it. */
 export interface OriginMatch {
@@ -50,6 +52,8 @@ export class Origins {
   readonly #inflight = new Map<string, Promise<LoadOutcome>>()
   readonly #cooldown = new Map<string, number>()
   readonly #cooldownMs: number
+  /** origin -> when its last refresh failure was logged, and failures since. */
+  readonly #failureLog = new Map<string, { at: number; suppressed: number }>()
   readonly #logger: CoreLogger | undefined
   /** The lowest refreshAhead of all origins: below it a hit is not even looked at. */
   readonly #minRatio: number
@@ -221,8 +225,22 @@ export class Origins {
     } catch (error) {
       if (this.#cooldown.size >= MAX_COOLDOWNS) this.#cooldown.delete(this.#cooldown.keys().next().value!)
       this.#cooldown.set(key, this.cache.now() + this.#cooldownMs)
-      this.#logger?.warn({ origin: match.origin.name, key: truncate(key), err: (error as Error).message }, 'refresh-ahead failed; the cached entry stays')
+      this.#logFailure(match.origin.name, key, error as Error)
     }
+  }
+
+  #logFailure(origin: string, key: string, error: Error): void {
+    const at = performance.now()
+    const last = this.#failureLog.get(origin)
+    if (last !== undefined && at - last.at < FAILURE_LOG_INTERVAL_MS) {
+      last.suppressed++
+      return
+    }
+    this.#failureLog.set(origin, { at, suppressed: 0 })
+    this.#logger?.warn(
+      { origin, key: truncate(key), err: error.message, failuresNotLogged: last?.suppressed ?? 0 },
+      'refresh-ahead failed; the cached entry stays',
+    )
   }
 
   #resolve(origin: OriginSpec, key: string, params: Record<string, string>): OriginMatch {

@@ -1,3 +1,4 @@
+import { Writable } from 'node:stream'
 import t from 'tap'
 import type { FastifyInstance } from 'fastify'
 import { FakeClock, build, call, get } from '../helpers/build.js'
@@ -214,4 +215,27 @@ t.test('a key with a slash is refreshed through its encoded form', async (t) => 
 t.test('with no origins configured, hits run no hook at all', async (t) => {
   const app = await build(t)
   t.equal(app.cache.onHit, undefined)
+})
+
+t.test('refresh failures during an outage are logged once per origin per interval, with the count', async (t) => {
+  const origin = await OriginServer.start(t)
+  const clock = new FakeClock()
+  const lines: Array<Record<string, unknown>> = []
+  const stream = new Writable({
+    write(chunk, _enc, done) {
+      lines.push(JSON.parse(String(chunk)))
+      done()
+    },
+  })
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { ttlMs: TTL })] } }, { now: clock.now, logger: { level: 'warn', stream } })
+  const ids = Array.from({ length: 10 }, (_, i) => String(i))
+  await load(app, origin, ids)
+  origin.failAll = 500
+  clock.advance(0.9 * TTL)
+  for (const id of ids) await get(app, `dashboard:${id}`)
+  await app.origins.refresher.drain()
+  const warnings = lines.filter((l) => l.msg === 'refresh-ahead failed; the cached entry stays')
+  t.equal(warnings.length, 1)
+  t.equal(warnings[0]!.origin, 'dashboards')
+  t.notMatch(JSON.stringify(lines), /127\.0\.0\.1/, 'no origin URL in the logs')
 })
