@@ -6,11 +6,14 @@ import { defaultConfig, type Config } from './config.js'
 import auth from './plugins/auth.js'
 import errors from './plugins/errors.js'
 import health from './plugins/health.js'
+import origins from './plugins/origins.js'
 import debugRoutes from './routes/debug.js'
 import entryRoutes from './routes/entries.js'
 import eventRoutes from './routes/events.js'
 import invalidationRoutes from './routes/invalidations.js'
 import { PostgresListener } from './sources/postgres-listener.js'
+
+import originRoutes from './routes/origins.js'
 import { MemoryStore } from './stores/memory-store.js'
 import type { Store } from './stores/store.js'
 
@@ -85,6 +88,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   await app.register(errors)
   await app.register(auth, { keys: config.apiKeys })
   await app.register(health)
+  await app.register(origins)
   await app.register(entryRoutes)
   await app.register(invalidationRoutes)
   await app.register(debugRoutes)
@@ -104,5 +108,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     app.addHook('onReady', async () => listener.start())
     app.addHook('onClose', () => listener.close())
   }
+
+  await app.register(originRoutes)
   return app
 }

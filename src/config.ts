@@ -1,6 +1,8 @@
 import { readFileSync } from 'node:fs'
 import { DEFAULT_LIMITS, type Limits } from './cache/limits.js'
 import { compileRules } from './sources/events.js'
+
+import { parseOriginsConfig } from './origins/config.js'
 import { DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES } from './stores/memory-store.js'
 
 export const SCOPES = ['read', 'write', 'invalidate', 'admin'] as const
@@ -185,6 +187,8 @@ export function loadConfig(env: Env = process.env): Config {
     c.configFile = parsed as ConfigFile
     // Checked here too (buildApp checks again), so a bad rule stops the start with its name.
     compileRules(c.configFile.rules, c.limits)
+
+    parseOriginsConfig(c.configFile, c.limits) // throws ConfigError naming origins[i].field or warm.field
   }
   return c
 }

@@ -140,6 +140,8 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   readonly limits: Limits
   readonly now: () => number
   readonly totals: Totals = emptyTotals()
+  /** Called on every hit (refresh-ahead listens); unset when no origin is configured, so a hit pays one check. */
+  onHit: ((entry: StoredEntry, now: number) => void) | undefined = undefined
   readonly #logger: CoreLogger | undefined
   readonly #fillLeaseMs: number
   readonly #leasesEnabled: boolean
@@ -170,6 +172,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const entry = await this.store.get(key, now)
     if (entry !== undefined && (allowStale || !entry.stale)) {
       this.totals.hits++
+      if (this.onHit !== undefined) this.onHit(entry, now)
       return { entry }
     }
     this.totals.misses++
@@ -188,6 +191,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       const entry = await this.store.get(key, now)
       if (entry !== undefined && (allowStale || !entry.stale)) {
         this.totals.hits++
+        if (this.onHit !== undefined) this.onHit(entry, now)
         entries.set(key, entry)
       } else {
         this.totals.misses++
