@@ -69,7 +69,10 @@ export default fp(
         app.authFailures.count++
         if (countFailure !== undefined) {
           const state = await countFailure(request)
-          if (!state.isAllowed && state.remaining === 0) blocked.set(request.ip, true, { ttl: Math.max(1, state.ttl) })
+          if (!state.isAllowed && state.remaining === 0 && !blocked.has(request.ip)) {
+            blocked.set(request.ip, true, { ttl: Math.max(1, state.ttl) })
+            request.log.warn({ ip: request.ip, failures: limit!.max, blockedMs: state.ttl }, 'too many failed authentications; address blocked')
+          }
         }
         throw new CacheError('unauthorized', 'a valid bearer key is required: Authorization: Bearer <secret>')
       }
