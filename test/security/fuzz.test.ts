@@ -8,7 +8,7 @@ import { FakeClock, KEYS, build, get, put } from '../helpers/build.js'
 // never a 5xx, never a crash, every error in the contract's shape, and the entries written
 // before are all still there and unchanged afterwards.
 
-const RUNS = Number(process.env.FUZZ_RUNS ?? 3000)
+const RUNS = Number(process.env.FUZZ_RUNS ?? 2500)
 // Every protected name starts with this; a request that could name one is left out.
 const MARK = 'Ω'
 const PROTECTED = Array.from({ length: 40 }, (_, i) => ({
