@@ -1,12 +1,16 @@
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
 import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify'
+import { AuditLog } from './cache/audit-log.js'
 import { CacheService, type CoreLogger } from './cache/cache-service.js'
 import { defaultConfig, type Config } from './config.js'
 import auth from './plugins/auth.js'
 import errors from './plugins/errors.js'
 import health from './plugins/health.js'
 import origins from './plugins/origins.js'
+
+import rateLimits from './plugins/rate-limits.js'
+import adminRoutes from './routes/admin.js'
 import debugRoutes from './routes/debug.js'
 import entryRoutes from './routes/entries.js'
 import eventRoutes from './routes/events.js'
@@ -21,6 +25,7 @@ declare module 'fastify' {
   interface FastifyInstance {
     cache: CacheService
     config: Config
+    audit: AuditLog
   }
 }
 
@@ -59,9 +64,13 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
-    // Undecodable URLs (`%zz`, encoded lone surrogates) never reach the error handler.
+    // Bad percent-encoding and over-long path parameters get the contract's 400, not Fastify's own body.
     frameworkErrors: (error, _request, reply) => {
-      ;(reply as FastifyReply).code(400).send({ error: 'invalid_request', message: `the URL is not valid: ${error.code ?? 'bad request'}` })
+      const message =
+        error.code === 'FST_ERR_MAX_PARAM_LENGTH'
+          ? `a path parameter is longer than the limit (keys: ${config.limits.maxKeyBytes} bytes)`
+          : 'the URL is not valid (bad percent-encoding)'
+      ;(reply as FastifyReply).code(400).send({ error: 'invalid_request', message })
     },
   })
   app.setValidatorCompiler(validatorCompiler())
@@ -81,12 +90,20 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   })
   app.decorate('config', config)
   app.decorate('cache', cache)
+  const audit = new AuditLog({ size: config.security.auditLogSize, logger: app.log as CoreLogger, now })
+  const unwatch = audit.watch(cache)
+  app.decorate('audit', audit)
   app.addHook('onClose', async () => {
+    unwatch()
     await cache.close()
   })
 
   await app.register(errors)
-  await app.register(auth, { keys: config.apiKeys })
+  await app.register(rateLimits, { security: config.security })
+  await app.register(auth, {
+    keys: config.apiKeys,
+    failureLimit: { max: config.security.authFailureLimitMax, windowMs: config.security.authFailureWindowMs },
+  })
   await app.register(health)
   await app.register(origins)
   await app.register(entryRoutes)
@@ -110,5 +127,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   }
 
   await app.register(originRoutes)
+
+  await app.register(adminRoutes)
   return app
 }

@@ -119,6 +119,8 @@ export interface CacheServiceEvents {
   invalidation: [InvalidationRecord]
   invalidation_failed: [{ source: InvalidationSource; selector: Selector; error: Error }]
   cleared: [{ cleared: number; actor: string | undefined; reason: string | undefined }]
+  /** The stats summary was zeroed (the audit log listens). */
+  stats_reset: [{ actor: string | undefined }]
   /** One call to an origin (src/origins): result is `success`, `error` or `timeout`. */
   origin_request: [{ origin: string; result: 'success' | 'error' | 'timeout'; durationMs: number }]
   /** One refresh-ahead, forced refresh or warm load: result is `success` or `error`. */
@@ -372,9 +374,10 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   }
 
   /** Zeroes the summary; the monotonic totals behind the Prometheus counters keep counting. */
-  resetStats(): void {
+  resetStats(actor?: string): void {
     this.#baseline = structuredClone(this.totals)
     this.#last = undefined
+    this.emit('stats_reset', { actor })
   }
 
   async close(): Promise<void> {

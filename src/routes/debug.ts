@@ -175,8 +175,8 @@ export default async function debugRoutes(fastify: FastifyInstance) {
         response: { 200: Type.Object({ reset: Type.Boolean() }), ...authErrors },
       },
     },
-    async () => {
-      cache.resetStats()
+    async (request) => {
+      cache.resetStats(request.apiKey?.name)
       return { reset: true }
     },
   )
