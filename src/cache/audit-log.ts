@@ -6,7 +6,7 @@ export const DEFAULT_AUDIT_LOG_SIZE = 1000
 /** An invalidation that removes or stales at least this many entries is audited, whatever its selector. */
 export const AUDIT_BULK_THRESHOLD = 100
 
-export type AuditAction = 'clear_token_issued' | 'clear' | 'stats_reset' | 'invalidation'
+export type AuditAction = 'clear_token_issued' | 'clear' | 'stats_reset' | 'invalidation' | 'consistency_repair'
 export type AuditOutcome = 'succeeded' | 'refused'
 
 /** One admin or destructive action. Never holds a secret, a token or a cached value. */

@@ -22,7 +22,7 @@ const clearTokenInvalid = {
 
 export const AuditRecordView = Type.Object({
   actor: Type.Union([Type.String(), Type.Null()], { description: 'the API key name, or `source:<name>` for non-API sources' }),
-  action: Type.String({ description: '`clear_token_issued`, `clear`, `stats_reset` or `invalidation`' }),
+  action: Type.String({ description: '`clear_token_issued`, `clear`, `stats_reset`, `invalidation` or `consistency_repair`' }),
   reason: Type.Union([Type.String(), Type.Null()]),
   outcome: Type.String({ description: '`succeeded` or `refused`' }),
   detail: Type.Union([Type.String(), Type.Null()], { description: 'counts and causes; never data, secrets or tokens' }),

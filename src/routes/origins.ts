@@ -68,6 +68,20 @@ export default async function originRoutes(fastify: FastifyInstance) {
         response: { 200: ConsistencyReport, ...badRequest, ...authErrors },
       },
     },
-    async (request) => app.consistency.check(request.body as ConsistencyRequest, request.apiKey?.name),
+    async (request) => {
+      const body = request.body as ConsistencyRequest
+      const report = await app.consistency.check(body, request.apiKey?.name)
+      // A repair changes the cache on an admin's word: audit it (checks alone change nothing).
+      if (body.repair !== undefined && body.repair !== 'none') {
+        app.audit.record({
+          actor: request.apiKey?.name,
+          action: 'consistency_repair',
+          reason: null,
+          outcome: 'succeeded',
+          detail: `repair=${body.repair} checked=${report.checked} stale=${report.stale.length} repaired=${report.repaired} errors=${report.errors.length}`,
+        })
+      }
+      return report
+    },
   )
 }

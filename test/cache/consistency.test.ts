@@ -72,6 +72,10 @@ t.test('repair "invalidate" deletes exactly the stale entries through the one in
   const again = (await check(app, { userIds: USERS, against: 'origin' })).json()
   t.same(again.stale, [])
   t.equal(again.consistent, 7)
+  const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=10' })).json().entries
+  const repairs = audit.filter((e: { action: string }) => e.action === 'consistency_repair')
+  t.equal(repairs.length, 1, 'the repair is audited; the checks alone are not')
+  t.match(repairs[0], { actor: 'admin', outcome: 'succeeded', detail: /repair=invalidate .*repaired=3/ })
 })
 
 t.test('repair "refresh" reloads exactly the stale entries, after which the check is clean', async (t) => {
