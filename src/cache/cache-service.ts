@@ -119,6 +119,8 @@ export interface CacheServiceEvents {
   invalidation: [InvalidationRecord]
   invalidation_failed: [{ source: InvalidationSource; selector: Selector; error: Error }]
   cleared: [{ cleared: number; actor: string | undefined; reason: string | undefined }]
+  /** The stats summary was zeroed (the audit log listens). */
+  stats_reset: [{ actor: string | undefined }]
   /** One call to an origin (src/origins): result is `success`, `error` or `timeout`. */
   origin_request: [{ origin: string; result: 'success' | 'error' | 'timeout'; durationMs: number }]
   /** One refresh-ahead, forced refresh or warm load: result is `success` or `error`. */
@@ -140,11 +142,14 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   readonly limits: Limits
   readonly now: () => number
   readonly totals: Totals = emptyTotals()
+  /** Called on every hit (refresh-ahead listens); unset when no origin is configured, so a hit pays one check. */
+  onHit: ((entry: StoredEntry, now: number) => void) | undefined = undefined
   readonly #logger: CoreLogger | undefined
   readonly #fillLeaseMs: number
   readonly #leasesEnabled: boolean
   readonly #log: Ring<InvalidationRecord>
-  readonly #fills = new Map<string, number>()
+  /** Outstanding fill leases: until when, and which token holds it. */
+  readonly #fills = new Map<string, { until: number; lease: string }>()
   #baseline: Totals = emptyTotals()
   #last: InvalidationRecord | undefined
 
@@ -169,6 +174,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const entry = await this.store.get(key, now)
     if (entry !== undefined && (allowStale || !entry.stale)) {
       this.totals.hits++
+      if (this.onHit !== undefined) this.onHit(entry, now)
       return { entry }
     }
     this.totals.misses++
@@ -187,6 +193,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       const entry = await this.store.get(key, now)
       if (entry !== undefined && (allowStale || !entry.stale)) {
         this.totals.hits++
+        if (this.onHit !== undefined) this.onHit(entry, now)
         entries.set(key, entry)
       } else {
         this.totals.misses++
@@ -209,6 +216,9 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const outcome = await this.store.set(entry, this.#leasesEnabled ? lease : undefined)
     if (outcome === 'lease_invalidated') {
       this.totals.leaseRejections++
+      // The filler's value was refused: let the next miss fill at once rather than keep
+      // the waiters polling until the fill lease runs out.
+      if (this.#fills.get(key)?.lease === lease?.token) this.#fills.delete(key)
       throw leaseInvalidated(key)
     }
     this.totals.sets++
@@ -273,8 +283,52 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       actor: options.actor,
       reason: options.reason,
     }
+    // As memcache does on a delete: a fill in flight for an invalidated key will be refused,
+    // so the next miss becomes the filler. (Users, tags and prefixes name no keys here; their
+    // fills are released when the filler's write is refused.)
+    for (const key of selector.keys ?? []) this.#fills.delete(key)
     this.#record(record)
     return { id: record.id, invalidated, mode, durationMs }
+  }
+
+  /**
+   * Marks every entry stale and voids every lease: for a source that may have missed
+   * invalidations (the PostgreSQL listener after a reconnect). Recorded like any other
+   * invalidation, with the selector `{all: true}`. A store without `markAllStale` is cleared.
+   */
+  async markAllStale(options: Omit<InvalidateOptions, 'mode'>): Promise<InvalidationResult> {
+    const started = performance.now()
+    let invalidated: number
+    let mode: InvalidationMode = 'stale'
+    try {
+      if (this.store.markAllStale) {
+        invalidated = await this.store.markAllStale()
+      } else {
+        this.#logger?.warn({ store: this.store.kind, source: options.source }, 'store cannot mark all stale; clearing it')
+        invalidated = await this.store.clear()
+        mode = 'delete'
+        this.#fills.clear()
+      }
+    } catch (error) {
+      this.#countFailure(options.source)
+      this.emit('invalidation_failed', { source: options.source, selector: { all: true }, error: error as Error })
+      this.#logger?.error({ err: error, source: options.source }, 'invalidation failed')
+      throw error instanceof CacheError ? error : backendUnavailable('the store')
+    }
+    const record: InvalidationRecord = {
+      id: randomUUID(),
+      selector: { all: true },
+      mode,
+      source: options.source,
+      invalidated,
+      durationMs: round(performance.now() - started),
+      at: new Date(this.now()).toISOString(),
+      actor: options.actor,
+      reason: options.reason,
+    }
+    this.totals.invalidationsBySelector.all = (this.totals.invalidationsBySelector.all ?? 0) + 1
+    this.#record(record)
+    return { id: record.id, invalidated, mode, durationMs: record.durationMs }
   }
 
   /** Counts an invalidation that never reached the store (e.g. an unparseable notification). */
@@ -320,9 +374,10 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   }
 
   /** Zeroes the summary; the monotonic totals behind the Prometheus counters keep counting. */
-  resetStats(): void {
+  resetStats(actor?: string): void {
     this.#baseline = structuredClone(this.totals)
     this.#last = undefined
+    this.emit('stats_reset', { actor })
   }
 
   async close(): Promise<void> {
@@ -334,16 +389,16 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const stamp = await this.store.leaseStamp()
     this.totals.leasesIssued++
     const lease = encodeLease(stamp, key)
-    const fillUntil = this.#fills.get(key)
-    if (fillUntil !== undefined && fillUntil > now) {
-      return { lease, fill: false, retryAfterMs: Math.max(1, Math.min(fillUntil - now, MAX_RETRY_AFTER_MS)) }
+    const fill = this.#fills.get(key)
+    if (fill !== undefined && fill.until > now) {
+      return { lease, fill: false, retryAfterMs: Math.max(1, Math.min(fill.until - now, MAX_RETRY_AFTER_MS)) }
     }
-    if (fillUntil === undefined && this.#fills.size >= MAX_FILL_LEASES) this.#pruneFills(now)
-    this.#fills.set(key, now + this.#fillLeaseMs)
+    if (fill === undefined && this.#fills.size >= MAX_FILL_LEASES) this.#pruneFills(now)
+    this.#fills.set(key, { until: now + this.#fillLeaseMs, lease })
     return { lease, fill: true }
   }
 
-  #parseLease(raw: WriteInput['lease'], key: string): LeaseStamp | undefined {
+  #parseLease(raw: WriteInput['lease'], key: string): (LeaseStamp & { token: string }) | undefined {
     if (raw === undefined || raw === null) return undefined
     const token = typeof raw === 'string' ? raw : (raw.lease ?? raw.token)
     if (typeof token !== 'string') throw invalidRequest('lease must be the token a miss returned')
@@ -353,7 +408,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       this.totals.leaseRejections++
       throw new CacheError('lease_invalidated', 'the lease was issued for another key')
     }
-    return stamp
+    return { epoch: stamp.epoch, seq: stamp.seq, token }
   }
 
   #record(record: InvalidationRecord): void {
@@ -387,7 +442,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   }
 
   #pruneFills(now: number): void {
-    for (const [key, until] of this.#fills) if (until <= now) this.#fills.delete(key)
+    for (const [key, fill] of this.#fills) if (fill.until <= now) this.#fills.delete(key)
     // Still full of live fills: forget the oldest; the worst case is one more concurrent fill.
     while (this.#fills.size >= MAX_FILL_LEASES) this.#fills.delete(this.#fills.keys().next().value!)
   }

@@ -364,6 +364,29 @@ export class TieredStore implements Store {
     return copy === undefined ? undefined : { ...copy.real, stale: copy.stale }
   }
 
+  /**
+   * Compares this instance's L1 copies of `keys` with Redis (the consistency check's copy
+   * check): a copy differs when Redis no longer has the entry, or has another etag or
+   * staleness. Keys not in L1 are consistent by definition. Differing copies are not dropped
+   * here; the check's repair does that through the invalidation function.
+   */
+  async compareL1(keys: string[]): Promise<{ differing: string[]; errors: Array<{ key: string; error: string }> }> {
+    const differing: string[] = []
+    const errors: Array<{ key: string; error: string }> = []
+    const now = this.#now()
+    for (const key of keys) {
+      const copy = (await this.#l1.peek(key, now)) as L1Entry | undefined
+      if (copy === undefined) continue
+      try {
+        const entry = await this.#l2Get(key, now, false)
+        if (entry === undefined || entry.etag !== copy.real.etag || entry.stale !== copy.stale) differing.push(key)
+      } catch {
+        errors.push({ key, error: 'Redis is unavailable' })
+      }
+    }
+    return { differing, errors }
+  }
+
   /** Counts of this instance's L1. */
   async l1Size(): Promise<{ entries: number; bytes: number }> {
     return this.#l1.size()

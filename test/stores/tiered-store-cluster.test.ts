@@ -1,5 +1,6 @@
 // Cluster mode end to end: three app instances, each with its own L1, on one real redis-server.
 import type { FastifyInstance } from 'fastify'
+import { Redis } from 'ioredis'
 import t from 'tap'
 import type { TieredStore } from '../../src/stores/tiered-store.js'
 import { build, call, get, put } from '../helpers/build.js'
@@ -135,5 +136,28 @@ if (requireRedisServer(t)) {
     const entries = await Promise.all(apps.map(async (app) => (await call(app, { url: '/v1/stats' })).json().entries))
     t.ok(entries[0] >= 1)
     t.same(new Set(entries).size, 1, 'every instance reports the same count')
+  })
+
+  t.test('the consistency check finds an L1 copy that differs from Redis and repairs it', async (t) => {
+    const raw = new Redis(redis.url)
+    t.teardown(() => raw.disconnect())
+    await put(a, 'drift:1', { value: 'v1' })
+    await put(a, 'drift:2', { value: 'v1' })
+    t.ok(await fillL1(b, 'drift:1'))
+    t.ok(await fillL1(b, 'drift:2'))
+    // Change Redis behind the bus's back, as a lost message would leave it.
+    const gen = (await raw.get('{cw}:g')) ?? '0'
+    await raw.hset(`{cw}:${gen}:e:drift:1`, 'v', '"v2"', 'et', 'changed-behind-the-bus')
+    const res = await call(b, {
+      method: 'POST',
+      url: '/v1/consistency',
+      payload: { against: 'provided', entries: [{ key: 'drift:1', value: 'v1' }, { key: 'drift:2', value: 'v1' }], repair: 'invalidate' },
+    })
+    t.equal(res.statusCode, 200)
+    t.same(res.json().stale, ['drift:1'], 'the L1 copy agrees with the caller but not with Redis')
+    t.equal(res.json().consistent, 1)
+    t.equal(res.json().repaired, 1)
+    for (const app of apps) t.ok(await waitUntil(async () => (await get(app, 'drift:1')).statusCode === 404), 'repaired everywhere')
+    t.equal((await get(b, 'drift:2')).statusCode, 200)
   })
 }
