@@ -226,6 +226,13 @@ redis.call('PUBLISH', ARGV[1], ARGV[2])
 return {n, gen}
 `
 
+/** voidLeases() -> generation: every lease issued before is refused, as after a clear, but the data stays. */
+const VOID_LEASES = `
+local base = KEYS[1]
+redis.call('SET', base .. 'clr', redis.call('INCR', base .. 'seq'))
+return redis.call('GET', base .. 'g') or '0'
+`
+
 /** stamp(newEpoch) -> {epoch, seq}: the stamp a lease issued now carries. */
 const STAMP = `
 local base = KEYS[1]
@@ -280,6 +287,7 @@ export const REDIS_SCRIPTS = {
   cwSet: SET,
   cwInvalidate: INVALIDATE,
   cwClear: CLEAR,
+  cwVoidLeases: VOID_LEASES,
   cwStamp: STAMP,
   cwSweep: SWEEP,
   cwMembers: MEMBERS,

@@ -313,6 +313,33 @@ export class TieredStore implements Store {
     }
   }
 
+  /**
+   * Marks every entry stale and voids every lease (the PostgreSQL listener's reconnect
+   * policy). Leases are voided first, then the expiry index is walked in batches outside
+   * Lua, and every L1 is flushed at the end (the next read fetches the stale-marked entry).
+   */
+  async markAllStale(): Promise<number> {
+    let count = 0
+    try {
+      const gen = (await this.#scripts.cwVoidLeases(this.#base)) as string
+      let cursor = '0'
+      do {
+        const [next, flat] = await this.#redis.zscan(`${this.#base}${gen}:x`, cursor, 'COUNT', SCAN_COUNT)
+        cursor = next
+        const keys = flat.filter((_, i) => i % 2 === 0)
+        if (keys.length === 0) continue
+        const [n] = (await this.#scripts.cwInvalidate(this.#base, JSON.stringify({ keys }), 'stale', 0, 0, 0, '', '')) as [number]
+        count += n
+      } while (cursor !== '0')
+      await this.#redis.publish(this.#channel, JSON.stringify({ f: this.id, flush: 1 } satisfies BusMessage))
+      return count
+    } catch (error) {
+      throw this.#unavailable(error, 'mark-all-stale')
+    } finally {
+      await this.#flushL1()
+    }
+  }
+
   async leaseStamp(): Promise<LeaseStamp> {
     try {
       const [epoch, seq] = (await this.#scripts.cwStamp(

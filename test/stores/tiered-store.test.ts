@@ -183,4 +183,22 @@ if (requireRedisServer(t)) {
     }
     t.equal(stale, 0, `no L1 kept the old value after the invalidation (${rounds} rounds)`)
   })
+
+  t.test('marking everything stale keeps the entries, voids leases and empties every L1', async (t) => {
+    const clock = new Clock()
+    const namespace = `shared${n++}`
+    const a = await open(clock, { namespace })
+    const b = await open(clock, { namespace })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    for (let i = 0; i < 1500; i++) await a.set(entry(clock, `s:${i}`, { userId: 'u' }))
+    t.ok(await filled(b, 's:0', clock))
+    const lease = await b.leaseStamp()
+    t.equal(await a.markAllStale(), 1500)
+    t.equal(await a.markAllStale(), 0, 'each entry is counted once')
+    t.ok(await waitUntil(async () => (await b.l1Size()).entries === 0), 'b flushed its L1')
+    t.equal((await b.get('s:0', clock.now()))?.stale, true)
+    t.equal((await b.get('s:1499', clock.now()))?.stale, true)
+    t.equal((await a.size()).entries, 1500, 'nothing was deleted')
+    t.equal(await b.set(entry(clock, 's:0'), lease), 'lease_invalidated')
+  })
 }
