@@ -118,8 +118,7 @@ async function propagation(redisUrl: string) {
   const now = Date.now()
   const put = (key: string) =>
     a.set({ key, value: '1', etag: 'e', userId: undefined, tags: undefined, createdAt: now, expiresAt: now + 600_000, hits: 0, lastAccessAt: now, stale: false, origin: undefined, size: 10 })
-  // B's L1 holds other entries too, as a live L1 does. (lru-cache's delete of the very last
-  // entry runs clear(), which costs O(max entries): a one-entry L1 would measure that.)
+  // B's L1 holds other entries too, as a live L1 does.
   for (let i = 0; i < 1000; i++) await put(`other:${i}`)
   for (let i = 0; i < 1000; i++) await b.get(`other:${i}`, Date.now())
   for (let i = 0; i < N; i++) {
