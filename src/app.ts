@@ -6,9 +6,12 @@ import { defaultConfig, type Config } from './config.js'
 import auth from './plugins/auth.js'
 import errors from './plugins/errors.js'
 import health from './plugins/health.js'
+import metrics from './plugins/metrics.js'
+import swaggerDocs from './plugins/swagger.js'
 import debugRoutes from './routes/debug.js'
 import entryRoutes from './routes/entries.js'
 import invalidationRoutes from './routes/invalidations.js'
+import streamRoutes from './routes/stream.js'
 import { MemoryStore } from './stores/memory-store.js'
 import type { Store } from './stores/store.js'
 
@@ -28,6 +31,8 @@ export interface BuildOptions {
   now?: () => number
   /** Lease checks on writes; off only to prove the race test can fail. */
   leasesEnabled?: boolean
+  /** The metrics plugin and /metrics; off only for the benchmark's baseline. */
+  metrics?: boolean
 }
 
 // Bodies are validated strictly (a string is not a number); query strings and params
@@ -78,9 +83,13 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
 
   await app.register(errors)
   await app.register(auth, { keys: config.apiKeys })
+  // Swagger collects routes as they are added, so it goes before every route.
+  await app.register(swaggerDocs)
+  if (options.metrics !== false) await app.register(metrics)
   await app.register(health)
   await app.register(entryRoutes)
   await app.register(invalidationRoutes)
   await app.register(debugRoutes)
+  await app.register(streamRoutes)
   return app
 }
