@@ -236,7 +236,7 @@ export default fp(
           response: {
             200: {
               description: 'Prometheus text exposition format 0.0.4',
-              content: { 'text/plain': { schema: Type.String({ examples: ['cachewarden_cache_hits_total 42\n'] }) } },
+              content: { 'text/plain': { schema: Type.String({ example: 'cachewarden_cache_hits_total 42\n' }) } },
             },
             401: Type.Object(ErrorBody.properties, { description: '`METRICS_TOKEN` is set and the bearer token is missing or wrong (`unauthorized`)' }),
           },

@@ -93,7 +93,7 @@ export default fp(
           response: {
             200: {
               description: 'An endless event stream',
-              content: { 'text/event-stream': { schema: Type.String({ examples: [EXAMPLE] }) } },
+              content: { 'text/event-stream': { schema: Type.String({ example: EXAMPLE }) } },
             },
             ...authErrors,
           },
