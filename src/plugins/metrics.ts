@@ -212,12 +212,15 @@ export default fp(
       buckets: HTTP_BUCKETS,
       registers: [registry],
     })
-    // The only per-request metric work: one observe when the response is done.
-    app.addHook('onResponse', async (request: FastifyRequest, reply: FastifyReply) => {
+    // The only per-request metric work: one observe when the response is done. A callback
+    // hook, not an async one, so no promise per request. Hijacked replies (the SSE stream)
+    // skip onResponse, so a long-lived stream never skews the latency quantiles.
+    app.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
       httpDuration.observe(
         { route: request.routeOptions.url ?? UNMATCHED_ROUTE, method: request.method, status_code: reply.statusCode },
         reply.elapsedTime / 1000,
       )
+      done()
     })
 
     const scrape = async () => (await processMetrics().metrics()) + (await registry.metrics())
