@@ -189,3 +189,13 @@ t.test('closing the app ends open streams instead of waiting on them', async (t)
   t.equal(app.invalidationStream.clients(), 0)
   t.ok(Date.now() - started < 10_000, 'close did not wait for a grace period')
 })
+
+t.test('the stream settings come from the environment and bad values stop the start', async (t) => {
+  const { loadConfig, ConfigError } = await import('../../src/config.js')
+  const config = loadConfig({ STREAM_HEARTBEAT_MS: '2000', STREAM_MAX_BUFFER_BYTES: '65536' })
+  t.equal(config.streamHeartbeatMs, 2000)
+  t.equal(config.streamMaxBufferBytes, 65536)
+  t.equal(loadConfig({}).streamHeartbeatMs, 15_000, 'default heartbeat')
+  t.throws(() => loadConfig({ STREAM_HEARTBEAT_MS: '10' }), ConfigError)
+  t.throws(() => loadConfig({ STREAM_MAX_BUFFER_BYTES: 'lots' }), /STREAM_MAX_BUFFER_BYTES/)
+})
