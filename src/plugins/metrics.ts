@@ -108,12 +108,24 @@ export function registerCacheMetrics(registry: Registry, cache: CacheService): v
     },
   })
 
+  // Both size gauges are collected concurrently, so they share one store.size() call (a
+  // Redis round trip in cluster mode). If it fails, the gauges keep their last value rather
+  // than failing the whole scrape.
+  let pendingSize: Promise<{ entries: number; bytes: number } | undefined> | undefined
+  const size = () =>
+    (pendingSize ??= cache.store
+      .size()
+      .catch(() => undefined)
+      .finally(() => {
+        pendingSize = undefined
+      }))
   new Gauge({
     name: name('cache_entries'),
     help: 'Entries in the store.',
     registers,
     async collect() {
-      this.set((await cache.store.size()).entries)
+      const now = await size()
+      if (now !== undefined) this.set(now.entries)
     },
   })
   new Gauge({
@@ -121,7 +133,8 @@ export function registerCacheMetrics(registry: Registry, cache: CacheService): v
     help: 'Accounted bytes in the store (keys, values, user ids and tags).',
     registers,
     async collect() {
-      this.set((await cache.store.size()).bytes)
+      const now = await size()
+      if (now !== undefined) this.set(now.bytes)
     },
   })
 

@@ -81,6 +81,8 @@ export default fp(
       '/v1/invalidations/stream',
       {
         config: { scope: 'read' },
+        // A HEAD would be hijacked like a GET and then held open with nothing to send.
+        exposeHeadRoute: false,
         schema: {
           tags: ['streams'],
           summary: 'Stream invalidations (Server-Sent Events)',

@@ -173,3 +173,27 @@ t.test('METRICS_TOKEN closes /metrics to requests without it', async (t) => {
   const open = await build(t)
   t.equal((await open.inject({ method: 'GET', url: '/metrics' })).statusCode, 200, 'open without a token configured')
 })
+
+t.test('a scrape reads the store size once and survives a store that cannot answer', async (t) => {
+  const app = await build(t)
+  await put(app, 'a', { value: 'x' })
+  const store = app.cache.store
+  const original = store.size.bind(store)
+  let calls = 0
+  let failing = false
+  store.size = async () => {
+    calls++
+    if (failing) throw new Error('backend down')
+    return original()
+  }
+  const first = await scrape(app)
+  t.equal(calls, 1, 'entries and bytes share one size() call')
+  t.equal(valueOf(first, 'cachewarden_cache_entries'), 1)
+  const bytes = valueOf(first, 'cachewarden_cache_bytes')
+  t.ok(bytes !== undefined && bytes > 0)
+  failing = true
+  const second = await scrape(app)
+  t.equal(valueOf(second, 'cachewarden_cache_entries'), 1, 'the last known value stays')
+  t.equal(valueOf(second, 'cachewarden_cache_bytes'), bytes)
+  t.equal(valueOf(second, 'cachewarden_cache_hits_total'), 0, 'and the rest of the scrape is there')
+})

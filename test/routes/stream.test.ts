@@ -199,3 +199,10 @@ t.test('the stream settings come from the environment and bad values stop the st
   t.throws(() => loadConfig({ STREAM_HEARTBEAT_MS: '10' }), ConfigError)
   t.throws(() => loadConfig({ STREAM_MAX_BUFFER_BYTES: 'lots' }), /STREAM_MAX_BUFFER_BYTES/)
 })
+
+t.test('HEAD on the stream is not a route, so it cannot hold a connection open', async (t) => {
+  const app = await build(t)
+  const res = await call(app, { method: 'HEAD', url: STREAM, key: 'read' })
+  t.equal(res.statusCode, 404)
+  t.equal(app.invalidationStream.clients(), 0)
+})
