@@ -20,6 +20,9 @@ const EXAMPLE =
   'data: {"id":"3b0f4c3e-8a51-4a43-9d0e-2f1c1d6f9a10","selector":{"userIds":["42"]},"mode":"delete",' +
   '"source":"api","invalidated":3,"at":"2026-11-22T10:00:00.000Z"}\n\n'
 
+/** Sent to a reconnecting client whose `Last-Event-ID` is no longer in the invalidation log. */
+const RESET_FRAME = `event: reset\ndata: ${JSON.stringify({ reason: 'events since Last-Event-ID are no longer available; drop or revalidate kept copies' })}\n\n`
+
 /** The SSE frame of one invalidation; built once and written to every client. */
 export function invalidationFrame(record: InvalidationRecord): string {
   const { id, selector, mode, source, invalidated, at } = record
@@ -59,6 +62,15 @@ export default fp(
       for (const res of clients) send(res, chunk)
     }
 
+    // A reconnecting client names the last event it saw: replay what followed it from the
+    // invalidation log, or, when the log no longer holds it, tell the client to resync.
+    const catchUp = (lastId: string): string => {
+      const recent = app.cache.recentInvalidations(app.config.invalidationLogSize)
+      const seen = recent.findIndex((record) => record.id === lastId)
+      if (seen === -1) return RESET_FRAME
+      return recent.slice(0, seen).reverse().map(invalidationFrame).join('')
+    }
+
     const onInvalidation = (record: InvalidationRecord) => {
       if (clients.size > 0) broadcast(invalidationFrame(record))
     }
@@ -89,8 +101,9 @@ export default fp(
           description:
             'A `text/event-stream`: one `invalidation` event per invalidation from any source, its data ' +
             '`{id, selector, mode, source, invalidated, at}`, and a heartbeat comment every ' +
-            '`STREAM_HEARTBEAT_MS` (default 15 s). Events are not replayed: after a reconnect, treat ' +
-            'copies kept from before it as suspect. A client that reads too slowly is disconnected. ' +
+            '`STREAM_HEARTBEAT_MS` (default 15 s). A reconnect with `Last-Event-ID` first replays the ' +
+            'invalidations that followed it from the invalidation log; if the log no longer holds that id, ' +
+            'a `reset` event says to drop or revalidate kept copies. A client that reads too slowly is disconnected. ' +
             'Browsers: `EventSource` cannot send the bearer header; read it with `fetch` and a stream reader.',
           response: {
             200: {
@@ -113,6 +126,8 @@ export default fp(
         })
         request.raw.socket.setNoDelay(true)
         res.write(`retry: ${RETRY_MS}\n: connected\n\n`)
+        const lastId = request.headers['last-event-id']
+        if (typeof lastId === 'string' && lastId !== '') res.write(catchUp(lastId))
         clients.add(res)
         res.on('close', () => remove(res))
         if (res.destroyed) remove(res) // gone before we listened for it

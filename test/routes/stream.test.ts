@@ -15,8 +15,8 @@ async function listen(app: FastifyInstance): Promise<number> {
 }
 
 /** Opens the stream on a real socket and collects what arrives. */
-async function openStream(port: number, key: keyof typeof KEYS = 'read') {
-  const req = httpRequest({ host: '127.0.0.1', port, path: STREAM, headers: { authorization: `Bearer ${KEYS[key]}` } })
+async function openStream(port: number, key: keyof typeof KEYS = 'read', headers: Record<string, string> = {}) {
+  const req = httpRequest({ host: '127.0.0.1', port, path: STREAM, headers: { authorization: `Bearer ${KEYS[key]}`, ...headers } })
   req.end()
   const [res] = (await once(req, 'response')) as [IncomingMessage]
   res.setEncoding('utf8')
@@ -206,3 +206,37 @@ t.test('HEAD on the stream is not a route, so it cannot hold a connection open',
   t.equal(res.statusCode, 404)
   t.equal(app.invalidationStream.clients(), 0)
 })
+
+t.test('a reconnect with Last-Event-ID replays what followed it, or says to resync', async (t) => {
+  const app = await build(t, { invalidationLogSize: 3 })
+  const port = await listen(app)
+  const invalidate = async (key: string) =>
+    (await call(app, { method: 'DELETE', url: `/v1/entries/${key}`, key: 'invalidate' })).json().id as string
+  const a = await invalidate('a')
+  const b = await invalidate('b')
+  const c = await invalidate('c')
+
+  const resumed = await openStream(port, 'read', { 'last-event-id': a })
+  await untilEvents(resumed, 2)
+  t.same(events(resumed.text()).map((e) => e.id), [b, c], 'the missed events, oldest first')
+  t.same(events(resumed.text()).map((e) => e.data.selector.keys[0]), ['b', 'c'])
+  const d = await invalidate('d')
+  await untilEvents(resumed, 3)
+  t.same(events(resumed.text()).map((e) => e.id), [b, c, d], 'then the live ones')
+
+  const current = await openStream(port, 'read', { 'last-event-id': d })
+  const e = await invalidate('e')
+  await untilEvents(current, 1)
+  t.same(events(current.text()).map((x) => x.id), [e], 'nothing replayed when it missed nothing')
+
+  // The log holds 3: a has fallen out of it.
+  const tooOld = await openStream(port, 'read', { 'last-event-id': a })
+  await tooOld.until((text) => text.includes('event: reset'))
+  t.equal(events(tooOld.text()).length, 0, 'no partial replay')
+  t.match(tooOld.text(), /event: reset\ndata: \{"reason":"[^"]+"\}\n\n/)
+  for (const s of [resumed, current, tooOld]) s.req.destroy()
+})
+
+async function untilEvents(stream: Awaited<ReturnType<typeof openStream>>, n: number) {
+  await stream.until((text) => events(text).length >= n)
+}
