@@ -1,6 +1,6 @@
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
-import Fastify, { LogController, type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify'
 import { CacheService, type CoreLogger } from './cache/cache-service.js'
 import { defaultConfig, type Config } from './config.js'
 import auth from './plugins/auth.js'
@@ -59,6 +59,10 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
+    // Undecodable URLs (`%zz`, encoded lone surrogates) never reach the error handler.
+    frameworkErrors: (error, _request, reply) => {
+      ;(reply as FastifyReply).code(400).send({ error: 'invalid_request', message: `the URL is not valid: ${error.code ?? 'bad request'}` })
+    },
   })
   app.setValidatorCompiler(validatorCompiler())
 

@@ -144,7 +144,8 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   readonly #fillLeaseMs: number
   readonly #leasesEnabled: boolean
   readonly #log: Ring<InvalidationRecord>
-  readonly #fills = new Map<string, number>()
+  /** Outstanding fill leases: until when, and which token holds it. */
+  readonly #fills = new Map<string, { until: number; lease: string }>()
   #baseline: Totals = emptyTotals()
   #last: InvalidationRecord | undefined
 
@@ -209,6 +210,9 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const outcome = await this.store.set(entry, this.#leasesEnabled ? lease : undefined)
     if (outcome === 'lease_invalidated') {
       this.totals.leaseRejections++
+      // The filler's value was refused: let the next miss fill at once rather than keep
+      // the waiters polling until the fill lease runs out.
+      if (this.#fills.get(key)?.lease === lease?.token) this.#fills.delete(key)
       throw leaseInvalidated(key)
     }
     this.totals.sets++
@@ -273,6 +277,10 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       actor: options.actor,
       reason: options.reason,
     }
+    // As memcache does on a delete: a fill in flight for an invalidated key will be refused,
+    // so the next miss becomes the filler. (Users, tags and prefixes name no keys here; their
+    // fills are released when the filler's write is refused.)
+    for (const key of selector.keys ?? []) this.#fills.delete(key)
     this.#record(record)
     return { id: record.id, invalidated, mode, durationMs }
   }
@@ -334,16 +342,16 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const stamp = await this.store.leaseStamp()
     this.totals.leasesIssued++
     const lease = encodeLease(stamp, key)
-    const fillUntil = this.#fills.get(key)
-    if (fillUntil !== undefined && fillUntil > now) {
-      return { lease, fill: false, retryAfterMs: Math.max(1, Math.min(fillUntil - now, MAX_RETRY_AFTER_MS)) }
+    const fill = this.#fills.get(key)
+    if (fill !== undefined && fill.until > now) {
+      return { lease, fill: false, retryAfterMs: Math.max(1, Math.min(fill.until - now, MAX_RETRY_AFTER_MS)) }
     }
-    if (fillUntil === undefined && this.#fills.size >= MAX_FILL_LEASES) this.#pruneFills(now)
-    this.#fills.set(key, now + this.#fillLeaseMs)
+    if (fill === undefined && this.#fills.size >= MAX_FILL_LEASES) this.#pruneFills(now)
+    this.#fills.set(key, { until: now + this.#fillLeaseMs, lease })
     return { lease, fill: true }
   }
 
-  #parseLease(raw: WriteInput['lease'], key: string): LeaseStamp | undefined {
+  #parseLease(raw: WriteInput['lease'], key: string): (LeaseStamp & { token: string }) | undefined {
     if (raw === undefined || raw === null) return undefined
     const token = typeof raw === 'string' ? raw : (raw.lease ?? raw.token)
     if (typeof token !== 'string') throw invalidRequest('lease must be the token a miss returned')
@@ -353,7 +361,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       this.totals.leaseRejections++
       throw new CacheError('lease_invalidated', 'the lease was issued for another key')
     }
-    return stamp
+    return { epoch: stamp.epoch, seq: stamp.seq, token }
   }
 
   #record(record: InvalidationRecord): void {
@@ -387,7 +395,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   }
 
   #pruneFills(now: number): void {
-    for (const [key, until] of this.#fills) if (until <= now) this.#fills.delete(key)
+    for (const [key, fill] of this.#fills) if (fill.until <= now) this.#fills.delete(key)
     // Still full of live fills: forget the oldest; the worst case is one more concurrent fill.
     while (this.#fills.size >= MAX_FILL_LEASES) this.#fills.delete(this.#fills.keys().next().value!)
   }

@@ -90,9 +90,9 @@ export function serializeValue(value: unknown, limits: Limits, field = 'value'):
   return json
 }
 
-/** The content hash of a serialized value. */
+/** The content hash of a serialized value: MD5, 22 characters of base64url (a change detector, not a MAC). */
 export function etagOf(json: string): string {
-  return createHash('sha1').update(json).digest('base64url').slice(0, 22)
+  return createHash('md5').update(json).digest('base64url')
 }
 
 /** Checks a selector: at least one list, each within the batch limit, every name valid. */

@@ -4,7 +4,7 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { renderBatch, renderEntry } from '../cache/render.js'
 import type { WriteInput } from '../cache/cache-service.js'
 import { CacheError, truncate } from '../errors.js'
-import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, tooLarge } from '../schemas/common.js'
+import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, leaseConflict, tooLarge } from '../schemas/common.js'
 import {
   BatchGetBody,
   BatchGetResult,
@@ -78,7 +78,7 @@ export default async function entryRoutes(fastify: FastifyInstance) {
         body: WriteBody,
         response: {
           200: WriteResult,
-          409: { ...MissBody, description: 'The lease was voided by an invalidation (`lease_invalidated`)' },
+          ...leaseConflict,
           ...badRequest,
           ...tooLarge,
           ...authErrors,

@@ -36,6 +36,9 @@ export const authErrors = {
 export const badRequest = { 400: err('Schema or limit violation (`invalid_request`); the message names the field') }
 export const tooLarge = { 413: err('`value_too_large` or `payload_too_large`') }
 export const notFoundError = { 404: err('No such entry or route (`not_found`)') }
+export const leaseConflict = {
+  409: err('The lease was voided by an invalidation, or issued for another key (`lease_invalidated`)'),
+}
 
 export const Json = Type.Unknown({ description: 'any JSON value' })
 

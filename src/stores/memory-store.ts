@@ -43,8 +43,8 @@ export interface MemoryStoreOptions {
 export class MemoryStore implements Store {
   readonly kind = 'memory'
   readonly #lru: LRUCache<string, StoredEntry>
-  readonly #users = new Map<string, Set<string>>()
-  readonly #tags = new Map<string, Set<string>>()
+  readonly #users = new Map<string, Members>()
+  readonly #tags = new Map<string, Members>()
   readonly #buckets = new Map<number, Set<string>>()
   // Bucket ids, a min-heap, so a sweep finds the due buckets without scanning them all.
   readonly #bucketHeap: number[] = []
@@ -193,9 +193,9 @@ export class MemoryStore implements Store {
     if (this.#timer) clearInterval(this.#timer)
   }
 
-  /** Index sizes, for the property test and the debug routes. */
-  indexSnapshot(): { users: Map<string, Set<string>>; tags: Map<string, Set<string>>; keys: string[] } {
-    return { users: this.#users, tags: this.#tags, keys: [...this.#lru.keys()] }
+  /** Every entry held (expired or not) and the live indexes, for the property test. */
+  snapshot(): { entries: StoredEntry[]; users: Map<string, Set<string>>; tags: Map<string, Set<string>>; bytes: number } {
+    return { entries: [...this.#lru.values()], users: this.#users, tags: this.#tags, bytes: this.#lru.calculatedSize }
   }
 
   /** Drops every entry whose TTL has run out; yields to the event loop on large sweeps. */
@@ -204,6 +204,8 @@ export class MemoryStore implements Store {
     this.#sweeping = true
     let dropped = 0
     try {
+      // Bucket b holds expiries in [b, b+1) seconds: every bucket before the current one is
+      // wholly expired; the current one is checked entry by entry.
       const due = Math.floor(this.#now() / EXPIRY_BUCKET_MS)
       let sliceStart = performance.now()
       while (this.#bucketHeap.length > 0 && this.#bucketHeap[0]! <= due) {
@@ -212,18 +214,17 @@ export class MemoryStore implements Store {
         if (bucket) {
           for (const key of bucket) {
             const entry = this.#lru.peek(key)
-            if (entry !== undefined && entry.expiresAt <= this.#now()) {
+            if (entry === undefined) bucket.delete(key)
+            else if (entry.expiresAt <= this.#now()) {
               this.#drop(key, 'expire')
               dropped++
-            } else {
-              bucket.delete(key)
             }
             if (performance.now() - sliceStart > SLICE_MS) {
               await yieldToLoop()
               sliceStart = performance.now()
             }
           }
-          if (bucket.size > 0) continue // entries re-set into this bucket meanwhile: go again
+          if (bucket.size > 0) break // the current second: the rest expire later
           this.#buckets.delete(bucketId)
         }
         heapPop(this.#bucketHeap)
@@ -274,9 +275,11 @@ export class MemoryStore implements Store {
   }
 
   #index(entry: StoredEntry): void {
-    if (entry.userId !== undefined) addTo(this.#users, entry.userId, entry.key)
-    if (entry.tags) for (const tag of entry.tags) addTo(this.#tags, tag, entry.key)
-    const bucketId = Math.ceil(entry.expiresAt / EXPIRY_BUCKET_MS)
+    // Entries share the index's copy of their user id and tags: one string per name, not per entry.
+    if (entry.userId !== undefined) entry.userId = addTo(this.#users, entry.userId, entry.key)
+    const tags = entry.tags
+    if (tags) for (let i = 0; i < tags.length; i++) tags[i] = addTo(this.#tags, tags[i]!, entry.key)
+    const bucketId = Math.floor(entry.expiresAt / EXPIRY_BUCKET_MS)
     let bucket = this.#buckets.get(bucketId)
     if (bucket === undefined) {
       bucket = new Set()
@@ -290,17 +293,29 @@ export class MemoryStore implements Store {
     if (entry.userId !== undefined) removeFrom(this.#users, entry.userId, entry.key)
     if (entry.tags) for (const tag of entry.tags) removeFrom(this.#tags, tag, entry.key)
     // The bucket itself is dropped by the sweep, which owns the heap.
-    this.#buckets.get(Math.ceil(entry.expiresAt / EXPIRY_BUCKET_MS))?.delete(entry.key)
+    this.#buckets.get(Math.floor(entry.expiresAt / EXPIRY_BUCKET_MS))?.delete(entry.key)
   }
 }
 
-function addTo(index: Map<string, Set<string>>, name: string, key: string): void {
-  const keys = index.get(name)
-  if (keys) keys.add(key)
-  else index.set(name, new Set([key]))
+/** The keys of one user or tag, and the one copy of its name that entries share. */
+class Members extends Set<string> {
+  constructor(readonly name: string) {
+    super()
+  }
 }
 
-function removeFrom(index: Map<string, Set<string>>, name: string, key: string): void {
+/** Adds a key to a name's members and returns the canonical copy of the name. */
+function addTo(index: Map<string, Members>, name: string, key: string): string {
+  let keys = index.get(name)
+  if (keys === undefined) {
+    keys = new Members(name)
+    index.set(name, keys)
+  }
+  keys.add(key)
+  return keys.name
+}
+
+function removeFrom(index: Map<string, Members>, name: string, key: string): void {
   const keys = index.get(name)
   if (keys === undefined) return
   keys.delete(key)

@@ -36,15 +36,18 @@ export function call(app: FastifyInstance, opts: InjectOptions & { key?: keyof t
   return app.inject({ ...rest, headers: { ...(key === null ? {} : auth(key)), ...rest.headers } })
 }
 
+/** A key as a path segment. */
+export const keyPath = (key: string) => encodeURIComponent(key)
+
 /** PUTs a value and fails loudly if it did not land. */
 export async function put(app: FastifyInstance, key: string, body: Record<string, unknown>) {
-  const res = await call(app, { method: 'PUT', url: `/v1/entries/${encodeURIComponent(key)}`, payload: body })
+  const res = await call(app, { method: 'PUT', url: `/v1/entries/${keyPath(key)}`, payload: body })
   if (res.statusCode !== 200) throw new Error(`PUT ${key} failed: ${res.statusCode} ${res.body}`)
   return res.json()
 }
 
 export const get = (app: FastifyInstance, key: string, query = '') =>
-  call(app, { method: 'GET', url: `/v1/entries/${encodeURIComponent(key)}${query}` })
+  call(app, { method: 'GET', url: `/v1/entries/${keyPath(key)}${query}` })
 
 /** A clock the test moves by hand. */
 export class FakeClock {

@@ -1,0 +1,76 @@
+// Invalidating one user's 10 entries through the core, at 10k, 100k and 1M entries,
+// against a scan over all keys (what a hand-written cache without an index does):
+// `node --expose-gc --import tsx bench/invalidation.ts [sizes...]`. Seeding leaves garbage; with
+// --expose-gc it is collected before timing, so a major GC of the seed does not land in a sample.
+import { CacheService } from '../src/cache/cache-service.js'
+import { MemoryStore } from '../src/stores/memory-store.js'
+
+const sizes = process.argv.slice(2).map(Number).filter(Boolean)
+if (sizes.length === 0) sizes.push(10_000, 100_000, 1_000_000)
+const PER_USER = 10
+const SAMPLES = 200
+const value = JSON.stringify({ note: 'x'.repeat(180) })
+
+const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((xs.length * p) / 100))]!
+const fmt = (ms: number) => (ms < 1 ? ms.toFixed(4) : ms.toFixed(1))
+
+function seed(store: MemoryStore, n: number, now: number) {
+  for (let i = 0; i < n; i++) {
+    const user = String(Math.floor(i / PER_USER))
+    store.setSync({
+      key: `user:${user}:item:${i % PER_USER}`,
+      value,
+      etag: 'e',
+      userId: user,
+      tags: undefined,
+      createdAt: now,
+      expiresAt: now + 3_600_000 + (i % 3600) * 1000,
+      hits: 0,
+      lastAccessAt: now,
+      stale: false,
+      origin: undefined,
+      size: 20 + value.length,
+    })
+  }
+}
+
+const rows: string[] = []
+for (const n of sizes) {
+  const now = Date.now()
+  const store = new MemoryStore({ maxEntries: n * 2, maxBytes: 4 * 1024 ** 3, sweepIntervalMs: 0 })
+  const cache = new CacheService({ store })
+  seed(store, n, now)
+  const users = n / PER_USER
+  // Warm the code path, then time SAMPLES invalidations of distinct users.
+  for (let i = 0; i < 50; i++) await cache.invalidate({ userIds: [String(Math.floor((i * users) / SAMPLES) + 1)] }, { source: 'api' })
+  ;(globalThis as { gc?: () => void }).gc?.()
+  const times: number[] = []
+  let removed = 0
+  for (let i = 0; i < SAMPLES; i++) {
+    const user = String(Math.floor((i * users) / SAMPLES))
+    const t0 = performance.now()
+    const r = await cache.invalidate({ userIds: [user] }, { source: 'api' })
+    times.push(performance.now() - t0)
+    removed += r.invalidated
+  }
+  if (removed !== SAMPLES * PER_USER) throw new Error(`expected ${SAMPLES * PER_USER} removed, got ${removed}`)
+
+  // Baseline: find the user's keys by scanning every entry, then delete them.
+  const scanTimes: number[] = []
+  const scanUsers = [10, 20, 30].map((i) => String(Math.floor((i * users) / SAMPLES) + 2))
+  for (const user of scanUsers) {
+    const t0 = performance.now()
+    const doomed: string[] = []
+    for (const e of store.snapshot().entries) if (e.userId === user) doomed.push(e.key)
+    await store.invalidate({ keys: doomed }, 'delete', now)
+    scanTimes.push(performance.now() - t0)
+    if (doomed.length !== PER_USER) throw new Error(`scan found ${doomed.length}`)
+  }
+  const p50 = pct(times, 50)
+  const scan = pct(scanTimes, 50)
+  rows.push(`| ${n.toLocaleString('en')} | ${fmt(p50)} | ${fmt(pct(times, 99))} | ${fmt(scan)} | ${Math.round(scan / p50).toLocaleString('en')}x |`)
+  await cache.close()
+}
+console.log('| entries | indexed p50 ms | indexed p99 ms | full scan ms (median of 3) | scan / indexed |')
+console.log('|---|---|---|---|---|')
+for (const row of rows) console.log(row)

@@ -1,0 +1,34 @@
+// A server process for bench/http.ts: either the bare Fastify baseline or cachewarden with
+// 100k entries of 200-byte JSON values, auth on. Prints "ready <port>" when listening.
+import Fastify from 'fastify'
+import { buildApp } from '../../src/app.js'
+import { parseApiKeys } from '../../src/config.js'
+
+export const BENCH_SECRET = 'bench-secret-0123456789abcdef'
+const mode = process.argv[2] ?? 'cachewarden'
+const entries = Number(process.argv[3] ?? 100_000)
+
+function value(i: number) {
+  // About 200 bytes serialized.
+  return { id: i, name: `user-${i}`, plan: 'pro', widgets: [1, 2, 3, 4, 5], note: 'x'.repeat(120) }
+}
+
+if (mode === 'bare') {
+  const app = Fastify()
+  const constant = value(0)
+  app.get('/bare/:key', async () => constant)
+  // The PUT baseline parses the same JSON body and returns a constant, as a bare write route would.
+  app.put('/bare/:key', async () => constant)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  console.log(`ready ${(app.server.address() as { port: number }).port}`)
+} else {
+  const app = await buildApp({ apiKeys: parseApiKeys(`bench:admin:${BENCH_SECRET}`), maxEntries: entries * 2 })
+  for (let i = 0; i < entries; i++) {
+    await app.cache.write(`user:${i}:dashboard`, { value: value(i), userId: String(i), ttlMs: 3_600_000 })
+  }
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  console.log(`ready ${(app.server.address() as { port: number }).port}`)
+}
+
+// Exit cleanly so `node --cpu-prof` can write its profile.
+for (const signal of ['SIGINT', 'SIGTERM'] as const) process.once(signal, () => process.exit(0))

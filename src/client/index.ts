@@ -1,0 +1,248 @@
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Pool } from 'undici'
+import { CachewardenError, LeaseInvalidatedError, errorFromReply } from './errors.js'
+import type {
+  BatchGetResult,
+  BatchSetItem,
+  BatchSetItemResult,
+  Entry,
+  InvalidationMode,
+  InvalidationResult,
+  Lease,
+  LookupResult,
+  MissReply,
+  Selector,
+  WriteOptions,
+  WriteResult,
+} from './types.js'
+
+export * from './errors.js'
+export type * from './types.js'
+
+/** Keep-alive connections per client (undici Pool). */
+export const DEFAULT_CONNECTIONS = 16
+/** Idle keep-alive sockets are closed after this long. */
+export const DEFAULT_KEEP_ALIVE_MS = 30_000
+/** Per request: time for the headers, and again for the body. */
+export const DEFAULT_TIMEOUT_MS = 10_000
+/** getOrSet: how long to wait on another caller's fill; the server's FILL_LEASE_MS (2 s) plus a margin. */
+export const DEFAULT_MAX_WAIT_MS = 2_500
+/** getOrSet: the poll interval when the server sends no retryAfterMs. */
+const DEFAULT_POLL_MS = 50
+
+export interface ClientOptions {
+  /** Base URL of the service, e.g. `http://cachewarden:8080` (a path prefix is kept). */
+  url: string
+  /** The bearer secret; needs scope `read` to read, `write` to write, `invalidate` to invalidate. */
+  apiKey: string
+  /** Keep-alive connections in the pool (default 16). */
+  connections?: number
+  /** Idle keep-alive timeout in ms (default 30000). */
+  keepAliveTimeoutMs?: number
+  /** Per-request timeout in ms for the headers and for the body (default 10000). */
+  timeoutMs?: number
+}
+
+export interface GetOptions {
+  /** Return an entry marked stale (`stale: true`) instead of treating it as a miss. */
+  allowStale?: boolean
+}
+
+export interface LookupOptions extends GetOptions {
+  /** An etag the caller holds (as the entry or the ETag header gives it): `not_modified` when still current. */
+  ifNoneMatch?: string
+}
+
+export interface GetOrSetOptions extends Omit<WriteOptions, 'lease'> {
+  /**
+   * How long to wait, polling, while another caller holds the fill lease before loading the
+   * value itself (default 2500 ms, just past the server's default FILL_LEASE_MS). Normally the
+   * server hands this caller the fill lease once the other fill lands or expires, well before.
+   */
+  maxWaitMs?: number
+}
+
+/** What happened inside one getOrSet call (for metrics and tests). */
+export interface GetOrSetTrace {
+  outcome: 'hit' | 'filled' | 'fill_refused' | 'waited_hit' | 'loaded_after_wait' | 'not_cached'
+  /** Misses that came back `fill: false`, i.e. how often this call waited. */
+  waits: number
+}
+
+/**
+ * The typed Node client for cachewarden: one keep-alive connection pool, one method per
+ * route, contract errors as classes (`CachewardenError` and its subclasses, with `code` and
+ * `status`), and `getOrSet`, which handles leases and herd control for its caller.
+ * Transport failures (connection refused, timeouts) are undici's own errors.
+ */
+export class CachewardenClient {
+  readonly #pool: Pool
+  readonly #base: string
+  readonly #auth: string
+  readonly #timeoutMs: number
+
+  constructor(options: ClientOptions) {
+    if (typeof options?.url !== 'string') throw new TypeError('options.url must be the base URL of cachewarden')
+    if (typeof options.apiKey !== 'string' || options.apiKey === '') throw new TypeError('options.apiKey must be a non-empty string')
+    const url = new URL(options.url)
+    if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new TypeError('options.url must be http: or https:')
+    this.#base = url.pathname.replace(/\/+$/, '')
+    this.#auth = `Bearer ${options.apiKey}`
+    this.#timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS
+    this.#pool = new Pool(url.origin, {
+      connections: options.connections ?? DEFAULT_CONNECTIONS,
+      keepAliveTimeout: options.keepAliveTimeoutMs ?? DEFAULT_KEEP_ALIVE_MS,
+    })
+  }
+
+  /** Reads an entry; `undefined` on a miss (use `lookup` to get the miss's lease). */
+  async get<T = unknown>(key: string, options: GetOptions = {}): Promise<Entry<T> | undefined> {
+    const found = await this.lookup<T>(key, options)
+    return found.status === 'hit' ? found.entry : undefined
+  }
+
+  /** Reads an entry: a hit, a miss with its lease, or `not_modified` for a matching `ifNoneMatch`. */
+  async lookup<T = unknown>(key: string, options: LookupOptions = {}): Promise<LookupResult<T>> {
+    const headers: Record<string, string> = {}
+    if (options.ifNoneMatch !== undefined) headers['if-none-match'] = quote(options.ifNoneMatch)
+    const query = options.allowStale ? '?allowStale=true' : ''
+    const { status, body, etag } = await this.#request('GET', `/v1/entries/${encodeURIComponent(key)}${query}`, undefined, headers)
+    if (status === 200) return { status: 'hit', entry: body as Entry<T> }
+    if (status === 304) return { status: 'not_modified', etag: unquote(etag ?? options.ifNoneMatch!) }
+    const miss = body as Partial<MissReply> | undefined
+    if (status === 404 && miss?.error === 'not_found' && typeof miss.lease === 'string') {
+      const lease: Lease = { lease: miss.lease, fill: miss.fill === true }
+      if (miss.retryAfterMs !== undefined) lease.retryAfterMs = miss.retryAfterMs
+      return { status: 'miss', lease }
+    }
+    throw errorFromReply(status, body)
+  }
+
+  /** Writes an entry. With a `lease` from a miss, throws `LeaseInvalidatedError` (409) if an invalidation voided it. */
+  async set(key: string, value: unknown, options: WriteOptions = {}): Promise<WriteResult> {
+    const { lease, ...rest } = options
+    const payload: Record<string, unknown> = { ...rest, value }
+    if (lease !== undefined && lease !== null) payload.lease = typeof lease === 'string' ? lease : lease.lease
+    return this.#expect<WriteResult>('PUT', `/v1/entries/${encodeURIComponent(key)}`, payload)
+  }
+
+  /** Invalidates one key (deletes it, or marks it stale with `mode: 'stale'`), voiding its leases. */
+  async delete(key: string, options: { mode?: InvalidationMode } = {}): Promise<InvalidationResult> {
+    const query = options.mode ? `?mode=${options.mode}` : ''
+    return this.#expect<InvalidationResult>('DELETE', `/v1/entries/${encodeURIComponent(key)}${query}`)
+  }
+
+  /** Invalidates by keys, userIds, tags and prefixes at once (`POST /v1/invalidations`). */
+  async invalidate(selector: Selector): Promise<InvalidationResult> {
+    return this.#expect<InvalidationResult>('POST', '/v1/invalidations', selector)
+  }
+
+  /** Reads up to 1000 keys; each missing key is in `missing` and has a lease in `leases`. */
+  async batchGet<T = unknown>(keys: string[], options: GetOptions = {}): Promise<BatchGetResult<T>> {
+    const query = options.allowStale ? '?allowStale=true' : ''
+    return this.#expect<BatchGetResult<T>>('POST', `/v1/entries/batch-get${query}`, { keys })
+  }
+
+  /** Writes up to 1000 entries; each result has its own status, so one bad item does not throw. */
+  async batchSet(items: BatchSetItem[]): Promise<BatchSetItemResult[]> {
+    const entries = items.map(({ lease, ...rest }) =>
+      lease === undefined || lease === null ? rest : { ...rest, lease: typeof lease === 'string' ? lease : lease.lease },
+    )
+    const { results } = await this.#expect<{ results: BatchSetItemResult[] }>('POST', '/v1/entries/batch-set', { entries })
+    return results
+  }
+
+  /**
+   * Returns the cached value of `key`, or loads it with `loader` and caches it, safely:
+   * - a hit returns the cached value;
+   * - a miss with `fill: true` runs the loader and writes with the miss's lease;
+   * - a miss with `fill: false` (another caller is loading) waits `retryAfterMs` and reads
+   *   again, until it hits, is handed the fill lease (the other fill landed or expired), or
+   *   `maxWaitMs` passes, when it loads the value itself and writes with its latest lease;
+   * - when the write is refused with 409 `lease_invalidated` (an invalidation landed while
+   *   loading), the loaded value is returned to the caller but not cached. It is what the
+   *   source held when this call began, so the caller gets a consistent answer, and no
+   *   second load is spent on a key that is being changed; the next caller fills afresh.
+   * The value must be JSON. A loader that returns `undefined` gets it back uncached (other
+   * callers then wait out the fill lease: return `null` to cache an absence instead).
+   * Loader errors propagate (the fill lease then expires on the server); so do cache errors.
+   */
+  async getOrSet<T>(key: string, loader: () => Promise<T> | T, options: GetOrSetOptions = {}): Promise<T> {
+    return (await this.getOrSetTraced(key, loader, options)).value
+  }
+
+  /** `getOrSet`, also telling what happened (hit, filled, refused, waited). */
+  async getOrSetTraced<T>(
+    key: string,
+    loader: () => Promise<T> | T,
+    options: GetOrSetOptions = {},
+  ): Promise<{ value: T; trace: GetOrSetTrace }> {
+    const { maxWaitMs = DEFAULT_MAX_WAIT_MS, ...write } = options
+    let waits = 0
+    let deadline: number | undefined
+    for (;;) {
+      const found = await this.lookup<T>(key)
+      if (found.status === 'hit') return { value: found.entry.value, trace: { outcome: waits > 0 ? 'waited_hit' : 'hit', waits } }
+      if (found.status !== 'miss') throw new CachewardenError('unexpected_response', 304, 'unexpected 304 without If-None-Match')
+      const { lease } = found
+      deadline ??= Date.now() + maxWaitMs
+      if (lease.fill || Date.now() >= deadline) {
+        const value = await loader()
+        // undefined is not JSON: nothing to cache (return null to cache an absence).
+        if (value === undefined) return { value, trace: { outcome: 'not_cached', waits } }
+        try {
+          await this.set(key, value, { ...write, lease: lease.lease })
+        } catch (error) {
+          if (error instanceof LeaseInvalidatedError) return { value, trace: { outcome: 'fill_refused', waits } }
+          throw error
+        }
+        return { value, trace: { outcome: lease.fill ? 'filled' : 'loaded_after_wait', waits } }
+      }
+      waits++
+      await sleep(Math.max(1, Math.min(lease.retryAfterMs ?? DEFAULT_POLL_MS, deadline - Date.now())))
+    }
+  }
+
+  /** Closes the connection pool (waits for requests in flight). */
+  async close(): Promise<void> {
+    await this.#pool.close()
+  }
+
+  async #expect<T>(method: 'GET' | 'PUT' | 'POST' | 'DELETE', path: string, payload?: unknown): Promise<T> {
+    const { status, body } = await this.#request(method, path, payload)
+    if (status >= 200 && status < 300) return body as T
+    throw errorFromReply(status, body)
+  }
+
+  async #request(
+    method: 'GET' | 'PUT' | 'POST' | 'DELETE',
+    path: string,
+    payload?: unknown,
+    extraHeaders: Record<string, string> = {},
+  ): Promise<{ status: number; body: unknown; etag: string | undefined }> {
+    const headers: Record<string, string> = { authorization: this.#auth, accept: 'application/json', ...extraHeaders }
+    if (payload !== undefined) headers['content-type'] = 'application/json'
+    const res = await this.#pool.request({
+      method,
+      path: this.#base + path,
+      headers,
+      body: payload === undefined ? undefined : JSON.stringify(payload),
+      headersTimeout: this.#timeoutMs,
+      bodyTimeout: this.#timeoutMs,
+    })
+    const text = await res.body.text()
+    let body: unknown
+    if (text !== '') {
+      try {
+        body = JSON.parse(text)
+      } catch {
+        body = text
+      }
+    }
+    const etag = res.headers.etag
+    return { status: res.statusCode, body, etag: typeof etag === 'string' ? etag : undefined }
+  }
+}
+
+const quote = (etag: string) => (etag === '*' || etag.startsWith('"') || etag.startsWith('W/') ? etag : `"${etag}"`)
+const unquote = (etag: string) => etag.replace(/^W\//, '').replace(/^"(.*)"$/, '$1')

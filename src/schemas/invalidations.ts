@@ -1,0 +1,18 @@
+import { Type } from '@sinclair/typebox'
+import { InvalidationMode } from './common.js'
+
+const names = (what: string) => Type.Optional(Type.Array(Type.String(), { maxItems: 1000, description: what }))
+
+export const SelectorBody = Type.Object(
+  {
+    keys: names('exact keys'),
+    userIds: names('every entry of these users'),
+    tags: names('every entry carrying any of these tags'),
+    prefixes: names('every entry whose key starts with one of these (never empty)'),
+    mode: Type.Optional(InvalidationMode),
+    reason: Type.Optional(Type.String({ maxLength: 1024, description: 'why, for the invalidation log' })),
+  },
+  {
+    examples: [{ userIds: ['42'], tags: ['analytics:42'], mode: 'delete', reason: 'persona updated' }],
+  },
+)

@@ -1,0 +1,255 @@
+import t from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import {
+  CachewardenClient,
+  CachewardenError,
+  ForbiddenError,
+  InvalidRequestError,
+  LeaseInvalidatedError,
+  NotFoundError,
+  TooLargeError,
+  UnauthorizedError,
+  type Entry,
+} from '../../src/client/index.js'
+import { DEFAULT_LIMITS } from '../../src/cache/limits.js'
+import { KEYS } from '../helpers/build.js'
+import { serve } from '../helpers/serve.js'
+
+// The client against a real listening server: the network, keep-alive and the wire format
+// are part of what is tested.
+
+t.test('set then get round-trips a typed entry; a miss is undefined', async (t) => {
+  const { client } = await serve(t)
+  const c = client()
+  const written = await c.set('dashboard:42', { widgets: 3 }, { ttlMs: 60_000, userId: '42', tags: ['analytics:42'] })
+  t.type(written.etag, 'string')
+  t.type(written.expiresAt, 'string')
+  const entry: Entry<{ widgets: number }> | undefined = await c.get<{ widgets: number }>('dashboard:42')
+  t.equal(entry?.value.widgets, 3)
+  t.equal(entry?.userId, '42')
+  t.same(entry?.tags, ['analytics:42'])
+  t.equal(entry?.etag, written.etag)
+  t.equal(await c.get('nope'), undefined)
+})
+
+t.test('keys with / : ? # % and spaces survive the URL', async (t) => {
+  const { client } = await serve(t)
+  const c = client()
+  const key = 'a/b:c ?d#e%f/../g'
+  await c.set(key, 'odd')
+  t.equal((await c.get(key))?.value, 'odd')
+  t.equal((await c.delete(key)).invalidated, 1)
+  t.equal(await c.get(key), undefined)
+})
+
+t.test('lookup gives the miss lease, and not_modified for a current etag', async (t) => {
+  const { client } = await serve(t)
+  const c = client()
+  const miss = await c.lookup('k')
+  t.equal(miss.status, 'miss')
+  if (miss.status !== 'miss') return
+  t.equal(miss.lease.fill, true)
+  const second = await c.lookup('k')
+  t.equal(second.status === 'miss' && second.lease.fill, false, 'the second miss waits')
+  t.ok(second.status === 'miss' && second.lease.retryAfterMs! > 0)
+
+  const { etag } = await c.set('k', 1, { lease: miss.lease })
+  t.same(await c.lookup('k', { ifNoneMatch: etag }), { status: 'not_modified', etag })
+  t.same(await c.lookup('k', { ifNoneMatch: `W/"${etag}"` }), { status: 'not_modified', etag })
+  const changed = await c.lookup('k', { ifNoneMatch: 'something-else' })
+  t.equal(changed.status, 'hit')
+})
+
+t.test('a voided lease throws LeaseInvalidatedError (409) and writes nothing', async (t) => {
+  const { client } = await serve(t)
+  const c = client()
+  const miss = await c.lookup('k')
+  if (miss.status !== 'miss') throw new Error('expected a miss')
+  await c.invalidate({ keys: ['k'] })
+  const error = await c.set('k', 'old', { lease: miss.lease.lease }).catch((e: unknown) => e)
+  t.ok(error instanceof LeaseInvalidatedError)
+  t.ok(error instanceof CachewardenError)
+  t.equal((error as CachewardenError).code, 'lease_invalidated')
+  t.equal((error as CachewardenError).status, 409)
+  t.equal(await c.get('k'), undefined)
+})
+
+t.test('contract errors arrive as classes carrying code and status', async (t) => {
+  const { client } = await serve(t, { limits: { ...DEFAULT_LIMITS, maxValueBytes: 64 } })
+  const cases: Array<[string, () => Promise<unknown>, new (...a: never[]) => CachewardenError, string, number]> = [
+    ['a wrong key', () => client({ apiKey: 'wrong' }).get('k'), UnauthorizedError, 'unauthorized', 401],
+    ['a read-only key writing', () => client({ apiKey: KEYS.read }).set('k', 1), ForbiddenError, 'forbidden', 403],
+    ['a bad ttl', () => client().set('k', 1, { ttlMs: -5 }), InvalidRequestError, 'invalid_request', 400],
+    ['an empty selector', () => client().invalidate({}), InvalidRequestError, 'invalid_request', 400],
+    ['a value over the limit', () => client().set('k', 'x'.repeat(100)), TooLargeError, 'value_too_large', 413],
+  ]
+  for (const [name, run, Class, code, status] of cases) {
+    const error = await run().catch((e: unknown) => e)
+    t.ok(error instanceof Class, `${name}: ${(error as Error).name}`)
+    t.equal((error as CachewardenError).code, code, name)
+    t.equal((error as CachewardenError).status, status, name)
+    t.type((error as CachewardenError).message, 'string')
+  }
+})
+
+t.test('a base URL with a path prefix is kept; a wrong one gives NotFoundError', async (t) => {
+  const { client, url } = await serve(t)
+  const error = await client({ url: `${url}/nope/` }).get('k').catch((e: unknown) => e)
+  t.ok(error instanceof NotFoundError, 'a 404 without a lease is an error, not a miss')
+  t.equal((error as CachewardenError).code, 'not_found')
+})
+
+t.test('transport failures are undici errors, not contract errors', async (t) => {
+  const c = new CachewardenClient({ url: 'http://127.0.0.1:1', apiKey: 'x', timeoutMs: 2000 })
+  t.teardown(() => c.close())
+  const error = await c.get('k').catch((e: unknown) => e)
+  t.ok(error instanceof Error)
+  t.notOk(error instanceof CachewardenError)
+})
+
+t.test('the constructor refuses bad options with TypeError', async (t) => {
+  t.throws(() => new CachewardenClient({ url: 'ftp://x', apiKey: 'k' }), TypeError)
+  t.throws(() => new CachewardenClient({ url: 'http://x', apiKey: '' }), TypeError)
+  t.throws(() => new CachewardenClient(undefined as never), TypeError)
+})
+
+t.test('delete, invalidate by user and tag, and stale mode', async (t) => {
+  const { client } = await serve(t)
+  const c = client()
+  await c.set('a', 1, { userId: 'u1' })
+  await c.set('b', 2, { userId: 'u1', tags: ['t'] })
+  await c.set('c', 3, { tags: ['t'] })
+  await c.set('d', 4)
+  const byUser = await c.invalidate({ userIds: ['u1'], reason: 'test' })
+  t.equal(byUser.invalidated, 2)
+  t.equal(byUser.mode, 'delete')
+  t.type(byUser.id, 'string')
+  t.equal((await c.invalidate({ tags: ['t'], mode: 'stale' })).invalidated, 1)
+  t.equal(await c.get('c'), undefined, 'a stale entry is a miss by default')
+  t.equal((await c.get('c', { allowStale: true }))?.stale, true)
+  t.equal((await c.delete('d', { mode: 'stale' })).mode, 'stale')
+})
+
+t.test('batchGet and batchSet: leases for the missing, per-item results', async (t) => {
+  const { client } = await serve(t)
+  const c = client()
+  await c.set('a', 'A')
+  const got = await c.batchGet<string>(['a', 'b', 'c'])
+  t.equal(got.entries.a?.value, 'A')
+  t.same(got.missing, ['b', 'c'])
+  t.equal(got.leases.b?.fill, true)
+  await c.delete('c')
+  const results = await c.batchSet([
+    { key: 'b', value: 'B', lease: got.leases.b },
+    { key: 'c', value: 'C', lease: got.leases.c!.lease },
+    { key: 'd', value: 'D', ttlMs: 0 },
+  ])
+  t.same(results.map((r) => [r.key, r.status, r.error]), [['b', 200, undefined], ['c', 409, 'lease_invalidated'], ['d', 400, 'invalid_request']])
+  t.equal((await c.get('b'))?.value, 'B')
+  t.equal(await c.get('c'), undefined)
+})
+
+t.test('requests share keep-alive connections from the pool', async (t) => {
+  const { app, client } = await serve(t)
+  let connections = 0
+  app.server.on('connection', () => connections++)
+  const c = client({ connections: 2 })
+  for (let i = 0; i < 20; i++) await c.get(`k${i}`)
+  await Promise.all(Array.from({ length: 20 }, (_, i) => c.get(`p${i}`)))
+  t.ok(connections >= 1 && connections <= 2, `40 requests over at most the pool's 2 sockets (${connections})`)
+})
+
+t.test('getOrSet', async (t) => {
+  t.test('loads once, then hits', async (t) => {
+    const { client } = await serve(t)
+    const c = client()
+    let loads = 0
+    const loader = async () => ({ n: ++loads })
+    const first = await c.getOrSetTraced('k', loader, { userId: 'u', tags: ['t'], ttlMs: 60_000 })
+    t.same(first, { value: { n: 1 }, trace: { outcome: 'filled', waits: 0 } })
+    const second = await c.getOrSetTraced('k', loader)
+    t.same(second, { value: { n: 1 }, trace: { outcome: 'hit', waits: 0 } })
+    const entry = await c.get('k')
+    t.equal(entry?.userId, 'u', 'the write options are passed on')
+    t.same(entry?.tags, ['t'])
+  })
+
+  t.test('concurrent callers on a cold key: one loads, the others wait for it', async (t) => {
+    const { client } = await serve(t)
+    const callers = Array.from({ length: 10 }, () => client({ connections: 1 }))
+    let loads = 0
+    const loader = async () => {
+      loads++
+      await sleep(150)
+      return 'value'
+    }
+    const results = await Promise.all(callers.map((c) => c.getOrSetTraced('cold', loader)))
+    t.equal(loads, 1)
+    t.ok(results.every((r) => r.value === 'value'))
+    const outcomes = results.map((r) => r.trace.outcome).sort()
+    t.same(outcomes, ['filled', ...Array(9).fill('waited_hit')])
+  })
+
+  t.test('an invalidation during the load: the value is returned but not cached', async (t) => {
+    const { app, client } = await serve(t)
+    const c = client()
+    const other = client()
+    const result = await c.getOrSetTraced('k', async () => {
+      await other.invalidate({ userIds: ['u1'] })
+      return 'read before the change'
+    }, { userId: 'u1' })
+    t.same(result, { value: 'read before the change', trace: { outcome: 'fill_refused', waits: 0 } })
+    // Inspected, not read: a read's miss would take the fill lease itself.
+    t.equal(await app.cache.inspect('k'), undefined, 'nothing stale was cached')
+    const next = await c.getOrSetTraced('k', async () => 'fresh', { userId: 'u1' })
+    t.same(next.trace, { outcome: 'filled', waits: 0 }, 'the refused fill released the fill lease')
+    t.equal((await c.get('k'))?.value, 'fresh')
+  })
+
+  t.test('an abandoned fill lease: the waiter fills once the server hands it over', async (t) => {
+    const { client } = await serve(t, { fillLeaseMs: 300 })
+    const c = client()
+    const taken = await c.lookup('k')
+    t.ok(taken.status === 'miss' && taken.lease.fill, 'someone took the fill lease and never wrote')
+    let loads = 0
+    const result = await c.getOrSetTraced('k', async () => ++loads)
+    t.equal(result.value, 1)
+    t.equal(result.trace.outcome, 'filled')
+    t.ok(result.trace.waits > 0, `waited ${result.trace.waits} times`)
+    t.equal((await c.get('k'))?.value, 1)
+  })
+
+  t.test('maxWaitMs bounds the wait: the caller loads itself and still writes with its lease', async (t) => {
+    const { client } = await serve(t, { fillLeaseMs: 60_000 })
+    const c = client()
+    await c.lookup('k')
+    let loads = 0
+    const result = await c.getOrSetTraced('k', async () => ++loads, { maxWaitMs: 200 })
+    t.equal(loads, 1)
+    t.equal(result.trace.outcome, 'loaded_after_wait')
+    t.equal((await c.get('k'))?.value, 1, 'its lease was still valid, so it was cached')
+  })
+
+  t.test('a loader returning undefined gets it back, uncached; null is cached', async (t) => {
+    const { app, client } = await serve(t)
+    const c = client()
+    t.same(await c.getOrSetTraced('k', () => undefined), { value: undefined, trace: { outcome: 'not_cached', waits: 0 } })
+    t.equal(await app.cache.inspect('k'), undefined)
+    t.same(await c.getOrSetTraced('n', () => null), { value: null, trace: { outcome: 'filled', waits: 0 } })
+    t.equal((await c.get('n'))?.value, null)
+  })
+
+  t.test('a loader error propagates and caches nothing', async (t) => {
+    const { client } = await serve(t)
+    const c = client()
+    await t.rejects(c.getOrSet('k', async () => { throw new Error('db down') }), { message: 'db down' })
+    t.equal(await c.get('k'), undefined)
+  })
+
+  t.test('cache errors other than 409 propagate', async (t) => {
+    const { client } = await serve(t)
+    const c = client({ apiKey: KEYS.read })
+    const error = await c.getOrSet('k', () => 1).catch((e: unknown) => e)
+    t.ok(error instanceof ForbiddenError, 'a read-only key cannot fill')
+  })
+})

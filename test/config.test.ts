@@ -1,0 +1,73 @@
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import t from 'tap'
+import { ConfigError, loadConfig, parseApiKeys } from '../src/config.js'
+
+t.test('defaults', async (t) => {
+  const c = loadConfig({})
+  t.equal(c.port, 8080)
+  t.equal(c.limits.defaultTtlMs, 300_000)
+  t.equal(c.pgChannel, 'cachewarden')
+  t.same(c.apiKeys, [])
+})
+
+t.test('environment values are read and validated', async (t) => {
+  const c = loadConfig({ PORT: '9000', CACHE_MAX_ENTRIES: '10', CACHE_MAX_BYTES: '4096', DEFAULT_TTL_MS: '1000', REDIS_URL: 'redis://127.0.0.1:6380' })
+  t.match(c, { port: 9000, maxEntries: 10, maxBytes: 4096, redisUrl: 'redis://127.0.0.1:6380' })
+  t.equal(c.limits.defaultTtlMs, 1000)
+})
+
+t.test('a bad value names its variable', async (t) => {
+  const bad: Array<[Record<string, string>, string]> = [
+    [{ PORT: 'eighty' }, 'PORT'],
+    [{ PORT: '70000' }, 'PORT'],
+    [{ CACHE_MAX_ENTRIES: '0' }, 'CACHE_MAX_ENTRIES'],
+    [{ CACHE_MAX_BYTES: '-1' }, 'CACHE_MAX_BYTES'],
+    [{ DEFAULT_TTL_MS: '1.5' }, 'DEFAULT_TTL_MS'],
+    [{ LOG_LEVEL: 'loud' }, 'LOG_LEVEL'],
+    [{ REDIS_URL: 'http://x' }, 'REDIS_URL'],
+    [{ PG_URL: 'not a url' }, 'PG_URL'],
+    [{ PG_CHANNEL: 'drop table;' }, 'PG_CHANNEL'],
+    [{ CACHEWARDEN_API_KEYS: 'nocolons' }, 'CACHEWARDEN_API_KEYS'],
+    [{ CACHEWARDEN_API_KEYS: 'a:root:secret' }, 'CACHEWARDEN_API_KEYS'],
+    [{ CACHEWARDEN_API_KEYS: 'a:read:s1,a:write:s2' }, 'CACHEWARDEN_API_KEYS'],
+    [{ CONFIG_FILE: '/nonexistent/cachewarden.json' }, 'CONFIG_FILE'],
+  ]
+  for (const [env, variable] of bad) {
+    let error: unknown
+    try {
+      loadConfig(env)
+    } catch (e) {
+      error = e
+    }
+    t.ok(error instanceof ConfigError, `${JSON.stringify(env)} is refused`)
+    t.equal((error as ConfigError).variable, variable)
+    t.ok((error as ConfigError).message.startsWith(`${variable}:`), (error as Error).message)
+  }
+})
+
+t.test('API keys parse name, scopes and a secret that may contain colons', async (t) => {
+  const [a, b] = parseApiKeys('svc:read+write:s3cr:et, ops:admin:x')
+  t.equal(a!.name, 'svc')
+  t.same([...a!.scopes], ['read', 'write'])
+  t.equal(a!.secret, 's3cr:et')
+  t.same([...b!.scopes], ['admin'])
+})
+
+t.test('a keys file adds keys, one per line, with comments', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'cw-keys-'))
+  const file = join(dir, 'keys')
+  writeFileSync(file, '# ops keys\nops:admin:file-secret-1\n\nsvc:read:file-secret-2\n', { mode: 0o600 })
+  const c = loadConfig({ CACHEWARDEN_API_KEYS_FILE: file })
+  t.same(c.apiKeys.map((k) => k.name), ['ops', 'svc'])
+})
+
+t.test('CONFIG_FILE must hold a JSON object', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'cw-config-'))
+  const file = join(dir, 'config.json')
+  writeFileSync(file, '[1]')
+  t.throws(() => loadConfig({ CONFIG_FILE: file }), /CONFIG_FILE/)
+  writeFileSync(file, '{"rules":[]}')
+  t.same(loadConfig({ CONFIG_FILE: file }).configFile, { rules: [] })
+})

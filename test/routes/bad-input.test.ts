@@ -1,0 +1,89 @@
+import t from 'tap'
+import { buildApp } from '../../src/app.js'
+import { TEST_API_KEYS, build, call } from '../helpers/build.js'
+
+// Every bad input the contract names gets its 4xx and code, never a 5xx.
+
+type Case = {
+  name: string
+  method: 'GET' | 'PUT' | 'POST' | 'DELETE'
+  url: string
+  payload?: unknown
+  headers?: Record<string, string>
+  status: number
+  error: string
+  message?: RegExp
+}
+
+const deep = (n: number) => JSON.parse('{"a":'.repeat(n) + '1' + '}'.repeat(n))
+
+const cases: Case[] = [
+  { name: 'value missing', method: 'PUT', url: '/v1/entries/k', payload: { ttlMs: 5 }, status: 400, error: 'invalid_request', message: /value/ },
+  { name: 'ttlMs a string', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, ttlMs: '100' }, status: 400, error: 'invalid_request', message: /ttlMs/ },
+  { name: 'ttlMs zero', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, ttlMs: 0 }, status: 400, error: 'invalid_request', message: /ttlMs/ },
+  { name: 'ttlMs over 30 days', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, ttlMs: 30 * 86_400_000 + 1 }, status: 400, error: 'invalid_request', message: /ttlMs/ },
+  { name: 'ttlMs fractional', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, ttlMs: 1.5 }, status: 400, error: 'invalid_request', message: /ttlMs/ },
+  { name: 'userId a number', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, userId: 42 }, status: 400, error: 'invalid_request', message: /userId/ },
+  { name: 'userId empty', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, userId: '' }, status: 400, error: 'invalid_request', message: /userId/ },
+  { name: 'userId over 128 bytes', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, userId: 'é'.repeat(65) }, status: 400, error: 'invalid_request', message: /userId/ },
+  { name: 'tags not an array', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, tags: 'a' }, status: 400, error: 'invalid_request', message: /tags/ },
+  { name: 'too many tags', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, tags: Array.from({ length: 33 }, (_, i) => `t${i}`) }, status: 400, error: 'invalid_request', message: /tags/ },
+  { name: 'a tag over 128 bytes', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, tags: ['x'.repeat(129)] }, status: 400, error: 'invalid_request', message: /tags\[0\]/ },
+  { name: 'an empty tag', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, tags: [''] }, status: 400, error: 'invalid_request', message: /tags\[0\]/ },
+  { name: 'value nested 65 deep', method: 'PUT', url: '/v1/entries/k', payload: { value: deep(65) }, status: 400, error: 'invalid_request', message: /value/ },
+  { name: 'key over 512 bytes', method: 'PUT', url: `/v1/entries/${'k'.repeat(513)}`, payload: { value: 1 }, status: 400, error: 'invalid_request', message: /key/ },
+  { name: 'key with a control character', method: 'PUT', url: '/v1/entries/a%00b', payload: { value: 1 }, status: 400, error: 'invalid_request', message: /key/ },
+  { name: 'key with a newline', method: 'GET', url: '/v1/entries/a%0Ab', status: 400, error: 'invalid_request', message: /key/ },
+  { name: 'key with broken percent-encoding', method: 'GET', url: '/v1/entries/a%zz', status: 400, error: 'invalid_request' },
+  { name: 'key with a lone surrogate', method: 'GET', url: '/v1/entries/a%ED%A0%80', status: 400, error: 'invalid_request' },
+  { name: 'body not JSON', method: 'PUT', url: '/v1/entries/k', payload: '{"value": ', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request' },
+  { name: 'body not an object', method: 'PUT', url: '/v1/entries/k', payload: '[1,2]', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request' },
+  { name: 'body with __proto__', method: 'PUT', url: '/v1/entries/k', payload: '{"value":{"__proto__":{"admin":true}}}', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request' },
+  { name: 'wrong content type', method: 'PUT', url: '/v1/entries/k', payload: 'value=1', headers: { 'content-type': 'text/plain' }, status: 400, error: 'invalid_request' },
+  { name: 'a malformed lease', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, lease: 'not-a-lease' }, status: 400, error: 'invalid_request', message: /lease/ },
+  { name: 'allowStale not a boolean', method: 'GET', url: '/v1/entries/k?allowStale=maybe', status: 400, error: 'invalid_request', message: /allowStale/ },
+  { name: 'batch-get over 1000 keys', method: 'POST', url: '/v1/entries/batch-get', payload: { keys: Array.from({ length: 1001 }, (_, i) => `k${i}`) }, status: 400, error: 'invalid_request', message: /keys/ },
+  { name: 'batch-get keys missing', method: 'POST', url: '/v1/entries/batch-get', payload: {}, status: 400, error: 'invalid_request', message: /keys/ },
+  { name: 'batch-get a bad key', method: 'POST', url: '/v1/entries/batch-get', payload: { keys: ['ok', ''] }, status: 400, error: 'invalid_request', message: /keys\[1\]/ },
+  { name: 'batch-set over 1000 entries', method: 'POST', url: '/v1/entries/batch-set', payload: { entries: Array.from({ length: 1001 }, (_, i) => ({ key: `k${i}`, value: i })) }, status: 400, error: 'invalid_request', message: /entries/ },
+  { name: 'mode unknown on a shorthand', method: 'DELETE', url: '/v1/users/u/entries?mode=purge', status: 400, error: 'invalid_request', message: /mode/ },
+  { name: 'limit out of range', method: 'GET', url: '/v1/debug/invalidations?limit=0', status: 400, error: 'invalid_request', message: /limit/ },
+  { name: 'unknown route', method: 'GET', url: '/v1/nothing', status: 404, error: 'not_found' },
+  { name: 'empty key', method: 'GET', url: '/v1/entries/', status: 400, error: 'invalid_request', message: /key/ },
+  { name: 'debug entry missing', method: 'GET', url: '/v1/debug/entries/none', status: 404, error: 'not_found' },
+]
+
+t.test('every bad input gets its 4xx code and the error shape', async (t) => {
+  const app = await build(t)
+  for (const c of cases) {
+    const res = await call(app, {
+      method: c.method,
+      url: c.url,
+      headers: c.headers,
+      ...(c.payload === undefined ? {} : { payload: c.payload as string }),
+    })
+    t.equal(res.statusCode, c.status, `${c.name}: status (${res.body.slice(0, 120)})`)
+    const body = res.json()
+    t.equal(body.error, c.error, `${c.name}: code`)
+    t.type(body.message, 'string', `${c.name}: message`)
+    if (c.message) t.match(body.message, c.message, `${c.name}: message names the field`)
+  }
+})
+
+t.test('a key of exactly 512 bytes and a value 64 deep are accepted', async (t) => {
+  const app = await build(t)
+  const key = 'é'.repeat(256) // 512 bytes of UTF-8
+  t.equal((await call(app, { method: 'PUT', url: `/v1/entries/${encodeURIComponent(key)}`, payload: { value: deep(63) } })).statusCode, 200)
+  t.equal((await call(app, { method: 'GET', url: `/v1/entries/${encodeURIComponent(key)}` })).statusCode, 200)
+})
+
+t.test('an error never leaks a stack trace', async (t) => {
+  const app = await buildApp({ apiKeys: TEST_API_KEYS })
+  t.teardown(() => app.close())
+  app.get('/boom', { config: { scope: 'read' } }, async () => {
+    throw new Error('secret internals at /src/x.ts:1')
+  })
+  const res = await call(app, { method: 'GET', url: '/boom' })
+  t.equal(res.statusCode, 500)
+  t.same(res.json(), { error: 'internal_error', message: 'an internal error occurred; it has been logged' })
+})

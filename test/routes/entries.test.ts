@@ -1,0 +1,166 @@
+import t from 'tap'
+import { FakeClock, build, call, get, put } from '../helpers/build.js'
+
+t.test('a written entry reads back with its metadata and ETag', async (t) => {
+  const app = await build(t)
+  const written = await put(app, 'dashboard:42', { value: { widgets: [1, 2] }, userId: '42', tags: ['analytics:42'], ttlMs: 60_000 })
+  t.equal(written.key, 'dashboard:42')
+  t.match(written.etag, /^[\w-]+$/)
+  const res = await get(app, 'dashboard:42')
+  t.equal(res.statusCode, 200)
+  t.equal(res.headers.etag, `"${written.etag}"`)
+  t.match(res.headers['content-type'], /application\/json/)
+  const body = res.json()
+  t.same(body.value, { widgets: [1, 2] })
+  t.equal(body.userId, '42')
+  t.same(body.tags, ['analytics:42'])
+  t.equal(body.etag, written.etag)
+  t.equal(body.stale, false)
+  t.equal(body.expiresAt, written.expiresAt)
+  t.ok(body.ttlRemainingMs > 59_000 && body.ttlRemainingMs <= 60_000)
+})
+
+t.test('keys with colons, slashes, spaces and non-ASCII round-trip', async (t) => {
+  const app = await build(t)
+  const keys = ['a:b:c', 'path/to/thing', 'with space', 'ünïcødé', '键/🔑', 'q?x=1&y=2', 'hash#frag', 'pct%20', '...', 'a/../b', '/leading', 'trailing/']
+  for (const [i, key] of keys.entries()) await put(app, key, { value: i })
+  for (const [i, key] of keys.entries()) {
+    const res = await get(app, key)
+    t.equal(res.statusCode, 200, key)
+    t.equal(res.json().key, key)
+    t.equal(res.json().value, i)
+  }
+})
+
+t.test('any JSON value round-trips exactly', async (t) => {
+  const app = await build(t)
+  const values = [null, 0, -1.5, 'text', '', true, [], {}, [1, [2, [3]]], { nested: { a: 'ü', b: null } }]
+  for (const [i, value] of values.entries()) {
+    await put(app, `v${i}`, { value })
+    t.same((await get(app, `v${i}`)).json().value, value, JSON.stringify(value))
+  }
+})
+
+t.test('a miss is 404 not_found with a lease', async (t) => {
+  const app = await build(t)
+  const res = await get(app, 'nothing-here')
+  t.equal(res.statusCode, 404)
+  const body = res.json()
+  t.equal(body.error, 'not_found')
+  t.type(body.message, 'string')
+  t.type(body.lease, 'string')
+  t.equal(body.fill, true)
+})
+
+t.test('overwriting replaces the value, user and tags', async (t) => {
+  const app = await build(t)
+  await put(app, 'k', { value: 1, userId: 'u1', tags: ['a'] })
+  await put(app, 'k', { value: 2, userId: 'u2', tags: ['b'] })
+  const body = (await get(app, 'k')).json()
+  t.equal(body.value, 2)
+  t.equal(body.userId, 'u2')
+  t.same(body.tags, ['b'])
+  // The old user and tag no longer reach it.
+  t.equal((await call(app, { method: 'DELETE', url: '/v1/users/u1/entries' })).json().invalidated, 0)
+  t.equal((await call(app, { method: 'DELETE', url: '/v1/tags/a/entries' })).json().invalidated, 0)
+  t.equal((await call(app, { method: 'DELETE', url: '/v1/users/u2/entries' })).json().invalidated, 1)
+})
+
+t.test('DELETE invalidates one key and reports it', async (t) => {
+  const app = await build(t)
+  await put(app, 'k', { value: 1 })
+  const res = await call(app, { method: 'DELETE', url: '/v1/entries/k', key: 'invalidate' })
+  t.equal(res.statusCode, 200)
+  t.match(res.json(), { invalidated: 1, mode: 'delete' })
+  t.type(res.json().id, 'string')
+  t.type(res.json().durationMs, 'number')
+  t.equal((await get(app, 'k')).statusCode, 404)
+  t.equal((await call(app, { method: 'DELETE', url: '/v1/entries/k' })).json().invalidated, 0)
+})
+
+t.test('TTL expiry with a fake clock', async (t) => {
+  const clock = new FakeClock()
+  const app = await build(t, {}, { now: clock.now })
+  await put(app, 'short', { value: 1, ttlMs: 1000, userId: 'u' })
+  await put(app, 'default', { value: 2 })
+  clock.advance(999)
+  t.equal((await get(app, 'short')).json().ttlRemainingMs, 1)
+  clock.advance(1)
+  t.equal((await get(app, 'short')).statusCode, 404)
+  t.equal((await get(app, 'default')).statusCode, 200)
+  clock.advance(300_000 - 1000)
+  t.equal((await get(app, 'default')).statusCode, 404, 'the default TTL is 300000 ms')
+  const debug = (await call(app, { method: 'GET', url: '/v1/debug/users/u' })).json()
+  t.equal(debug.count, 0, 'the user index forgot the expired entry')
+})
+
+t.test('batch-get returns hits, misses and a lease per miss', async (t) => {
+  const app = await build(t)
+  await put(app, 'a', { value: 'A' })
+  await put(app, 'b/c', { value: 'B' })
+  const res = await call(app, { method: 'POST', url: '/v1/entries/batch-get', payload: { keys: ['a', 'b/c', 'x', 'y'] }, key: 'read' })
+  t.equal(res.statusCode, 200)
+  const body = res.json()
+  t.same(Object.keys(body.entries).sort(), ['a', 'b/c'])
+  t.equal(body.entries.a.value, 'A')
+  t.equal(body.entries['b/c'].value, 'B')
+  t.same(body.missing.sort(), ['x', 'y'])
+  t.type(body.leases.x.lease, 'string')
+  t.equal(body.leases.x.fill, true)
+})
+
+t.test('batch-set writes the good entries and reports the bad one alone', async (t) => {
+  const app = await build(t)
+  const res = await call(app, {
+    method: 'POST',
+    url: '/v1/entries/batch-set',
+    key: 'write',
+    payload: {
+      entries: [
+        { key: 'ok1', value: 1, userId: 'u' },
+        { key: 'bad', value: 2, ttlMs: -5 },
+        { key: 'ok2', value: 3, tags: ['t'] },
+        { value: 4 },
+        { key: 'deep', value: JSON.parse('['.repeat(70) + ']'.repeat(70)) },
+        { key: 'nothing' },
+      ],
+    },
+  })
+  t.equal(res.statusCode, 200)
+  const results = res.json().results
+  t.equal(results.length, 6)
+  t.match(results[0], { key: 'ok1', status: 200 })
+  t.type(results[0].etag, 'string')
+  t.match(results[1], { key: 'bad', status: 400, error: 'invalid_request' })
+  t.match(results[1].message, /ttlMs/)
+  t.match(results[2], { key: 'ok2', status: 200 })
+  t.match(results[3], { status: 400, error: 'invalid_request' })
+  t.match(results[4], { key: 'deep', status: 400, error: 'invalid_request' })
+  t.match(results[5], { key: 'nothing', status: 400, error: 'invalid_request' })
+  t.equal((await get(app, 'ok1')).statusCode, 200)
+  t.equal((await get(app, 'ok2')).statusCode, 200)
+  t.equal((await get(app, 'bad')).statusCode, 404)
+})
+
+t.test('a value over the size limit is 413 value_too_large', async (t) => {
+  const app = await build(t)
+  const res = await call(app, { method: 'PUT', url: '/v1/entries/big', payload: { value: 'x'.repeat(1024 * 1024) } })
+  t.equal(res.statusCode, 413)
+  t.equal(res.json().error, 'value_too_large')
+  const small = await build(t, { limits: { ...app.cache.limits, maxValueBytes: 100 } })
+  const res2 = await call(small, { method: 'PUT', url: '/v1/entries/big', payload: { value: 'x'.repeat(200) } })
+  t.equal(res2.statusCode, 413)
+  t.equal(res2.json().error, 'value_too_large')
+})
+
+t.test('a body over the body limit is 413 payload_too_large', async (t) => {
+  const app = await build(t, { bodyLimitBytes: 1024 })
+  const res = await call(app, {
+    method: 'PUT',
+    url: '/v1/entries/big',
+    payload: JSON.stringify({ value: 'x'.repeat(5000) }),
+    headers: { 'content-type': 'application/json' },
+  })
+  t.equal(res.statusCode, 413)
+  t.equal(res.json().error, 'payload_too_large')
+})

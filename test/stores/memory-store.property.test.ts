@@ -1,0 +1,94 @@
+import fc from 'fast-check'
+import t from 'tap'
+import type { StoredEntry } from '../../src/cache/types.js'
+import { MemoryStore } from '../../src/stores/memory-store.js'
+import { entry } from './store-contract.js'
+
+// After any sequence of set / overwrite / delete / expire / evict / invalidate, the user and
+// tag indexes equal a brute-force recomputation from the entries, and the accounted bytes
+// equal the sum of the entries' sizes.
+
+const key = fc.constantFrom('a', 'b', 'c', 'ab', 'abc', 'b:1', 'b:2', 'c/x', 'd', 'e')
+const user = fc.option(fc.constantFrom('u1', 'u2', 'u3'), { nil: undefined })
+const tags = fc.option(fc.uniqueArray(fc.constantFrom('t1', 't2', 't3', 't4'), { maxLength: 3 }), { nil: undefined })
+const mode = fc.constantFrom('delete' as const, 'stale' as const)
+
+const op = fc.oneof(
+  fc.record({ op: fc.constant('set' as const), key, user, tags, ttl: fc.integer({ min: 1, max: 5000 }), size: fc.integer({ min: 1, max: 400 }) }),
+  fc.record({ op: fc.constant('get' as const), key }),
+  fc.record({ op: fc.constant('advance' as const), ms: fc.integer({ min: 1, max: 3000 }) }),
+  fc.record({ op: fc.constant('sweep' as const) }),
+  fc.record({ op: fc.constant('invalidateKeys' as const), keys: fc.array(key, { maxLength: 3 }), mode }),
+  fc.record({ op: fc.constant('invalidateUser' as const), user: fc.constantFrom('u1', 'u2', 'u3'), mode }),
+  fc.record({ op: fc.constant('invalidateTag' as const), tag: fc.constantFrom('t1', 't2', 't3', 't4'), mode }),
+  fc.record({ op: fc.constant('invalidatePrefix' as const), prefix: fc.constantFrom('a', 'b:', 'c', 'ab'), mode }),
+  fc.record({ op: fc.constant('clear' as const) }),
+)
+
+function recompute(entries: StoredEntry[]) {
+  const users = new Map<string, Set<string>>()
+  const tagIndex = new Map<string, Set<string>>()
+  for (const e of entries) {
+    if (e.userId !== undefined) (users.get(e.userId) ?? users.set(e.userId, new Set()).get(e.userId)!).add(e.key)
+    for (const tag of e.tags ?? []) (tagIndex.get(tag) ?? tagIndex.set(tag, new Set()).get(tag)!).add(e.key)
+  }
+  return { users, tags: tagIndex }
+}
+
+const plain = (index: Map<string, Set<string>>) =>
+  Object.fromEntries([...index].map(([name, keys]) => [name, [...keys].sort()]).sort(([a], [b]) => (a! < b! ? -1 : 1)))
+
+t.test('indexes and byte accounting match a brute-force recomputation after any sequence', async (t) => {
+  await fc.assert(
+    fc.asyncProperty(fc.array(op, { minLength: 1, maxLength: 60 }), fc.integer({ min: 2, max: 8 }), async (ops, maxEntries) => {
+      const clock = { ms: Date.UTC(2026, 0, 1) }
+      const now = () => clock.ms
+      // Small bounds so LRU eviction by count and by bytes both happen.
+      const store = new MemoryStore({ maxEntries, maxBytes: 1500, now, sweepIntervalMs: 0 })
+      for (const o of ops) {
+        switch (o.op) {
+          case 'set':
+            await store.set(entry({ now, advance() {} }, o.key, { userId: o.user, tags: o.tags?.length ? o.tags : undefined, expiresAt: now() + o.ttl, size: o.size }))
+            break
+          case 'get':
+            await store.get(o.key, now())
+            break
+          case 'advance':
+            clock.ms += o.ms
+            break
+          case 'sweep':
+            await store.sweep()
+            break
+          case 'invalidateKeys':
+            if (o.keys.length) await store.invalidate({ keys: o.keys }, o.mode, now())
+            break
+          case 'invalidateUser':
+            await store.invalidate({ userIds: [o.user] }, o.mode, now())
+            break
+          case 'invalidateTag':
+            await store.invalidate({ tags: [o.tag] }, o.mode, now())
+            break
+          case 'invalidatePrefix':
+            await store.invalidate({ prefixes: [o.prefix] }, o.mode, now())
+            break
+          case 'clear':
+            await store.clear()
+            break
+        }
+        const snap = store.snapshot()
+        const expected = recompute(snap.entries)
+        if (JSON.stringify(plain(snap.users)) !== JSON.stringify(plain(expected.users))) throw new Error(`user index drifted after ${JSON.stringify(o)}`)
+        if (JSON.stringify(plain(snap.tags)) !== JSON.stringify(plain(expected.tags))) throw new Error(`tag index drifted after ${JSON.stringify(o)}`)
+        const bytes = snap.entries.reduce((n, e) => n + e.size, 0)
+        if (snap.bytes !== bytes) throw new Error(`bytes ${snap.bytes} != sum of sizes ${bytes}`)
+        if (snap.entries.length > maxEntries || snap.bytes > 1500) throw new Error('bounds exceeded')
+      }
+      // After a sweep, nothing expired is held.
+      await store.sweep()
+      if (store.snapshot().entries.some((e) => e.expiresAt <= now())) throw new Error('an expired entry survived the sweep')
+      await store.close()
+    }),
+    { numRuns: 400 },
+  )
+  t.pass('the property held for 400 random sequences')
+})
