@@ -1,6 +1,7 @@
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
 import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify'
+import { AuditLog } from './cache/audit-log.js'
 import { CacheService, type CoreLogger } from './cache/cache-service.js'
 import { defaultConfig, type Config } from './config.js'
 import auth from './plugins/auth.js'
@@ -8,10 +9,18 @@ import errors from './plugins/errors.js'
 import health from './plugins/health.js'
 import metrics from './plugins/metrics.js'
 import swaggerDocs from './plugins/swagger.js'
+import origins from './plugins/origins.js'
+
+import rateLimits from './plugins/rate-limits.js'
+import adminRoutes from './routes/admin.js'
 import debugRoutes from './routes/debug.js'
 import entryRoutes from './routes/entries.js'
+import eventRoutes from './routes/events.js'
 import invalidationRoutes from './routes/invalidations.js'
 import streamRoutes from './routes/stream.js'
+import { PostgresListener } from './sources/postgres-listener.js'
+
+import originRoutes from './routes/origins.js'
 import { MemoryStore } from './stores/memory-store.js'
 import type { Store } from './stores/store.js'
 
@@ -19,6 +28,7 @@ declare module 'fastify' {
   interface FastifyInstance {
     cache: CacheService
     config: Config
+    audit: AuditLog
   }
 }
 
@@ -59,9 +69,13 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
-    // Undecodable URLs (`%zz`, encoded lone surrogates) never reach the error handler.
+    // Bad percent-encoding and over-long path parameters get the contract's 400, not Fastify's own body.
     frameworkErrors: (error, _request, reply) => {
-      ;(reply as FastifyReply).code(400).send({ error: 'invalid_request', message: `the URL is not valid: ${error.code ?? 'bad request'}` })
+      const message =
+        error.code === 'FST_ERR_MAX_PARAM_LENGTH'
+          ? `a path parameter is longer than the limit (keys: ${config.limits.maxKeyBytes} bytes)`
+          : 'the URL is not valid (bad percent-encoding)'
+      ;(reply as FastifyReply).code(400).send({ error: 'invalid_request', message })
     },
   })
   app.setValidatorCompiler(validatorCompiler())
@@ -81,19 +95,48 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   })
   app.decorate('config', config)
   app.decorate('cache', cache)
+  const audit = new AuditLog({ size: config.security.auditLogSize, logger: app.log as CoreLogger, now })
+  const unwatch = audit.watch(cache)
+  app.decorate('audit', audit)
   app.addHook('onClose', async () => {
+    unwatch()
     await cache.close()
   })
 
   await app.register(errors)
-  await app.register(auth, { keys: config.apiKeys })
+  await app.register(rateLimits, { security: config.security })
+  await app.register(auth, {
+    keys: config.apiKeys,
+    failureLimit: { max: config.security.authFailureLimitMax, windowMs: config.security.authFailureWindowMs },
+  })
   // Swagger collects routes as they are added, so it goes before every route.
   await app.register(swaggerDocs)
   if (options.metrics !== false) await app.register(metrics)
   await app.register(health)
+  await app.register(origins)
   await app.register(entryRoutes)
   await app.register(invalidationRoutes)
   await app.register(debugRoutes)
+  await app.register(eventRoutes)
+
+  if (config.pgUrl !== undefined) {
+    const listener = new PostgresListener({
+      url: config.pgUrl,
+      channel: config.pgChannel,
+      cache,
+      logger: app.log as CoreLogger,
+      reconnectPolicy: config.pgReconnectPolicy,
+      policyOnFirstConnect: config.pgReconnectPolicyOnStart,
+    })
+    app.readinessChecks.push({ name: 'postgres', ready: () => listener.listening })
+    // Started once the app is ready (not while plugins load); /health/ready is 503 until it listens.
+    app.addHook('onReady', async () => listener.start())
+    app.addHook('onClose', () => listener.close())
+  }
+
+  await app.register(originRoutes)
+
+  await app.register(adminRoutes)
   await app.register(streamRoutes)
   return app
 }

@@ -1,5 +1,8 @@
-import { readFileSync } from 'node:fs'
+import { readFileSync, statSync } from 'node:fs'
 import { DEFAULT_LIMITS, type Limits } from './cache/limits.js'
+import { compileRules } from './sources/events.js'
+
+import { parseOriginsConfig } from './origins/config.js'
 import { DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES } from './stores/memory-store.js'
 
 export const SCOPES = ['read', 'write', 'invalidate', 'admin'] as const
@@ -34,6 +37,10 @@ export interface Config {
   redisUrl: string | undefined
   pgUrl: string | undefined
   pgChannel: string
+  /** What the PostgreSQL listener does on a reconnect, for the notifications it may have missed. */
+  pgReconnectPolicy: PgReconnectPolicy
+  /** Apply `pgReconnectPolicy` on the first connect too (entries may predate this process, e.g. in Redis). */
+  pgReconnectPolicyOnStart: boolean
   l1MaxTtlMs: number
   refreshConcurrency: number
   fillLeaseMs: number
@@ -43,9 +50,39 @@ export interface Config {
   /** A stream client with more unsent bytes than this is disconnected (slow reader). */
   streamMaxBufferBytes: number
   configFile: ConfigFile
+  /** Rate limits and the audit log (README "Security"). */
+  security: SecurityConfig
+}
+
+/** Rate limits and audit settings; a `max` of 0 turns that limit off. */
+export interface SecurityConfig {
+  /** Requests per key per window on each of the two emergency-clear endpoints. */
+  clearRateLimitMax: number
+  clearRateLimitWindowMs: number
+  /** 401s per client IP per window before that IP gets 429 on every authenticated route. */
+  authFailureLimitMax: number
+  authFailureWindowMs: number
+  /** Requests per key (or IP) per window on every authenticated route; 0 (default) is off. */
+  rateLimitMax: number
+  rateLimitWindowMs: number
+  /** How many audit records `GET /v1/debug/audit` can show. */
+  auditLogSize: number
+}
+
+export const DEFAULT_SECURITY: SecurityConfig = {
+  clearRateLimitMax: 5,
+  clearRateLimitWindowMs: 60_000,
+  authFailureLimitMax: 20,
+  authFailureWindowMs: 60_000,
+  rateLimitMax: 0,
+  rateLimitWindowMs: 60_000,
+  auditLogSize: 1000,
 }
 
 export const DEFAULT_PORT = 8080
+
+export const PG_RECONNECT_POLICIES = ['stale-all', 'clear', 'none'] as const
+export type PgReconnectPolicy = (typeof PG_RECONNECT_POLICIES)[number]
 
 export function defaultConfig(): Config {
   return {
@@ -62,6 +99,8 @@ export function defaultConfig(): Config {
     redisUrl: undefined,
     pgUrl: undefined,
     pgChannel: 'cachewarden',
+    pgReconnectPolicy: 'stale-all',
+    pgReconnectPolicyOnStart: false,
     l1MaxTtlMs: 60_000,
     refreshConcurrency: 3,
     fillLeaseMs: 2000,
@@ -69,6 +108,7 @@ export function defaultConfig(): Config {
     streamHeartbeatMs: 15_000,
     streamMaxBufferBytes: 8 * 1024 * 1024,
     configFile: {},
+    security: { ...DEFAULT_SECURITY },
   }
 }
 
@@ -133,6 +173,16 @@ export function loadConfig(env: Env = process.env): Config {
   if (!/^[A-Za-z_][A-Za-z0-9_]{0,62}$/.test(c.pgChannel)) {
     throw new ConfigError('PG_CHANNEL', 'must be a plain SQL identifier (letters, digits, underscore)')
   }
+  const policy = str('PG_RECONNECT_POLICY') ?? c.pgReconnectPolicy
+  if (!(PG_RECONNECT_POLICIES as readonly string[]).includes(policy)) {
+    throw new ConfigError('PG_RECONNECT_POLICY', `must be one of ${PG_RECONNECT_POLICIES.join(', ')}, got "${policy}"`)
+  }
+  c.pgReconnectPolicy = policy as PgReconnectPolicy
+  const onStart = str('PG_RECONNECT_POLICY_ON_START')
+  if (onStart !== undefined && onStart !== 'true' && onStart !== 'false') {
+    throw new ConfigError('PG_RECONNECT_POLICY_ON_START', `must be true or false, got "${onStart}"`)
+  }
+  c.pgReconnectPolicyOnStart = onStart === 'true'
   c.l1MaxTtlMs = int('L1_MAX_TTL_MS', c.l1MaxTtlMs, 1)
   c.refreshConcurrency = int('REFRESH_CONCURRENCY', c.refreshConcurrency, 1, 1000)
   c.fillLeaseMs = int('FILL_LEASE_MS', c.fillLeaseMs, 1, 600_000)
@@ -140,19 +190,19 @@ export function loadConfig(env: Env = process.env): Config {
   c.streamHeartbeatMs = int('STREAM_HEARTBEAT_MS', c.streamHeartbeatMs, 100, 3_600_000)
   c.streamMaxBufferBytes = int('STREAM_MAX_BUFFER_BYTES', c.streamMaxBufferBytes, 1024)
 
+  const sec = c.security
+  sec.clearRateLimitMax = int('CLEAR_RATE_LIMIT_MAX', sec.clearRateLimitMax, 0, 1_000_000)
+  sec.clearRateLimitWindowMs = int('CLEAR_RATE_LIMIT_WINDOW_MS', sec.clearRateLimitWindowMs, 1)
+  sec.authFailureLimitMax = int('AUTH_FAILURE_LIMIT_MAX', sec.authFailureLimitMax, 0, 1_000_000)
+  sec.authFailureWindowMs = int('AUTH_FAILURE_WINDOW_MS', sec.authFailureWindowMs, 1)
+  sec.rateLimitMax = int('RATE_LIMIT_MAX', sec.rateLimitMax, 0, 100_000_000)
+  sec.rateLimitWindowMs = int('RATE_LIMIT_WINDOW_MS', sec.rateLimitWindowMs, 1)
+  sec.auditLogSize = int('AUDIT_LOG_SIZE', sec.auditLogSize, 1, 1_000_000)
+
   const keys = str('CACHEWARDEN_API_KEYS')
   if (keys !== undefined) c.apiKeys.push(...parseApiKeys(keys, 'CACHEWARDEN_API_KEYS'))
   const keysFile = str('CACHEWARDEN_API_KEYS_FILE')
-  if (keysFile !== undefined) {
-    let text: string
-    try {
-      text = readFileSync(keysFile, 'utf8')
-    } catch (error) {
-      throw new ConfigError('CACHEWARDEN_API_KEYS_FILE', `cannot read ${keysFile}: ${(error as Error).message}`)
-    }
-    const lines = text.split('\n').map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'))
-    c.apiKeys.push(...parseApiKeys(lines.join(','), 'CACHEWARDEN_API_KEYS_FILE'))
-  }
+  if (keysFile !== undefined) c.apiKeys.push(...readKeysFile(keysFile))
   const names = new Set<string>()
   for (const key of c.apiKeys) {
     if (names.has(key.name)) throw new ConfigError('CACHEWARDEN_API_KEYS', `key name "${key.name}" is used twice`)
@@ -171,14 +221,45 @@ export function loadConfig(env: Env = process.env): Config {
       throw new ConfigError('CONFIG_FILE', 'must hold a JSON object')
     }
     c.configFile = parsed as ConfigFile
+    // Checked here too (buildApp checks again), so a bad rule stops the start with its name.
+    compileRules(c.configFile.rules, c.limits)
+
+    parseOriginsConfig(c.configFile, c.limits) // throws ConfigError naming origins[i].field or warm.field
   }
   return c
 }
 
+/**
+ * Reads CACHEWARDEN_API_KEYS_FILE: one `name:scopes:secret` a line, `#` comments, blank
+ * lines ignored. A secret may contain `,` here (one key a line). The file must not be
+ * readable or writable by others (mode `o-rwx`, e.g. 0600 or 0640), as ssh does for its keys.
+ */
+export function readKeysFile(path: string, variable = 'CACHEWARDEN_API_KEYS_FILE'): ApiKey[] {
+  let text: string
+  try {
+    if (process.platform !== 'win32' && (statSync(path).mode & 0o007) !== 0) {
+      throw new ConfigError(
+        variable,
+        `${path} is accessible to every user of the machine (mode ${(statSync(path).mode & 0o777).toString(8)}); ` +
+          `run chmod o-rwx (e.g. chmod 600) on it`,
+      )
+    }
+    text = readFileSync(path, 'utf8')
+  } catch (error) {
+    if (error instanceof ConfigError) throw error
+    throw new ConfigError(variable, `cannot read ${path}: ${(error as Error).message}`)
+  }
+  const lines = text.split('\n').map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'))
+  return parseApiKeyEntries(lines, variable)
+}
+
 /** Parses `name:scope+scope:secret,...`. The secret may itself contain `:`. */
 export function parseApiKeys(text: string, variable = 'CACHEWARDEN_API_KEYS'): ApiKey[] {
-  return text
-    .split(',')
+  return parseApiKeyEntries(text.split(','), variable)
+}
+
+function parseApiKeyEntries(entries: string[], variable: string): ApiKey[] {
+  return entries
     .map((part) => part.trim())
     .filter((part) => part !== '')
     .map((part, i) => {

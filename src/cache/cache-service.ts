@@ -119,6 +119,8 @@ export interface CacheServiceEvents {
   invalidation: [InvalidationRecord]
   invalidation_failed: [{ source: InvalidationSource; selector: Selector; error: Error }]
   cleared: [{ cleared: number; actor: string | undefined; reason: string | undefined }]
+  /** The stats summary was zeroed (the audit log listens). */
+  stats_reset: [{ actor: string | undefined }]
   /** One call to an origin (src/origins): result is `success`, `error` or `timeout`. */
   origin_request: [{ origin: string; result: 'success' | 'error' | 'timeout'; durationMs: number }]
   /** One refresh-ahead, forced refresh or warm load: result is `success` or `error`. */
@@ -140,6 +142,8 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   readonly limits: Limits
   readonly now: () => number
   readonly totals: Totals = emptyTotals()
+  /** Called on every hit (refresh-ahead listens); unset when no origin is configured, so a hit pays one check. */
+  onHit: ((entry: StoredEntry, now: number) => void) | undefined = undefined
   readonly #logger: CoreLogger | undefined
   readonly #fillLeaseMs: number
   readonly #leasesEnabled: boolean
@@ -170,6 +174,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const entry = await this.store.get(key, now)
     if (entry !== undefined && (allowStale || !entry.stale)) {
       this.totals.hits++
+      if (this.onHit !== undefined) this.onHit(entry, now)
       return { entry }
     }
     this.totals.misses++
@@ -188,6 +193,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       const entry = await this.store.get(key, now)
       if (entry !== undefined && (allowStale || !entry.stale)) {
         this.totals.hits++
+        if (this.onHit !== undefined) this.onHit(entry, now)
         entries.set(key, entry)
       } else {
         this.totals.misses++
@@ -285,6 +291,46 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     return { id: record.id, invalidated, mode, durationMs }
   }
 
+  /**
+   * Marks every entry stale and voids every lease: for a source that may have missed
+   * invalidations (the PostgreSQL listener after a reconnect). Recorded like any other
+   * invalidation, with the selector `{all: true}`. A store without `markAllStale` is cleared.
+   */
+  async markAllStale(options: Omit<InvalidateOptions, 'mode'>): Promise<InvalidationResult> {
+    const started = performance.now()
+    let invalidated: number
+    let mode: InvalidationMode = 'stale'
+    try {
+      if (this.store.markAllStale) {
+        invalidated = await this.store.markAllStale()
+      } else {
+        this.#logger?.warn({ store: this.store.kind, source: options.source }, 'store cannot mark all stale; clearing it')
+        invalidated = await this.store.clear()
+        mode = 'delete'
+        this.#fills.clear()
+      }
+    } catch (error) {
+      this.#countFailure(options.source)
+      this.emit('invalidation_failed', { source: options.source, selector: { all: true }, error: error as Error })
+      this.#logger?.error({ err: error, source: options.source }, 'invalidation failed')
+      throw error instanceof CacheError ? error : backendUnavailable('the store')
+    }
+    const record: InvalidationRecord = {
+      id: randomUUID(),
+      selector: { all: true },
+      mode,
+      source: options.source,
+      invalidated,
+      durationMs: round(performance.now() - started),
+      at: new Date(this.now()).toISOString(),
+      actor: options.actor,
+      reason: options.reason,
+    }
+    this.totals.invalidationsBySelector.all = (this.totals.invalidationsBySelector.all ?? 0) + 1
+    this.#record(record)
+    return { id: record.id, invalidated, mode, durationMs: record.durationMs }
+  }
+
   /** Counts an invalidation that never reached the store (e.g. an unparseable notification). */
   countFailure(source: InvalidationSource): void {
     this.#countFailure(source)
@@ -328,9 +374,10 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   }
 
   /** Zeroes the summary; the monotonic totals behind the Prometheus counters keep counting. */
-  resetStats(): void {
+  resetStats(actor?: string): void {
     this.#baseline = structuredClone(this.totals)
     this.#last = undefined
+    this.emit('stats_reset', { actor })
   }
 
   async close(): Promise<void> {
@@ -381,7 +428,9 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
         invalidation: record.id,
         source: record.source,
         mode: record.mode,
-        selectors: Object.fromEntries(SELECTOR_KINDS.filter((k) => record.selector[k]).map((k) => [k, record.selector[k]!.length])),
+        selectors: record.selector.all
+          ? { all: true }
+          : Object.fromEntries(SELECTOR_KINDS.filter((k) => record.selector[k]).map((k) => [k, record.selector[k]!.length])),
         invalidated: record.invalidated,
         durationMs: record.durationMs,
       },

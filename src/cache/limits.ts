@@ -121,16 +121,15 @@ export function checkSelector(selector: Selector, limits: Limits): Selector {
 }
 
 function depthExceeds(value: unknown, maxDepth: number): boolean {
-  // Iterative, so a hostile value cannot overflow the stack here.
+  // Recursion stops at maxDepth + 1 levels, so a hostile value cannot overflow the stack.
   if (value === null || typeof value !== 'object') return false
-  const stack: Array<[unknown, number]> = [[value, 1]]
-  while (stack.length > 0) {
-    const [node, depth] = stack.pop()!
-    if (depth > maxDepth) return true
-    const children = Array.isArray(node) ? node : Object.values(node as object)
-    for (const child of children) {
-      if (child !== null && typeof child === 'object') stack.push([child, depth + 1])
-    }
+  if (maxDepth <= 0) return true
+  if (Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) if (depthExceeds(value[i], maxDepth - 1)) return true
+    return false
+  }
+  for (const key in value) {
+    if (depthExceeds((value as Record<string, unknown>)[key], maxDepth - 1)) return true
   }
   return false
 }

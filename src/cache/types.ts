@@ -26,6 +26,11 @@ export interface Selector {
   userIds?: string[]
   tags?: string[]
   prefixes?: string[]
+  /**
+   * Every entry. Never accepted from a client (checkSelector keeps only the four lists); set
+   * only by CacheService.markAllStale, so logs and streams can say what it covered.
+   */
+  all?: true
 }
 
 export const SELECTOR_KINDS = ['keys', 'userIds', 'tags', 'prefixes'] as const

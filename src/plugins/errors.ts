@@ -57,6 +57,8 @@ function clientMessage(error: FastifyError): string {
     case 'FST_ERR_CTP_EMPTY_JSON_BODY':
       return 'the JSON body is empty'
     case 'FST_ERR_CTP_INVALID_JSON_BODY':
+      // Prototype poisoning lands here too: the JSON parser refuses both the same way.
+      return 'the body is not valid JSON, or has a forbidden "__proto__" or "constructor.prototype" key'
     case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
       return 'the body is not valid JSON'
     default:

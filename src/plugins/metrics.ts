@@ -140,7 +140,7 @@ export function registerCacheMetrics(registry: Registry, cache: CacheService): v
 
   const invalidations = new Counter({
     name: name('invalidations_total'),
-    help: 'Invalidations applied, by selector kind (key, user, tag, prefix), source and mode. One naming several kinds counts under each.',
+    help: 'Invalidations applied, by selector kind (key, user, tag, prefix, all), source and mode. One naming several kinds counts under each.',
     labelNames: ['selector', 'source', 'mode'],
     registers,
   })
@@ -157,13 +157,20 @@ export function registerCacheMetrics(registry: Registry, cache: CacheService): v
   })
   lastInvalidation.set(0)
   cache.on('invalidation', (record: InvalidationRecord) => {
-    for (const kind of SELECTOR_KINDS) {
-      if (!record.selector[kind]?.length) continue
-      const selector = SELECTOR_LABEL[kind]
+    const count = (selector: string) => {
       invalidations.inc({ selector, source: record.source, mode: record.mode })
       invalidatedEntries.inc({ selector }, record.invalidated)
     }
+    for (const kind of SELECTOR_KINDS) if (record.selector[kind]?.length) count(SELECTOR_LABEL[kind])
+    // Everything at once (the PostgreSQL listener's reconnect policy), as /v1/stats counts it.
+    if (record.selector.all) count('all')
     lastInvalidation.set(Date.parse(record.at) / 1000)
+  })
+  // The emergency clear is not an invalidation record, but to a dashboard it is one: of everything.
+  cache.on('cleared', ({ cleared }) => {
+    invalidations.inc({ selector: 'all', source: 'admin', mode: 'delete' })
+    invalidatedEntries.inc({ selector: 'all' }, cleared)
+    lastInvalidation.set(cache.now() / 1000)
   })
 
   const originRequests = new Counter({

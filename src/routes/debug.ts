@@ -28,6 +28,7 @@ const SelectorView = Type.Object({
   userIds: Type.Optional(Type.Array(Type.String())),
   tags: Type.Optional(Type.Array(Type.String())),
   prefixes: Type.Optional(Type.Array(Type.String())),
+  all: Type.Optional(Type.Literal(true, { description: 'every entry (a reconnect of the PostgreSQL listener)' })),
 })
 
 export const InvalidationRecordView = Type.Object({
@@ -188,8 +189,8 @@ export default async function debugRoutes(fastify: FastifyInstance) {
         response: { 200: Type.Object({ reset: Type.Boolean() }), ...authErrors },
       },
     },
-    async () => {
-      cache.resetStats()
+    async (request) => {
+      cache.resetStats(request.apiKey?.name)
       return { reset: true }
     },
   )

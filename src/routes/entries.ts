@@ -43,7 +43,8 @@ export default async function entryRoutes(fastify: FastifyInstance) {
           'Returns the entry with an `ETag`; 304 when `If-None-Match` matches. A miss is 404 `not_found` ' +
           'carrying a `lease`: send it back with the PUT that fills the key, and the write is refused ' +
           'if an invalidation touched the key meanwhile. Only one miss at a time gets `fill: true`; the ' +
-          'others get `fill: false` and `retryAfterMs`.',
+          'others get `fill: false` and `retryAfterMs`. With `?load=true`, a miss on a key an origin serves is ' +
+          'filled from it (one origin call however many callers wait); 503 `backend_unavailable` if the origin fails.',
         params: KeyParams,
         querystring: ReadQuery,
         response: { 200: Entry, 304: { type: 'null', description: 'Not modified' }, 404: MissBody, ...badRequest, ...authErrors },
@@ -51,7 +52,9 @@ export default async function entryRoutes(fastify: FastifyInstance) {
     },
     async (request, reply) => {
       const { key } = request.params
-      const result = await cache.read(key, request.query.allowStale === true)
+      const allowStale = request.query.allowStale === true
+      // ?load=true fills a miss from the key's origin (src/origins): single flight, under the lease.
+      const result = request.query.load === true ? await app.origins.readThrough(key, allowStale) : await cache.read(key, allowStale)
       if (result.entry !== undefined) {
         const entry = result.entry
         const inm = request.headers['if-none-match']

@@ -20,8 +20,10 @@ const EXAMPLE =
   'data: {"id":"3b0f4c3e-8a51-4a43-9d0e-2f1c1d6f9a10","selector":{"userIds":["42"]},"mode":"delete",' +
   '"source":"api","invalidated":3,"at":"2026-11-22T10:00:00.000Z"}\n\n'
 
-/** Sent to a reconnecting client whose `Last-Event-ID` is no longer in the invalidation log. */
-const RESET_FRAME = `event: reset\ndata: ${JSON.stringify({ reason: 'events since Last-Event-ID are no longer available; drop or revalidate kept copies' })}\n\n`
+/** A `reset` event: the client must drop or revalidate every copy it kept. */
+const resetFrame = (reason: string) => `event: reset\ndata: ${JSON.stringify({ reason })}\n\n`
+const RESET_UNKNOWN_ID = resetFrame('events since Last-Event-ID are no longer available; drop or revalidate kept copies')
+const RESET_CLEARED = resetFrame('the cache was cleared; drop every kept copy')
 
 /** The SSE frame of one invalidation; built once and written to every client. */
 export function invalidationFrame(record: InvalidationRecord): string {
@@ -62,19 +64,32 @@ export default fp(
       for (const res of clients) send(res, chunk)
     }
 
+    // The emergency clear is not in the invalidation log: remember the newest record at the
+    // time of the last clear (null: the log was empty), so a replay can tell it was missed.
+    let newestAtLastClear: string | null | undefined
+
     // A reconnecting client names the last event it saw: replay what followed it from the
-    // invalidation log, or, when the log no longer holds it, tell the client to resync.
+    // invalidation log, or, when the log no longer holds it or a clear followed it, reset.
     const catchUp = (lastId: string): string => {
       const recent = app.cache.recentInvalidations(app.config.invalidationLogSize)
       const seen = recent.findIndex((record) => record.id === lastId)
-      if (seen === -1) return RESET_FRAME
+      if (seen === -1) return RESET_UNKNOWN_ID
+      if (newestAtLastClear !== undefined && newestAtLastClear !== null) {
+        const clearedAfter = recent.findIndex((record) => record.id === newestAtLastClear)
+        if (clearedAfter !== -1 && clearedAfter <= seen) return RESET_CLEARED
+      }
       return recent.slice(0, seen).reverse().map(invalidationFrame).join('')
     }
 
     const onInvalidation = (record: InvalidationRecord) => {
       if (clients.size > 0) broadcast(invalidationFrame(record))
     }
+    const onCleared = () => {
+      newestAtLastClear = app.cache.recentInvalidations(1)[0]?.id ?? null
+      if (clients.size > 0) broadcast(RESET_CLEARED)
+    }
     app.cache.on('invalidation', onInvalidation)
+    app.cache.on('cleared', onCleared)
     app.decorate('invalidationStream', { clients: () => clients.size })
 
     // preClose runs before the server stops accepting and waits for open requests: an
@@ -87,6 +102,7 @@ export default fp(
     })
     app.addHook('onClose', async () => {
       app.cache.off('invalidation', onInvalidation)
+      app.cache.off('cleared', onCleared)
     })
 
     app.get(
@@ -103,7 +119,8 @@ export default fp(
             '`{id, selector, mode, source, invalidated, at}`, and a heartbeat comment every ' +
             '`STREAM_HEARTBEAT_MS` (default 15 s). A reconnect with `Last-Event-ID` first replays the ' +
             'invalidations that followed it from the invalidation log; if the log no longer holds that id, ' +
-            'a `reset` event says to drop or revalidate kept copies. A client that reads too slowly is disconnected. ' +
+            'a `reset` event says to drop or revalidate kept copies. An emergency clear is a `reset` event too. ' +
+            'A client that reads too slowly is disconnected. ' +
             'Browsers: `EventSource` cannot send the bearer header; read it with `fetch` and a stream reader.',
           response: {
             200: {

@@ -40,6 +40,13 @@ export interface Store {
   /** Drops every entry and voids every outstanding lease. Returns how many entries went. */
   clear(): Promise<number>
 
+  /**
+   * Marks every entry stale and voids every outstanding lease, like `clear` but keeping the
+   * entries for `allowStale` readers. Returns how many entries were newly marked. Optional:
+   * CacheService.markAllStale falls back to `clear` on a store without it.
+   */
+  markAllStale?(): Promise<number>
+
   /** The stamp a lease issued now carries. */
   leaseStamp(): Promise<LeaseStamp>
 

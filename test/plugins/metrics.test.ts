@@ -197,3 +197,16 @@ t.test('a scrape reads the store size once and survives a store that cannot answ
   t.equal(valueOf(second, 'cachewarden_cache_bytes'), bytes)
   t.equal(valueOf(second, 'cachewarden_cache_hits_total'), 0, 'and the rest of the scrape is there')
 })
+
+t.test('marking everything stale and the emergency clear count under selector "all"', async (t) => {
+  const app = await build(t)
+  await put(app, 'a', { value: 1 })
+  await put(app, 'b', { value: 2 })
+  await app.cache.markAllStale({ source: 'listener' })
+  await put(app, 'c', { value: 3 })
+  await app.cache.clear('admin', 'test')
+  const s = await scrape(app)
+  t.equal(valueOf(s, 'cachewarden_invalidations_total', { selector: 'all', source: 'listener', mode: 'stale' }), 1)
+  t.equal(valueOf(s, 'cachewarden_invalidations_total', { selector: 'all', source: 'admin', mode: 'delete' }), 1)
+  t.equal(valueOf(s, 'cachewarden_invalidated_entries_total', { selector: 'all' }), 5, '2 marked stale, then 3 cleared')
+})

@@ -114,13 +114,14 @@ t.test('the stream needs a key with the read scope', async (t) => {
 t.test('a client that goes away is removed from the stream', async (t) => {
   const app = await build(t)
   const port = await listen(app)
+  const listeners = app.cache.listenerCount('invalidation')
   const stays = await openStream(port)
   const leaves = await openStream(port)
   await waitFor('both clients to register', () => app.invalidationStream.clients() === 2)
   leaves.req.destroy()
   await waitFor('the gone client to be removed', () => app.invalidationStream.clients() === 1)
   t.equal(app.invalidationStream.clients(), 1)
-  t.equal(app.cache.listenerCount('invalidation'), 2, 'one listener for the stream and one for metrics, not one per client')
+  t.equal(app.cache.listenerCount('invalidation'), listeners, 'one listener for all clients, not one per client')
 
   // Broadcasting after the removal reaches the client that stayed and nothing breaks.
   await call(app, { method: 'DELETE', url: '/v1/entries/x', key: 'invalidate' })
@@ -240,3 +241,33 @@ t.test('a reconnect with Last-Event-ID replays what followed it, or says to resy
 async function untilEvents(stream: Awaited<ReturnType<typeof openStream>>, n: number) {
   await stream.until((text) => events(text).length >= n)
 }
+
+t.test('an emergency clear is a reset event, live and on a later reconnect', async (t) => {
+  const app = await build(t)
+  const port = await listen(app)
+  const before = (await call(app, { method: 'DELETE', url: '/v1/entries/a', key: 'invalidate' })).json().id as string
+  const live = await openStream(port)
+  await waitFor('the client to register', () => app.invalidationStream.clients() === 1)
+
+  const token = await call(app, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'test' } })
+  t.equal(token.statusCode, 200)
+  const cleared = await call(app, { method: 'POST', url: '/v1/admin/clear', payload: { token: token.json().token } })
+  t.equal(cleared.statusCode, 200)
+  await live.until((text) => text.includes('event: reset'))
+  t.match(live.text(), /event: reset\ndata: \{"reason":"the cache was cleared[^"]*"\}\n\n/)
+
+  // A client that last saw an event from before the clear missed it: reset, not a replay.
+  const missed = await openStream(port, 'read', { 'last-event-id': before })
+  await missed.until((text) => text.includes('event: reset'))
+  t.match(missed.text(), /the cache was cleared/)
+  t.equal(events(missed.text()).length, 0)
+
+  // One that saw an event from after the clear gets a plain replay.
+  const after = (await call(app, { method: 'DELETE', url: '/v1/entries/b', key: 'invalidate' })).json().id as string
+  const later = (await call(app, { method: 'DELETE', url: '/v1/entries/c', key: 'invalidate' })).json().id as string
+  const fine = await openStream(port, 'read', { 'last-event-id': after })
+  await untilEvents(fine, 1)
+  t.same(events(fine.text()).map((e) => e.id), [later])
+  t.notMatch(fine.text(), /event: reset/)
+  for (const s of [live, missed, fine]) s.req.destroy()
+})

@@ -1,0 +1,104 @@
+-- cachewarden: invalidate cache entries from row changes (README, "PostgreSQL triggers").
+--
+-- Install once per database:   psql "$DATABASE_URL" -f sql/cachewarden.sql
+-- Attach to a table:
+--
+--   CREATE TRIGGER personas_cachewarden
+--     AFTER INSERT OR UPDATE OR DELETE ON personas
+--     FOR EACH ROW EXECUTE FUNCTION cachewarden_notify('user_id', 'analytics:{user_id}');
+--
+-- Arguments (all optional, trigger arguments are text):
+--   1. the user column: its value goes into `userIds` (every entry of that user).
+--      '' means none (only the tags are invalidated).
+--   2.. tag templates: `{column}` is replaced by the row's value of that column, e.g.
+--      'analytics:{user_id}' or 'org:{org_id}:reports'. A template whose column is NULL
+--      in the row is skipped.
+--   An argument 'mode=stale' (anywhere after the first) marks entries stale instead of
+--   deleting them.
+--
+-- On INSERT the new row is used, on DELETE the old one, on UPDATE both: when a row moves
+-- from one user to another, both users' entries go. An UPDATE that changes nothing sends
+-- nothing. The notification goes out on commit (NOTIFY is transactional), on the channel
+-- set by `cachewarden.channel` (ALTER DATABASE ... SET cachewarden.channel = '...'),
+-- default 'cachewarden', and carries a selector:
+--   {"userIds":["42"],"tags":["analytics:42"],"mode":"delete","reason":"public.personas UPDATE"}
+-- TRUNCATE fires no row trigger: invalidate through the API (or restart the listener) after one.
+
+CREATE OR REPLACE FUNCTION cachewarden_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+  user_column text := CASE WHEN TG_NARGS > 0 THEN TG_ARGV[0] ELSE '' END;
+  mode text := 'delete';
+  templates text[] := '{}';
+  images jsonb[] := '{}';
+  r jsonb;
+  tmpl text;
+  tag text;
+  col text;
+  val text;
+  user_ids text[] := '{}';
+  tags text[] := '{}';
+  channel text := coalesce(nullif(current_setting('cachewarden.channel', true), ''), 'cachewarden');
+BEGIN
+  FOR i IN 1 .. TG_NARGS - 1 LOOP
+    IF TG_ARGV[i] IN ('mode=stale', 'mode=delete') THEN
+      mode := substr(TG_ARGV[i], 6);
+    ELSIF TG_ARGV[i] <> '' THEN
+      templates := templates || TG_ARGV[i];
+    END IF;
+  END LOOP;
+
+  IF TG_OP = 'UPDATE' THEN
+    -- jsonb has equality where some column types (json, point) have none.
+    IF to_jsonb(OLD) = to_jsonb(NEW) THEN
+      RETURN NULL;
+    END IF;
+    images := ARRAY[to_jsonb(OLD), to_jsonb(NEW)];
+  ELSIF TG_OP = 'INSERT' THEN
+    images := ARRAY[to_jsonb(NEW)];
+  ELSE
+    images := ARRAY[to_jsonb(OLD)];
+  END IF;
+
+  FOREACH r IN ARRAY images LOOP
+    IF user_column <> '' THEN
+      IF NOT r ? user_column THEN
+        RAISE EXCEPTION 'cachewarden_notify: table %.% has no column "%"', TG_TABLE_SCHEMA, TG_TABLE_NAME, user_column;
+      END IF;
+      val := r ->> user_column;
+      IF val IS NOT NULL AND val <> '' AND NOT val = ANY (user_ids) THEN
+        user_ids := user_ids || val;
+      END IF;
+    END IF;
+    FOREACH tmpl IN ARRAY templates LOOP
+      tag := tmpl;
+      FOR col IN SELECT m[1] FROM regexp_matches(tmpl, '\{([A-Za-z_][A-Za-z0-9_]*)\}', 'g') AS m LOOP
+        IF NOT r ? col THEN
+          RAISE EXCEPTION 'cachewarden_notify: table %.% has no column "%" (tag template "%")',
+            TG_TABLE_SCHEMA, TG_TABLE_NAME, col, tmpl;
+        END IF;
+        val := r ->> col;
+        IF val IS NULL OR val = '' THEN
+          tag := NULL;
+          EXIT;
+        END IF;
+        tag := replace(tag, '{' || col || '}', val);
+      END LOOP;
+      IF tag IS NOT NULL AND NOT tag = ANY (tags) THEN
+        tags := tags || tag;
+      END IF;
+    END LOOP;
+  END LOOP;
+
+  IF cardinality(user_ids) = 0 AND cardinality(tags) = 0 THEN
+    RETURN NULL;
+  END IF;
+  PERFORM pg_notify(channel, jsonb_build_object(
+    'userIds', to_jsonb(user_ids),
+    'tags', to_jsonb(tags),
+    'mode', mode,
+    'reason', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME || ' ' || TG_OP
+  )::text);
+  RETURN NULL;
+END;
+$$;

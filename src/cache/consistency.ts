@@ -1,0 +1,218 @@
+import { invalidRequest } from '../errors.js'
+import type { Origins } from '../origins/origins.js'
+import type { CacheService } from './cache-service.js'
+import { checkKey, checkUserId, etagOf } from './limits.js'
+
+/** Most keys one check looks at, after userIds and the sample are expanded. */
+export const MAX_CHECKED_KEYS = 10_000
+/** Origin fetches (and refresh repairs) a check runs at once. */
+export const CHECK_CONCURRENCY = 5
+
+export type Repair = 'none' | 'invalidate' | 'refresh'
+
+/** The body of `POST /v1/consistency` (DESIGN.md section 3). */
+export interface ConsistencyRequest {
+  keys?: string[]
+  userIds?: string[]
+  sample?: number
+  against: 'provided' | 'origin'
+  entries?: Array<{ key: string; value?: unknown; etag?: string }>
+  repair?: Repair
+}
+
+export interface ConsistencyReport {
+  checked: number
+  consistent: number
+  stale: string[]
+  missing: string[]
+  errors: Array<{ key: string; error: string }>
+  repaired: number
+  durationMs: number
+}
+
+/**
+ * A comparison between copies inside the cache itself, run on every cached key a check
+ * looks at. Cluster mode registers one (L1 against Redis) with
+ * `app.consistency.copyChecks.push(...)`; keys it reports as differing are reported stale
+ * and repaired like the others.
+ */
+export interface CopyCheck {
+  name: string
+  compare(keys: string[]): Promise<{ differing: string[]; errors: Array<{ key: string; error: string }> }>
+}
+
+type Status =
+  | { kind: 'consistent' }
+  | { kind: 'missing' }
+  | { kind: 'stale'; gone: boolean }
+  | { kind: 'error'; error: string }
+
+/**
+ * Compares cached entries with the source of truth: values or etags the caller provides,
+ * or what the origins hold now. Etags are compared as the core computes them: the hash of
+ * `JSON.stringify(value)`, so a provided value must serialize as the cached one did (same
+ * key order) to count as consistent.
+ */
+export class ConsistencyChecker {
+  readonly copyChecks: CopyCheck[] = []
+  readonly #cache: CacheService
+  readonly #origins: Origins
+
+  constructor(cache: CacheService, origins: Origins) {
+    this.#cache = cache
+    this.#origins = origins
+  }
+
+  /** Runs one check and its repairs; throws invalid_request for a malformed request. */
+  async check(request: ConsistencyRequest, actor?: string): Promise<ConsistencyReport> {
+    const started = performance.now()
+    const repair = request.repair ?? 'none'
+    const statuses = new Map<string, Status>()
+    if (request.against === 'provided') {
+      for (const [key, etag] of this.#provided(request)) {
+        const entry = await this.#cache.inspect(key)
+        statuses.set(key, entry === undefined ? { kind: 'missing' } : entry.etag === etag ? { kind: 'consistent' } : { kind: 'stale', gone: false })
+      }
+    } else {
+      const keys = await this.#selected(request)
+      await eachLimited(keys, CHECK_CONCURRENCY, async (key) => statuses.set(key, await this.#againstOrigin(key)))
+      // Insertion order follows completion; report in the order asked.
+      for (const key of keys) {
+        const s = statuses.get(key)!
+        statuses.delete(key)
+        statuses.set(key, s)
+      }
+    }
+
+    const cached = [...statuses].filter(([, s]) => s.kind === 'consistent' || s.kind === 'stale').map(([k]) => k)
+    const extraErrors: ConsistencyReport['errors'] = []
+    for (const copyCheck of this.copyChecks) {
+      const { differing, errors } = await copyCheck.compare(cached)
+      for (const key of differing) if (statuses.get(key)?.kind === 'consistent') statuses.set(key, { kind: 'stale', gone: false })
+      for (const e of errors) extraErrors.push({ key: e.key, error: `${copyCheck.name}: ${e.error}` })
+    }
+
+    const report: ConsistencyReport = { checked: statuses.size, consistent: 0, stale: [], missing: [], errors: [], repaired: 0, durationMs: 0 }
+    for (const [key, s] of statuses) {
+      if (s.kind === 'consistent') report.consistent++
+      else if (s.kind === 'stale') report.stale.push(key)
+      else if (s.kind === 'missing') report.missing.push(key)
+      else report.errors.push({ key, error: s.error })
+    }
+    report.errors.push(...extraErrors)
+
+    if (repair === 'invalidate') {
+      report.repaired = await this.#invalidate(report.stale, actor)
+    } else if (repair === 'refresh') {
+      report.repaired = await this.#refresh(report.stale, statuses, report.errors, actor)
+    }
+    report.durationMs = Math.round((performance.now() - started) * 1000) / 1000
+    return report
+  }
+
+  /** Provided mode: key -> the etag the caller's truth has. */
+  #provided(request: ConsistencyRequest): Map<string, string> {
+    if (request.keys !== undefined || request.userIds !== undefined || request.sample !== undefined) {
+      throw invalidRequest('against "provided" checks exactly the entries sent: keys, userIds and sample are for against "origin"')
+    }
+    const entries = request.entries
+    if (entries === undefined || entries.length === 0) throw invalidRequest('entries is required (and not empty) with against "provided"')
+    if (entries.length > this.#cache.limits.maxBatch) throw invalidRequest(`entries has more than ${this.#cache.limits.maxBatch} items`)
+    const out = new Map<string, string>()
+    entries.forEach((item, i) => {
+      const key = checkKey(item.key, this.#cache.limits, `entries[${i}].key`)
+      if (out.has(key)) throw invalidRequest(`entries[${i}].key repeats an earlier key`)
+      // `value: null` is a JSON value like any other, so presence is what counts.
+      if (Object.hasOwn(item, 'value')) out.set(key, etagOf(JSON.stringify(item.value)))
+      else if (typeof item.etag === 'string' && item.etag !== '') out.set(key, bareEtag(item.etag))
+      else throw invalidRequest(`entries[${i}] needs a value or an etag`)
+    })
+    return out
+  }
+
+  /** Origin mode: keys ∪ every key of userIds ∪ a sample of the cache. */
+  async #selected(request: ConsistencyRequest): Promise<string[]> {
+    if (request.entries !== undefined) throw invalidRequest('entries is for against "provided"; against "origin" fetches the truth itself')
+    if (this.#origins.list.length === 0) throw invalidRequest('against "origin" needs origins in CONFIG_FILE; none are configured')
+    const limits = this.#cache.limits
+    const keys = new Set<string>()
+    for (const [i, key] of (request.keys ?? []).entries()) keys.add(checkKey(key, limits, `keys[${i}]`))
+    for (const [i, userId] of (request.userIds ?? []).entries()) {
+      for (const key of await this.#cache.store.userKeys(checkUserId(userId, limits, `userIds[${i}]`))) keys.add(key)
+      if (keys.size > MAX_CHECKED_KEYS) break
+    }
+    if (request.sample !== undefined) for (const key of await this.#cache.store.sampleKeys(request.sample)) keys.add(key)
+    if (request.keys === undefined && request.userIds === undefined && request.sample === undefined) {
+      throw invalidRequest('name what to check: keys, userIds or sample')
+    }
+    if (keys.size > MAX_CHECKED_KEYS) throw invalidRequest(`the selection has more than ${MAX_CHECKED_KEYS} keys; check fewer at a time`)
+    return [...keys]
+  }
+
+  async #againstOrigin(key: string): Promise<Status> {
+    const before = await this.#cache.inspect(key)
+    if (before === undefined) return { kind: 'missing' }
+    const match = this.#origins.matchEntry(before)
+    if (match === undefined) return { kind: 'error', error: 'no origin serves this key' }
+    let truth
+    try {
+      truth = await this.#origins.fetch(match)
+    } catch (error) {
+      return { kind: 'error', error: (error as Error).message }
+    }
+    // Compare with the entry as it is now: it may have been refreshed while the origin answered.
+    const entry = await this.#cache.inspect(key)
+    if (entry === undefined) return { kind: 'missing' }
+    if (!truth.found) return { kind: 'stale', gone: true }
+    return etagOf(JSON.stringify(truth.value)) === entry.etag ? { kind: 'consistent' } : { kind: 'stale', gone: false }
+  }
+
+  async #invalidate(keys: string[], actor: string | undefined): Promise<number> {
+    let count = 0
+    const batch = this.#cache.limits.maxBatch
+    for (let i = 0; i < keys.length; i += batch) {
+      const result = await this.#cache.invalidate(
+        { keys: keys.slice(i, i + batch) },
+        { source: 'consistency', mode: 'delete', actor, reason: 'consistency check found them stale' },
+      )
+      count += result.invalidated
+    }
+    return count
+  }
+
+  /** Reloads each stale key from its origin; keys no origin serves, or whose origin has no data, are invalidated instead. */
+  async #refresh(keys: string[], statuses: Map<string, Status>, errors: ConsistencyReport['errors'], actor: string | undefined): Promise<number> {
+    let repaired = 0
+    const toInvalidate: string[] = []
+    await eachLimited(keys, CHECK_CONCURRENCY, async (key) => {
+      const match = this.#origins.match(key)
+      const s = statuses.get(key)
+      if (match === undefined || (s?.kind === 'stale' && s.gone)) {
+        toInvalidate.push(key)
+        return
+      }
+      try {
+        const outcome = await this.#origins.refreshMatch(match)
+        if (!outcome.found) toInvalidate.push(key)
+        else if (outcome.cached) repaired++
+        else errors.push({ key, error: 'refresh was voided by concurrent invalidations; not repaired' })
+      } catch (error) {
+        errors.push({ key, error: `refresh failed: ${(error as Error).message}` })
+      }
+    })
+    return repaired + (await this.#invalidate(toInvalidate, actor))
+  }
+}
+
+/** An etag as clients send it (`W/"x"`, `"x"`, `x`), bare. */
+function bareEtag(etag: string): string {
+  return etag.trim().replace(/^W\//, '').replace(/^"(.*)"$/, '$1')
+}
+
+async function eachLimited<T>(items: T[], limit: number, fn: (item: T) => Promise<unknown>): Promise<void> {
+  let next = 0
+  const worker = async () => {
+    while (next < items.length) await fn(items[next++]!)
+  }
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker))
+}

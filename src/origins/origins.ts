@@ -1,0 +1,260 @@
+import { encodeLease, type CacheService, type CoreLogger, type ReadResult, type WriteInput } from '../cache/cache-service.js'
+import type { StoredEntry } from '../cache/types.js'
+import { CacheError, notFound, truncate } from '../errors.js'
+import type { OriginSpec } from './config.js'
+import { OriginClient, OriginError, type FetchOutcome } from './loader.js'
+import { render } from './pattern.js'
+import { RefreshAhead } from './refresh-ahead.js'
+
+/** After a failed background refresh, hits on that key wait this long before asking again. */
+export const DEFAULT_REFRESH_FAILURE_COOLDOWN_MS = 1000
+const MAX_COOLDOWNS = 10_000
+/** During an outage every hot key fails; one warning per origin per this long, with the count, is enough. */
+const FAILURE_LOG_INTERVAL_MS = 5000
+
+/** A key an origin serves, with everything needed to load it. */
+export interface OriginMatch {
+  origin: OriginSpec
+  key: string
+  url: string
+  userId: string | undefined
+  tags: string[] | undefined
+}
+
+/** A load's result: the entry (cached unless a second invalidation voided it too), or the origin has no data. */
+export type LoadOutcome = { found: true; entry: StoredEntry; cached: boolean } | { found: false }
+
+export interface OriginsOptions {
+  cache: CacheService
+  origins: OriginSpec[]
+  /** Background refreshes at once (REFRESH_CONCURRENCY). */
+  refreshConcurrency: number
+  logger?: CoreLogger
+  refreshFailureCooldownMs?: number
+  /** Jitter source for retries (tests). */
+  random?: () => number
+}
+
+/**
+ * Read-through loading, refresh-ahead and forced refresh against the configured origins.
+ *
+ * Every load of a key, whatever asked for it (a `?load=true` miss, refresh-ahead, a forced
+ * refresh, warming, a consistency repair), goes through `load`, which keeps one origin call
+ * per key in flight and writes under a lease, so an invalidation accepted while the origin
+ * answered is never overwritten by what it answered.
+ */
+export class Origins {
+  readonly list: readonly OriginSpec[]
+  readonly cache: CacheService
+  readonly client: OriginClient
+  readonly refresher: RefreshAhead
+  readonly #byName = new Map<string, OriginSpec>()
+  readonly #inflight = new Map<string, Promise<LoadOutcome>>()
+  readonly #cooldown = new Map<string, number>()
+  readonly #cooldownMs: number
+  /** origin -> when its last refresh failure was logged, and failures since. */
+  readonly #failureLog = new Map<string, { at: number; suppressed: number }>()
+  readonly #logger: CoreLogger | undefined
+  /** The lowest refreshAhead of all origins: below it a hit is not even looked at. */
+  readonly #minRatio: number
+
+  constructor(options: OriginsOptions) {
+    this.list = options.origins
+    this.cache = options.cache
+    this.#logger = options.logger
+    this.#cooldownMs = options.refreshFailureCooldownMs ?? DEFAULT_REFRESH_FAILURE_COOLDOWN_MS
+    for (const origin of this.list) this.#byName.set(origin.name, origin)
+    this.#minRatio = Math.min(1, ...this.list.map((o) => o.refreshAhead))
+    this.client = new OriginClient({
+      maxBodyBytes: this.cache.limits.maxValueBytes,
+      random: options.random,
+      onAttempt: (event) => this.cache.emit('origin_request', event),
+    })
+    this.refresher = new RefreshAhead({ concurrency: options.refreshConcurrency, run: (key) => this.#refreshAhead(key) })
+  }
+
+  /** The first origin whose pattern matches `key`, with the URL, user and tags for it. */
+  match(key: string): OriginMatch | undefined {
+    for (const origin of this.list) {
+      const params = origin.pattern.match(key)
+      if (params !== undefined) return this.#resolve(origin, key, params)
+    }
+    return undefined
+  }
+
+  /** The match for the entry's own origin, if it still exists and matches, else the first match. */
+  matchEntry(entry: StoredEntry): OriginMatch | undefined {
+    const own = entry.origin === undefined ? undefined : this.#byName.get(entry.origin)
+    const params = own?.pattern.match(entry.key)
+    return own !== undefined && params !== undefined ? this.#resolve(own, entry.key, params) : this.match(entry.key)
+  }
+
+  /**
+   * `GET /v1/entries/:key?load=true`: a hit as usual; a miss on a key an origin serves is
+   * loaded (once, however many callers wait) and returned. No matching origin, or an
+   * origin without data (404): the plain miss with its lease. Origin down: 503.
+   */
+  async readThrough(key: string, allowStale: boolean): Promise<ReadResult> {
+    const result = await this.cache.read(key, allowStale)
+    if (result.entry !== undefined || this.list.length === 0) return result
+    const match = this.match(key)
+    if (match === undefined) return result
+    let outcome: LoadOutcome
+    try {
+      outcome = await this.load(match, result.lease.lease)
+    } catch (error) {
+      throw unavailable(error)
+    }
+    return outcome.found ? { entry: outcome.entry } : result
+  }
+
+  /** `POST /v1/entries/:key/refresh`: reloads now; 404 if no origin serves the key or the origin has no data, 503 if it fails. */
+  async refresh(key: string): Promise<StoredEntry> {
+    const match = this.match(key)
+    if (match === undefined) throw notFound(`no origin serves "${truncate(key)}"`)
+    let outcome: LoadOutcome
+    try {
+      outcome = await this.refreshMatch(match)
+    } catch (error) {
+      throw unavailable(error)
+    }
+    if (!outcome.found) throw notFound(`origin "${match.origin.name}" has no data for "${truncate(key)}"`)
+    return outcome.entry
+  }
+
+  /** A counted refresh (forced, warm, repair): loads and emits `refresh`; a failure keeps the old entry. */
+  async refreshMatch(match: OriginMatch): Promise<LoadOutcome> {
+    try {
+      const outcome = await this.load(match)
+      // An origin without data is an answer, not an outage: the refresh worked, nothing to cache.
+      this.cache.emit('refresh', { result: 'success' })
+      return outcome
+    } catch (error) {
+      this.cache.emit('refresh', { result: 'error' })
+      throw error
+    }
+  }
+
+  /**
+   * Loads a key from its origin and writes it under a lease (the caller's, or one taken
+   * now). One call per key in flight: concurrent loads of the key share it. If an
+   * invalidation voids the lease while the origin answers, the value may predate it, so it
+   * is reloaded once under a new lease; if that is voided too, the value is returned to the
+   * waiting callers but not cached.
+   */
+  load(match: OriginMatch, lease?: string): Promise<LoadOutcome> {
+    const running = this.#inflight.get(match.key)
+    if (running !== undefined) return running
+    const load = this.#load(match, lease).finally(() => this.#inflight.delete(match.key))
+    this.#inflight.set(match.key, load)
+    return load
+  }
+
+  /** Fetches what the origin holds for a match now, without caching it (consistency checks). */
+  fetch(match: OriginMatch): Promise<FetchOutcome> {
+    return this.client.fetch(match.origin, match.url)
+  }
+
+  /** Is a load of this key in flight? */
+  loading(key: string): boolean {
+    return this.#inflight.has(key)
+  }
+
+  /** The CacheService hit hook: schedules a background refresh past the origin's refreshAhead, or of a stale entry. */
+  readonly onHit = (entry: StoredEntry, now: number): void => {
+    if (!entry.stale && now - entry.createdAt < this.#minRatio * (entry.expiresAt - entry.createdAt)) return
+    if (this.refresher.has(entry.key) || this.#inflight.has(entry.key)) return
+    const until = this.#cooldown.get(entry.key)
+    if (until !== undefined) {
+      if (until > now) return
+      this.#cooldown.delete(entry.key)
+    }
+    const match = this.matchEntry(entry)
+    if (match === undefined) return
+    if (!entry.stale && now - entry.createdAt < match.origin.refreshAhead * (entry.expiresAt - entry.createdAt)) return
+    this.refresher.schedule(entry.key, entry.hits)
+  }
+
+  /** Stops refreshes and origin calls. */
+  async close(): Promise<void> {
+    this.refresher.close()
+    await this.client.close()
+  }
+
+  async #load(match: OriginMatch, lease: string | undefined): Promise<LoadOutcome> {
+    const { key, origin } = match
+    let token = lease ?? encodeLease(await this.cache.store.leaseStamp(), key)
+    for (let round = 1; ; round++) {
+      const fetched = await this.client.fetch(origin, match.url)
+      if (!fetched.found) return fetched
+      const input: WriteInput = {
+        value: fetched.value,
+        ttlMs: origin.ttlMs,
+        userId: match.userId,
+        tags: match.tags,
+        lease: token,
+        origin: origin.name,
+      }
+      try {
+        return { found: true, entry: await this.cache.write(key, input), cached: true }
+      } catch (error) {
+        if (!(error instanceof CacheError)) throw error
+        if (error.code !== 'lease_invalidated') {
+          // The origin sent something the cache refuses (too large, a bad tag): its fault, not the caller's.
+          throw new OriginError(origin.name, `origin "${origin.name}" sent an entry the cache refuses: ${error.message}`, 'error')
+        }
+        if (round === 2) {
+          this.#logger?.warn({ origin: origin.name, key: truncate(key) }, 'origin load voided twice by invalidations; returned uncached')
+          return { found: true, entry: this.cache.buildEntry(key, { ...input, lease: undefined }), cached: false }
+        }
+        token = encodeLease(await this.cache.store.leaseStamp(), key)
+      }
+    }
+  }
+
+  async #refreshAhead(key: string): Promise<void> {
+    // Re-read: the entry may have been invalidated, refreshed or dropped while queued.
+    const entry = await this.cache.inspect(key)
+    if (entry === undefined) return
+    const match = this.matchEntry(entry)
+    if (match === undefined) return
+    const now = this.cache.now()
+    if (!entry.stale && now - entry.createdAt < match.origin.refreshAhead * (entry.expiresAt - entry.createdAt)) return
+    try {
+      await this.refreshMatch(match)
+    } catch (error) {
+      if (this.#cooldown.size >= MAX_COOLDOWNS) this.#cooldown.delete(this.#cooldown.keys().next().value!)
+      this.#cooldown.set(key, this.cache.now() + this.#cooldownMs)
+      this.#logFailure(match.origin.name, key, error as Error)
+    }
+  }
+
+  #logFailure(origin: string, key: string, error: Error): void {
+    const at = performance.now()
+    const last = this.#failureLog.get(origin)
+    if (last !== undefined && at - last.at < FAILURE_LOG_INTERVAL_MS) {
+      last.suppressed++
+      return
+    }
+    this.#failureLog.set(origin, { at, suppressed: 0 })
+    this.#logger?.warn(
+      { origin, key: truncate(key), err: error.message, failuresNotLogged: last?.suppressed ?? 0 },
+      'refresh-ahead failed; the cached entry stays',
+    )
+  }
+
+  #resolve(origin: OriginSpec, key: string, params: Record<string, string>): OriginMatch {
+    return {
+      origin,
+      key,
+      url: render(origin.url, params, encodeURIComponent),
+      userId: origin.userId === undefined ? undefined : render(origin.userId, params),
+      tags: origin.tags.length === 0 ? undefined : origin.tags.map((t) => render(t, params)),
+    }
+  }
+}
+
+/** An origin failure as the contract's 503; anything else (a bug) passes through to become a 500. */
+export function unavailable(error: unknown): unknown {
+  return error instanceof OriginError ? new CacheError('backend_unavailable', error.message) : error
+}

@@ -1,0 +1,36 @@
+import rateLimit from '@fastify/rate-limit'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import fp from 'fastify-plugin'
+import type { SecurityConfig } from '../config.js'
+import { CacheError } from '../errors.js'
+
+/** Per key when the request authenticated, per client IP otherwise. */
+export const keyOrIp = (request: FastifyRequest) =>
+  request.apiKey !== undefined ? `key:${request.apiKey.name}` : `ip:${request.ip}`
+
+/** The 429 every limit throws; the error handler turns it into `{error:'rate_limited', message}`. */
+export const rateLimited = (retryAfter: string) =>
+  new CacheError('rate_limited', `too many requests; retry in ${retryAfter}`)
+
+/**
+ * Registers @fastify/rate-limit. Routes opt in with `config.rateLimit` (the emergency clear
+ * does); `RATE_LIMIT_MAX` > 0 also limits every authenticated route per key, which is off
+ * by default so the entry hot paths pay nothing. The auth plugin, registered after this
+ * one, uses `createRateLimit` for its per-IP failure limit; the route hooks run after auth,
+ * so they see `request.apiKey`.
+ */
+export default fp(
+  async function rateLimits(app: FastifyInstance, opts: { security: SecurityConfig }) {
+    const { rateLimitMax, rateLimitWindowMs } = opts.security
+    await app.register(rateLimit, {
+      global: rateLimitMax > 0,
+      max: Math.max(1, rateLimitMax),
+      timeWindow: rateLimitWindowMs,
+      keyGenerator: keyOrIp,
+      // Health, metrics and docs stay open to probes and scrapers.
+      allowList: (request) => request.routeOptions.config.scope === undefined,
+      errorResponseBuilder: (_request, context) => rateLimited(context.after),
+    })
+  },
+  { name: 'cachewarden-rate-limits' },
+)

@@ -1,0 +1,139 @@
+import { Type } from '@sinclair/typebox'
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
+import type { FastifyInstance } from 'fastify'
+import { ClearTokens } from '../cache/clear-tokens.js'
+import { CacheError } from '../errors.js'
+import { keyOrIp, rateLimited } from '../plugins/rate-limits.js'
+import { LimitQuery, Timestamp, authErrors, badRequest } from '../schemas/common.js'
+
+const REFUSALS = {
+  missing: 'no token was sent',
+  unknown: 'the token is not one cachewarden issued, or it was already used',
+  expired: 'the token has expired',
+  foreign: 'the token was issued to another key',
+} as const
+
+const clearTokenInvalid = {
+  403: Type.Object(
+    { error: Type.String(), message: Type.String() },
+    { description: 'The key lacks the `admin` scope (`forbidden`), or the clear token is missing, wrong, expired, used or another key\'s (`clear_token_invalid`)' },
+  ),
+}
+
+export const AuditRecordView = Type.Object({
+  actor: Type.Union([Type.String(), Type.Null()], { description: 'the API key name, or `source:<name>` for non-API sources' }),
+  action: Type.String({ description: '`clear_token_issued`, `clear`, `stats_reset`, `invalidation` or `consistency_repair`' }),
+  reason: Type.Union([Type.String(), Type.Null()]),
+  outcome: Type.String({ description: '`succeeded` or `refused`' }),
+  detail: Type.Union([Type.String(), Type.Null()], { description: 'counts and causes; never data, secrets or tokens' }),
+  at: Timestamp,
+})
+
+/** The two-step emergency clear and the audit log (DESIGN.md section 3). */
+export default async function adminRoutes(fastify: FastifyInstance) {
+  const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
+  const { cache, audit } = app
+  const tokens = new ClearTokens({ now: cache.now })
+  const { clearRateLimitMax, clearRateLimitWindowMs } = app.config.security
+  // Per key (auth ran before this hook); every 429 is audited, since someone is hammering a wipe.
+  const limited = (action: 'clear_token_issued' | 'clear') =>
+    clearRateLimitMax > 0
+      ? {
+          rateLimit: {
+            max: clearRateLimitMax,
+            timeWindow: clearRateLimitWindowMs,
+            keyGenerator: keyOrIp,
+            errorResponseBuilder: (_request: unknown, context: { after: string }) => rateLimited(context.after),
+            onExceeded: (request: { apiKey?: { name: string } }) =>
+              audit.record({ actor: request.apiKey?.name, action, reason: null, outcome: 'refused', detail: 'rate limited' }),
+          },
+        }
+      : { rateLimit: false as const }
+
+  app.post(
+    '/v1/admin/clear-token',
+    {
+      config: { scope: 'admin', ...limited('clear_token_issued') },
+      schema: {
+        tags: ['admin'],
+        summary: 'Emergency clear, step 1: get a token',
+        description:
+          'Issues a random, single-use token, valid for 60 s and bound to the calling key, for ' +
+          '`POST /v1/admin/clear`. The reason goes to the audit log. Rate-limited per key.',
+        body: Type.Object(
+          { reason: Type.String({ minLength: 1, maxLength: 1024, description: 'why the cache must be wiped, for the audit log' }) },
+          { examples: [{ reason: 'corrupted entries after the 14:02 deploy' }] },
+        ),
+        response: {
+          200: Type.Object({
+            token: Type.String({ description: 'send it to POST /v1/admin/clear within 60 s; never logged' }),
+            expiresAt: Timestamp,
+          }),
+          ...badRequest,
+          ...authErrors,
+        },
+      },
+    },
+    async (request) => {
+      const actor = request.apiKey!.name
+      const { token, expiresAt } = tokens.issue(actor, request.body.reason)
+      audit.record({ actor, action: 'clear_token_issued', reason: request.body.reason, outcome: 'succeeded', detail: 'valid 60 s' })
+      return { token, expiresAt: new Date(expiresAt).toISOString() }
+    },
+  )
+
+  app.post(
+    '/v1/admin/clear',
+    {
+      config: { scope: 'admin', ...limited('clear') },
+      // No body at all is a missing token too: the contract's 403, not a schema 400.
+      preValidation: async (request) => {
+        if (request.body === undefined || request.body === null) request.body = {}
+      },
+      schema: {
+        tags: ['admin'],
+        summary: 'Emergency clear, step 2: wipe everything',
+        description:
+          'Drops every entry and voids every outstanding lease, given a token from ' +
+          '`POST /v1/admin/clear-token` issued to the same key in the last 60 s. A missing, wrong, ' +
+          'expired, reused or another key\'s token is 403 `clear_token_invalid` and clears nothing. ' +
+          'Rate-limited per key; audited either way.',
+        // Not required in the schema, so a missing token is the contract's 403, not a 400.
+        body: Type.Object({ token: Type.Optional(Type.Unknown({ description: 'the token from step 1' })) }),
+        response: {
+          200: Type.Object({ cleared: Type.Integer({ description: 'entries dropped' }) }),
+          ...badRequest,
+          ...authErrors,
+          ...clearTokenInvalid,
+        },
+      },
+    },
+    async (request) => {
+      const actor = request.apiKey!.name
+      const result = tokens.redeem(request.body.token, actor)
+      if (!result.ok) {
+        audit.record({ actor, action: 'clear', reason: result.reason, outcome: 'refused', detail: REFUSALS[result.why] })
+        throw new CacheError('clear_token_invalid', `emergency clear refused: ${REFUSALS[result.why]}; nothing was cleared`)
+      }
+      // The 'cleared' event writes the audit record with the count.
+      return { cleared: await cache.clear(actor, result.reason) }
+    },
+  )
+
+  app.get(
+    '/v1/debug/audit',
+    {
+      config: { scope: 'admin' },
+      schema: {
+        tags: ['inspection'],
+        summary: 'Recent admin and destructive actions',
+        description:
+          'The audit log, newest first: clear tokens issued, clears done or refused, stats resets, and ' +
+          `invalidations by prefix, from the admin source, or of at least 100 entries. Each is also logged at warn.`,
+        querystring: LimitQuery,
+        response: { 200: Type.Object({ entries: Type.Array(AuditRecordView) }), ...badRequest, ...authErrors },
+      },
+    },
+    async (request) => ({ entries: audit.recent(request.query.limit ?? 100) }),
+  )
+}

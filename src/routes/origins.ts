@@ -1,0 +1,87 @@
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
+import type { FastifyInstance } from 'fastify'
+import { authErrors, badRequest, notFoundError } from '../schemas/common.js'
+import { KeyParams, WriteResult } from '../schemas/entries.js'
+import { ConsistencyBody, ConsistencyReport, WarmBody, WarmSummary } from '../schemas/origins.js'
+import { checkKey } from '../cache/limits.js'
+import { checkWarmSet, warm } from '../origins/warmer.js'
+import type { CoreLogger } from '../cache/cache-service.js'
+import type { ConsistencyRequest } from '../cache/consistency.js'
+
+/** Forced refresh, warming and consistency checks (DESIGN.md sections 3 and 6). */
+export default async function originRoutes(fastify: FastifyInstance) {
+  const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
+  const origins = app.origins
+
+  app.post(
+    '/v1/entries/:key/refresh',
+    {
+      config: { scope: 'write' },
+      schema: {
+        tags: ['origins'],
+        summary: 'Reload an entry from its origin now',
+        description:
+          'Fetches the key from the origin whose keyPattern matches it and replaces the entry (a refresh already ' +
+          'in flight for the key is joined, not repeated). 404 `not_found` when no origin serves the key or the ' +
+          'origin has no data for it; 503 `backend_unavailable` when the origin fails, and the old entry stays.',
+        params: KeyParams,
+        response: { 200: WriteResult, ...notFoundError, ...badRequest, ...authErrors },
+      },
+    },
+    async (request) => {
+      const key = checkKey(request.params.key, app.cache.limits)
+      const entry = await origins.refresh(key)
+      return { key: entry.key, etag: entry.etag, expiresAt: new Date(entry.expiresAt).toISOString() }
+    },
+  )
+
+  app.post(
+    '/v1/warm',
+    {
+      config: { scope: 'write' },
+      schema: {
+        tags: ['origins'],
+        summary: 'Load keys from their origins',
+        description:
+          'Loads each key (and, for each userId, the key of every origin whose keyPattern has `{userId}` as its ' +
+          'only part) from its origin, 5 at once, cached or not. Replies when all are done.',
+        body: WarmBody,
+        response: { 200: WarmSummary, ...badRequest, ...authErrors },
+      },
+    },
+    async (request) => warm(origins, checkWarmSet(origins, request.body), app.log as CoreLogger),
+  )
+
+  app.post(
+    '/v1/consistency',
+    {
+      config: { scope: 'admin' },
+      schema: {
+        tags: ['inspection'],
+        summary: 'Check cached entries against the source of truth',
+        description:
+          'With `against: "provided"`, compares each of `entries` with the value or etag sent; with ' +
+          '`against: "origin"`, fetches `keys`, every key of `userIds` and a `sample` of the cache from their ' +
+          'origins. Reports stale and missing keys, and repairs the stale ones if asked (`invalidate` through ' +
+          'the one invalidation function, source `consistency`; or `refresh` from the origin).',
+        body: ConsistencyBody,
+        response: { 200: ConsistencyReport, ...badRequest, ...authErrors },
+      },
+    },
+    async (request) => {
+      const body = request.body as ConsistencyRequest
+      const report = await app.consistency.check(body, request.apiKey?.name)
+      // A repair changes the cache on an admin's word: audit it (checks alone change nothing).
+      if (body.repair !== undefined && body.repair !== 'none') {
+        app.audit.record({
+          actor: request.apiKey?.name,
+          action: 'consistency_repair',
+          reason: null,
+          outcome: 'succeeded',
+          detail: `repair=${body.repair} checked=${report.checked} stale=${report.stale.length} repaired=${report.repaired} errors=${report.errors.length}`,
+        })
+      }
+      return report
+    },
+  )
+}

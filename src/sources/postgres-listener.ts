@@ -1,0 +1,231 @@
+// The PostgreSQL invalidation source (DESIGN.md section 5). No Fastify here: src/app.ts
+// starts it, adds its readiness check and closes it with the app.
+import pg from 'pg'
+import type { CacheService, CoreLogger } from '../cache/cache-service.js'
+import { SELECTOR_KINDS, type InvalidationMode, type Selector } from '../cache/types.js'
+import type { PgReconnectPolicy } from '../config.js'
+import { CacheError, truncate } from '../errors.js'
+
+export const DEFAULT_PG_APPLICATION_NAME = 'cachewarden-listener'
+export const DEFAULT_MIN_BACKOFF_MS = 100
+export const DEFAULT_MAX_BACKOFF_MS = 30_000
+/** A connect (or LISTEN) that hangs this long counts as failed and is retried. */
+export const DEFAULT_CONNECT_TIMEOUT_MS = 10_000
+
+const PAYLOAD_KEYS = new Set<string>([...SELECTOR_KINDS, 'mode', 'reason'])
+
+export interface PostgresListenerOptions {
+  /** PG_URL. An `application_name` in it overrides `applicationName`. */
+  url: string
+  /** PG_CHANNEL, a plain identifier (config.ts checks it). */
+  channel: string
+  cache: CacheService
+  logger?: CoreLogger
+  /** What a reconnect does for the notifications it may have missed; default `stale-all`. */
+  reconnectPolicy?: PgReconnectPolicy
+  /** Apply the policy on a first connect that succeeds at the first attempt too; default false. */
+  policyOnFirstConnect?: boolean
+  /** Shown in `pg_stat_activity`; default `cachewarden-listener`. */
+  applicationName?: string
+  /** Backoff between connection attempts: doubles from min up to max, with jitter. */
+  minBackoffMs?: number
+  maxBackoffMs?: number
+  connectTimeoutMs?: number
+}
+
+/**
+ * LISTENs on a channel and turns each notification (a JSON selector) into a call to
+ * `CacheService.invalidate` with source `postgres`. A malformed payload is logged and
+ * counted, never thrown. On a lost connection it reconnects with bounded exponential
+ * backoff; since NOTIFY is not queued for a listener that is gone, each reconnect applies
+ * the reconnect policy *after* LISTEN succeeds and *before* `listening` turns true again,
+ * so nothing changed in between can be served as fresh.
+ */
+export class PostgresListener {
+  readonly #o: Required<Omit<PostgresListenerOptions, 'logger'>> & { logger: CoreLogger | undefined }
+  #client: pg.Client | undefined
+  #listening = false
+  #closed = false
+  #triedBefore = false
+  #attempt = 0
+  #timer: NodeJS.Timeout | undefined
+  // Notifications are applied one at a time, in the order PostgreSQL committed them.
+  #queue: Promise<void> = Promise.resolve()
+  #connecting: Promise<void> | undefined
+  // Clients already given up on, so a late 'error' or 'end' from one schedules nothing.
+  readonly #dead = new WeakSet<pg.Client>()
+
+  constructor(options: PostgresListenerOptions) {
+    this.#o = {
+      reconnectPolicy: 'stale-all',
+      policyOnFirstConnect: false,
+      applicationName: DEFAULT_PG_APPLICATION_NAME,
+      minBackoffMs: DEFAULT_MIN_BACKOFF_MS,
+      maxBackoffMs: DEFAULT_MAX_BACKOFF_MS,
+      connectTimeoutMs: DEFAULT_CONNECT_TIMEOUT_MS,
+      ...options,
+      logger: options.logger,
+    }
+    if (!/^[A-Za-z_][A-Za-z0-9_]{0,62}$/.test(this.#o.channel)) {
+      throw new TypeError(`channel must be a plain SQL identifier, got "${this.#o.channel}"`)
+    }
+  }
+
+  /** True while LISTEN is active and the last reconnect's policy has been applied. */
+  get listening(): boolean {
+    return this.#listening
+  }
+
+  /** Starts connecting in the background; failures are retried, never thrown. */
+  start(): void {
+    if (this.#closed || this.#connecting !== undefined || this.#client !== undefined) return
+    this.#connecting = this.#connect().finally(() => {
+      this.#connecting = undefined
+    })
+  }
+
+  /** Stops listening and retrying; resolves once the connection is closed. */
+  async close(): Promise<void> {
+    this.#closed = true
+    if (this.#timer) clearTimeout(this.#timer)
+    this.#timer = undefined
+    const client = this.#client
+    this.#client = undefined
+    this.#setListening(false)
+    if (client) {
+      this.#dead.add(client)
+      await client.end().catch(() => {})
+    }
+    await this.#connecting
+    await this.#queue
+  }
+
+  async #connect(): Promise<void> {
+    const o = this.#o
+    const client = new pg.Client({
+      connectionString: o.url,
+      application_name: o.applicationName,
+      connectionTimeoutMillis: o.connectTimeoutMs,
+      // Without it a silently dropped connection (a cut network) would never be noticed.
+      keepAlive: true,
+    })
+    // An 'error' event without a listener would crash the process.
+    client.on('error', (error) => this.#lost(client, error))
+    client.on('end', () => this.#lost(client, undefined))
+    client.on('notification', (message) => {
+      if (message.channel !== o.channel) return
+      const payload = message.payload ?? ''
+      this.#queue = this.#queue.then(() => this.#handle(payload))
+    })
+    // Kept before connecting, so close() can end a connect that hangs.
+    this.#client = client
+    // Not the first attempt: either we listened before, or we could not listen from the start
+    // while entries were being cached. Either way, notifications may have been missed.
+    const reconnect = this.#triedBefore
+    this.#triedBefore = true
+    try {
+      await client.connect()
+      await client.query(`LISTEN "${o.channel}"`)
+      if (this.#closed || this.#client !== client) return
+      if (reconnect || o.policyOnFirstConnect) await this.#applyPolicy(reconnect)
+      if (this.#client !== client || this.#closed) return // lost while applying the policy
+      this.#attempt = 0
+      this.#setListening(true)
+      o.logger?.info({ channel: o.channel, reconnect }, 'postgres listener listening')
+    } catch (error) {
+      if (this.#closed) return
+      o.logger?.warn({ err: error, channel: o.channel, attempt: this.#attempt + 1 }, 'postgres listener could not connect')
+      this.#lost(client, error as Error)
+    }
+  }
+
+  #lost(client: pg.Client, error: Error | undefined): void {
+    if (this.#dead.has(client)) return
+    this.#dead.add(client)
+    const wasListening = this.#listening
+    this.#client = undefined
+    this.#setListening(false)
+    client.end().catch(() => {})
+    if (this.#closed || this.#timer !== undefined) return
+    if (wasListening) this.#o.logger?.warn({ err: error, channel: this.#o.channel }, 'postgres listener lost its connection')
+    const base = Math.min(this.#o.maxBackoffMs, this.#o.minBackoffMs * 2 ** Math.min(this.#attempt, 30))
+    this.#attempt++
+    // ±20% jitter, so many instances do not reconnect in step after a database restart.
+    const delay = Math.round(base * (0.8 + Math.random() * 0.4))
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined
+      if (this.#connecting === undefined) this.start()
+    }, delay)
+    this.#timer.unref()
+  }
+
+  async #applyPolicy(reconnect: boolean): Promise<void> {
+    const policy = this.#o.reconnectPolicy
+    if (policy === 'none') return
+    const reason = reconnect
+      ? 'postgres listener reconnected: notifications may have been missed'
+      : 'postgres listener started: entries may predate it'
+    if (policy === 'clear') {
+      const cleared = await this.#o.cache.clear('postgres-listener', reason)
+      this.#o.logger?.warn({ policy, cleared }, reason)
+    } else {
+      const result = await this.#o.cache.markAllStale({ source: 'postgres', actor: 'postgres-listener', reason })
+      this.#o.logger?.warn({ policy, invalidated: result.invalidated }, reason)
+    }
+  }
+
+  async #handle(payload: string): Promise<void> {
+    const parsed = parsePayload(payload)
+    if (typeof parsed === 'string') {
+      this.#o.cache.countFailure('postgres')
+      this.#o.logger?.warn({ channel: this.#o.channel, payload: truncate(payload, 200), problem: parsed }, 'malformed postgres notification')
+      return
+    }
+    try {
+      await this.#o.cache.invalidate(parsed.selector, {
+        mode: parsed.mode,
+        source: 'postgres',
+        actor: 'postgres-listener',
+        reason: parsed.reason,
+      })
+    } catch (error) {
+      // A store failure was already counted and logged by invalidate; a selector it refused was not.
+      if (error instanceof CacheError && error.code === 'invalid_request') {
+        this.#o.cache.countFailure('postgres')
+        this.#o.logger?.warn(
+          { channel: this.#o.channel, payload: truncate(payload, 200), problem: error.message },
+          'malformed postgres notification',
+        )
+      }
+    }
+  }
+
+  #setListening(listening: boolean): void {
+    if (this.#listening === listening) return
+    this.#listening = listening
+    this.#o.cache.emit('pg_listener_state', { connected: listening })
+  }
+}
+
+/** Parses a notification payload into a selector, or returns what is wrong with it. */
+export function parsePayload(payload: string): { selector: Selector; mode?: InvalidationMode; reason?: string } | string {
+  let value: unknown
+  try {
+    value = JSON.parse(payload)
+  } catch {
+    return 'the payload is not JSON'
+  }
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return 'the payload must be a JSON object'
+  const body = value as Record<string, unknown>
+  for (const key of Object.keys(body)) {
+    if (!PAYLOAD_KEYS.has(key)) return `${key} is not a selector field (use ${[...PAYLOAD_KEYS].join(', ')})`
+  }
+  if (body.mode !== undefined && body.mode !== 'delete' && body.mode !== 'stale') return 'mode must be "delete" or "stale"'
+  if (body.reason !== undefined && typeof body.reason !== 'string') return 'reason must be a string'
+  const selector: Selector = {}
+  for (const kind of SELECTOR_KINDS) {
+    if (body[kind] !== undefined) selector[kind] = body[kind] as string[]
+  }
+  // The lists' contents are checked by CacheService.invalidate (checkSelector), which names the field.
+  return { selector, mode: body.mode as InvalidationMode | undefined, reason: body.reason as string | undefined }
+}

@@ -1,0 +1,188 @@
+import t from 'tap'
+import type { FastifyInstance } from 'fastify'
+import { etagOf } from '../../src/cache/limits.js'
+import { build, call, get, put } from '../helpers/build.js'
+import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
+
+const dash = (id: string) => `/users/${id}/dashboard`
+const USERS = Array.from({ length: 10 }, (_, i) => String(i))
+const CHANGED = ['2', '5', '7']
+
+/** Ten dashboards cached from the origin, then the origin's data for users 2, 5 and 7 changes. */
+async function setup(t: { teardown(fn: () => unknown): void }) {
+  const origin = await OriginServer.start(t)
+  for (const id of USERS) origin.values.set(dash(id), { user: id, version: 1 })
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { ttlMs: 600_000 })] } })
+  const warmed = await call(app, { method: 'POST', url: '/v1/warm', payload: { userIds: USERS } })
+  if (warmed.json().loaded !== USERS.length) throw new Error(`warm: ${warmed.body}`)
+  for (const id of CHANGED) origin.values.set(dash(id), { user: id, version: 2 })
+  return { origin, app }
+}
+
+const check = (app: FastifyInstance, payload: Record<string, unknown>, key: 'admin' | 'write' = 'admin') =>
+  call(app, { method: 'POST', url: '/v1/consistency', payload, key })
+
+t.test('against the origin, a check finds exactly the entries whose origin data changed', async (t) => {
+  const { app } = await setup(t)
+  const res = await check(app, { userIds: USERS, against: 'origin' })
+  t.equal(res.statusCode, 200)
+  const body = res.json()
+  t.same(Object.keys(body).sort(), ['checked', 'consistent', 'durationMs', 'errors', 'missing', 'repaired', 'stale'])
+  t.equal(body.checked, 10)
+  t.equal(body.consistent, 7)
+  t.same(body.stale, CHANGED.map((id) => `dashboard:${id}`))
+  t.same(body.missing, [])
+  t.same(body.errors, [])
+  t.equal(body.repaired, 0)
+  t.type(body.durationMs, 'number')
+  t.same((await get(app, 'dashboard:2')).json().value, { user: '2', version: 1 }, 'repair "none" changes nothing')
+})
+
+t.test('keys not cached are missing, keys no origin serves are errors, a sample covers the cache', async (t) => {
+  const { app, origin } = await setup(t)
+  await put(app, 'misc:1', { value: 1 })
+  const res = await check(app, { keys: ['dashboard:2', 'dashboard:99', 'misc:1', 'dashboard:3'], against: 'origin' })
+  const body = res.json()
+  t.equal(body.checked, 4)
+  t.equal(body.consistent, 1)
+  t.same(body.stale, ['dashboard:2'])
+  t.same(body.missing, ['dashboard:99'])
+  t.same(body.errors, [{ key: 'misc:1', error: 'no origin serves this key' }])
+
+  const sampled = (await check(app, { sample: 100, against: 'origin' })).json()
+  t.equal(sampled.checked, 11)
+  t.same([...sampled.stale].sort(), CHANGED.map((id) => `dashboard:${id}`))
+
+  origin.failAll = 500
+  const down = (await check(app, { keys: ['dashboard:1'], against: 'origin' })).json()
+  t.equal(down.errors.length, 1)
+  t.match(down.errors[0].error, /answered 500/)
+  t.equal(down.consistent, 0)
+})
+
+t.test('repair "invalidate" deletes exactly the stale entries through the one invalidation function', async (t) => {
+  const { app } = await setup(t)
+  const body = (await check(app, { userIds: USERS, against: 'origin', repair: 'invalidate' })).json()
+  t.equal(body.repaired, 3)
+  for (const id of USERS) t.equal((await get(app, `dashboard:${id}`)).statusCode, CHANGED.includes(id) ? 404 : 200, `dashboard:${id}`)
+  const log = (await call(app, { method: 'GET', url: '/v1/debug/invalidations?limit=1' })).json().invalidations[0]
+  t.equal(log.source, 'consistency')
+  t.same([...log.selector.keys].sort(), CHANGED.map((id) => `dashboard:${id}`))
+  t.equal(log.actor, 'admin')
+  const again = (await check(app, { userIds: USERS, against: 'origin' })).json()
+  t.same(again.stale, [])
+  t.equal(again.consistent, 7)
+  const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=10' })).json().entries
+  const repairs = audit.filter((e: { action: string }) => e.action === 'consistency_repair')
+  t.equal(repairs.length, 1, 'the repair is audited; the checks alone are not')
+  t.match(repairs[0], { actor: 'admin', outcome: 'succeeded', detail: /repair=invalidate .*repaired=3/ })
+})
+
+t.test('repair "refresh" reloads exactly the stale entries, after which the check is clean', async (t) => {
+  const { app, origin } = await setup(t)
+  const before = origin.calls
+  const refreshes: string[] = []
+  app.cache.on('refresh', (e) => refreshes.push(e.result))
+  const body = (await check(app, { userIds: USERS, against: 'origin', repair: 'refresh' })).json()
+  t.equal(body.repaired, 3)
+  t.equal(origin.calls - before, 10 + 3, 'one fetch per checked key, one reload per stale one')
+  t.same(refreshes, ['success', 'success', 'success'])
+  for (const id of CHANGED) t.same((await get(app, `dashboard:${id}`)).json().value, { user: id, version: 2 })
+  const again = (await check(app, { userIds: USERS, against: 'origin' })).json()
+  t.equal(again.consistent, 10)
+  t.same(again.stale, [])
+})
+
+t.test('an entry whose origin no longer has data is stale; a refresh repair deletes it', async (t) => {
+  const { app, origin } = await setup(t)
+  origin.values.delete(dash('4'))
+  const body = (await check(app, { keys: ['dashboard:4'], against: 'origin', repair: 'refresh' })).json()
+  t.same(body.stale, ['dashboard:4'])
+  t.equal(body.repaired, 1)
+  t.equal((await get(app, 'dashboard:4')).statusCode, 404)
+})
+
+t.test('against provided values and etags (quoted, weak or bare), only differing entries are stale', async (t) => {
+  const { app } = await setup(t)
+  const etag1 = (await get(app, 'dashboard:1')).json().etag
+  await put(app, 'nul', { value: null })
+  const body = (
+    await check(app, {
+      against: 'provided',
+      entries: [
+        { key: 'dashboard:0', value: { user: '0', version: 1 } },
+        { key: 'dashboard:1', etag: `"${etag1}"` },
+        { key: 'dashboard:2', value: { user: '2', version: 2 } },
+        { key: 'dashboard:3', etag: 'W/"not-the-etag"' },
+        { key: 'dashboard:4', etag: etagOf(JSON.stringify({ user: '4', version: 1 })) },
+        { key: 'nul', value: null },
+        { key: 'dashboard:99', value: 1 },
+      ],
+    })
+  ).json()
+  t.equal(body.checked, 7)
+  t.equal(body.consistent, 4)
+  t.same(body.stale, ['dashboard:2', 'dashboard:3'])
+  t.same(body.missing, ['dashboard:99'])
+  t.equal(body.repaired, 0)
+})
+
+t.test('provided mode repairs: invalidate deletes, refresh reloads from the origin or deletes without one', async (t) => {
+  const { app } = await setup(t)
+  await put(app, 'misc:1', { value: 'old' })
+  const entries = [
+    { key: 'dashboard:2', value: { user: '2', version: 2 } },
+    { key: 'misc:1', value: 'new' },
+  ]
+  const refreshed = (await check(app, { against: 'provided', entries, repair: 'refresh' })).json()
+  t.same(refreshed.stale, ['dashboard:2', 'misc:1'])
+  t.equal(refreshed.repaired, 2)
+  t.same((await get(app, 'dashboard:2')).json().value, { user: '2', version: 2 })
+  t.equal((await get(app, 'misc:1')).statusCode, 404, 'no origin: invalidated instead')
+
+  const invalidated = (await check(app, { against: 'provided', entries: [{ key: 'dashboard:5', value: 'x' }], repair: 'invalidate' })).json()
+  t.equal(invalidated.repaired, 1)
+  t.equal((await get(app, 'dashboard:5')).statusCode, 404)
+})
+
+t.test('a malformed check is a 400 naming the problem, and the route needs admin', async (t) => {
+  const { app } = await setup(t)
+  const bad: Array<[Record<string, unknown>, RegExp]> = [
+    [{ against: 'provided' }, /entries is required/],
+    [{ against: 'provided', keys: ['a'], entries: [{ key: 'a', value: 1 }] }, /keys, userIds and sample are for against "origin"/],
+    [{ against: 'provided', entries: [{ key: 'a' }] }, /entries\[0\] needs a value or an etag/],
+    [{ against: 'provided', entries: [{ key: 'a', value: 1 }, { key: 'a', value: 2 }] }, /entries\[1\]\.key repeats/],
+    [{ against: 'provided', entries: [{ key: '', value: 1 }] }, /entries\[0\]\.key/],
+    [{ against: 'origin' }, /keys, userIds or sample/],
+    [{ against: 'origin', keys: ['a'], entries: [] }, /entries is for against "provided"/],
+    [{ against: 'origin', userIds: [''] }, /userIds\[0\]/],
+    [{ against: 'database', keys: ['a'] }, /against/],
+    [{ against: 'origin', keys: ['a'], repair: 'fix' }, /repair/],
+    [{ against: 'origin', sample: 0 }, /sample/],
+  ]
+  for (const [payload, message] of bad) {
+    const res = await check(app, payload)
+    t.equal(res.statusCode, 400, JSON.stringify(payload))
+    t.equal(res.json().error, 'invalid_request')
+    t.match(res.json().message, message)
+  }
+  t.equal((await check(app, { against: 'origin', keys: ['a'] }, 'write')).statusCode, 403)
+})
+
+t.test('against origin with no origins configured is a 400', async (t) => {
+  const app = await build(t)
+  const res = await check(app, { against: 'origin', keys: ['a'] })
+  t.equal(res.statusCode, 400)
+  t.match(res.json().message, /no.*origins|none are configured/)
+})
+
+t.test('a registered copy check (cluster mode\'s L1 against Redis) adds its differing keys as stale', async (t) => {
+  const { app } = await setup(t)
+  app.consistency.copyChecks.push({
+    name: 'l1',
+    compare: async (keys) => ({ differing: keys.filter((k) => k === 'dashboard:0'), errors: [{ key: 'dashboard:1', error: 'redis down' }] }),
+  })
+  const body = (await check(app, { userIds: USERS, against: 'origin' })).json()
+  t.same([...body.stale].sort(), ['dashboard:0', ...CHANGED.map((id) => `dashboard:${id}`)])
+  t.same(body.errors, [{ key: 'dashboard:1', error: 'l1: redis down' }])
+})

@@ -1,0 +1,108 @@
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import t from 'tap'
+import { buildApp } from '../../src/app.js'
+import { DEFAULT_LIMITS } from '../../src/cache/limits.js'
+import { TEST_API_KEYS, build, get } from '../helpers/build.js'
+import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
+import type { CacheServiceEvents } from '../../src/cache/cache-service.js'
+
+type Attempt = CacheServiceEvents['origin_request'][0]
+
+t.test('failed attempts are retried with exponential backoff and jitter until one succeeds', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set('/users/1/dashboard', 'v')
+  origin.failNext = 3
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { retries: 3, backoffMs: 40 })] } })
+  const attempts: Attempt[] = []
+  app.cache.on('origin_request', (e) => attempts.push(e))
+  const res = await get(app, 'dashboard:1', '?load=true')
+  t.equal(res.statusCode, 200)
+  t.equal(origin.calls, 4)
+  t.same(attempts.map((a) => a.result), ['error', 'error', 'error', 'success'])
+  t.ok(attempts.every((a) => a.origin === 'dashboards' && a.durationMs >= 0))
+  // Equal jitter: the wait before retry n is in [base*2^n/2, base*2^n]; check the floors only
+  // (timers never fire early, but a shared machine may make them late).
+  const gaps = origin.arrivals.slice(1).map((at, i) => at - origin.arrivals[i]!)
+  t.ok(gaps[0]! >= 20 - 2, `first wait ${gaps[0]} >= 20 ms`)
+  t.ok(gaps[1]! >= 40 - 2, `second wait ${gaps[1]} >= 40 ms`)
+  t.ok(gaps[2]! >= 80 - 2, `third wait ${gaps[2]} >= 80 ms`)
+})
+
+t.test('the backoff doubles per attempt, is capped, and its jitter spans the upper half', async (t) => {
+  const origin = await OriginServer.start(t)
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  const client = app.origins.client
+  const samples = Array.from({ length: 2000 }, () => client.backoff(100, 2))
+  t.ok(samples.every((ms) => ms >= 200 && ms <= 400), 'attempt 2 of base 100 waits 200-400 ms')
+  t.ok(Math.max(...samples) - Math.min(...samples) > 100, 'jitter spreads the waits')
+  t.ok(client.backoff(1000, 30) <= 10_000, 'capped at 10 s')
+})
+
+t.test('retries stop at the configured count and the error is a 503; every attempt is counted', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.failAll = 502
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { retries: 2, backoffMs: 5 })] } })
+  const attempts: Attempt[] = []
+  app.cache.on('origin_request', (e) => attempts.push(e))
+  const res = await get(app, 'dashboard:1', '?load=true')
+  t.equal(res.statusCode, 503)
+  t.match(res.json().message, /after 3 attempts/)
+  t.equal(origin.calls, 3)
+  t.same(attempts.map((a) => a.result), ['error', 'error', 'error'])
+})
+
+t.test('a 4xx other than 404, 408 and 429 is not retried', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.failAll = 403
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { retries: 3, backoffMs: 5 })] } })
+  t.equal((await get(app, 'dashboard:1', '?load=true')).statusCode, 503)
+  t.equal(origin.calls, 1)
+})
+
+t.test('a slow origin times out per attempt, is retried, and reports timeouts', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.hang = true
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { timeoutMs: 100, retries: 1, backoffMs: 5 })] } })
+  const attempts: Attempt[] = []
+  app.cache.on('origin_request', (e) => attempts.push(e))
+  const res = await get(app, 'dashboard:1', '?load=true')
+  t.equal(res.statusCode, 503)
+  t.match(res.json().message, /timed out after 100 ms/)
+  t.same(attempts.map((a) => a.result), ['timeout', 'timeout'])
+  t.ok(attempts.every((a) => a.durationMs >= 95), 'each attempt waited for its timeout')
+})
+
+t.test('a body that is not JSON, or larger than the value limit, fails without retry', async (t) => {
+  let calls = 0
+  const server = createServer((req, res) => {
+    calls++
+    if (req.url === '/users/text/dashboard') res.end('not json')
+    else res.end(JSON.stringify('x'.repeat(5000)))
+  })
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
+  t.teardown(() => new Promise((r) => server.close(r)))
+  const port = (server.address() as AddressInfo).port
+  const spec = { name: 'o', keyPattern: 'dashboard:{userId}', url: `http://127.0.0.1:${port}/users/{userId}/dashboard`, retries: 2, backoffMs: 5 }
+  const app = await build(t, { configFile: { origins: [spec] }, limits: { ...DEFAULT_LIMITS, maxValueBytes: 1024 } })
+  const text = await get(app, 'dashboard:text', '?load=true')
+  t.equal(text.statusCode, 503)
+  t.match(text.json().message, /not JSON/)
+  const big = await get(app, 'dashboard:big', '?load=true')
+  t.equal(big.statusCode, 503)
+  t.match(big.json().message, /more than 1024 bytes/)
+  t.equal(calls, 2)
+})
+
+t.test('closing the app aborts an origin call in flight without crashing', async (t) => {
+  // Built by hand: the test closes the app itself, mid-call.
+  const origin = await OriginServer.start(t)
+  origin.hang = true
+  const app = await buildApp({ apiKeys: TEST_API_KEYS, configFile: { origins: [dashboardOrigin(origin, { timeoutMs: 60_000 })] } })
+  await app.ready()
+  const pending = app.origins.refresh('dashboard:1').catch((e: Error) => e)
+  await origin.waitForCalls(1)
+  await app.close()
+  const error = await pending
+  t.type(error, Error)
+})

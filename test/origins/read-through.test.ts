@@ -1,0 +1,168 @@
+import t from 'tap'
+import { build, call, get, put } from '../helpers/build.js'
+import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
+
+const dash = (id: string) => `/users/${id}/dashboard`
+
+t.test('500 concurrent ?load=true reads of a cold key make one origin call and all get the value', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set(dash('42'), { widgets: 3 })
+  origin.delayMs = 100
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  const replies = await Promise.all(Array.from({ length: 500 }, () => get(app, 'dashboard:42', '?load=true')))
+  t.equal(origin.calls, 1)
+  t.same(new Set(replies.map((r) => r.statusCode)), new Set([200]))
+  t.same(new Set(replies.map((r) => r.json().etag)).size, 1)
+  const body = replies[0]!.json()
+  t.same(body.value, { widgets: 3 })
+  t.equal(body.userId, '42')
+  t.same(body.tags, ['analytics:42'])
+  const meta = (await call(app, { method: 'GET', url: '/v1/debug/entries/dashboard%3A42' })).json()
+  t.equal(meta.origin, 'dashboards')
+  t.equal((await get(app, 'dashboard:42')).statusCode, 200, 'the loaded value is cached')
+  t.equal(origin.calls, 1)
+})
+
+t.test('without ?load=true a miss stays a plain miss and the origin is not called', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set(dash('1'), 1)
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  const res = await get(app, 'dashboard:1')
+  t.equal(res.statusCode, 404)
+  t.type(res.json().lease, 'string')
+  t.equal(origin.calls, 0)
+})
+
+t.test('a key no origin serves is a plain miss with a lease, even with ?load=true', async (t) => {
+  const origin = await OriginServer.start(t)
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  const res = await get(app, 'profile:42', '?load=true')
+  t.equal(res.statusCode, 404)
+  t.equal(res.json().error, 'not_found')
+  t.type(res.json().lease, 'string')
+  t.equal(origin.calls, 0)
+})
+
+t.test('an origin without data (404) is a plain miss, nothing cached', async (t) => {
+  const origin = await OriginServer.start(t)
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  const res = await get(app, 'dashboard:nobody', '?load=true')
+  t.equal(res.statusCode, 404)
+  t.type(res.json().lease, 'string')
+  t.equal(origin.calls, 1)
+})
+
+t.test('a failing origin on a miss is 503 backend_unavailable for every waiter, and the app keeps serving', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.failAll = 500
+  origin.delayMs = 50
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  const replies = await Promise.all(Array.from({ length: 20 }, () => get(app, 'dashboard:7', '?load=true')))
+  t.equal(origin.calls, 1)
+  for (const r of replies) {
+    t.equal(r.statusCode, 503)
+    t.equal(r.json().error, 'backend_unavailable')
+    t.match(r.json().message, /origin "dashboards" answered 500/)
+  }
+  origin.failAll = undefined
+  origin.values.set(dash('7'), 'back')
+  t.equal((await get(app, 'dashboard:7', '?load=true')).json().value, 'back')
+})
+
+t.test('an unreachable origin is 503, not a crash', async (t) => {
+  const origin = await OriginServer.start(t)
+  const spec = dashboardOrigin(origin)
+  await origin.close()
+  const app = await build(t, { configFile: { origins: [spec] } })
+  const res = await get(app, 'dashboard:1', '?load=true')
+  t.equal(res.statusCode, 503)
+  t.equal(res.json().error, 'backend_unavailable')
+  t.match(res.json().message, /unreachable/)
+  t.notMatch(res.body, /127\.0\.0\.1/, 'the URL is not echoed')
+})
+
+t.test('key parts are URL-encoded into the origin URL', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set('/users/a%2Fb%20c%3F%23/dashboard', { ok: true })
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  const res = await get(app, 'dashboard:a/b c?#', '?load=true')
+  t.equal(res.statusCode, 200)
+  t.same(res.json().value, { ok: true })
+  t.equal(res.json().userId, 'a/b c?#')
+  t.same(origin.log, ['/users/a%2Fb%20c%3F%23/dashboard'])
+})
+
+t.test('configured headers are sent to the origin', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set(dash('1'), 1)
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { headers: { Authorization: 'Bearer s3cret' } })] } })
+  await get(app, 'dashboard:1', '?load=true')
+  t.equal(origin.headers[0]!.authorization, 'Bearer s3cret')
+})
+
+for (const leasesEnabled of [true, false]) {
+  const name = leasesEnabled
+    ? 'an invalidation during the load voids its lease: the value is reloaded once and the fresh one cached'
+    : 'control: with lease checks off, the same race caches the old value (so the test above can fail)'
+  t.test(name, async (t) => {
+    const origin = await OriginServer.start(t)
+    origin.values.set(dash('42'), 'old')
+    const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } }, { leasesEnabled })
+    origin.hold()
+    const pending = get(app, 'dashboard:42', '?load=true')
+    await origin.waitForCalls(1)
+    // The origin has read 'old'; the data changes and its invalidation lands before the reply.
+    origin.values.set(dash('42'), 'new')
+    t.equal((await call(app, { method: 'DELETE', url: '/v1/users/42/entries' })).statusCode, 200)
+    origin.release()
+    const res = await pending
+    t.equal(res.statusCode, 200)
+    const cached = (await get(app, 'dashboard:42')).json().value
+    if (leasesEnabled) {
+      t.equal(origin.calls, 2, 'reloaded once')
+      t.equal(res.json().value, 'new')
+      t.equal(cached, 'new')
+    } else {
+      t.equal(origin.calls, 1)
+      t.equal(cached, 'old')
+    }
+  })
+}
+
+t.test('a load voided twice returns the value uncached', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set(dash('42'), 'v')
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  origin.hold()
+  const pending = get(app, 'dashboard:42', '?load=true')
+  for (const n of [1, 2]) {
+    await origin.waitForCalls(n)
+    t.equal((await call(app, { method: 'DELETE', url: '/v1/entries/dashboard%3A42' })).statusCode, 200)
+    origin.release()
+    if (n === 1) origin.hold()
+  }
+  const res = await pending
+  t.equal(res.statusCode, 200)
+  t.equal(res.json().value, 'v')
+  t.equal(origin.calls, 2)
+  t.equal((await get(app, 'dashboard:42')).statusCode, 404, 'not cached')
+})
+
+t.test('a hit is served from the cache with ?load=true, and a stale entry with ?allowStale', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set(dash('5'), 'fresh')
+  origin.delayMs = 50
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { refreshAhead: 1 })] } })
+  await put(app, 'dashboard:5', { value: 'cached', userId: '5' })
+  t.equal((await get(app, 'dashboard:5', '?load=true')).json().value, 'cached')
+  t.equal(origin.calls, 0)
+  await call(app, { method: 'DELETE', url: '/v1/entries/dashboard%3A5?mode=stale' })
+  const stale = await get(app, 'dashboard:5', '?load=true&allowStale=true')
+  t.equal(stale.statusCode, 200)
+  t.equal(stale.json().value, 'cached')
+  t.equal(stale.json().stale, true)
+  await app.origins.refresher.drain()
+  const loaded = await get(app, 'dashboard:5', '?load=true')
+  t.equal(loaded.json().value, 'fresh')
+  t.equal(loaded.json().stale, false)
+})

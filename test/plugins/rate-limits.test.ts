@@ -1,0 +1,75 @@
+import t from 'tap'
+import { DEFAULT_SECURITY } from '../../src/config.js'
+import { KEYS, build, call, get, put } from '../helpers/build.js'
+
+const bad = { authorization: 'Bearer not-a-key-0123456789' }
+
+t.test('after N failed authentications an IP gets 429 rate_limited, even with a right key', async (t) => {
+  const app = await build(t, { security: { ...DEFAULT_SECURITY, authFailureLimitMax: 3, authFailureWindowMs: 60_000 } })
+  await put(app, 'k', { value: 1 })
+  for (let i = 0; i < 3; i++) {
+    const res = await app.inject({ method: 'GET', url: '/v1/entries/k', headers: bad })
+    t.equal(res.statusCode, 401, `failure ${i + 1} is a 401`)
+  }
+  const blocked = await app.inject({ method: 'GET', url: '/v1/entries/k', headers: bad })
+  t.equal(blocked.statusCode, 429)
+  t.same(Object.keys(blocked.json()).sort(), ['error', 'message'])
+  t.equal(blocked.json().error, 'rate_limited')
+  t.ok(Number(blocked.headers['retry-after']) >= 1, 'with Retry-After')
+
+  const right = await get(app, 'k')
+  t.equal(right.statusCode, 429, 'the right key from a blocked IP is refused before it is checked')
+
+  // Another address is not affected.
+  const elsewhere = await app.inject({ method: 'GET', url: '/v1/entries/k', headers: { authorization: `Bearer ${KEYS.read}` }, remoteAddress: '10.9.8.7' })
+  t.equal(elsewhere.statusCode, 200)
+  // Public routes stay open to probes.
+  t.equal((await app.inject({ method: 'GET', url: '/health/live' })).statusCode, 200)
+})
+
+t.test('the block ends with the window', async (t) => {
+  const app = await build(t, { security: { ...DEFAULT_SECURITY, authFailureLimitMax: 2, authFailureWindowMs: 300 } })
+  await put(app, 'k', { value: 1 })
+  await app.inject({ method: 'GET', url: '/v1/entries/k', headers: bad })
+  await app.inject({ method: 'GET', url: '/v1/entries/k', headers: bad })
+  t.equal((await get(app, 'k')).statusCode, 429)
+  await new Promise((resolve) => setTimeout(resolve, 700))
+  t.equal((await get(app, 'k')).statusCode, 200)
+})
+
+t.test('successful requests do not count towards the failure limit', async (t) => {
+  const app = await build(t, { security: { ...DEFAULT_SECURITY, authFailureLimitMax: 2 } })
+  await put(app, 'k', { value: 1 })
+  for (let i = 0; i < 50; i++) t.equal((await get(app, 'k')).statusCode, 200)
+  t.equal((await app.inject({ method: 'GET', url: '/v1/entries/k', headers: bad })).statusCode, 401)
+})
+
+t.test('AUTH_FAILURE_LIMIT_MAX=0 turns the failure limit off', async (t) => {
+  const app = await build(t, { security: { ...DEFAULT_SECURITY, authFailureLimitMax: 0 } })
+  for (let i = 0; i < 30; i++) {
+    t.equal((await app.inject({ method: 'GET', url: '/v1/entries/k', headers: bad })).statusCode, 401)
+  }
+})
+
+t.test('the entry routes have no rate limit by default', async (t) => {
+  const app = await build(t)
+  await put(app, 'k', { value: 1 })
+  let limited = 0
+  for (let i = 0; i < 1500; i++) {
+    const res = await get(app, 'k')
+    if (res.statusCode === 429) limited++
+    if (res.headers['x-ratelimit-limit'] !== undefined) limited++
+  }
+  t.equal(limited, 0)
+})
+
+t.test('RATE_LIMIT_MAX limits every authenticated route per key, not the public ones', async (t) => {
+  const app = await build(t, { security: { ...DEFAULT_SECURITY, rateLimitMax: 5, rateLimitWindowMs: 60_000 } })
+  const statuses = []
+  for (let i = 0; i < 7; i++) statuses.push((await call(app, { method: 'GET', url: '/v1/entries/k', key: 'read' })).statusCode)
+  t.same(statuses, [404, 404, 404, 404, 404, 429, 429])
+  const res = await call(app, { method: 'GET', url: '/v1/entries/k', key: 'read' })
+  t.equal(res.json().error, 'rate_limited')
+  t.equal((await call(app, { method: 'GET', url: '/v1/entries/k', key: 'readwrite' })).statusCode, 404, 'another key has its own budget')
+  for (let i = 0; i < 10; i++) t.equal((await app.inject({ method: 'GET', url: '/health/live' })).statusCode, 200)
+})

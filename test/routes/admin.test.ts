@@ -1,0 +1,234 @@
+import t, { type Test } from 'tap'
+import { DEFAULT_SECURITY, parseApiKeys } from '../../src/config.js'
+import { FakeClock, KEYS, TEST_API_KEYS, build, call, get, put } from '../helpers/build.js'
+
+// A second admin key, to prove a token is bound to the key that asked for it.
+const OTHER_ADMIN = 'other-admin-secret-0123456789'
+const keys = [...TEST_API_KEYS, ...parseApiKeys(`ops:admin:${OTHER_ADMIN}`)]
+
+async function setup(t: Test, security = {}) {
+  const clock = new FakeClock()
+  const app = await build(t, { apiKeys: keys, security: { ...DEFAULT_SECURITY, clearRateLimitMax: 0, ...security } }, { now: clock.now })
+  for (let i = 0; i < 20; i++) await put(app, `k${i}`, { value: { i }, userId: `u${i % 3}` })
+  return { app, clock }
+}
+
+const issue = (app: Awaited<ReturnType<typeof setup>>['app'], reason = 'bad deploy', headers?: Record<string, string>) =>
+  call(app, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason }, headers })
+
+const clear = (app: Awaited<ReturnType<typeof setup>>['app'], payload: unknown, headers?: Record<string, string>) =>
+  call(app, { method: 'POST', url: '/v1/admin/clear', payload: payload as object, headers })
+
+async function allStillThere(t: Test, app: Awaited<ReturnType<typeof setup>>['app']) {
+  for (let i = 0; i < 20; i++) {
+    const res = await get(app, `k${i}`)
+    t.equal(res.statusCode, 200, `k${i} is still readable`)
+  }
+  const stats = await call(app, { method: 'GET', url: '/v1/stats' })
+  t.equal(stats.json().entries, 20)
+}
+
+t.test('a token from step 1 clears everything once, and the clear is audited', async (t) => {
+  const { app, clock } = await setup(t)
+  const res = await issue(app)
+  t.equal(res.statusCode, 200)
+  const { token, expiresAt } = res.json()
+  t.match(token, /^cwclr_[A-Za-z0-9_-]{40,}$/)
+  t.equal(expiresAt, new Date(clock.ms + 60_000).toISOString())
+
+  const done = await clear(app, { token })
+  t.equal(done.statusCode, 200)
+  t.same(done.json(), { cleared: 20 })
+  t.equal((await get(app, 'k0')).statusCode, 404)
+
+  const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json().entries
+  t.match(audit[0], { actor: 'admin', action: 'clear', reason: 'bad deploy', outcome: 'succeeded', detail: 'cleared 20 entries' })
+  t.match(audit[1], { actor: 'admin', action: 'clear_token_issued', reason: 'bad deploy', outcome: 'succeeded' })
+  t.notMatch(JSON.stringify(audit), token, 'the audit log never holds the token')
+})
+
+t.test('the clear voids leases handed out before it', async (t) => {
+  const { app } = await setup(t)
+  const miss = await get(app, 'fresh')
+  t.equal(miss.statusCode, 404)
+  const { token } = (await issue(app)).json()
+  t.equal((await clear(app, { token })).statusCode, 200)
+  const late = await call(app, { method: 'PUT', url: '/v1/entries/fresh', payload: { value: 1, lease: miss.json().lease } })
+  t.equal(late.statusCode, 409)
+  t.equal(late.json().error, 'lease_invalidated')
+})
+
+t.test('a missing token is refused and clears nothing', async (t) => {
+  const { app } = await setup(t)
+  for (const payload of [{}, { token: '' }, { token: null }, { token: 42 }, { token: ['x'] }]) {
+    const res = await clear(app, payload)
+    t.equal(res.statusCode, 403, JSON.stringify(payload))
+    t.equal(res.json().error, 'clear_token_invalid')
+  }
+  const noBody = await app.inject({ method: 'POST', url: '/v1/admin/clear', headers: { authorization: `Bearer ${KEYS.admin}` } })
+  t.equal(noBody.statusCode, 403)
+  t.equal(noBody.json().error, 'clear_token_invalid')
+  await allStillThere(t, app)
+})
+
+t.test('a wrong token is refused and clears nothing', async (t) => {
+  const { app } = await setup(t)
+  const { token } = (await issue(app)).json()
+  const wrong = token.slice(0, -1) + (token.endsWith('A') ? 'B' : 'A')
+  for (const candidate of [wrong, 'cwclr_' + 'A'.repeat(43), 'x'.repeat(10_000), token.toUpperCase()]) {
+    const res = await clear(app, { token: candidate })
+    t.equal(res.statusCode, 403)
+    t.equal(res.json().error, 'clear_token_invalid')
+    t.notMatch(res.body, candidate.slice(0, 40), 'the refusal does not echo the token')
+  }
+  await allStillThere(t, app)
+  // The real token survived the wrong guesses.
+  t.equal((await clear(app, { token })).statusCode, 200)
+})
+
+t.test('an expired token is refused and clears nothing (fake clock)', async (t) => {
+  const { app, clock } = await setup(t)
+  const { token } = (await issue(app)).json()
+  clock.advance(60_000)
+  const res = await clear(app, { token })
+  t.equal(res.statusCode, 403)
+  t.equal(res.json().error, 'clear_token_invalid')
+  t.match(res.json().message, /expired/)
+  await allStillThere(t, app)
+})
+
+t.test('a token is still good one millisecond before it expires', async (t) => {
+  const { app, clock } = await setup(t)
+  const { token } = (await issue(app)).json()
+  clock.advance(59_999)
+  t.equal((await clear(app, { token })).statusCode, 200)
+})
+
+t.test('a used token is refused the second time and clears nothing more', async (t) => {
+  const { app } = await setup(t)
+  const { token } = (await issue(app)).json()
+  t.equal((await clear(app, { token })).statusCode, 200)
+  await put(app, 'after', { value: 'written after the clear' })
+  const again = await clear(app, { token })
+  t.equal(again.statusCode, 403)
+  t.equal(again.json().error, 'clear_token_invalid')
+  t.equal((await get(app, 'after')).statusCode, 200, 'the entry written after the clear survives')
+})
+
+t.test('two concurrent clears with one token: exactly one succeeds', async (t) => {
+  const { app } = await setup(t)
+  const { token } = (await issue(app)).json()
+  const results = await Promise.all([clear(app, { token }), clear(app, { token }), clear(app, { token })])
+  t.same(results.map((r) => r.statusCode).sort(), [200, 403, 403])
+})
+
+t.test('another key\'s token is refused, clears nothing, and stays good for its owner', async (t) => {
+  const { app } = await setup(t)
+  const { token } = (await issue(app)).json()
+  const res = await clear(app, { token }, { authorization: `Bearer ${OTHER_ADMIN}` })
+  t.equal(res.statusCode, 403)
+  t.equal(res.json().error, 'clear_token_invalid')
+  t.match(res.json().message, /another key/)
+  await allStillThere(t, app)
+  t.equal((await clear(app, { token })).statusCode, 200)
+})
+
+t.test('keys without the admin scope cannot get or use a token', async (t) => {
+  const { app } = await setup(t)
+  const { token } = (await issue(app)).json()
+  for (const key of ['read', 'write', 'invalidate', 'readwrite'] as const) {
+    const asked = await call(app, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'x' }, key })
+    t.equal(asked.statusCode, 403)
+    t.equal(asked.json().error, 'forbidden')
+    const used = await call(app, { method: 'POST', url: '/v1/admin/clear', payload: { token }, key })
+    t.equal(used.statusCode, 403)
+    t.equal(used.json().error, 'forbidden')
+  }
+  const anonymous = await call(app, { method: 'POST', url: '/v1/admin/clear', payload: { token }, key: null })
+  t.equal(anonymous.statusCode, 401)
+  await allStillThere(t, app)
+})
+
+t.test('step 1 needs a reason', async (t) => {
+  const { app } = await setup(t)
+  for (const payload of [{}, { reason: '' }, { reason: 7 }, { reason: 'x'.repeat(1025) }]) {
+    const res = await call(app, { method: 'POST', url: '/v1/admin/clear-token', payload })
+    t.equal(res.statusCode, 400, JSON.stringify(payload).slice(0, 40))
+    t.equal(res.json().error, 'invalid_request')
+  }
+})
+
+t.test('refused clears are audited with their cause, never with the token', async (t) => {
+  const { app, clock } = await setup(t)
+  const { token } = (await issue(app, 'expiring')).json()
+  clock.advance(61_000)
+  await clear(app, { token })
+  await clear(app, { token: 'nope' })
+  const entries = (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=2' })).json().entries
+  t.equal(entries.length, 2)
+  t.match(entries[0], { action: 'clear', outcome: 'refused', actor: 'admin', detail: /not one cachewarden issued/ })
+  t.match(entries[1], { action: 'clear', outcome: 'refused', reason: 'expiring', detail: /expired/ })
+  t.notMatch(JSON.stringify(entries), token)
+})
+
+t.test('both steps are rate-limited per key with 429 rate_limited', async (t) => {
+  const { app } = await setup(t, { clearRateLimitMax: 2, clearRateLimitWindowMs: 60_000 })
+  t.equal((await issue(app)).statusCode, 200)
+  t.equal((await issue(app)).statusCode, 200)
+  const limited = await issue(app)
+  t.equal(limited.statusCode, 429)
+  t.same(Object.keys(limited.json()).sort(), ['error', 'message'])
+  t.equal(limited.json().error, 'rate_limited')
+  t.ok(Number(limited.headers['retry-after']) > 0, 'with Retry-After')
+  // Another admin key has its own budget.
+  t.equal((await issue(app, 'ops', { authorization: `Bearer ${OTHER_ADMIN}` })).statusCode, 200)
+
+  t.equal((await clear(app, { token: 'a' })).statusCode, 403)
+  t.equal((await clear(app, { token: 'b' })).statusCode, 403)
+  const third = await clear(app, { token: 'c' })
+  t.equal(third.statusCode, 429)
+  t.equal(third.json().error, 'rate_limited')
+  await allStillThere(t, app)
+
+  const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json().entries
+  t.ok(audit.some((e: { action: string; outcome: string; detail: string }) => e.action === 'clear' && e.detail === 'rate limited'))
+})
+
+t.test('the token store is bounded: the oldest outstanding tokens are forgotten', async (t) => {
+  const { app } = await setup(t)
+  const first = (await issue(app)).json().token
+  for (let i = 0; i < 100; i++) t.equal((await issue(app)).statusCode, 200)
+  const last = (await issue(app)).json().token
+  t.equal((await clear(app, { token: first })).statusCode, 403, 'the oldest token was dropped')
+  t.equal((await clear(app, { token: last })).statusCode, 200)
+})
+
+t.test('the audit log lists stats resets and prefix or bulk invalidations, not small ones', async (t) => {
+  const { app } = await setup(t)
+  for (let i = 0; i < 120; i++) await put(app, `bulk:${i}`, { value: i, tags: ['bulk'] })
+  await call(app, { method: 'DELETE', url: '/v1/entries/k1', key: 'invalidate' })
+  await call(app, { method: 'POST', url: '/v1/invalidations', payload: { userIds: ['u0'] }, key: 'invalidate' })
+  await call(app, { method: 'POST', url: '/v1/invalidations', payload: { prefixes: ['k1'], reason: 'k1x gone' }, key: 'invalidate' })
+  await call(app, { method: 'DELETE', url: '/v1/tags/bulk/entries?mode=stale', key: 'invalidate' })
+  await call(app, { method: 'POST', url: '/v1/stats/reset' })
+
+  const entries = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json().entries
+  t.equal(entries.length, 3, 'small exact invalidations are not audited')
+  t.match(entries[0], { actor: 'admin', action: 'stats_reset', outcome: 'succeeded', reason: null })
+  t.match(entries[1], { actor: 'invalidator', action: 'invalidation', detail: /by 1 tags: 120 entries marked stale/ })
+  t.match(entries[2], { actor: 'invalidator', action: 'invalidation', reason: 'k1x gone', detail: /by 1 prefixes: \d+ entries deleted/ })
+  t.notMatch(JSON.stringify(entries), /bulk|"k1"/, 'selector values stay out of the audit log')
+  for (const e of entries) t.same(Object.keys(e).sort(), ['action', 'actor', 'at', 'detail', 'outcome', 'reason'])
+
+  t.equal((await call(app, { method: 'GET', url: '/v1/debug/audit?limit=1' })).json().entries.length, 1)
+  t.equal((await call(app, { method: 'GET', url: '/v1/debug/audit?limit=0' })).statusCode, 400)
+  t.equal((await call(app, { method: 'GET', url: '/v1/debug/audit', key: 'read' })).statusCode, 403)
+})
+
+t.test('the audit ring keeps only AUDIT_LOG_SIZE records', async (t) => {
+  const clock = new FakeClock()
+  const app = await build(t, { apiKeys: keys, security: { ...DEFAULT_SECURITY, clearRateLimitMax: 0, auditLogSize: 3 } }, { now: clock.now })
+  for (let i = 0; i < 5; i++) await issue(app, `r${i}`)
+  const entries = (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=1000' })).json().entries
+  t.same(entries.map((e: { reason: string }) => e.reason), ['r4', 'r3', 'r2'])
+})

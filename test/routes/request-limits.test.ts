@@ -1,0 +1,251 @@
+import { request as httpRequest } from 'node:http'
+import { connect } from 'node:net'
+import t from 'tap'
+import { DEFAULT_LIMITS } from '../../src/cache/limits.js'
+import { build, call, get, put } from '../helpers/build.js'
+
+const MiB = 1024 * 1024
+const nest = (depth: number): unknown => (depth <= 1 ? [] : [nest(depth - 1)])
+const putKey = (key: string) => `/v1/entries/${encodeURIComponent(key)}`
+
+t.test('bodies over the body limit are 413 payload_too_large on every JSON route', async (t) => {
+  const app = await build(t)
+  const big = 'x'.repeat(2 * MiB)
+  for (const [method, url, payload] of [
+    ['PUT', '/v1/entries/k', { value: big }],
+    ['POST', '/v1/invalidations', { keys: [big] }],
+    ['POST', '/v1/entries/batch-get', { keys: [big] }],
+    ['POST', '/v1/admin/clear-token', { reason: big }],
+  ] as const) {
+    const res = await call(app, { method, url, payload })
+    t.equal(res.statusCode, 413, `${method} ${url}`)
+    t.same(res.json(), { error: 'payload_too_large', message: res.json().message })
+  }
+  const batch = await call(app, { method: 'POST', url: '/v1/entries/batch-set', payload: { entries: [{ key: 'b', value: 'x'.repeat(40 * MiB) }] } })
+  t.equal(batch.statusCode, 413, 'batch-set has its own, larger limit')
+  t.equal(batch.json().error, 'payload_too_large')
+})
+
+t.test('a value over 1 MiB serialized is 413 value_too_large; exactly 1 MiB is stored', async (t) => {
+  const app = await build(t)
+  const exact = 'x'.repeat(DEFAULT_LIMITS.maxValueBytes - 2) // plus the two quotes
+  t.equal((await call(app, { method: 'PUT', url: '/v1/entries/exact', payload: { value: exact } })).statusCode, 200)
+  const over = await call(app, { method: 'PUT', url: '/v1/entries/over', payload: { value: exact + 'x' } })
+  t.equal(over.statusCode, 413)
+  t.equal(over.json().error, 'value_too_large')
+  // Multi-byte characters count in UTF-8 bytes: 350k × 3 bytes is over 1 MiB in 350k characters.
+  const wide = await call(app, { method: 'PUT', url: '/v1/entries/wide', payload: { value: '€'.repeat(350_000) } })
+  t.equal(wide.statusCode, 413)
+  t.equal(wide.json().error, 'value_too_large')
+  const inBatch = await call(app, { method: 'POST', url: '/v1/entries/batch-set', payload: { entries: [{ key: 'a', value: exact + 'x' }, { key: 'b', value: 1 }] } })
+  t.equal(inBatch.statusCode, 200)
+  t.match(inBatch.json().results, [{ key: 'a', status: 413, error: 'value_too_large' }, { key: 'b', status: 200 }])
+  t.equal((await get(app, 'over')).statusCode, 404)
+})
+
+t.test('values may nest 64 levels, not 65, and very deep JSON is a 400', async (t) => {
+  const app = await build(t)
+  t.equal((await call(app, { method: 'PUT', url: '/v1/entries/d64', payload: { value: nest(64) } })).statusCode, 200)
+  const d65 = await call(app, { method: 'PUT', url: '/v1/entries/d65', payload: { value: nest(65) } })
+  t.equal(d65.statusCode, 400)
+  t.match(d65.json(), { error: 'invalid_request', message: /value is nested deeper than 64/ })
+  // Half a million levels: must not overflow a stack anywhere.
+  const deep = '{"value":' + '['.repeat(500_000) + ']'.repeat(500_000) + '}'
+  const res = await app.inject({ method: 'PUT', url: '/v1/entries/deep', headers: { authorization: 'Bearer admin-secret-0123456789', 'content-type': 'application/json' }, payload: deep })
+  t.equal(res.statusCode, 400)
+  t.equal(res.json().error, 'invalid_request')
+  const deepObj = '{"value":' + '{"a":'.repeat(150_000) + '1' + '}'.repeat(150_000) + '}'
+  const res2 = await app.inject({ method: 'PUT', url: '/v1/entries/deep', headers: { authorization: 'Bearer admin-secret-0123456789', 'content-type': 'application/json' }, payload: deepObj })
+  t.equal(res2.statusCode, 400)
+})
+
+t.test('keys are 1 to 512 UTF-8 bytes without control characters, in the path and in batches', async (t) => {
+  const app = await build(t)
+  const ok512 = 'k'.repeat(512)
+  const euro170 = '€'.repeat(170) // 510 bytes
+  const euro171 = '€'.repeat(171) // 513 bytes
+  await put(app, ok512, { value: 1 })
+  await put(app, euro170, { value: 1 })
+  t.equal((await get(app, ok512)).statusCode, 200)
+  for (const key of ['k'.repeat(513), euro171, 'a\u0000b', 'tab\there', 'new\nline', 'del\u007f', 'c1\u0085']) {
+    const res = await call(app, { method: 'PUT', url: putKey(key), payload: { value: 1 } })
+    t.equal(res.statusCode, 400, JSON.stringify(key.slice(0, 12)))
+    t.equal(res.json().error, 'invalid_request')
+    t.match(res.json().message, /^key /)
+  }
+  const batchGet = await call(app, { method: 'POST', url: '/v1/entries/batch-get', payload: { keys: ['fine', euro171] } })
+  t.equal(batchGet.statusCode, 400)
+  t.match(batchGet.json().message, /keys\[1\]/)
+  const batchSet = await call(app, { method: 'POST', url: '/v1/entries/batch-set', payload: { entries: [{ key: euro171, value: 1 }, { key: '', value: 1 }, { value: 1 }] } })
+  t.same(batchSet.json().results.map((r: { status: number }) => r.status), [400, 400, 400])
+  const inval = await call(app, { method: 'POST', url: '/v1/invalidations', payload: { keys: [euro171] } })
+  t.equal(inval.statusCode, 400)
+})
+
+t.test('userIds and tags: 128 bytes each, at most 32 tags', async (t) => {
+  const app = await build(t)
+  const tags32 = Array.from({ length: 32 }, (_, i) => `t${i}`)
+  t.equal((await call(app, { method: 'PUT', url: '/v1/entries/a', payload: { value: 1, userId: 'u'.repeat(128), tags: tags32 } })).statusCode, 200)
+  for (const [payload, field] of [
+    [{ value: 1, userId: 'u'.repeat(129) }, /userId/],
+    [{ value: 1, userId: '' }, /userId/],
+    [{ value: 1, tags: [...tags32, 'one-too-many'] }, /tags has more than 32/],
+    [{ value: 1, tags: ['t'.repeat(129)] }, /tags\[0\]/],
+    [{ value: 1, tags: [''] }, /tags\[0\]/],
+    [{ value: 1, tags: ['ok', 'bad\u0001'] }, /tags\[1\]/],
+    [{ value: 1, tags: Array.from({ length: 5000 }, (_, i) => `t${i}`) }, /tags/],
+  ] as const) {
+    const res = await call(app, { method: 'PUT', url: '/v1/entries/b', payload })
+    t.equal(res.statusCode, 400)
+    t.match(res.json(), { error: 'invalid_request', message: field })
+  }
+  t.equal((await call(app, { method: 'DELETE', url: `/v1/users/${'u'.repeat(129)}/entries` })).statusCode, 400)
+  t.equal((await call(app, { method: 'DELETE', url: `/v1/tags/${'t'.repeat(129)}/entries` })).statusCode, 400)
+  t.equal((await call(app, { method: 'GET', url: `/v1/debug/users/${'u'.repeat(129)}` })).statusCode, 400)
+})
+
+t.test('ttlMs is 1 ms to 30 days', async (t) => {
+  const app = await build(t)
+  for (const ttlMs of [1, 30 * 24 * 3600 * 1000]) {
+    t.equal((await call(app, { method: 'PUT', url: '/v1/entries/t', payload: { value: 1, ttlMs } })).statusCode, 200)
+  }
+  for (const ttlMs of [0, -1, 30 * 24 * 3600 * 1000 + 1, 1.5, 1e300, '100']) {
+    const res = await call(app, { method: 'PUT', url: '/v1/entries/t', payload: { value: 1, ttlMs } })
+    t.equal(res.statusCode, 400, `ttlMs ${ttlMs}`)
+    t.equal(res.json().error, 'invalid_request')
+  }
+})
+
+t.test('batches and selector lists hold at most 1000 items; prefixes are never empty', async (t) => {
+  const app = await build(t)
+  const keys = (n: number) => Array.from({ length: n }, (_, i) => `k${i}`)
+  t.equal((await call(app, { method: 'POST', url: '/v1/entries/batch-get', payload: { keys: keys(1000) } })).statusCode, 200)
+  t.equal((await call(app, { method: 'POST', url: '/v1/entries/batch-get', payload: { keys: keys(1001) } })).statusCode, 400)
+  const entries = (n: number) => keys(n).map((key) => ({ key, value: 1 }))
+  t.equal((await call(app, { method: 'POST', url: '/v1/entries/batch-set', payload: { entries: entries(1000) } })).statusCode, 200)
+  t.equal((await call(app, { method: 'POST', url: '/v1/entries/batch-set', payload: { entries: entries(1001) } })).statusCode, 400)
+  for (const kind of ['keys', 'userIds', 'tags', 'prefixes']) {
+    t.equal((await call(app, { method: 'POST', url: '/v1/invalidations', payload: { [kind]: keys(1001) } })).statusCode, 400, kind)
+  }
+  for (const payload of [{}, { prefixes: [] }, { prefixes: [''] }, { prefixes: [null] }, { prefixes: ['p'.repeat(513)] }, { keys: [], tags: [] }]) {
+    const res = await call(app, { method: 'POST', url: '/v1/invalidations', payload })
+    t.equal(res.statusCode, 400, JSON.stringify(payload).slice(0, 50))
+    t.equal(res.json().error, 'invalid_request')
+  }
+  t.equal((await get(app, 'k0')).statusCode, 200, 'nothing was wiped by a refused selector')
+})
+
+t.test('__proto__ and constructor.prototype in a body are 400 invalid_request and pollute nothing', async (t) => {
+  const app = await build(t)
+  const bodies: Array<[string, string, string]> = [
+    ['PUT', '/v1/entries/p', '{"value":1,"__proto__":{"polluted":true}}'],
+    ['PUT', '/v1/entries/p', '{"value":{"a":{"__proto__":{"polluted":true}}}}'],
+    ['PUT', '/v1/entries/p', '{"value":{"constructor":{"prototype":{"polluted":true}}}}'],
+    ['POST', '/v1/entries/batch-set', '{"entries":[{"key":"p","value":1,"__proto__":{"polluted":true}}]}'],
+    ['POST', '/v1/invalidations', '{"keys":["p"],"__proto__":{"polluted":true}}'],
+    ['POST', '/v1/admin/clear-token', '{"reason":"x","__proto__":{"polluted":true}}'],
+    ['POST', '/v1/admin/clear', '{"__proto__":{"token":"x"}}'],
+  ]
+  for (const [method, url, payload] of bodies) {
+    const res = await app.inject({ method: method as 'PUT', url, payload, headers: { authorization: 'Bearer admin-secret-0123456789', 'content-type': 'application/json' } })
+    t.equal(res.statusCode, 400, payload)
+    t.equal(res.json().error, 'invalid_request')
+    t.match(res.json().message, /__proto__/)
+  }
+  t.equal((await get(app, 'p')).statusCode, 404)
+  t.equal(({} as Record<string, unknown>).polluted, undefined)
+  t.equal((Object.prototype as unknown as Record<string, unknown>).polluted, undefined)
+})
+
+t.test('a value with a plain "constructor" or "toString" key is data, stored and read back as is', async (t) => {
+  const app = await build(t)
+  const value = { constructor: { name: 'x' }, toString: 'not a function', hasOwnProperty: 1, prototype: { polluted: true } }
+  await put(app, 'odd', { value })
+  const res = await get(app, 'odd')
+  t.equal(res.statusCode, 200)
+  t.same(res.json().value, value)
+  t.equal(({} as Record<string, unknown>).polluted, undefined)
+  t.equal(typeof ({}).toString, 'function')
+  const batch = await call(app, { method: 'POST', url: '/v1/entries/batch-get', payload: { keys: ['odd', 'constructor', '__proto__', 'toString'] } })
+  t.equal(batch.statusCode, 200)
+  t.same(Object.keys(batch.json().entries), ['odd'])
+  t.same(batch.json().missing.sort(), ['__proto__', 'constructor', 'toString'])
+  // Keys named like Object.prototype members are ordinary keys.
+  for (const key of ['__proto__', 'constructor', 'hasOwnProperty']) {
+    await put(app, key, { value: key, userId: key, tags: [key] })
+    t.same((await get(app, key)).json().value, key)
+  }
+  const user = await call(app, { method: 'GET', url: '/v1/debug/users/__proto__' })
+  t.equal(user.json().count, 1)
+})
+
+t.test('odd URL encodings are 400 or 404 with the contract body, never 5xx', async (t) => {
+  const app = await build(t)
+  await put(app, 'a/b', { value: 'slash' })
+  await put(app, '%2F', { value: 'literal' })
+  t.same((await call(app, { method: 'GET', url: '/v1/entries/a%2Fb' })).json().value, 'slash', '%2F is a slash inside the key')
+  t.same((await call(app, { method: 'GET', url: '/v1/entries/%252F' })).json().value, 'literal', 'double encoding decodes once')
+  const cases: Array<[string, number]> = [
+    ['/v1/entries/%zz', 400],
+    ['/v1/entries/%', 400],
+    ['/v1/entries/%ff', 400],
+    ['/v1/entries/%C0%AF', 400], // overlong UTF-8
+    ['/v1/entries/%ED%A0%80', 400], // an encoded UTF-16 surrogate
+    ['/v1/entries/a%00b', 400],
+    ['/v1/entries/%0d%0aSet-Cookie:x', 400],
+    [`/v1/entries/${'x'.repeat(5000)}`, 400],
+    [`/v1/entries/${'%41'.repeat(600)}`, 400],
+    ['/v1/entries/a/b', 404],
+    ['/v1/entries/', 400],
+    ['/v1/users/%zz/entries', 400],
+    ['/v1/debug/users/%00', 400],
+    ['/v1/debug/entries/%E0%A4%A', 400],
+    ['/v1/nope/%zz', 400],
+    ['/v1/entries/a?allowStale=%zz', 400],
+    ['/v1/entries/a?allowStale=true&allowStale=false', 400],
+  ]
+  for (const [url, status] of cases) {
+    const res = await call(app, { method: 'GET', url })
+    t.equal(res.statusCode, status, url.slice(0, 60))
+    t.match(res.json(), { error: status === 400 ? 'invalid_request' : 'not_found', message: String })
+  }
+  const del = await call(app, { method: 'DELETE', url: '/v1/entries/%zz' })
+  t.equal(del.statusCode, 400)
+})
+
+t.test('raw non-UTF-8 bytes and oversized headers over a real socket never get a 5xx', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const raw = (bytes: Buffer) =>
+    new Promise<string>((resolve) => {
+      const socket = connect(port, '127.0.0.1', () => socket.end(bytes))
+      let out = ''
+      socket.on('data', (d) => (out += d.toString('latin1')))
+      socket.on('close', () => resolve(out))
+      socket.on('error', () => resolve(out))
+    })
+  const status = (response: string) => Number(response.split(' ')[1])
+  const requests = [
+    Buffer.concat([Buffer.from('GET /v1/entries/'), Buffer.from([0xff, 0xfe, 0x80]), Buffer.from(' HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer admin-secret-0123456789\r\nConnection: close\r\n\r\n')]),
+    Buffer.concat([Buffer.from('GET /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer '), Buffer.from([0xff, 0xc0]), Buffer.from('\r\nConnection: close\r\n\r\n')]),
+    Buffer.from(`GET /v1/entries/k HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\nConnection: close\r\n\r\n`),
+    Buffer.from('PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer admin-secret-0123456789\r\nContent-Type: application/json\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{"val'),
+    Buffer.from('GARBAGE\r\n\r\n'),
+  ]
+  for (const bytes of requests) {
+    const response = await raw(bytes)
+    const code = status(response)
+    t.ok(response === '' || (code >= 400 && code < 500), `got ${response.split('\r\n')[0] || 'a closed socket'}`)
+  }
+  // And the server still answers.
+  const ok = await new Promise<number>((resolve, reject) => {
+    const req = httpRequest({ port, path: '/health/live' }, (res) => {
+      res.resume()
+      resolve(res.statusCode!)
+    })
+    req.on('error', reject)
+    req.end()
+  })
+  t.equal(ok, 200)
+})

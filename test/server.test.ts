@@ -1,0 +1,80 @@
+import { spawn } from 'node:child_process'
+import { once } from 'node:events'
+import t from 'tap'
+
+// The real entry point as a user runs it: config from the environment, the generated key,
+// and graceful shutdown on a signal.
+
+function start(env: Record<string, string>) {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
+    env: { ...process.env, HOST: '127.0.0.1', PORT: '0', LOG_LEVEL: 'info', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+  let out = ''
+  let err = ''
+  child.stdout.on('data', (d) => (out += d))
+  child.stderr.on('data', (d) => (err += d))
+  const ready = new Promise<number>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no listen line in 30 s: ${out} ${err}`)), 30_000)
+    child.stdout.on('data', () => {
+      const m = /Server listening at http:\/\/127\.0\.0\.1:(\d+)/.exec(out)
+      if (m && (!env.EXPECT_KEY || /Bearer \S+/.test(out))) {
+        clearTimeout(timer)
+        resolve(Number(m[1]))
+      }
+    })
+    child.once('exit', (code) => {
+      clearTimeout(timer)
+      reject(new Error(`exited ${code}: ${err}`))
+    })
+  })
+  return { child, ready, output: () => out, errors: () => err }
+}
+
+t.test('with no keys it prints one admin key once, and that key works', async (t) => {
+  const server = start({ CACHEWARDEN_API_KEYS: '', EXPECT_KEY: '1' })
+  t.teardown(() => server.child.kill('SIGKILL'))
+  const port = await server.ready
+  const secret = /Authorization: Bearer (\S+)/.exec(server.output())![1]!
+  t.equal(server.output().split(secret).length - 1, 1, 'the secret is printed exactly once')
+  const base = `http://127.0.0.1:${port}`
+  const put = await fetch(`${base}/v1/entries/hello`, {
+    method: 'PUT',
+    headers: { authorization: `Bearer ${secret}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ value: 'world' }),
+  })
+  t.equal(put.status, 200)
+  t.equal((await fetch(`${base}/v1/entries/hello`)).status, 401, 'closed without the key')
+  const got = await fetch(`${base}/v1/entries/hello`, { headers: { authorization: `Bearer ${secret}` } })
+  t.equal(((await got.json()) as { value: string }).value, 'world')
+  server.child.kill('SIGTERM')
+  const [code] = await once(server.child, 'exit')
+  t.equal(code, 0, 'SIGTERM exits cleanly')
+  t.match(server.output(), /shutting down/)
+})
+
+t.test('SIGTERM lets an in-flight request finish', async (t) => {
+  const server = start({ CACHEWARDEN_API_KEYS: 'a:admin:server-test-secret-1' })
+  t.teardown(() => server.child.kill('SIGKILL'))
+  const port = await server.ready
+  // A large batch-set keeps the server busy while the signal arrives.
+  const entries = Array.from({ length: 300 }, (_, i) => ({ key: `k${i}`, value: "v".repeat(2000), userId: `u${i % 10}` }))
+  const inFlight = fetch(`http://127.0.0.1:${port}/v1/entries/batch-set`, {
+    method: 'POST',
+    headers: { authorization: 'Bearer server-test-secret-1', 'content-type': 'application/json' },
+    body: JSON.stringify({ entries }),
+  })
+  await new Promise((r) => setTimeout(r, 20))
+  server.child.kill('SIGTERM')
+  const res = await inFlight
+  t.equal(res.status, 200)
+  t.equal(((await res.json()) as { results: unknown[] }).results.length, 300)
+  const [code] = await once(server.child, 'exit')
+  t.equal(code, 0)
+})
+
+t.test('a bad environment value stops the start with a message naming it', async (t) => {
+  const server = start({ CACHE_MAX_ENTRIES: 'lots' })
+  await t.rejects(server.ready, /exited 78/)
+  t.match(server.errors(), /CACHE_MAX_ENTRIES/)
+})
