@@ -7,6 +7,8 @@ import { defaultConfig, type Config } from './config.js'
 import auth from './plugins/auth.js'
 import errors from './plugins/errors.js'
 import health from './plugins/health.js'
+import metrics from './plugins/metrics.js'
+import swaggerDocs from './plugins/swagger.js'
 import origins from './plugins/origins.js'
 
 import rateLimits from './plugins/rate-limits.js'
@@ -15,6 +17,7 @@ import debugRoutes from './routes/debug.js'
 import entryRoutes from './routes/entries.js'
 import eventRoutes from './routes/events.js'
 import invalidationRoutes from './routes/invalidations.js'
+import streamRoutes from './routes/stream.js'
 import { PostgresListener } from './sources/postgres-listener.js'
 
 import originRoutes from './routes/origins.js'
@@ -39,6 +42,8 @@ export interface BuildOptions {
   now?: () => number
   /** Lease checks on writes; off only to prove the race test can fail. */
   leasesEnabled?: boolean
+  /** The metrics plugin and /metrics; off only for the benchmark's baseline. */
+  metrics?: boolean
 }
 
 // Bodies are validated strictly (a string is not a number); query strings and params
@@ -108,6 +113,9 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     keys: config.apiKeys,
     failureLimit: { max: config.security.authFailureLimitMax, windowMs: config.security.authFailureWindowMs },
   })
+  // Swagger collects routes as they are added, so it goes before every route.
+  await app.register(swaggerDocs)
+  if (options.metrics !== false) await app.register(metrics)
   await app.register(health)
   await app.register(origins)
   if (store instanceof TieredStore) {
@@ -140,5 +148,6 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   await app.register(originRoutes)
 
   await app.register(adminRoutes)
+  await app.register(streamRoutes)
   return app
 }

@@ -45,6 +45,10 @@ export interface Config {
   refreshConcurrency: number
   fillLeaseMs: number
   invalidationLogSize: number
+  /** Heartbeat comment interval of `GET /v1/invalidations/stream`. */
+  streamHeartbeatMs: number
+  /** A stream client with more unsent bytes than this is disconnected (slow reader). */
+  streamMaxBufferBytes: number
   configFile: ConfigFile
   /** Rate limits and the audit log (README "Security"). */
   security: SecurityConfig
@@ -101,6 +105,8 @@ export function defaultConfig(): Config {
     refreshConcurrency: 3,
     fillLeaseMs: 2000,
     invalidationLogSize: 1000,
+    streamHeartbeatMs: 15_000,
+    streamMaxBufferBytes: 8 * 1024 * 1024,
     configFile: {},
     security: { ...DEFAULT_SECURITY },
   }
@@ -181,6 +187,8 @@ export function loadConfig(env: Env = process.env): Config {
   c.refreshConcurrency = int('REFRESH_CONCURRENCY', c.refreshConcurrency, 1, 1000)
   c.fillLeaseMs = int('FILL_LEASE_MS', c.fillLeaseMs, 1, 600_000)
   c.invalidationLogSize = int('INVALIDATION_LOG_SIZE', c.invalidationLogSize, 1, 1_000_000)
+  c.streamHeartbeatMs = int('STREAM_HEARTBEAT_MS', c.streamHeartbeatMs, 100, 3_600_000)
+  c.streamMaxBufferBytes = int('STREAM_MAX_BUFFER_BYTES', c.streamMaxBufferBytes, 1024)
 
   const sec = c.security
   sec.clearRateLimitMax = int('CLEAR_RATE_LIMIT_MAX', sec.clearRateLimitMax, 0, 1_000_000)

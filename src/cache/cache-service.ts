@@ -428,7 +428,9 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
         invalidation: record.id,
         source: record.source,
         mode: record.mode,
-        selectors: Object.fromEntries(SELECTOR_KINDS.filter((k) => record.selector[k]).map((k) => [k, record.selector[k]!.length])),
+        selectors: record.selector.all
+          ? { all: true }
+          : Object.fromEntries(SELECTOR_KINDS.filter((k) => record.selector[k]).map((k) => [k, record.selector[k]!.length])),
         invalidated: record.invalidated,
         durationMs: record.durationMs,
       },

@@ -15,7 +15,10 @@ declare module 'fastify' {
   }
 }
 
-const Check = Type.Object({ status: Type.String(), checks: Type.Record(Type.String(), Type.Boolean()) })
+const Check = Type.Object(
+  { status: Type.String(), checks: Type.Record(Type.String(), Type.Boolean()) },
+  { examples: [{ status: 'ready', checks: { redis: true, postgres: true } }] },
+)
 
 /** `/health/live` (the process answers) and `/health/ready` (every configured backend is usable). */
 export default fp(
@@ -28,6 +31,7 @@ export default fp(
         schema: {
           tags: ['operations'],
           summary: 'Liveness',
+          description: 'Always 200 while the process answers HTTP; no key needed.',
           response: { 200: Type.Object({ status: Type.Literal('ok') }) },
         },
       },

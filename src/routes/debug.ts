@@ -58,6 +58,20 @@ const Stats = Type.Object({
     last: Type.Union([InvalidationRecordView, Type.Null()]),
   }),
   leases: Type.Object({ issued: Type.Integer(), rejected: Type.Integer() }),
+}, {
+  examples: [
+    {
+      entries: 1200,
+      bytes: 3_400_000,
+      hits: 9000,
+      misses: 1000,
+      hitRatio: 0.9,
+      sets: 1100,
+      evictions: 12,
+      invalidations: { bySelector: { user: 40, tag: 7 }, bySource: { api: 30, event: 17 }, failed: 0, last: null },
+      leases: { issued: 1000, rejected: 3 },
+    },
+  ],
 })
 
 export default async function debugRoutes(fastify: FastifyInstance) {

@@ -53,6 +53,7 @@ export const InvalidationResult = Type.Object(
     mode: InvalidationMode,
     durationMs: Type.Number(),
   },
+  { examples: [{ id: '3b0f4c3e-8a51-4a43-9d0e-2f1c1d6f9a10', invalidated: 3, mode: 'delete', durationMs: 0.042 }] },
 )
 
 export const Timestamp = Type.String({ format: 'date-time' })

@@ -37,6 +37,7 @@ if (requireRedisServer(t)) {
     await redis.stop()
     t.ok(await waitUntil(async () => (await readyStatus(a)) === 503 && (await readyStatus(b)) === 503), 'ready flips to 503')
     t.ok(await waitUntil(() => busStates.includes(false)), 'bus_state reports the bus down')
+    t.match((await b.inject({ url: '/metrics' })).body, /^cachewarden_bus_connected 0$/m, 'the bus gauge is 0')
 
     const hit = await get(b, 'cached')
     t.equal(hit.statusCode, 200, 'an L1 copy still answers')
@@ -68,6 +69,7 @@ if (requireRedisServer(t)) {
     await redis.start()
     t.ok(await waitUntil(async () => (await readyStatus(a)) === 200 && (await readyStatus(b)) === 200, 15_000), 'ready is back to 200')
     t.equal(busStates.at(-1), true, 'bus_state reports the bus up again')
+    t.match((await b.inject({ url: '/metrics' })).body, /^cachewarden_bus_connected 1$/m, 'the bus gauge is back to 1')
     t.ok(busStates.length > busDowns)
 
     // Redis came back empty; every L1 was flushed on reconnect, so nothing older is served.

@@ -1,0 +1,283 @@
+import { createHash, timingSafeEqual } from 'node:crypto'
+import { Type } from '@sinclair/typebox'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import fp from 'fastify-plugin'
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
+import type { CacheService } from '../cache/cache-service.js'
+import { SELECTOR_KINDS, SELECTOR_LABEL, type InvalidationRecord } from '../cache/types.js'
+import { CacheError } from '../errors.js'
+import { ErrorBody } from '../schemas/common.js'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** This app's Prometheus registry (the process metrics live in a shared one). */
+    metrics: { registry: Registry; scrape(): Promise<string> }
+  }
+}
+
+export const METRIC_PREFIX = 'cachewarden_'
+/** The `route` label of requests that matched no route: a raw URL would be unbounded. */
+export const UNMATCHED_ROUTE = 'unmatched'
+
+/** Sources that always have a failure series (at 0), so `increase()` sees the first failure. */
+const KNOWN_SOURCES = ['api', 'event', 'postgres', 'bus', 'admin', 'consistency', 'listener']
+
+// A cache hit takes well under a millisecond, so the buckets start far below prom-client's
+// default 5 ms.
+const HTTP_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+const ORIGIN_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+
+// Process metrics describe the process, not an app: one registry for all the apps of a
+// process, created on first use, so tests that build many apps add no observers per app.
+let processRegistry: Registry | undefined
+function processMetrics(): Registry {
+  if (processRegistry === undefined) {
+    processRegistry = new Registry()
+    collectDefaultMetrics({ register: processRegistry })
+  }
+  return processRegistry
+}
+
+/**
+ * Registers every cachewarden metric on `registry`, fed from the core. Counters the core
+ * already keeps (its monotonic `totals`) and store sizes are read at scrape time, so the
+ * hot path does no metric work; the rest follow the core's events.
+ */
+export function registerCacheMetrics(registry: Registry, cache: CacheService): void {
+  const t = cache.totals
+  const name = (n: string) => METRIC_PREFIX + n
+  const registers = [registry]
+
+  new Counter({
+    name: name('cache_hits_total'),
+    help: 'Reads that found a usable entry.',
+    registers,
+    collect() {
+      this.reset()
+      this.inc(t.hits)
+    },
+  })
+  new Counter({
+    name: name('cache_misses_total'),
+    help: 'Reads that found no usable entry (and got a lease).',
+    registers,
+    collect() {
+      this.reset()
+      this.inc(t.misses)
+    },
+  })
+  new Counter({
+    name: name('cache_sets_total'),
+    help: 'Entries written.',
+    registers,
+    collect() {
+      this.reset()
+      this.inc(t.sets)
+    },
+  })
+  new Counter({
+    name: name('cache_evictions_total'),
+    help: 'Entries the store dropped by itself: reason "evict" (LRU, over a bound) or "expire" (TTL).',
+    labelNames: ['reason'],
+    registers,
+    collect() {
+      this.reset()
+      for (const [reason, n] of Object.entries(t.evictions)) this.inc({ reason }, n)
+    },
+  })
+  new Counter({
+    name: name('lease_rejections_total'),
+    help: 'Writes refused with lease_invalidated.',
+    registers,
+    collect() {
+      this.reset()
+      this.inc(t.leaseRejections)
+    },
+  })
+  new Counter({
+    name: name('invalidation_failures_total'),
+    help: 'Invalidations that could not be applied, by source.',
+    labelNames: ['source'],
+    registers,
+    collect() {
+      this.reset()
+      for (const source of KNOWN_SOURCES) this.inc({ source }, t.invalidationFailures[source] ?? 0)
+      for (const [source, n] of Object.entries(t.invalidationFailures)) {
+        if (!KNOWN_SOURCES.includes(source)) this.inc({ source }, n)
+      }
+    },
+  })
+
+  // Both size gauges are collected concurrently, so they share one store.size() call (a
+  // Redis round trip in cluster mode). If it fails, the gauges keep their last value rather
+  // than failing the whole scrape.
+  let pendingSize: Promise<{ entries: number; bytes: number } | undefined> | undefined
+  const size = () =>
+    (pendingSize ??= cache.store
+      .size()
+      .catch(() => undefined)
+      .finally(() => {
+        pendingSize = undefined
+      }))
+  new Gauge({
+    name: name('cache_entries'),
+    help: 'Entries in the store.',
+    registers,
+    async collect() {
+      const now = await size()
+      if (now !== undefined) this.set(now.entries)
+    },
+  })
+  new Gauge({
+    name: name('cache_bytes'),
+    help: 'Accounted bytes in the store (keys, values, user ids and tags).',
+    registers,
+    async collect() {
+      const now = await size()
+      if (now !== undefined) this.set(now.bytes)
+    },
+  })
+
+  const invalidations = new Counter({
+    name: name('invalidations_total'),
+    help: 'Invalidations applied, by selector kind (key, user, tag, prefix, all), source and mode. One naming several kinds counts under each.',
+    labelNames: ['selector', 'source', 'mode'],
+    registers,
+  })
+  const invalidatedEntries = new Counter({
+    name: name('invalidated_entries_total'),
+    help: 'Entries deleted or marked stale by invalidations, by selector kind. One naming several kinds counts under each.',
+    labelNames: ['selector'],
+    registers,
+  })
+  const lastInvalidation = new Gauge({
+    name: name('last_invalidation_timestamp_seconds'),
+    help: 'When the last invalidation was applied (Unix seconds); 0 before the first.',
+    registers,
+  })
+  lastInvalidation.set(0)
+  cache.on('invalidation', (record: InvalidationRecord) => {
+    const count = (selector: string) => {
+      invalidations.inc({ selector, source: record.source, mode: record.mode })
+      invalidatedEntries.inc({ selector }, record.invalidated)
+    }
+    for (const kind of SELECTOR_KINDS) if (record.selector[kind]?.length) count(SELECTOR_LABEL[kind])
+    // Everything at once (the PostgreSQL listener's reconnect policy), as /v1/stats counts it.
+    if (record.selector.all) count('all')
+    lastInvalidation.set(Date.parse(record.at) / 1000)
+  })
+  // The emergency clear is not an invalidation record, but to a dashboard it is one: of everything.
+  cache.on('cleared', ({ cleared }) => {
+    invalidations.inc({ selector: 'all', source: 'admin', mode: 'delete' })
+    invalidatedEntries.inc({ selector: 'all' }, cleared)
+    lastInvalidation.set(cache.now() / 1000)
+  })
+
+  const originRequests = new Counter({
+    name: name('origin_requests_total'),
+    help: 'Calls to origins, by origin name (from the config) and result: success, error or timeout.',
+    labelNames: ['origin', 'result'],
+    registers,
+  })
+  const originDuration = new Histogram({
+    name: name('origin_request_duration_seconds'),
+    help: 'Duration of origin calls, by origin name.',
+    labelNames: ['origin'],
+    buckets: ORIGIN_BUCKETS,
+    registers,
+  })
+  cache.on('origin_request', ({ origin, result, durationMs }) => {
+    originRequests.inc({ origin, result })
+    originDuration.observe({ origin }, durationMs / 1000)
+  })
+
+  const refreshes = new Counter({
+    name: name('refreshes_total'),
+    help: 'Background refreshes, forced refreshes and warm loads, by result: success or error.',
+    labelNames: ['result'],
+    registers,
+  })
+  refreshes.inc({ result: 'success' }, 0)
+  refreshes.inc({ result: 'error' }, 0)
+  cache.on('refresh', ({ result }) => refreshes.inc({ result }))
+
+  // 0 also when the feature is off (no REDIS_URL / PG_URL), so the series always exists.
+  const bus = new Gauge({ name: name('bus_connected'), help: '1 while the Redis bus is connected (cluster mode), else 0.', registers })
+  bus.set(0)
+  cache.on('bus_state', ({ connected }) => bus.set(connected ? 1 : 0))
+  const listener = new Gauge({
+    name: name('pg_listener_connected'),
+    help: '1 while the PostgreSQL listener is listening, else 0.',
+    registers,
+  })
+  listener.set(0)
+  cache.on('pg_listener_state', ({ connected }) => listener.set(connected ? 1 : 0))
+}
+
+const digest = (secret: string) => createHash('sha256').update(secret).digest()
+
+/**
+ * Prometheus metrics: the `cachewarden_*` metrics of DESIGN.md section 8 on a per-app
+ * registry, prom-client's process metrics, and `GET /metrics` (bearer `METRICS_TOKEN` when set).
+ */
+export default fp(
+  async function metrics(app: FastifyInstance) {
+    const registry = new Registry()
+    registerCacheMetrics(registry, app.cache)
+
+    const httpDuration = new Histogram({
+      name: `${METRIC_PREFIX}http_request_duration_seconds`,
+      help: 'HTTP request duration by route pattern (never a raw URL), method and status code.',
+      labelNames: ['route', 'method', 'status_code'],
+      buckets: HTTP_BUCKETS,
+      registers: [registry],
+    })
+    // The only per-request metric work: one observe when the response is done. A callback
+    // hook, not an async one, so no promise per request. Hijacked replies (the SSE stream)
+    // skip onResponse, so a long-lived stream never skews the latency quantiles.
+    app.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+      httpDuration.observe(
+        { route: request.routeOptions.url ?? UNMATCHED_ROUTE, method: request.method, status_code: reply.statusCode },
+        reply.elapsedTime / 1000,
+      )
+      done()
+    })
+
+    const scrape = async () => (await processMetrics().metrics()) + (await registry.metrics())
+    app.decorate('metrics', { registry, scrape })
+
+    const token = app.config.metricsToken === undefined ? undefined : digest(app.config.metricsToken)
+    app.get(
+      '/metrics',
+      {
+        schema: {
+          tags: ['operations'],
+          summary: 'Prometheus metrics',
+          description:
+            'The `cachewarden_*` metrics (DESIGN.md section 8) and the process metrics, in the Prometheus ' +
+            'text format. Open unless `METRICS_TOKEN` is set; then `Authorization: Bearer <METRICS_TOKEN>` is required.',
+          response: {
+            200: {
+              description: 'Prometheus text exposition format 0.0.4',
+              content: { 'text/plain': { schema: Type.String({ example: 'cachewarden_cache_hits_total 42\n' }) } },
+            },
+            401: Type.Object(ErrorBody.properties, { description: '`METRICS_TOKEN` is set and the bearer token is missing or wrong (`unauthorized`)' }),
+          },
+        },
+      },
+      async (request, reply) => {
+        if (token !== undefined && !tokenMatches(request.headers.authorization, token)) {
+          throw new CacheError('unauthorized', 'this endpoint needs Authorization: Bearer <METRICS_TOKEN>')
+        }
+        const body = await scrape()
+        return reply.type(registry.contentType).send(body)
+      },
+    )
+  },
+  { name: 'cachewarden-metrics', dependencies: ['cachewarden-errors'] },
+)
+
+function tokenMatches(header: string | undefined, expected: Buffer): boolean {
+  if (header === undefined || header.length > 4096 || header.slice(0, 7).toLowerCase() !== 'bearer ') return false
+  return timingSafeEqual(digest(header.slice(7).trim()), expected)
+}

@@ -1,0 +1,47 @@
+import { Writable } from 'node:stream'
+import t from 'tap'
+import { KEYS, build, call, put } from '../helpers/build.js'
+
+t.test('each invalidation logs one structured line with its counts and source, never values or secrets', async (t) => {
+  const lines: string[] = []
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      lines.push(...String(chunk).split('\n').filter(Boolean))
+      done()
+    },
+  })
+  const app = await build(t, {}, { logger: { level: 'info', stream } })
+  const secretValue = 'value-that-must-not-be-logged-91x'
+  await put(app, 'acct:9:profile', { value: { secretValue }, userId: 'user-9z7', tags: ['tag-q5e'] })
+  await put(app, 'acct:9:prefs', { value: { secretValue }, userId: 'user-9z7' })
+
+  const res = await call(app, {
+    method: 'POST',
+    url: '/v1/invalidations',
+    payload: { userIds: ['user-9z7'], tags: ['tag-q5e', 'tag-other'], mode: 'stale' },
+    key: 'invalidate',
+  })
+  t.equal(res.statusCode, 200)
+  await call(app, { method: 'DELETE', url: '/v1/entries/acct%3A9%3Aprofile', key: 'invalidate' })
+
+  await app.cache.markAllStale({ source: 'listener' })
+
+  const records = lines.map((l) => JSON.parse(l) as Record<string, unknown>).filter((r) => r.msg === 'invalidation')
+  t.equal(records.length, 3, 'one line per invalidation')
+  t.match(records[0], {
+    level: 30,
+    invalidation: res.json().id,
+    source: 'api',
+    mode: 'stale',
+    selectors: { userIds: 1, tags: 2 },
+    invalidated: 2,
+    durationMs: Number,
+  })
+  t.match(records[1], { source: 'api', mode: 'delete', selectors: { keys: 1 }, invalidated: 1 }) // the stale entry is deleted
+  t.match(records[2], { source: 'listener', mode: 'stale', selectors: { all: true }, invalidated: 0 }, 'says it covered everything') // the one left was already stale
+
+  const all = lines.join('\n')
+  for (const secret of [secretValue, 'user-9z7', 'tag-q5e', 'acct:9', KEYS.invalidate, KEYS.admin]) {
+    t.notOk(all.includes(secret), `the logs never contain ${secret.slice(0, 12)}…`)
+  }
+})

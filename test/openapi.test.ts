@@ -1,0 +1,80 @@
+import { readFileSync } from 'node:fs'
+import t from 'tap'
+import { renderOpenApi } from '../src/openapi.js'
+import { build } from './helpers/build.js'
+
+const committedPath = new URL('../openapi/openapi.json', import.meta.url)
+
+interface Operation {
+  summary?: string
+  description?: string
+  tags?: string[]
+  security?: unknown[]
+  responses: Record<string, unknown>
+}
+
+t.test('openapi/openapi.json is what the route schemas generate', async (t) => {
+  const fresh = await renderOpenApi()
+  let committed = ''
+  try {
+    committed = readFileSync(committedPath, 'utf8')
+  } catch {
+    // Missing counts as out of date.
+  }
+  if (committed !== fresh) {
+    t.fail('openapi/openapi.json is out of date with the route schemas: run npm run openapi and commit the result')
+    return
+  }
+  t.pass('openapi/openapi.json is up to date')
+})
+
+t.test('every operation is documented, and authenticated ones carry the bearer scheme', async (t) => {
+  const doc = JSON.parse(await renderOpenApi()) as {
+    openapi: string
+    components: { securitySchemes: Record<string, unknown> }
+    paths: Record<string, Record<string, Operation>>
+  }
+  t.match(doc.openapi, /^3\./)
+  t.same(doc.components.securitySchemes.bearerAuth, {
+    type: 'http',
+    scheme: 'bearer',
+    description: 'An API key secret (CACHEWARDEN_API_KEYS)',
+  })
+  for (const [path, methods] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(methods)) {
+      const name = `${method.toUpperCase()} ${path}`
+      t.ok(op.summary, `${name} has a summary`)
+      t.ok(op.description, `${name} has a description`)
+      t.ok(op.tags?.length, `${name} has a tag`)
+      t.ok(Object.keys(op.responses).some((s) => s.startsWith('2')), `${name} documents its success`)
+      if (op.security) {
+        t.same(op.security, [{ bearerAuth: [] }], `${name} names the bearer scheme`)
+        t.ok(op.responses['401'] && op.responses['403'], `${name} documents 401 and 403`)
+      }
+    }
+  }
+  // The routes that need a key are exactly those the document marks as secured.
+  const secured = Object.entries(doc.paths).flatMap(([path, methods]) =>
+    Object.entries(methods).filter(([, op]) => op.security).map(([method]) => `${method.toUpperCase()} ${path}`),
+  )
+  for (const [method, url] of [['GET', '/v1/stats'], ['PUT', '/v1/entries/{key}'], ['GET', '/v1/invalidations/stream']]) {
+    t.ok(secured.includes(`${method} ${url}`), `${method} ${url} is secured`)
+  }
+  for (const [method, url] of [['GET', '/metrics'], ['GET', '/health/live']]) {
+    t.notOk(secured.includes(`${method} ${url}`), `${method} ${url} is open`)
+  }
+})
+
+t.test('GET /docs serves Swagger UI and GET /docs/json the document', async (t) => {
+  const app = await build(t)
+  const ui = await app.inject({ method: 'GET', url: '/docs' })
+  t.equal(ui.statusCode, 200)
+  t.match(ui.headers['content-type'], /text\/html/)
+  t.match(ui.body, /swagger-ui/i)
+  const json = await app.inject({ method: 'GET', url: '/docs/json' })
+  t.equal(json.statusCode, 200)
+  const doc = json.json()
+  t.equal(doc.info.title, 'cachewarden')
+  t.ok(doc.paths['/v1/entries/{key}'].get, 'lists the routes')
+  t.notOk(Object.keys(doc.paths).some((p) => p.startsWith('/docs')), 'the docs routes are not in the document')
+})
