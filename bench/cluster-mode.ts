@@ -114,7 +114,7 @@ async function propagation(redisUrl: string) {
   const fromCall: number[] = []
   const fromAck: number[] = []
   let applied: (() => void) | undefined
-  b.onRemoteInvalidation(() => applied?.())
+  b.onRemoteInvalidation((r) => r.write || applied?.())
   const now = Date.now()
   const put = (key: string) =>
     a.set({ key, value: '1', etag: 'e', userId: undefined, tags: undefined, createdAt: now, expiresAt: now + 600_000, hits: 0, lastAccessAt: now, stale: false, origin: undefined, size: 10 })

@@ -120,6 +120,8 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   await app.register(origins)
   if (store instanceof TieredStore) {
     store.onBusState((connected) => cache.emit('bus_state', { connected }))
+    // Another instance's invalidation, already applied here: into the log, metrics and stream.
+    store.onRemoteInvalidation((r) => r.selector && !r.write && cache.recordBusInvalidation(r.selector, r.mode, r.invalidated))
     app.readinessChecks.push({ name: 'redis', ready: () => store.ready() })
     app.consistency.copyChecks.push({ name: 'l1-vs-redis', compare: (keys) => store.compareL1(keys) })
     // Connect once every plugin is registered, so the first bus_state reaches all listeners.

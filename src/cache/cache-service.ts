@@ -336,6 +336,17 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     this.#countFailure(source)
   }
 
+  /**
+   * Records an invalidation another instance made (cluster mode): Redis and this instance's
+   * L1 already have it applied, so only the log, the counters and the `invalidation` event
+   * (metrics, stream) are fed, with source `bus`. `invalidated` counts the L1 copies dropped.
+   */
+  recordBusInvalidation(selector: Selector, mode: InvalidationMode, invalidated: number): void {
+    for (const key of selector.keys ?? []) this.#fills.delete(key)
+    const at = new Date(this.now()).toISOString()
+    this.#record({ id: randomUUID(), selector, mode, source: 'bus', invalidated, durationMs: 0, at, actor: undefined, reason: undefined })
+  }
+
   /** Drops everything and voids every lease (the emergency clear). */
   async clear(actor?: string, reason?: string): Promise<number> {
     const cleared = await this.store.clear()

@@ -65,7 +65,14 @@ interface BusMessage {
   m?: InvalidationMode
   /** A clear: every L1 drops everything. */
   flush?: 1
+  /** A write, not an invalidation: other L1s drop their copy of the key. */
+  w?: 1
 }
+
+/** Another instance's change, once applied to this L1; `invalidated` counts the L1 copies it touched. */
+export type RemoteInvalidation =
+  | { selector: Selector; mode: InvalidationMode; write: boolean; flush?: undefined; invalidated: number }
+  | { selector?: undefined; mode?: undefined; write: false; flush: true; invalidated: number }
 
 /** An L1 copy: `expiresAt` is the L1 deadline; `real` is the entry as Redis has it. */
 interface L1Entry extends StoredEntry {
@@ -102,7 +109,7 @@ export class TieredStore implements Store {
   readonly #logger: CoreLogger | undefined
   readonly #listeners: EvictionListener[] = []
   readonly #busListeners: Array<(connected: boolean) => void> = []
-  readonly #remoteListeners: Array<(message: { selector?: Selector; mode?: InvalidationMode; flush: boolean }) => void> = []
+  readonly #remoteListeners: Array<(message: RemoteInvalidation) => void> = []
   readonly #timer: NodeJS.Timeout | undefined
   #busUp = false
   #closing = false
@@ -252,7 +259,7 @@ export class TieredStore implements Store {
         this.#maxEntries,
         this.#maxBytes,
         this.#channel,
-        this.#message({ keys: [entry.key] }, 'delete'),
+        JSON.stringify({ f: this.id, s: { keys: [entry.key] }, m: 'delete', w: 1 } satisfies BusMessage),
       )) as [number, string[]?]
     } catch (error) {
       throw this.#unavailable(error, 'write')
@@ -420,7 +427,7 @@ export class TieredStore implements Store {
   }
 
   /** Adds a listener called once another instance's invalidation or clear has been applied to this L1. */
-  onRemoteInvalidation(listener: (message: { selector?: Selector; mode?: InvalidationMode; flush: boolean }) => void): void {
+  onRemoteInvalidation(listener: (message: RemoteInvalidation) => void): void {
     this.#remoteListeners.push(listener)
   }
 
@@ -492,7 +499,7 @@ export class TieredStore implements Store {
     }
   }
 
-  async #applyToL1(selector: Selector, mode: InvalidationMode, now: number): Promise<void> {
+  async #applyToL1(selector: Selector, mode: InvalidationMode, now: number): Promise<number> {
     if (selector.keys?.length && !selector.userIds?.length && !selector.tags?.length && !selector.prefixes?.length) {
       const gen = ++this.#gen
       for (const key of selector.keys) this.#dropped.set(key, gen)
@@ -500,13 +507,13 @@ export class TieredStore implements Store {
       this.#coarseGen = ++this.#gen
       this.#dropped.clear()
     }
-    await this.#l1.invalidate(selector, mode, now)
+    return this.#l1.invalidate(selector, mode, now)
   }
 
-  async #flushL1(): Promise<void> {
+  async #flushL1(): Promise<number> {
     this.#coarseGen = ++this.#gen
     this.#dropped.clear()
-    await this.#l1.clear()
+    return this.#l1.clear()
   }
 
   async #invalidatePrefixes(prefixes: string[], mode: InvalidationMode): Promise<number> {
@@ -557,8 +564,11 @@ export class TieredStore implements Store {
     const mode = message.m === 'stale' ? 'stale' : 'delete'
     const applied = message.flush ? this.#flushL1() : message.s ? this.#applyToL1(message.s, mode, this.#now()) : undefined
     if (applied === undefined || this.#remoteListeners.length === 0) return
-    void applied.then(() => {
-      for (const listener of this.#remoteListeners) listener({ selector: message.s, mode, flush: message.flush === 1 })
+    void applied.then((invalidated) => {
+      const remote: RemoteInvalidation = message.flush
+        ? { flush: true, write: false, invalidated }
+        : { selector: message.s!, mode, write: message.w === 1, invalidated }
+      for (const listener of this.#remoteListeners) listener(remote)
     })
   }
 
