@@ -2,6 +2,7 @@
 // against a scan over all keys (what a hand-written cache without an index does):
 // `node --expose-gc --import tsx bench/invalidation.ts [sizes...]`. Seeding leaves garbage; with
 // --expose-gc it is collected before timing, so a major GC of the seed does not land in a sample.
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { CacheService } from '../src/cache/cache-service.js'
 import { MemoryStore } from '../src/stores/memory-store.js'
 
@@ -35,6 +36,7 @@ function seed(store: MemoryStore, n: number, now: number) {
 }
 
 const rows: string[] = []
+const prefixRows: string[] = []
 for (const n of sizes) {
   const now = Date.now()
   const store = new MemoryStore({ maxEntries: n * 2, maxBytes: 4 * 1024 ** 3, sweepIntervalMs: 0 })
@@ -66,6 +68,16 @@ for (const n of sizes) {
     scanTimes.push(performance.now() - t0)
     if (doomed.length !== PER_USER) throw new Error(`scan found ${doomed.length}`)
   }
+  // A prefix invalidation over the whole key space, while the event loop's delay is watched:
+  // the scan must yield often enough that no other request waits more than 10 ms.
+  const monitor = monitorEventLoopDelay({ resolution: 1 })
+  monitor.enable()
+  const t0 = performance.now()
+  const prefixed = await cache.invalidate({ prefixes: ['user:1'] }, { source: 'api' })
+  const prefixMs = performance.now() - t0
+  monitor.disable()
+  prefixRows.push(`| ${n.toLocaleString('en')} | ${prefixed.invalidated.toLocaleString('en')} | ${fmt(prefixMs)} | ${fmt(monitor.max / 1e6)} |`)
+
   const p50 = pct(times, 50)
   const scan = pct(scanTimes, 50)
   rows.push(`| ${n.toLocaleString('en')} | ${fmt(p50)} | ${fmt(pct(times, 99))} | ${fmt(scan)} | ${Math.round(scan / p50).toLocaleString('en')}x |`)
@@ -74,3 +86,7 @@ for (const n of sizes) {
 console.log('| entries | indexed p50 ms | indexed p99 ms | full scan ms (median of 3) | scan / indexed |')
 console.log('|---|---|---|---|---|')
 for (const row of rows) console.log(row)
+console.log('\nPrefix invalidation of `user:1` (every key of users 1, 10-19, 100-199, ...) over the whole cache:\n')
+console.log('| entries | invalidated | total ms | longest event-loop block ms |')
+console.log('|---|---|---|---|')
+for (const row of prefixRows) console.log(row)

@@ -32,7 +32,16 @@ const app = await buildApp(config, {
   logger: loggerOptions(config.logLevel),
 })
 
+let closing = false
+// Replies sent while shutting down close their connection: otherwise a keep-alive socket
+// that finishes its request after close() began stays open until the client drops it.
+app.addHook('onSend', (_request, reply, payload, done) => {
+  if (closing) reply.header('connection', 'close')
+  done(null, payload)
+})
+
 closeWithGrace({ delay: SHUTDOWN_GRACE_MS }, async ({ signal, err }) => {
+  closing = true
   if (err) app.log.error({ err }, 'shutting down after an error')
   else app.log.info({ signal }, 'shutting down')
   await app.close()

@@ -131,9 +131,9 @@ export default async function adminRoutes(fastify: FastifyInstance) {
           'The audit log, newest first: clear tokens issued, clears done or refused, stats resets, and ' +
           `invalidations by prefix, from the admin source, or of at least 100 entries. Each is also logged at warn.`,
         querystring: LimitQuery,
-        response: { 200: Type.Object({ entries: Type.Array(AuditRecordView) }), ...badRequest, ...authErrors },
+        response: { 200: Type.Array(AuditRecordView), ...badRequest, ...authErrors },
       },
     },
-    async (request) => ({ entries: audit.recent(request.query.limit ?? 100) }),
+    async (request) => audit.recent(request.query.limit ?? 100),
   )
 }

@@ -142,16 +142,15 @@ export default async function debugRoutes(fastify: FastifyInstance) {
         summary: 'Recent invalidations',
         description: 'The most recent invalidations from every source, newest first.',
         querystring: LimitQuery,
-        response: { 200: Type.Object({ invalidations: Type.Array(InvalidationRecordView) }), ...badRequest, ...authErrors },
+        response: { 200: Type.Array(InvalidationRecordView), ...badRequest, ...authErrors },
       },
     },
-    async (request) => ({
-      invalidations: cache.recentInvalidations(request.query.limit ?? 100).map((r) => ({
+    async (request) =>
+      cache.recentInvalidations(request.query.limit ?? 100).map((r) => ({
         ...r,
         actor: r.actor ?? null,
         reason: r.reason ?? null,
       })),
-    }),
   )
 
   app.get(

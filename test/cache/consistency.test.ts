@@ -65,14 +65,14 @@ t.test('repair "invalidate" deletes exactly the stale entries through the one in
   const body = (await check(app, { userIds: USERS, against: 'origin', repair: 'invalidate' })).json()
   t.equal(body.repaired, 3)
   for (const id of USERS) t.equal((await get(app, `dashboard:${id}`)).statusCode, CHANGED.includes(id) ? 404 : 200, `dashboard:${id}`)
-  const log = (await call(app, { method: 'GET', url: '/v1/debug/invalidations?limit=1' })).json().invalidations[0]
+  const log = (await call(app, { method: 'GET', url: '/v1/debug/invalidations?limit=1' })).json()[0]
   t.equal(log.source, 'consistency')
   t.same([...log.selector.keys].sort(), CHANGED.map((id) => `dashboard:${id}`))
   t.equal(log.actor, 'admin')
   const again = (await check(app, { userIds: USERS, against: 'origin' })).json()
   t.same(again.stale, [])
   t.equal(again.consistent, 7)
-  const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=10' })).json().entries
+  const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=10' })).json()
   const repairs = audit.filter((e: { action: string }) => e.action === 'consistency_repair')
   t.equal(repairs.length, 1, 'the repair is audited; the checks alone are not')
   t.match(repairs[0], { actor: 'admin', outcome: 'succeeded', detail: /repair=invalidate .*repaired=3/ })

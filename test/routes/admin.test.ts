@@ -41,7 +41,7 @@ t.test('a token from step 1 clears everything once, and the clear is audited', a
   t.same(done.json(), { cleared: 20 })
   t.equal((await get(app, 'k0')).statusCode, 404)
 
-  const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json().entries
+  const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json()
   t.match(audit[0], { actor: 'admin', action: 'clear', reason: 'bad deploy', outcome: 'succeeded', detail: 'cleared 20 entries' })
   t.match(audit[1], { actor: 'admin', action: 'clear_token_issued', reason: 'bad deploy', outcome: 'succeeded' })
   t.notMatch(JSON.stringify(audit), token, 'the audit log never holds the token')
@@ -164,7 +164,7 @@ t.test('refused clears are audited with their cause, never with the token', asyn
   clock.advance(61_000)
   await clear(app, { token })
   await clear(app, { token: 'nope' })
-  const entries = (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=2' })).json().entries
+  const entries = (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=2' })).json()
   t.equal(entries.length, 2)
   t.match(entries[0], { action: 'clear', outcome: 'refused', actor: 'admin', detail: /not one cachewarden issued/ })
   t.match(entries[1], { action: 'clear', outcome: 'refused', reason: 'expiring', detail: /expired/ })
@@ -190,7 +190,7 @@ t.test('both steps are rate-limited per key with 429 rate_limited', async (t) =>
   t.equal(third.json().error, 'rate_limited')
   await allStillThere(t, app)
 
-  const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json().entries
+  const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json()
   t.ok(audit.some((e: { action: string; outcome: string; detail: string }) => e.action === 'clear' && e.detail === 'rate limited'))
 })
 
@@ -212,7 +212,7 @@ t.test('the audit log lists stats resets and prefix or bulk invalidations, not s
   await call(app, { method: 'DELETE', url: '/v1/tags/bulk/entries?mode=stale', key: 'invalidate' })
   await call(app, { method: 'POST', url: '/v1/stats/reset' })
 
-  const entries = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json().entries
+  const entries = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json()
   t.equal(entries.length, 3, 'small exact invalidations are not audited')
   t.match(entries[0], { actor: 'admin', action: 'stats_reset', outcome: 'succeeded', reason: null })
   t.match(entries[1], { actor: 'invalidator', action: 'invalidation', detail: /by 1 tags: 120 entries marked stale/ })
@@ -220,7 +220,7 @@ t.test('the audit log lists stats resets and prefix or bulk invalidations, not s
   t.notMatch(JSON.stringify(entries), /bulk|"k1"/, 'selector values stay out of the audit log')
   for (const e of entries) t.same(Object.keys(e).sort(), ['action', 'actor', 'at', 'detail', 'outcome', 'reason'])
 
-  t.equal((await call(app, { method: 'GET', url: '/v1/debug/audit?limit=1' })).json().entries.length, 1)
+  t.equal((await call(app, { method: 'GET', url: '/v1/debug/audit?limit=1' })).json().length, 1)
   t.equal((await call(app, { method: 'GET', url: '/v1/debug/audit?limit=0' })).statusCode, 400)
   t.equal((await call(app, { method: 'GET', url: '/v1/debug/audit', key: 'read' })).statusCode, 403)
 })
@@ -229,6 +229,6 @@ t.test('the audit ring keeps only AUDIT_LOG_SIZE records', async (t) => {
   const clock = new FakeClock()
   const app = await build(t, { apiKeys: keys, security: { ...DEFAULT_SECURITY, clearRateLimitMax: 0, auditLogSize: 3 } }, { now: clock.now })
   for (let i = 0; i < 5; i++) await issue(app, `r${i}`)
-  const entries = (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=1000' })).json().entries
+  const entries = (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=1000' })).json()
   t.same(entries.map((e: { reason: string }) => e.reason), ['r4', 'r3', 'r2'])
 })
