@@ -68,7 +68,7 @@ if (requireRedisServer(t)) {
       t.ok(gone, 'every entry of the user is a miss')
       t.equal((await get(app, 'dash:u8:0')).statusCode, 200, 'another user is untouched')
       // The other instances log it (and count it, and stream it) with source `bus`.
-      const log = (await call(app, { url: '/v1/debug/invalidations?limit=20' })).json().invalidations as Array<{
+      const log = (await call(app, { url: '/v1/debug/invalidations?limit=20' })).json() as Array<{
         selector: { userIds?: string[] }
         source: string
         invalidated: number
@@ -77,7 +77,7 @@ if (requireRedisServer(t)) {
       t.equal(seen?.source, 'bus')
       t.equal(seen?.invalidated, 3, 'the three L1 copies it dropped')
     }
-    const own = (await call(a, { url: '/v1/debug/invalidations?limit=20' })).json().invalidations as Array<{ source: string }>
+    const own = (await call(a, { url: '/v1/debug/invalidations?limit=20' })).json() as Array<{ source: string }>
     t.notOk(own.some((r) => r.source === 'bus'), 'the sender does not log its own change twice')
   })
 
