@@ -90,6 +90,7 @@ if (requireRedisServer(t)) {
     t.equal(inv.statusCode, 200)
     const late = await call(c, { method: 'PUT', url: '/v1/entries/report:9', payload: { value: 'old', lease } })
     t.equal(late.statusCode, 409)
+    t.equal(late.json().error, 'lease_invalidated')
     const late2 = await call(a, { method: 'PUT', url: '/v1/entries/report:9', payload: { value: 'old', lease } })
     t.equal(late2.statusCode, 409)
     t.equal((await get(b, 'report:9')).statusCode, 404, 'nothing was written')
