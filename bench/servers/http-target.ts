@@ -22,7 +22,11 @@ if (mode === 'bare') {
   await app.listen({ port: 0, host: '127.0.0.1' })
   console.log(`ready ${(app.server.address() as { port: number }).port}`)
 } else {
-  const app = await buildApp({ apiKeys: parseApiKeys(`bench:admin:${BENCH_SECRET}`), maxEntries: entries * 2 })
+  const app = await buildApp(
+    { apiKeys: parseApiKeys(`bench:admin:${BENCH_SECRET}`), maxEntries: entries * 2 },
+    // BENCH_METRICS=0 measures without the metrics plugin (to see what it costs).
+    { metrics: process.env.BENCH_METRICS !== '0' },
+  )
   for (let i = 0; i < entries; i++) {
     await app.cache.write(`user:${i}:dashboard`, { value: value(i), userId: String(i), ttlMs: 3_600_000 })
   }

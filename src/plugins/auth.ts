@@ -1,5 +1,5 @@
-import { createHash, timingSafeEqual } from 'node:crypto'
-import type { FastifyInstance, FastifyRequest } from 'fastify'
+import { hash } from 'node:crypto'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { LRUCache } from 'lru-cache'
 import type { ApiKey, Scope } from '../config.js'
@@ -21,7 +21,7 @@ declare module 'fastify' {
   }
 }
 
-const digest = (secret: string) => createHash('sha256').update(secret).digest()
+const digest = (secret: string) => hash('sha256', secret, 'base64')
 
 /** Most client IPs remembered as blocked at once (a flood of spoofed sources cannot grow it). */
 const MAX_BLOCKED_IPS = 10_000
@@ -33,16 +33,13 @@ export interface AuthOptions {
 }
 
 /**
- * Bearer-key authentication and scope checks. Secrets are looked up by their SHA-256, and
- * the digests compared with `timingSafeEqual`, so timing says nothing about a secret.
+ * Bearer-key authentication and scope checks. Secrets are looked up by their SHA-256 (never
+ * compared as text), so timing says nothing about a secret.
  */
 export default fp(
   async function auth(app: FastifyInstance, opts: AuthOptions) {
-    const byDigest = new Map<string, { key: ApiKey; digest: Buffer }>()
-    for (const key of opts.keys) {
-      const d = digest(key.secret)
-      byDigest.set(d.toString('base64'), { key, digest: d })
-    }
+    const byDigest = new Map<string, ApiKey>()
+    for (const key of opts.keys) byDigest.set(digest(key.secret), key)
     app.decorateRequest('apiKey', undefined)
     app.decorate('authFailures', { count: 0 })
 
@@ -56,38 +53,52 @@ export default fp(
         : undefined
     const blocked = new LRUCache<string, true>({ max: MAX_BLOCKED_IPS, ttl: limit?.windowMs || 1 })
 
-    app.addHook('onRequest', async (request: FastifyRequest, reply) => {
-      const scope = request.routeOptions.config.scope
+    // Each route with a scope gets its own onRequest hook, first in its list, with the scope
+    // closed over: no per-request route lookup. A callback hook, not an async one: the common
+    // case (a valid key) needs no promise.
+    app.addHook('onRoute', (routeOptions) => {
+      const scope = routeOptions.config?.scope
       if (scope === undefined) return
-      if (countFailure !== undefined && blocked.has(request.ip)) {
-        const retryAfterS = Math.max(1, Math.ceil(blocked.getRemainingTTL(request.ip) / 1000))
-        reply.header('retry-after', retryAfterS)
-        throw rateLimited(`${retryAfterS} seconds (too many failed authentications from this address)`)
-      }
-      const key = authenticate(request.headers.authorization)
-      if (key === undefined) {
-        app.authFailures.count++
-        if (countFailure !== undefined) {
-          const state = await countFailure(request)
-          if (!state.isAllowed && state.remaining === 0 && !blocked.has(request.ip)) {
-            blocked.set(request.ip, true, { ttl: Math.max(1, state.ttl) })
-            request.log.warn({ ip: request.ip, failures: limit!.max, blockedMs: state.ttl }, 'too many failed authentications; address blocked')
-          }
-        }
-        throw new CacheError('unauthorized', 'a valid bearer key is required: Authorization: Bearer <secret>')
-      }
-      request.apiKey = key
-      if (!key.scopes.has(scope) && !key.scopes.has('admin')) {
-        throw new CacheError('forbidden', `this key lacks the "${scope}" scope`)
-      }
+      const hook = checker(scope)
+      const existing = routeOptions.onRequest
+      routeOptions.onRequest = existing === undefined ? [hook] : [hook, ...(Array.isArray(existing) ? existing : [existing])]
     })
+
+    function checker(scope: Scope) {
+      return (request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void) => {
+        if (countFailure !== undefined && blocked.size > 0 && blocked.has(request.ip)) {
+          const retryAfterS = Math.max(1, Math.ceil(blocked.getRemainingTTL(request.ip) / 1000))
+          reply.header('retry-after', retryAfterS)
+          return done(rateLimited(`${retryAfterS} seconds (too many failed authentications from this address)`))
+        }
+        const key = authenticate(request.headers.authorization)
+        if (key === undefined) {
+          app.authFailures.count++
+          const unauthorized = new CacheError('unauthorized', 'a valid bearer key is required: Authorization: Bearer <secret>')
+          if (countFailure === undefined) return done(unauthorized)
+          countFailure(request).then((state) => {
+            if (!state.isAllowed && state.remaining === 0 && !blocked.has(request.ip)) {
+              blocked.set(request.ip, true, { ttl: Math.max(1, state.ttl) })
+              request.log.warn({ ip: request.ip, failures: limit!.max, blockedMs: state.ttl }, 'too many failed authentications; address blocked')
+            }
+            done(unauthorized)
+          }, done)
+          return
+        }
+        request.apiKey = key
+        if (!key.scopes.has(scope) && !key.scopes.has('admin')) {
+          return done(new CacheError('forbidden', `this key lacks the "${scope}" scope`))
+        }
+        done()
+      }
+    }
 
     function authenticate(header: string | undefined): ApiKey | undefined {
       if (header === undefined || header.length < 8 || header.length > 4096) return undefined
       if (header.slice(0, 7).toLowerCase() !== 'bearer ') return undefined
-      const d = digest(header.slice(7).trim())
-      const found = byDigest.get(d.toString('base64'))
-      return found && timingSafeEqual(found.digest, d) ? found.key : undefined
+      // Looked up by digest: a guess's SHA-256 shares nothing with a secret's, so the lookup's
+      // timing says nothing about how close a guess came.
+      return byDigest.get(digest(header.slice(7).trim()))
     }
   },
   { name: 'cachewarden-auth' },

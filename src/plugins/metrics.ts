@@ -235,12 +235,31 @@ export default fp(
     // The only per-request metric work: one observe when the response is done. A callback
     // hook, not an async one, so no promise per request. Hijacked replies (the SSE stream)
     // skip onResponse, so a long-lived stream never skews the latency quantiles.
-    app.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-      httpDuration.observe(
-        { route: request.routeOptions.url ?? UNMATCHED_ROUTE, method: request.method, status_code: reply.statusCode },
-        reply.elapsedTime / 1000,
-      )
+    // Each route observes into its own label child, made once when the route is added, so a
+    // request pays one observe and no label hashing or route lookup. Requests that matched no
+    // route are observed by the global hook under `unmatched`. Callback hooks: no promise per
+    // request. Hijacked replies (the SSE stream) skip onResponse, so a long-lived stream never
+    // skews the latency quantiles.
+    const children = new Map<string, { observe(value: number): void }>()
+    const observer = (route: string) => (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+      const id = `${route} ${request.method} ${reply.statusCode}`
+      let child = children.get(id)
+      if (child === undefined) {
+        child = httpDuration.labels({ route, method: request.method, status_code: reply.statusCode })
+        children.set(id, child)
+      }
+      child.observe(reply.elapsedTime / 1000)
       done()
+    }
+    app.addHook('onRoute', (routeOptions) => {
+      const hook = observer(routeOptions.url)
+      const existing = routeOptions.onResponse
+      routeOptions.onResponse = existing === undefined ? [hook] : [...(Array.isArray(existing) ? existing : [existing]), hook]
+    })
+    const unmatched = observer(UNMATCHED_ROUTE)
+    app.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+      if (request.is404) unmatched(request, reply, done)
+      else done()
     })
 
     const scrape = async () => (await processMetrics().metrics()) + (await registry.metrics())
