@@ -121,15 +121,7 @@ export class MemoryStore implements Store {
     this.#leases.record(selector)
     let count = 0
     const apply = (key: string) => {
-      const entry = this.#lru.peek(key)
-      if (entry === undefined) return
-      if (mode === 'delete') {
-        this.#lru.delete(key)
-        count++
-      } else if (!entry.stale) {
-        entry.stale = true
-        count++
-      }
+      if (this.#apply(key, mode)) count++
     }
     for (const key of selector.keys ?? []) apply(key)
     for (const userId of selector.userIds ?? []) {
@@ -267,16 +259,7 @@ export class MemoryStore implements Store {
       for (const key of bucket) {
         for (const prefix of prefixes) {
           if (!key.startsWith(prefix)) continue
-          const entry = this.#lru.peek(key)
-          if (entry !== undefined) {
-            if (mode === 'delete') {
-              this.#lru.delete(key)
-              count++
-            } else if (!entry.stale) {
-              entry.stale = true
-              count++
-            }
-          }
+          if (this.#apply(key, mode)) count++
           break
         }
         if (performance.now() - sliceStart > SLICE_MS) {
@@ -286,6 +269,16 @@ export class MemoryStore implements Store {
       }
     }
     return count
+  }
+
+  /** Deletes or marks stale one entry; true when it changed something. */
+  #apply(key: string, mode: InvalidationMode): boolean {
+    const entry = this.#lru.peek(key)
+    if (entry === undefined) return false
+    if (mode === 'delete') return this.#lru.delete(key)
+    if (entry.stale) return false
+    entry.stale = true
+    return true
   }
 
   #drop(key: string, reason: EvictionReason): void {
