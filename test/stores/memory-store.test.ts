@@ -1,19 +1,12 @@
 import t from 'tap'
 import { MemoryStore } from '../../src/stores/memory-store.js'
+import { FakeClock } from '../helpers/build.js'
 import { entry, storeContract } from './store-contract.js'
 
 storeContract(t, 'MemoryStore', async (clock) => new MemoryStore({ now: clock.now, sweepIntervalMs: 0 }))
 
-class Clock {
-  ms = Date.UTC(2026, 0, 1)
-  now = () => this.ms
-  advance(ms: number) {
-    this.ms += ms
-  }
-}
-
 t.test('LRU eviction past maxEntries drops the least recently used and unindexes it', async (t) => {
-  const clock = new Clock()
+  const clock = new FakeClock()
   const store = new MemoryStore({ maxEntries: 3, now: clock.now, sweepIntervalMs: 0 })
   const evicted: string[] = []
   store.onEviction((e, reason) => evicted.push(`${e.key}:${reason}`))
@@ -25,7 +18,7 @@ t.test('LRU eviction past maxEntries drops the least recently used and unindexes
 })
 
 t.test('maxBytes bounds the accounted bytes', async (t) => {
-  const clock = new Clock()
+  const clock = new FakeClock()
   const store = new MemoryStore({ maxBytes: 1000, now: clock.now, sweepIntervalMs: 0 })
   for (let i = 0; i < 50; i++) await store.set(entry(clock, `k${i}`, { size: 100 }))
   const { entries, bytes } = await store.size()
@@ -34,7 +27,7 @@ t.test('maxBytes bounds the accounted bytes', async (t) => {
 })
 
 t.test('an entry larger than the whole cache is not kept and leaves no index behind', async (t) => {
-  const clock = new Clock()
+  const clock = new FakeClock()
   const store = new MemoryStore({ maxBytes: 1000, now: clock.now, sweepIntervalMs: 0 })
   await store.set(entry(clock, 'big', { size: 5000, userId: 'u' }))
   t.equal(await store.get('big', clock.now()), undefined)
@@ -42,7 +35,7 @@ t.test('an entry larger than the whole cache is not kept and leaves no index beh
 })
 
 t.test('the sweep drops expired entries eagerly and reports them as expired', async (t) => {
-  const clock = new Clock()
+  const clock = new FakeClock()
   const store = new MemoryStore({ now: clock.now, sweepIntervalMs: 0 })
   const expired: string[] = []
   store.onEviction((e, reason) => expired.push(`${e.key}:${reason}`))
@@ -57,7 +50,7 @@ t.test('the sweep drops expired entries eagerly and reports them as expired', as
 })
 
 t.test('a prefix invalidation over many entries yields to the event loop', async (t) => {
-  const clock = new Clock()
+  const clock = new FakeClock()
   const store = new MemoryStore({ now: clock.now, sweepIntervalMs: 0 })
   for (let i = 0; i < 200_000; i++) {
     store.setSync(entry(clock, `${i % 2 ? 'odd' : 'even'}:${i}`, { expiresAt: clock.now() + 1000 + (i % 100) * 1000 }))

@@ -3,6 +3,7 @@
 import type { Test } from 'tap'
 import type { Selector, StoredEntry } from '../../src/cache/types.js'
 import type { Store } from '../../src/stores/store.js'
+import { FakeClock } from '../helpers/build.js'
 
 export interface ContractClock {
   now: () => number
@@ -32,18 +33,11 @@ export function entry(clock: ContractClock, key: string, fields: Partial<StoredE
   }
 }
 
-class Clock implements ContractClock {
-  ms = Date.UTC(2026, 0, 1)
-  now = () => this.ms
-  advance(ms: number) {
-    this.ms += ms
-  }
-}
 
 export function storeContract(t: Test, name: string, factory: StoreFactory): void {
   t.test(`${name} store contract`, async (t) => {
     const open = async (t: Test) => {
-      const clock = new Clock()
+      const clock = new FakeClock()
       const store = await factory(clock)
       t.teardown(() => store.close())
       return { store, clock }

@@ -1,5 +1,6 @@
 import t from 'tap'
 import { TieredStore } from '../../src/stores/tiered-store.js'
+import { FakeClock } from '../helpers/build.js'
 import { requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
 import { entry, storeContract, type ContractClock } from './store-contract.js'
 
@@ -24,16 +25,8 @@ if (requireRedisServer(t)) {
 
   storeContract(t, 'TieredStore', (clock) => open(clock))
 
-  class Clock {
-    ms = Date.UTC(2026, 0, 1)
-    now = () => this.ms
-    advance(ms: number) {
-      this.ms += ms
-    }
-  }
-
   t.test('an L1 copy never outlives l1MaxTtlMs, while Redis keeps the entry', async (t) => {
-    const clock = new Clock()
+    const clock = new FakeClock()
     const store = await open(clock, { l1MaxTtlMs: 1000 })
     t.teardown(() => store.close())
     await store.set(entry(clock, 'a', { expiresAt: clock.now() + 60_000 }))
@@ -45,7 +38,7 @@ if (requireRedisServer(t)) {
   })
 
   t.test('a write on one store drops the copy another store holds in L1', async (t) => {
-    const clock = new Clock()
+    const clock = new FakeClock()
     const namespace = `shared${n++}`
     const a = await open(clock, { namespace })
     const b = await open(clock, { namespace })
@@ -59,7 +52,7 @@ if (requireRedisServer(t)) {
   })
 
   t.test('a user invalidation on one store reaches the other store\'s L1 through its index', async (t) => {
-    const clock = new Clock()
+    const clock = new FakeClock()
     const namespace = `shared${n++}`
     const a = await open(clock, { namespace })
     const b = await open(clock, { namespace })
@@ -73,7 +66,7 @@ if (requireRedisServer(t)) {
   })
 
   t.test('stale mode travels on the bus and marks the L1 copies stale', async (t) => {
-    const clock = new Clock()
+    const clock = new FakeClock()
     const namespace = `shared${n++}`
     const a = await open(clock, { namespace })
     const b = await open(clock, { namespace })
@@ -87,7 +80,7 @@ if (requireRedisServer(t)) {
   })
 
   t.test('a clear on one store empties every L1 and voids leases everywhere', async (t) => {
-    const clock = new Clock()
+    const clock = new FakeClock()
     const namespace = `shared${n++}`
     const a = await open(clock, { namespace })
     const b = await open(clock, { namespace })
@@ -103,7 +96,7 @@ if (requireRedisServer(t)) {
   })
 
   t.test('past maxEntries, the entries closest to expiry are evicted with their memberships', async (t) => {
-    const clock = new Clock()
+    const clock = new FakeClock()
     const store = await open(clock, { maxEntries: 3 })
     t.teardown(() => store.close())
     const evicted: string[] = []
@@ -117,7 +110,7 @@ if (requireRedisServer(t)) {
   })
 
   t.test('the sweep drops expired entries by the store\'s clock and reports them', async (t) => {
-    const clock = new Clock()
+    const clock = new FakeClock()
     const store = await open(clock)
     t.teardown(() => store.close())
     const expired: string[] = []
@@ -133,7 +126,7 @@ if (requireRedisServer(t)) {
   })
 
   t.test('forgotten lease stamps raise the floor, so old leases are refused', async (t) => {
-    const clock = new Clock()
+    const clock = new FakeClock()
     const store = await open(clock, { maxLeaseScopes: 2 })
     t.teardown(() => store.close())
     const lease = await store.leaseStamp()
@@ -143,7 +136,7 @@ if (requireRedisServer(t)) {
   })
 
   t.test('a prefix invalidation scans in batches and matches glob characters literally', async (t) => {
-    const clock = new Clock()
+    const clock = new FakeClock()
     const store = await open(clock)
     t.teardown(() => store.close())
     for (let i = 0; i < 2500; i++) await store.set(entry(clock, `p*:${i}`))
@@ -154,7 +147,7 @@ if (requireRedisServer(t)) {
   })
 
   t.test('an L1 fill racing an invalidation from another store never keeps the old value', async (t) => {
-    const clock = new Clock()
+    const clock = new FakeClock()
     const namespace = `shared${n++}`
     const a = await open(clock, { namespace })
     const b = await open(clock, { namespace })
@@ -185,7 +178,7 @@ if (requireRedisServer(t)) {
   })
 
   t.test('marking everything stale keeps the entries, voids leases and empties every L1', async (t) => {
-    const clock = new Clock()
+    const clock = new FakeClock()
     const namespace = `shared${n++}`
     const a = await open(clock, { namespace })
     const b = await open(clock, { namespace })
