@@ -170,15 +170,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   /** Reads an entry; a miss (or a stale entry without `allowStale`) comes back with a lease. */
   async read(key: string, allowStale = false): Promise<ReadResult> {
     checkKey(key, this.limits)
-    const now = this.now()
-    const entry = await this.store.get(key, now)
-    if (entry !== undefined && (allowStale || !entry.stale)) {
-      this.totals.hits++
-      if (this.onHit !== undefined) this.onHit(entry, now)
-      return { entry }
-    }
-    this.totals.misses++
-    return { lease: await this.issueLease(key, now) }
+    return this.#lookup(key, allowStale, this.now())
   }
 
   /** Reads many keys; misses each get a lease. */
@@ -190,17 +182,23 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const leases = new Map<string, IssuedLease>()
     for (const key of keys) {
       if (entries.has(key) || leases.has(key)) continue
-      const entry = await this.store.get(key, now)
-      if (entry !== undefined && (allowStale || !entry.stale)) {
-        this.totals.hits++
-        if (this.onHit !== undefined) this.onHit(entry, now)
-        entries.set(key, entry)
-      } else {
-        this.totals.misses++
-        leases.set(key, await this.issueLease(key, now))
-      }
+      const result = await this.#lookup(key, allowStale, now)
+      if (result.entry !== undefined) entries.set(key, result.entry)
+      else leases.set(key, result.lease)
     }
     return { entries, leases }
+  }
+
+  /** One read of a validated key: a hit (counted, refresh-ahead told), or a miss with its lease. */
+  async #lookup(key: string, allowStale: boolean, now: number): Promise<ReadResult> {
+    const entry = await this.store.get(key, now)
+    if (entry !== undefined && (allowStale || !entry.stale)) {
+      this.totals.hits++
+      if (this.onHit !== undefined) this.onHit(entry, now)
+      return { entry }
+    }
+    this.totals.misses++
+    return { lease: await this.issueLease(key, now) }
   }
 
   /** Reads an entry for inspection: no hit counted, stale and all. */
@@ -261,34 +259,15 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   async invalidate(rawSelector: Selector, options: InvalidateOptions): Promise<InvalidationResult> {
     const selector = checkSelector(rawSelector, this.limits)
     const mode = options.mode ?? 'delete'
-    const started = performance.now()
-    let invalidated: number
-    try {
-      invalidated = await this.store.invalidate(selector, mode, this.now())
-    } catch (error) {
-      this.#countFailure(options.source)
-      this.emit('invalidation_failed', { source: options.source, selector, error: error as Error })
-      this.#logger?.error({ err: error, source: options.source }, 'invalidation failed')
-      throw error instanceof CacheError ? error : backendUnavailable('the store')
-    }
-    const durationMs = round(performance.now() - started)
-    const record: InvalidationRecord = {
-      id: randomUUID(),
-      selector,
+    const result = await this.#apply(selector, options, async () => ({
+      invalidated: await this.store.invalidate(selector, mode, this.now()),
       mode,
-      source: options.source,
-      invalidated,
-      durationMs,
-      at: new Date(this.now()).toISOString(),
-      actor: options.actor,
-      reason: options.reason,
-    }
+    }))
     // As memcache does on a delete: a fill in flight for an invalidated key will be refused,
     // so the next miss becomes the filler. (Users, tags and prefixes name no keys here; their
     // fills are released when the filler's write is refused.)
     for (const key of selector.keys ?? []) this.#fills.delete(key)
-    this.#record(record)
-    return { id: record.id, invalidated, mode, durationMs }
+    return result
   }
 
   /**
@@ -297,38 +276,44 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
    * invalidation, with the selector `{all: true}`. A store without `markAllStale` is cleared.
    */
   async markAllStale(options: Omit<InvalidateOptions, 'mode'>): Promise<InvalidationResult> {
+    return this.#apply({ all: true }, options, async () => {
+      if (this.store.markAllStale) return { invalidated: await this.store.markAllStale(), mode: 'stale' as const }
+      this.#logger?.warn({ store: this.store.kind, source: options.source }, 'store cannot mark all stale; clearing it')
+      const invalidated = await this.store.clear()
+      this.#fills.clear()
+      return { invalidated, mode: 'delete' as const }
+    })
+  }
+
+  /** Runs one invalidation against the store, then records it; a store failure is counted and is a 503. */
+  async #apply(
+    selector: Selector,
+    options: Omit<InvalidateOptions, 'mode'>,
+    run: () => Promise<{ invalidated: number; mode: InvalidationMode }>,
+  ): Promise<InvalidationResult> {
     const started = performance.now()
-    let invalidated: number
-    let mode: InvalidationMode = 'stale'
+    let outcome: { invalidated: number; mode: InvalidationMode }
     try {
-      if (this.store.markAllStale) {
-        invalidated = await this.store.markAllStale()
-      } else {
-        this.#logger?.warn({ store: this.store.kind, source: options.source }, 'store cannot mark all stale; clearing it')
-        invalidated = await this.store.clear()
-        mode = 'delete'
-        this.#fills.clear()
-      }
+      outcome = await run()
     } catch (error) {
       this.#countFailure(options.source)
-      this.emit('invalidation_failed', { source: options.source, selector: { all: true }, error: error as Error })
+      this.emit('invalidation_failed', { source: options.source, selector, error: error as Error })
       this.#logger?.error({ err: error, source: options.source }, 'invalidation failed')
       throw error instanceof CacheError ? error : backendUnavailable('the store')
     }
     const record: InvalidationRecord = {
       id: randomUUID(),
-      selector: { all: true },
-      mode,
+      selector,
+      mode: outcome.mode,
       source: options.source,
-      invalidated,
+      invalidated: outcome.invalidated,
       durationMs: round(performance.now() - started),
       at: new Date(this.now()).toISOString(),
       actor: options.actor,
       reason: options.reason,
     }
-    this.totals.invalidationsBySelector.all = (this.totals.invalidationsBySelector.all ?? 0) + 1
     this.#record(record)
-    return { id: record.id, invalidated, mode, durationMs: record.durationMs }
+    return { id: record.id, invalidated: record.invalidated, mode: record.mode, durationMs: record.durationMs }
   }
 
   /** Counts an invalidation that never reached the store (e.g. an unparseable notification). */
@@ -431,6 +416,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
         t.invalidationsBySelector[label] = (t.invalidationsBySelector[label] ?? 0) + 1
       }
     }
+    if (record.selector.all) t.invalidationsBySelector.all = (t.invalidationsBySelector.all ?? 0) + 1
     t.invalidationsBySource[record.source] = (t.invalidationsBySource[record.source] ?? 0) + 1
     this.#log.push(record)
     this.#last = record
