@@ -155,11 +155,6 @@ export class Origins {
     return this.client.fetch(match.origin, match.url)
   }
 
-  /** Is a load of this key in flight? */
-  loading(key: string): boolean {
-    return this.#inflight.has(key)
-  }
-
   /** The CacheService hit hook: schedules a background refresh past the origin's refreshAhead, or of a stale entry. */
   readonly onHit = (entry: StoredEntry, now: number): void => {
     if (!entry.stale && now - entry.createdAt < this.#minRatio * (entry.expiresAt - entry.createdAt)) return

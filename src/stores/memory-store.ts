@@ -166,8 +166,14 @@ export class MemoryStore implements Store {
     return this.#leases.stamp()
   }
 
-  leaseStampSync(): LeaseStamp {
-    return this.#leases.stamp()
+  /**
+   * Deletes these keys without stamping lease scopes: for a tier above a store that keeps
+   * the leases itself (the TieredStore's L1), where a delete is only cache upkeep.
+   */
+  deleteKeys(keys: readonly string[]): number {
+    let count = 0
+    for (const key of keys) if (this.#apply(key, 'delete')) count++
+    return count
   }
 
   async userEntries(userId: string, now: number): Promise<StoredEntry[]> {

@@ -194,11 +194,6 @@ export class TieredStore implements Store {
     return this.#redis.status === 'ready' && this.#busUp
   }
 
-  /** True while the bus subscription is confirmed. */
-  get busConnected(): boolean {
-    return this.#busUp
-  }
-
   /** Adds a listener for bus state changes. */
   onBusState(listener: (connected: boolean) => void): void {
     this.#busListeners.push(listener)
@@ -491,8 +486,8 @@ export class TieredStore implements Store {
   #dropKeys(keys: string[]): void {
     const gen = ++this.#gen
     for (const key of keys) this.#dropped.set(key, gen)
-    // A keys-only invalidation of the MemoryStore completes synchronously.
-    void this.#l1.invalidate({ keys }, 'delete', this.#now())
+    // Upkeep of the L1 copy only: the lease sequences live in Redis, so no scope is stamped.
+    this.#l1.deleteKeys(keys)
     if (this.#dropped.size > MAX_DROPPED_KEYS) {
       this.#dropped.clear()
       this.#coarseGen = gen
