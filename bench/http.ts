@@ -69,8 +69,8 @@ console.log(`${rounds} rounds of ${seconds} s per side, 50 connections, ${ENTRIE
 console.log('| run | req/s (median) | p99 ms (median) | ratio (median of rounds) | per-round ratios |')
 console.log('|---|---|---|---|---|')
 console.log(`| bare Fastify GET route, constant JSON | ${rps('bareGet')} | ${p99('bareGet')} | 1.000 | |`)
-console.log(`| GET hit, random key, 200-byte value, auth on | ${rps('get')} | ${p99('get')} | **${ratio(median(getRatios), 1)}** | ${fmt(getRatios)} |`)
+console.log(`| GET hit, random key, 189-byte value, auth on | ${rps('get')} | ${p99('get')} | **${ratio(median(getRatios), 1)}** | ${fmt(getRatios)} |`)
 console.log(`| bare Fastify PUT route, same JSON body, constant reply | ${rps('barePut')} | ${p99('barePut')} | 1.000 | |`)
-console.log(`| PUT 200-byte value, random key, auth on | ${rps('put')} | ${p99('put')} | **${ratio(median(putRatios), 1)}** | ${fmt(putRatios)} |`)
+console.log(`| PUT 189-byte value, random key, auth on | ${rps('put')} | ${p99('put')} | **${ratio(median(putRatios), 1)}** | ${fmt(putRatios)} |`)
 console.log(`\nerrors or non-2xx responses during the cachewarden runs: ${bad}`)
 process.exit(0) // autocannon leaves handles open

@@ -163,7 +163,8 @@ export function loadConfig(env: Env = process.env): Config {
   c.limits.defaultTtlMs = int('DEFAULT_TTL_MS', c.limits.defaultTtlMs, c.limits.minTtlMs, c.limits.maxTtlMs)
   c.limits.maxValueBytes = int('MAX_VALUE_BYTES', c.limits.maxValueBytes, 16)
   c.limits.maxKeyBytes = int('MAX_KEY_BYTES', c.limits.maxKeyBytes, 1, 64 * 1024)
-  c.limits.maxBatch = int('MAX_BATCH', c.limits.maxBatch, 1, 100_000)
+  // The request schemas bound every list at the contract's 1000; MAX_BATCH can only lower it.
+  c.limits.maxBatch = int('MAX_BATCH', c.limits.maxBatch, 1, 1000)
   c.bodyLimitBytes = int('BODY_LIMIT_BYTES', c.limits.maxValueBytes + 64 * 1024, 1024)
   c.batchBodyLimitBytes = int('BATCH_BODY_LIMIT_BYTES', c.batchBodyLimitBytes, c.bodyLimitBytes)
   c.metricsToken = str('METRICS_TOKEN')

@@ -1,4 +1,5 @@
 import t from 'tap'
+import { defaultConfig } from '../../src/config.js'
 import { KEYS, build, call, put } from '../helpers/build.js'
 
 t.test('no key, an unknown key or a malformed header is 401 unauthorized', async (t) => {
@@ -28,12 +29,21 @@ t.test('each route needs its scope and admin implies all', async (t) => {
     { method: 'GET', url: '/v1/debug/invalidations', scope: 'admin' },
     { method: 'GET', url: '/v1/stats', scope: 'admin' },
     { method: 'POST', url: '/v1/stats/reset', scope: 'admin' },
+    { method: 'GET', url: '/v1/debug/audit', scope: 'admin' },
+    { method: 'POST', url: '/v1/consistency', payload: { against: 'provided', entries: [{ key: 'k', value: 1 }] }, scope: 'admin' },
+    { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'scope test' }, scope: 'admin' },
+    { method: 'POST', url: '/v1/admin/clear', payload: { token: 'not-a-token' }, scope: 'admin' },
+    { method: 'POST', url: '/v1/events', payload: { type: 'nothing.happened', data: {} }, scope: 'invalidate' },
+    { method: 'POST', url: '/v1/warm', payload: { keys: ['k'] }, scope: 'write' },
+    { method: 'POST', url: '/v1/entries/k/refresh', scope: 'write' },
   ] as const
   for (const route of routes) {
     for (const key of ['read', 'write', 'invalidate', 'admin'] as const) {
       const res = await call(app, { method: route.method, url: route.url, key, ...('payload' in route ? { payload: route.payload } : {}) })
       const allowed = key === 'admin' || key === route.scope
-      if (allowed) t.ok(res.statusCode < 400, `${route.method} ${route.url} with ${key}: ${res.statusCode}`)
+      // Allowed means past auth: the route may still refuse the request itself (a bad clear
+      // token, no origin to refresh from), but never as unauthorized or forbidden.
+      if (allowed) t.notOk(['unauthorized', 'forbidden'].includes(res.json().error), `${route.method} ${route.url} with ${key}: ${res.statusCode}`)
       else {
         t.equal(res.statusCode, 403, `${route.method} ${route.url} with ${key}`)
         t.equal(res.json().error, 'forbidden')
@@ -55,4 +65,21 @@ t.test('health routes need no key', async (t) => {
 t.test('with no keys configured every authenticated route is closed', async (t) => {
   const app = await build(t, { apiKeys: [] })
   t.equal((await app.inject({ url: '/v1/entries/k', headers: { authorization: 'Bearer anything' } })).statusCode, 401)
+})
+
+t.test('every documented operation that declares bearer auth refuses a request without a key', async (t) => {
+  // The per-IP block after 20 failures would turn later 401s into 429s here.
+  const app = await build(t, { security: { ...defaultConfig().security, authFailureLimitMax: 0 } })
+  const doc = app.swagger() as { paths: Record<string, Record<string, { security?: unknown[] }>> }
+  let checked = 0
+  for (const [path, operations] of Object.entries(doc.paths)) {
+    for (const [method, operation] of Object.entries(operations)) {
+      if (!operation.security?.length) continue
+      const url = path.replace(/\{[^}]+\}/g, 'x')
+      const res = await app.inject({ method: method.toUpperCase() as 'GET', url })
+      t.equal(res.statusCode, 401, `${method.toUpperCase()} ${path}`)
+      checked++
+    }
+  }
+  t.ok(checked >= 20, `checked ${checked} secured operations`)
 })
