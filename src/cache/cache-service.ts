@@ -167,8 +167,12 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     })
   }
 
-  /** Reads an entry; a miss (or a stale entry without `allowStale`) comes back with a lease. */
-  async read(key: string, allowStale = false): Promise<ReadResult> {
+  /**
+   * Reads an entry; a miss (or a stale entry without `allowStale`) comes back with a lease.
+   * A hit the store answers from memory comes back as is, not as a promise: the GET route
+   * then replies without a trip through the microtask queue. Bad keys throw synchronously.
+   */
+  read(key: string, allowStale = false): ReadResult | Promise<ReadResult> {
     checkKey(key, this.limits)
     return this.#lookup(key, allowStale, this.now())
   }
@@ -190,15 +194,20 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   }
 
   /** One read of a validated key: a hit (counted, refresh-ahead told), or a miss with its lease. */
-  async #lookup(key: string, allowStale: boolean, now: number): Promise<ReadResult> {
-    const entry = await this.store.get(key, now)
+  #lookup(key: string, allowStale: boolean, now: number): ReadResult | Promise<ReadResult> {
+    const local = this.store.getLocal?.(key, now)
+    if (local !== undefined) return this.#found(key, local, allowStale, now)
+    return this.store.get(key, now).then((entry) => this.#found(key, entry, allowStale, now))
+  }
+
+  #found(key: string, entry: StoredEntry | undefined, allowStale: boolean, now: number): ReadResult | Promise<ReadResult> {
     if (entry !== undefined && (allowStale || !entry.stale)) {
       this.totals.hits++
       if (this.onHit !== undefined) this.onHit(entry, now)
       return { entry }
     }
     this.totals.misses++
-    return { lease: await this.issueLease(key, now) }
+    return this.issueLease(key, now).then((lease) => ({ lease }))
   }
 
   /** Reads an entry for inspection: no hit counted, stale and all. */

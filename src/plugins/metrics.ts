@@ -3,6 +3,7 @@ import { Type } from '@sinclair/typebox'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
+import { LatencyHistogram, type LatencyChild } from './latency-histogram.js'
 import type { CacheService } from '../cache/cache-service.js'
 import { SELECTOR_KINDS, SELECTOR_LABEL, type InvalidationRecord } from '../cache/types.js'
 import { CacheError } from '../errors.js'
@@ -225,31 +226,30 @@ export default fp(
     const registry = new Registry()
     registerCacheMetrics(registry, app.cache)
 
-    const httpDuration = new Histogram({
-      name: `${METRIC_PREFIX}http_request_duration_seconds`,
-      help: 'HTTP request duration by route pattern (never a raw URL), method and status code.',
-      labelNames: ['route', 'method', 'status_code'],
-      buckets: HTTP_BUCKETS,
-      registers: [registry],
-    })
-    // The only per-request metric work: one observe when the response is done. A callback
-    // hook, not an async one, so no promise per request. Hijacked replies (the SSE stream)
-    // skip onResponse, so a long-lived stream never skews the latency quantiles.
-    // Each route observes into its own label child, made once when the route is added, so a
-    // request pays one observe and no label hashing or route lookup. Requests that matched no
-    // route are observed by the global hook under `unmatched`. Callback hooks: no promise per
-    // request. Hijacked replies (the SSE stream) skip onResponse, so a long-lived stream never
-    // skews the latency quantiles.
-    const children = new Map<string, { observe(value: number): void }>()
-    const observer = (route: string) => (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-      const id = `${route} ${request.method} ${reply.statusCode}`
-      let child = children.get(id)
-      if (child === undefined) {
-        child = httpDuration.labels({ route, method: request.method, status_code: reply.statusCode })
-        children.set(id, child)
+    const httpDuration = new LatencyHistogram(
+      `${METRIC_PREFIX}http_request_duration_seconds`,
+      'HTTP request duration by route pattern (never a raw URL), method and status code.',
+      HTTP_BUCKETS,
+      registry,
+    )
+    // The only per-request metric work: one observe when the response is done. Each route
+    // gets its own onResponse hook with the route pattern closed over (no route lookup), and
+    // each method and status its own child, made once (no label hashing per request).
+    // Requests that matched no route are observed by the global hook under `unmatched`.
+    // Callback hooks: no promise per request. Hijacked replies (the SSE stream) skip
+    // onResponse, so a long-lived stream never skews the latency quantiles.
+    const observer = (route: string) => {
+      const children = new Map<string, LatencyChild>()
+      return (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+        const id = request.method + reply.statusCode
+        let child = children.get(id)
+        if (child === undefined) {
+          child = httpDuration.child({ route, method: request.method, status_code: reply.statusCode })
+          children.set(id, child)
+        }
+        child.observe(reply.elapsedTime / 1000)
+        done()
       }
-      child.observe(reply.elapsedTime / 1000)
-      done()
     }
     app.addHook('onRoute', (routeOptions) => {
       const hook = observer(routeOptions.url)

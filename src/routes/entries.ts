@@ -1,8 +1,8 @@
 import { Type } from '@sinclair/typebox'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, FastifyReply } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { renderBatch, renderEntry } from '../cache/render.js'
-import type { WriteInput } from '../cache/cache-service.js'
+import type { ReadResult, WriteInput } from '../cache/cache-service.js'
 import { CacheError, truncate } from '../errors.js'
 import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, leaseConflict, tooLarge } from '../schemas/common.js'
 import {
@@ -28,6 +28,18 @@ function etagMatches(header: string, etag: string): boolean {
   })
 }
 
+/** The reply to a read: the entry with its ETag (or 304), or the 404 miss with its lease. */
+function sendRead(reply: FastifyReply, key: string, result: ReadResult, ifNoneMatch: string | undefined): void {
+  const entry = result.entry
+  if (entry === undefined) {
+    reply.code(404).send({ error: 'not_found', message: `no entry for "${truncate(key)}"`, ...result.lease })
+    return
+  }
+  reply.header('etag', `"${entry.etag}"`)
+  if (ifNoneMatch !== undefined && etagMatches(ifNoneMatch, entry.etag)) reply.code(304).send()
+  else reply.type(JSON_TYPE).send(renderEntry(entry, reply.server.cache.now()))
+}
+
 export default async function entryRoutes(fastify: FastifyInstance) {
   const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
   const cache = app.cache
@@ -50,19 +62,14 @@ export default async function entryRoutes(fastify: FastifyInstance) {
         response: { 200: Entry, 304: { type: 'null', description: 'Not modified' }, 404: MissBody, ...badRequest, ...authErrors },
       },
     },
-    async (request, reply) => {
+    // Not an async handler: a hit the store answers from memory is sent in this same tick.
+    (request, reply) => {
       const { key } = request.params
       const allowStale = request.query.allowStale === true
       // ?load=true fills a miss from the key's origin (src/origins): single flight, under the lease.
-      const result = request.query.load === true ? await app.origins.readThrough(key, allowStale) : await cache.read(key, allowStale)
-      if (result.entry !== undefined) {
-        const entry = result.entry
-        const inm = request.headers['if-none-match']
-        reply.header('etag', `"${entry.etag}"`)
-        if (inm !== undefined && etagMatches(inm, entry.etag)) return reply.code(304).send()
-        return reply.type(JSON_TYPE).send(renderEntry(entry, cache.now()))
-      }
-      return reply.code(404).send({ error: 'not_found', message: `no entry for "${truncate(key)}"`, ...result.lease })
+      const result = request.query.load === true ? app.origins.readThrough(key, allowStale) : cache.read(key, allowStale)
+      if (result instanceof Promise) return result.then((r) => sendRead(reply, key, r, request.headers['if-none-match']))
+      sendRead(reply, key, result, request.headers['if-none-match'])
     },
   )
 

@@ -79,11 +79,11 @@ export class MemoryStore implements Store {
   }
 
   async get(key: string, now: number): Promise<StoredEntry | undefined> {
-    return this.getSync(key, now)
+    return this.getLocal(key, now)
   }
 
-  /** The synchronous read the hot path uses. */
-  getSync(key: string, now: number): StoredEntry | undefined {
+  /** Every read is local here: `get` without the promise. */
+  getLocal(key: string, now: number): StoredEntry | undefined {
     const entry = this.#lru.get(key)
     if (entry === undefined) return undefined
     if (entry.expiresAt <= now) {

@@ -20,6 +20,13 @@ export interface Store {
   /** Reads an entry, counting a hit on it. Expired entries are never returned. */
   get(key: string, now: number): Promise<StoredEntry | undefined>
 
+  /**
+   * What `get` would return, when the store can answer from memory without I/O: the hot path
+   * of a hit, with no promise. Undefined means "ask `get`" (a miss, or an entry only a
+   * shared tier holds). Optional: a store without a local tier leaves it out.
+   */
+  getLocal?(key: string, now: number): StoredEntry | undefined
+
   /** Reads an entry without touching its hit count or recency. */
   peek(key: string, now: number): Promise<StoredEntry | undefined>
 

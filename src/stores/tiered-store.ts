@@ -199,6 +199,11 @@ export class TieredStore implements Store {
     this.#busListeners.push(listener)
   }
 
+  /** An L1 copy the bus vouches for; anything else needs Redis (undefined: ask `get`). */
+  getLocal(key: string, now: number): StoredEntry | undefined {
+    return this.#busUp ? this.#l1Get(key, now) : undefined
+  }
+
   async get(key: string, now: number): Promise<StoredEntry | undefined> {
     if (this.#busUp) {
       const hit = this.#l1Get(key, now)
@@ -470,7 +475,7 @@ export class TieredStore implements Store {
   }
 
   #l1Get(key: string, now: number): StoredEntry | undefined {
-    const copy = this.#l1.getSync(key, now) as L1Entry | undefined
+    const copy = this.#l1.getLocal(key, now) as L1Entry | undefined
     return copy === undefined ? undefined : syncReal(copy)
   }
 
