@@ -4,7 +4,36 @@ import type { StoredEntry } from './types.js'
 // Entries are stored serialized, so replies are assembled as strings around the stored
 // bytes: a read never parses or re-serializes a value.
 
-const iso = (ms: number) => new Date(ms).toISOString()
+const DAY_MS = 86_400_000
+/** Beyond 9999-12-31, toISOString switches to a six-digit year. */
+const MAX_ISO_MS = 253_402_300_800_000
+/** `YYYY-MM-DDT` by day number; a reply's expiry days are few, so this stays small. */
+const datePrefixes = new Map<number, string>()
+const pad2 = (n: number) => (n < 10 ? '0' : '') + n
+const pad3 = (n: number) => (n < 10 ? '00' : n < 100 ? '0' : '') + n
+
+/**
+ * `new Date(ms).toISOString()`, faster: the date part is computed once per day and the time
+ * of day by arithmetic (every read renders an expiry time, and a Date costs more than the
+ * rest of the reply).
+ */
+export function iso(ms: number): string {
+  if (!(ms >= 0 && ms < MAX_ISO_MS)) return new Date(ms).toISOString()
+  const day = Math.floor(ms / DAY_MS)
+  let date = datePrefixes.get(day)
+  if (date === undefined) {
+    if (datePrefixes.size >= 1024) datePrefixes.clear()
+    date = new Date(day * DAY_MS).toISOString().slice(0, 11)
+    datePrefixes.set(day, date)
+  }
+  let rest = ms - day * DAY_MS
+  const hours = Math.floor(rest / 3_600_000)
+  rest -= hours * 3_600_000
+  const minutes = Math.floor(rest / 60_000)
+  rest -= minutes * 60_000
+  const seconds = Math.floor(rest / 1000)
+  return `${date}${pad2(hours)}:${pad2(minutes)}:${pad2(seconds)}.${pad3(Math.floor(rest - seconds * 1000))}Z`
+}
 
 /** The body of `GET /v1/entries/:key`. */
 export function renderEntry(e: StoredEntry, now: number): string {

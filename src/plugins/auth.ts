@@ -23,6 +23,9 @@ declare module 'fastify' {
 
 const digest = (secret: string) => hash('sha256', secret, 'base64')
 
+/** Most Authorization headers remembered as valid (clients send the same few over and over). */
+const MAX_KNOWN_HEADERS = 256
+
 /** Most client IPs remembered as blocked at once (a flood of spoofed sources cannot grow it). */
 const MAX_BLOCKED_IPS = 10_000
 
@@ -93,12 +96,25 @@ export default fp(
       }
     }
 
+    // Headers that authenticated, so a client's next request skips the digest. Only a header
+    // that carried a valid secret gets in (a guess never does), and keys are fixed for the
+    // life of the process, so an entry never goes stale; cleared when full.
+    const known = new Map<string, ApiKey>()
+
     function authenticate(header: string | undefined): ApiKey | undefined {
-      if (header === undefined || header.length < 8 || header.length > 4096) return undefined
+      if (header === undefined) return undefined
+      const seen = known.get(header)
+      if (seen !== undefined) return seen
+      if (header.length < 8 || header.length > 4096) return undefined
       if (header.slice(0, 7).toLowerCase() !== 'bearer ') return undefined
       // Looked up by digest: a guess's SHA-256 shares nothing with a secret's, so the lookup's
       // timing says nothing about how close a guess came.
-      return byDigest.get(digest(header.slice(7).trim()))
+      const key = byDigest.get(digest(header.slice(7).trim()))
+      if (key !== undefined) {
+        if (known.size >= MAX_KNOWN_HEADERS) known.clear()
+        known.set(header, key)
+      }
+      return key
     }
   },
   { name: 'cachewarden-auth' },
