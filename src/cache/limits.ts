@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto'
+import { hash } from 'node:crypto'
 import { invalidRequest, valueTooLarge } from '../errors.js'
 import type { Selector } from './types.js'
 import { SELECTOR_KINDS } from './types.js'
@@ -92,7 +92,7 @@ export function serializeValue(value: unknown, limits: Limits, field = 'value'):
 
 /** The content hash of a serialized value: MD5, 22 characters of base64url (a change detector, not a MAC). */
 export function etagOf(json: string): string {
-  return createHash('md5').update(json).digest('base64url')
+  return hash('md5', json, 'base64url')
 }
 
 /** Checks a selector: at least one list, each within the batch limit, every name valid. */

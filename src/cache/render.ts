@@ -46,6 +46,11 @@ export function renderEntry(e: StoredEntry, now: number): string {
   )
 }
 
+/** The body of `PUT /v1/entries/:key`. */
+export function renderWrite(e: StoredEntry): string {
+  return `{"key":${JSON.stringify(e.key)},"etag":"${e.etag}","expiresAt":"${iso(e.expiresAt)}"}`
+}
+
 /** The body of `POST /v1/entries/batch-get`. */
 export function renderBatch(entries: Map<string, StoredEntry>, leases: Map<string, IssuedLease>, now: number): string {
   const parts: string[] = []

@@ -1,7 +1,7 @@
 import { Type } from '@sinclair/typebox'
 import type { FastifyInstance, FastifyReply } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
-import { renderBatch, renderEntry } from '../cache/render.js'
+import { renderBatch, renderEntry, renderWrite } from '../cache/render.js'
 import type { ReadResult, WriteInput } from '../cache/cache-service.js'
 import { CacheError, truncate } from '../errors.js'
 import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, leaseConflict, tooLarge } from '../schemas/common.js'
@@ -95,9 +95,9 @@ export default async function entryRoutes(fastify: FastifyInstance) {
         },
       },
     },
-    async (request) => {
+    async (request, reply) => {
       const entry = await cache.write(request.params.key, request.body as WriteInput)
-      return { key: entry.key, etag: entry.etag, expiresAt: new Date(entry.expiresAt).toISOString() }
+      return reply.type(JSON_TYPE).send(renderWrite(entry))
     },
   )
 

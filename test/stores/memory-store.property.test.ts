@@ -4,9 +4,9 @@ import type { StoredEntry } from '../../src/cache/types.js'
 import { MemoryStore } from '../../src/stores/memory-store.js'
 import { entry } from './store-contract.js'
 
-// After any sequence of set / overwrite / delete / expire / evict / invalidate, the user and
-// tag indexes equal a brute-force recomputation from the entries, and the accounted bytes
-// equal the sum of the entries' sizes.
+// After any sequence of set / overwrite (same or other user and tags, or too large to keep) /
+// delete / expire / evict / invalidate, the user and tag indexes equal a brute-force
+// recomputation from the entries, and the accounted bytes equal the sum of the entries' sizes.
 
 const key = fc.constantFrom('a', 'b', 'c', 'ab', 'abc', 'b:1', 'b:2', 'c/x', 'd', 'e')
 const user = fc.option(fc.constantFrom('u1', 'u2', 'u3'), { nil: undefined })
@@ -14,7 +14,7 @@ const tags = fc.option(fc.uniqueArray(fc.constantFrom('t1', 't2', 't3', 't4'), {
 const mode = fc.constantFrom('delete' as const, 'stale' as const)
 
 const op = fc.oneof(
-  fc.record({ op: fc.constant('set' as const), key, user, tags, ttl: fc.integer({ min: 1, max: 5000 }), size: fc.integer({ min: 1, max: 400 }) }),
+  fc.record({ op: fc.constant('set' as const), key, user, tags, ttl: fc.integer({ min: 1, max: 5000 }), size: fc.oneof({ arbitrary: fc.integer({ min: 1, max: 400 }), weight: 9 }, { arbitrary: fc.constant(1600), weight: 1 }) }),
   fc.record({ op: fc.constant('get' as const), key }),
   fc.record({ op: fc.constant('advance' as const), ms: fc.integer({ min: 1, max: 3000 }) }),
   fc.record({ op: fc.constant('sweep' as const) }),
@@ -79,6 +79,11 @@ t.test('indexes and byte accounting match a brute-force recomputation after any 
         const expected = recompute(snap.entries)
         if (JSON.stringify(plain(snap.users)) !== JSON.stringify(plain(expected.users))) throw new Error(`user index drifted after ${JSON.stringify(o)}`)
         if (JSON.stringify(plain(snap.tags)) !== JSON.stringify(plain(expected.tags))) throw new Error(`tag index drifted after ${JSON.stringify(o)}`)
+        // Every entry sits in the expiry bucket of its second, and in no other.
+        for (const e of snap.entries) {
+          const holders = [...snap.buckets].filter(([, keys]) => keys.has(e.key)).map(([id]) => id)
+          if (holders.length !== 1 || holders[0] !== Math.floor(e.expiresAt / 1000)) throw new Error(`${e.key} is in buckets ${holders} after ${JSON.stringify(o)}`)
+        }
         const bytes = snap.entries.reduce((n, e) => n + e.size, 0)
         if (snap.bytes !== bytes) throw new Error(`bytes ${snap.bytes} != sum of sizes ${bytes}`)
         if (snap.entries.length > maxEntries || snap.bytes > 1500) throw new Error('bounds exceeded')

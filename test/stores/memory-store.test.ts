@@ -34,6 +34,27 @@ t.test('an entry larger than the whole cache is not kept and leaves no index beh
   t.same(await store.userKeys('u'), [])
 })
 
+t.test('an overwrite with the same user and tags keeps the memberships and moves the expiry', async (t) => {
+  const clock = new FakeClock()
+  const store = new MemoryStore({ maxBytes: 1000, now: clock.now, sweepIntervalMs: 0 })
+  await store.set(entry(clock, 'k', { userId: 'u', tags: ['t'], expiresAt: clock.now() + 1000 }))
+  await store.set(entry(clock, 'k', { userId: 'u', tags: ['t'], expiresAt: clock.now() + 60_000 }))
+  t.same(await store.userKeys('u'), ['k'])
+  t.same(await store.tagKeys('t'), ['k'])
+  clock.advance(2000)
+  await store.sweep()
+  t.ok(await store.get('k', clock.now()), 'the entry lives by its new expiry, not the old one')
+  clock.advance(60_000)
+  t.equal(await store.sweep(), 1, 'and the sweep drops it at the new expiry')
+  t.same(await store.userKeys('u'), [])
+
+  await store.set(entry(clock, 'k', { userId: 'u', tags: ['t'], size: 10 }))
+  await store.set(entry(clock, 'k', { userId: 'u', tags: ['t'], size: 5000 }))
+  t.equal(await store.get('k', clock.now()), undefined, 'an overwrite too large to keep removes the old entry')
+  t.same(await store.userKeys('u'), [], 'and its memberships')
+  t.same(await store.tagKeys('t'), [])
+})
+
 t.test('the sweep drops expired entries eagerly and reports them as expired', async (t) => {
   const clock = new FakeClock()
   const store = new MemoryStore({ now: clock.now, sweepIntervalMs: 0 })
