@@ -1,7 +1,7 @@
 import { invalidRequest } from '../errors.js'
 import type { Origins } from '../origins/origins.js'
 import type { CacheService } from './cache-service.js'
-import { checkKey, checkUserId, etagOf } from './limits.js'
+import { checkKey, checkUserId, etagOf, serializeValue } from './limits.js'
 
 /** Most keys one check looks at, after userIds and the sample are expanded. */
 export const MAX_CHECKED_KEYS = 10_000
@@ -123,7 +123,9 @@ export class ConsistencyChecker {
       const key = checkKey(item.key, this.#cache.limits, `entries[${i}].key`)
       if (out.has(key)) throw invalidRequest(`entries[${i}].key repeats an earlier key`)
       // `value: null` is a JSON value like any other, so presence is what counts.
-      if (Object.hasOwn(item, 'value')) out.set(key, etagOf(JSON.stringify(item.value)))
+      // Serialized as a write would be, so the value limits (size, depth) apply: a value too
+      // deep to serialize is a 400 naming it, not a stack overflow.
+      if (Object.hasOwn(item, 'value')) out.set(key, etagOf(serializeValue(item.value, this.#cache.limits, `entries[${i}].value`)))
       else if (typeof item.etag === 'string' && item.etag !== '') out.set(key, bareEtag(item.etag))
       else throw invalidRequest(`entries[${i}] needs a value or an etag`)
     })
@@ -164,7 +166,14 @@ export class ConsistencyChecker {
     const entry = await this.#cache.inspect(key)
     if (entry === undefined) return { kind: 'missing' }
     if (!truth.found) return { kind: 'stale', gone: true }
-    return etagOf(JSON.stringify(truth.value)) === entry.etag ? { kind: 'consistent' } : { kind: 'stale', gone: false }
+    let etag: string
+    try {
+      etag = etagOf(serializeValue(truth.value, this.#cache.limits))
+    } catch (error) {
+      // A value the origin sent that could never be cached (too large or too deep).
+      return { kind: 'error', error: `origin value: ${(error as Error).message}` }
+    }
+    return etag === entry.etag ? { kind: 'consistent' } : { kind: 'stale', gone: false }
   }
 
   async #invalidate(keys: string[], actor: string | undefined): Promise<number> {

@@ -153,6 +153,7 @@ t.test('a malformed check is a 400 naming the problem, and the route needs admin
     [{ against: 'provided', entries: [{ key: 'a' }] }, /entries\[0\] needs a value or an etag/],
     [{ against: 'provided', entries: [{ key: 'a', value: 1 }, { key: 'a', value: 2 }] }, /entries\[1\]\.key repeats/],
     [{ against: 'provided', entries: [{ key: '', value: 1 }] }, /entries\[0\]\.key/],
+    [{ against: 'provided', entries: [{ key: 'a', value: nested(100) }] }, /entries\[0\]\.value is nested deeper than 64 levels/],
     [{ against: 'origin' }, /keys, userIds or sample/],
     [{ against: 'origin', keys: ['a'], entries: [] }, /entries is for against "provided"/],
     [{ against: 'origin', userIds: [''] }, /userIds\[0\]/],
@@ -167,7 +168,24 @@ t.test('a malformed check is a 400 naming the problem, and the route needs admin
     t.match(res.json().message, message)
   }
   t.equal((await check(app, { against: 'origin', keys: ['a'] }, 'write')).statusCode, 403)
+
+  // Nested far deeper than JSON.stringify's stack allows (the body parser takes it): still a 400.
+  const deep = '['.repeat(200_000) + ']'.repeat(200_000)
+  const res = await call(app, {
+    method: 'POST',
+    url: '/v1/consistency',
+    headers: { 'content-type': 'application/json' },
+    payload: `{"against":"provided","entries":[{"key":"a","value":${deep}}]}`,
+  })
+  t.equal(res.statusCode, 400, 'a value too deep to serialize is refused, not a 500')
+  t.match(res.json().message, /entries\[0\]\.value is nested deeper/)
 })
+
+function nested(depth: number): unknown {
+  let v: unknown = 1
+  for (let i = 0; i < depth; i++) v = [v]
+  return v
+}
 
 t.test('against origin with no origins configured is a 400', async (t) => {
   const app = await build(t)
