@@ -307,7 +307,7 @@ export class TieredStore implements Store {
 
   async clear(): Promise<number> {
     try {
-      const [count, oldGen] = (await this.#scripts.cwClear(this.#base, this.#channel, JSON.stringify({ f: this.id, flush: 1 }))) as [
+      const [count, oldGen] = (await this.#scripts.cwClear(this.#base, this.#channel, this.#flushMessage())) as [
         number,
         string,
       ]
@@ -329,16 +329,15 @@ export class TieredStore implements Store {
     let count = 0
     try {
       const gen = (await this.#scripts.cwVoidLeases(this.#base)) as string
-      let cursor = '0'
-      do {
-        const [next, flat] = await this.#redis.zscan(`${this.#base}${gen}:x`, cursor, 'COUNT', SCAN_COUNT)
-        cursor = next
-        const keys = flat.filter((_, i) => i % 2 === 0)
-        if (keys.length === 0) continue
-        const [n] = (await this.#scripts.cwInvalidate(this.#base, JSON.stringify({ keys }), 'stale', 0, 0, 0, '', '')) as [number]
-        count += n
-      } while (cursor !== '0')
-      await this.#redis.publish(this.#channel, JSON.stringify({ f: this.id, flush: 1 } satisfies BusMessage))
+      await this.#walk(
+        // ZSCAN answers member, score, member, score...: the members are the keys.
+        async (cursor) => {
+          const [next, flat] = await this.#redis.zscan(`${this.#base}${gen}:x`, cursor, 'COUNT', SCAN_COUNT)
+          return [next, flat.filter((_, i) => i % 2 === 0)]
+        },
+        async (keys) => void (count += await this.#invalidateKeys(keys, 'stale')),
+      )
+      await this.#redis.publish(this.#channel, this.#flushMessage())
       return count
     } catch (error) {
       throw this.#unavailable(error, 'mark-all-stale')
@@ -521,28 +520,42 @@ export class TieredStore implements Store {
     const entryPrefix = `${this.#base}${gen}:e:`
     let count = 0
     for (const prefix of prefixes) {
-      let cursor = '0'
-      do {
-        const [next, found] = await this.#redis.scan(cursor, 'MATCH', `${globEscape(entryPrefix + prefix)}*`, 'COUNT', SCAN_COUNT)
-        cursor = next
-        if (found.length === 0) continue
-        const keys = found.map((k) => k.slice(entryPrefix.length))
-        const [n] = (await this.#scripts.cwInvalidate(this.#base, JSON.stringify({ keys }), mode, 0, 0, 0, '', '')) as [number]
-        count += n
-      } while (cursor !== '0')
+      await this.#walk(
+        (cursor) => this.#redis.scan(cursor, 'MATCH', `${globEscape(entryPrefix + prefix)}*`, 'COUNT', SCAN_COUNT),
+        async (found) => void (count += await this.#invalidateKeys(found.map((k) => k.slice(entryPrefix.length)), mode)),
+      )
     }
     return count
   }
 
+  /** Deletes or marks stale these keys in Redis (indexes and lease scopes kept by the script). */
+  async #invalidateKeys(keys: string[], mode: InvalidationMode): Promise<number> {
+    const [n] = (await this.#scripts.cwInvalidate(this.#base, JSON.stringify({ keys }), mode, 0, 0, 0, '', '')) as [number]
+    return n
+  }
+
+  /** Follows a SCAN-style cursor to its end, handing each non-empty batch to `each`. */
+  async #walk(
+    scan: (cursor: string) => Promise<[string, string[]]>,
+    each: (batch: string[]) => Promise<void>,
+    stop: () => boolean = () => false,
+  ): Promise<void> {
+    let cursor = '0'
+    do {
+      const [next, batch] = await scan(cursor)
+      cursor = next
+      if (batch.length > 0) await each(batch)
+    } while (cursor !== '0' && !stop())
+  }
+
   /** Unlinks the data keys of a generation a clear left behind, in batches. */
   async #collect(gen: string): Promise<void> {
-    let cursor = '0'
     try {
-      do {
-        const [next, found] = await this.#redis.scan(cursor, 'MATCH', `${globEscape(`${this.#base}${gen}:`)}*`, 'COUNT', SCAN_COUNT)
-        cursor = next
-        if (found.length > 0) await this.#redis.unlink(...found)
-      } while (cursor !== '0' && !this.#closing)
+      await this.#walk(
+        (cursor) => this.#redis.scan(cursor, 'MATCH', `${globEscape(`${this.#base}${gen}:`)}*`, 'COUNT', SCAN_COUNT),
+        async (found) => void (await this.#redis.unlink(...found)),
+        () => this.#closing,
+      )
     } catch {
       // Whatever is left expires by its own TTL.
     }
@@ -583,6 +596,11 @@ export class TieredStore implements Store {
 
   #message(selector: Selector, mode: InvalidationMode): string {
     return JSON.stringify({ f: this.id, s: selector, m: mode } satisfies BusMessage)
+  }
+
+  /** The bus message telling every other instance to drop its whole L1. */
+  #flushMessage(): string {
+    return JSON.stringify({ f: this.id, flush: 1 } satisfies BusMessage)
   }
 
   #report(keys: string[], reason: EvictionReason): void {
