@@ -164,7 +164,7 @@ return {1, evicted}
 
 /**
  * invalidate(selectorJson, mode, stamp 1|0, maxScopes, maxPrefixes, channel, message|'')
- * -> {count, seq}. Stamps every scope (keys, users, tags, prefixes) with a new sequence,
+ * -> {count, generation} (the generation a prefix scan then walks). Stamps every scope (keys, users, tags, prefixes) with a new sequence,
  * then applies keys, users and tags through the indexes: O(matched entries). Prefixes are
  * scanned outside Lua in batches, which call this again with stamp=0 and the found keys.
  */
@@ -213,7 +213,7 @@ for _, t in ipairs(sel.tags or {}) do
   end
 end
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
-return {count, seq}
+return {count, gen}
 `
 
 /** clear(channel, message) -> {entries, oldGeneration}. Voids every lease and switches generation. */
@@ -265,7 +265,10 @@ const USER_ENTRIES = `${PRELUDE}
 local out = {}
 for _, k in ipairs(redis.call('SMEMBERS', ukey(ARGV[1]))) do
   local f = redis.call('HGETALL', ekey(k))
-  local x = redis.call('HGET', ekey(k), 'x')
+  local x
+  for i = 1, #f, 2 do
+    if f[i] == 'x' then x = f[i + 1] end
+  end
   if x and tonumber(x) > tonumber(ARGV[2]) then
     out[#out + 1] = k
     out[#out + 1] = f
@@ -274,11 +277,11 @@ end
 return out
 `
 
-/** info(limit) -> {entries, bytes, generation, sampleKeys}. */
+/** info(limit) -> {entries, bytes, sampleKeys}. */
 const INFO = `${PRELUDE}
 local sample = {}
 if tonumber(ARGV[1]) > 0 then sample = redis.call('ZRANGE', xkey, 0, tonumber(ARGV[1]) - 1) end
-return {redis.call('ZCARD', xkey), tonumber(redis.call('GET', bkey) or '0'), gen, sample}
+return {redis.call('ZCARD', xkey), tonumber(redis.call('GET', bkey) or '0'), sample}
 `
 
 /** The scripts, registered with ioredis' defineCommand (EVALSHA, falling back to EVAL after a Redis restart). */

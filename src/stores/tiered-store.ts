@@ -281,7 +281,7 @@ export class TieredStore implements Store {
     const prefixes = selector.prefixes ?? []
     const message = this.#message(selector, mode)
     try {
-      const [count] = (await this.#scripts.cwInvalidate(
+      const [count, gen] = (await this.#scripts.cwInvalidate(
         this.#base,
         JSON.stringify(selector),
         mode,
@@ -292,9 +292,9 @@ export class TieredStore implements Store {
         // With prefixes, publish only once the scan is done, so no other instance refills its
         // L1 from an entry the scan has yet to reach.
         prefixes.length > 0 ? '' : message,
-      )) as [number, number]
+      )) as [number, string]
       if (prefixes.length === 0) return count
-      const scanned = await this.#invalidatePrefixes(prefixes, mode)
+      const scanned = await this.#invalidatePrefixes(gen, prefixes, mode)
       await this.#redis.publish(this.#channel, message)
       return count + scanned
     } catch (error) {
@@ -377,8 +377,8 @@ export class TieredStore implements Store {
   }
 
   async sampleKeys(limit: number): Promise<string[]> {
-    const info = (await this.#call(() => this.#scripts.cwInfo(this.#base, Math.max(0, limit)))) as [number, number, string, string[]]
-    return info[3]
+    const info = (await this.#call(() => this.#scripts.cwInfo(this.#base, Math.max(0, limit)))) as [number, number, string[]]
+    return info[2]
   }
 
   async size(): Promise<{ entries: number; bytes: number }> {
@@ -515,8 +515,7 @@ export class TieredStore implements Store {
     return this.#l1.clear()
   }
 
-  async #invalidatePrefixes(prefixes: string[], mode: InvalidationMode): Promise<number> {
-    const gen = ((await this.#redis.get(`${this.#base}g`)) ?? '0')
+  async #invalidatePrefixes(gen: string, prefixes: string[], mode: InvalidationMode): Promise<number> {
     const entryPrefix = `${this.#base}${gen}:e:`
     let count = 0
     for (const prefix of prefixes) {
