@@ -1,6 +1,7 @@
 import { invalidRequest } from '../errors.js'
 import type { Origins } from '../origins/origins.js'
 import type { CacheService } from './cache-service.js'
+import { eachLimited } from './each-limited.js'
 import { checkKey, checkUserId, etagOf, serializeValue } from './limits.js'
 
 /** Most keys one check looks at, after userIds and the sample are expanded. */
@@ -216,12 +217,4 @@ export class ConsistencyChecker {
 /** An etag as clients send it (`W/"x"`, `"x"`, `x`), bare. */
 function bareEtag(etag: string): string {
   return etag.trim().replace(/^W\//, '').replace(/^"(.*)"$/, '$1')
-}
-
-async function eachLimited<T>(items: T[], limit: number, fn: (item: T) => Promise<unknown>): Promise<void> {
-  let next = 0
-  const worker = async () => {
-    while (next < items.length) await fn(items[next++]!)
-  }
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker))
 }

@@ -1,4 +1,4 @@
-import type { Limits } from '../cache/limits.js'
+import { checkKey, checkUserId, type Limits } from '../cache/limits.js'
 import { ConfigError, type ConfigFile } from '../config.js'
 import { KeyPattern, parseTemplate, render, type Template } from './pattern.js'
 
@@ -186,8 +186,14 @@ function parseWarm(raw: unknown, limits: Limits, fail: (message: string) => neve
       const v = s[field]
       if (v === undefined) return []
       if (!Array.isArray(v) || v.length > limits.maxBatch) fail(`warm.onStartup.${field} must be an array of at most ${limits.maxBatch} strings`)
+      // The API's own checks (length, control characters, well-formed Unicode), named for the file.
+      const check = field === 'keys' ? checkKey : checkUserId
       ;(v as unknown[]).forEach((x, i) => {
-        if (typeof x !== 'string' || x === '') fail(`warm.onStartup.${field}[${i}] must be a non-empty string`)
+        try {
+          check(x, limits, `warm.onStartup.${field}[${i}]`)
+        } catch (error) {
+          fail((error as Error).message)
+        }
       })
       return v as string[]
     }

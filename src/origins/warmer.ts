@@ -1,4 +1,5 @@
 import type { CoreLogger } from '../cache/cache-service.js'
+import { eachLimited } from '../cache/each-limited.js'
 import { checkKey, checkUserId } from '../cache/limits.js'
 import type { WarmSet } from './config.js'
 import type { Origins } from './origins.js'
@@ -39,26 +40,21 @@ export async function warm(origins: Origins, set: WarmSet, logger?: CoreLogger, 
     if (summary.errors.length < MAX_REPORTED_ERRORS) summary.errors.push({ key, error })
   }
   logger?.info({ requested: keys.length }, 'warm started')
-  let next = 0
   let done = 0
-  const worker = async () => {
-    while (next < keys.length) {
-      const key = keys[next++]!
-      try {
-        checkKey(key, origins.cache.limits)
-        const match = origins.match(key)
-        if (match === undefined) fail(key, 'no origin serves this key')
-        else if ((await origins.refreshMatch(match)).found) summary.loaded++
-        else fail(key, `origin "${match.origin.name}" has no data`)
-      } catch (error) {
-        fail(key, (error as Error).message)
-      }
-      if (++done % PROGRESS_EVERY === 0 && done < keys.length) {
-        logger?.info({ done, requested: keys.length, loaded: summary.loaded, failed: summary.failed }, 'warm progress')
-      }
+  await eachLimited(keys, concurrency, async (key) => {
+    try {
+      checkKey(key, origins.cache.limits)
+      const match = origins.match(key)
+      if (match === undefined) fail(key, 'no origin serves this key')
+      else if ((await origins.refreshMatch(match)).found) summary.loaded++
+      else fail(key, `origin "${match.origin.name}" has no data`)
+    } catch (error) {
+      fail(key, (error as Error).message)
     }
-  }
-  await Promise.all(Array.from({ length: Math.min(concurrency, keys.length) }, worker))
+    if (++done % PROGRESS_EVERY === 0 && done < keys.length) {
+      logger?.info({ done, requested: keys.length, loaded: summary.loaded, failed: summary.failed }, 'warm progress')
+    }
+  })
   logger?.info(
     { requested: summary.requested, loaded: summary.loaded, failed: summary.failed, durationMs: Math.round(performance.now() - started) },
     'warm finished',

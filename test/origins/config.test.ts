@@ -60,7 +60,9 @@ const cases: Array<[string, Record<string, unknown>, RegExp]> = [
   ['warm not an object', { warm: [] }, /warm must be an object/],
   ['an unknown warm field', { warm: { often: 1 } }, /warm\.often is not a known field/],
   ['warm.onStartup not an object', { warm: { onStartup: ['1'] } }, /warm\.onStartup must be an object/],
-  ['a bad warm key', { warm: { onStartup: { keys: [''] } } }, /warm\.onStartup\.keys\[0\]/],
+  ['a bad warm key', { warm: { onStartup: { keys: [''] } } }, /warm\.onStartup\.keys\[0\] must not be empty/],
+  ['a warm key with a control character', { warm: { onStartup: { keys: ['a\u0001'] } } }, /warm\.onStartup\.keys\[0\] must not contain control characters/],
+  ['a warm user id too long', { warm: { onStartup: { userIds: ['u'.repeat(300)] } } }, /warm\.onStartup\.userIds\[0\] is longer than/],
   ['an interval below the floor', { warm: { onStartup: { keys: ['a'] }, intervalMs: 10 } }, /warm\.intervalMs must be a whole number of at least 100/],
   ['an interval without a set', { warm: { intervalMs: 1000 } }, /warm\.intervalMs needs warm\.onStartup/],
 ]
