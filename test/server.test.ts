@@ -1,6 +1,10 @@
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import t from 'tap'
+import { OriginServer, dashboardOrigin } from './helpers/origin-server.js'
 
 // The real entry point as a user runs it: config from the environment, the generated key,
 // and graceful shutdown on a signal.
@@ -54,24 +58,39 @@ t.test('with no keys it prints one admin key once, and that key works', async (t
 })
 
 t.test('SIGTERM lets an in-flight request finish', async (t) => {
-  const server = start({ CACHEWARDEN_API_KEYS: 'a:admin:server-test-secret-1' })
+  // The request is held inside its handler (an origin load the test releases), so it is
+  // certainly in flight when the signal arrives, however slow the machine.
+  const origin = await OriginServer.start(t)
+  origin.values.set('/users/1/dashboard', { user: '1' })
+  origin.hold()
+  const dir = mkdtempSync(join(tmpdir(), 'cw-server-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const configFile = join(dir, 'config.json')
+  writeFileSync(configFile, JSON.stringify({ origins: [dashboardOrigin(origin)] }))
+  const server = start({ CACHEWARDEN_API_KEYS: 'a:admin:server-test-secret-1', CONFIG_FILE: configFile })
   t.teardown(() => server.child.kill('SIGKILL'))
   const port = await server.ready
-  // A large batch-set keeps the server busy while the signal arrives.
-  const entries = Array.from({ length: 300 }, (_, i) => ({ key: `k${i}`, value: "v".repeat(2000), userId: `u${i % 10}` }))
-  const inFlight = fetch(`http://127.0.0.1:${port}/v1/entries/batch-set`, {
-    method: 'POST',
-    headers: { authorization: 'Bearer server-test-secret-1', 'content-type': 'application/json' },
-    body: JSON.stringify({ entries }),
+  const inFlight = fetch(`http://127.0.0.1:${port}/v1/entries/dashboard%3A1?load=true`, {
+    headers: { authorization: 'Bearer server-test-secret-1' },
   })
-  await new Promise((r) => setTimeout(r, 20))
+  await origin.waitForCalls(1)
   server.child.kill('SIGTERM')
+  await until(() => /shutting down/.test(server.output()))
+  origin.release()
   const res = await inFlight
-  t.equal(res.status, 200)
-  t.equal(((await res.json()) as { results: unknown[] }).results.length, 300)
+  t.equal(res.status, 200, 'the request in flight when the signal came is answered')
+  t.same(((await res.json()) as { value: unknown }).value, { user: '1' })
   const [code] = await once(server.child, 'exit')
   t.equal(code, 0)
 })
+
+async function until(condition: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error('condition not met in time')
+    await new Promise((r) => setTimeout(r, 10))
+  }
+}
 
 t.test('a bad environment value stops the start with a message naming it', async (t) => {
   const server = start({ CACHE_MAX_ENTRIES: 'lots' })
