@@ -15,6 +15,12 @@ export class LatencyChild {
     this.counts = new Float64Array(bounds.length + 1)
   }
 
+  reset(): void {
+    this.counts.fill(0)
+    this.sum = 0
+    this.count = 0
+  }
+
   observe(seconds: number): void {
     const bounds = this.bounds
     let i = 0
@@ -57,11 +63,12 @@ export class LatencyHistogram {
     return child
   }
 
+  /** Zeroes every child in place: the route hooks keep their children, so none is dropped. */
   reset(): void {
-    this.#children.clear()
+    for (const child of this.#children.values()) child.reset()
   }
 
-  /** What the Registry formats: cumulative `_bucket` lines (`le` first, as prom-client does), `_sum`, `_count`. */
+  /** What the Registry formats, shaped as prom-client's Histogram shapes it: cumulative `_bucket` lines (`le` first), `_sum`, `_count`. */
   async getForPromString() {
     const values: { labels: Labels; sharedLabels?: Labels; value: number; metricName: string }[] = []
     for (const child of this.#children.values()) {
@@ -71,8 +78,8 @@ export class LatencyHistogram {
         const le = i < this.bounds.length ? this.bounds[i]! : '+Inf'
         values.push({ labels: { le }, sharedLabels: child.labels, value: cumulative, metricName: `${this.name}_bucket` })
       }
-      values.push({ labels: child.labels, value: child.sum, metricName: `${this.name}_sum` })
-      values.push({ labels: child.labels, value: child.count, metricName: `${this.name}_count` })
+      values.push({ labels: {}, sharedLabels: child.labels, value: child.sum, metricName: `${this.name}_sum` })
+      values.push({ labels: {}, sharedLabels: child.labels, value: child.count, metricName: `${this.name}_count` })
     }
     return { name: this.name, help: this.help, type: this.type, values, aggregator: this.aggregator }
   }
