@@ -68,7 +68,12 @@ export default async function entryRoutes(fastify: FastifyInstance) {
       const allowStale = request.query.allowStale === true
       // ?load=true fills a miss from the key's origin (src/origins): single flight, under the lease.
       const result = request.query.load === true ? app.origins.readThrough(key, allowStale) : cache.read(key, allowStale)
-      if (result instanceof Promise) return result.then((r) => sendRead(reply, key, r, request.headers['if-none-match']))
+      if (result instanceof Promise) {
+        return result.then((r) => {
+          sendRead(reply, key, r, request.headers['if-none-match'])
+          return reply // Fastify's "already sent" signal: it waits for the reply, never sends again
+        })
+      }
       sendRead(reply, key, result, request.headers['if-none-match'])
     },
   )
