@@ -1,8 +1,11 @@
-import { invalidRequest } from '../errors.js'
+import { CacheError, invalidRequest } from '../errors.js'
 import type { Origins } from '../origins/origins.js'
 import type { CacheService } from './cache-service.js'
 import { eachLimited } from './each-limited.js'
 import { checkKey, checkUserId, etagOf, serializeValue } from './limits.js'
+
+/** The etag of a value no write could store; equal to no entry's etag (those are 22 characters). */
+const UNCACHEABLE = ''
 
 /** Most keys one check looks at, after userIds and the sample are expanded. */
 export const MAX_CHECKED_KEYS = 10_000
@@ -124,9 +127,7 @@ export class ConsistencyChecker {
       const key = checkKey(item.key, this.#cache.limits, `entries[${i}].key`)
       if (out.has(key)) throw invalidRequest(`entries[${i}].key repeats an earlier key`)
       // `value: null` is a JSON value like any other, so presence is what counts.
-      // Serialized as a write would be, so the value limits (size, depth) apply: a value too
-      // deep to serialize is a 400 naming it, not a stack overflow.
-      if (Object.hasOwn(item, 'value')) out.set(key, etagOf(serializeValue(item.value, this.#cache.limits, `entries[${i}].value`)))
+      if (Object.hasOwn(item, 'value')) out.set(key, this.#etagOf(item.value))
       else if (typeof item.etag === 'string' && item.etag !== '') out.set(key, bareEtag(item.etag))
       else throw invalidRequest(`entries[${i}] needs a value or an etag`)
     })
@@ -167,14 +168,24 @@ export class ConsistencyChecker {
     const entry = await this.#cache.inspect(key)
     if (entry === undefined) return { kind: 'missing' }
     if (!truth.found) return { kind: 'stale', gone: true }
-    let etag: string
-    try {
-      etag = etagOf(serializeValue(truth.value, this.#cache.limits))
-    } catch (error) {
-      // A value the origin sent that could never be cached (too large or too deep).
-      return { kind: 'error', error: `origin value: ${(error as Error).message}` }
-    }
+    const etag = this.#etagOf(truth.value)
+    // A value the cache could never hold cannot be reloaded either: repair deletes the entry.
+    if (etag === UNCACHEABLE) return { kind: 'stale', gone: true }
     return etag === entry.etag ? { kind: 'consistent' } : { kind: 'stale', gone: false }
+  }
+
+  /**
+   * The etag a write of this value would store. A value over the value limits (too large, or
+   * nested too deep, which JSON.stringify alone could overflow the stack on) gets
+   * UNCACHEABLE, which no entry's etag equals: whatever the cache holds differs from it.
+   */
+  #etagOf(value: unknown): string {
+    try {
+      return etagOf(serializeValue(value, this.#cache.limits))
+    } catch (error) {
+      if (error instanceof CacheError) return UNCACHEABLE
+      throw error
+    }
   }
 
   async #invalidate(keys: string[], actor: string | undefined): Promise<number> {
