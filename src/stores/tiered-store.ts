@@ -223,14 +223,13 @@ export class TieredStore implements Store {
 
   async peek(key: string, now: number): Promise<StoredEntry | undefined> {
     if (this.#busUp) {
-      const copy = (await this.#l1.peek(key, now)) as L1Entry | undefined
-      if (copy !== undefined) return syncReal(copy)
+      const copy = await this.#l1PeekReal(key, now)
+      if (copy !== undefined) return copy
     }
     try {
       return await this.#l2Get(key, now, false)
     } catch {
-      const copy = (await this.#l1.peek(key, now)) as L1Entry | undefined
-      return copy === undefined ? undefined : syncReal(copy)
+      return this.#l1PeekReal(key, now)
     }
   }
 
@@ -471,6 +470,12 @@ export class TieredStore implements Store {
       return undefined
     }
     return parseEntry(key, reply)
+  }
+
+  /** The L1 copy's real entry, brought up to date, without counting a hit. */
+  async #l1PeekReal(key: string, now: number): Promise<StoredEntry | undefined> {
+    const copy = (await this.#l1.peek(key, now)) as L1Entry | undefined
+    return copy === undefined ? undefined : syncReal(copy)
   }
 
   #l1Get(key: string, now: number): StoredEntry | undefined {
