@@ -4,6 +4,9 @@ import type { StoredEntry } from './types.js'
 // Entries are stored serialized, so replies are assembled as strings around the stored
 // bytes: a read never parses or re-serializes a value.
 
+/** The content type of the replies rendered here. */
+export const JSON_TYPE = 'application/json; charset=utf-8'
+
 const DAY_MS = 86_400_000
 /** Beyond 9999-12-31, toISOString switches to a six-digit year. */
 const MAX_ISO_MS = 253_402_300_800_000

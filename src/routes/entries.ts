@@ -1,7 +1,7 @@
 import { Type } from '@sinclair/typebox'
 import type { FastifyInstance, FastifyReply } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
-import { renderBatch, renderEntry, renderWrite } from '../cache/render.js'
+import { JSON_TYPE, renderBatch, renderEntry, renderWrite } from '../cache/render.js'
 import type { ReadResult, WriteInput } from '../cache/cache-service.js'
 import { CacheError, truncate } from '../errors.js'
 import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, leaseConflict, tooLarge } from '../schemas/common.js'
@@ -16,8 +16,6 @@ import {
   WriteBody,
   WriteResult,
 } from '../schemas/entries.js'
-
-const JSON_TYPE = 'application/json; charset=utf-8'
 
 /** `If-None-Match` matches when it lists the entry's etag (quoted, weak or bare) or `*`. */
 function etagMatches(header: string, etag: string): boolean {

@@ -4,6 +4,7 @@ import { authErrors, badRequest, notFoundError } from '../schemas/common.js'
 import { KeyParams, WriteResult } from '../schemas/entries.js'
 import { ConsistencyBody, ConsistencyReport, WarmBody, WarmSummary } from '../schemas/origins.js'
 import { checkKey } from '../cache/limits.js'
+import { JSON_TYPE, renderWrite } from '../cache/render.js'
 import { checkWarmSet, warm } from '../origins/warmer.js'
 import type { CoreLogger } from '../cache/cache-service.js'
 import type { ConsistencyRequest } from '../cache/consistency.js'
@@ -28,10 +29,10 @@ export default async function originRoutes(fastify: FastifyInstance) {
         response: { 200: WriteResult, ...notFoundError, ...badRequest, ...authErrors },
       },
     },
-    async (request) => {
+    async (request, reply) => {
       const key = checkKey(request.params.key, app.cache.limits)
       const entry = await origins.refresh(key)
-      return { key: entry.key, etag: entry.etag, expiresAt: new Date(entry.expiresAt).toISOString() }
+      return reply.type(JSON_TYPE).send(renderWrite(entry))
     },
   )
 
