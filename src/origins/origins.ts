@@ -75,18 +75,35 @@ export class Origins {
 
   /** The first origin whose pattern matches `key`, with the URL, user and tags for it. */
   match(key: string): OriginMatch | undefined {
-    for (const origin of this.list) {
-      const params = origin.pattern.match(key)
-      if (params !== undefined) return this.#resolve(origin, key, params)
-    }
-    return undefined
+    const found = this.#first(key)
+    return found === undefined ? undefined : this.#resolve(found.origin, key, found.params)
   }
 
   /** The match for the entry's own origin, if it still exists and matches, else the first match. */
   matchEntry(entry: StoredEntry): OriginMatch | undefined {
+    const found = this.#originOf(entry)
+    return found === undefined ? undefined : this.#resolve(found.origin, entry.key, found.params)
+  }
+
+  /** matchEntry without building the URL, user and tags (the hit hook only needs the origin). */
+  #originOf(entry: StoredEntry): { origin: OriginSpec; params: Record<string, string> } | undefined {
     const own = entry.origin === undefined ? undefined : this.#byName.get(entry.origin)
-    const params = own?.pattern.match(entry.key)
-    return own !== undefined && params !== undefined ? this.#resolve(own, entry.key, params) : this.match(entry.key)
+    const ownParams = own?.pattern.match(entry.key)
+    return own !== undefined && ownParams !== undefined ? { origin: own, params: ownParams } : this.#first(entry.key)
+  }
+
+  /** The first origin whose keyPattern matches the key, with the pattern's parameters. */
+  #first(key: string): { origin: OriginSpec; params: Record<string, string> } | undefined {
+    for (const origin of this.list) {
+      const params = origin.pattern.match(key)
+      if (params !== undefined) return { origin, params }
+    }
+    return undefined
+  }
+
+  /** Past `ratio` of its TTL, or stale: due for a refresh. */
+  #due(entry: StoredEntry, ratio: number, now: number): boolean {
+    return entry.stale || now - entry.createdAt >= ratio * (entry.expiresAt - entry.createdAt)
   }
 
   /**
@@ -94,8 +111,14 @@ export class Origins {
    * loaded (once, however many callers wait) and returned. No matching origin, or an
    * origin without data (404): the plain miss with its lease. Origin down: 503.
    */
-  async readThrough(key: string, allowStale: boolean): Promise<ReadResult> {
-    const result = await this.cache.read(key, allowStale)
+  readThrough(key: string, allowStale: boolean): ReadResult | Promise<ReadResult> {
+    const result = this.cache.read(key, allowStale)
+    // A hit answered from memory stays synchronous, as for a plain read.
+    if (result instanceof Promise) return result.then((r) => this.#loadMiss(key, r))
+    return result.entry !== undefined ? result : this.#loadMiss(key, result)
+  }
+
+  async #loadMiss(key: string, result: ReadResult): Promise<ReadResult> {
     if (result.entry !== undefined || this.list.length === 0) return result
     const match = this.match(key)
     if (match === undefined) return result
@@ -157,16 +180,15 @@ export class Origins {
 
   /** The CacheService hit hook: schedules a background refresh past the origin's refreshAhead, or of a stale entry. */
   readonly onHit = (entry: StoredEntry, now: number): void => {
-    if (!entry.stale && now - entry.createdAt < this.#minRatio * (entry.expiresAt - entry.createdAt)) return
+    if (!this.#due(entry, this.#minRatio, now)) return
     if (this.refresher.has(entry.key) || this.#inflight.has(entry.key)) return
     const until = this.#cooldown.get(entry.key)
     if (until !== undefined) {
       if (until > now) return
       this.#cooldown.delete(entry.key)
     }
-    const match = this.matchEntry(entry)
-    if (match === undefined) return
-    if (!entry.stale && now - entry.createdAt < match.origin.refreshAhead * (entry.expiresAt - entry.createdAt)) return
+    const own = this.#originOf(entry)
+    if (own === undefined || !this.#due(entry, own.origin.refreshAhead, now)) return
     this.refresher.schedule(entry.key, entry.hits)
   }
 
@@ -212,9 +234,7 @@ export class Origins {
     const entry = await this.cache.inspect(key)
     if (entry === undefined) return
     const match = this.matchEntry(entry)
-    if (match === undefined) return
-    const now = this.cache.now()
-    if (!entry.stale && now - entry.createdAt < match.origin.refreshAhead * (entry.expiresAt - entry.createdAt)) return
+    if (match === undefined || !this.#due(entry, match.origin.refreshAhead, this.cache.now())) return
     try {
       await this.refreshMatch(match)
     } catch (error) {
