@@ -118,7 +118,7 @@ function emptyTotals(): Totals {
 export interface CacheServiceEvents {
   invalidation: [InvalidationRecord]
   invalidation_failed: [{ source: InvalidationSource; selector: Selector; error: Error }]
-  cleared: [{ cleared: number; actor: string | undefined; reason: string | undefined }]
+  cleared: [{ cleared: number; actor: string | undefined; reason: string | undefined; source: InvalidationSource }]
   /** The stats summary was zeroed (the audit log listens). */
   stats_reset: [{ actor: string | undefined }]
   /** One call to an origin (src/origins): result is `success`, `error` or `timeout`. */
@@ -341,11 +341,11 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     this.#record({ id: randomUUID(), selector, mode, source: 'bus', invalidated, durationMs: 0, at, actor: undefined, reason: undefined })
   }
 
-  /** Drops everything and voids every lease (the emergency clear). */
-  async clear(actor?: string, reason?: string): Promise<number> {
+  /** Drops everything and voids every lease: the emergency clear (`admin`), or the PostgreSQL listener's `clear` policy. */
+  async clear(actor?: string, reason?: string, source: InvalidationSource = 'admin'): Promise<number> {
     const cleared = await this.store.clear()
     this.#fills.clear()
-    this.emit('cleared', { cleared, actor, reason })
+    this.emit('cleared', { cleared, actor, reason, source })
     return cleared
   }
 

@@ -167,9 +167,9 @@ export function registerCacheMetrics(registry: Registry, cache: CacheService): v
     if (record.selector.all) count('all')
     lastInvalidation.set(Date.parse(record.at) / 1000)
   })
-  // The emergency clear is not an invalidation record, but to a dashboard it is one: of everything.
-  cache.on('cleared', ({ cleared }) => {
-    invalidations.inc({ selector: 'all', source: 'admin', mode: 'delete' })
+  // A clear is not an invalidation record, but to a dashboard it is one: of everything.
+  cache.on('cleared', ({ cleared, source }) => {
+    invalidations.inc({ selector: 'all', source, mode: 'delete' })
     invalidatedEntries.inc({ selector: 'all' }, cleared)
     lastInvalidation.set(cache.now() / 1000)
   })

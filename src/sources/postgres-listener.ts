@@ -166,7 +166,7 @@ export class PostgresListener {
       ? 'postgres listener reconnected: notifications may have been missed'
       : 'postgres listener started: entries may predate it'
     if (policy === 'clear') {
-      const cleared = await this.#o.cache.clear('postgres-listener', reason)
+      const cleared = await this.#o.cache.clear('postgres-listener', reason, 'postgres')
       this.#o.logger?.warn({ policy, cleared }, reason)
     } else {
       const result = await this.#o.cache.markAllStale({ source: 'postgres', actor: 'postgres-listener', reason })

@@ -209,6 +209,11 @@ t.test('marking everything stale and the emergency clear count under selector "a
   t.equal(valueOf(s, 'cachewarden_invalidations_total', { selector: 'all', source: 'listener', mode: 'stale' }), 1)
   t.equal(valueOf(s, 'cachewarden_invalidations_total', { selector: 'all', source: 'admin', mode: 'delete' }), 1)
   t.equal(valueOf(s, 'cachewarden_invalidated_entries_total', { selector: 'all' }), 5, '2 marked stale, then 3 cleared')
+  // The PostgreSQL listener's `clear` policy clears under its own source.
+  await app.cache.clear('postgres-listener', 'reconnected', 'postgres')
+  const after = await scrape(app)
+  t.equal(valueOf(after, 'cachewarden_invalidations_total', { selector: 'all', source: 'postgres', mode: 'delete' }), 1)
+  t.equal(valueOf(after, 'cachewarden_invalidations_total', { selector: 'all', source: 'admin', mode: 'delete' }), 1, 'not counted as the emergency clear')
 })
 
 t.test('the request latency histogram counts every request, also after the registry is reset', async (t) => {
