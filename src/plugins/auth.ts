@@ -15,10 +15,6 @@ declare module 'fastify' {
     /** The key that authenticated the request. */
     apiKey: ApiKey | undefined
   }
-  interface FastifyInstance {
-    /** Emitted on every rejected credential (the rate limiter and audit log listen). */
-    authFailures: { count: number }
-  }
 }
 
 const digest = (secret: string) => hash('sha256', secret, 'base64')
@@ -36,15 +32,15 @@ export interface AuthOptions {
 }
 
 /**
- * Bearer-key authentication and scope checks. Secrets are looked up by their SHA-256 (never
- * compared as text), so timing says nothing about a secret.
+ * Bearer-key authentication and scope checks. A new header's secret is looked up by its
+ * SHA-256, so timing says nothing about how close a guess came; a header that already
+ * authenticated is then remembered as is (only valid secrets ever are).
  */
 export default fp(
   async function auth(app: FastifyInstance, opts: AuthOptions) {
     const byDigest = new Map<string, ApiKey>()
     for (const key of opts.keys) byDigest.set(digest(key.secret), key)
     app.decorateRequest('apiKey', undefined)
-    app.decorate('authFailures', { count: 0 })
 
     const limit = opts.failureLimit
     // Failures are counted by @fastify/rate-limit; an IP that used up its window is remembered
@@ -76,7 +72,6 @@ export default fp(
         }
         const key = authenticate(request.headers.authorization)
         if (key === undefined) {
-          app.authFailures.count++
           const unauthorized = new CacheError('unauthorized', 'a valid bearer key is required: Authorization: Bearer <secret>')
           if (countFailure === undefined) return done(unauthorized)
           countFailure(request).then((state) => {
