@@ -2,7 +2,7 @@ import { CacheError, invalidRequest } from '../errors.js'
 import type { Origins } from '../origins/origins.js'
 import type { CacheService } from './cache-service.js'
 import { eachLimited } from './each-limited.js'
-import { checkKey, checkUserId, etagOf, serializeValue } from './limits.js'
+import { bareEtag, checkKey, checkUserId, etagOf, serializeValue } from './limits.js'
 
 /** The etag of a value no write could store; equal to no entry's etag (those are 22 characters). */
 const UNCACHEABLE = ''
@@ -225,7 +225,3 @@ export class ConsistencyChecker {
   }
 }
 
-/** An etag as clients send it (`W/"x"`, `"x"`, `x`), bare. */
-function bareEtag(etag: string): string {
-  return etag.trim().replace(/^W\//, '').replace(/^"(.*)"$/, '$1')
-}

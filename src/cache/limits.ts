@@ -95,6 +95,11 @@ export function etagOf(json: string): string {
   return hash('md5', json, 'base64url')
 }
 
+/** An etag as clients send it (`W/"x"`, `"x"`, `x`), bare. */
+export function bareEtag(etag: string): string {
+  return etag.trim().replace(/^W\//, '').replace(/^"(.*)"$/, '$1')
+}
+
 /** Checks a selector: at least one list, each within the batch limit, every name valid. */
 export function checkSelector(selector: Selector, limits: Limits): Selector {
   const out: Selector = {}

@@ -4,6 +4,7 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { JSON_TYPE, renderBatch, renderEntry, renderWrite } from '../cache/render.js'
 import type { ReadResult, WriteInput } from '../cache/cache-service.js'
 import { CacheError, truncate } from '../errors.js'
+import { bareEtag } from '../cache/limits.js'
 import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, leaseConflict, tooLarge } from '../schemas/common.js'
 import {
   BatchGetBody,
@@ -21,8 +22,8 @@ import {
 function etagMatches(header: string, etag: string): boolean {
   if (header === `"${etag}"` || header === '*') return true
   return header.split(',').some((tag) => {
-    const t = tag.trim().replace(/^W\//, '')
-    return t === `"${etag}"` || t === etag || t === '*'
+    const t = bareEtag(tag)
+    return t === etag || t === '*'
   })
 }
 
