@@ -79,13 +79,9 @@ export class ConsistencyChecker {
       }
     } else {
       const keys = await this.#selected(request)
+      // Placed first, in the order asked: a Map keeps a key's place when its value is replaced.
+      for (const key of keys) statuses.set(key, { kind: 'missing' })
       await eachLimited(keys, CHECK_CONCURRENCY, async (key) => statuses.set(key, await this.#againstOrigin(key)))
-      // Insertion order follows completion; report in the order asked.
-      for (const key of keys) {
-        const s = statuses.get(key)!
-        statuses.delete(key)
-        statuses.set(key, s)
-      }
     }
 
     const cached = [...statuses].filter(([, s]) => s.kind === 'consistent' || s.kind === 'stale').map(([k]) => k)
