@@ -7,7 +7,7 @@ import { render } from './pattern.js'
 import { RefreshAhead } from './refresh-ahead.js'
 
 /** After a failed background refresh, hits on that key wait this long before asking again. */
-export const DEFAULT_REFRESH_FAILURE_COOLDOWN_MS = 1000
+const REFRESH_FAILURE_COOLDOWN_MS = 1000
 const MAX_COOLDOWNS = 10_000
 /** During an outage every hot key fails; one warning per origin per this long, with the count, is enough. */
 const FAILURE_LOG_INTERVAL_MS = 5000
@@ -30,9 +30,6 @@ export interface OriginsOptions {
   /** Background refreshes at once (REFRESH_CONCURRENCY). */
   refreshConcurrency: number
   logger?: CoreLogger
-  refreshFailureCooldownMs?: number
-  /** Jitter source for retries (tests). */
-  random?: () => number
 }
 
 /**
@@ -51,7 +48,6 @@ export class Origins {
   readonly #byName = new Map<string, OriginSpec>()
   readonly #inflight = new Map<string, Promise<LoadOutcome>>()
   readonly #cooldown = new Map<string, number>()
-  readonly #cooldownMs: number
   /** origin -> when its last refresh failure was logged, and failures since. */
   readonly #failureLog = new Map<string, { at: number; suppressed: number }>()
   readonly #logger: CoreLogger | undefined
@@ -62,12 +58,10 @@ export class Origins {
     this.list = options.origins
     this.cache = options.cache
     this.#logger = options.logger
-    this.#cooldownMs = options.refreshFailureCooldownMs ?? DEFAULT_REFRESH_FAILURE_COOLDOWN_MS
     for (const origin of this.list) this.#byName.set(origin.name, origin)
     this.#minRatio = Math.min(1, ...this.list.map((o) => o.refreshAhead))
     this.client = new OriginClient({
       maxBodyBytes: this.cache.limits.maxValueBytes,
-      random: options.random,
       onAttempt: (event) => this.cache.emit('origin_request', event),
     })
     this.refresher = new RefreshAhead({ concurrency: options.refreshConcurrency, run: (key) => this.#refreshAhead(key) })
@@ -239,7 +233,7 @@ export class Origins {
       await this.refreshMatch(match)
     } catch (error) {
       if (this.#cooldown.size >= MAX_COOLDOWNS) this.#cooldown.delete(this.#cooldown.keys().next().value!)
-      this.#cooldown.set(key, this.cache.now() + this.#cooldownMs)
+      this.#cooldown.set(key, this.cache.now() + REFRESH_FAILURE_COOLDOWN_MS)
       this.#logFailure(match.origin.name, key, error as Error)
     }
   }

@@ -31,22 +31,17 @@ export class RefreshAhead {
     return this.#pending.size
   }
 
-  get running(): number {
-    return this.#running.size
-  }
-
-  /** Queues a refresh of `key` (or raises its priority); false when it was already running or the queue is full. */
-  schedule(key: string, hits: number): boolean {
-    if (this.#closed || this.#running.has(key)) return false
+  /** Queues a refresh of `key`, or raises its priority; nothing when it is running or the queue is full. */
+  schedule(key: string, hits: number): void {
+    if (this.#closed || this.#running.has(key)) return
     const queued = this.#pending.get(key)
     if (queued !== undefined) {
       if (hits > queued) this.#pending.set(key, hits)
-      return false
+      return
     }
-    if (this.#pending.size >= MAX_PENDING_REFRESHES) return false
+    if (this.#pending.size >= MAX_PENDING_REFRESHES) return
     this.#pending.set(key, hits)
     this.#pump()
-    return true
   }
 
   has(key: string): boolean {
