@@ -41,6 +41,8 @@ export const leaseInvalidated = (key: string) =>
     `the lease for "${truncate(key)}" was voided by an invalidation accepted after it was issued; read again`,
   )
 export const valueTooLarge = (message: string) => new CacheError('value_too_large', message)
+/** The 429 every rate limit answers (route limits, the global limit, blocked addresses). */
+export const rateLimited = (retryAfter: string) => new CacheError('rate_limited', `too many requests; retry in ${retryAfter}`)
 export const backendUnavailable = (what: string) =>
   new CacheError('backend_unavailable', `${what} is unavailable; try again`)
 

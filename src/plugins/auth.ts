@@ -3,8 +3,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { LRUCache } from 'lru-cache'
 import type { ApiKey, Scope } from '../config.js'
-import { CacheError } from '../errors.js'
-import { rateLimited } from './rate-limits.js'
+import { CacheError, rateLimited } from '../errors.js'
 
 declare module 'fastify' {
   interface FastifyContextConfig {

@@ -2,15 +2,12 @@ import rateLimit from '@fastify/rate-limit'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { SecurityConfig } from '../config.js'
-import { CacheError } from '../errors.js'
+import { rateLimited } from '../errors.js'
 
 /** Per key when the request authenticated, per client IP otherwise. */
-export const keyOrIp = (request: FastifyRequest) =>
+const keyOrIp = (request: FastifyRequest) =>
   request.apiKey !== undefined ? `key:${request.apiKey.name}` : `ip:${request.ip}`
 
-/** The 429 every limit throws; the error handler turns it into `{error:'rate_limited', message}`. */
-export const rateLimited = (retryAfter: string) =>
-  new CacheError('rate_limited', `too many requests; retry in ${retryAfter}`)
 
 /**
  * Registers @fastify/rate-limit. Routes opt in with `config.rateLimit` (the emergency clear

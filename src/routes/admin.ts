@@ -3,7 +3,6 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
 import { ClearTokens } from '../cache/clear-tokens.js'
 import { CacheError } from '../errors.js'
-import { keyOrIp, rateLimited } from '../plugins/rate-limits.js'
 import { LimitQuery, Timestamp, authErrors, badRequest } from '../schemas/common.js'
 
 const REFUSALS = {
@@ -42,8 +41,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
           rateLimit: {
             max: clearRateLimitMax,
             timeWindow: clearRateLimitWindowMs,
-            keyGenerator: keyOrIp,
-            errorResponseBuilder: (_request: unknown, context: { after: string }) => rateLimited(context.after),
+            // keyGenerator (per key) and the 429 body come from the plugin's settings.
             onExceeded: (request: { apiKey?: { name: string } }) =>
               audit.record({ actor: request.apiKey?.name, action, reason: null, outcome: 'refused', detail: 'rate limited' }),
           },
