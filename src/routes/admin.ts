@@ -1,7 +1,10 @@
 import { Type } from '@sinclair/typebox'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
-import { ClearTokens } from '../cache/clear-tokens.js'
+import { AUDIT_BULK_THRESHOLD } from '../cache/audit-log.js'
+import { CLEAR_TOKEN_TTL_MS, ClearTokens } from '../cache/clear-tokens.js'
+
+const TOKEN_VALID = `${CLEAR_TOKEN_TTL_MS / 1000} s`
 import { CacheError } from '../errors.js'
 import { LimitQuery, Timestamp, authErrors, badRequest } from '../schemas/common.js'
 
@@ -56,7 +59,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
         tags: ['admin'],
         summary: 'Emergency clear, step 1: get a token',
         description:
-          'Issues a random, single-use token, valid for 60 s and bound to the calling key, for ' +
+          `Issues a random, single-use token, valid for ${TOKEN_VALID} and bound to the calling key, for ` +
           '`POST /v1/admin/clear`. The reason goes to the audit log. Rate-limited per key.',
         body: Type.Object(
           { reason: Type.String({ minLength: 1, maxLength: 1024, description: 'why the cache must be wiped, for the audit log' }) },
@@ -64,7 +67,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
         ),
         response: {
           200: Type.Object({
-            token: Type.String({ description: 'send it to POST /v1/admin/clear within 60 s; never logged' }),
+            token: Type.String({ description: `send it to POST /v1/admin/clear within ${TOKEN_VALID}; never logged` }),
             expiresAt: Timestamp,
           }),
           ...badRequest,
@@ -75,7 +78,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
     async (request) => {
       const actor = request.apiKey!.name
       const { token, expiresAt } = tokens.issue(actor, request.body.reason)
-      audit.record({ actor, action: 'clear_token_issued', reason: request.body.reason, outcome: 'succeeded', detail: 'valid 60 s' })
+      audit.record({ actor, action: 'clear_token_issued', reason: request.body.reason, outcome: 'succeeded', detail: `valid ${TOKEN_VALID}` })
       return { token, expiresAt: new Date(expiresAt).toISOString() }
     },
   )
@@ -93,7 +96,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
         summary: 'Emergency clear, step 2: wipe everything',
         description:
           'Drops every entry and voids every outstanding lease, given a token from ' +
-          '`POST /v1/admin/clear-token` issued to the same key in the last 60 s. A missing, wrong, ' +
+          `\`POST /v1/admin/clear-token\` issued to the same key in the last ${TOKEN_VALID}. A missing, wrong, ` +
           'expired, reused or another key\'s token is 403 `clear_token_invalid` and clears nothing. ' +
           'Rate-limited per key; audited either way.',
         // Not required in the schema, so a missing token is the contract's 403, not a 400.
@@ -127,7 +130,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
         summary: 'Recent admin and destructive actions',
         description:
           'The audit log, newest first: clear tokens issued, clears done or refused, stats resets, and ' +
-          `invalidations by prefix, from the admin source, or of at least 100 entries. Each is also logged at warn.`,
+          `invalidations by prefix, from the admin source, or of at least ${AUDIT_BULK_THRESHOLD} entries. Each is also logged at warn.`,
         querystring: LimitQuery,
         response: { 200: Type.Array(AuditRecordView), ...badRequest, ...authErrors },
       },
