@@ -16,7 +16,7 @@ import {
 import { Ring } from './ring.js'
 import {
   SELECTOR_KINDS,
-  SELECTOR_LABEL,
+  selectorLabels,
   type EvictionReason,
   type InvalidationMode,
   type InvalidationRecord,
@@ -419,13 +419,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   #record(record: InvalidationRecord): void {
     const t = this.totals
     t.invalidations++
-    for (const kind of SELECTOR_KINDS) {
-      if (record.selector[kind]?.length) {
-        const label = SELECTOR_LABEL[kind]
-        t.invalidationsBySelector[label] = (t.invalidationsBySelector[label] ?? 0) + 1
-      }
-    }
-    if (record.selector.all) t.invalidationsBySelector.all = (t.invalidationsBySelector.all ?? 0) + 1
+    for (const label of selectorLabels(record.selector)) t.invalidationsBySelector[label] = (t.invalidationsBySelector[label] ?? 0) + 1
     t.invalidationsBySource[record.source] = (t.invalidationsBySource[record.source] ?? 0) + 1
     this.#log.push(record)
     this.#last = record

@@ -44,7 +44,16 @@ export const SELECTOR_LABEL: Record<SelectorKind, string> = {
 }
 
 /** Where an invalidation came from. */
-export type InvalidationSource = 'api' | 'event' | 'postgres' | 'bus' | 'admin' | 'consistency' | 'listener'
+export const INVALIDATION_SOURCES = ['api', 'event', 'postgres', 'bus', 'admin', 'consistency', 'listener'] as const
+export type InvalidationSource = (typeof INVALIDATION_SOURCES)[number]
+
+/** The selector labels of stats and metrics a selector counts under: one per kind it names, and `all`. */
+export function selectorLabels(selector: Selector): string[] {
+  const labels: string[] = []
+  for (const kind of SELECTOR_KINDS) if (selector[kind]?.length) labels.push(SELECTOR_LABEL[kind])
+  if (selector.all) labels.push('all')
+  return labels
+}
 
 /** A lease as a store checks it: the store's epoch and the invalidation sequence when issued. */
 export interface LeaseStamp {

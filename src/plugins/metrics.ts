@@ -5,7 +5,7 @@ import fp from 'fastify-plugin'
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
 import { LatencyHistogram, type LatencyChild } from './latency-histogram.js'
 import type { CacheService } from '../cache/cache-service.js'
-import { SELECTOR_KINDS, SELECTOR_LABEL, type InvalidationRecord } from '../cache/types.js'
+import { INVALIDATION_SOURCES, selectorLabels, type InvalidationRecord } from '../cache/types.js'
 import { CacheError } from '../errors.js'
 import { ErrorBody } from '../schemas/common.js'
 
@@ -20,8 +20,6 @@ export const METRIC_PREFIX = 'cachewarden_'
 /** The `route` label of requests that matched no route: a raw URL would be unbounded. */
 export const UNMATCHED_ROUTE = 'unmatched'
 
-/** Sources that always have a failure series (at 0), so `increase()` sees the first failure. */
-const KNOWN_SOURCES = ['api', 'event', 'postgres', 'bus', 'admin', 'consistency', 'listener']
 
 // A cache hit takes well under a millisecond, so the buckets start far below prom-client's
 // default 5 ms.
@@ -102,10 +100,8 @@ export function registerCacheMetrics(registry: Registry, cache: CacheService): v
     registers,
     collect() {
       this.reset()
-      for (const source of KNOWN_SOURCES) this.inc({ source }, t.invalidationFailures[source] ?? 0)
-      for (const [source, n] of Object.entries(t.invalidationFailures)) {
-        if (!KNOWN_SOURCES.includes(source)) this.inc({ source }, n)
-      }
+      // Every source has a series (at 0 too), so `increase()` sees the first failure.
+      for (const source of INVALIDATION_SOURCES) this.inc({ source }, t.invalidationFailures[source] ?? 0)
     },
   })
 
@@ -162,9 +158,8 @@ export function registerCacheMetrics(registry: Registry, cache: CacheService): v
       invalidations.inc({ selector, source: record.source, mode: record.mode })
       invalidatedEntries.inc({ selector }, record.invalidated)
     }
-    for (const kind of SELECTOR_KINDS) if (record.selector[kind]?.length) count(SELECTOR_LABEL[kind])
-    // Everything at once (the PostgreSQL listener's reconnect policy), as /v1/stats counts it.
-    if (record.selector.all) count('all')
+    // As /v1/stats counts it: under each kind the selector names, `all` for everything at once.
+    for (const label of selectorLabels(record.selector)) count(label)
     lastInvalidation.set(Date.parse(record.at) / 1000)
   })
   // A clear is not an invalidation record, but to a dashboard it is one: of everything.
