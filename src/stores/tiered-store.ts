@@ -407,11 +407,11 @@ export class TieredStore implements Store {
     const errors: Array<{ key: string; error: string }> = []
     const now = this.#now()
     for (const key of keys) {
-      const copy = (await this.#l1.peek(key, now)) as L1Entry | undefined
+      const copy = await this.l1Peek(key, now)
       if (copy === undefined) continue
       try {
         const entry = await this.#l2Get(key, now, false)
-        if (entry === undefined || entry.etag !== copy.real.etag || entry.stale !== copy.stale) differing.push(key)
+        if (entry === undefined || entry.etag !== copy.etag || entry.stale !== copy.stale) differing.push(key)
       } catch {
         errors.push({ key, error: 'Redis is unavailable' })
       }
