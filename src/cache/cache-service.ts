@@ -196,7 +196,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   /** One read of a validated key: a hit (counted, refresh-ahead told), or a miss with its lease. */
   #lookup(key: string, allowStale: boolean, now: number): ReadResult | Promise<ReadResult> {
     const local = this.store.getLocal?.(key, now)
-    if (local !== undefined) return this.#found(key, local, allowStale, now)
+    if (local !== undefined) return this.#found(key, local ?? undefined, allowStale, now) // null: a certain miss
     return this.store.get(key, now).then((entry) => this.#found(key, entry, allowStale, now))
   }
 

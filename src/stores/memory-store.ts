@@ -85,16 +85,16 @@ export class MemoryStore implements Store {
   }
 
   async get(key: string, now: number): Promise<StoredEntry | undefined> {
-    return this.getLocal(key, now)
+    return this.getLocal(key, now) ?? undefined
   }
 
-  /** Every read is local here: `get` without the promise. */
-  getLocal(key: string, now: number): StoredEntry | undefined {
+  /** Every read is local here: `get` without the promise, and a miss is certain (null). */
+  getLocal(key: string, now: number): StoredEntry | null {
     const entry = this.#lru.get(key)
-    if (entry === undefined) return undefined
+    if (entry === undefined) return null
     if (entry.expiresAt <= now) {
       this.#drop(key, 'expire')
-      return undefined
+      return null
     }
     entry.hits++
     entry.lastAccessAt = now

@@ -22,10 +22,11 @@ export interface Store {
 
   /**
    * What `get` would return, when the store can answer from memory without I/O: the hot path
-   * of a hit, with no promise. Undefined means "ask `get`" (a miss, or an entry only a
-   * shared tier holds). Optional: a store without a local tier leaves it out.
+   * of a hit, with no promise. `null` is a miss the store is sure of (nothing anywhere);
+   * `undefined` means "ask `get`" (say, an entry only a shared tier may hold). Optional: a
+   * store without a local tier leaves it out.
    */
-  getLocal?(key: string, now: number): StoredEntry | undefined
+  getLocal?(key: string, now: number): StoredEntry | null | undefined
 
   /** Reads an entry without touching its hit count or recency. */
   peek(key: string, now: number): Promise<StoredEntry | undefined>

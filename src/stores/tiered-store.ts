@@ -479,8 +479,8 @@ export class TieredStore implements Store {
   }
 
   #l1Get(key: string, now: number): StoredEntry | undefined {
-    const copy = this.#l1.getLocal(key, now) as L1Entry | undefined
-    return copy === undefined ? undefined : syncReal(copy)
+    const copy = this.#l1.getLocal(key, now) as L1Entry | null
+    return copy === null ? undefined : syncReal(copy)
   }
 
   #l1Put(entry: StoredEntry, now: number): void {

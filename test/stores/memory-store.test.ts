@@ -1,4 +1,5 @@
 import t from 'tap'
+import { CacheService } from '../../src/cache/cache-service.js'
 import { MemoryStore } from '../../src/stores/memory-store.js'
 import { FakeClock } from '../helpers/build.js'
 import { entry, storeContract } from './store-contract.js'
@@ -53,6 +54,27 @@ t.test('an overwrite with the same user and tags keeps the memberships and moves
   t.equal(await store.get('k', clock.now()), undefined, 'an overwrite too large to keep removes the old entry')
   t.same(await store.userKeys('u'), [], 'and its memberships')
   t.same(await store.tagKeys('t'), [])
+})
+
+t.test('reads through the CacheService answer from getLocal alone, hits and certain misses', async (t) => {
+  const clock = new FakeClock()
+  class Counting extends MemoryStore {
+    gets = 0
+    override async get(key: string, now: number) {
+      this.gets++
+      return super.get(key, now)
+    }
+  }
+  const store = new Counting({ now: clock.now, sweepIntervalMs: 0 })
+  const cache = new CacheService({ store, now: clock.now })
+  t.teardown(() => cache.close())
+  await cache.write('k', { value: 1, ttlMs: 1000 })
+  t.equal((await cache.read('k')).entry?.value, '1')
+  t.equal(store.getLocal('absent', clock.now()), null, 'a miss is certain: null, not "ask get"')
+  t.ok((await cache.read('absent')).lease, 'a miss gets its lease')
+  clock.advance(1000)
+  t.ok((await cache.read('k')).lease, 'an expired entry is a miss')
+  t.equal(store.gets, 0, 'no read went to the async get')
 })
 
 t.test('the sweep drops expired entries eagerly and reports them as expired', async (t) => {
