@@ -1,6 +1,8 @@
-// A server process for bench/http.ts: either the bare Fastify baseline or cachewarden with
-// 100k entries of 200-byte JSON values, auth on. Prints "ready <port>" when listening.
+// A server process for bench/http.ts: the bare Fastify baseline, the naive Fastify + lru-cache
+// service the issue compares with, or cachewarden with 100k entries of 200-byte JSON values,
+// auth on. Prints "ready <port>" when listening.
 import Fastify from 'fastify'
+import { LRUCache } from 'lru-cache'
 import { buildApp } from '../../src/app.js'
 import { parseApiKeys } from '../../src/config.js'
 
@@ -19,6 +21,21 @@ if (mode === 'bare') {
   app.get('/bare/:key', async () => constant)
   // The PUT baseline parses the same JSON body and returns a constant, as a bare write route would.
   app.put('/bare/:key', async () => constant)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  console.log(`ready ${(app.server.address() as { port: number }).port}`)
+} else if (mode === 'naive') {
+  // What a team writes in an afternoon: no auth, no validation, no indexes, no etags.
+  const app = Fastify()
+  const lru = new LRUCache<string, object>({ max: entries * 2, ttl: 3_600_000 })
+  for (let i = 0; i < entries; i++) lru.set(`user:${i}:dashboard`, value(i))
+  app.get<{ Params: { key: string } }>('/naive/:key', async (request, reply) => {
+    const value = lru.get(request.params.key)
+    return value === undefined ? reply.code(404).send({ error: 'not_found' }) : { key: request.params.key, value }
+  })
+  app.put<{ Params: { key: string }; Body: { value: object; ttlMs?: number } }>('/naive/:key', async (request) => {
+    lru.set(request.params.key, request.body.value, { ttl: request.body.ttlMs })
+    return { key: request.params.key }
+  })
   await app.listen({ port: 0, host: '127.0.0.1' })
   console.log(`ready ${(app.server.address() as { port: number }).port}`)
 } else {
