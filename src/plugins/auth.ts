@@ -21,8 +21,8 @@ const digest = (secret: string) => hash('sha256', secret, 'base64')
 /** Most Authorization headers remembered as valid (clients send the same few over and over). */
 const MAX_KNOWN_HEADERS = 256
 
-/** Most client IPs remembered as blocked at once (a flood of spoofed sources cannot grow it). */
-const MAX_BLOCKED_IPS = 10_000
+/** Most client IPs whose failures are counted at once (a flood of spoofed sources cannot grow it). */
+const MAX_TRACKED_IPS = 10_000
 
 export interface AuthOptions {
   keys: ApiKey[]
@@ -41,15 +41,11 @@ export default fp(
     for (const key of opts.keys) byDigest.set(digest(key.secret), key)
     app.decorateRequest('apiKey', undefined)
 
-    const limit = opts.failureLimit
-    // Failures are counted by @fastify/rate-limit; an IP that used up its window is remembered
-    // here until the window ends, and refused before its key is even looked at, so a guesser
-    // cannot tell a right secret from a wrong one once blocked.
-    const countFailure =
-      limit && limit.max > 0
-        ? app.createRateLimit({ max: limit.max, timeWindow: limit.windowMs, keyGenerator: (r) => r.ip })
-        : undefined
-    const blocked = new LRUCache<string, true>({ max: MAX_BLOCKED_IPS, ttl: limit?.windowMs || 1 })
+    // Failed authentications per client IP, in a window that starts with the first failure.
+    // An IP with `max` of them is refused until its window ends, before its key is even
+    // looked at, so a guesser cannot tell a right secret from a wrong one once blocked.
+    const limit = opts.failureLimit !== undefined && opts.failureLimit.max > 0 ? opts.failureLimit : undefined
+    const failures = limit && new LRUCache<string, { count: number }>({ max: MAX_TRACKED_IPS, ttl: limit.windowMs })
 
     // Each route with a scope gets its own onRequest hook, first in its list, with the scope
     // closed over: no per-request route lookup. A callback hook, not an async one: the common
@@ -64,23 +60,15 @@ export default fp(
 
     function checker(scope: Scope) {
       return (request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void) => {
-        if (countFailure !== undefined && blocked.size > 0 && blocked.has(request.ip)) {
-          const retryAfterS = Math.max(1, Math.ceil(blocked.getRemainingTTL(request.ip) / 1000))
+        if (failures !== undefined && failures.size > 0 && (failures.get(request.ip)?.count ?? 0) >= limit!.max) {
+          const retryAfterS = Math.max(1, Math.ceil(failures.getRemainingTTL(request.ip) / 1000))
           reply.header('retry-after', retryAfterS)
           return done(rateLimited(`${retryAfterS} seconds (too many failed authentications from this address)`))
         }
         const key = authenticate(request.headers.authorization)
         if (key === undefined) {
-          const unauthorized = new CacheError('unauthorized', 'a valid bearer key is required: Authorization: Bearer <secret>')
-          if (countFailure === undefined) return done(unauthorized)
-          countFailure(request).then((state) => {
-            if (!state.isAllowed && state.remaining === 0 && !blocked.has(request.ip)) {
-              blocked.set(request.ip, true, { ttl: Math.max(1, state.ttl) })
-              request.log.warn({ ip: request.ip, failures: limit!.max, blockedMs: state.ttl }, 'too many failed authentications; address blocked')
-            }
-            done(unauthorized)
-          }, done)
-          return
+          if (failures !== undefined) countFailure(failures, limit!.max, request)
+          return done(new CacheError('unauthorized', 'a valid bearer key is required: Authorization: Bearer <secret>'))
         }
         request.apiKey = key
         if (!key.scopes.has(scope) && !key.scopes.has('admin')) {
@@ -113,3 +101,14 @@ export default fp(
   },
   { name: 'cachewarden-auth' },
 )
+
+/** Counts a failed authentication against the client's IP; the `max`-th blocks it (logged once). */
+function countFailure(failures: LRUCache<string, { count: number }>, max: number, request: FastifyRequest): void {
+  const seen = failures.get(request.ip)
+  // Counted in place: the window (the TTL) runs from the first failure, not the latest.
+  const count = seen === undefined ? 1 : ++seen.count
+  if (seen === undefined) failures.set(request.ip, { count })
+  if (count === max) {
+    request.log.warn({ ip: request.ip, failures: max, blockedMs: failures.getRemainingTTL(request.ip) }, 'too many failed authentications; address blocked')
+  }
+}

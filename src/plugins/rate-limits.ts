@@ -12,9 +12,8 @@ const keyOrIp = (request: FastifyRequest) =>
 /**
  * Registers @fastify/rate-limit. Routes opt in with `config.rateLimit` (the emergency clear
  * does); `RATE_LIMIT_MAX` > 0 also limits every authenticated route per key, which is off
- * by default so the entry hot paths pay nothing. The auth plugin, registered after this
- * one, uses `createRateLimit` for its per-IP failure limit; the route hooks run after auth,
- * so they see `request.apiKey`.
+ * by default so the entry hot paths pay nothing. The route hooks run after auth's, so they
+ * see `request.apiKey`. (Failed authentications are counted by the auth plugin itself.)
  */
 export default fp(
   async function rateLimits(app: FastifyInstance, opts: { security: SecurityConfig }) {

@@ -37,6 +37,16 @@ t.test('the block ends with the window', async (t) => {
   t.equal((await get(app, 'k')).statusCode, 200)
 })
 
+t.test('failures further apart than the window never add up to a block', async (t) => {
+  const app = await build(t, { security: { ...DEFAULT_SECURITY, authFailureLimitMax: 2, authFailureWindowMs: 300 } })
+  await put(app, 'k', { value: 1 })
+  for (let i = 0; i < 3; i++) {
+    t.equal((await app.inject({ method: 'GET', url: '/v1/entries/k', headers: bad })).statusCode, 401)
+    t.equal((await get(app, 'k')).statusCode, 200, `after failure ${i + 1}, the right key still reads`)
+    await new Promise((resolve) => setTimeout(resolve, 400))
+  }
+})
+
 t.test('successful requests do not count towards the failure limit', async (t) => {
   const app = await build(t, { security: { ...DEFAULT_SECURITY, authFailureLimitMax: 2 } })
   await put(app, 'k', { value: 1 })
