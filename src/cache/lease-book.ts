@@ -50,6 +50,20 @@ export class LeaseBook {
     return seq
   }
 
+  /**
+   * Stamps the keys an invalidation reached through a user or tag index, so a lease on one
+   * of them is refused even when its write names neither (DESIGN.md section 4: "any
+   * invalidation touching the key"). More keys than the book holds would push out every
+   * other stamp anyway: then the floor rises to `seq` instead, refusing every older lease.
+   */
+  touch(keys: ReadonlySet<string>, seq: number): void {
+    if (keys.size > this.#maxScopes) {
+      if (seq > this.#floor) this.#floor = seq
+      return
+    }
+    for (const key of keys) this.#stampScope(`k\u0000${key}`, seq)
+  }
+
   /** A clear voids every lease issued before it. */
   recordClear(): number {
     this.#clearSeq = ++this.#seq

@@ -135,25 +135,25 @@ export class MemoryStore implements Store {
     return 'ok'
   }
 
-  async invalidate(selector: Selector, mode: InvalidationMode, now: number): Promise<number> {
+  async invalidate(selector: Selector, mode: InvalidationMode, _now: number): Promise<number> {
     // Stamp first: from here on, leases issued before this invalidation are refused, even
     // while a long prefix scan is still running.
-    this.#leases.record(selector)
+    const seq = this.#leases.record(selector)
     let count = 0
     const apply = (key: string) => {
       if (this.#apply(key, mode)) count++
     }
+    // The keys a user or tag reaches are stamped too: a lease on one of them is refused
+    // even if the write that follows names another user or no tags.
+    const applyAll = (keys: Members | undefined) => {
+      if (keys === undefined) return
+      this.#leases.touch(keys, seq)
+      for (const key of [...keys]) apply(key)
+    }
     for (const key of selector.keys ?? []) apply(key)
-    for (const userId of selector.userIds ?? []) {
-      const keys = this.#users.get(userId)
-      if (keys) for (const key of [...keys]) apply(key)
-    }
-    for (const tag of selector.tags ?? []) {
-      const keys = this.#tags.get(tag)
-      if (keys) for (const key of [...keys]) apply(key)
-    }
+    for (const userId of selector.userIds ?? []) applyAll(this.#users.get(userId))
+    for (const tag of selector.tags ?? []) applyAll(this.#tags.get(tag))
     if (selector.prefixes?.length) count += await this.#invalidatePrefixes(selector.prefixes, mode)
-    void now
     return count
   }
 

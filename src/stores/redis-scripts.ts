@@ -165,6 +165,7 @@ return {1, evicted}
 /**
  * invalidate(selectorJson, mode, stamp 1|0, maxScopes, maxPrefixes, channel, message|'')
  * -> {count, generation} (the generation a prefix scan then walks). Stamps every scope (keys, users, tags, prefixes) with a new sequence,
+ * and every key a user or tag reaches (a lease on it is refused whatever its write names),
  * then applies keys, users and tags through the indexes: O(matched entries). Prefixes are
  * scanned outside Lua in batches, which call this again with stamp=0 and the found keys.
  */
@@ -172,15 +173,26 @@ const INVALIDATE = `${PRELUDE}
 local sel = cjson.decode(ARGV[1])
 local mode = ARGV[2]
 local seq = 0
+local st = base .. 'st'
+local maxScopes = tonumber(ARGV[4])
 if ARGV[3] == '1' then
   seq = redis.call('INCR', base .. 'seq')
-  local st = base .. 'st'
   for _, k in ipairs(sel.keys or {}) do redis.call('ZADD', st, seq, 'k\\0' .. k) end
   for _, u in ipairs(sel.userIds or {}) do redis.call('ZADD', st, seq, 'u\\0' .. u) end
   for _, t in ipairs(sel.tags or {}) do redis.call('ZADD', st, seq, 't\\0' .. t) end
-  trim(st, tonumber(ARGV[4]))
   for _, p in ipairs(sel.prefixes or {}) do redis.call('ZADD', base .. 'px', seq, p) end
   trim(base .. 'px', tonumber(ARGV[5]))
+end
+
+-- The keys of a user or tag: stamped (more than the bound holds raise the floor instead,
+-- refusing every older lease), then applied.
+local function touch(members)
+  if seq == 0 then return end
+  if #members > maxScopes then
+    if seq > tonumber(redis.call('GET', base .. 'floor') or '0') then redis.call('SET', base .. 'floor', seq) end
+    return
+  end
+  for _, k in ipairs(members) do redis.call('ZADD', st, seq, 'k\\0' .. k) end
 end
 
 local count = 0
@@ -201,17 +213,22 @@ end
 for _, k in ipairs(sel.keys or {}) do apply(k) end
 for _, u in ipairs(sel.userIds or {}) do
   local idx = ukey(u)
-  for _, k in ipairs(redis.call('SMEMBERS', idx)) do
+  local members = redis.call('SMEMBERS', idx)
+  touch(members)
+  for _, k in ipairs(members) do
     -- A member whose hash Redis expired on its own is an orphan: forget it here.
     if not apply(k) then redis.call('SREM', idx, k) end
   end
 end
 for _, t in ipairs(sel.tags or {}) do
   local idx = tkey(t)
-  for _, k in ipairs(redis.call('SMEMBERS', idx)) do
+  local members = redis.call('SMEMBERS', idx)
+  touch(members)
+  for _, k in ipairs(members) do
     if not apply(k) then redis.call('SREM', idx, k) end
   end
 end
+if seq > 0 then trim(st, maxScopes) end
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
 return {count, gen}
 `

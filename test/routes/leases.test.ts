@@ -130,6 +130,23 @@ t.test('a lease from another process (another epoch) or a forged sequence is ref
   t.equal((await putWith(app, 'k', { value: 1, lease: `${epoch}.zzz.${hash}` })).statusCode, 409)
 })
 
+t.test('a user or tag invalidation that reached the key voids its lease, even if the write names neither', async (t) => {
+  const app = await build(t)
+  for (const [by, body, invalidate] of [
+    ['tag', { tags: ['report:9'] }, '/v1/tags/report%3A9/entries'],
+    ['user', { userId: 'u9' }, '/v1/users/u9/entries'],
+  ] as const) {
+    const key = `fk:${by}`
+    await putWith(app, key, { value: 1, ...body })
+    await call(app, { method: 'DELETE', url: `${invalidate}?mode=stale` })
+    const { lease } = await miss(app, key) // the stale entry is a miss: a filler gets a lease
+    t.equal((await call(app, { method: 'DELETE', url: invalidate })).json().invalidated, 1, `the ${by} invalidation deleted it`)
+    const res = await putWith(app, key, { value: 'read before the invalidation', lease })
+    t.equal(res.statusCode, 409, `${by}: the invalidation touched the key after the lease`)
+    t.equal(res.json().error, 'lease_invalidated')
+  }
+})
+
 t.test('forgotten lease bookkeeping refuses rather than risk a stale write', async (t) => {
   const store = new MemoryStore({ maxLeaseScopes: 2, maxLeasePrefixes: 1, sweepIntervalMs: 0 })
   const app = await build(t, {}, { store })

@@ -77,6 +77,16 @@ t.test('reads through the CacheService answer from getLocal alone, hits and cert
   t.equal(store.gets, 0, 'no read went to the async get')
 })
 
+t.test('a user reaching more keys than the lease book holds refuses every older lease', async (t) => {
+  const clock = new FakeClock()
+  const store = new MemoryStore({ maxLeaseScopes: 2, now: clock.now, sweepIntervalMs: 0 })
+  for (const key of ['a', 'b', 'c']) await store.set(entry(clock, key, { userId: 'u' }))
+  const lease = await store.leaseStamp()
+  await store.invalidate({ userIds: ['u'] }, 'delete', clock.now())
+  t.equal(await store.set(entry(clock, 'unrelated'), lease), 'lease_invalidated', 'errs towards refusing')
+  t.equal(await store.set(entry(clock, 'unrelated'), await store.leaseStamp()), 'ok', 'a newer lease writes')
+})
+
 t.test('the sweep drops expired entries eagerly and reports them as expired', async (t) => {
   const clock = new FakeClock()
   const store = new MemoryStore({ now: clock.now, sweepIntervalMs: 0 })

@@ -178,6 +178,21 @@ export function storeContract(t: Test, name: string, factory: StoreFactory): voi
       })
     }
 
+    for (const [scope, selector] of [['user', { userIds: ['u1'] }], ['tag', { tags: ['t1'] }]] as const) {
+      for (const mode of ['delete', 'stale'] as const) {
+        t.test(`an invalidation by ${scope} (${mode}) voids a lease on a key it reached, whatever the write names`, async (t) => {
+          const { store, clock } = await open(t)
+          await store.set(entry(clock, 'a', { userId: 'u1', tags: ['t1'] }))
+          await store.invalidate({ keys: ['a'] }, 'stale', clock.now()) // a reader's miss gets a lease now
+          const lease = await store.leaseStamp()
+          await store.invalidate(selector, mode, clock.now())
+          t.equal(await store.set(entry(clock, 'a', { userId: 'u2' }), lease), 'lease_invalidated', 'another user, no tags')
+          t.equal(await store.set(entry(clock, 'a'), lease), 'lease_invalidated', 'no user, no tags')
+          t.equal(await store.set(entry(clock, 'b'), lease), 'ok', 'a key it did not reach still writes')
+        })
+      }
+    }
+
     t.test('an invalidation of another scope leaves a lease valid', async (t) => {
       const { store, clock } = await open(t)
       const lease = await store.leaseStamp()

@@ -135,6 +135,17 @@ if (requireRedisServer(t)) {
     t.equal(await store.set(entry(clock, 'unrelated'), await store.leaseStamp()), 'ok')
   })
 
+  t.test('a tag reaching more keys than the lease bound refuses every older lease', async (t) => {
+    const clock = new FakeClock()
+    const store = await open(clock, { maxLeaseScopes: 2 })
+    t.teardown(() => store.close())
+    for (const key of ['a', 'b', 'c']) await store.set(entry(clock, key, { tags: ['t'] }))
+    const lease = await store.leaseStamp()
+    await store.invalidate({ tags: ['t'] }, 'stale', clock.now())
+    t.equal(await store.set(entry(clock, 'unrelated'), lease), 'lease_invalidated', 'errs towards refusing')
+    t.equal(await store.set(entry(clock, 'unrelated'), await store.leaseStamp()), 'ok', 'a newer lease writes')
+  })
+
   t.test('a prefix invalidation scans in batches and matches glob characters literally', async (t) => {
     const clock = new FakeClock()
     const store = await open(clock)
