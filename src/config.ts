@@ -72,7 +72,7 @@ export interface SecurityConfig {
 export const DEFAULT_SECURITY: SecurityConfig = {
   clearRateLimitMax: 5,
   clearRateLimitWindowMs: 60_000,
-  authFailureLimitMax: 20,
+  authFailureLimitMax: 100,
   authFailureWindowMs: 60_000,
   rateLimitMax: 0,
   rateLimitWindowMs: 60_000,

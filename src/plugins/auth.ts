@@ -26,7 +26,7 @@ const MAX_TRACKED_IPS = 10_000
 
 export interface AuthOptions {
   keys: ApiKey[]
-  /** After `max` 401s from one IP within `windowMs`, that IP gets 429 for the rest of the window; max 0 is off. */
+  /** After `max` wrong credentials from one IP within `windowMs`, that IP gets 429 for the rest of the window; max 0 is off. */
   failureLimit?: { max: number; windowMs: number }
 }
 
@@ -67,7 +67,8 @@ export default fp(
         }
         const key = authenticate(request.headers.authorization)
         if (key === undefined) {
-          if (failures !== undefined) countFailure(failures, limit!.max, request)
+          // Only a credential that was tried and wrong counts: a request with none guesses nothing.
+          if (failures !== undefined && request.headers.authorization !== undefined) countFailure(failures, limit!.max, request)
           return done(new CacheError('unauthorized', 'a valid bearer key is required: Authorization: Bearer <secret>'))
         }
         request.apiKey = key

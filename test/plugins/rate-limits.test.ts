@@ -47,6 +47,15 @@ t.test('failures further apart than the window never add up to a block', async (
   }
 })
 
+t.test('requests without credentials are not counted as failures', async (t) => {
+  const app = await build(t, { security: { ...DEFAULT_SECURITY, authFailureLimitMax: 2 } })
+  await put(app, 'k', { value: 1 })
+  for (let i = 0; i < 10; i++) t.equal((await app.inject({ method: 'GET', url: '/v1/entries/k' })).statusCode, 401)
+  t.equal((await get(app, 'k')).statusCode, 200, 'the address is not blocked')
+  for (let i = 0; i < 2; i++) await app.inject({ method: 'GET', url: '/v1/entries/k', headers: { authorization: 'Basic eDp5' } })
+  t.equal((await get(app, 'k')).statusCode, 429, 'any wrong Authorization header counts, not only bearer ones')
+})
+
 t.test('successful requests do not count towards the failure limit', async (t) => {
   const app = await build(t, { security: { ...DEFAULT_SECURITY, authFailureLimitMax: 2 } })
   await put(app, 'k', { value: 1 })
