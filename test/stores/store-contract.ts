@@ -178,7 +178,8 @@ export function storeContract(t: Test, name: string, factory: StoreFactory): voi
       })
     }
 
-    for (const [scope, selector] of [['user', { userIds: ['u1'] }], ['tag', { tags: ['t1'] }]] as const) {
+    const reachers: Array<[string, Selector]> = [['user', { userIds: ['u1'] }], ['tag', { tags: ['t1'] }]]
+    for (const [scope, selector] of reachers) {
       for (const mode of ['delete', 'stale'] as const) {
         t.test(`an invalidation by ${scope} (${mode}) voids a lease on a key it reached, whatever the write names`, async (t) => {
           const { store, clock } = await open(t)
