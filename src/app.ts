@@ -80,6 +80,14 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     },
   })
   app.setValidatorCompiler(validatorCompiler())
+  // Some clients send `content-type: application/json` on every request, bodiless DELETEs
+  // included. An empty JSON body is no body: routes without one go ahead, and routes that
+  // need one refuse it through their schema (400 invalid_request either way).
+  const parseJson = app.getDefaultJsonParser('error', 'error')
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
+    if (body.length === 0) done(null, undefined)
+    else parseJson(request, body as string, done)
+  })
 
   const now = options.now ?? Date.now
   const bounds = { maxEntries: config.maxEntries, maxBytes: config.maxBytes, now }

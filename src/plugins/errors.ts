@@ -54,8 +54,6 @@ function clientMessage(error: FastifyError): string {
   switch (error.code) {
     case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
       return 'the body must be application/json'
-    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
-      return 'the JSON body is empty'
     case 'FST_ERR_CTP_INVALID_JSON_BODY':
       // Prototype poisoning lands here too: the JSON parser refuses both the same way.
       return 'the body is not valid JSON, or has a forbidden "__proto__" or "constructor.prototype" key'

@@ -39,6 +39,8 @@ const cases: Case[] = [
   { name: 'body not JSON', method: 'PUT', url: '/v1/entries/k', payload: '{"value": ', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request' },
   { name: 'body not an object', method: 'PUT', url: '/v1/entries/k', payload: '[1,2]', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request' },
   { name: 'body with __proto__', method: 'PUT', url: '/v1/entries/k', payload: '{"value":{"__proto__":{"admin":true}}}', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request' },
+  { name: 'an empty JSON body on a PUT', method: 'PUT', url: '/v1/entries/k', payload: '', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request', message: /body/ },
+  { name: 'an empty JSON body on batch-get', method: 'POST', url: '/v1/entries/batch-get', payload: '', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request', message: /body/ },
   { name: 'wrong content type', method: 'PUT', url: '/v1/entries/k', payload: 'value=1', headers: { 'content-type': 'text/plain' }, status: 400, error: 'invalid_request' },
   { name: 'a malformed lease', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, lease: 'not-a-lease' }, status: 400, error: 'invalid_request', message: /lease/ },
   { name: 'allowStale not a boolean', method: 'GET', url: '/v1/entries/k?allowStale=maybe', status: 400, error: 'invalid_request', message: /allowStale/ },
@@ -75,6 +77,23 @@ t.test('a key of exactly 512 bytes and a value 64 deep are accepted', async (t) 
   const key = 'é'.repeat(256) // 512 bytes of UTF-8
   t.equal((await call(app, { method: 'PUT', url: `/v1/entries/${encodeURIComponent(key)}`, payload: { value: deep(63) } })).statusCode, 200)
   t.equal((await call(app, { method: 'GET', url: `/v1/entries/${encodeURIComponent(key)}` })).statusCode, 200)
+})
+
+t.test('routes without a body take an empty one sent as JSON (clients that always send the header)', async (t) => {
+  const app = await build(t)
+  const json = { 'content-type': 'application/json' }
+  await call(app, { method: 'PUT', url: '/v1/entries/k', payload: { value: 1, userId: 'u' } })
+  for (const [method, url] of [
+    ['GET', '/v1/entries/k'],
+    ['DELETE', '/v1/entries/k'],
+    ['DELETE', '/v1/users/u/entries'],
+    ['DELETE', '/v1/tags/t/entries'],
+    ['POST', '/v1/stats/reset'],
+    ['GET', '/v1/stats'],
+  ] as const) {
+    const res = await call(app, { method, url, headers: json, payload: '' })
+    t.equal(res.statusCode, 200, `${method} ${url} (${res.body.slice(0, 100)})`)
+  }
 })
 
 t.test('an error never leaks a stack trace', async (t) => {
