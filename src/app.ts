@@ -1,3 +1,5 @@
+import { STATUS_CODES } from 'node:http'
+import type { Duplex } from 'node:stream'
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
 import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify'
@@ -10,7 +12,6 @@ import health from './plugins/health.js'
 import metrics from './plugins/metrics.js'
 import swaggerDocs from './plugins/swagger.js'
 import origins from './plugins/origins.js'
-
 import rateLimits from './plugins/rate-limits.js'
 import adminRoutes from './routes/admin.js'
 import debugRoutes from './routes/debug.js'
@@ -78,6 +79,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
           : 'the URL is not valid (bad percent-encoding)'
       ;(reply as FastifyReply).code(400).send({ error: 'invalid_request', message })
     },
+    clientErrorHandler: clientError,
   })
   app.setValidatorCompiler(validatorCompiler())
   // Some clients send `content-type: application/json` on every request, bodiless DELETEs
@@ -160,4 +162,25 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   await app.register(adminRoutes)
   await app.register(streamRoutes)
   return app
+}
+
+/**
+ * What Node's HTTP parser refuses before Fastify sees a request (a URL or headers over
+ * 16 KiB, malformed framing, a request that never finished) still gets the contract's
+ * `{error, message}`: 400 `invalid_request`, or 408 for a timeout. The connection then closes.
+ */
+function clientError(this: FastifyInstance, error: Error & { code?: string }, socket: Duplex): void {
+  if (error.code === 'ECONNRESET' || socket.destroyed) return
+  const [status, message] =
+    error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? [408, 'the request did not arrive in time']
+    : error.code === 'HPE_HEADER_OVERFLOW' ? [400, 'the URL and headers are larger than the server accepts (16 KiB; keys: 512 bytes)']
+    : [400, 'the request is not valid HTTP']
+  const body = JSON.stringify({ error: 'invalid_request', message })
+  this.log.debug({ err: error }, 'client error')
+  if (socket.writable) {
+    socket.write(
+      `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Length: ${body.length}\r\nContent-Type: application/json; charset=utf-8\r\nConnection: close\r\n\r\n${body}`,
+    )
+  }
+  socket.destroy(error)
 }
