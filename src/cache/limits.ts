@@ -80,8 +80,11 @@ export function checkTtl(ttlMs: unknown, limits: Limits, field = 'ttlMs'): numbe
 /** Serializes a value, enforcing the depth and size limits. */
 export function serializeValue(value: unknown, limits: Limits, field = 'value'): string {
   if (value === undefined) throw invalidRequest(`${field} is required`)
-  if (depthExceeds(value, limits.maxValueDepth)) {
-    throw invalidRequest(`${field} is nested deeper than ${limits.maxValueDepth} levels`)
+  const problem = walk(value, limits.maxValueDepth)
+  if (problem === DEEP) throw invalidRequest(`${field} is nested deeper than ${limits.maxValueDepth} levels`)
+  if (problem === OVERFLOW) {
+    // JSON.parse reads 1e400 as Infinity, which JSON.stringify would store as null.
+    throw invalidRequest(`${field} holds a number too large to store (JSON cannot represent Infinity)`)
   }
   const json = JSON.stringify(value)
   if (json.length > limits.maxValueBytes || (json.length * 3 > limits.maxValueBytes && Buffer.byteLength(json) > limits.maxValueBytes)) {
@@ -125,16 +128,26 @@ export function checkSelector(selector: Selector, limits: Limits): Selector {
   return out
 }
 
-function depthExceeds(value: unknown, maxDepth: number): boolean {
+const OK = 0
+const DEEP = 1
+const OVERFLOW = 2
+
+/** What would keep a value from round-tripping: nesting past `maxDepth`, or a non-finite number. */
+function walk(value: unknown, maxDepth: number): number {
   // Recursion stops at maxDepth + 1 levels, so a hostile value cannot overflow the stack.
-  if (value === null || typeof value !== 'object') return false
-  if (maxDepth <= 0) return true
+  if (typeof value === 'number') return Number.isFinite(value) ? OK : OVERFLOW
+  if (value === null || typeof value !== 'object') return OK
+  if (maxDepth <= 0) return DEEP
   if (Array.isArray(value)) {
-    for (let i = 0; i < value.length; i++) if (depthExceeds(value[i], maxDepth - 1)) return true
-    return false
+    for (let i = 0; i < value.length; i++) {
+      const problem = walk(value[i], maxDepth - 1)
+      if (problem !== OK) return problem
+    }
+    return OK
   }
   for (const key in value) {
-    if (depthExceeds((value as Record<string, unknown>)[key], maxDepth - 1)) return true
+    const problem = walk((value as Record<string, unknown>)[key], maxDepth - 1)
+    if (problem !== OK) return problem
   }
-  return false
+  return OK
 }

@@ -30,6 +30,8 @@ const cases: Case[] = [
   { name: 'too many tags', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, tags: Array.from({ length: 33 }, (_, i) => `t${i}`) }, status: 400, error: 'invalid_request', message: /tags/ },
   { name: 'a tag over 128 bytes', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, tags: ['x'.repeat(129)] }, status: 400, error: 'invalid_request', message: /tags\[0\]/ },
   { name: 'an empty tag', method: 'PUT', url: '/v1/entries/k', payload: { value: 1, tags: [''] }, status: 400, error: 'invalid_request', message: /tags\[0\]/ },
+  { name: 'a number JSON.parse reads as Infinity', method: 'PUT', url: '/v1/entries/k', payload: '{"value":{"n":[1e400]}}', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request', message: /value/ },
+  { name: 'a negative one', method: 'PUT', url: '/v1/entries/k', payload: '{"value":-1e400}', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request', message: /value/ },
   { name: 'value nested 65 deep', method: 'PUT', url: '/v1/entries/k', payload: { value: deep(65) }, status: 400, error: 'invalid_request', message: /value/ },
   { name: 'key over 512 bytes', method: 'PUT', url: `/v1/entries/${'k'.repeat(513)}`, payload: { value: 1 }, status: 400, error: 'invalid_request', message: /key/ },
   { name: 'key with a control character', method: 'PUT', url: '/v1/entries/a%00b', payload: { value: 1 }, status: 400, error: 'invalid_request', message: /key/ },
