@@ -103,6 +103,17 @@ export function bareEtag(etag: string): string {
   return etag.trim().replace(/^W\//, '').replace(/^"(.*)"$/, '$1')
 }
 
+/**
+ * The largest JSON body a list request within the limits can need (batch-get's keys, a
+ * selector's lists): every name at its byte limit with each byte escaped as `\u00XX` (six
+ * characters, which JSON allows), quotes and commas, and 64 KiB for the rest. Routes that
+ * take such lists accept at least this, so a valid request never meets the body limit first.
+ */
+export function listBodyBytes(limits: Limits, kinds: ReadonlyArray<'keys' | 'userIds' | 'tags' | 'prefixes'>): number {
+  const max = { keys: limits.maxKeyBytes, userIds: limits.maxUserIdBytes, tags: limits.maxTagBytes, prefixes: limits.maxPrefixBytes }
+  return kinds.reduce((sum, kind) => sum + limits.maxBatch * (6 * max[kind] + 3), 64 * 1024)
+}
+
 /** Checks a selector: at least one list, each within the batch limit, every name valid. */
 export function checkSelector(selector: Selector, limits: Limits): Selector {
   const out: Selector = {}

@@ -4,7 +4,7 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { JSON_TYPE, renderBatch, renderEntry, renderWrite } from '../cache/render.js'
 import type { ReadResult, WriteInput } from '../cache/cache-service.js'
 import { CacheError, truncate } from '../errors.js'
-import { bareEtag } from '../cache/limits.js'
+import { bareEtag, listBodyBytes } from '../cache/limits.js'
 import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, leaseConflict, tooLarge } from '../schemas/common.js'
 import {
   BatchGetBody,
@@ -129,6 +129,7 @@ export default async function entryRoutes(fastify: FastifyInstance) {
     '/v1/entries/batch-get',
     {
       config: { scope: 'read' },
+      bodyLimit: Math.max(app.config.bodyLimitBytes, listBodyBytes(cache.limits, ['keys'])),
       schema: {
         tags: ['entries'],
         summary: 'Read many entries',

@@ -3,6 +3,8 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
 import { InvalidationResult, ModeQuery, authErrors, badRequest } from '../schemas/common.js'
 import { SelectorBody } from '../schemas/invalidations.js'
+import { listBodyBytes } from '../cache/limits.js'
+import { SELECTOR_KINDS } from '../cache/types.js'
 
 export { SelectorBody }
 
@@ -15,6 +17,7 @@ export default async function invalidationRoutes(fastify: FastifyInstance) {
     '/v1/invalidations',
     {
       ...common,
+      bodyLimit: Math.max(app.config.bodyLimitBytes, listBodyBytes(cache.limits, SELECTOR_KINDS)),
       schema: {
         tags: ['invalidation'],
         summary: 'Invalidate by selector',

@@ -11,10 +11,11 @@ const putKey = (key: string) => `/v1/entries/${encodeURIComponent(key)}`
 t.test('bodies over the body limit are 413 payload_too_large on every JSON route', async (t) => {
   const app = await build(t)
   const big = 'x'.repeat(2 * MiB)
+  const huge = 'x'.repeat(16 * MiB) // past the list routes' larger limits (see the next test)
   for (const [method, url, payload] of [
     ['PUT', '/v1/entries/k', { value: big }],
-    ['POST', '/v1/invalidations', { keys: [big] }],
-    ['POST', '/v1/entries/batch-get', { keys: [big] }],
+    ['POST', '/v1/invalidations', { keys: [huge] }],
+    ['POST', '/v1/entries/batch-get', { keys: [huge] }],
     ['POST', '/v1/admin/clear-token', { reason: big }],
   ] as const) {
     const res = await call(app, { method, url, payload })
@@ -24,6 +25,26 @@ t.test('bodies over the body limit are 413 payload_too_large on every JSON route
   const batch = await call(app, { method: 'POST', url: '/v1/entries/batch-set', payload: { entries: [{ key: 'b', value: 'x'.repeat(40 * MiB) }] } })
   t.equal(batch.statusCode, 413, 'batch-set has its own, larger limit')
   t.equal(batch.json().error, 'payload_too_large')
+})
+
+t.test('lists at every limit fit their route\'s body limit, even with every character escaped', async (t) => {
+  const app = await build(t)
+  // JSON may write any character as \u00XX: six bytes of body per byte of name.
+  const escaped = (prefix: string, i: number, bytes: number) =>
+    `"${[...`${prefix}${i}:`.padEnd(bytes, 'x')].map((c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join('')}"`
+  const list = (prefix: string, bytes: number) => `[${Array.from({ length: 1000 }, (_, i) => escaped(prefix, i, bytes)).join(',')}]`
+  const json = { 'content-type': 'application/json' }
+
+  const keys = `{"keys":${list('k', 512)}}`
+  t.ok(keys.length > 3 * MiB - 100_000, `batch-get body of ${keys.length} bytes`)
+  const got = await call(app, { method: 'POST', url: '/v1/entries/batch-get', headers: json, payload: keys })
+  t.equal(got.statusCode, 200, 'batch-get of 1000 keys of 512 bytes')
+  t.equal(got.json().missing.length, 1000)
+  t.equal(got.json().missing[0].length, 512, 'the escapes decoded to the key')
+
+  const selector = `{"keys":${list('k', 512)},"userIds":${list('u', 128)},"tags":${list('t', 128)},"prefixes":${list('p', 512)}}`
+  const inv = await call(app, { method: 'POST', url: '/v1/invalidations', headers: json, payload: selector })
+  t.equal(inv.statusCode, 200, `a selector with all four lists full (${selector.length} bytes)`)
 })
 
 t.test('a value over 1 MiB serialized is 413 value_too_large; exactly 1 MiB is stored', async (t) => {
