@@ -4,7 +4,7 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { JSON_TYPE, renderBatch, renderEntry, renderWrite } from '../cache/render.js'
 import type { ReadResult, WriteInput } from '../cache/cache-service.js'
 import { CacheError, truncate } from '../errors.js'
-import { bareEtag, listBodyBytes } from '../cache/limits.js'
+import { bareEtag, checkKey, listBodyBytes } from '../cache/limits.js'
 import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, leaseConflict, tooLarge } from '../schemas/common.js'
 import {
   BatchGetBody,
@@ -120,7 +120,7 @@ export default async function entryRoutes(fastify: FastifyInstance) {
     },
     async (request) =>
       cache.invalidate(
-        { keys: [request.params.key] },
+        { keys: [checkKey(request.params.key, cache.limits)] }, // named `key` if bad, not keys[0]
         { mode: request.query.mode, source: 'api', actor: request.apiKey?.name },
       ),
   )

@@ -3,7 +3,7 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
 import { InvalidationResult, ModeQuery, authErrors, badRequest } from '../schemas/common.js'
 import { SelectorBody } from '../schemas/invalidations.js'
-import { listBodyBytes } from '../cache/limits.js'
+import { checkName, checkUserId, listBodyBytes } from '../cache/limits.js'
 import { SELECTOR_KINDS } from '../cache/types.js'
 
 export { SelectorBody }
@@ -50,7 +50,8 @@ export default async function invalidationRoutes(fastify: FastifyInstance) {
     },
     async (request) =>
       cache.invalidate(
-        { userIds: [request.params.userId] },
+        // Checked here first so a bad one is named as the path parameter it is.
+        { userIds: [checkUserId(request.params.userId, cache.limits)] },
         { mode: request.query.mode, source: 'api', actor: request.apiKey?.name },
       ),
   )
@@ -70,7 +71,7 @@ export default async function invalidationRoutes(fastify: FastifyInstance) {
     },
     async (request) =>
       cache.invalidate(
-        { tags: [request.params.tag] },
+        { tags: [checkName('tag', request.params.tag, cache.limits.maxTagBytes)] },
         { mode: request.query.mode, source: 'api', actor: request.apiKey?.name },
       ),
   )
