@@ -9,7 +9,7 @@ import { defaultConfig, type Config } from './config.js'
 import auth from './plugins/auth.js'
 import errors from './plugins/errors.js'
 import health from './plugins/health.js'
-import metrics from './plugins/metrics.js'
+import metrics, { metricsRoute } from './plugins/metrics.js'
 import swaggerDocs from './plugins/swagger.js'
 import origins from './plugins/origins.js'
 import rateLimits from './plugins/rate-limits.js'
@@ -123,9 +123,11 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     keys: config.apiKeys,
     failureLimit: { max: config.security.authFailureLimitMax, windowMs: config.security.authFailureWindowMs },
   })
-  // Swagger collects routes as they are added, so it goes before every route.
-  await app.register(swaggerDocs)
+  // The metrics hooks go first, so every route gets its latency series (the docs' too);
+  // swagger collects routes as they are added, so it goes before every route (/metrics too).
   if (options.metrics !== false) await app.register(metrics)
+  await app.register(swaggerDocs)
+  if (options.metrics !== false) await app.register(metricsRoute)
   await app.register(health)
   await app.register(origins)
   if (store instanceof TieredStore) {

@@ -214,7 +214,8 @@ const digest = (secret: string) => createHash('sha256').update(secret).digest()
 
 /**
  * Prometheus metrics: the `cachewarden_*` metrics of DESIGN.md section 8 on a per-app
- * registry, prom-client's process metrics, and `GET /metrics` (bearer `METRICS_TOKEN` when set).
+ * registry, prom-client's process metrics and the latency hooks. `metricsRoute` below
+ * serves them (bearer `METRICS_TOKEN` when set).
  */
 export default fp(
   async function metrics(app: FastifyInstance) {
@@ -259,37 +260,44 @@ export default fp(
 
     const scrape = async () => (await processMetrics().metrics()) + (await registry.metrics())
     app.decorate('metrics', { registry, scrape })
-
-    const token = app.config.metricsToken === undefined ? undefined : digest(app.config.metricsToken)
-    app.get(
-      '/metrics',
-      {
-        schema: {
-          tags: ['operations'],
-          summary: 'Prometheus metrics',
-          description:
-            'The `cachewarden_*` metrics (DESIGN.md section 8) and the process metrics, in the Prometheus ' +
-            'text format. Open unless `METRICS_TOKEN` is set; then `Authorization: Bearer <METRICS_TOKEN>` is required.',
-          response: {
-            200: {
-              description: 'Prometheus text exposition format 0.0.4',
-              content: { 'text/plain': { schema: Type.String({ example: 'cachewarden_cache_hits_total 42\n' }) } },
-            },
-            401: Type.Object(ErrorBody.properties, { description: '`METRICS_TOKEN` is set and the bearer token is missing or wrong (`unauthorized`)' }),
-          },
-        },
-      },
-      async (request, reply) => {
-        if (token !== undefined && !tokenMatches(request.headers.authorization, token)) {
-          throw new CacheError('unauthorized', 'this endpoint needs Authorization: Bearer <METRICS_TOKEN>')
-        }
-        const body = await scrape()
-        return reply.type(registry.contentType).send(body)
-      },
-    )
   },
   { name: 'cachewarden-metrics', dependencies: ['cachewarden-errors'] },
 )
+
+/**
+ * `GET /metrics`. Apart from the hooks above so that those can go in before the docs plugin
+ * (whose own routes then get latency series too) and this route after it (so it is documented).
+ */
+export async function metricsRoute(app: FastifyInstance) {
+  const { registry, scrape } = app.metrics
+  const token = app.config.metricsToken === undefined ? undefined : digest(app.config.metricsToken)
+  app.get(
+    '/metrics',
+    {
+      schema: {
+        tags: ['operations'],
+        summary: 'Prometheus metrics',
+        description:
+          'The `cachewarden_*` metrics (DESIGN.md section 8) and the process metrics, in the Prometheus ' +
+          'text format. Open unless `METRICS_TOKEN` is set; then `Authorization: Bearer <METRICS_TOKEN>` is required.',
+        response: {
+          200: {
+            description: 'Prometheus text exposition format 0.0.4',
+            content: { 'text/plain': { schema: Type.String({ example: 'cachewarden_cache_hits_total 42\n' }) } },
+          },
+          401: Type.Object(ErrorBody.properties, { description: '`METRICS_TOKEN` is set and the bearer token is missing or wrong (`unauthorized`)' }),
+        },
+      },
+    },
+    async (request, reply) => {
+      if (token !== undefined && !tokenMatches(request.headers.authorization, token)) {
+        throw new CacheError('unauthorized', 'this endpoint needs Authorization: Bearer <METRICS_TOKEN>')
+      }
+      const body = await scrape()
+      return reply.type(registry.contentType).send(body)
+    },
+  )
+}
 
 function tokenMatches(header: string | undefined, expected: Buffer): boolean {
   if (header === undefined || header.length > 4096 || header.slice(0, 7).toLowerCase() !== 'bearer ') return false

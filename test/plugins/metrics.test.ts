@@ -39,6 +39,7 @@ async function exercise(app: FastifyInstance) {
   await inv({ prefixes: [KEY_PREFIX] })
   await call(app, { method: 'GET', url: UNMATCHED_URL })
   await call(app, { method: 'GET', url: `/v1/debug/users/${OTHER_USER}` })
+  await app.inject({ method: 'GET', url: '/docs/json' })
 }
 
 t.test('a scrape after real traffic has every DESIGN metric and the counts of what happened', async (t) => {
@@ -88,6 +89,7 @@ t.test('a scrape after real traffic has every DESIGN metric and the counts of wh
   t.equal(http({ route: 'unmatched', method: 'GET', status_code: '404' }), 1, 'an unmatched URL gets a fixed label')
   t.equal(http({ route: '/v1/debug/users/:userId', method: 'GET', status_code: '200' }), 1)
   t.equal(http({ route: '/v1/tags/:tag/entries', method: 'DELETE', status_code: '200' }), 1)
+  t.equal(http({ route: '/docs/json', method: 'GET', status_code: '200' }), 1, 'the docs routes too')
 
   // Cardinality: no label value is (or contains) a key, user id, tag or raw URL used above.
   const forbidden = [USER, OTHER_USER, TAG, KEY_PREFIX, UNMATCHED_URL]
