@@ -577,7 +577,8 @@ export class TieredStore implements Store {
     } catch {
       return
     }
-    if (message.f === this.id) return
+    // Anything that can PUBLISH to Redis can send anything: only objects are messages.
+    if (message === null || typeof message !== 'object' || message.f === this.id) return
     const mode = message.m === 'stale' ? 'stale' : 'delete'
     const applied = message.flush ? this.#flushL1() : message.s ? this.#applyToL1(message.s, mode, this.#now()) : undefined
     if (applied === undefined || this.#remoteListeners.length === 0) return

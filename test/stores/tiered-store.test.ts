@@ -1,3 +1,4 @@
+import { Redis } from 'ioredis'
 import t from 'tap'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock } from '../helpers/build.js'
@@ -155,6 +156,23 @@ if (requireRedisServer(t)) {
     await store.set(entry(clock, 'p:1'))
     t.equal(await store.invalidate({ prefixes: ['p*:'] }, 'delete', clock.now()), 2500)
     t.equal((await store.size()).entries, 2)
+  })
+
+  t.test('malformed bus messages are ignored and the bus keeps working', async (t) => {
+    const clock = new FakeClock()
+    const namespace = `shared${n++}`
+    const a = await open(clock, { namespace })
+    const b = await open(clock, { namespace })
+    const publisher = new Redis(redis.url)
+    t.teardown(() => Promise.all([a.close(), b.close(), publisher.quit()]))
+    await a.set(entry(clock, 'k', { value: '"v1"' }))
+    t.ok(await filled(b, 'k', clock))
+    for (const junk of ['null', '1', '"text"', '[]', 'true', 'x', '{}', '{"s":null}', '{"s":"all"}', '{"s":{"keys":"k"}}', '{"s":{"userIds":[1]}}']) {
+      await publisher.publish(`{${namespace}}:bus`, junk)
+    }
+    await a.set(entry(clock, 'k', { value: '"v2"' }))
+    t.ok(await waitUntil(async () => (await b.l1Peek('k', clock.now())) === undefined), 'a real message after the junk still dropped the copy')
+    t.equal((await b.get('k', clock.now()))?.value, '"v2"')
   })
 
   t.test('an L1 fill racing an invalidation from another store never keeps the old value', async (t) => {
