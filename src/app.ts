@@ -131,9 +131,17 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   await app.register(health)
   await app.register(origins)
   if (store instanceof TieredStore) {
-    store.onBusState((connected) => cache.emit('bus_state', { connected }))
+    store.onBusState((connected) => {
+      cache.emit('bus_state', { connected })
+      // Whatever other instances sent while the bus was down never arrived here.
+      if (connected) cache.emit('resync', { reason: 'the cluster bus was down, so invalidations may have been missed' })
+    })
     // Another instance's invalidation, already applied here: into the log, metrics and stream.
-    store.onRemoteInvalidation((r) => r.selector && !r.write && cache.recordBusInvalidation(r.selector, r.mode, r.invalidated))
+    // Its clear (or mark-all-stale) names no entries: the stream's clients resync.
+    store.onRemoteInvalidation((r) => {
+      if (r.flush) cache.emit('resync', { reason: 'the cache was cleared or marked stale on another instance' })
+      else if (r.selector && !r.write) cache.recordBusInvalidation(r.selector, r.mode, r.invalidated)
+    })
     app.readinessChecks.push({ name: 'redis', ready: () => store.ready() })
     app.consistency.copyChecks.push({ name: 'l1-vs-redis', compare: (keys) => store.compareL1(keys) })
     // Connect once every plugin is registered, so the first bus_state reaches all listeners.

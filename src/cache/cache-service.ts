@@ -127,6 +127,12 @@ export interface CacheServiceEvents {
   refresh: [{ result: 'success' | 'error' }]
   /** The Redis pub/sub bus connected or lost (cluster mode). */
   bus_state: [{ connected: boolean }]
+  /**
+   * Copies kept outside this instance may be out of date, and no invalidation here says
+   * which: another instance cleared the cache, or the bus was down (cluster mode). The
+   * stream tells its clients to drop or revalidate what they kept.
+   */
+  resync: [{ reason: string }]
   /** The PostgreSQL listener started or stopped listening. */
   pg_listener_state: [{ connected: boolean }]
 }

@@ -24,6 +24,7 @@ const EXAMPLE =
 const resetFrame = (reason: string) => `event: reset\ndata: ${JSON.stringify({ reason })}\n\n`
 const RESET_UNKNOWN_ID = resetFrame('events since Last-Event-ID are no longer available; drop or revalidate kept copies')
 const RESET_CLEARED = resetFrame('the cache was cleared; drop every kept copy')
+const resyncFrame = (reason: string) => resetFrame(`${reason}; drop or revalidate every kept copy`)
 
 /** The SSE frame of one invalidation; built once and written to every client. */
 export function invalidationFrame(record: InvalidationRecord): string {
@@ -64,9 +65,11 @@ export default fp(
       for (const res of clients) send(res, chunk)
     }
 
-    // The emergency clear is not in the invalidation log: remember the newest record at the
-    // time of the last clear (null: the log was empty), so a replay can tell it was missed.
-    let newestAtLastClear: string | null | undefined
+    // The emergency clear (and a resync) is not in the invalidation log: remember the newest
+    // record at the time of the last one (null: the log was empty) and the reset it sent, so
+    // a replay can tell it was missed and send that reset instead.
+    let newestAtLastReset: string | null | undefined
+    let lastReset = RESET_CLEARED
 
     // A reconnecting client names the last event it saw: replay what followed it from the
     // invalidation log, or, when the log no longer holds it or a clear followed it, reset.
@@ -74,9 +77,9 @@ export default fp(
       const recent = app.cache.recentInvalidations(app.config.invalidationLogSize)
       const seen = recent.findIndex((record) => record.id === lastId)
       if (seen === -1) return RESET_UNKNOWN_ID
-      if (newestAtLastClear !== undefined && newestAtLastClear !== null) {
-        const clearedAfter = recent.findIndex((record) => record.id === newestAtLastClear)
-        if (clearedAfter !== -1 && clearedAfter <= seen) return RESET_CLEARED
+      if (newestAtLastReset !== undefined && newestAtLastReset !== null) {
+        const resetAfter = recent.findIndex((record) => record.id === newestAtLastReset)
+        if (resetAfter !== -1 && resetAfter <= seen) return lastReset
       }
       return recent.slice(0, seen).reverse().map(invalidationFrame).join('')
     }
@@ -84,12 +87,16 @@ export default fp(
     const onInvalidation = (record: InvalidationRecord) => {
       if (clients.size > 0) broadcast(invalidationFrame(record))
     }
-    const onCleared = () => {
-      newestAtLastClear = app.cache.recentInvalidations(1)[0]?.id ?? null
-      if (clients.size > 0) broadcast(RESET_CLEARED)
+    const reset = (frame: string) => {
+      newestAtLastReset = app.cache.recentInvalidations(1)[0]?.id ?? null
+      lastReset = frame
+      if (clients.size > 0) broadcast(frame)
     }
+    const onCleared = () => reset(RESET_CLEARED)
+    const onResync = ({ reason }: { reason: string }) => reset(resyncFrame(reason))
     app.cache.on('invalidation', onInvalidation)
     app.cache.on('cleared', onCleared)
+    app.cache.on('resync', onResync)
     app.decorate('invalidationStream', { clients: () => clients.size })
 
     // preClose runs before the server stops accepting and waits for open requests: an
@@ -103,6 +110,7 @@ export default fp(
     app.addHook('onClose', async () => {
       app.cache.off('invalidation', onInvalidation)
       app.cache.off('cleared', onCleared)
+      app.cache.off('resync', onResync)
     })
 
     app.get(

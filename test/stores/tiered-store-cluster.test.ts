@@ -1,9 +1,10 @@
 // Cluster mode end to end: three app instances, each with its own L1, on one real redis-server.
+import type { AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import type { TieredStore } from '../../src/stores/tiered-store.js'
-import { build, call, get, put } from '../helpers/build.js'
+import { KEYS, build, call, get, put } from '../helpers/build.js'
 import { requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
 
 const l1 = (app: FastifyInstance) => app.cache.store as TieredStore
@@ -141,6 +142,47 @@ if (requireRedisServer(t)) {
       t.equal(res.statusCode, 200)
     }
     t.ok(await waitUntil(async () => (await get(c, 'keep:1')).statusCode === 404))
+  })
+
+  // The SSE stream of instance b, over a real socket.
+  let bPort: number | undefined
+  const openStream = async (t: Test) => {
+    if (bPort === undefined) {
+      await b.listen({ host: '127.0.0.1', port: 0 })
+      bPort = (b.server.address() as AddressInfo).port
+    }
+    const clientsBefore = b.invalidationStream.clients()
+    const abort = new AbortController()
+    const res = await fetch(`http://127.0.0.1:${bPort}/v1/invalidations/stream`, { headers: { authorization: `Bearer ${KEYS.read}` }, signal: abort.signal })
+    let text = ''
+    const decoder = new TextDecoder()
+    void (async () => {
+      try {
+        for await (const chunk of res.body!) text += decoder.decode(chunk as Uint8Array, { stream: true })
+      } catch {
+        // aborted at teardown
+      }
+    })()
+    t.teardown(() => abort.abort())
+    await waitUntil(() => b.invalidationStream.clients() > clientsBefore)
+    return { text: () => text }
+  }
+
+  t.test('a clear on one instance is a reset on the other instances\' streams', async (t) => {
+    const stream = await openStream(t)
+    await a.cache.clear('test', 'cluster stream test')
+    t.ok(await waitUntil(() => stream.text().includes('event: reset')), 'b\'s stream client was told')
+    t.match(stream.text(), /cleared or marked stale on another instance/)
+  })
+
+  t.test('a bus outage is a reset on the stream once the bus is back (invalidations may have been missed)', async (t) => {
+    const stream = await openStream(t)
+    const admin = new Redis(redis.url)
+    t.teardown(() => admin.disconnect())
+    await admin.client('KILL', 'TYPE', 'pubsub')
+    t.ok(await waitUntil(() => stream.text().includes('event: reset')), 'b\'s stream client was told')
+    t.match(stream.text(), /the cluster bus was down/)
+    t.ok(await waitUntil(async () => (await b.inject({ url: '/health/ready' })).statusCode === 200), 'and b is ready again')
   })
 
   t.test('stats show the entries Redis holds, on every instance', async (t) => {
