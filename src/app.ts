@@ -142,7 +142,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
       if (r.flush) cache.emit('resync', { reason: 'the cache was cleared or marked stale on another instance' })
       else if (r.selector && !r.write) cache.recordBusInvalidation(r.selector, r.mode, r.invalidated)
     })
-    app.readinessChecks.push({ name: 'redis', ready: () => store.ready() })
+    app.readinessChecks.push({ name: 'redis', ready: () => store.healthy() })
     app.consistency.copyChecks.push({ name: 'l1-vs-redis', compare: (keys) => store.compareL1(keys) })
     // Connect once every plugin is registered, so the first bus_state reaches all listeners.
     app.addHook('onReady', async () => void (await store.connect()))

@@ -22,6 +22,8 @@ export const DEFAULT_L1_MAX_TTL_MS = 60_000
 export const DEFAULT_TTL_MARGIN_MS = 60_000
 /** A Redis command that takes longer than this fails (the request gets 503 or a miss) instead of hanging. */
 export const DEFAULT_COMMAND_TIMEOUT_MS = 2000
+/** How long `/health/ready` waits for Redis to answer a PING. */
+const READY_PING_MS = 1000
 const DEFAULT_SWEEP_INTERVAL_MS = 1000
 const SWEEP_BATCH = 1000
 const SCAN_COUNT = 1000
@@ -189,9 +191,25 @@ export class TieredStore implements Store {
     return this.ready()
   }
 
-  /** True while Redis answers and the bus is subscribed (for `/health/ready`). */
+  /** True while the connection to Redis is up and the bus is subscribed. */
   ready(): boolean {
     return this.#redis.status === 'ready' && this.#busUp
+  }
+
+  /**
+   * For `/health/ready`: `ready()`, and Redis answers a PING within `timeoutMs`. A frozen
+   * Redis (paused, swapping, stuck in a slow script) keeps its sockets open, so the
+   * connection state alone would still say ready.
+   */
+  async healthy(timeoutMs = READY_PING_MS): Promise<boolean> {
+    if (!this.ready()) return false
+    let timer: NodeJS.Timeout | undefined
+    const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), timeoutMs)))
+    try {
+      return await Promise.race([this.#redis.ping().then(() => true, () => false), late])
+    } finally {
+      clearTimeout(timer)
+    }
   }
 
   /** Adds a listener for bus state changes. */

@@ -165,8 +165,11 @@ if (requireRedisServer(t)) {
     const base = { etag: 'e', userId: undefined, tags: undefined, createdAt: now(), expiresAt: now() + 60_000, hits: 0, lastAccessAt: now(), stale: false, origin: undefined, size: 10 }
     await store.set({ ...base, key: 'cached', value: '1' })
     t.ok(await waitUntil(async () => (await store.get('cached', now()), (await store.l1Peek('cached', now())) !== undefined)))
+    t.equal(await store.healthy(), true)
     frozen.pause(true)
     t.teardown(() => frozen.pause(false))
+    t.equal(store.ready(), true, 'the sockets are still open')
+    t.equal(await store.healthy(), false, 'but readiness asks Redis, which does not answer')
     let started = Date.now()
     t.equal((await store.get('cached', now()))?.value, '1', 'an L1 hit does not touch Redis')
     t.equal(await store.get('not-cached', now()), undefined, 'a miss')
@@ -183,5 +186,6 @@ if (requireRedisServer(t)) {
         return false
       }
     }), 'writes work again once Redis answers')
+    t.equal(await store.healthy(), true, 'and it is ready again')
   })
 }
