@@ -3,6 +3,7 @@ import type { Origins } from '../origins/origins.js'
 import type { CacheService } from './cache-service.js'
 import { eachLimited } from './each-limited.js'
 import { bareEtag, checkKey, checkUserId, etagOf, serializeValue } from './limits.js'
+import type { StoredEntry } from './types.js'
 
 /** The etag of a value no write could store; equal to no entry's etag (those are 22 characters). */
 const UNCACHEABLE = ''
@@ -74,8 +75,14 @@ export class ConsistencyChecker {
     const statuses = new Map<string, Status>()
     if (request.against === 'provided') {
       for (const [key, etag] of this.#provided(request)) {
-        const entry = await this.#cache.inspect(key)
-        statuses.set(key, entry === undefined ? { kind: 'missing' } : entry.etag === etag ? { kind: 'consistent' } : { kind: 'stale', gone: false })
+        const entry = await this.#inspect(key)
+        statuses.set(
+          key,
+          entry === undefined ? { kind: 'missing' }
+          : 'kind' in entry ? entry
+          : entry.etag === etag ? { kind: 'consistent' }
+          : { kind: 'stale', gone: false },
+        )
       }
     } else {
       const keys = await this.#selected(request)
@@ -149,9 +156,20 @@ export class ConsistencyChecker {
     return [...keys]
   }
 
+  /** The entry, or an error status when the store cannot say (Redis down, no L1 copy). */
+  async #inspect(key: string): Promise<StoredEntry | Status | undefined> {
+    try {
+      return await this.#cache.inspect(key)
+    } catch (error) {
+      if (error instanceof CacheError) return { kind: 'error', error: `${error.code}: ${error.message}` }
+      throw error
+    }
+  }
+
   async #againstOrigin(key: string): Promise<Status> {
-    const before = await this.#cache.inspect(key)
+    const before = await this.#inspect(key)
     if (before === undefined) return { kind: 'missing' }
+    if ('kind' in before) return before
     const match = this.#origins.matchEntry(before)
     if (match === undefined) return { kind: 'error', error: 'no origin serves this key' }
     let truth
@@ -161,8 +179,9 @@ export class ConsistencyChecker {
       return { kind: 'error', error: (error as Error).message }
     }
     // Compare with the entry as it is now: it may have been refreshed while the origin answered.
-    const entry = await this.#cache.inspect(key)
+    const entry = await this.#inspect(key)
     if (entry === undefined) return { kind: 'missing' }
+    if ('kind' in entry) return entry
     if (!truth.found) return { kind: 'stale', gone: true }
     const etag = this.#etagOf(truth.value)
     // A value the cache could never hold cannot be reloaded either: repair deletes the entry.

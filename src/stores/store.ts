@@ -28,7 +28,10 @@ export interface Store {
    */
   getLocal?(key: string, now: number): StoredEntry | null | undefined
 
-  /** Reads an entry without touching its hit count or recency. */
+  /**
+   * Reads an entry without touching its hit count or recency. Throws `backend_unavailable`
+   * when the store cannot tell whether the key has an entry (Redis down, no local copy).
+   */
   peek(key: string, now: number): Promise<StoredEntry | undefined>
 
   /**

@@ -246,8 +246,12 @@ export class TieredStore implements Store {
     }
     try {
       return await this.#l2Get(key, now, false)
-    } catch {
-      return this.#l1PeekReal(key, now)
+    } catch (error) {
+      // Redis is down: an L1 copy is still what this instance would serve, but without one
+      // nobody can say whether the key has an entry, so inspection fails rather than say "none".
+      const copy = await this.#l1PeekReal(key, now)
+      if (copy !== undefined) return copy
+      throw this.#unavailable(error, 'read')
     }
   }
 

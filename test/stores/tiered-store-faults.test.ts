@@ -48,6 +48,20 @@ if (requireRedisServer(t)) {
     const batch = await call(b, { method: 'POST', url: '/v1/entries/batch-get', payload: { keys: ['cached', 'never-cached'] } })
     t.equal(batch.statusCode, 200)
     t.same(batch.json().missing, ['never-cached'])
+    // Inspection cannot answer "no entry" when it cannot ask Redis: 503, or the L1 copy.
+    const inspected = await call(b, { url: '/v1/debug/entries/never-cached' })
+    t.equal(inspected.statusCode, 503, 'debug of a key not in L1 is 503, not a 404')
+    t.equal(inspected.json().error, 'backend_unavailable')
+    t.equal((await call(b, { url: '/v1/debug/entries/cached' })).statusCode, 200, 'debug of an L1 copy answers from it')
+    const check = await call(b, {
+      method: 'POST',
+      url: '/v1/consistency',
+      payload: { against: 'provided', entries: [{ key: 'cached', value: 'v1' }, { key: 'never-cached', value: 1 }] },
+    })
+    t.equal(check.statusCode, 200)
+    t.equal(check.json().consistent, 1, 'the L1 copy is compared')
+    t.same(check.json().missing, [], 'a key it cannot look up is not reported missing')
+    t.match(check.json().errors, [{ key: 'never-cached', error: /backend_unavailable/ }])
 
     const write = await call(a, { method: 'PUT', url: '/v1/entries/x', payload: { value: 1 } })
     t.equal(write.statusCode, 503)
