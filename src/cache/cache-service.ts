@@ -231,7 +231,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       this.totals.leaseRejections++
       // The filler's value was refused: let the next miss fill at once rather than keep
       // the waiters polling until the fill lease runs out.
-      if (this.#fills.get(key)?.lease === lease?.token) this.#fills.delete(key)
+      if (lease !== undefined) await this.#releaseFill(key, lease.token)
       throw leaseInvalidated(key)
     }
     this.totals.sets++
@@ -400,6 +400,12 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const stamp = await this.store.leaseStamp()
     this.totals.leasesIssued++
     const lease = encodeLease(stamp, key)
+    if (this.store.claimFill !== undefined) {
+      // Shared with the other instances (cluster mode). If the store cannot be asked, this
+      // miss fills: its lease cannot write while the store is down anyway.
+      const left = await this.store.claimFill(key, lease, this.#fillLeaseMs).catch(() => 0)
+      return left > 0 ? { lease, fill: false, retryAfterMs: Math.max(1, Math.min(left, MAX_RETRY_AFTER_MS)) } : { lease, fill: true }
+    }
     const fill = this.#fills.get(key)
     if (fill !== undefined && fill.until > now) {
       return { lease, fill: false, retryAfterMs: Math.max(1, Math.min(fill.until - now, MAX_RETRY_AFTER_MS)) }
@@ -407,6 +413,15 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     if (fill === undefined && this.#fills.size >= MAX_FILL_LEASES) this.#pruneFills(now)
     this.#fills.set(key, { until: now + this.#fillLeaseMs, lease })
     return { lease, fill: true }
+  }
+
+  async #releaseFill(key: string, token: string): Promise<void> {
+    if (this.store.releaseFill === undefined) {
+      if (this.#fills.get(key)?.lease === token) this.#fills.delete(key)
+      return
+    }
+    // At worst the claim runs out by itself.
+    await this.store.releaseFill(key, token).catch(() => undefined)
   }
 
   #parseLease(raw: WriteInput['lease'], key: string): (LeaseStamp & { token: string }) | undefined {

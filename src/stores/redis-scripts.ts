@@ -12,6 +12,7 @@
 //   {ns}:<g>:t:<tag>        set: keys of a tag
 //   {ns}:<g>:x              sorted set: key -> expiresAt (TTL sweep, capacity eviction, count)
 //   {ns}:<g>:b              integer: accounted bytes
+//   {ns}:<g>:f:<key>        string: the lease token holding the key's fill (herd control), with a TTL
 //   {ns}:epoch              lease epoch; a Redis that lost its data gets a new one, so
 //                           every older lease is refused
 //   {ns}:seq                invalidation sequence
@@ -147,6 +148,8 @@ end
 redis.call('PEXPIRE', e, px)
 redis.call('ZADD', xkey, ARGV[7], k)
 redis.call('INCRBY', bkey, ARGV[8])
+-- The key is filled: the next miss (after an invalidation) may fill at once.
+redis.call('DEL', pre .. 'f:' .. k)
 
 -- Over capacity: evict the entries closest to expiry (Redis' own volatile-ttl policy).
 local evicted = {}
@@ -210,7 +213,11 @@ local function apply(k)
   end
   return true
 end
-for _, k in ipairs(sel.keys or {}) do apply(k) end
+for _, k in ipairs(sel.keys or {}) do
+  apply(k)
+  -- A fill in flight will be refused (its lease is voided): the next miss becomes the filler.
+  redis.call('DEL', pre .. 'f:' .. k)
+end
 for _, u in ipairs(sel.userIds or {}) do
   local idx = ukey(u)
   local members = redis.call('SMEMBERS', idx)
@@ -255,6 +262,22 @@ const STAMP = `
 local base = KEYS[1]
 redis.call('SET', base .. 'epoch', ARGV[1], 'NX')
 return {redis.call('GET', base .. 'epoch'), tonumber(redis.call('GET', base .. 'seq') or '0')}
+`
+
+/** claimFill(key, token, ttlMs) -> 0 when the fill is now `token`'s, else the ms another claim has left. */
+const CLAIM_FILL = `${PRELUDE}
+local f = pre .. 'f:' .. ARGV[1]
+if redis.call('SET', f, ARGV[2], 'NX', 'PX', ARGV[3]) then return 0 end
+local left = redis.call('PTTL', f)
+if left < 1 then left = 1 end
+return left
+`
+
+/** releaseFill(key, token): drops the fill claim if `token` holds it. */
+const RELEASE_FILL = `${PRELUDE}
+local f = pre .. 'f:' .. ARGV[1]
+if redis.call('GET', f) == ARGV[2] then redis.call('DEL', f) end
+return 0
 `
 
 /** sweep(now, limit) -> expired keys dropped. */
@@ -309,6 +332,8 @@ export const REDIS_SCRIPTS = {
   cwClear: CLEAR,
   cwVoidLeases: VOID_LEASES,
   cwStamp: STAMP,
+  cwClaimFill: CLAIM_FILL,
+  cwReleaseFill: RELEASE_FILL,
   cwSweep: SWEEP,
   cwMembers: MEMBERS,
   cwUserEntries: USER_ENTRIES,

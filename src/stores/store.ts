@@ -61,6 +61,18 @@ export interface Store {
   /** The stamp a lease issued now carries. */
   leaseStamp(): Promise<LeaseStamp>
 
+  /**
+   * Herd control shared by every instance on the store (DESIGN.md section 4: one fill lease
+   * per key at a time): claims the fill of `key` for `ttlMs` under `token` unless another
+   * claim is outstanding. Resolves 0 when claimed, else the ms the other claim has left. A
+   * write of the key and an invalidation naming it end the claim. Optional: without it, the
+   * CacheService keeps the claims in memory, which is exact for a store only it uses.
+   */
+  claimFill?(key: string, token: string, ttlMs: number): Promise<number>
+
+  /** Ends `token`'s fill claim on `key` (its write was refused); nothing if another holds it. */
+  releaseFill?(key: string, token: string): Promise<void>
+
   /** A user's entries (for inspection), from the index: O(that user's entries). */
   userEntries(userId: string, now: number): Promise<StoredEntry[]>
 

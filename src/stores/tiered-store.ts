@@ -367,6 +367,14 @@ export class TieredStore implements Store {
     }
   }
 
+  async claimFill(key: string, token: string, ttlMs: number): Promise<number> {
+    return this.#call(async () => Number(await this.#scripts.cwClaimFill(this.#base, key, token, ttlMs)))
+  }
+
+  async releaseFill(key: string, token: string): Promise<void> {
+    await this.#call(() => this.#scripts.cwReleaseFill(this.#base, key, token))
+  }
+
   async leaseStamp(): Promise<LeaseStamp> {
     try {
       const [epoch, seq] = (await this.#scripts.cwStamp(

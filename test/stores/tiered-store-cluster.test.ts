@@ -97,6 +97,23 @@ if (requireRedisServer(t)) {
     t.equal((await get(b, 'report:9')).statusCode, 404, 'nothing was written')
   })
 
+  t.test('herd control spans the instances: one fill lease per key across the cluster', async (t) => {
+    const first = await get(a, 'herd:1')
+    t.equal(first.statusCode, 404)
+    t.equal(first.json().fill, true, 'the first miss anywhere fills')
+    for (const app of [b, c, a]) {
+      const other = (await get(app, 'herd:1')).json()
+      t.equal(other.fill, false, 'a miss on any instance waits for it')
+      t.ok(other.retryAfterMs >= 1 && other.retryAfterMs <= 100)
+    }
+    const filled = await call(b, { method: 'PUT', url: '/v1/entries/herd%3A1', payload: { value: 1, lease: first.json().lease } })
+    t.equal(filled.statusCode, 200, 'the filler\'s lease writes from another instance')
+    await call(c, { method: 'DELETE', url: '/v1/entries/herd%3A1', key: 'invalidate' })
+    t.ok(await waitUntil(async () => (await l1(b).l1Peek('herd:1', b.cache.now())) === undefined), 'the bus dropped b\'s copy')
+    const next = await get(b, 'herd:1')
+    t.equal(next.json().fill, true, 'after the write and an invalidation, the next miss fills again')
+  })
+
   t.test('a lease from one instance writes on another when nothing invalidated the key', async (t) => {
     const miss = await get(a, 'report:10')
     await call(b, { method: 'DELETE', url: '/v1/entries/unrelated', key: 'invalidate' })

@@ -158,6 +158,29 @@ if (requireRedisServer(t)) {
     t.equal((await store.size()).entries, 2)
   })
 
+  t.test('a fill claim is shared by every store on the Redis, until a write, an invalidation, a release or a clear ends it', async (t) => {
+    const clock = new FakeClock()
+    const namespace = `shared${n++}`
+    const a = await open(clock, { namespace })
+    const b = await open(clock, { namespace })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    t.equal(await a.claimFill('k', 'lease-a', 2000), 0, 'the first claim holds the fill')
+    const left = await b.claimFill('k', 'lease-b', 2000)
+    t.ok(left > 0 && left <= 2000, `another store's claim waits (${left} ms left)`)
+    await b.releaseFill('k', 'lease-b')
+    t.ok((await b.claimFill('k', 'lease-b', 2000)) > 0, 'releasing a claim one does not hold changes nothing')
+    await a.releaseFill('k', 'lease-a')
+    t.equal(await b.claimFill('k', 'lease-b', 2000), 0, 'the holder released it')
+
+    await a.set(entry(clock, 'k'))
+    t.equal(await a.claimFill('k', 'lease-c', 2000), 0, 'a write of the key ended the claim')
+    await b.invalidate({ keys: ['k'] }, 'delete', clock.now())
+    t.equal(await b.claimFill('k', 'lease-d', 2000), 0, 'so did an invalidation naming it')
+    await a.clear()
+    t.equal(await a.claimFill('k', 'lease-e', 50), 0, 'and a clear')
+    t.ok(await waitUntil(async () => (await b.claimFill('k', 'lease-f', 2000)) === 0), 'a claim runs out by itself')
+  })
+
   t.test('malformed bus messages are ignored and the bus keeps working', async (t) => {
     const clock = new FakeClock()
     const namespace = `shared${n++}`
