@@ -10,6 +10,11 @@ import { CacheError, invalidRequest, truncate } from '../errors.js'
 export const EVENT_ID_WINDOW_MS = 10 * 60 * 1000
 /** Most event ids remembered at once; past it the oldest is forgotten first. */
 export const DEFAULT_MAX_REMEMBERED_EVENTS = 10_000
+/** The shared record of an event being applied (cluster mode); an instance that dies mid-way frees the id after this. */
+const PENDING = 'pending'
+const PENDING_TTL_MS = 10_000
+/** How often a repeat delivery checks whether another instance finished applying the event. */
+const PENDING_POLL_MS = 25
 
 const RULE_KEYS = new Set(['event', 'invalidate', 'mode', 'description'])
 // `{{data.userId}}`, `{{ data.user.id }}`: a path into the event's `data`, one field per segment.
@@ -200,7 +205,7 @@ export class EventProcessor {
   readonly #max: number
   // Insertion-ordered, so the oldest id is the first to forget. Holds the in-flight promise
   // too, so two concurrent deliveries of one event apply it once.
-  readonly #seen = new Map<string, { at: number; response: Promise<EventResponse> }>()
+  readonly #seen = new Map<string, { at: number; outcome: Promise<EventOutcome> }>()
 
   constructor(cache: CacheService, rules: EventRules, options: EventProcessorOptions = {}) {
     this.#cache = cache
@@ -215,20 +220,48 @@ export class EventProcessor {
     if (event.id !== undefined) {
       this.#forgetExpired(now)
       const seen = this.#seen.get(event.id)
-      if (seen !== undefined) return { response: await seen.response, replayed: true }
+      if (seen !== undefined) return { response: (await seen.outcome).response, replayed: true }
     }
-    const response = this.#run(event, actor)
-    if (event.id !== undefined) {
-      const id = event.id
-      const record = { at: now, response }
-      this.#seen.set(id, record)
-      while (this.#seen.size > this.#max) this.#seen.delete(this.#seen.keys().next().value!)
-      // A failed event is forgotten, so its sender can retry it.
-      response.catch(() => {
-        if (this.#seen.get(id) === record) this.#seen.delete(id)
-      })
+    if (event.id === undefined) return { response: await this.#run(event, actor), replayed: false }
+    const id = event.id
+    const outcome = this.#applyOnce(event, id, actor)
+    const record = { at: now, outcome }
+    this.#seen.set(id, record)
+    while (this.#seen.size > this.#max) this.#seen.delete(this.#seen.keys().next().value!)
+    // A failed event is forgotten, so its sender can retry it.
+    outcome.catch(() => {
+      if (this.#seen.get(id) === record) this.#seen.delete(id)
+    })
+    return outcome
+  }
+
+  /**
+   * Applies an event with an id once across every instance sharing the store (cluster mode):
+   * a record in the store claims the id while it is applied and then holds the reply for
+   * the window, so another instance's delivery of the same id replays it. A claim whose
+   * instance died runs out after PENDING_TTL_MS and the id can be applied again. Without
+   * shared records (the embedded store) the in-process map is the whole story.
+   */
+  async #applyOnce(event: DomainEvent, id: string, actor: string | undefined): Promise<EventOutcome> {
+    const store = this.#cache.store
+    if (store.putRecord === undefined) return { response: await this.#run(event, actor), replayed: false }
+    const name = `event:${id}`
+    for (;;) {
+      const prior = await store.putRecord(name, PENDING, PENDING_TTL_MS)
+      if (prior === undefined) break
+      if (prior !== PENDING) return { response: JSON.parse(prior) as EventResponse, replayed: true }
+      await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS))
     }
-    return { response: await response, replayed: false }
+    let response: EventResponse
+    try {
+      response = await this.#run(event, actor)
+    } catch (error) {
+      await store.dropRecord?.(name).catch(() => undefined)
+      throw error
+    }
+    // Applied: a failure to record the reply only means a repeat elsewhere is applied again.
+    await store.putRecord(name, JSON.stringify(response), this.#windowMs, true).catch(() => undefined)
+    return { response, replayed: false }
   }
 
   /** How many event ids are remembered (for tests and bounds checks). */

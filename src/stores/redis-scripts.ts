@@ -21,6 +21,7 @@
 //   {ns}:st                 sorted set: scope (k\0key, u\0user, t\0tag) -> last sequence
 //   {ns}:px                 sorted set: prefix -> last sequence
 //   {ns}:bus                pub/sub channel of the invalidation bus
+//   {ns}:rec:<name>         string with a TTL: an idempotency record (a domain event's id -> its reply)
 //
 // Entry hash fields: v value, et etag, u userId, t tags (JSON), c createdAt, x expiresAt,
 // h hits, a lastAccessAt, s stale (0/1), o origin, z accounted size.
@@ -280,6 +281,20 @@ if redis.call('GET', f) == ARGV[2] then redis.call('DEL', f) end
 return 0
 `
 
+/**
+ * putRecord(name, value, ttlMs, overwrite 1|0) -> nil when `value` was stored, else the
+ * record already there (kept as is). With overwrite=1 the value is stored unconditionally.
+ */
+const PUT_RECORD = `
+local r = KEYS[1] .. 'rec:' .. ARGV[1]
+if ARGV[4] == '1' then
+  redis.call('SET', r, ARGV[2], 'PX', ARGV[3])
+  return false
+end
+if redis.call('SET', r, ARGV[2], 'NX', 'PX', ARGV[3]) then return false end
+return redis.call('GET', r)
+`
+
 /** sweep(now, limit) -> expired keys dropped. */
 const SWEEP = `${PRELUDE}
 local out = {}
@@ -334,6 +349,7 @@ export const REDIS_SCRIPTS = {
   cwStamp: STAMP,
   cwClaimFill: CLAIM_FILL,
   cwReleaseFill: RELEASE_FILL,
+  cwPutRecord: PUT_RECORD,
   cwSweep: SWEEP,
   cwMembers: MEMBERS,
   cwUserEntries: USER_ENTRIES,

@@ -73,6 +73,17 @@ export interface Store {
   /** Ends `token`'s fill claim on `key` (its write was refused); nothing if another holds it. */
   releaseFill?(key: string, token: string): Promise<void>
 
+  /**
+   * Idempotency records every instance on the store shares (a domain event's id and its
+   * reply): stores `value` under `name` for `ttlMs` unless a record is there, and resolves
+   * to that record's value, or undefined when this call stored it. With `overwrite`, stores
+   * unconditionally. Optional: without it, event ids are remembered per process.
+   */
+  putRecord?(name: string, value: string, ttlMs: number, overwrite?: boolean): Promise<string | undefined>
+
+  /** Drops an idempotency record. */
+  dropRecord?(name: string): Promise<void>
+
   /** A user's entries (for inspection), from the index: O(that user's entries). */
   userEntries(userId: string, now: number): Promise<StoredEntry[]>
 

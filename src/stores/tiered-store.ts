@@ -375,6 +375,17 @@ export class TieredStore implements Store {
     await this.#call(() => this.#scripts.cwReleaseFill(this.#base, key, token))
   }
 
+  async putRecord(name: string, value: string, ttlMs: number, overwrite = false): Promise<string | undefined> {
+    return this.#call(async () => {
+      const prior = (await this.#scripts.cwPutRecord(this.#base, name, value, Math.max(1, Math.round(ttlMs)), overwrite ? 1 : 0)) as string | null
+      return prior ?? undefined
+    })
+  }
+
+  async dropRecord(name: string): Promise<void> {
+    await this.#call(() => this.#redis.del(`${this.#base}rec:${name}`))
+  }
+
   async leaseStamp(): Promise<LeaseStamp> {
     try {
       const [epoch, seq] = (await this.#scripts.cwStamp(

@@ -202,6 +202,34 @@ if (requireRedisServer(t)) {
     t.ok(await waitUntil(async () => (await b.inject({ url: '/health/ready' })).statusCode === 200), 'and b is ready again')
   })
 
+  t.test('an event id is applied once across the cluster, however many instances it reaches', async (t) => {
+    const rules = [{ event: 'persona.updated', invalidate: { userIds: ['{{data.userId}}'] } }]
+    const [x, y, z] = await Promise.all([0, 1, 2].map(() => build(t, { redisUrl: redis.url, configFile: { rules } })))
+    const event = { id: 'evt-cluster-1', type: 'persona.updated', data: { userId: 'p1' } }
+    const send = (app: FastifyInstance) => call(app, { method: 'POST', url: '/v1/events', payload: event, key: 'invalidate' })
+    await put(x, 'p1:dash', { value: 1, userId: 'p1' })
+    // Delivered to three instances at once: one applies it, the others wait and replay its reply.
+    const replies = await Promise.all([send(x), send(y), send(z)])
+    for (const r of replies) t.equal(r.statusCode, 200)
+    t.equal(replies.filter((r) => r.headers['idempotent-replayed'] === 'true').length, 2, 'two of the three are replays')
+    const ids = new Set(replies.map((r) => r.json().invalidations[0].id))
+    t.equal(ids.size, 1, 'all three carry the one invalidation that was applied')
+    t.equal(replies.find((r) => r.headers['idempotent-replayed'] !== 'true')!.json().invalidations[0].invalidated, 1)
+
+    // Later, a repeat on an instance that never saw it is a replay too, and applies nothing.
+    await put(y, 'p1:dash', { value: 2, userId: 'p1' })
+    const w = await build(t, { redisUrl: redis.url, configFile: { rules } })
+    const again = await send(w)
+    t.equal(again.headers['idempotent-replayed'], 'true')
+    t.same(again.json(), replies[0]!.json())
+    t.equal((await get(x, 'p1:dash')).json().value, 2, 'the entry written since was not invalidated again')
+
+    // A new id is applied.
+    const fresh = await call(z, { method: 'POST', url: '/v1/events', payload: { ...event, id: 'evt-cluster-2' }, key: 'invalidate' })
+    t.equal(fresh.headers['idempotent-replayed'], undefined)
+    t.equal(fresh.json().invalidations[0].invalidated, 1)
+  })
+
   t.test('stats show the entries Redis holds, on every instance', async (t) => {
     await put(a, 'count:1', { value: 1 })
     const entries = await Promise.all(apps.map(async (app) => (await call(app, { url: '/v1/stats' })).json().entries))
