@@ -1,4 +1,4 @@
-import { createHash, randomUUID } from 'node:crypto'
+import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import { EventEmitter } from 'node:events'
 import { CacheError, backendUnavailable, invalidRequest, leaseInvalidated } from '../errors.js'
 import type { Store } from '../stores/store.js'
@@ -155,7 +155,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   readonly #leasesEnabled: boolean
   readonly #log: Ring<InvalidationRecord>
   /** Outstanding fill leases: until when, and which token holds it. */
-  readonly #fills = new Map<string, { until: number; lease: string }>()
+  readonly #fills = new Map<string, { until: number; holder: string }>()
   #baseline: Totals = emptyTotals()
   #last: InvalidationRecord | undefined
 
@@ -231,7 +231,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       this.totals.leaseRejections++
       // The filler's value was refused: let the next miss fill at once rather than keep
       // the waiters polling until the fill lease runs out.
-      if (lease !== undefined) await this.#releaseFill(key, lease.token)
+      if (lease?.holder !== undefined) await this.#releaseFill(key, lease.holder)
       throw leaseInvalidated(key)
     }
     this.totals.sets++
@@ -397,34 +397,37 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
 
   /** Issues a lease for a missed key; the first miss in a while gets the fill lease. */
   async issueLease(key: string, now = this.now()): Promise<IssuedLease> {
-    const stamp = await this.store.leaseStamp()
-    this.totals.leasesIssued++
-    const lease = encodeLease(stamp, key)
+    // Every lease names its own holder, so only the filler's refused write can end its claim
+    // (a waiter's lease carries the same stamp, never the same holder).
+    const holder = newHolder()
     if (this.store.claimFill !== undefined) {
-      // Shared with the other instances (cluster mode). If the store cannot be asked, this
-      // miss fills: its lease cannot write while the store is down anyway.
-      const left = await this.store.claimFill(key, lease, this.#fillLeaseMs).catch(() => 0)
+      // Shared with the other instances (cluster mode): stamped and claimed in one step.
+      const { stamp, left } = await this.store.claimFill(key, holder, this.#fillLeaseMs)
+      this.totals.leasesIssued++
+      const lease = encodeLease(stamp, key, holder)
       return left > 0 ? { lease, fill: false, retryAfterMs: Math.max(1, Math.min(left, MAX_RETRY_AFTER_MS)) } : { lease, fill: true }
     }
+    const lease = encodeLease(await this.store.leaseStamp(), key, holder)
+    this.totals.leasesIssued++
     const fill = this.#fills.get(key)
     if (fill !== undefined && fill.until > now) {
       return { lease, fill: false, retryAfterMs: Math.max(1, Math.min(fill.until - now, MAX_RETRY_AFTER_MS)) }
     }
     if (fill === undefined && this.#fills.size >= MAX_FILL_LEASES) this.#pruneFills(now)
-    this.#fills.set(key, { until: now + this.#fillLeaseMs, lease })
+    this.#fills.set(key, { until: now + this.#fillLeaseMs, holder })
     return { lease, fill: true }
   }
 
-  async #releaseFill(key: string, token: string): Promise<void> {
+  async #releaseFill(key: string, holder: string): Promise<void> {
     if (this.store.releaseFill === undefined) {
-      if (this.#fills.get(key)?.lease === token) this.#fills.delete(key)
+      if (this.#fills.get(key)?.holder === holder) this.#fills.delete(key)
       return
     }
     // At worst the claim runs out by itself.
-    await this.store.releaseFill(key, token).catch(() => undefined)
+    await this.store.releaseFill(key, holder).catch(() => undefined)
   }
 
-  #parseLease(raw: WriteInput['lease'], key: string): (LeaseStamp & { token: string }) | undefined {
+  #parseLease(raw: WriteInput['lease'], key: string): (LeaseStamp & { holder?: string }) | undefined {
     if (raw === undefined || raw === null) return undefined
     const token = typeof raw === 'string' ? raw : (raw.lease ?? raw.token)
     if (typeof token !== 'string') throw invalidRequest('lease must be the token a miss returned')
@@ -434,7 +437,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       this.totals.leaseRejections++
       throw new CacheError('lease_invalidated', 'the lease was issued for another key')
     }
-    return { epoch: stamp.epoch, seq: stamp.seq, token }
+    return { epoch: stamp.epoch, seq: stamp.seq, holder: stamp.holder }
   }
 
   #record(record: InvalidationRecord): void {
@@ -471,19 +474,26 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   }
 }
 
-/** `epoch.seq.keyhash`: the key hash binds a lease to its key. */
-export function encodeLease(stamp: LeaseStamp, key: string): string {
-  return `${stamp.epoch}.${stamp.seq.toString(36)}.${keyHash(key)}`
+/**
+ * `epoch.seq.keyhash.holder`: the stamp dates the lease, the key hash binds it to its key, and
+ * the random holder tells its fill claim from the waiters' (same stamp, same key).
+ */
+export function encodeLease(stamp: LeaseStamp, key: string, holder = newHolder()): string {
+  return `${stamp.epoch}.${stamp.seq.toString(36)}.${keyHash(key)}.${holder}`
 }
 
-export function decodeLease(token: string): (LeaseStamp & { keyHash: string }) | undefined {
+export function decodeLease(token: string): (LeaseStamp & { keyHash: string; holder?: string }) | undefined {
   if (token.length > 128) return undefined
   const parts = token.split('.')
-  if (parts.length !== 3 || !/^[A-Za-z0-9_-]{1,32}$/.test(parts[0]!) || !/^[0-9a-z]{1,12}$/.test(parts[1]!)) {
-    return undefined
-  }
-  return { epoch: parts[0]!, seq: parseInt(parts[1]!, 36), keyHash: parts[2]! }
+  // Three parts: a token from before holders were added (it can still write, not end a claim).
+  if (parts.length !== 3 && parts.length !== 4) return undefined
+  if (!/^[A-Za-z0-9_-]{1,32}$/.test(parts[0]!) || !/^[0-9a-z]{1,12}$/.test(parts[1]!)) return undefined
+  if (!/^[A-Za-z0-9_-]{11}$/.test(parts[2]!) || (parts.length === 4 && !/^[A-Za-z0-9_-]{1,32}$/.test(parts[3]!))) return undefined
+  return { epoch: parts[0]!, seq: parseInt(parts[1]!, 36), keyHash: parts[2]!, holder: parts[3] }
 }
+
+/** 72 random bits: a waiter cannot guess the filler's holder from its own lease. */
+const newHolder = () => randomBytes(9).toString('base64url')
 
 function keyHash(key: string): string {
   return createHash('sha1').update(key).digest('base64url').slice(0, 11)

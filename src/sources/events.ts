@@ -1,5 +1,6 @@
 // Domain events -> invalidations (DESIGN.md section 5). No Fastify here: the route in
 // src/routes/events.ts only validates the body's shape and calls `EventProcessor.apply`.
+import { randomUUID } from 'node:crypto'
 import type { CacheService } from '../cache/cache-service.js'
 import { checkSelector, type Limits } from '../cache/limits.js'
 import { SELECTOR_KINDS, type InvalidationMode, type InvalidationResult, type Selector, type SelectorKind } from '../cache/types.js'
@@ -10,7 +11,12 @@ import { CacheError, invalidRequest, truncate } from '../errors.js'
 export const EVENT_ID_WINDOW_MS = 10 * 60 * 1000
 /** Most event ids remembered at once; past it the oldest is forgotten first. */
 export const DEFAULT_MAX_REMEMBERED_EVENTS = 10_000
-/** The shared record of an event being applied (cluster mode); an instance that dies mid-way frees the id after this. */
+/**
+ * The shared record of an event being applied (cluster mode) is `pending:<owner>`. Its owner
+ * renews it every third of PENDING_TTL_MS while it applies the event, so only an instance
+ * that died (or lost Redis) mid-way frees the id, after PENDING_TTL_MS. Replies are JSON,
+ * so never start with this.
+ */
 const PENDING = 'pending'
 const PENDING_TTL_MS = 10_000
 /** How often a repeat delivery checks whether another instance finished applying the event. */
@@ -191,6 +197,8 @@ export interface EventProcessorOptions {
   windowMs?: number
   /** Most event ids remembered; default 10000 (the oldest is forgotten first). */
   maxRemembered?: number
+  /** Cluster mode: how long a claim on an id being applied outlives an instance that died; default 10 s. */
+  pendingTtlMs?: number
 }
 
 /**
@@ -203,6 +211,7 @@ export class EventProcessor {
   readonly #rules: EventRules
   readonly #windowMs: number
   readonly #max: number
+  readonly #pendingTtlMs: number
   // Insertion-ordered, so the oldest id is the first to forget. Holds the in-flight promise
   // too, so two concurrent deliveries of one event apply it once.
   readonly #seen = new Map<string, { at: number; outcome: Promise<EventOutcome> }>()
@@ -212,6 +221,7 @@ export class EventProcessor {
     this.#rules = rules
     this.#windowMs = options.windowMs ?? EVENT_ID_WINDOW_MS
     this.#max = options.maxRemembered ?? DEFAULT_MAX_REMEMBERED_EVENTS
+    this.#pendingTtlMs = options.pendingTtlMs ?? PENDING_TTL_MS
   }
 
   /** Applies one event (or replays the reply to an id seen within the window). */
@@ -237,30 +247,40 @@ export class EventProcessor {
 
   /**
    * Applies an event with an id once across every instance sharing the store (cluster mode):
-   * a record in the store claims the id while it is applied and then holds the reply for
-   * the window, so another instance's delivery of the same id replays it. A claim whose
-   * instance died runs out after PENDING_TTL_MS and the id can be applied again. Without
-   * shared records (the embedded store) the in-process map is the whole story.
+   * a record in the store claims the id while it is applied (renewed by its owner) and then
+   * holds the reply for the window, so another instance's delivery of the same id waits and
+   * replays it. The owner renews, fulfils or drops only its own claim: if its claim ran out
+   * (it lost Redis for longer than the claim) and another instance took the id over, it
+   * leaves that claim alone. Without shared records (the embedded store) the in-process map
+   * is the whole story.
    */
   async #applyOnce(event: DomainEvent, id: string, actor: string | undefined): Promise<EventOutcome> {
     const store = this.#cache.store
-    if (store.putRecord === undefined) return { response: await this.#run(event, actor), replayed: false }
+    if (store.putRecord === undefined || store.swapRecord === undefined) {
+      return { response: await this.#run(event, actor), replayed: false }
+    }
     const name = `event:${id}`
+    const claim = `${PENDING}:${randomUUID()}`
     for (;;) {
-      const prior = await store.putRecord(name, PENDING, PENDING_TTL_MS)
+      const prior = await store.putRecord(name, claim, this.#pendingTtlMs)
       if (prior === undefined) break
-      if (prior !== PENDING) return { response: JSON.parse(prior) as EventResponse, replayed: true }
+      if (!prior.startsWith(PENDING)) return { response: JSON.parse(prior) as EventResponse, replayed: true }
       await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS))
     }
+    const renew = setInterval(() => {
+      store.swapRecord!(name, claim, claim, this.#pendingTtlMs).catch(() => false)
+    }, this.#pendingTtlMs / 3)
     let response: EventResponse
     try {
       response = await this.#run(event, actor)
     } catch (error) {
-      await store.dropRecord?.(name).catch(() => undefined)
+      clearInterval(renew)
+      await store.swapRecord(name, claim, undefined, 0).catch(() => false)
       throw error
     }
+    clearInterval(renew)
     // Applied: a failure to record the reply only means a repeat elsewhere is applied again.
-    await store.putRecord(name, JSON.stringify(response), this.#windowMs, true).catch(() => undefined)
+    await store.swapRecord(name, claim, JSON.stringify(response), this.#windowMs).catch(() => false)
     return { response, replayed: false }
   }
 

@@ -265,34 +265,42 @@ redis.call('SET', base .. 'epoch', ARGV[1], 'NX')
 return {redis.call('GET', base .. 'epoch'), tonumber(redis.call('GET', base .. 'seq') or '0')}
 `
 
-/** claimFill(key, token, ttlMs) -> 0 when the fill is now `token`'s, else the ms another claim has left. */
+/**
+ * claimFill(key, holder, ttlMs, proposedEpoch) -> {epoch, seq, left}: the lease stamp (as
+ * STAMP) and, in the same step, the fill claim: left is 0 when the fill is now `holder`'s,
+ * else the ms another claim has left.
+ */
 const CLAIM_FILL = `${PRELUDE}
+redis.call('SET', base .. 'epoch', ARGV[4], 'NX')
+local epoch = redis.call('GET', base .. 'epoch')
+local seq = tonumber(redis.call('GET', base .. 'seq') or '0')
 local f = pre .. 'f:' .. ARGV[1]
-if redis.call('SET', f, ARGV[2], 'NX', 'PX', ARGV[3]) then return 0 end
+if redis.call('SET', f, ARGV[2], 'NX', 'PX', ARGV[3]) then return {epoch, seq, 0} end
 local left = redis.call('PTTL', f)
 if left < 1 then left = 1 end
-return left
+return {epoch, seq, left}
 `
 
-/** releaseFill(key, token): drops the fill claim if `token` holds it. */
+/** releaseFill(key, holder): drops the fill claim if `holder` holds it. */
 const RELEASE_FILL = `${PRELUDE}
 local f = pre .. 'f:' .. ARGV[1]
 if redis.call('GET', f) == ARGV[2] then redis.call('DEL', f) end
 return 0
 `
 
-/**
- * putRecord(name, value, ttlMs, overwrite 1|0) -> nil when `value` was stored, else the
- * record already there (kept as is). With overwrite=1 the value is stored unconditionally.
- */
+/** putRecord(name, value, ttlMs) -> nil when `value` was stored, else the record already there (kept as is). */
 const PUT_RECORD = `
 local r = KEYS[1] .. 'rec:' .. ARGV[1]
-if ARGV[4] == '1' then
-  redis.call('SET', r, ARGV[2], 'PX', ARGV[3])
-  return false
-end
 if redis.call('SET', r, ARGV[2], 'NX', 'PX', ARGV[3]) then return false end
 return redis.call('GET', r)
+`
+
+/** swapRecord(name, expected, drop 1|0, value, ttlMs) -> 1 when the record held `expected` and was replaced or dropped, else 0. */
+const SWAP_RECORD = `
+local r = KEYS[1] .. 'rec:' .. ARGV[1]
+if redis.call('GET', r) ~= ARGV[2] then return 0 end
+if ARGV[3] == '1' then redis.call('DEL', r) else redis.call('SET', r, ARGV[4], 'PX', ARGV[5]) end
+return 1
 `
 
 /** sweep(now, limit) -> expired keys dropped. */
@@ -350,6 +358,7 @@ export const REDIS_SCRIPTS = {
   cwClaimFill: CLAIM_FILL,
   cwReleaseFill: RELEASE_FILL,
   cwPutRecord: PUT_RECORD,
+  cwSwapRecord: SWAP_RECORD,
   cwSweep: SWEEP,
   cwMembers: MEMBERS,
   cwUserEntries: USER_ENTRIES,

@@ -63,26 +63,32 @@ export interface Store {
 
   /**
    * Herd control shared by every instance on the store (DESIGN.md section 4: one fill lease
-   * per key at a time): claims the fill of `key` for `ttlMs` under `token` unless another
-   * claim is outstanding. Resolves 0 when claimed, else the ms the other claim has left. A
-   * write of the key and an invalidation naming it end the claim. Optional: without it, the
+   * per key at a time): takes the stamp a lease issued now carries and, in the same step,
+   * claims the fill of `key` for `ttlMs` for `holder` unless another claim is outstanding.
+   * `left` is 0 when claimed, else the ms the other claim has left. A write of the key and an
+   * invalidation naming it end the claim. Never rejects: when the store cannot be asked, the
+   * stamp is one that can never write, and the miss fills. Optional: without it, the
    * CacheService keeps the claims in memory, which is exact for a store only it uses.
    */
-  claimFill?(key: string, token: string, ttlMs: number): Promise<number>
+  claimFill?(key: string, holder: string, ttlMs: number): Promise<{ stamp: LeaseStamp; left: number }>
 
-  /** Ends `token`'s fill claim on `key` (its write was refused); nothing if another holds it. */
-  releaseFill?(key: string, token: string): Promise<void>
+  /** Ends `holder`'s fill claim on `key` (its write was refused); nothing if another holds it. */
+  releaseFill?(key: string, holder: string): Promise<void>
 
   /**
    * Idempotency records every instance on the store shares (a domain event's id and its
    * reply): stores `value` under `name` for `ttlMs` unless a record is there, and resolves
-   * to that record's value, or undefined when this call stored it. With `overwrite`, stores
-   * unconditionally. Optional: without it, event ids are remembered per process.
+   * to that record's value, or undefined when this call stored it. Optional: without it,
+   * event ids are remembered per process. `putRecord` and `swapRecord` come together.
    */
-  putRecord?(name: string, value: string, ttlMs: number, overwrite?: boolean): Promise<string | undefined>
+  putRecord?(name: string, value: string, ttlMs: number): Promise<string | undefined>
 
-  /** Drops an idempotency record. */
-  dropRecord?(name: string): Promise<void>
+  /**
+   * Replaces the record `name` with `value` for `ttlMs` (or drops it, when `value` is
+   * undefined) only if it still holds `expected`; resolves whether it did. A claim's owner
+   * renews, fulfils or abandons its claim with it, never touching a claim another took over.
+   */
+  swapRecord?(name: string, expected: string, value: string | undefined, ttlMs: number): Promise<boolean>
 
   /** A user's entries (for inspection), from the index: O(that user's entries). */
   userEntries(userId: string, now: number): Promise<StoredEntry[]>

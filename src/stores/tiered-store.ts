@@ -31,6 +31,11 @@ const SCAN_COUNT = 1000
 const MAX_DROPPED_KEYS = 10_000
 /** The lease stamp handed out while Redis is unreachable: no store ever accepts it. */
 const OFFLINE_STAMP: LeaseStamp = { epoch: 'offline', seq: 0 }
+/**
+ * The epoch a stamp proposes, taken only if Redis has none (first start, or it lost its data).
+ * Fresh each time: reusing one would revive leases from before an earlier data loss.
+ */
+const proposedEpoch = () => randomBytes(6).toString('base64url')
 
 export interface TieredStoreOptions {
   /** redis:// or rediss:// URL (REDIS_URL). */
@@ -367,33 +372,38 @@ export class TieredStore implements Store {
     }
   }
 
-  async claimFill(key: string, token: string, ttlMs: number): Promise<number> {
-    return this.#call(async () => Number(await this.#scripts.cwClaimFill(this.#base, key, token, ttlMs)))
+  async claimFill(key: string, holder: string, ttlMs: number): Promise<{ stamp: LeaseStamp; left: number }> {
+    try {
+      const ms = Math.max(1, Math.ceil(ttlMs))
+      const [epoch, seq, left] = (await this.#scripts.cwClaimFill(this.#base, key, holder, ms, proposedEpoch())) as [string, number, number]
+      return { stamp: { epoch, seq }, left }
+    } catch {
+      // A miss must still answer while Redis is down: it fills, and its lease can never write.
+      return { stamp: OFFLINE_STAMP, left: 0 }
+    }
   }
 
-  async releaseFill(key: string, token: string): Promise<void> {
-    await this.#call(() => this.#scripts.cwReleaseFill(this.#base, key, token))
+  async releaseFill(key: string, holder: string): Promise<void> {
+    await this.#call(() => this.#scripts.cwReleaseFill(this.#base, key, holder))
   }
 
-  async putRecord(name: string, value: string, ttlMs: number, overwrite = false): Promise<string | undefined> {
+  async putRecord(name: string, value: string, ttlMs: number): Promise<string | undefined> {
     return this.#call(async () => {
-      const prior = (await this.#scripts.cwPutRecord(this.#base, name, value, Math.max(1, Math.round(ttlMs)), overwrite ? 1 : 0)) as string | null
+      const prior = (await this.#scripts.cwPutRecord(this.#base, name, value, Math.max(1, Math.ceil(ttlMs)))) as string | null
       return prior ?? undefined
     })
   }
 
-  async dropRecord(name: string): Promise<void> {
-    await this.#call(() => this.#redis.del(`${this.#base}rec:${name}`))
+  async swapRecord(name: string, expected: string, value: string | undefined, ttlMs: number): Promise<boolean> {
+    return this.#call(async () => {
+      const drop = value === undefined ? 1 : 0
+      return (await this.#scripts.cwSwapRecord(this.#base, name, expected, drop, value ?? '', Math.max(1, Math.ceil(ttlMs)))) === 1
+    })
   }
 
   async leaseStamp(): Promise<LeaseStamp> {
     try {
-      const [epoch, seq] = (await this.#scripts.cwStamp(
-        this.#base,
-        // Proposed only if Redis has no epoch (first start, or it lost its data). Fresh each
-        // time: reusing one would revive leases from before an earlier data loss.
-        randomBytes(6).toString('base64url'),
-      )) as [string, number]
+      const [epoch, seq] = (await this.#scripts.cwStamp(this.#base, proposedEpoch())) as [string, number]
       return { epoch, seq }
     } catch {
       // A miss must still answer while Redis is down; this lease can never write.

@@ -21,7 +21,7 @@ t.test('a miss is a 404 not_found carrying a lease token', async (t) => {
   const app = await build(t)
   const body = await miss(app, 'dashboard:42')
   t.equal(body.error, 'not_found')
-  t.match(body.lease, /^[A-Za-z0-9_-]+\.[0-9a-z]+\.[A-Za-z0-9_-]+$/)
+  t.match(body.lease, /^[A-Za-z0-9_-]+\.[0-9a-z]+\.[A-Za-z0-9_-]{11}\.[A-Za-z0-9_-]{12}$/)
   t.equal(body.fill, true)
 })
 
@@ -285,6 +285,20 @@ t.test('herd control', async (t) => {
     t.equal(filler.fill, true, 'an invalidation of the key releases its fill lease')
     t.equal((await putWith(app, 'k', { value: 'old', lease: waiter.lease })).statusCode, 409)
     t.equal((await miss(app, 'k')).fill, false, 'the current filler still holds it')
+  })
+
+  t.test("a waiter's lease, issued under the same stamp as the filler's, cannot end the fill lease", async (t) => {
+    const clock = new FakeClock()
+    const app = await build(t, { fillLeaseMs: 2000 }, { now: clock.now })
+    const filler = await miss(app, 'k')
+    const waiter = await miss(app, 'k')
+    t.equal(filler.fill, true)
+    t.equal(waiter.fill, false)
+    t.not(waiter.lease, filler.lease, 'every lease names its own holder')
+    await call(app, { method: 'DELETE', url: '/v1/tags/t1/entries' })
+    t.equal((await putWith(app, 'k', { value: 'old', tags: ['t1'], lease: waiter.lease })).statusCode, 409)
+    t.equal((await miss(app, 'k')).fill, false, 'the filler still holds the fill lease')
+    t.equal((await putWith(app, 'k', { value: 'new', lease: filler.lease })).statusCode, 200, 'and its write (no t1) lands')
   })
 
   t.test('a clear releases every fill lease', async (t) => {

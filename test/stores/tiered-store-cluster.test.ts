@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
 import t, { type Test } from 'tap'
+import { EventProcessor, EventRules } from '../../src/sources/events.js'
 import type { TieredStore } from '../../src/stores/tiered-store.js'
 import { KEYS, build, call, get, put } from '../helpers/build.js'
 import { requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
@@ -112,6 +113,20 @@ if (requireRedisServer(t)) {
     t.ok(await waitUntil(async () => (await l1(b).l1Peek('herd:1', b.cache.now())) === undefined), 'the bus dropped b\'s copy')
     const next = await get(b, 'herd:1')
     t.equal(next.json().fill, true, 'after the write and an invalidation, the next miss fills again')
+  })
+
+  t.test("a waiter's refused write on another instance does not end the filler's claim", async (t) => {
+    const filler = (await get(a, 'herd:2')).json()
+    const waiter = (await get(b, 'herd:2')).json()
+    t.equal(filler.fill, true)
+    t.equal(waiter.fill, false)
+    t.not(waiter.lease, filler.lease, 'same stamp, different holder')
+    await call(c, { method: 'DELETE', url: '/v1/tags/t-herd/entries', key: 'invalidate' })
+    const refused = await call(b, { method: 'PUT', url: '/v1/entries/herd%3A2', payload: { value: 'old', tags: ['t-herd'], lease: waiter.lease } })
+    t.equal(refused.statusCode, 409)
+    t.equal((await get(c, 'herd:2')).json().fill, false, 'a third instance still waits for the filler')
+    const filled = await call(a, { method: 'PUT', url: '/v1/entries/herd%3A2', payload: { value: 'new', lease: filler.lease } })
+    t.equal(filled.statusCode, 200)
   })
 
   t.test('a lease from one instance writes on another when nothing invalidated the key', async (t) => {
@@ -228,6 +243,39 @@ if (requireRedisServer(t)) {
     const fresh = await call(z, { method: 'POST', url: '/v1/events', payload: { ...event, id: 'evt-cluster-2' }, key: 'invalidate' })
     t.equal(fresh.headers['idempotent-replayed'], undefined)
     t.equal(fresh.json().invalidations[0].invalidated, 1)
+  })
+
+  t.test('an event applied for longer than its claim time is still applied once: its owner renews the claim', async (t) => {
+    const [x, y] = await Promise.all([0, 1].map(() => build(t, { redisUrl: redis.url })))
+    const rules = new EventRules([{ event: 'slow.done', invalidate: { userIds: ['{{data.u}}'] } }], x.cache.limits)
+    const onX = new EventProcessor(x.cache, rules, { pendingTtlMs: 150 })
+    const onY = new EventProcessor(y.cache, rules, { pendingTtlMs: 150 })
+    // x's invalidation is held until the test lets it go: an apply as slow as we like.
+    let release!: () => void
+    const gate = new Promise<void>((resolve) => (release = resolve))
+    const invalidateX = x.cache.invalidate.bind(x.cache)
+    x.cache.invalidate = async (...args) => {
+      await gate
+      return invalidateX(...args)
+    }
+    let appliedOnY = 0
+    const invalidateY = y.cache.invalidate.bind(y.cache)
+    y.cache.invalidate = async (...args) => {
+      appliedOnY++
+      return invalidateY(...args)
+    }
+    const event = { id: 'evt-slow-1', type: 'slow.done', data: { u: 's1' } }
+    const first = onX.apply(event)
+    await sleep(50)
+    let secondDone = false
+    const second = onY.apply(event).finally(() => (secondDone = true))
+    await sleep(750) // five claim times: without renewal y would have taken the id over
+    t.equal(secondDone, false, 'the second delivery still waits for the first')
+    release()
+    const [one, two] = await Promise.all([first, second])
+    t.same([one.replayed, two.replayed], [false, true])
+    t.same(two.response, one.response, 'and replays its reply')
+    t.equal(appliedOnY, 0, 'y applied nothing')
   })
 
   t.test('stats show the entries Redis holds, on every instance', async (t) => {

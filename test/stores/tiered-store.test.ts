@@ -5,6 +5,8 @@ import { FakeClock } from '../helpers/build.js'
 import { requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
 import { entry, storeContract, type ContractClock } from './store-contract.js'
 
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
 if (requireRedisServer(t)) {
   const redis = await startRedis(t)
   let n = 0
@@ -164,21 +166,56 @@ if (requireRedisServer(t)) {
     const a = await open(clock, { namespace })
     const b = await open(clock, { namespace })
     t.teardown(() => Promise.all([a.close(), b.close()]))
-    t.equal(await a.claimFill('k', 'lease-a', 2000), 0, 'the first claim holds the fill')
-    const left = await b.claimFill('k', 'lease-b', 2000)
+    const claim = async (store: TieredStore, holder: string, ttlMs = 2000) => (await store.claimFill('k', holder, ttlMs)).left
+    t.equal(await claim(a, 'holder-a'), 0, 'the first claim holds the fill')
+    const left = await claim(b, 'holder-b')
     t.ok(left > 0 && left <= 2000, `another store's claim waits (${left} ms left)`)
-    await b.releaseFill('k', 'lease-b')
-    t.ok((await b.claimFill('k', 'lease-b', 2000)) > 0, 'releasing a claim one does not hold changes nothing')
-    await a.releaseFill('k', 'lease-a')
-    t.equal(await b.claimFill('k', 'lease-b', 2000), 0, 'the holder released it')
+    await b.releaseFill('k', 'holder-b')
+    t.ok((await claim(b, 'holder-b')) > 0, 'releasing a claim one does not hold changes nothing')
+    await a.releaseFill('k', 'holder-a')
+    t.equal(await claim(b, 'holder-b'), 0, 'the holder released it')
 
     await a.set(entry(clock, 'k'))
-    t.equal(await a.claimFill('k', 'lease-c', 2000), 0, 'a write of the key ended the claim')
+    t.equal(await claim(a, 'holder-c'), 0, 'a write of the key ended the claim')
     await b.invalidate({ keys: ['k'] }, 'delete', clock.now())
-    t.equal(await b.claimFill('k', 'lease-d', 2000), 0, 'so did an invalidation naming it')
+    t.equal(await claim(b, 'holder-d'), 0, 'so did an invalidation naming it')
     await a.clear()
-    t.equal(await a.claimFill('k', 'lease-e', 50), 0, 'and a clear')
-    t.ok(await waitUntil(async () => (await b.claimFill('k', 'lease-f', 2000)) === 0), 'a claim runs out by itself')
+    t.equal(await claim(a, 'holder-e', 50.5), 0, 'and a clear (and a fractional ttl is rounded, not refused)')
+    t.ok(await waitUntil(async () => (await claim(b, 'holder-f')) === 0), 'a claim runs out by itself')
+  })
+
+  t.test('a fill claim carries the stamp a lease issued at the same moment carries', async (t) => {
+    const clock = new FakeClock()
+    const store = await open(clock)
+    t.teardown(() => store.close())
+    const before = await store.claimFill('k', 'h1', 2000)
+    t.same(before.stamp, await store.leaseStamp(), 'the same epoch and sequence as leaseStamp')
+    await store.invalidate({ tags: ['t'] }, 'delete', clock.now())
+    const after = await store.claimFill('k', 'h2', 2000)
+    t.equal(after.stamp.epoch, before.stamp.epoch)
+    t.ok(after.stamp.seq > before.stamp.seq, 'an invalidation in between moves the sequence on')
+    t.ok(after.left > 0, 'and leaves the claim to its holder (only a write or a key invalidation ends it)')
+  })
+
+  t.test('an idempotency record is claimed once, and only its owner renews, fulfils or drops it', async (t) => {
+    const clock = new FakeClock()
+    const namespace = `shared${n++}`
+    const a = await open(clock, { namespace })
+    const b = await open(clock, { namespace })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    t.equal(await a.putRecord('r', 'pending:a', 100), undefined, 'claimed')
+    t.equal(await b.putRecord('r', 'pending:b', 100), 'pending:a', 'a second claim sees the first')
+    t.equal(await b.swapRecord('r', 'pending:b', undefined, 0), false, 'another owner cannot drop it')
+    t.equal(await b.swapRecord('r', 'pending:b', 'reply-b', 1000), false, 'nor fulfil it')
+    t.equal(await a.swapRecord('r', 'pending:a', 'pending:a', 1000), true, 'its owner renews it')
+    await sleep(200)
+    t.equal(await b.putRecord('r', 'pending:b', 100), 'pending:a', 'the renewal outlived the first claim time')
+    t.equal(await a.swapRecord('r', 'pending:a', 'reply-a', 60_000), true, 'its owner fulfils it')
+    t.equal(await b.putRecord('r', 'pending:b', 100), 'reply-a')
+    t.equal(await a.swapRecord('r', 'pending:a', undefined, 0), false, 'a fulfilled record is no longer a claim to drop')
+    t.equal(await a.putRecord('q', 'pending:a', 100), undefined)
+    t.equal(await a.swapRecord('q', 'pending:a', undefined, 0), true, 'its owner drops it')
+    t.equal(await b.putRecord('q', 'pending:b', 100), undefined, 'and the id is free again')
   })
 
   t.test('malformed bus messages are ignored and the bus keeps working', async (t) => {
