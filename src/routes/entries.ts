@@ -55,7 +55,8 @@ export default async function entryRoutes(fastify: FastifyInstance) {
           'carrying a `lease`: send it back with the PUT that fills the key, and the write is refused ' +
           'if an invalidation touched the key meanwhile. Only one miss at a time gets `fill: true`; the ' +
           'others get `fill: false` and `retryAfterMs`. With `?load=true`, a miss on a key an origin serves is ' +
-          'filled from it (one origin call however many callers wait); 503 `backend_unavailable` if the origin fails.',
+          'filled from it (one origin call however many callers wait); 503 `backend_unavailable` if the origin fails. ' +
+          '`HEAD` answers the same status and headers with no side effect: no lease, no hit or miss counted, no origin call.',
         params: KeyParams,
         querystring: ReadQuery,
         response: { 200: Entry, 304: { type: 'null', description: 'Not modified' }, 404: MissBody, ...badRequest, ...authErrors },
@@ -65,6 +66,16 @@ export default async function entryRoutes(fastify: FastifyInstance) {
     (request, reply) => {
       const { key } = request.params
       const allowStale = request.query.allowStale === true
+      // HEAD (Fastify answers it with this handler) looks without touching anything: no hit or
+      // miss counted, no lease (its caller would never see a fill lease it took), no origin call.
+      if (request.method === 'HEAD') {
+        return cache.inspect(key).then((entry) => {
+          const visible = entry !== undefined && (allowStale || !entry.stale) ? entry : undefined
+          if (visible === undefined) reply.code(404).send({ error: 'not_found', message: `no entry for "${truncate(key)}"` })
+          else sendRead(reply, key, { entry: visible }, request.headers['if-none-match'])
+          return reply
+        })
+      }
       // ?load=true fills a miss from the key's origin (src/origins): single flight, under the lease.
       const result = request.query.load === true ? app.origins.readThrough(key, allowStale) : cache.read(key, allowStale)
       if (result instanceof Promise) {

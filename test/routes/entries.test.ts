@@ -52,6 +52,33 @@ t.test('a miss is 404 not_found with a lease', async (t) => {
   t.equal(body.fill, true)
 })
 
+t.test('HEAD looks without side effects: no hit or miss counted, no lease taken', async (t) => {
+  const app = await build(t)
+  const head = (key: string, query = '', headers: Record<string, string> = {}) =>
+    call(app, { method: 'HEAD', url: `/v1/entries/${encodeURIComponent(key)}${query}`, headers })
+  const missing = await head('nothing-here')
+  t.equal(missing.statusCode, 404)
+  t.equal(missing.body, '', 'no body')
+  t.equal((await get(app, 'nothing-here')).json().fill, true, 'the first GET miss still gets the fill lease')
+
+  const { etag } = await put(app, 'k', { value: { a: 1 } })
+  const before = { ...app.cache.totals }
+  const hit = await head('k')
+  t.equal(hit.statusCode, 200)
+  t.equal(hit.headers.etag, `"${etag}"`)
+  t.equal(hit.body, '')
+  t.equal((await head('k', '', { 'if-none-match': `"${etag}"` })).statusCode, 304)
+  t.equal((await head('other-missing')).statusCode, 404)
+  t.equal(app.cache.totals.hits, before.hits, 'no hit counted')
+  t.equal(app.cache.totals.misses, before.misses, 'no miss counted')
+  t.equal(app.cache.totals.leasesIssued, before.leasesIssued, 'no lease issued')
+
+  await call(app, { method: 'DELETE', url: '/v1/entries/k?mode=stale', key: 'invalidate' })
+  t.equal((await head('k')).statusCode, 404, 'a stale entry is a miss')
+  t.equal((await head('k', '?allowStale=true')).statusCode, 200, 'unless stale is allowed')
+  t.equal((await head('\u0001')).statusCode, 400, 'a bad key is still a 400')
+})
+
 t.test('overwriting replaces the value, user and tags', async (t) => {
   const app = await build(t)
   await put(app, 'k', { value: 1, userId: 'u1', tags: ['a'] })
