@@ -2,7 +2,7 @@ import { STATUS_CODES } from 'node:http'
 import type { Duplex } from 'node:stream'
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
-import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify'
+import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import { AuditLog } from './cache/audit-log.js'
 import { CacheService, type CoreLogger } from './cache/cache-service.js'
 import { defaultConfig, type Config } from './config.js'
@@ -72,12 +72,15 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
     // Bad percent-encoding and over-long path parameters get the contract's 400, not Fastify's own body.
-    frameworkErrors: (error, _request, reply) => {
+    // No hook runs for them, so they are counted here (route `unmatched`; no timing: handled at once).
+    frameworkErrors: (error, request, reply) => {
       const message =
         error.code === 'FST_ERR_MAX_PARAM_LENGTH'
           ? `a path parameter is longer than the limit (keys: ${config.limits.maxKeyBytes} bytes)`
           : 'the URL is not valid (bad percent-encoding)'
       ;(reply as FastifyReply).code(400).send({ error: 'invalid_request', message })
+      const server = request.server as FastifyInstance
+      if (server.hasDecorator('metrics')) server.metrics.observeUnrouted(request as FastifyRequest, reply as FastifyReply)
     },
     clientErrorHandler: clientError,
   })

@@ -12,7 +12,12 @@ import { ErrorBody } from '../schemas/common.js'
 declare module 'fastify' {
   interface FastifyInstance {
     /** This app's Prometheus registry (the process metrics live in a shared one). */
-    metrics: { registry: Registry; scrape(): Promise<string> }
+    metrics: {
+      registry: Registry
+      scrape(): Promise<string>
+      /** Observes a reply sent where no hook runs (a URL refused before routing) under `unmatched`. */
+      observeUnrouted(request: FastifyRequest, reply: FastifyReply): void
+    }
   }
 }
 
@@ -259,7 +264,8 @@ export default fp(
     })
 
     const scrape = async () => (await processMetrics().metrics()) + (await registry.metrics())
-    app.decorate('metrics', { registry, scrape })
+    const observeUnrouted = (request: FastifyRequest, reply: FastifyReply) => unmatched(request, reply, () => undefined)
+    app.decorate('metrics', { registry, scrape, observeUnrouted })
   },
   { name: 'cachewarden-metrics', dependencies: ['cachewarden-errors'] },
 )

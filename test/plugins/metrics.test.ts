@@ -38,6 +38,8 @@ async function exercise(app: FastifyInstance) {
   await call(app, { method: 'DELETE', url: `/v1/tags/${TAG}/entries`, key: 'invalidate' })
   await inv({ prefixes: [KEY_PREFIX] })
   await call(app, { method: 'GET', url: UNMATCHED_URL })
+  await call(app, { method: 'GET', url: '/v1/entries/%zz' }) // refused before routing: bad percent-encoding
+  await call(app, { method: 'DELETE', url: `/v1/entries/${'k'.repeat(2000)}`, key: 'invalidate' }) // and an over-long key
   await call(app, { method: 'GET', url: `/v1/debug/users/${OTHER_USER}` })
   await app.inject({ method: 'GET', url: '/docs/json' })
 }
@@ -87,6 +89,8 @@ t.test('a scrape after real traffic has every DESIGN metric and the counts of wh
   t.equal(http({ route: '/v1/entries/:key', method: 'PUT', status_code: '409' }), 1)
   t.equal(http({ route: '/v1/entries/:key', method: 'GET', status_code: '404' }), 1)
   t.equal(http({ route: 'unmatched', method: 'GET', status_code: '404' }), 1, 'an unmatched URL gets a fixed label')
+  t.equal(http({ route: 'unmatched', method: 'GET', status_code: '400' }), 1, 'a URL refused before routing is counted too')
+  t.equal(http({ route: 'unmatched', method: 'DELETE', status_code: '400' }), 1)
   t.equal(http({ route: '/v1/debug/users/:userId', method: 'GET', status_code: '200' }), 1)
   t.equal(http({ route: '/v1/tags/:tag/entries', method: 'DELETE', status_code: '200' }), 1)
   t.equal(http({ route: '/docs/json', method: 'GET', status_code: '200' }), 1, 'the docs routes too')
