@@ -13,6 +13,7 @@ import {
   serializeValue,
   type Limits,
 } from './limits.js'
+import { eachLimited } from './each-limited.js'
 import { Ring } from './ring.js'
 import {
   SELECTOR_KINDS,
@@ -33,6 +34,8 @@ export const DEFAULT_INVALIDATION_LOG_SIZE = 1000
 const MAX_FILL_LEASES = 100_000
 /** Waiters are told to come back after at most this long, even if the fill lease has longer to run. */
 const MAX_RETRY_AFTER_MS = 100
+/** Keys of a batch-get looked up at once. */
+const BATCH_LOOKUPS = 32
 
 /** The subset of a pino logger the core uses. */
 export interface CoreLogger {
@@ -188,14 +191,20 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     if (keys.length > this.limits.maxBatch) throw invalidRequest(`keys has more than ${this.limits.maxBatch} items`)
     keys.forEach((key, i) => checkKey(key, this.limits, `keys[${i}]`))
     const now = this.now()
+    const unique = [...new Set(keys)]
+    // Up to BATCH_LOOKUPS at once: in cluster mode a miss is a Redis round trip or two, and
+    // concurrent commands share the connection's pipeline instead of queueing one by one.
+    const results = new Array<ReadResult>(unique.length)
+    await eachLimited(Array.from(unique.keys()), BATCH_LOOKUPS, async (i) => {
+      results[i] = await this.#lookup(unique[i]!, allowStale, now)
+    })
     const entries = new Map<string, StoredEntry>()
     const leases = new Map<string, IssuedLease>()
-    for (const key of keys) {
-      if (entries.has(key) || leases.has(key)) continue
-      const result = await this.#lookup(key, allowStale, now)
+    unique.forEach((key, i) => {
+      const result = results[i]!
       if (result.entry !== undefined) entries.set(key, result.entry)
       else leases.set(key, result.lease)
-    }
+    })
     return { entries, leases }
   }
 

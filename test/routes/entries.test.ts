@@ -121,6 +121,19 @@ t.test('TTL expiry with a fake clock', async (t) => {
   t.equal(debug.count, 0, 'the user index forgot the expired entry')
 })
 
+t.test('batch-get answers in the order asked, each repeated key once', async (t) => {
+  const app = await build(t)
+  const keys = Array.from({ length: 200 }, (_, i) => `k${(i * 37) % 150}`)
+  for (let i = 0; i < 150; i += 3) await put(app, `k${i}`, { value: i })
+  const res = await call(app, { method: 'POST', url: '/v1/entries/batch-get', payload: { keys }, key: 'read' })
+  const body = res.json()
+  const firsts = [...new Set(keys)]
+  t.same(Object.keys(body.entries), firsts.filter((k) => Number(k.slice(1)) % 3 === 0))
+  t.same(body.missing, firsts.filter((k) => Number(k.slice(1)) % 3 !== 0))
+  t.equal(Object.keys(body.leases).length, 100, 'one lease per missing key')
+  t.equal(Object.values(body.leases).filter((l) => (l as { fill: boolean }).fill).length, 100, 'each the fill lease of its key')
+})
+
 t.test('batch-get returns hits, misses and a lease per miss', async (t) => {
   const app = await build(t)
   await put(app, 'a', { value: 'A' })
