@@ -33,6 +33,11 @@ export interface MemoryStoreOptions {
   /** Bounds of the lease bookkeeping. */
   maxLeaseScopes?: number
   maxLeasePrefixes?: number
+  /**
+   * Keep lease bookkeeping (default true). Off for a tier under a store that keeps the leases
+   * itself (the TieredStore's L1): its invalidations then stamp nothing, and it issues no leases.
+   */
+  leases?: boolean
 }
 
 /**
@@ -51,7 +56,7 @@ export class MemoryStore implements Store {
   readonly #buckets = new Map<number, Set<string>>()
   // Bucket ids, a min-heap, so a sweep finds the due buckets without scanning them all.
   readonly #bucketHeap: number[] = []
-  readonly #leases: LeaseBook
+  readonly #leases: LeaseBook | undefined
   readonly #listeners: EvictionListener[] = []
   readonly #now: () => number
   readonly #timer: NodeJS.Timeout | undefined
@@ -64,7 +69,7 @@ export class MemoryStore implements Store {
   constructor(options: MemoryStoreOptions = {}) {
     this.#now = options.now ?? Date.now
     this.#maxEntries = options.maxEntries ?? DEFAULT_MAX_ENTRIES
-    this.#leases = new LeaseBook(options.maxLeaseScopes, options.maxLeasePrefixes)
+    this.#leases = options.leases === false ? undefined : new LeaseBook(options.maxLeaseScopes, options.maxLeasePrefixes)
     this.#lru = new LRUCache<string, StoredEntry>({
       // No `max`: with one, lru-cache preallocates and, whenever its last entry goes,
       // refills arrays of `max` slots (17 ms at 1M). The count bound is enforced in set().
@@ -111,7 +116,7 @@ export class MemoryStore implements Store {
   }
 
   setSync(entry: StoredEntry, lease?: LeaseStamp): SetOutcome {
-    if (lease && !this.#leases.allows(lease, entry.key, entry.userId, entry.tags)) return 'lease_invalidated'
+    if (lease && this.#leases && !this.#leases.allows(lease, entry.key, entry.userId, entry.tags)) return 'lease_invalidated'
     // set() disposes the old entry (removing its memberships) before we index the new one,
     // except when the new one has the same user and tags: then the memberships stay and only
     // the expiry bucket moves (the common overwrite, and two fewer set operations per name).
@@ -138,7 +143,7 @@ export class MemoryStore implements Store {
   async invalidate(selector: Selector, mode: InvalidationMode, _now: number): Promise<number> {
     // Stamp first: from here on, leases issued before this invalidation are refused, even
     // while a long prefix scan is still running.
-    const seq = this.#leases.record(selector)
+    const seq = this.#leases?.record(selector)
     let count = 0
     const apply = (key: string) => {
       if (this.#apply(key, mode)) count++
@@ -147,7 +152,7 @@ export class MemoryStore implements Store {
     // even if the write that follows names another user or no tags.
     const applyAll = (keys: Members | undefined) => {
       if (keys === undefined) return
-      this.#leases.touch(keys, seq)
+      if (seq !== undefined) this.#leases!.touch(keys, seq)
       for (const key of [...keys]) apply(key)
     }
     for (const key of selector.keys ?? []) apply(key)
@@ -158,14 +163,14 @@ export class MemoryStore implements Store {
   }
 
   async clear(): Promise<number> {
-    this.#leases.recordClear()
+    this.#leases?.recordClear()
     const count = this.#lru.size
     this.#lru.clear()
     return count
   }
 
   async markAllStale(): Promise<number> {
-    this.#leases.recordClear()
+    this.#leases?.recordClear()
     let count = 0
     const slice = new Slice()
     // lru-cache's values() iterator survives the yields; entries set meanwhile are fresh writes.
@@ -180,6 +185,7 @@ export class MemoryStore implements Store {
   }
 
   async leaseStamp(): Promise<LeaseStamp> {
+    if (this.#leases === undefined) throw new Error('this store keeps no leases (its leases live in the store above it)')
     return this.#leases.stamp()
   }
 

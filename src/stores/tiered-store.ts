@@ -148,6 +148,7 @@ export class TieredStore implements Store {
       maxBytes: options.l1MaxBytes ?? this.#maxBytes,
       now: this.#now,
       sweepIntervalMs,
+      leases: false, // they live in Redis
     })
 
     const common: RedisOptions = {

@@ -6,6 +6,23 @@ import { entry, storeContract } from './store-contract.js'
 
 storeContract(t, 'MemoryStore', async (clock) => new MemoryStore({ now: clock.now, sweepIntervalMs: 0 }))
 
+t.test('without lease bookkeeping (a TieredStore L1) every invalidation still applies, and no lease is issued', async (t) => {
+  const clock = new FakeClock()
+  const store = new MemoryStore({ now: clock.now, sweepIntervalMs: 0, leases: false })
+  t.teardown(() => store.close())
+  for (const key of ['u:1', 'u:2', 't:1', 'p:1', 'p:2', 'k']) {
+    await store.set(entry(clock, key, { userId: key === 'u:1' || key === 'u:2' ? 'u' : undefined, tags: key === 't:1' ? ['t'] : undefined }))
+  }
+  t.equal(await store.invalidate({ userIds: ['u'] }, 'delete', clock.now()), 2)
+  t.equal(await store.invalidate({ tags: ['t'] }, 'stale', clock.now()), 1)
+  t.equal(await store.invalidate({ prefixes: ['p:'], keys: ['k'] }, 'delete', clock.now()), 3)
+  t.same(await store.userKeys('u'), [])
+  t.equal((await store.peek('t:1', clock.now()))?.stale, true)
+  t.equal(await store.markAllStale(), 0, 'nothing fresh left to mark')
+  t.equal(await store.clear(), 1)
+  await t.rejects(store.leaseStamp(), /keeps no leases/)
+})
+
 t.test('LRU eviction past maxEntries drops the least recently used and unindexes it', async (t) => {
   const clock = new FakeClock()
   const store = new MemoryStore({ maxEntries: 3, now: clock.now, sweepIntervalMs: 0 })
