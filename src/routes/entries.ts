@@ -56,7 +56,8 @@ export default async function entryRoutes(fastify: FastifyInstance) {
           'if an invalidation touched the key meanwhile. Only one miss at a time gets `fill: true`; the ' +
           'others get `fill: false` and `retryAfterMs`. With `?load=true`, a miss on a key an origin serves is ' +
           'filled from it (one origin call however many callers wait); 503 `backend_unavailable` if the origin fails. ' +
-          '`HEAD` answers the same status and headers with no side effect: no lease, no hit or miss counted, no origin call.',
+          '`HEAD` tells whether the key is cached now, with the headers a GET hit carries, and has no side effect: ' +
+          'no lease, no hit or miss counted, no origin call (`load` is ignored); 503 `backend_unavailable` when the store cannot be asked.',
         params: KeyParams,
         querystring: ReadQuery,
         response: { 200: Entry, 304: { type: 'null', description: 'Not modified' }, 404: MissBody, ...badRequest, ...authErrors },
@@ -68,6 +69,7 @@ export default async function entryRoutes(fastify: FastifyInstance) {
       const allowStale = request.query.allowStale === true
       // HEAD (Fastify answers it with this handler) looks without touching anything: no hit or
       // miss counted, no lease (its caller would never see a fill lease it took), no origin call.
+      // Like any inspection it is 503 when the store cannot be asked (a GET miss would still answer).
       if (request.method === 'HEAD') {
         return cache.inspect(key).then((entry) => {
           const visible = entry !== undefined && (allowStale || !entry.stale) ? entry : undefined
