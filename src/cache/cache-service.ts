@@ -194,17 +194,15 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const unique = [...new Set(keys)]
     // Up to BATCH_LOOKUPS at once: in cluster mode a miss is a Redis round trip or two, and
     // concurrent commands share the connection's pipeline instead of queueing one by one.
-    const results = new Array<ReadResult>(unique.length)
-    await eachLimited(Array.from(unique.keys()), BATCH_LOOKUPS, async (i) => {
-      results[i] = await this.#lookup(unique[i]!, allowStale, now)
-    })
+    const results = new Map<string, ReadResult>()
+    await eachLimited(unique, BATCH_LOOKUPS, async (key) => results.set(key, await this.#lookup(key, allowStale, now)))
     const entries = new Map<string, StoredEntry>()
     const leases = new Map<string, IssuedLease>()
-    unique.forEach((key, i) => {
-      const result = results[i]!
+    for (const key of unique) {
+      const result = results.get(key)!
       if (result.entry !== undefined) entries.set(key, result.entry)
       else leases.set(key, result.lease)
-    })
+    }
     return { entries, leases }
   }
 
@@ -216,7 +214,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   }
 
   #found(key: string, entry: StoredEntry | undefined, allowStale: boolean, now: number): ReadResult | Promise<ReadResult> {
-    if (entry !== undefined && (allowStale || !entry.stale)) {
+    if (readable(entry, allowStale)) {
       this.totals.hits++
       if (this.onHit !== undefined) this.onHit(entry, now)
       return { entry }
@@ -409,22 +407,24 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     // Every lease names its own holder, so only the filler's refused write can end its claim
     // (a waiter's lease carries the same stamp, never the same holder).
     const holder = newHolder()
-    if (this.store.claimFill !== undefined) {
-      // Shared with the other instances (cluster mode): stamped and claimed in one step.
-      const { stamp, left } = await this.store.claimFill(key, holder, this.#fillLeaseMs)
-      this.totals.leasesIssued++
-      const lease = encodeLease(stamp, key, holder)
-      return left > 0 ? { lease, fill: false, retryAfterMs: Math.max(1, Math.min(left, MAX_RETRY_AFTER_MS)) } : { lease, fill: true }
-    }
-    const lease = encodeLease(await this.store.leaseStamp(), key, holder)
+    // The store's claim is shared with the other instances (cluster mode), stamped and
+    // claimed in one step; without one, the claims are kept here.
+    const { stamp, left } =
+      this.store.claimFill !== undefined
+        ? await this.store.claimFill(key, holder, this.#fillLeaseMs)
+        : { stamp: await this.store.leaseStamp(), left: this.#claimFill(key, holder, now) }
     this.totals.leasesIssued++
+    const lease = encodeLease(stamp, key, holder)
+    return left > 0 ? { lease, fill: false, retryAfterMs: Math.max(1, Math.min(left, MAX_RETRY_AFTER_MS)) } : { lease, fill: true }
+  }
+
+  /** `Store.claimFill`'s claim, in memory: 0 when `holder` now holds the fill, else the ms the other claim has left. */
+  #claimFill(key: string, holder: string, now: number): number {
     const fill = this.#fills.get(key)
-    if (fill !== undefined && fill.until > now) {
-      return { lease, fill: false, retryAfterMs: Math.max(1, Math.min(fill.until - now, MAX_RETRY_AFTER_MS)) }
-    }
+    if (fill !== undefined && fill.until > now) return fill.until - now
     if (fill === undefined && this.#fills.size >= MAX_FILL_LEASES) this.#pruneFills(now)
     this.#fills.set(key, { until: now + this.#fillLeaseMs, holder })
-    return { lease, fill: true }
+    return 0
   }
 
   async #releaseFill(key: string, holder: string): Promise<void> {
@@ -499,6 +499,11 @@ export function decodeLease(token: string): (LeaseStamp & { keyHash: string; hol
   if (!/^[A-Za-z0-9_-]{1,32}$/.test(parts[0]!) || !/^[0-9a-z]{1,12}$/.test(parts[1]!)) return undefined
   if (!/^[A-Za-z0-9_-]{11}$/.test(parts[2]!) || (parts.length === 4 && !/^[A-Za-z0-9_-]{1,32}$/.test(parts[3]!))) return undefined
   return { epoch: parts[0]!, seq: parseInt(parts[1]!, 36), keyHash: parts[2]!, holder: parts[3] }
+}
+
+/** Whether a read answers with this entry: it is there, and fresh unless stale ones are allowed. */
+export function readable(entry: StoredEntry | undefined, allowStale: boolean): entry is StoredEntry {
+  return entry !== undefined && (allowStale || !entry.stale)
 }
 
 /** 72 random bits: a waiter cannot guess the filler's holder from its own lease. */

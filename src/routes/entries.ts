@@ -2,7 +2,7 @@ import { Type } from '@sinclair/typebox'
 import type { FastifyInstance, FastifyReply } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import { JSON_TYPE, renderBatch, renderEntry, renderWrite } from '../cache/render.js'
-import type { ReadResult, WriteInput } from '../cache/cache-service.js'
+import { readable, type ReadResult, type WriteInput } from '../cache/cache-service.js'
 import { CacheError, truncate } from '../errors.js'
 import { bareEtag, checkKey, listBodyBytes } from '../cache/limits.js'
 import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, leaseConflict, tooLarge } from '../schemas/common.js'
@@ -27,8 +27,8 @@ function etagMatches(header: string, etag: string): boolean {
   })
 }
 
-/** The reply to a read: the entry with its ETag (or 304), or the 404 miss with its lease. */
-function sendRead(reply: FastifyReply, key: string, result: ReadResult, ifNoneMatch: string | undefined): void {
+/** The reply to a read: the entry with its ETag (or 304), or the 404 miss with its lease (a HEAD takes none). */
+function sendRead(reply: FastifyReply, key: string, result: ReadResult | { entry?: undefined; lease?: undefined }, ifNoneMatch: string | undefined): void {
   const entry = result.entry
   if (entry === undefined) {
     reply.code(404).send({ error: 'not_found', message: `no entry for "${truncate(key)}"`, ...result.lease })
@@ -72,9 +72,7 @@ export default async function entryRoutes(fastify: FastifyInstance) {
       // Like any inspection it is 503 when the store cannot be asked (a GET miss would still answer).
       if (request.method === 'HEAD') {
         return cache.inspect(key).then((entry) => {
-          const visible = entry !== undefined && (allowStale || !entry.stale) ? entry : undefined
-          if (visible === undefined) reply.code(404).send({ error: 'not_found', message: `no entry for "${truncate(key)}"` })
-          else sendRead(reply, key, { entry: visible }, request.headers['if-none-match'])
+          sendRead(reply, key, readable(entry, allowStale) ? { entry } : {}, request.headers['if-none-match'])
           return reply
         })
       }

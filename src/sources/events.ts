@@ -259,6 +259,7 @@ export class EventProcessor {
     if (store.putRecord === undefined || store.swapRecord === undefined) {
       return { response: await this.#run(event, actor), replayed: false }
     }
+    const swap = store.swapRecord.bind(store)
     const name = `event:${id}`
     const claim = `${PENDING}:${randomUUID()}`
     for (;;) {
@@ -268,19 +269,19 @@ export class EventProcessor {
       await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS))
     }
     const renew = setInterval(() => {
-      store.swapRecord!(name, claim, claim, this.#pendingTtlMs).catch(() => false)
+      swap(name, claim, claim, this.#pendingTtlMs).catch(() => false)
     }, this.#pendingTtlMs / 3)
     let response: EventResponse
     try {
       response = await this.#run(event, actor)
     } catch (error) {
       clearInterval(renew)
-      await store.swapRecord(name, claim, undefined, 0).catch(() => false)
+      await swap(name, claim, undefined, 0).catch(() => false)
       throw error
     }
     clearInterval(renew)
     // Applied: a failure to record the reply only means a repeat elsewhere is applied again.
-    await store.swapRecord(name, claim, JSON.stringify(response), this.#windowMs).catch(() => false)
+    await swap(name, claim, JSON.stringify(response), this.#windowMs).catch(() => false)
     return { response, replayed: false }
   }
 

@@ -143,7 +143,8 @@ export class MemoryStore implements Store {
   async invalidate(selector: Selector, mode: InvalidationMode, _now: number): Promise<number> {
     // Stamp first: from here on, leases issued before this invalidation are refused, even
     // while a long prefix scan is still running.
-    const seq = this.#leases?.record(selector)
+    const leases = this.#leases
+    const seq = leases?.record(selector) ?? 0
     let count = 0
     const apply = (key: string) => {
       if (this.#apply(key, mode)) count++
@@ -152,7 +153,7 @@ export class MemoryStore implements Store {
     // even if the write that follows names another user or no tags.
     const applyAll = (keys: Members | undefined) => {
       if (keys === undefined) return
-      if (seq !== undefined) this.#leases!.touch(keys, seq)
+      leases?.touch(keys, seq)
       for (const key of [...keys]) apply(key)
     }
     for (const key of selector.keys ?? []) apply(key)

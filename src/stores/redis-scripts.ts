@@ -258,11 +258,17 @@ redis.call('SET', base .. 'clr', redis.call('INCR', base .. 'seq'))
 return redis.call('GET', base .. 'g') or '0'
 `
 
-/** stamp(newEpoch) -> {epoch, seq}: the stamp a lease issued now carries. */
-const STAMP = `
-local base = KEYS[1]
-redis.call('SET', base .. 'epoch', ARGV[1], 'NX')
-return {redis.call('GET', base .. 'epoch'), tonumber(redis.call('GET', base .. 'seq') or '0')}
+/** The stamp a lease issued now carries: {epoch, seq}; `proposed` becomes the epoch if Redis has none. */
+const STAMP_FN = `
+local function stamp(proposed)
+  redis.call('SET', KEYS[1] .. 'epoch', proposed, 'NX')
+  return {redis.call('GET', KEYS[1] .. 'epoch'), tonumber(redis.call('GET', KEYS[1] .. 'seq') or '0')}
+end
+`
+
+/** stamp(newEpoch) -> {epoch, seq}. */
+const STAMP = `${STAMP_FN}
+return stamp(ARGV[1])
 `
 
 /**
@@ -270,15 +276,12 @@ return {redis.call('GET', base .. 'epoch'), tonumber(redis.call('GET', base .. '
  * STAMP) and, in the same step, the fill claim: left is 0 when the fill is now `holder`'s,
  * else the ms another claim has left.
  */
-const CLAIM_FILL = `${PRELUDE}
-redis.call('SET', base .. 'epoch', ARGV[4], 'NX')
-local epoch = redis.call('GET', base .. 'epoch')
-local seq = tonumber(redis.call('GET', base .. 'seq') or '0')
+const CLAIM_FILL = `${PRELUDE}${STAMP_FN}
+local out = stamp(ARGV[4])
 local f = pre .. 'f:' .. ARGV[1]
-if redis.call('SET', f, ARGV[2], 'NX', 'PX', ARGV[3]) then return {epoch, seq, 0} end
-local left = redis.call('PTTL', f)
-if left < 1 then left = 1 end
-return {epoch, seq, left}
+if redis.call('SET', f, ARGV[2], 'NX', 'PX', ARGV[3]) then out[3] = 0
+else out[3] = math.max(1, redis.call('PTTL', f)) end
+return out
 `
 
 /** releaseFill(key, holder): drops the fill claim if `holder` holds it. */

@@ -288,8 +288,7 @@ t.test('herd control', async (t) => {
   })
 
   t.test("a waiter's lease, issued under the same stamp as the filler's, cannot end the fill lease", async (t) => {
-    const clock = new FakeClock()
-    const app = await build(t, { fillLeaseMs: 2000 }, { now: clock.now })
+    const app = await build(t, { fillLeaseMs: 2000 })
     const filler = await miss(app, 'k')
     const waiter = await miss(app, 'k')
     t.equal(filler.fill, true)

@@ -1,5 +1,5 @@
 import { Redis } from 'ioredis'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock } from '../helpers/build.js'
 import { requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
@@ -16,6 +16,15 @@ if (requireRedisServer(t)) {
     const store = new TieredStore({ redisUrl: redis.url, namespace: `t${n++}`, now: clock.now, sweepIntervalMs: 0, ...options })
     if (!(await store.connect(10_000))) throw new Error('the TieredStore did not connect')
     return store
+  }
+
+  /** Two TieredStores sharing one namespace, as two instances share one Redis; closed at the test's end. */
+  const openPair = async (t: Test, clock: ContractClock) => {
+    const namespace = `shared${n++}`
+    const a = await open(clock, { namespace })
+    const b = await open(clock, { namespace })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    return [a, b, namespace] as const
   }
 
   // A read fills L1 unless a bus message about the key lands while it is in flight (the
@@ -42,10 +51,7 @@ if (requireRedisServer(t)) {
 
   t.test('a write on one store drops the copy another store holds in L1', async (t) => {
     const clock = new FakeClock()
-    const namespace = `shared${n++}`
-    const a = await open(clock, { namespace })
-    const b = await open(clock, { namespace })
-    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const [a, b] = await openPair(t, clock)
     await a.set(entry(clock, 'k', { value: '"v1"' }))
     t.ok(await filled(b, 'k', clock))
     t.equal((await b.l1Peek('k', clock.now()))?.value, '"v1"')
@@ -56,10 +62,7 @@ if (requireRedisServer(t)) {
 
   t.test('a user invalidation on one store reaches the other store\'s L1 through its index', async (t) => {
     const clock = new FakeClock()
-    const namespace = `shared${n++}`
-    const a = await open(clock, { namespace })
-    const b = await open(clock, { namespace })
-    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const [a, b] = await openPair(t, clock)
     for (let i = 0; i < 3; i++) await a.set(entry(clock, `u1:${i}`, { userId: 'u1' }))
     await a.set(entry(clock, 'other', { userId: 'u2' }))
     for (const key of ['u1:0', 'u1:1', 'u1:2', 'other']) t.ok(await filled(b, key, clock), `${key} is in b's L1`)
@@ -70,10 +73,7 @@ if (requireRedisServer(t)) {
 
   t.test('stale mode travels on the bus and marks the L1 copies stale', async (t) => {
     const clock = new FakeClock()
-    const namespace = `shared${n++}`
-    const a = await open(clock, { namespace })
-    const b = await open(clock, { namespace })
-    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const [a, b] = await openPair(t, clock)
     await a.set(entry(clock, 'k', { tags: ['t'] }))
     t.ok(await filled(b, 'k', clock))
     t.equal((await b.l1Peek('k', clock.now()))?.stale, false)
@@ -84,10 +84,7 @@ if (requireRedisServer(t)) {
 
   t.test('a clear on one store empties every L1 and voids leases everywhere', async (t) => {
     const clock = new FakeClock()
-    const namespace = `shared${n++}`
-    const a = await open(clock, { namespace })
-    const b = await open(clock, { namespace })
-    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const [a, b] = await openPair(t, clock)
     await a.set(entry(clock, 'k', { userId: 'u' }))
     t.ok(await filled(b, 'k', clock))
     const lease = await b.leaseStamp()
@@ -162,10 +159,7 @@ if (requireRedisServer(t)) {
 
   t.test('a fill claim is shared by every store on the Redis, until a write, an invalidation, a release or a clear ends it', async (t) => {
     const clock = new FakeClock()
-    const namespace = `shared${n++}`
-    const a = await open(clock, { namespace })
-    const b = await open(clock, { namespace })
-    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const [a, b] = await openPair(t, clock)
     const claim = async (store: TieredStore, holder: string, ttlMs = 2000) => (await store.claimFill('k', holder, ttlMs)).left
     t.equal(await claim(a, 'holder-a'), 0, 'the first claim holds the fill')
     const left = await claim(b, 'holder-b')
@@ -199,10 +193,7 @@ if (requireRedisServer(t)) {
 
   t.test('an idempotency record is claimed once, and only its owner renews, fulfils or drops it', async (t) => {
     const clock = new FakeClock()
-    const namespace = `shared${n++}`
-    const a = await open(clock, { namespace })
-    const b = await open(clock, { namespace })
-    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const [a, b] = await openPair(t, clock)
     t.equal(await a.putRecord('r', 'pending:a', 100), undefined, 'claimed')
     t.equal(await b.putRecord('r', 'pending:b', 100), 'pending:a', 'a second claim sees the first')
     t.equal(await b.swapRecord('r', 'pending:b', undefined, 0), false, 'another owner cannot drop it')
@@ -220,11 +211,9 @@ if (requireRedisServer(t)) {
 
   t.test('malformed bus messages are ignored and the bus keeps working', async (t) => {
     const clock = new FakeClock()
-    const namespace = `shared${n++}`
-    const a = await open(clock, { namespace })
-    const b = await open(clock, { namespace })
+    const [a, b, namespace] = await openPair(t, clock)
     const publisher = new Redis(redis.url)
-    t.teardown(() => Promise.all([a.close(), b.close(), publisher.quit()]))
+    t.teardown(() => publisher.quit())
     await a.set(entry(clock, 'k', { value: '"v1"' }))
     t.ok(await filled(b, 'k', clock))
     for (const junk of ['null', '1', '"text"', '[]', 'true', 'x', '{}', '{"s":null}', '{"s":"all"}', '{"s":{"keys":"k"}}', '{"s":{"userIds":[1]}}']) {
@@ -237,10 +226,7 @@ if (requireRedisServer(t)) {
 
   t.test('an L1 fill racing an invalidation from another store never keeps the old value', async (t) => {
     const clock = new FakeClock()
-    const namespace = `shared${n++}`
-    const a = await open(clock, { namespace })
-    const b = await open(clock, { namespace })
-    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const [a, b] = await openPair(t, clock)
     // Other entries in a's L1, as in a live L1.
     for (let i = 0; i < 50; i++) await b.set(entry(clock, `other:${i}`))
     for (let i = 0; i < 50; i++) await a.get(`other:${i}`, clock.now())
@@ -268,10 +254,7 @@ if (requireRedisServer(t)) {
 
   t.test('marking everything stale keeps the entries, voids leases and empties every L1', async (t) => {
     const clock = new FakeClock()
-    const namespace = `shared${n++}`
-    const a = await open(clock, { namespace })
-    const b = await open(clock, { namespace })
-    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const [a, b] = await openPair(t, clock)
     for (let i = 0; i < 1500; i++) await a.set(entry(clock, `s:${i}`, { userId: 'u' }))
     t.ok(await filled(b, 's:0', clock))
     const lease = await b.leaseStamp()
