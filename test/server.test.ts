@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
@@ -9,8 +9,8 @@ import { OriginServer, dashboardOrigin } from './helpers/origin-server.js'
 // The real entry point as a user runs it: config from the environment, the generated key,
 // and graceful shutdown on a signal.
 
-function start(env: Record<string, string>) {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
+function start(env: Record<string, string>, command = [process.execPath, '--import', 'tsx', 'src/server.ts']) {
+  const child = spawn(command[0]!, command.slice(1), {
     env: { ...process.env, HOST: '127.0.0.1', PORT: '0', LOG_LEVEL: 'info', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   })
@@ -83,6 +83,36 @@ t.test('SIGTERM lets an in-flight request finish', async (t) => {
   const [code] = await once(server.child, 'exit')
   t.equal(code, 0)
 })
+
+t.test('SIGTERM to `npm start` reaches the server: it shuts down, nothing is left listening', async (t) => {
+  // `npm start` runs the script through a shell; without its `exec` the shell died on the
+  // signal npm passed on and the server kept running, orphaned.
+  if (!existsSync('dist/server.js')) throw new Error('dist/server.js is missing: npm install builds it (npm run build)')
+  const server = start({ CACHEWARDEN_API_KEYS: 'a:admin:server-test-secret-1' }, ['npm', 'start'])
+  let pid = 0
+  t.teardown(() => {
+    server.child.kill('SIGKILL')
+    if (pid !== 0 && alive(pid)) process.kill(pid, 'SIGKILL')
+  })
+  const port = await server.ready
+  pid = Number(/"pid":(\d+)/.exec(server.output())![1])
+  t.not(pid, server.child.pid, 'the server is a child of npm, not npm itself')
+  t.equal((await fetch(`http://127.0.0.1:${port}/health/live`)).status, 200)
+  server.child.kill('SIGTERM')
+  await once(server.child, 'exit')
+  t.match(server.output(), /shutting down/, 'the server got the signal')
+  await until(() => !alive(pid))
+  t.notOk(alive(pid), 'the server process is gone')
+})
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch {
+    return false
+  }
+}
 
 async function until(condition: () => boolean, timeoutMs = 10_000): Promise<void> {
   const deadline = Date.now() + timeoutMs
