@@ -1,4 +1,5 @@
 import { readFileSync, statSync } from 'node:fs'
+import { isIP } from 'node:net'
 import { DEFAULT_LIMITS, type Limits } from './cache/limits.js'
 import { compileRules } from './sources/events.js'
 
@@ -19,8 +20,11 @@ export interface ConfigFile {
   rules?: unknown[]
   origins?: unknown[]
   warm?: Record<string, unknown>
-  [section: string]: unknown
 }
+
+const CONFIG_SECTIONS = ['rules', 'origins', 'warm']
+/** A DNS host name (RFC 1123 labels); `HOST` may also be any IPv4 or IPv6 address. */
+const HOSTNAME = /^(?=.{1,253}\.?$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?$/i
 
 export interface Config {
   host: string
@@ -132,7 +136,7 @@ export function loadConfig(env: Env = process.env): Config {
   const int = (name: string, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER) => {
     const raw = str(name)
     if (raw === undefined) return fallback
-    if (!/^\d+$/.test(raw)) throw new ConfigError(name, `must be a whole number, got "${raw}"`)
+    if (!/^\d+$/.test(raw)) throw new ConfigError(name, `must be a whole number of at least ${min}, got "${raw}"`)
     const n = Number(raw)
     if (n < min || n > max) throw new ConfigError(name, `must be between ${min} and ${max}, got ${n}`)
     return n
@@ -153,6 +157,7 @@ export function loadConfig(env: Env = process.env): Config {
   }
 
   c.host = str('HOST') ?? c.host
+  if (isIP(c.host) === 0 && !HOSTNAME.test(c.host)) throw new ConfigError('HOST', `must be an IP address or a host name, got "${c.host}"`)
   c.port = int('PORT', c.port, 0, 65535)
   c.logLevel = str('LOG_LEVEL') ?? c.logLevel
   if (!['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].includes(c.logLevel)) {
@@ -205,9 +210,14 @@ export function loadConfig(env: Env = process.env): Config {
   const keysFile = str('CACHEWARDEN_API_KEYS_FILE')
   if (keysFile !== undefined) c.apiKeys.push(...readKeysFile(keysFile))
   const names = new Set<string>()
+  const secrets = new Map<string, string>()
   for (const key of c.apiKeys) {
     if (names.has(key.name)) throw new ConfigError('CACHEWARDEN_API_KEYS', `key name "${key.name}" is used twice`)
     names.add(key.name)
+    // A secret names one key: with two, a request would get one key's scopes, never the other's.
+    const other = secrets.get(key.secret)
+    if (other !== undefined) throw new ConfigError('CACHEWARDEN_API_KEYS', `keys "${other}" and "${key.name}" have the same secret`)
+    secrets.set(key.secret, key.name)
   }
 
   const file = str('CONFIG_FILE')
@@ -220,6 +230,11 @@ export function loadConfig(env: Env = process.env): Config {
     }
     if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
       throw new ConfigError('CONFIG_FILE', 'must hold a JSON object')
+    }
+    for (const section of Object.keys(parsed)) {
+      if (!CONFIG_SECTIONS.includes(section)) {
+        throw new ConfigError('CONFIG_FILE', `"${section}" is not a section (use ${CONFIG_SECTIONS.join(', ')})`)
+      }
     }
     c.configFile = parsed as ConfigFile
     // Checked here too (buildApp checks again), so a bad rule stops the start with its name.

@@ -32,7 +32,11 @@ t.test('a bad value names its variable', async (t) => {
     [{ CACHEWARDEN_API_KEYS: 'nocolons' }, 'CACHEWARDEN_API_KEYS'],
     [{ CACHEWARDEN_API_KEYS: 'a:root:secret' }, 'CACHEWARDEN_API_KEYS'],
     [{ CACHEWARDEN_API_KEYS: 'a:read:s1,a:write:s2' }, 'CACHEWARDEN_API_KEYS'],
+    [{ CACHEWARDEN_API_KEYS: 'a:read:same-secret,b:write:same-secret' }, 'CACHEWARDEN_API_KEYS'],
     [{ CONFIG_FILE: '/nonexistent/cachewarden.json' }, 'CONFIG_FILE'],
+    [{ HOST: 'not_a_host' }, 'HOST'],
+    [{ HOST: 'a..b' }, 'HOST'],
+    [{ HOST: 'http://localhost' }, 'HOST'],
   ]
   for (const [env, variable] of bad) {
     let error: unknown
@@ -44,6 +48,25 @@ t.test('a bad value names its variable', async (t) => {
     t.ok(error instanceof ConfigError, `${JSON.stringify(env)} is refused`)
     t.equal((error as ConfigError).variable, variable)
     t.ok((error as ConfigError).message.startsWith(`${variable}:`), (error as Error).message)
+  }
+})
+
+t.test('messages say what a value must be, and never print a secret', async (t) => {
+  t.throws(() => loadConfig({ CACHE_MAX_ENTRIES: '-1' }), /CACHE_MAX_ENTRIES: must be a whole number of at least 1, got "-1"/)
+  t.throws(() => loadConfig({ AUTH_FAILURE_LIMIT_MAX: '-3' }), /AUTH_FAILURE_LIMIT_MAX: must be a whole number of at least 0/)
+  let message = ''
+  try {
+    loadConfig({ CACHEWARDEN_API_KEYS: 'a:read:same-secret,b:write:same-secret' })
+  } catch (e) {
+    message = (e as Error).message
+  }
+  t.match(message, /keys "a" and "b" have the same secret/)
+  t.notMatch(message, /same-secret/)
+})
+
+t.test('HOST takes IP addresses and host names', async (t) => {
+  for (const host of ['0.0.0.0', '127.0.0.1', '::', '::1', 'localhost', 'cache-1.internal.example.com', 'example.com.']) {
+    t.equal(loadConfig({ HOST: host }).host, host)
   }
 })
 
@@ -70,4 +93,7 @@ t.test('CONFIG_FILE must hold a JSON object', async (t) => {
   t.throws(() => loadConfig({ CONFIG_FILE: file }), /CONFIG_FILE/)
   writeFileSync(file, '{"rules":[]}')
   t.same(loadConfig({ CONFIG_FILE: file }).configFile, { rules: [] })
+  // A misspelt section would otherwise be ignored, and its rules or origins silently missing.
+  writeFileSync(file, '{"rulez":[]}')
+  t.throws(() => loadConfig({ CONFIG_FILE: file }), /CONFIG_FILE: "rulez" is not a section \(use rules, origins, warm\)/)
 })
