@@ -24,7 +24,7 @@ t.test('each invalidation logs one structured line with its counts and source, n
   t.equal(res.statusCode, 200)
   await call(app, { method: 'DELETE', url: '/v1/entries/acct%3A9%3Aprofile', key: 'invalidate' })
 
-  await app.cache.markAllStale({ source: 'listener' })
+  await app.cache.markAllStale({ source: 'postgres' })
 
   const records = lines.map((l) => JSON.parse(l) as Record<string, unknown>).filter((r) => r.msg === 'invalidation')
   t.equal(records.length, 3, 'one line per invalidation')
@@ -38,7 +38,7 @@ t.test('each invalidation logs one structured line with its counts and source, n
     durationMs: Number,
   })
   t.match(records[1], { source: 'api', mode: 'delete', selectors: { keys: 1 }, invalidated: 1 }) // the stale entry is deleted
-  t.match(records[2], { source: 'listener', mode: 'stale', selectors: { all: true }, invalidated: 0 }, 'says it covered everything') // the one left was already stale
+  t.match(records[2], { source: 'postgres', mode: 'stale', selectors: { all: true }, invalidated: 0 }, 'says it covered everything') // the one left was already stale
 
   const all = lines.join('\n')
   for (const secret of [secretValue, 'user-9z7', 'tag-q5e', 'acct:9', KEYS.invalidate, KEYS.admin]) {

@@ -208,11 +208,11 @@ t.test('marking everything stale and the emergency clear count under selector "a
   const app = await build(t)
   await put(app, 'a', { value: 1 })
   await put(app, 'b', { value: 2 })
-  await app.cache.markAllStale({ source: 'listener' })
+  await app.cache.markAllStale({ source: 'postgres' })
   await put(app, 'c', { value: 3 })
   await app.cache.clear('admin', 'test')
   const s = await scrape(app)
-  t.equal(valueOf(s, 'cachewarden_invalidations_total', { selector: 'all', source: 'listener', mode: 'stale' }), 1)
+  t.equal(valueOf(s, 'cachewarden_invalidations_total', { selector: 'all', source: 'postgres', mode: 'stale' }), 1)
   t.equal(valueOf(s, 'cachewarden_invalidations_total', { selector: 'all', source: 'admin', mode: 'delete' }), 1)
   t.equal(valueOf(s, 'cachewarden_invalidated_entries_total', { selector: 'all' }), 5, '2 marked stale, then 3 cleared')
   // The PostgreSQL listener's `clear` policy clears under its own source.
