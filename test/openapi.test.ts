@@ -63,6 +63,10 @@ t.test('every operation is documented, and authenticated ones carry the bearer s
   for (const [method, url] of [['GET', '/metrics'], ['GET', '/health/live']]) {
     t.notOk(secured.includes(`${method} ${url}`), `${method} ${url} is open`)
   }
+  // HEAD on an entry is documented beside its GET: the same statuses, no bodies.
+  const head = doc.paths['/v1/entries/{key}']!.head!
+  t.same(Object.keys(head.responses), Object.keys(doc.paths['/v1/entries/{key}']!.get!.responses))
+  t.notOk(Object.values(head.responses).some((r) => (r as { content?: unknown }).content !== undefined), 'HEAD replies have no body')
 })
 
 t.test('GET /docs serves Swagger UI and GET /docs/json the document', async (t) => {

@@ -1,7 +1,8 @@
 import { readFileSync } from 'node:fs'
+import { STATUS_CODES } from 'node:http'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, FastifySchema } from 'fastify'
 import fp from 'fastify-plugin'
 
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string; description: string }
@@ -16,6 +17,16 @@ const TAGS = [
   { name: 'inspection', description: 'Debug views and stats (scope `admin`)' },
   { name: 'operations', description: 'Health, metrics and docs (no key needed)' },
 ]
+
+/** A HEAD route (exposed from its GET) documented as what it is: the GET's statuses, no bodies. */
+function headersOnly(schema: FastifySchema): FastifySchema {
+  const responses = (schema.response ?? {}) as Record<string, { description?: string }>
+  return {
+    ...schema,
+    summary: `${(schema as { summary?: string }).summary ?? 'HEAD'} (headers only)`,
+    response: Object.fromEntries(Object.entries(responses).map(([status, r]) => [status, { type: 'null', description: r.description ?? STATUS_CODES[status] ?? status }])),
+  }
+}
 
 /**
  * The OpenAPI document (from the route schemas) and Swagger UI at `/docs`, with a bearer
@@ -41,8 +52,10 @@ export default fp(
       },
       // Routes that need a key say so, so Swagger UI sends the key it was authorized with.
       transform: ({ schema, url, route }) => {
-        if (route.config?.scope === undefined || schema === undefined) return { schema, url }
-        return { schema: { ...schema, security: [{ [SECURITY_SCHEME]: [] }] }, url }
+        if (schema === undefined) return { schema, url }
+        const documented = route.method === 'HEAD' ? headersOnly(schema) : schema
+        if (route.config?.scope === undefined) return { schema: documented, url }
+        return { schema: { ...documented, security: [{ [SECURITY_SCHEME]: [] }] }, url }
       },
     })
     await app.register(swaggerUi, {

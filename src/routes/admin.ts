@@ -6,7 +6,7 @@ import { CLEAR_TOKEN_TTL_MS, ClearTokens } from '../cache/clear-tokens.js'
 
 const TOKEN_VALID = `${CLEAR_TOKEN_TTL_MS / 1000} s`
 import { CacheError } from '../errors.js'
-import { LimitQuery, Timestamp, authErrors, badRequest } from '../schemas/common.js'
+import { LimitQuery, Timestamp, authErrors, badRequest, bodyTooLarge } from '../schemas/common.js'
 
 const REFUSALS = {
   missing: 'no token was sent',
@@ -71,6 +71,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
             expiresAt: Timestamp,
           }),
           ...badRequest,
+          ...bodyTooLarge,
           ...authErrors,
         },
       },
@@ -104,6 +105,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
         response: {
           200: Type.Object({ cleared: Type.Integer({ description: 'entries dropped' }) }),
           ...badRequest,
+          ...bodyTooLarge,
           ...authErrors,
           ...clearTokenInvalid,
         },

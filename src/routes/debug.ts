@@ -4,7 +4,7 @@ import type { FastifyInstance } from 'fastify'
 import { checkUserId } from '../cache/limits.js'
 import { entryMeta } from '../cache/render.js'
 import { notFound, truncate } from '../errors.js'
-import { InvalidationMode, Json, LimitQuery, Timestamp, authErrors, badRequest, notFoundError } from '../schemas/common.js'
+import { InvalidationMode, Json, LimitQuery, Timestamp, authErrors, badRequest, bodyTooLarge, notFoundError } from '../schemas/common.js'
 import { KeyParams } from '../schemas/entries.js'
 
 const EntryMeta = Type.Object({
@@ -185,7 +185,7 @@ export default async function debugRoutes(fastify: FastifyInstance) {
         tags: ['inspection'],
         summary: 'Reset the stats summary',
         description: 'Zeroes the summary of `GET /v1/stats`; never the Prometheus counters.',
-        response: { 200: Type.Object({ reset: Type.Boolean() }), ...authErrors },
+        response: { 200: Type.Object({ reset: Type.Boolean() }), ...bodyTooLarge, ...authErrors },
       },
     },
     async (request) => {

@@ -5,7 +5,7 @@ import { JSON_TYPE, renderBatch, renderEntry, renderWrite } from '../cache/rende
 import { readable, type ReadResult, type WriteInput } from '../cache/cache-service.js'
 import { CacheError, truncate } from '../errors.js'
 import { bareEtag, checkKey, listBodyBytes } from '../cache/limits.js'
-import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, leaseConflict, tooLarge } from '../schemas/common.js'
+import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, bodyTooLarge, leaseConflict, tooLarge } from '../schemas/common.js'
 import {
   BatchGetBody,
   BatchGetResult,
@@ -46,7 +46,8 @@ export default async function entryRoutes(fastify: FastifyInstance) {
   app.get(
     '/v1/entries/:key',
     {
-      config: { scope: 'read' },
+      // The HEAD route Fastify adds goes into the OpenAPI document too (same schema; no body).
+      config: { scope: 'read', swagger: { exposeHeadRoute: true } },
       schema: {
         tags: ['entries'],
         summary: 'Read an entry',
@@ -147,7 +148,7 @@ export default async function entryRoutes(fastify: FastifyInstance) {
         description: 'Up to 1000 keys. Each missing key is listed in `missing` and gets a lease in `leases`.',
         querystring: Type.Object({ allowStale: Type.Optional(Type.Boolean()) }),
         body: BatchGetBody,
-        response: { 200: BatchGetResult, ...badRequest, ...authErrors },
+        response: { 200: BatchGetResult, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
     async (request, reply) => {

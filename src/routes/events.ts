@@ -1,7 +1,7 @@
 import { Type } from '@sinclair/typebox'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
-import { InvalidationResult, authErrors, badRequest } from '../schemas/common.js'
+import { InvalidationResult, authErrors, badRequest, bodyTooLarge } from '../schemas/common.js'
 import { EventProcessor, EventRules } from '../sources/events.js'
 
 export const EventBody = Type.Object(
@@ -47,7 +47,7 @@ export default async function eventRoutes(fastify: FastifyInstance) {
           '200 with `matched: 0`. An event with an `id` already applied in the last 10 minutes is not ' +
           'applied again: the first reply is returned, with the header `Idempotent-Replayed: true`.',
         body: EventBody,
-        response: { 200: EventResult, ...badRequest, ...authErrors },
+        response: { 200: EventResult, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
     async (request, reply) => {

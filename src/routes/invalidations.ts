@@ -1,7 +1,7 @@
 import { Type } from '@sinclair/typebox'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
-import { InvalidationResult, ModeQuery, authErrors, badRequest } from '../schemas/common.js'
+import { InvalidationResult, ModeQuery, authErrors, badRequest, bodyTooLarge } from '../schemas/common.js'
 import { SelectorBody } from '../schemas/invalidations.js'
 import { checkName, checkUserId, listBodyBytes } from '../cache/limits.js'
 import { SELECTOR_KINDS } from '../cache/types.js'
@@ -26,7 +26,7 @@ export default async function invalidationRoutes(fastify: FastifyInstance) {
           '(at least one, each at most 1000). Outstanding leases on every named scope are voided, so a slow ' +
           'fill that read before this cannot write its old value after it.',
         body: SelectorBody,
-        response: { 200: InvalidationResult, ...badRequest, ...authErrors },
+        response: { 200: InvalidationResult, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
     async (request) => {

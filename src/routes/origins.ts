@@ -1,6 +1,6 @@
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
-import { authErrors, badRequest, notFoundError } from '../schemas/common.js'
+import { authErrors, badRequest, bodyTooLarge, notFoundError } from '../schemas/common.js'
 import { KeyParams, WriteResult } from '../schemas/entries.js'
 import { ConsistencyBody, ConsistencyReport, WarmBody, WarmSummary } from '../schemas/origins.js'
 import { checkKey } from '../cache/limits.js'
@@ -26,7 +26,7 @@ export default async function originRoutes(fastify: FastifyInstance) {
           'in flight for the key is joined, not repeated). 404 `not_found` when no origin serves the key or the ' +
           'origin has no data for it; 503 `backend_unavailable` when the origin fails, and the old entry stays.',
         params: KeyParams,
-        response: { 200: WriteResult, ...notFoundError, ...badRequest, ...authErrors },
+        response: { 200: WriteResult, ...notFoundError, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
     async (request, reply) => {
@@ -47,7 +47,7 @@ export default async function originRoutes(fastify: FastifyInstance) {
           'Loads each key (and, for each userId, the key of every origin whose keyPattern has `{userId}` as its ' +
           'only part) from its origin, 5 at once, cached or not. Replies when all are done.',
         body: WarmBody,
-        response: { 200: WarmSummary, ...badRequest, ...authErrors },
+        response: { 200: WarmSummary, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
     async (request) => warm(origins, checkWarmSet(origins, request.body), app.log as CoreLogger),
@@ -66,7 +66,7 @@ export default async function originRoutes(fastify: FastifyInstance) {
           'origins. Reports stale and missing keys, and repairs the stale ones if asked (`invalidate` through ' +
           'the one invalidation function, source `consistency`; or `refresh` from the origin).',
         body: ConsistencyBody,
-        response: { 200: ConsistencyReport, ...badRequest, ...authErrors },
+        response: { 200: ConsistencyReport, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
     async (request) => {

@@ -35,6 +35,7 @@ export const authErrors = {
 
 export const badRequest = { 400: err('Schema or limit violation (`invalid_request`); the message names the field') }
 export const tooLarge = { 413: err('`value_too_large` or `payload_too_large`') }
+export const bodyTooLarge = { 413: err('The body is over the body limit (`payload_too_large`)') }
 export const notFoundError = { 404: err('No such entry or route (`not_found`)') }
 export const leaseConflict = {
   409: err('The lease was voided by an invalidation, or issued for another key (`lease_invalidated`)'),
