@@ -1,6 +1,10 @@
-import type { FastifyError, FastifyInstance } from 'fastify'
+import type { IncomingMessage } from 'node:http'
+import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify'
 import fp from 'fastify-plugin'
 import { CacheError } from '../errors.js'
+
+/** The most of a refused body read and thrown away so that its 413 reaches the client. */
+const DRAIN_MAX_BYTES = 64 * 1024 * 1024
 
 /**
  * Turns every error into the contract's `{error, message}` shape. Validation and parse
@@ -9,6 +13,17 @@ import { CacheError } from '../errors.js'
  */
 export default fp(
   async function errors(app: FastifyInstance) {
+    // `Expect: 100-continue` (curl's way with large bodies): Node answers 100 at once unless
+    // told otherwise, and the client uploads a body the route may then refuse. Here 100 goes
+    // out when the body parser starts reading, which it does only for a body within the
+    // route's limit; a body over it gets its 413 before any byte of it is sent.
+    app.server.on('checkContinue', (req: IncomingMessage, res) => {
+      req.once('resume', () => {
+        if (!res.headersSent) res.writeContinue()
+      })
+      app.server.emit('request', req, res)
+    })
+
     app.setErrorHandler((error: FastifyError | CacheError, request, reply) => {
       if (error instanceof CacheError) {
         return reply.code(error.statusCode).send({ error: error.code, message: error.message, ...error.extra })
@@ -18,6 +33,7 @@ export default fp(
       }
       const status = (error as FastifyError).statusCode ?? 500
       if (status === 413 || error.code === 'FST_ERR_CTP_BODY_TOO_LARGE') {
+        drainRest(request.raw, reply)
         return reply.code(413).send({ error: 'payload_too_large', message: 'the request body is larger than the body limit' })
       }
       if (status === 429) {
@@ -37,6 +53,26 @@ export default fp(
   },
   { name: 'cachewarden-errors' },
 )
+
+/**
+ * A 413 is sent while the client may still be sending its body. Closing the connection
+ * then (Fastify asks for it) makes the kernel reset it under the reply, and the client sees
+ * EPIPE or ECONNRESET instead of the 413. So the rest of the body is read and thrown away,
+ * up to DRAIN_MAX_BYTES, and the connection stays open. A client waiting for `100 Continue`
+ * sent nothing (Node closes that connection cleanly), and a larger body is cut off.
+ */
+function drainRest(raw: IncomingMessage, reply: FastifyReply): void {
+  if (raw.complete) return
+  if (raw.headers.expect !== undefined && raw.readableFlowing === null) return // no 100 was sent
+  if (Number(raw.headers['content-length']) > DRAIN_MAX_BYTES) return
+  reply.removeHeader('connection')
+  let left = DRAIN_MAX_BYTES
+  raw.on('data', (chunk: Buffer) => {
+    left -= chunk.length
+    if (left < 0) raw.destroy()
+  })
+  raw.resume()
+}
 
 function validationMessage(error: FastifyError): string {
   const first = error.validation?.[0]

@@ -1,8 +1,10 @@
+import { spawn } from 'node:child_process'
+import { once } from 'node:events'
 import { request as httpRequest } from 'node:http'
 import { connect } from 'node:net'
 import t from 'tap'
 import { DEFAULT_LIMITS } from '../../src/cache/limits.js'
-import { build, call, get, put } from '../helpers/build.js'
+import { KEYS, build, call, get, put } from '../helpers/build.js'
 
 const MiB = 1024 * 1024
 const nest = (depth: number): unknown => (depth <= 1 ? [] : [nest(depth - 1)])
@@ -289,4 +291,87 @@ t.test('raw non-UTF-8 bytes and oversized headers over a real socket never get a
     req.end()
   })
   t.equal(ok, 200)
+})
+
+t.test('a 413 reaches a client that is still sending its body (client in another process)', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  // The client runs in its own process so that it uploads while the server answers, as a
+  // real one does; closing the connection under it then reset the reply away (EPIPE).
+  const client = `
+    const outcomes = []
+    for (const [method, path, mib] of [['PUT', '/v1/entries/k', 8], ['POST', '/v1/entries/batch-get', 9], ['POST', '/v1/entries/batch-set', 36]]) {
+      const body = JSON.stringify({ value: 'x'.repeat(mib * 1024 * 1024) })
+      for (let i = 0; i < 4; i++) {
+        try {
+          const res = await fetch('http://127.0.0.1:${port}' + path, { method, body, headers: { authorization: 'Bearer ${KEYS.admin}', 'content-type': 'application/json' } })
+          outcomes.push(method + ' ' + path + ': ' + res.status + ' ' + (await res.json()).error)
+        } catch (error) {
+          outcomes.push(method + ' ' + path + ': ' + (error.cause?.code ?? error.message))
+        }
+      }
+    }
+    console.log(JSON.stringify(outcomes))`
+  const child = spawn(process.execPath, ['--input-type=module', '-e', client], { stdio: ['ignore', 'pipe', 'inherit'] })
+  let out = ''
+  child.stdout.on('data', (d) => (out += d))
+  await once(child, 'exit')
+  const outcomes = JSON.parse(out) as string[]
+  t.equal(outcomes.length, 12)
+  for (const outcome of outcomes) t.match(outcome, /: 413 payload_too_large$/)
+})
+
+t.test('Expect: 100-continue: 100 only for a body the route will read; a body over the limit is refused before it is sent', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const head = (length: number, path = '/v1/entries/k', key = KEYS.admin) =>
+    `PUT ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${key}\r\nContent-Type: application/json\r\nContent-Length: ${length}\r\nExpect: 100-continue\r\n\r\n`
+  /** Sends the head, then the body once 100 comes; returns everything the server sent and whether the body went. */
+  const exchange = (length: number, body: string, key?: string) =>
+    new Promise<{ response: string; sentBody: boolean }>((resolve) => {
+      let response = ''
+      let sentBody = false
+      const socket = connect(port, '127.0.0.1', () => socket.write(head(length, undefined, key)))
+      socket.on('data', (d) => {
+        response += d.toString()
+        if (!sentBody && response.startsWith('HTTP/1.1 100 Continue\r\n\r\n')) {
+          sentBody = true
+          socket.write(body)
+        }
+        if (/\r\n\r\n[^]*\{[^]*\}$/.test(response.replace(/^HTTP\/1\.1 100 Continue\r\n\r\n/, ''))) socket.end()
+      })
+      socket.on('close', () => resolve({ response, sentBody }))
+      socket.on('error', () => resolve({ response, sentBody }))
+    })
+  const small = JSON.stringify({ value: 'hello' })
+  const ok = await exchange(Buffer.byteLength(small), small)
+  t.ok(ok.sentBody, 'a body within the limit is asked for (100 Continue)')
+  t.match(ok.response, /HTTP\/1\.1 200 OK/)
+  const over = await exchange(9 * MiB, '')
+  t.notOk(over.sentBody, 'no 100 for a body over the limit')
+  t.match(over.response, /^HTTP\/1\.1 413 /, 'the 413 comes first')
+  t.match(over.response, /"error":"payload_too_large"/)
+  const unauthorized = await exchange(Buffer.byteLength(small), small, 'wrong-key')
+  t.notOk(unauthorized.sentBody, 'no 100 for a request refused before its body is read')
+  t.match(unauthorized.response, /^HTTP\/1\.1 401 /)
+})
+
+t.test('after a 413 the rest of the body is read and the connection serves the next request', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const body = JSON.stringify({ value: 'x'.repeat(2 * MiB) })
+  const requests =
+    `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}` +
+    'GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+  const response = await new Promise<string>((resolve) => {
+    let out = ''
+    const socket = connect(port, '127.0.0.1', () => socket.write(requests))
+    socket.on('data', (d) => (out += d.toString()))
+    socket.on('close', () => resolve(out))
+    socket.on('error', () => resolve(out))
+  })
+  t.match(response, /^HTTP\/1\.1 413 [^]*payload_too_large[^]*HTTP\/1\.1 200 OK/, 'a 413, then the next request on the same connection')
 })
