@@ -7,7 +7,7 @@ export const DEFAULT_AUDIT_LOG_SIZE = 1000
 export const AUDIT_BULK_THRESHOLD = 100
 
 export type AuditAction = 'clear_token_issued' | 'clear' | 'stats_reset' | 'invalidation' | 'consistency_repair'
-export type AuditOutcome = 'succeeded' | 'refused'
+export type AuditOutcome = 'succeeded' | 'refused' | 'failed'
 
 /** One admin or destructive action. Never holds a secret, a token or a cached value. */
 export interface AuditRecord {

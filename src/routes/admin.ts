@@ -26,7 +26,7 @@ export const AuditRecordView = Type.Object({
   actor: Type.Union([Type.String(), Type.Null()], { description: 'the API key name, or `source:<name>` for non-API sources' }),
   action: Type.String({ description: '`clear_token_issued`, `clear`, `stats_reset`, `invalidation` or `consistency_repair`' }),
   reason: Type.Union([Type.String(), Type.Null()]),
-  outcome: Type.String({ description: '`succeeded` or `refused`' }),
+  outcome: Type.String({ description: '`succeeded`, `refused` or `failed`' }),
   detail: Type.Union([Type.String(), Type.Null()], { description: 'counts and causes; never data, secrets or tokens' }),
   at: Timestamp,
 })
@@ -119,7 +119,14 @@ export default async function adminRoutes(fastify: FastifyInstance) {
         throw new CacheError('clear_token_invalid', `emergency clear refused: ${REFUSALS[result.why]}; nothing was cleared`)
       }
       // The 'cleared' event writes the audit record with the count.
-      return { cleared: await cache.clear(actor, result.reason) }
+      try {
+        return { cleared: await cache.clear(actor, result.reason) }
+      } catch (error) {
+        // Nothing (or not everything) was cleared: the token stays good for a retry.
+        result.restore()
+        audit.record({ actor, action: 'clear', reason: result.reason, outcome: 'failed', detail: 'the store could not be cleared; the token stays valid' })
+        throw error
+      }
     },
   )
 

@@ -326,7 +326,7 @@ t.test('Expect: 100-continue: 100 only for a body the route will read; a body ov
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
-  const head = (length: number, path = '/v1/entries/k', key = KEYS.admin) =>
+  const head = (length: number, path = '/v1/entries/k', key: string = KEYS.admin) =>
     `PUT ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${key}\r\nContent-Type: application/json\r\nContent-Length: ${length}\r\nExpect: 100-continue\r\n\r\n`
   /** Sends the head, then the body once 100 comes; returns everything the server sent and whether the body went. */
   const exchange = (length: number, body: string, key?: string) =>

@@ -79,6 +79,13 @@ if (requireRedisServer(t)) {
     t.equal(users.statusCode, 503)
     t.equal((await get(a, 'cached')).statusCode, 404, 'a user selector drops the local copies too')
 
+    // An emergency clear that cannot reach Redis clears nothing, says so, and keeps its token.
+    const token = (await call(a, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'fault test' } })).json().token
+    const failedClear = await call(a, { method: 'POST', url: '/v1/admin/clear', payload: { token } })
+    t.equal(failedClear.statusCode, 503)
+    t.equal(failedClear.json().error, 'backend_unavailable')
+    t.match((await call(a, { url: '/v1/debug/audit?limit=1' })).json(), [{ action: 'clear', outcome: 'failed', reason: 'fault test' }])
+
     const busDowns = busStates.length
     await redis.start()
     t.ok(await waitUntil(async () => (await readyStatus(a)) === 200 && (await readyStatus(b)) === 200, 15_000), 'ready is back to 200')
@@ -98,6 +105,9 @@ if (requireRedisServer(t)) {
     const again = await call(a, { method: 'DELETE', url: '/v1/entries/cached', key: 'invalidate' })
     t.equal(again.statusCode, 200, 'invalidations work again without a restart')
     t.ok(await waitUntil(async () => (await get(b, 'cached')).statusCode === 404))
+    const retried = await call(a, { method: 'POST', url: '/v1/admin/clear', payload: { token } })
+    t.equal(retried.statusCode, 200, 'the token of the failed clear clears once Redis is back')
+    t.equal((await call(a, { method: 'POST', url: '/v1/admin/clear', payload: { token } })).json().error, 'clear_token_invalid', 'and only once')
   })
 
   t.test('no acknowledged invalidation is lost when Redis dies in the middle of a stream of them', async (t) => {
