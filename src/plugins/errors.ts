@@ -83,6 +83,11 @@ function validationMessage(error: FastifyError): string {
   if (missing) return `${path}.${missing} is required`
   const extra = (first.params as { additionalProperty?: string }).additionalProperty
   if (extra) return `${path}.${extra} is not allowed`
+  if (first.keyword === 'const') {
+    // A union of literals fails once per literal: name them all.
+    const allowed = error.validation!.filter((e) => e.keyword === 'const' && e.instancePath === first.instancePath)
+    return `${path} must be one of ${allowed.map((e) => JSON.stringify((e.params as { allowedValue: unknown }).allowedValue)).join(', ')}`
+  }
   return `${path} ${first.message ?? 'is invalid'}`
 }
 

@@ -77,6 +77,20 @@ t.test('every bad input gets its 4xx code and the error shape', async (t) => {
   }
 })
 
+t.test('a value outside an enumeration is named with the values allowed', async (t) => {
+  const app = await build(t)
+  const cases: Array<[Parameters<typeof call>[1], string]> = [
+    [{ method: 'POST', url: '/v1/invalidations', payload: { keys: ['a'], mode: 'soft' } }, 'body.mode must be one of "delete", "stale"'],
+    [{ method: 'DELETE', url: '/v1/users/u/entries?mode=soft' }, 'querystring.mode must be one of "delete", "stale"'],
+    [{ method: 'POST', url: '/v1/consistency', payload: { against: 'truth' } }, 'body.against must be one of "provided", "origin"'],
+  ]
+  for (const [request, message] of cases) {
+    const res = await call(app, request)
+    t.equal(res.statusCode, 400)
+    t.same(res.json(), { error: 'invalid_request', message })
+  }
+})
+
 t.test('a key of exactly 512 bytes and a value 64 deep are accepted', async (t) => {
   const app = await build(t)
   const key = 'é'.repeat(256) // 512 bytes of UTF-8
