@@ -1,3 +1,4 @@
+import { gzipSync } from 'node:zlib'
 import t from 'tap'
 import { buildApp } from '../../src/app.js'
 import { TEST_API_KEYS, build, call } from '../helpers/build.js'
@@ -89,6 +90,20 @@ t.test('a value outside an enumeration is named with the values allowed', async 
     t.equal(res.statusCode, 400)
     t.same(res.json(), { error: 'invalid_request', message })
   }
+})
+
+t.test('a compressed body is a 400 that says bodies are sent uncompressed', async (t) => {
+  const app = await build(t)
+  const res = await call(app, {
+    method: 'PUT',
+    url: '/v1/entries/k',
+    payload: gzipSync(JSON.stringify({ value: 1 })),
+    headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' },
+  })
+  t.equal(res.statusCode, 400)
+  t.same(res.json(), { error: 'invalid_request', message: 'the body must be sent uncompressed (Content-Encoding gzip is not supported)' })
+  const plain = await call(app, { method: 'PUT', url: '/v1/entries/k', payload: '{"value":', headers: { 'content-type': 'application/json' } })
+  t.match(plain.json().message, /not valid JSON/, 'without the header, bad JSON is still called bad JSON')
 })
 
 t.test('a key of exactly 512 bytes and a value 64 deep are accepted', async (t) => {
