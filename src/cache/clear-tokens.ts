@@ -12,7 +12,7 @@ interface Pending {
 }
 
 export type RedeemResult =
-  | { ok: true; reason: string; restore: () => void }
+  | { ok: true; reason: string }
   | { ok: false; why: 'missing' | 'unknown' | 'expired' | 'foreign'; reason?: string }
 
 /**
@@ -46,7 +46,6 @@ export class ClearTokens {
   /**
    * Redeems a token for `caller`. A token is consumed when its owner presents it, valid or
    * expired; another key presenting it leaves it alone (it is useless to them anyway).
-   * A valid token comes with `restore`, which makes it redeemable again.
    */
   redeem(token: unknown, caller: string): RedeemResult {
     if (typeof token !== 'string' || token === '') return { ok: false, why: 'missing' }
@@ -57,8 +56,7 @@ export class ClearTokens {
     if (pending.owner !== caller) return { ok: false, why: 'foreign' }
     this.#pending.delete(id)
     if (pending.expiresAt <= this.#now()) return { ok: false, why: 'expired', reason: pending.reason }
-    // For a clear that failed (its store was unreachable): the token is good again until it expires.
-    return { ok: true, reason: pending.reason, restore: () => void this.#pending.set(id, pending) }
+    return { ok: true, reason: pending.reason }
   }
 
   #prune(now: number): void {

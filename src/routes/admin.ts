@@ -122,9 +122,9 @@ export default async function adminRoutes(fastify: FastifyInstance) {
       try {
         return { cleared: await cache.clear(actor, result.reason) }
       } catch (error) {
-        // Nothing (or not everything) was cleared: the token stays good for a retry.
-        result.restore()
-        audit.record({ actor, action: 'clear', reason: result.reason, outcome: 'failed', detail: 'the store could not be cleared; the token stays valid' })
+        // The token stays spent: a command that timed out may still run in Redis, and a token
+        // given back could then clear a second time. The operator asks for a new one.
+        audit.record({ actor, action: 'clear', reason: result.reason, outcome: 'failed', detail: 'the store did not confirm the clear (it may still happen); the token is spent' })
         throw error
       }
     },
