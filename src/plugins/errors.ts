@@ -3,8 +3,9 @@ import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify'
 import fp from 'fastify-plugin'
 import { CacheError, truncate } from '../errors.js'
 
-/** The most of a refused body read and thrown away so that its 413 reaches the client. */
+/** The most of a refused body read and thrown away so that its 413 reaches the client, and for how long. */
 const DRAIN_MAX_BYTES = 64 * 1024 * 1024
+const DRAIN_MAX_MS = 5000
 
 /**
  * Turns every error into the contract's `{error, message}` shape. Validation and parse
@@ -58,8 +59,9 @@ export default fp(
  * A 413 is sent while the client may still be sending its body. Closing the connection
  * then (Fastify asks for it) makes the kernel reset it under the reply, and the client sees
  * EPIPE or ECONNRESET instead of the 413. So the rest of the body is read and thrown away,
- * up to DRAIN_MAX_BYTES, and the connection stays open. A client waiting for `100 Continue`
- * sent nothing (Node closes that connection cleanly), and a larger body is cut off.
+ * up to DRAIN_MAX_BYTES for at most DRAIN_MAX_MS, and the connection stays open. A client
+ * waiting for `100 Continue` sent nothing (Node closes that connection cleanly); a larger
+ * body, or an upload that stalls, is cut off (and cannot hold up a shutdown).
  */
 function drainRest(raw: IncomingMessage, reply: FastifyReply): void {
   if (raw.complete) return
@@ -71,6 +73,9 @@ function drainRest(raw: IncomingMessage, reply: FastifyReply): void {
     left -= chunk.length
     if (left < 0) raw.destroy()
   })
+  const deadline = setTimeout(() => raw.destroy(), DRAIN_MAX_MS)
+  raw.once('end', () => clearTimeout(deadline))
+  raw.once('close', () => clearTimeout(deadline))
   raw.resume()
 }
 

@@ -334,6 +334,7 @@ t.test('Expect: 100-continue: 100 only for a body the route will read; a body ov
       let response = ''
       let sentBody = false
       const socket = connect(port, '127.0.0.1', () => socket.write(head(length, undefined, key)))
+      socket.setTimeout(20_000, () => socket.destroy()) // a regression fails here, not at tap's 180 s
       socket.on('data', (d) => {
         response += d.toString()
         if (!sentBody && response.startsWith('HTTP/1.1 100 Continue\r\n\r\n')) {
@@ -358,6 +359,27 @@ t.test('Expect: 100-continue: 100 only for a body the route will read; a body ov
   t.match(unauthorized.response, /^HTTP\/1\.1 401 /)
 })
 
+t.test('an upload that stalls after its 413 is cut off within seconds, not held open', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const started = Date.now()
+  const { response, closedAfterMs } = await new Promise<{ response: string; closedAfterMs: number }>((resolve) => {
+    let out = ''
+    const socket = connect(port, '127.0.0.1', () => {
+      // Announces 10 MiB, sends 2 MiB of it, then nothing.
+      socket.write(`PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${10 * MiB}\r\n\r\n`)
+      socket.write('x'.repeat(2 * MiB))
+    })
+    socket.setTimeout(30_000, () => socket.destroy())
+    socket.on('data', (d) => (out += d.toString()))
+    socket.on('close', () => resolve({ response: out, closedAfterMs: Date.now() - started }))
+    socket.on('error', () => undefined)
+  })
+  t.match(response, /^HTTP\/1\.1 413 /, 'the 413 was sent')
+  t.ok(closedAfterMs < 15_000, `the server closed the connection after ${closedAfterMs} ms (5 s drain limit)`)
+})
+
 t.test('after a 413 the rest of the body is read and the connection serves the next request', async (t) => {
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
@@ -369,6 +391,7 @@ t.test('after a 413 the rest of the body is read and the connection serves the n
   const response = await new Promise<string>((resolve) => {
     let out = ''
     const socket = connect(port, '127.0.0.1', () => socket.write(requests))
+    socket.setTimeout(20_000, () => socket.destroy())
     socket.on('data', (d) => (out += d.toString()))
     socket.on('close', () => resolve(out))
     socket.on('error', () => resolve(out))
