@@ -232,7 +232,8 @@ export function loadConfig(env: Env = process.env): Config {
       throw new ConfigError('CONFIG_FILE', 'must hold a JSON object')
     }
     for (const section of Object.keys(parsed)) {
-      if (!CONFIG_SECTIONS.includes(section)) {
+      // `$schema`, `$comment` and the like are for editors and readers, not sections.
+      if (!CONFIG_SECTIONS.includes(section) && !section.startsWith('$')) {
         throw new ConfigError('CONFIG_FILE', `"${section}" is not a section (use ${CONFIG_SECTIONS.join(', ')})`)
       }
     }

@@ -94,6 +94,8 @@ t.test('CONFIG_FILE must hold a JSON object', async (t) => {
   writeFileSync(file, '{"rules":[]}')
   t.same(loadConfig({ CONFIG_FILE: file }).configFile, { rules: [] })
   // A misspelt section would otherwise be ignored, and its rules or origins silently missing.
+  writeFileSync(file, '{"$schema":"./cachewarden.schema.json","$comment":"ops","rules":[]}')
+  t.same(loadConfig({ CONFIG_FILE: file }).configFile.rules, [], 'editor fields starting with $ are allowed')
   writeFileSync(file, '{"rulez":[]}')
   t.throws(() => loadConfig({ CONFIG_FILE: file }), /CONFIG_FILE: "rulez" is not a section \(use rules, origins, warm\)/)
 })
