@@ -71,6 +71,15 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
+    // Fastify turns Node's request timeout off: a client could then hold a connection forever
+    // by stalling its upload (or, after a 401, have its endless body read). The headers
+    // timeout must not exceed it (Node would take the larger as the request timeout), and
+    // Node checks connections at the interval, so a short timeout is enforced on time too.
+    requestTimeout: config.requestTimeoutMs,
+    http: {
+      headersTimeout: Math.min(60_000, config.requestTimeoutMs),
+      connectionsCheckingInterval: Math.min(30_000, Math.max(100, Math.floor(config.requestTimeoutMs / 4))),
+    },
     // Bad percent-encoding and over-long path parameters get the contract's 400, not Fastify's own body.
     // No hook runs for them, so they are counted here (route `unmatched`; no timing: handled at once).
     frameworkErrors: (error, request, reply) => {

@@ -36,6 +36,8 @@ export interface Config {
   /** Largest request body; batch routes allow `batchBodyLimitBytes`. */
   bodyLimitBytes: number
   batchBodyLimitBytes: number
+  /** The whole request, headers and body, must arrive within this (408 otherwise). */
+  requestTimeoutMs: number
   apiKeys: ApiKey[]
   metricsToken: string | undefined
   redisUrl: string | undefined
@@ -98,6 +100,7 @@ export function defaultConfig(): Config {
     limits: { ...DEFAULT_LIMITS },
     bodyLimitBytes: DEFAULT_LIMITS.maxValueBytes + 64 * 1024,
     batchBodyLimitBytes: 32 * 1024 * 1024,
+    requestTimeoutMs: 120_000,
     apiKeys: [],
     metricsToken: undefined,
     redisUrl: undefined,
@@ -172,6 +175,7 @@ export function loadConfig(env: Env = process.env): Config {
   c.limits.maxBatch = int('MAX_BATCH', c.limits.maxBatch, 1, 1000)
   c.bodyLimitBytes = int('BODY_LIMIT_BYTES', c.limits.maxValueBytes + 64 * 1024, 1024)
   c.batchBodyLimitBytes = int('BATCH_BODY_LIMIT_BYTES', c.batchBodyLimitBytes, c.bodyLimitBytes)
+  c.requestTimeoutMs = int('REQUEST_TIMEOUT_MS', c.requestTimeoutMs, 1000, 3_600_000)
   c.metricsToken = str('METRICS_TOKEN')
   c.redisUrl = url('REDIS_URL', ['redis:', 'rediss:'])
   c.pgUrl = url('PG_URL', ['postgres:', 'postgresql:'])

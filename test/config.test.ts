@@ -35,6 +35,7 @@ t.test('a bad value names its variable', async (t) => {
     [{ CACHEWARDEN_API_KEYS: 'a:read:same-secret,b:write:same-secret' }, 'CACHEWARDEN_API_KEYS'],
     [{ CONFIG_FILE: '/nonexistent/cachewarden.json' }, 'CONFIG_FILE'],
     [{ HOST: 'not_a_host' }, 'HOST'],
+    [{ REQUEST_TIMEOUT_MS: '10' }, 'REQUEST_TIMEOUT_MS'],
     [{ HOST: 'a..b' }, 'HOST'],
     [{ HOST: 'http://localhost' }, 'HOST'],
   ]

@@ -380,6 +380,31 @@ t.test('an upload that stalls after its 413 is cut off within seconds, not held 
   t.ok(closedAfterMs < 15_000, `the server closed the connection after ${closedAfterMs} ms (5 s drain limit)`)
 })
 
+t.test('a request whose body stalls gets 408 after REQUEST_TIMEOUT_MS; a refused one is closed then too', async (t) => {
+  const app = await build(t, { requestTimeoutMs: 1000 })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const stall = (key: string, length: number, sent: string) =>
+    new Promise<{ response: string; closedAfterMs: number }>((resolve) => {
+      const started = Date.now()
+      let out = ''
+      const socket = connect(port, '127.0.0.1', () =>
+        socket.write(`PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${key}\r\nContent-Type: application/json\r\nContent-Length: ${length}\r\n\r\n${sent}`),
+      )
+      socket.setTimeout(20_000, () => socket.destroy())
+      socket.on('data', (d) => (out += d.toString()))
+      socket.on('close', () => resolve({ response: out, closedAfterMs: Date.now() - started }))
+      socket.on('error', () => undefined)
+    })
+  const slow = await stall(KEYS.admin, 100, '{"value":')
+  t.match(slow.response, /^HTTP\/1\.1 408 [^]*"the request did not arrive in time"/, 'a stalled body is a 408')
+  t.ok(slow.closedAfterMs < 10_000, `closed after ${slow.closedAfterMs} ms`)
+  // Refused before its body is read: Node would read the rest of it for as long as it came.
+  const refused = await stall('wrong-key', 100 * MiB, 'x'.repeat(64 * 1024))
+  t.match(refused.response, /^HTTP\/1\.1 401 /)
+  t.ok(refused.closedAfterMs < 10_000, `the connection of a refused, stalled upload closed after ${refused.closedAfterMs} ms`)
+})
+
 t.test('after a 413 the rest of the body is read and the connection serves the next request', async (t) => {
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
