@@ -100,6 +100,18 @@ t.test('an invalidation made on the API arrives on the stream over a real socket
   stream.req.destroy()
 })
 
+t.test('a stream outlives the request timeout: it limits receiving a request, not answering it', async (t) => {
+  const app = await build(t, { requestTimeoutMs: 1000 })
+  const port = await listen(app)
+  const stream = await openStream(port)
+  await waitFor('the client to register', () => app.invalidationStream.clients() === 1)
+  await new Promise((resolve) => setTimeout(resolve, 2500)) // past the timeout and Node's check interval
+  const result = (await call(app, { method: 'DELETE', url: '/v1/entries/late', key: 'invalidate' })).json()
+  await stream.until((text) => events(text).length >= 1)
+  t.equal(events(stream.text())[0]!.id, result.id, 'the event arrives on the stream opened 2.5 s earlier')
+  stream.req.destroy()
+})
+
 t.test('the stream needs a key with the read scope', async (t) => {
   const app = await build(t)
   const none = await call(app, { method: 'GET', url: STREAM, key: null })
