@@ -46,6 +46,12 @@ export class AuditLog {
   /** Subscribes to the service's destructive events; returns the function that unsubscribes. */
   watch(cache: CacheService): () => void {
     const onInvalidation = (record: InvalidationRecord) => {
+      if (record.selector.all && record.mode === 'delete') {
+        // Everything dropped: the emergency clear, or the PostgreSQL listener's clear policy.
+        const actor = record.actor ?? `source:${record.source}`
+        this.record({ actor, action: 'clear', reason: record.reason, outcome: 'succeeded', detail: `cleared ${record.invalidated} entries` })
+        return
+      }
       if (!isAuditable(record)) return
       this.record({
         actor: record.actor ?? `source:${record.source}`,
@@ -55,18 +61,13 @@ export class AuditLog {
         detail: describeInvalidation(record),
       })
     }
-    const onCleared = ({ cleared, actor, reason }: { cleared: number; actor?: string; reason?: string }) => {
-      this.record({ actor, action: 'clear', reason, outcome: 'succeeded', detail: `cleared ${cleared} entries` })
-    }
     const onStatsReset = ({ actor }: { actor?: string }) => {
       this.record({ actor, action: 'stats_reset', reason: undefined, outcome: 'succeeded', detail: null })
     }
     cache.on('invalidation', onInvalidation)
-    cache.on('cleared', onCleared)
     cache.on('stats_reset', onStatsReset)
     return () => {
       cache.off('invalidation', onInvalidation)
-      cache.off('cleared', onCleared)
       cache.off('stats_reset', onStatsReset)
     }
   }

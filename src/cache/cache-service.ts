@@ -354,10 +354,18 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     this.#record({ id: randomUUID(), selector, mode, source: 'bus', invalidated, durationMs: 0, at, actor: undefined, reason: undefined })
   }
 
-  /** Drops everything and voids every lease: the emergency clear (`admin`), or the PostgreSQL listener's `clear` policy. */
+  /**
+   * Drops everything and voids every lease: the emergency clear (`admin`), or the PostgreSQL
+   * listener's `clear` policy. An invalidation of everything (DESIGN 4 names "a clear" among
+   * them), recorded like any other with the selector `{all: true}`; then `cleared` tells the
+   * stream to reset its clients.
+   */
   async clear(actor?: string, reason?: string, source: InvalidationSource = 'admin'): Promise<number> {
-    const cleared = await this.store.clear()
-    this.#fills.clear()
+    const { invalidated: cleared } = await this.#apply({ all: true }, { source, actor, reason }, async () => {
+      const invalidated = await this.store.clear()
+      this.#fills.clear()
+      return { invalidated, mode: 'delete' as const }
+    })
     this.emit('cleared', { cleared, actor, reason, source })
     return cleared
   }

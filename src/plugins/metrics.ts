@@ -167,12 +167,6 @@ export function registerCacheMetrics(registry: Registry, cache: CacheService): v
     for (const label of selectorLabels(record.selector)) count(label)
     lastInvalidation.set(Date.parse(record.at) / 1000)
   })
-  // A clear is not an invalidation record, but to a dashboard it is one: of everything.
-  cache.on('cleared', ({ cleared, source }) => {
-    invalidations.inc({ selector: 'all', source, mode: 'delete' })
-    invalidatedEntries.inc({ selector: 'all' }, cleared)
-    lastInvalidation.set(cache.now() / 1000)
-  })
 
   const originRequests = new Counter({
     name: name('origin_requests_total'),

@@ -28,7 +28,7 @@ const SelectorView = Type.Object({
   userIds: Type.Optional(Type.Array(Type.String())),
   tags: Type.Optional(Type.Array(Type.String())),
   prefixes: Type.Optional(Type.Array(Type.String())),
-  all: Type.Optional(Type.Literal(true, { description: 'every entry (a reconnect of the PostgreSQL listener)' })),
+  all: Type.Optional(Type.Literal(true, { description: 'every entry: marked stale on a reconnect of the PostgreSQL listener, or dropped by a clear' })),
 })
 
 export const InvalidationRecordView = Type.Object({

@@ -65,9 +65,9 @@ export default fp(
       for (const res of clients) send(res, chunk)
     }
 
-    // The emergency clear (and a resync) is not in the invalidation log: remember the newest
-    // record at the time of the last one (null: the log was empty) and the reset it sent, so
-    // a replay can tell it was missed and send that reset instead.
+    // A reset (after a clear's invalidation event, or a resync, which is in no log): remember
+    // the newest record at the time of the last one (null: the log was empty) and the reset
+    // it sent, so a replay can tell it was missed and send that reset instead.
     let newestAtLastReset: string | null | undefined
     let lastReset = RESET_CLEARED
 
@@ -127,7 +127,7 @@ export default fp(
             '`{id, selector, mode, source, invalidated, at}`, and a heartbeat comment every ' +
             '`STREAM_HEARTBEAT_MS` (default 15 s). A reconnect with `Last-Event-ID` first replays the ' +
             'invalidations that followed it from the invalidation log; if the log no longer holds that id, ' +
-            'a `reset` event says to drop or revalidate kept copies. An emergency clear is a `reset` event too. ' +
+            'a `reset` event says to drop or revalidate kept copies. An emergency clear is an `invalidation` event of everything (`selector: {all: true}`) followed by a `reset`. ' +
             'A client that reads too slowly is disconnected. ' +
             'Browsers: `EventSource` cannot send the bearer header; read it with `fetch` and a stream reader.',
           response: {

@@ -44,7 +44,14 @@ t.test('a token from step 1 clears everything once, and the clear is audited', a
   const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json()
   t.match(audit[0], { actor: 'admin', action: 'clear', reason: 'bad deploy', outcome: 'succeeded', detail: 'cleared 20 entries' })
   t.match(audit[1], { actor: 'admin', action: 'clear_token_issued', reason: 'bad deploy', outcome: 'succeeded' })
+  t.equal(audit.length, 2, 'audited once, as the clear')
   t.notMatch(JSON.stringify(audit), token, 'the audit log never holds the token')
+
+  // A clear is an invalidation of everything (DESIGN 4): in the invalidation log and the stats.
+  const [record] = (await call(app, { method: 'GET', url: '/v1/debug/invalidations?limit=1' })).json()
+  t.match(record, { selector: { all: true }, mode: 'delete', source: 'admin', invalidated: 20, actor: 'admin' })
+  const stats = (await call(app, { method: 'GET', url: '/v1/stats' })).json()
+  t.match(stats.invalidations, { bySelector: { all: 1 }, bySource: { admin: 1 }, last: { id: record.id } })
 })
 
 t.test('the clear voids leases handed out before it', async (t) => {

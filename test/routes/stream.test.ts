@@ -254,7 +254,7 @@ async function untilEvents(stream: Awaited<ReturnType<typeof openStream>>, n: nu
   await stream.until((text) => events(text).length >= n)
 }
 
-t.test('an emergency clear is a reset event, live and on a later reconnect', async (t) => {
+t.test('an emergency clear is an invalidation event of everything, then a reset, live and on a later reconnect', async (t) => {
   const app = await build(t)
   const port = await listen(app)
   const before = (await call(app, { method: 'DELETE', url: '/v1/entries/a', key: 'invalidate' })).json().id as string
@@ -267,6 +267,9 @@ t.test('an emergency clear is a reset event, live and on a later reconnect', asy
   t.equal(cleared.statusCode, 200)
   await live.until((text) => text.includes('event: reset'))
   t.match(live.text(), /event: reset\ndata: \{"reason":"the cache was cleared[^"]*"\}\n\n/)
+  // For clients that only listen to `invalidation` events: the clear is one, of everything.
+  t.match(events(live.text()), [{ data: { selector: { all: true }, mode: 'delete', source: 'admin' } }])
+  t.ok(live.text().indexOf('event: invalidation') < live.text().indexOf('event: reset'), 'the event, then the reset')
 
   // A client that last saw an event from before the clear missed it: reset, not a replay.
   const missed = await openStream(port, 'read', { 'last-event-id': before })
