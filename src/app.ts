@@ -149,10 +149,12 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
       if (connected) cache.emit('resync', { reason: 'the cluster bus was down, so invalidations may have been missed' })
     })
     // Another instance's invalidation, already applied here: into the log, metrics and stream.
-    // Its clear (or mark-all-stale) names no entries: the stream's clients resync.
+    // Its clear or mark-all-stale is one of everything; the stream's clients also resync.
     store.onRemoteInvalidation((r) => {
-      if (r.flush) cache.emit('resync', { reason: 'the cache was cleared or marked stale on another instance' })
-      else if (r.selector && !r.write) cache.recordBusInvalidation(r.selector, r.mode, r.invalidated)
+      if (r.flush) {
+        if (r.mode !== undefined) cache.recordBusInvalidation({ all: true }, r.mode, r.invalidated)
+        cache.emit('resync', { reason: 'the cache was cleared or marked stale on another instance' })
+      } else if (r.selector && !r.write) cache.recordBusInvalidation(r.selector, r.mode, r.invalidated)
     })
     app.readinessChecks.push({ name: 'redis', ready: () => store.healthy() })
     app.consistency.copyChecks.push({ name: 'l1-vs-redis', compare: (keys) => store.compareL1(keys) })

@@ -46,8 +46,9 @@ export class AuditLog {
   /** Subscribes to the service's destructive events; returns the function that unsubscribes. */
   watch(cache: CacheService): () => void {
     const onInvalidation = (record: InvalidationRecord) => {
-      if (record.selector.all && record.mode === 'delete') {
-        // Everything dropped: the emergency clear, or the PostgreSQL listener's clear policy.
+      if (record.selector.all && record.mode === 'delete' && record.source !== 'bus') {
+        // Everything dropped: the emergency clear, or the PostgreSQL listener's clear policy
+        // (another instance's clear is audited there; here it is a bus invalidation).
         const actor = record.actor ?? `source:${record.source}`
         this.record({ actor, action: 'clear', reason: record.reason, outcome: 'succeeded', detail: `cleared ${record.invalidated} entries` })
         return

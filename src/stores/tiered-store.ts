@@ -70,7 +70,7 @@ interface BusMessage {
   f: string
   s?: Selector
   m?: InvalidationMode
-  /** A clear: every L1 drops everything. */
+  /** A clear (`m` delete) or mark-all-stale (`m` stale): every L1 drops everything. */
   flush?: 1
   /** A write, not an invalidation: other L1s drop their copy of the key. */
   w?: 1
@@ -79,7 +79,8 @@ interface BusMessage {
 /** Another instance's change, once applied to this L1; `invalidated` counts the L1 copies it touched. */
 export type RemoteInvalidation =
   | { selector: Selector; mode: InvalidationMode; write: boolean; flush?: undefined; invalidated: number }
-  | { selector?: undefined; mode?: undefined; write: false; flush: true; invalidated: number }
+  // `mode` is missing in a flush from an instance of an older build.
+  | { selector?: undefined; mode?: InvalidationMode; write: false; flush: true; invalidated: number }
 
 /** An L1 copy: `expiresAt` is the L1 deadline; `real` is the entry as Redis has it. */
 interface L1Entry extends StoredEntry {
@@ -334,7 +335,7 @@ export class TieredStore implements Store {
 
   async clear(): Promise<number> {
     try {
-      const [count, oldGen] = (await this.#scripts.cwClear(this.#base, this.#channel, this.#flushMessage())) as [
+      const [count, oldGen] = (await this.#scripts.cwClear(this.#base, this.#channel, this.#flushMessage('delete'))) as [
         number,
         string,
       ]
@@ -364,7 +365,7 @@ export class TieredStore implements Store {
         },
         async (keys) => void (count += await this.#invalidateKeys(keys, 'stale')),
       )
-      await this.#redis.publish(this.#channel, this.#flushMessage())
+      await this.#redis.publish(this.#channel, this.#flushMessage('stale'))
       return count
     } catch (error) {
       throw this.#unavailable(error, 'mark-all-stale')
@@ -636,7 +637,7 @@ export class TieredStore implements Store {
     if (applied === undefined || this.#remoteListeners.length === 0) return
     void applied.then((invalidated) => {
       const remote: RemoteInvalidation = message.flush
-        ? { flush: true, write: false, invalidated }
+        ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined }
         : { selector: message.s!, mode, write: message.w === 1, invalidated }
       for (const listener of this.#remoteListeners) listener(remote)
     })
@@ -655,9 +656,9 @@ export class TieredStore implements Store {
     return JSON.stringify({ f: this.id, s: selector, m: mode } satisfies BusMessage)
   }
 
-  /** The bus message telling every other instance to drop its whole L1. */
-  #flushMessage(): string {
-    return JSON.stringify({ f: this.id, flush: 1 } satisfies BusMessage)
+  /** The bus message telling every other instance to drop its whole L1, and why (clear or mark-all-stale). */
+  #flushMessage(mode: InvalidationMode): string {
+    return JSON.stringify({ f: this.id, flush: 1, m: mode } satisfies BusMessage)
   }
 
   #report(keys: string[], reason: EvictionReason): void {

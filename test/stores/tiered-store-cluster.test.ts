@@ -200,11 +200,17 @@ if (requireRedisServer(t)) {
     return { text: () => text }
   }
 
-  t.test('a clear on one instance is a reset on the other instances\' streams', async (t) => {
+  t.test('a clear on one instance is an invalidation of everything and a reset on the other instances\' streams', async (t) => {
     const stream = await openStream(t)
     await a.cache.clear('test', 'cluster stream test')
     t.ok(await waitUntil(() => stream.text().includes('event: reset')), 'b\'s stream client was told')
     t.match(stream.text(), /cleared or marked stale on another instance/)
+    t.match(stream.text(), /event: invalidation\ndata: \{[^\n]*"selector":\{"all":true\},"mode":"delete","source":"bus"/)
+    const [record] = (await call(b, { url: '/v1/debug/invalidations?limit=1' })).json()
+    t.match(record, { selector: { all: true }, mode: 'delete', source: 'bus' }, 'in b\'s invalidation log')
+    // Marking everything stale travels the same way, as mode stale.
+    await a.cache.markAllStale({ source: 'postgres', reason: 'cluster test' })
+    t.ok(await waitUntil(async () => (await call(b, { url: '/v1/debug/invalidations?limit=1' })).json()[0]?.mode === 'stale'))
   })
 
   t.test('a bus outage is a reset on the stream once the bus is back (invalidations may have been missed)', async (t) => {
