@@ -133,7 +133,9 @@ if (requireRedisServer(t)) {
     const stats = (await call(a, { url: '/v1/stats' })).json()
     t.equal(stats.invalidations.failed - failedBefore, failed.length, 'every 503 is reported as a failed invalidation')
     // Acknowledged means applied in Redis and published: b dropped its copy, while still down.
-    for (const { key } of acked) t.equal(await tiered(b).l1Peek(key, b.cache.now()), undefined, `${key} left b's L1`)
+    // Except perhaps the last: SIGKILL can land after Redis wrote a's reply and before it wrote
+    // b's message (seen once in a loaded full run); b flushes its L1 when the bus comes back.
+    for (const { key } of acked.slice(0, -1)) t.equal(await tiered(b).l1Peek(key, b.cache.now()), undefined, `${key} left b's L1`)
     await redis.start()
     t.ok(await waitUntil(async () => (await readyStatus(a)) === 200 && (await readyStatus(b)) === 200, 15_000))
     for (const { key } of acked) t.equal((await get(b, key)).statusCode, 404)
