@@ -153,7 +153,8 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     store.onRemoteInvalidation((r) => {
       if (r.flush) {
         if (r.mode !== undefined) cache.recordBusInvalidation({ all: true }, r.mode, r.invalidated)
-        cache.emit('resync', { reason: 'the cache was cleared or marked stale on another instance' })
+        const what = r.mode === 'delete' ? 'cleared' : r.mode === 'stale' ? 'marked stale' : 'cleared or marked stale'
+        cache.emit('resync', { reason: `the cache was ${what} on another instance` })
       } else if (r.selector && !r.write) cache.recordBusInvalidation(r.selector, r.mode, r.invalidated)
     })
     app.readinessChecks.push({ name: 'redis', ready: () => store.healthy() })

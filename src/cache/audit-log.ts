@@ -46,9 +46,9 @@ export class AuditLog {
   /** Subscribes to the service's destructive events; returns the function that unsubscribes. */
   watch(cache: CacheService): () => void {
     const onInvalidation = (record: InvalidationRecord) => {
-      if (record.selector.all && record.mode === 'delete' && record.source !== 'bus') {
-        // Everything dropped: the emergency clear, or the PostgreSQL listener's clear policy
-        // (another instance's clear is audited there; here it is a bus invalidation).
+      if (record.selector.all && record.source === 'bus') return // audited by the instance that made it
+      if (record.selector.all && record.mode === 'delete') {
+        // Everything dropped: the emergency clear, or the PostgreSQL listener's clear policy.
         const actor = record.actor ?? `source:${record.source}`
         this.record({ actor, action: 'clear', reason: record.reason, outcome: 'succeeded', detail: `cleared ${record.invalidated} entries` })
         return
@@ -115,5 +115,6 @@ function describeInvalidation(record: InvalidationRecord): string {
     .filter((kind) => record.selector[kind]?.length)
     .map((kind) => `${record.selector[kind]!.length} ${kind}`)
   const verb = record.mode === 'stale' ? 'marked stale' : 'deleted'
-  return `${record.source} invalidation by ${lists.join(', ')}: ${record.invalidated} entries ${verb} (${record.id})`
+  const by = record.selector.all ? 'of everything' : `by ${lists.join(', ')}`
+  return `${record.source} invalidation ${by}: ${record.invalidated} entries ${verb} (${record.id})`
 }

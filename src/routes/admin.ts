@@ -118,7 +118,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
         audit.record({ actor, action: 'clear', reason: result.reason, outcome: 'refused', detail: REFUSALS[result.why] })
         throw new CacheError('clear_token_invalid', `emergency clear refused: ${REFUSALS[result.why]}; nothing was cleared`)
       }
-      // The 'cleared' event writes the audit record with the count.
+      // The clear's invalidation record is audited (action `clear`, with the count) by the audit log.
       try {
         return { cleared: await cache.clear(actor, result.reason) }
       } catch (error) {

@@ -232,6 +232,17 @@ t.test('the audit log lists stats resets and prefix or bulk invalidations, not s
   t.equal((await call(app, { method: 'GET', url: '/v1/debug/audit', key: 'read' })).statusCode, 403)
 })
 
+t.test('invalidations of everything: marking all stale is described as such, another instance\'s is not audited here', async (t) => {
+  const { app } = await setup(t)
+  for (let i = 0; i < 120; i++) await put(app, `all:${i}`, { value: i })
+  await app.cache.markAllStale({ source: 'postgres', actor: 'postgres-listener', reason: 'reconnected' })
+  app.cache.recordBusInvalidation({ all: true }, 'delete', 150) // another instance's clear, as the bus reports it
+  app.cache.recordBusInvalidation({ all: true }, 'stale', 150)
+  const entries = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json()
+  t.equal(entries.length, 1, 'only the local one')
+  t.match(entries[0], { actor: 'postgres-listener', action: 'invalidation', detail: /^postgres invalidation of everything: 140 entries marked stale/ }) // 20 from setup
+})
+
 t.test('the audit ring keeps only AUDIT_LOG_SIZE records', async (t) => {
   const clock = new FakeClock()
   const app = await build(t, { apiKeys: keys, security: { ...DEFAULT_SECURITY, clearRateLimitMax: 0, auditLogSize: 3 } }, { now: clock.now })
