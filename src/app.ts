@@ -149,13 +149,13 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
       if (connected) cache.emit('resync', { reason: 'the cluster bus was down, so invalidations may have been missed' })
     })
     // Another instance's invalidation, already applied here: into the log, metrics and stream.
-    // Its clear or mark-all-stale is one of everything; the stream's clients also resync.
+    // Its clear or mark-all-stale is one of everything. A flush from an older build names
+    // neither: the stream's clients resync.
     store.onRemoteInvalidation((r) => {
-      if (r.flush) {
-        if (r.mode !== undefined) cache.recordBusInvalidation({ all: true }, r.mode, r.invalidated)
-        const what = r.mode === 'delete' ? 'cleared' : r.mode === 'stale' ? 'marked stale' : 'cleared or marked stale'
-        cache.emit('resync', { reason: `the cache was ${what} on another instance` })
-      } else if (r.selector && !r.write) cache.recordBusInvalidation(r.selector, r.mode, r.invalidated)
+      if (!r.flush) {
+        if (!r.write) cache.recordBusInvalidation(r.selector, r.mode, r.invalidated)
+      } else if (r.mode !== undefined) cache.recordBusInvalidation({ all: true }, r.mode, r.invalidated)
+      else cache.emit('resync', { reason: 'the cache was cleared or marked stale on another instance' })
     })
     app.readinessChecks.push({ name: 'redis', ready: () => store.healthy() })
     app.consistency.copyChecks.push({ name: 'l1-vs-redis', compare: (keys) => store.compareL1(keys) })

@@ -121,7 +121,6 @@ function emptyTotals(): Totals {
 export interface CacheServiceEvents {
   invalidation: [InvalidationRecord]
   invalidation_failed: [{ source: InvalidationSource; selector: Selector; error: Error }]
-  cleared: [{ cleared: number; actor: string | undefined; reason: string | undefined; source: InvalidationSource }]
   /** The stats summary was zeroed (the audit log listens). */
   stats_reset: [{ actor: string | undefined }]
   /** One call to an origin (src/origins): result is `success`, `error` or `timeout`. */
@@ -357,17 +356,15 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   /**
    * Drops everything and voids every lease: the emergency clear (`admin`), or the PostgreSQL
    * listener's `clear` policy. An invalidation of everything (DESIGN 4 names "a clear" among
-   * them), recorded like any other with the selector `{all: true}`; then `cleared` tells the
-   * stream to reset its clients.
+   * them), recorded like any other with the selector `{all: true}` (the stream then resets).
    */
   async clear(actor?: string, reason?: string, source: InvalidationSource = 'admin'): Promise<number> {
-    const { invalidated: cleared } = await this.#apply({ all: true }, { source, actor, reason }, async () => {
+    const result = await this.#apply({ all: true }, { source, actor, reason }, async () => {
       const invalidated = await this.store.clear()
       this.#fills.clear()
       return { invalidated, mode: 'delete' as const }
     })
-    this.emit('cleared', { cleared, actor, reason, source })
-    return cleared
+    return result.invalidated
   }
 
   recentInvalidations(limit: number): InvalidationRecord[] {

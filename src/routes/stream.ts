@@ -23,7 +23,6 @@ const EXAMPLE =
 /** A `reset` event: the client must drop or revalidate every copy it kept. */
 const resetFrame = (reason: string) => `event: reset\ndata: ${JSON.stringify({ reason })}\n\n`
 const RESET_UNKNOWN_ID = resetFrame('events since Last-Event-ID are no longer available; drop or revalidate kept copies')
-const RESET_CLEARED = resetFrame('the cache was cleared; drop every kept copy')
 const resyncFrame = (reason: string) => resetFrame(`${reason}; drop or revalidate every kept copy`)
 
 /** The SSE frame of one invalidation; built once and written to every client. */
@@ -69,7 +68,7 @@ export default fp(
     // the newest record at the time of the last one (null: the log was empty) and the reset
     // it sent, so a replay can tell it was missed and send that reset instead.
     let newestAtLastReset: string | null | undefined
-    let lastReset = RESET_CLEARED
+    let lastReset = RESET_UNKNOWN_ID
 
     // A reconnecting client names the last event it saw: replay what followed it from the
     // invalidation log, or, when the log no longer holds it or a clear followed it, reset.
@@ -86,16 +85,18 @@ export default fp(
 
     const onInvalidation = (record: InvalidationRecord) => {
       if (clients.size > 0) broadcast(invalidationFrame(record))
+      // A clear, here or on another instance: every kept copy goes, whatever the client made of the event.
+      if (record.selector.all && record.mode === 'delete') {
+        reset(resetFrame(`the cache was cleared${record.source === 'bus' ? ' on another instance' : ''}; drop every kept copy`))
+      }
     }
     const reset = (frame: string) => {
       newestAtLastReset = app.cache.recentInvalidations(1)[0]?.id ?? null
       lastReset = frame
       if (clients.size > 0) broadcast(frame)
     }
-    const onCleared = () => reset(RESET_CLEARED)
     const onResync = ({ reason }: { reason: string }) => reset(resyncFrame(reason))
     app.cache.on('invalidation', onInvalidation)
-    app.cache.on('cleared', onCleared)
     app.cache.on('resync', onResync)
     app.decorate('invalidationStream', { clients: () => clients.size })
 
@@ -109,7 +110,6 @@ export default fp(
     })
     app.addHook('onClose', async () => {
       app.cache.off('invalidation', onInvalidation)
-      app.cache.off('cleared', onCleared)
       app.cache.off('resync', onResync)
     })
 
