@@ -3,7 +3,8 @@
 //      autocannon against real servers (child processes) started by this script; then the
 //      same comparison in process, without HTTP (CacheService.read on each store).
 //   2. Invalidation propagation: from one instance's invalidate() to another's L1.
-//   3. Invalidating a user with 10 entries among N entries in Redis, against SCAN MATCH + DEL.
+//   3. batch-set and batch-get of 1000 keys, against the same keys one after another.
+//   4. Invalidating a user with 10 entries among N entries in Redis, against SCAN MATCH + DEL.
 // Run: node --import tsx bench/cluster-mode.ts [--entries 1000000] [--duration 4] [--skip-http] [--skip-scan]
 import { spawn, type ChildProcess } from 'node:child_process'
 import { performance } from 'node:perf_hooks'
@@ -150,6 +151,48 @@ async function propagation(redisUrl: string) {
   await Promise.all([a.close(), b.close()])
 }
 
+/**
+ * batch-set and batch-get of 1000 keys (half of the reads missing) through CacheService on a
+ * TieredStore, against the same number of keys one after another (what the routes did before they
+ * ran up to 32 keys at once). Writes on instance A, reads on instance B, whose L1 has never seen
+ * the keys (as when another instance wrote them); each side has its own fresh keys every round,
+ * and which side goes first alternates.
+ */
+async function batches(redisUrl: string) {
+  const [a, b] = [new TieredStore({ redisUrl, namespace: 'batch' }), new TieredStore({ redisUrl, namespace: 'batch' })]
+  await Promise.all([a.connect(), b.connect()])
+  const [writer, reader] = [new CacheService({ store: a }), new CacheService({ store: b })]
+  const value = { user: 42, widgets: Array.from({ length: 5 }, (_, i) => ({ id: i, title: `widget ${i}` })) }
+  const ms: Record<'setOne' | 'setMany' | 'getOne' | 'getMany', number[]> = { setOne: [], setMany: [], getOne: [], getMany: [] }
+  const time = async (name: keyof typeof ms, fn: () => Promise<unknown>) => {
+    const t0 = performance.now()
+    await fn()
+    ms[name].push(performance.now() - t0)
+  }
+  const ROUNDS = 7 // the first is a warm-up
+  for (let round = 0; round < ROUNDS; round++) {
+    const items = (side: string) => Array.from({ length: 1000 }, (_, i) => ({ key: `b:${round}:${side}:${i}`, value, userId: `u${i % 100}` }))
+    const reads = (side: string) => items(side).map((item, i) => (i % 2 === 0 ? item.key : `${item.key}:missing`))
+    const sides = [
+      () => time('setOne', () => items('one').reduce<Promise<unknown>>((p, item) => p.then(() => writer.write(item.key, item)), Promise.resolve())),
+      () => time('setMany', () => writer.writeMany(items('many'))),
+    ]
+    for (const side of round % 2 === 0 ? sides : sides.reverse()) await side()
+    const gets = [
+      () => time('getOne', () => reads('one').reduce<Promise<unknown>>((p, key) => p.then(() => reader.read(key)), Promise.resolve())),
+      () => time('getMany', () => reader.readMany(reads('many'))),
+    ]
+    for (const side of round % 2 === 0 ? gets : gets.reverse()) await side()
+  }
+  const median = (xs: number[]) => xs.slice(1).sort((x, y) => x - y)[Math.floor((xs.length - 1) / 2)]!
+  const { setOne, setMany, getOne, getMany } = Object.fromEntries(Object.entries(ms).map(([k, xs]) => [k, median(xs)])) as Record<keyof typeof ms, number>
+  console.log(
+    `batch-set of 1000 (median of ${ROUNDS - 1} rounds): one after another ${fmt(setOne, 1)} ms, writeMany ${fmt(setMany, 1)} ms, ${fmt(setOne / setMany, 1)}x; ` +
+      `batch-get of 1000, half missing, on another instance: one after another ${fmt(getOne, 1)} ms, readMany ${fmt(getMany, 1)} ms, ${fmt(getOne / getMany, 1)}x`,
+  )
+  await Promise.all([a.close(), b.close()])
+}
+
 // Bulk loader: writes `count` entries per call server-side, in exactly the layout of the
 // store's set script (entry hash, user index, expiry index, bytes), without a round trip each.
 const BULK_LOAD = `
@@ -236,6 +279,7 @@ try {
   if (!process.argv.includes("--skip-http")) await throughput(redis.url)
   await coreReads(redis.url)
   await propagation(redis.url)
+  await batches(redis.url)
   if (!process.argv.includes('--skip-scan')) await userVsScan(redis.url)
 } finally {
   await redis.stop()

@@ -34,7 +34,7 @@ export const DEFAULT_INVALIDATION_LOG_SIZE = 1000
 const MAX_FILL_LEASES = 100_000
 /** Waiters are told to come back after at most this long, even if the fill lease has longer to run. */
 const MAX_RETRY_AFTER_MS = 100
-/** Keys of a batch-get looked up at once. */
+/** Keys of a batch-get looked up, or of a batch-set written, at once. */
 const BATCH_LOOKUPS = 32
 
 /** The subset of a pino logger the core uses. */
@@ -76,6 +76,9 @@ export interface WriteInput {
   lease?: string | { lease?: string; token?: string } | null
   origin?: string
 }
+
+/** One item of `writeMany`: written, or refused with its own error. */
+export type WriteOutcome = { key: string; entry: StoredEntry; error?: undefined } | { key: string; error: CacheError }
 
 export interface InvalidateOptions {
   mode?: InvalidationMode
@@ -243,6 +246,37 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     this.totals.sets++
     this.#fills.delete(key)
     return entry
+  }
+
+  /**
+   * Writes a batch (`POST /v1/entries/batch-set`): each item validated and written on its own, so
+   * a refused item gets its own error and does not sink the others. Up to BATCH_LOOKUPS keys are
+   * written at once (in cluster mode each write is a Redis round trip, and concurrent ones share
+   * the pipeline); the items of one key are written one after another in the order given, so the
+   * last one stands, as if the batch were written item by item. Outcomes come in the items' order.
+   * A backend failure (a 5xx) rejects the whole batch, as it would a single write.
+   */
+  async writeMany(items: readonly unknown[]): Promise<WriteOutcome[]> {
+    if (items.length > this.limits.maxBatch) throw invalidRequest(`entries has more than ${this.limits.maxBatch} items`)
+    const outcomes: WriteOutcome[] = new Array(items.length)
+    const byKey = new Map<string, number[]>()
+    items.forEach((item, i) => {
+      const key = item !== null && typeof item === 'object' ? (item as { key?: unknown }).key : undefined
+      if (typeof key !== 'string') outcomes[i] = { key: '', error: invalidRequest(`entries[${i}].key must be a string`) }
+      else if (byKey.has(key)) byKey.get(key)!.push(i)
+      else byKey.set(key, [i])
+    })
+    await eachLimited([...byKey], BATCH_LOOKUPS, async ([key, indexes]) => {
+      for (const i of indexes) {
+        try {
+          outcomes[i] = { key, entry: await this.write(key, items[i] as WriteInput) }
+        } catch (error) {
+          if (!(error instanceof CacheError) || error.statusCode >= 500) throw error
+          outcomes[i] = { key, error }
+        }
+      }
+    })
+    return outcomes
   }
 
   /** Builds (and validates) the entry a write would store. */

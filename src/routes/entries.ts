@@ -1,9 +1,9 @@
 import { Type } from '@sinclair/typebox'
 import type { FastifyInstance, FastifyReply } from 'fastify'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
-import { JSON_TYPE, renderBatch, renderEntry, renderWrite } from '../cache/render.js'
+import { JSON_TYPE, iso, renderBatch, renderEntry, renderWrite } from '../cache/render.js'
 import { readable, type ReadResult, type WriteInput } from '../cache/cache-service.js'
-import { CacheError, truncate } from '../errors.js'
+import { truncate } from '../errors.js'
 import { bareEtag, checkKey, listBodyBytes } from '../cache/limits.js'
 import { InvalidationResult, MissBody, ModeQuery, authErrors, badRequest, bodyTooLarge, leaseConflict, tooLarge } from '../schemas/common.js'
 import {
@@ -173,19 +173,14 @@ export default async function entryRoutes(fastify: FastifyInstance) {
       },
     },
     async (request) => {
-      const results = []
-      for (const item of request.body.entries) {
-        const key = item !== null && typeof item === 'object' ? (item as { key?: unknown }).key : undefined
-        try {
-          if (typeof key !== 'string') throw new CacheError('invalid_request', 'key must be a string')
-          const entry = await cache.write(key, item as unknown as WriteInput)
-          results.push({ key, status: 200, etag: entry.etag, expiresAt: new Date(entry.expiresAt).toISOString() })
-        } catch (error) {
-          if (!(error instanceof CacheError) || error.statusCode >= 500) throw error
-          results.push({ key: typeof key === 'string' ? key : '', status: error.statusCode, error: error.code, message: error.message })
-        }
+      const outcomes = await cache.writeMany(request.body.entries)
+      return {
+        results: outcomes.map((o) =>
+          o.error === undefined
+            ? { key: o.key, status: 200, etag: o.entry.etag, expiresAt: iso(o.entry.expiresAt) }
+            : { key: o.key, status: o.error.statusCode, error: o.error.code, message: o.error.message },
+        ),
       }
-      return { results }
     },
   )
 }

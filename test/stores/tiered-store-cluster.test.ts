@@ -98,6 +98,34 @@ if (requireRedisServer(t)) {
     t.equal((await get(b, 'report:9')).statusCode, 404, 'nothing was written')
   })
 
+  t.test('batch-set writes many keys at once, each key in the order given, every outcome in its place', async (t) => {
+    const miss = await get(a, 'batch:leased')
+    const lease = miss.json().lease as string
+    await call(b, { method: 'DELETE', url: '/v1/entries/batch:leased' })
+    const entries: Record<string, unknown>[] = []
+    for (let i = 0; i < 200; i++) entries.push({ key: `batch:${i}`, value: i, userId: `bu${i % 7}` })
+    // One key written five times among the others: the last good write stands.
+    for (let v = 0; v < 5; v++) entries.splice(v * 40, 0, { key: 'batch:dup', value: `v${v}`, ttlMs: v === 4 ? 0 : 60_000 })
+    entries.push({ key: 'batch:leased', value: 'old', lease }, { value: 'no key' })
+    const res = await call(a, { method: 'POST', url: '/v1/entries/batch-set', payload: { entries } })
+    t.equal(res.statusCode, 200)
+    const results = res.json().results as { key: string; status: number; error?: string }[]
+    t.equal(results.length, entries.length)
+    t.same(
+      results.map((r) => r.key),
+      entries.map((e) => e.key ?? ''),
+      'one outcome per entry, in the order sent',
+    )
+    const dups = results.filter((r) => r.key === 'batch:dup').map((r) => r.status)
+    t.same(dups, [200, 200, 200, 200, 400], 'the fifth write of batch:dup is refused alone (ttlMs 0)')
+    t.match(results.at(-2), { key: 'batch:leased', status: 409, error: 'lease_invalidated' })
+    t.match(results.at(-1), { key: '', status: 400, error: 'invalid_request' })
+    t.equal((await get(c, 'batch:dup')).json().value, 'v3', 'the last good write of the key stands')
+    t.equal((await get(c, 'batch:leased')).statusCode, 404, 'the voided lease wrote nothing')
+    const user = await call(b, { method: 'GET', url: '/v1/debug/users/bu3' })
+    t.equal(user.json().count, Array.from({ length: 200 }, (_, i) => i).filter((i) => i % 7 === 3).length, 'indexed in Redis')
+  })
+
   t.test('herd control spans the instances: one fill lease per key across the cluster', async (t) => {
     const first = await get(a, 'herd:1')
     t.equal(first.statusCode, 404)
