@@ -1,6 +1,6 @@
 import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import { EventEmitter } from 'node:events'
-import { CacheError, backendUnavailable, invalidRequest, leaseInvalidated } from '../errors.js'
+import { CacheError, backendUnavailable, invalidRequest, leaseInvalidated, valueTooLarge } from '../errors.js'
 import type { Store } from '../stores/store.js'
 import {
   DEFAULT_LIMITS,
@@ -291,6 +291,10 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     let size = byteLength(key) + byteLength(value)
     if (userId !== undefined) size += byteLength(userId)
     if (tags) for (const tag of tags) size += byteLength(tag)
+    if (size > this.store.maxBytes) {
+      // The store would drop it at once (and the old entry with it): refuse rather than acknowledge.
+      throw valueTooLarge(`the entry takes ${size} bytes, more than the whole cache holds (CACHE_MAX_BYTES ${this.store.maxBytes})`)
+    }
     return {
       key,
       value,

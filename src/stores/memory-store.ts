@@ -50,6 +50,7 @@ export interface MemoryStoreOptions {
  */
 export class MemoryStore implements Store {
   readonly kind = 'memory'
+  readonly maxBytes: number
   readonly #lru: LRUCache<string, StoredEntry>
   readonly #users = new Map<string, Members>()
   readonly #tags = new Map<string, Members>()
@@ -69,11 +70,12 @@ export class MemoryStore implements Store {
   constructor(options: MemoryStoreOptions = {}) {
     this.#now = options.now ?? Date.now
     this.#maxEntries = options.maxEntries ?? DEFAULT_MAX_ENTRIES
+    this.maxBytes = options.maxBytes ?? DEFAULT_MAX_BYTES
     this.#leases = options.leases === false ? undefined : new LeaseBook(options.maxLeaseScopes, options.maxLeasePrefixes)
     this.#lru = new LRUCache<string, StoredEntry>({
       // No `max`: with one, lru-cache preallocates and, whenever its last entry goes,
       // refills arrays of `max` slots (17 ms at 1M). The count bound is enforced in set().
-      maxSize: options.maxBytes ?? DEFAULT_MAX_BYTES,
+      maxSize: this.maxBytes,
       sizeCalculation: (entry) => entry.size,
       dispose: (entry, _key, reason) => {
         // An overwrite keeping the same user and tags carries the memberships over (setSync).

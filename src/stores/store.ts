@@ -17,6 +17,9 @@ import type {
 export interface Store {
   readonly kind: string
 
+  /** The most bytes of entries the store keeps (`CACHE_MAX_BYTES`): a larger entry is never kept. */
+  readonly maxBytes: number
+
   /** Reads an entry, counting a hit on it. Expired entries are never returned. */
   get(key: string, now: number): Promise<StoredEntry | undefined>
 

@@ -99,6 +99,9 @@ type ScriptClient = Record<ScriptName, (...args: Array<string | number>) => Prom
  */
 export class TieredStore implements Store {
   readonly kind = 'tiered'
+  get maxBytes(): number {
+    return this.#maxBytes
+  }
   /** This instance's id on the bus. */
   readonly id = randomBytes(8).toString('base64url')
   readonly #redis: Redis

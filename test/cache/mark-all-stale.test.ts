@@ -43,6 +43,7 @@ t.test('a store without markAllStale is cleared instead, with a warning', async 
   // The same store minus the optional method, as a store written before it would be.
   const store: Store = {
     kind: 'legacy',
+    maxBytes: inner.maxBytes,
     get: (k, n) => inner.get(k, n),
     peek: (k, n) => inner.peek(k, n),
     set: (e, l) => inner.set(e, l),

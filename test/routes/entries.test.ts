@@ -182,6 +182,22 @@ t.test('batch-set writes the good entries and reports the bad one alone', async 
   t.equal((await get(app, 'bad')).statusCode, 404)
 })
 
+t.test('an entry larger than the whole cache (CACHE_MAX_BYTES) is 413 value_too_large, and the old one stays', async (t) => {
+  const app = await build(t, { maxBytes: 4096 })
+  await put(app, 'big', { value: 'small', userId: 'u' })
+  const res = await call(app, { method: 'PUT', url: '/v1/entries/big', payload: { value: 'x'.repeat(5000), userId: 'u' } })
+  t.equal(res.statusCode, 413)
+  t.equal(res.json().error, 'value_too_large')
+  t.match(res.json().message, /CACHE_MAX_BYTES 4096/)
+  t.equal((await get(app, 'big')).json().value, 'small', 'nothing acknowledged, nothing lost')
+  const batch = await call(app, {
+    method: 'POST',
+    url: '/v1/entries/batch-set',
+    payload: { entries: [{ key: 'b1', value: 'x'.repeat(5000) }, { key: 'b2', value: 1 }] },
+  })
+  t.match(batch.json().results, [{ key: 'b1', status: 413, error: 'value_too_large' }, { key: 'b2', status: 200 }])
+})
+
 t.test('a value over the size limit is 413 value_too_large', async (t) => {
   const app = await build(t)
   const res = await call(app, { method: 'PUT', url: '/v1/entries/big', payload: { value: 'x'.repeat(1024 * 1024) } })
