@@ -142,14 +142,14 @@ export class MemoryStore implements Store {
     return 'ok'
   }
 
-  async invalidate(selector: Selector, mode: InvalidationMode, _now: number): Promise<number> {
+  async invalidate(selector: Selector, mode: InvalidationMode, now: number): Promise<number> {
     // Stamp first: from here on, leases issued before this invalidation are refused, even
     // while a long prefix scan is still running.
     const leases = this.#leases
     const seq = leases?.record(selector) ?? 0
     let count = 0
     const apply = (key: string) => {
-      if (this.#apply(key, mode)) count++
+      if (this.#apply(key, mode, now)) count++
     }
     // The keys a user or tag reaches are stamped too: a lease on one of them is refused
     // even if the write that follows names another user or no tags.
@@ -161,7 +161,7 @@ export class MemoryStore implements Store {
     for (const key of selector.keys ?? []) apply(key)
     for (const userId of selector.userIds ?? []) applyAll(this.#users.get(userId))
     for (const tag of selector.tags ?? []) applyAll(this.#tags.get(tag))
-    if (selector.prefixes?.length) count += await this.#invalidatePrefixes(selector.prefixes, mode)
+    if (selector.prefixes?.length) count += await this.#invalidatePrefixes(selector.prefixes, mode, now)
     return count
   }
 
@@ -175,10 +175,11 @@ export class MemoryStore implements Store {
   async markAllStale(): Promise<number> {
     this.#leases?.recordClear()
     let count = 0
+    const now = this.#now()
     const slice = new Slice()
     // lru-cache's values() iterator survives the yields; entries set meanwhile are fresh writes.
     for (const entry of this.#lru.values()) {
-      if (!entry.stale) {
+      if (!entry.stale && entry.expiresAt > now) {
         entry.stale = true
         count++
       }
@@ -198,7 +199,8 @@ export class MemoryStore implements Store {
    */
   deleteKeys(keys: readonly string[]): number {
     let count = 0
-    for (const key of keys) if (this.#apply(key, 'delete')) count++
+    const now = this.#now()
+    for (const key of keys) if (this.#apply(key, 'delete', now)) count++
     return count
   }
 
@@ -285,7 +287,7 @@ export class MemoryStore implements Store {
     return dropped
   }
 
-  async #invalidatePrefixes(prefixes: string[], mode: InvalidationMode): Promise<number> {
+  async #invalidatePrefixes(prefixes: string[], mode: InvalidationMode, now: number): Promise<number> {
     // Every entry is in exactly one expiry bucket, and Map/Set iterators survive mutation,
     // so walking the buckets in slices is a full scan that never blocks the loop for long.
     let count = 0
@@ -294,7 +296,7 @@ export class MemoryStore implements Store {
       for (const key of bucket) {
         for (const prefix of prefixes) {
           if (!key.startsWith(prefix)) continue
-          if (this.#apply(key, mode)) count++
+          if (this.#apply(key, mode, now)) count++
           break
         }
         if (slice.due()) await slice.yield()
@@ -303,10 +305,17 @@ export class MemoryStore implements Store {
     return count
   }
 
-  /** Deletes or marks stale one entry; true when it changed something. */
-  #apply(key: string, mode: InvalidationMode): boolean {
+  /**
+   * Deletes or marks stale one entry; true when it changed something. An entry found expired
+   * (the sweep has not reached it yet) is dropped as the sweep would drop it, and not counted.
+   */
+  #apply(key: string, mode: InvalidationMode, now: number): boolean {
     const entry = this.#lru.peek(key)
     if (entry === undefined) return false
+    if (entry.expiresAt <= now) {
+      this.#drop(key, 'expire')
+      return false
+    }
     if (mode === 'delete') return this.#lru.delete(key)
     if (entry.stale) return false
     entry.stale = true

@@ -167,8 +167,9 @@ return {1, evicted}
 `
 
 /**
- * invalidate(selectorJson, mode, stamp 1|0, maxScopes, maxPrefixes, channel, message|'')
- * -> {count, generation} (the generation a prefix scan then walks). Stamps every scope (keys, users, tags, prefixes) with a new sequence,
+ * invalidate(selectorJson, mode, stamp 1|0, maxScopes, maxPrefixes, channel, message|'', now)
+ * -> {count, generation, expiredKeys} (the generation a prefix scan then walks). An entry found
+ * expired but not yet swept is dropped as the sweep would drop it, and not counted. Stamps every scope (keys, users, tags, prefixes) with a new sequence,
  * and every key a user or tag reaches (a lease on it is refused whatever its write names),
  * then applies keys, users and tags through the indexes: O(matched entries). Prefixes are
  * scanned outside Lua in batches, which call this again with stamp=0 and the found keys.
@@ -200,7 +201,15 @@ local function touch(members)
 end
 
 local count = 0
+local now = tonumber(ARGV[8])
+local expired = {}
 local function apply(k)
+  local x = redis.call('HGET', ekey(k), 'x')
+  if x and tonumber(x) <= now then
+    drop(k)
+    expired[#expired + 1] = k
+    return true
+  end
   if mode == 'delete' then
     if drop(k) then count = count + 1 return true end
     return false
@@ -238,7 +247,7 @@ for _, t in ipairs(sel.tags or {}) do
 end
 if seq > 0 then trim(st, maxScopes) end
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
-return {count, gen}
+return {count, gen, expired}
 `
 
 /** clear(channel, message) -> {entries, oldGeneration}. Voids every lease and switches generation. */

@@ -312,7 +312,7 @@ export class TieredStore implements Store {
     const prefixes = selector.prefixes ?? []
     const message = this.#message(selector, mode)
     try {
-      const [count, gen] = (await this.#scripts.cwInvalidate(
+      const [count, gen, expired] = (await this.#scripts.cwInvalidate(
         this.#base,
         JSON.stringify(selector),
         mode,
@@ -323,9 +323,11 @@ export class TieredStore implements Store {
         // With prefixes, publish only once the scan is done, so no other instance refills its
         // L1 from an entry the scan has yet to reach.
         prefixes.length > 0 ? '' : message,
-      )) as [number, string]
+        now,
+      )) as [number, string, string[]]
+      this.#report(expired, 'expire')
       if (prefixes.length === 0) return count
-      const scanned = await this.#invalidatePrefixes(gen, prefixes, mode)
+      const scanned = await this.#invalidatePrefixes(gen, prefixes, mode, now)
       await this.#redis.publish(this.#channel, message)
       return count + scanned
     } catch (error) {
@@ -366,7 +368,7 @@ export class TieredStore implements Store {
           const [next, flat] = await this.#redis.zscan(`${this.#base}${gen}:x`, cursor, 'COUNT', SCAN_COUNT)
           return [next, flat.filter((_, i) => i % 2 === 0)]
         },
-        async (keys) => void (count += await this.#invalidateKeys(keys, 'stale')),
+        async (keys) => void (count += await this.#invalidateKeys(keys, 'stale', this.#now())),
       )
       await this.#redis.publish(this.#channel, this.#flushMessage('stale'))
       return count
@@ -576,21 +578,26 @@ export class TieredStore implements Store {
     return this.#l1.clear()
   }
 
-  async #invalidatePrefixes(gen: string, prefixes: string[], mode: InvalidationMode): Promise<number> {
+  async #invalidatePrefixes(gen: string, prefixes: string[], mode: InvalidationMode, now: number): Promise<number> {
     const entryPrefix = `${this.#base}${gen}:e:`
     let count = 0
     for (const prefix of prefixes) {
       await this.#walk(
         (cursor) => this.#redis.scan(cursor, 'MATCH', `${globEscape(entryPrefix + prefix)}*`, 'COUNT', SCAN_COUNT),
-        async (found) => void (count += await this.#invalidateKeys(found.map((k) => k.slice(entryPrefix.length)), mode)),
+        async (found) => void (count += await this.#invalidateKeys(found.map((k) => k.slice(entryPrefix.length)), mode, now)),
       )
     }
     return count
   }
 
   /** Deletes or marks stale these keys in Redis (indexes and lease scopes kept by the script). */
-  async #invalidateKeys(keys: string[], mode: InvalidationMode): Promise<number> {
-    const [n] = (await this.#scripts.cwInvalidate(this.#base, JSON.stringify({ keys }), mode, 0, 0, 0, '', '')) as [number]
+  async #invalidateKeys(keys: string[], mode: InvalidationMode, now: number): Promise<number> {
+    const [n, , expired] = (await this.#scripts.cwInvalidate(this.#base, JSON.stringify({ keys }), mode, 0, 0, 0, '', '', now)) as [
+      number,
+      string,
+      string[],
+    ]
+    this.#report(expired, 'expire')
     return n
   }
 

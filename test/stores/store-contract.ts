@@ -223,5 +223,27 @@ export function storeContract(t: Test, name: string, factory: StoreFactory): voi
       t.same(await store.userKeys('u1'), [])
       t.same(await store.tagKeys('t'), [])
     })
+
+    t.test('an invalidation counts no entry that expired before the sweep reached it, and drops it as expired', async (t) => {
+      const { store, clock } = await open(t)
+      const expired: string[] = []
+      store.onEviction((e, reason) => reason === 'expire' && expired.push(e.key))
+      for (const mode of ['delete', 'stale'] as const) {
+        const soon = { expiresAt: clock.now() + 1000 }
+        await store.set(entry(clock, `${mode}:k`, soon))
+        await store.set(entry(clock, `${mode}:u`, { ...soon, userId: `${mode}-u` }))
+        await store.set(entry(clock, `${mode}:t`, { ...soon, tags: [`${mode}-t`] }))
+        await store.set(entry(clock, `${mode}:p:1`, soon))
+        await store.set(entry(clock, `${mode}:u:live`, { userId: `${mode}-u` }))
+        clock.advance(1000)
+        t.equal(await store.invalidate({ keys: [`${mode}:k`] }, mode, clock.now()), 0, `${mode} by key`)
+        t.equal(await store.invalidate({ userIds: [`${mode}-u`] }, mode, clock.now()), 1, `${mode} by user: the live entry only`)
+        t.equal(await store.invalidate({ tags: [`${mode}-t`] }, mode, clock.now()), 0, `${mode} by tag`)
+        t.equal(await store.invalidate({ prefixes: [`${mode}:p`] }, mode, clock.now()), 0, `${mode} by prefix`)
+        t.same(await store.tagKeys(`${mode}-t`), [], 'its memberships went with it')
+      }
+      t.same(expired.sort(), ['delete:k', 'delete:p:1', 'delete:t', 'delete:u', 'stale:k', 'stale:p:1', 'stale:t', 'stale:u'])
+      t.equal((await store.size()).entries, 1, 'only the live entry marked stale is left')
+    })
   })
 }
