@@ -232,7 +232,7 @@ export class EventProcessor {
       const seen = this.#seen.get(event.id)
       if (seen !== undefined) return { response: (await seen.outcome).response, replayed: true }
     }
-    if (event.id === undefined) return { response: await this.#run(event, actor), replayed: false }
+    if (event.id === undefined) return { response: await this.#run(event, actor, this.#rules.resolve(event, this.#cache.limits)), replayed: false }
     const id = event.id
     const outcome = this.#applyOnce(event, id, actor)
     const record = { at: now, outcome }
@@ -256,24 +256,33 @@ export class EventProcessor {
    */
   async #applyOnce(event: DomainEvent, id: string, actor: string | undefined): Promise<EventOutcome> {
     const store = this.#cache.store
-    if (store.putRecord === undefined || store.swapRecord === undefined) {
-      return { response: await this.#run(event, actor), replayed: false }
+    // A bad event is refused, and one no rule matches is answered, before the store is asked.
+    const resolved = this.#rules.resolve(event, this.#cache.limits)
+    if (store.putRecord === undefined || store.swapRecord === undefined || resolved.length === 0) {
+      return { response: await this.#run(event, actor, resolved), replayed: false }
     }
     const swap = store.swapRecord.bind(store)
     const name = `event:${id}`
     const claim = `${PENDING}:${randomUUID()}`
-    for (;;) {
-      const prior = await store.putRecord(name, claim, this.#pendingTtlMs)
-      if (prior === undefined) break
-      if (!prior.startsWith(PENDING)) return { response: JSON.parse(prior) as EventResponse, replayed: true }
-      await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS))
+    try {
+      for (;;) {
+        const prior = await store.putRecord(name, claim, this.#pendingTtlMs)
+        if (prior === undefined) break
+        if (!prior.startsWith(PENDING)) return { response: JSON.parse(prior) as EventResponse, replayed: true }
+        await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS))
+      }
+    } catch (error) {
+      // The store could not be asked whether the id was applied, so its invalidations were not
+      // attempted: a failed invalidation all the same (counted, and a 503 for the sender to retry).
+      this.#cache.countFailure('event')
+      throw error
     }
     const renew = setInterval(() => {
       swap(name, claim, claim, this.#pendingTtlMs).catch(() => false)
     }, this.#pendingTtlMs / 3)
     let response: EventResponse
     try {
-      response = await this.#run(event, actor)
+      response = await this.#run(event, actor, resolved)
     } catch (error) {
       clearInterval(renew)
       await swap(name, claim, undefined, 0).catch(() => false)
@@ -290,8 +299,7 @@ export class EventProcessor {
     return this.#seen.size
   }
 
-  async #run(event: DomainEvent, actor: string | undefined): Promise<EventResponse> {
-    const resolved = this.#rules.resolve(event, this.#cache.limits)
+  async #run(event: DomainEvent, actor: string | undefined, resolved: ReturnType<EventRules['resolve']>): Promise<EventResponse> {
     const invalidations: InvalidationResult[] = []
     for (const { rule, selector } of resolved) {
       const reason = `event ${truncate(event.type, 100)}${event.id === undefined ? '' : ` ${truncate(event.id, 100)}`} (rules[${rule.index}])`

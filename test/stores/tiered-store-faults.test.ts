@@ -19,7 +19,8 @@ const readyStatus = async (app: FastifyInstance) => (await app.inject({ url: '/h
 
 if (requireRedisServer(t)) {
   const redis = await startRedis(t)
-  const a = await build(t, { redisUrl: redis.url })
+  const rules = [{ event: 'persona.updated', invalidate: { userIds: ['{{data.userId}}'] } }]
+  const a = await build(t, { redisUrl: redis.url, configFile: { rules } })
   const b = await build(t, { redisUrl: redis.url })
   const busStates: boolean[] = []
   b.cache.on('bus_state', ({ connected }) => busStates.push(connected))
@@ -78,6 +79,17 @@ if (requireRedisServer(t)) {
     const users = await call(a, { method: 'DELETE', url: '/v1/users/u1/entries', key: 'invalidate' })
     t.equal(users.statusCode, 503)
     t.equal((await get(a, 'cached')).statusCode, 404, 'a user selector drops the local copies too')
+    // An event with an id cannot be claimed, so its invalidations are not attempted: a failure too.
+    for (const id of [undefined, 'evt-down-1']) {
+      const before = (await call(a, { url: '/v1/stats' })).json().invalidations.failed
+      const event = await call(a, { method: 'POST', url: '/v1/events', key: 'invalidate', payload: { id, type: 'persona.updated', data: { userId: 'u1' } } })
+      t.equal(event.statusCode, 503, `event ${id ?? 'without an id'}`)
+      t.equal(event.json().error, 'backend_unavailable')
+      t.equal((await call(a, { url: '/v1/stats' })).json().invalidations.failed, before + 1, `event ${id ?? 'without an id'}: counted as failed`)
+    }
+    t.match((await a.inject({ url: '/metrics' })).body, /^cachewarden_invalidation_failures_total\{source="event"\} 2$/m)
+    const unmatched = await call(a, { method: 'POST', url: '/v1/events', key: 'invalidate', payload: { id: 'evt-down-2', type: 'nobody.cares', data: {} } })
+    t.same(unmatched.json(), { matched: 0, invalidations: [] }, 'an event no rule matches needs no Redis')
 
     // An emergency clear that cannot reach Redis is a 503, audited as failed; its token is spent
     // (a timed-out clear may still run in Redis: a token given back could clear twice).
