@@ -2,7 +2,7 @@ import { Type } from '@sinclair/typebox'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
 import { AUDIT_BULK_THRESHOLD } from '../cache/audit-log.js'
-import { CLEAR_TOKEN_TTL_MS, ClearTokens } from '../cache/clear-tokens.js'
+import { CLEAR_TOKEN_TTL_MS, ClearTokens, sharedRecords, type RedeemResult } from '../cache/clear-tokens.js'
 
 const TOKEN_VALID = `${CLEAR_TOKEN_TTL_MS / 1000} s`
 import { CacheError } from '../errors.js'
@@ -35,7 +35,7 @@ export const AuditRecordView = Type.Object({
 export default async function adminRoutes(fastify: FastifyInstance) {
   const app = fastify.withTypeProvider<TypeBoxTypeProvider>()
   const { cache, audit } = app
-  const tokens = new ClearTokens({ now: cache.now })
+  const tokens = new ClearTokens({ now: cache.now, records: sharedRecords(cache.store) })
   const { clearRateLimitMax, clearRateLimitWindowMs } = app.config.security
   // Per key (auth ran before this hook); every 429 is audited, since someone is hammering a wipe.
   const limited = (action: 'clear_token_issued' | 'clear') =>
@@ -78,7 +78,15 @@ export default async function adminRoutes(fastify: FastifyInstance) {
     },
     async (request) => {
       const actor = request.apiKey!.name
-      const { token, expiresAt } = tokens.issue(actor, request.body.reason)
+      let issued: { token: string; expiresAt: number }
+      try {
+        issued = await tokens.issue(actor, request.body.reason)
+      } catch (error) {
+        // Cluster mode with Redis down: a token no other instance could see is not handed out.
+        audit.record({ actor, action: 'clear_token_issued', reason: request.body.reason, outcome: 'failed', detail: 'the store is unavailable' })
+        throw error
+      }
+      const { token, expiresAt } = issued
       audit.record({ actor, action: 'clear_token_issued', reason: request.body.reason, outcome: 'succeeded', detail: `valid ${TOKEN_VALID}` })
       return { token, expiresAt: new Date(expiresAt).toISOString() }
     },
@@ -113,7 +121,14 @@ export default async function adminRoutes(fastify: FastifyInstance) {
     },
     async (request) => {
       const actor = request.apiKey!.name
-      const result = tokens.redeem(request.body.token, actor)
+      let result: RedeemResult
+      try {
+        result = await tokens.redeem(request.body.token, actor)
+      } catch (error) {
+        // Cluster mode with Redis down: the token could not be looked up, so it is not spent.
+        audit.record({ actor, action: 'clear', reason: null, outcome: 'failed', detail: 'the token could not be checked (the store is unavailable); nothing was cleared' })
+        throw error
+      }
       if (!result.ok) {
         audit.record({ actor, action: 'clear', reason: result.reason, outcome: 'refused', detail: REFUSALS[result.why] })
         throw new CacheError('clear_token_invalid', `emergency clear refused: ${REFUSALS[result.why]}; nothing was cleared`)

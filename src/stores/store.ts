@@ -79,10 +79,11 @@ export interface Store {
   releaseFill?(key: string, holder: string): Promise<void>
 
   /**
-   * Idempotency records every instance on the store shares (a domain event's id and its
-   * reply): stores `value` under `name` for `ttlMs` unless a record is there, and resolves
+   * Records every instance on the store shares (a domain event's id and its reply, an
+   * emergency clear's token): stores `value` under `name` for `ttlMs` unless a record is there, and resolves
    * to that record's value, or undefined when this call stored it. Optional: without it,
-   * event ids are remembered per process. `putRecord` and `swapRecord` come together.
+   * event ids (and clear tokens) are remembered per process. `putRecord`, `swapRecord` and
+   * `getRecord` come together.
    */
   putRecord?(name: string, value: string, ttlMs: number): Promise<string | undefined>
 
@@ -92,6 +93,9 @@ export interface Store {
    * renews, fulfils or abandons its claim with it, never touching a claim another took over.
    */
   swapRecord?(name: string, expected: string, value: string | undefined, ttlMs: number): Promise<boolean>
+
+  /** The record `name` holds, or undefined. Comes with `putRecord` and `swapRecord`. */
+  getRecord?(name: string): Promise<string | undefined>
 
   /** A user's entries (for inspection), from the index: O(that user's entries). */
   userEntries(userId: string, now: number): Promise<StoredEntry[]>

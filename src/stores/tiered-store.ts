@@ -401,6 +401,10 @@ export class TieredStore implements Store {
     })
   }
 
+  async getRecord(name: string): Promise<string | undefined> {
+    return this.#call(async () => (await this.#redis.get(`${this.#base}rec:${name}`)) ?? undefined)
+  }
+
   async swapRecord(name: string, expected: string, value: string | undefined, ttlMs: number): Promise<boolean> {
     return this.#call(async () => {
       const drop = value === undefined ? 1 : 0

@@ -28,12 +28,15 @@ if (requireRedisServer(t)) {
   t.test('with Redis down: reads answer from L1 or miss, writes and invalidations are 503, ready is 503', async (t) => {
     await put(a, 'cached', { value: 'v1', userId: 'u1' })
     await put(a, 'dropped', { value: 'v1' })
+    await put(a, 'kept', { value: 'v1' })
+    t.ok(await fillL1(a, 'kept'))
     for (const app of [a, b]) {
       t.ok(await fillL1(app, 'cached'))
       t.ok(await fillL1(app, 'dropped'))
     }
     const failedBefore = (await call(a, { url: '/v1/stats' })).json().invalidations.failed
     const oldLease = (await get(a, 'leased')).json().lease as string
+    const token = (await call(a, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'fault test' } })).json().token
 
     await redis.stop()
     t.ok(await waitUntil(async () => (await readyStatus(a)) === 503 && (await readyStatus(b)) === 503), 'ready flips to 503')
@@ -91,13 +94,17 @@ if (requireRedisServer(t)) {
     const unmatched = await call(a, { method: 'POST', url: '/v1/events', key: 'invalidate', payload: { id: 'evt-down-2', type: 'nobody.cares', data: {} } })
     t.same(unmatched.json(), { matched: 0, invalidations: [] }, 'an event no rule matches needs no Redis')
 
-    // An emergency clear that cannot reach Redis is a 503, audited as failed; its token is spent
-    // (a timed-out clear may still run in Redis: a token given back could clear twice).
-    const token = (await call(a, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'fault test' } })).json().token
+    // Both steps of an emergency clear need Redis (tokens live there, for every instance to see):
+    // 503, audited as failed, nothing cleared.
+    const noToken = await call(a, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'while down' } })
+    t.equal(noToken.statusCode, 503)
+    t.equal(noToken.json().error, 'backend_unavailable')
+    t.match((await call(a, { url: '/v1/debug/audit?limit=1' })).json(), [{ action: 'clear_token_issued', outcome: 'failed', reason: 'while down' }])
     const failedClear = await call(a, { method: 'POST', url: '/v1/admin/clear', payload: { token } })
     t.equal(failedClear.statusCode, 503)
     t.equal(failedClear.json().error, 'backend_unavailable')
-    t.match((await call(a, { url: '/v1/debug/audit?limit=1' })).json(), [{ action: 'clear', outcome: 'failed', reason: 'fault test' }])
+    t.match((await call(a, { url: '/v1/debug/audit?limit=1' })).json(), [{ action: 'clear', outcome: 'failed' }])
+    t.equal((await get(a, 'kept')).statusCode, 200, 'nothing was cleared (the L1 copy still answers)')
 
     const busDowns = busStates.length
     await redis.start()
@@ -119,7 +126,7 @@ if (requireRedisServer(t)) {
     t.equal(again.statusCode, 200, 'invalidations work again without a restart')
     t.ok(await waitUntil(async () => (await get(b, 'cached')).statusCode === 404))
     const retried = await call(a, { method: 'POST', url: '/v1/admin/clear', payload: { token } })
-    t.equal(retried.json().error, 'clear_token_invalid', 'the token of the failed clear is spent')
+    t.equal(retried.json().error, 'clear_token_invalid', 'the token went with the data Redis lost')
   })
 
   t.test('no acknowledged invalidation is lost when Redis dies in the middle of a stream of them', async (t) => {
