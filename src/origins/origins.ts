@@ -11,6 +11,10 @@ const REFRESH_FAILURE_COOLDOWN_MS = 1000
 const MAX_COOLDOWNS = 10_000
 /** During an outage every hot key fails; one warning per origin per this long, with the count, is enough. */
 const FAILURE_LOG_INTERVAL_MS = 5000
+/** A `?load=true` miss waiting for another caller's fill reads again at most this often. */
+const MAX_WAIT_POLL_MS = 100
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
 /** A key an origin serves, with everything needed to load it. */
 export interface OriginMatch {
@@ -108,21 +112,36 @@ export class Origins {
   readThrough(key: string, allowStale: boolean): ReadResult | Promise<ReadResult> {
     const result = this.cache.read(key, allowStale)
     // A hit answered from memory stays synchronous, as for a plain read.
-    if (result instanceof Promise) return result.then((r) => this.#loadMiss(key, r))
-    return result.entry !== undefined ? result : this.#loadMiss(key, result)
+    if (result instanceof Promise) return result.then((r) => this.#loadMiss(key, r, allowStale))
+    return result.entry !== undefined ? result : this.#loadMiss(key, result, allowStale)
   }
 
-  async #loadMiss(key: string, result: ReadResult): Promise<ReadResult> {
+  async #loadMiss(key: string, result: ReadResult, allowStale: boolean): Promise<ReadResult> {
     if (result.entry !== undefined || this.list.length === 0) return result
     const match = this.match(key)
     if (match === undefined) return result
+    // Single flight across instances: while another caller holds the key's fill lease (a load
+    // on another instance, or a client filling it itself), wait for its write rather than call
+    // the origin too, as a client with a `fill: false` lease would. A load here is joined
+    // below; a claim that runs out (its holder failed or left) makes the next read the filler.
+    let miss = result
+    // Bounded in real time too: at worst (a clock that does not move) this caller loads itself.
+    const giveUpAt = performance.now() + this.cache.fillLeaseMs
+    while (!miss.lease.fill && !this.#inflight.has(key) && performance.now() < giveUpAt) {
+      await sleep(miss.lease.retryAfterMs ?? MAX_WAIT_POLL_MS)
+      const again = await this.cache.read(key, allowStale)
+      if (again.entry !== undefined) return again
+      miss = again
+    }
     let outcome: LoadOutcome
     try {
-      outcome = await this.load(match, result.lease.lease)
+      outcome = await this.load(match, miss.lease.lease)
     } catch (error) {
+      // Let the next miss, here or on another instance, try at once rather than wait out the claim.
+      if (miss.lease.fill) await this.cache.releaseFill(key, miss.lease.lease)
       throw unavailable(error)
     }
-    return outcome.found ? { entry: outcome.entry } : result
+    return outcome.found ? { entry: outcome.entry } : miss
   }
 
   /** `POST /v1/entries/:key/refresh`: reloads now; 404 if no origin serves the key or the origin has no data, 503 if it fails. */

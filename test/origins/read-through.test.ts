@@ -69,6 +69,30 @@ t.test('a failing origin on a miss is 503 backend_unavailable for every waiter, 
   t.equal((await get(app, 'dashboard:7', '?load=true')).json().value, 'back')
 })
 
+t.test('a ?load=true miss while a client holds the fill lease waits for its write instead of calling the origin', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set(dash('5'), 'from the origin')
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  const miss = (await get(app, 'dashboard:5')).json()
+  t.equal(miss.fill, true, 'a plain miss took the fill lease')
+  const loading = get(app, 'dashboard:5', '?load=true')
+  await new Promise((resolve) => setTimeout(resolve, 150))
+  await put(app, 'dashboard:5', { value: 'from the client', lease: miss.lease })
+  const loaded = await loading
+  t.equal(loaded.statusCode, 200)
+  t.equal(loaded.json().value, 'from the client', "the waiter got the filler's value")
+  t.equal(origin.calls, 0, 'the origin was not called a second time for the key')
+})
+
+t.test("a filler's failed load gives up its fill lease: the next miss fills at once", async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.failAll = 500
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  t.equal((await get(app, 'dashboard:9', '?load=true')).statusCode, 503)
+  const next = (await get(app, 'dashboard:9')).json()
+  t.equal(next.fill, true, 'not fill:false for the rest of the failed fill lease')
+})
+
 t.test('an unreachable origin is 503, not a crash', async (t) => {
   const origin = await OriginServer.start(t)
   const spec = dashboardOrigin(origin)

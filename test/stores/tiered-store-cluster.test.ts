@@ -6,6 +6,7 @@ import t, { type Test } from 'tap'
 import { EventProcessor, EventRules } from '../../src/sources/events.js'
 import type { TieredStore } from '../../src/stores/tiered-store.js'
 import { KEYS, build, call, get, put } from '../helpers/build.js'
+import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
 import { requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
 
 const l1 = (app: FastifyInstance) => app.cache.store as TieredStore
@@ -188,6 +189,18 @@ if (requireRedisServer(t)) {
     }
     t.equal(refused + landedFirst, 40)
     t.comment(`lease refused ${refused} times, write landed before the invalidation ${landedFirst} times`)
+  })
+
+  t.test('?load=true misses on several instances make one origin call between them (single flight across the cluster)', async (t) => {
+    const origin = await OriginServer.start(t)
+    origin.values.set('/users/77/dashboard', { widgets: 7 })
+    origin.delayMs = 300
+    const configFile = { origins: [dashboardOrigin(origin)] }
+    const [x, y] = await Promise.all([0, 1].map(() => build(t, { redisUrl: redis.url, configFile })))
+    const replies = await Promise.all(Array.from({ length: 20 }, (_, i) => get(i % 2 === 0 ? x : y, 'dashboard:77', '?load=true')))
+    t.same(new Set(replies.map((r) => r.statusCode)), new Set([200]))
+    t.same(new Set(replies.map((r) => JSON.stringify(r.json().value))), new Set(['{"widgets":7}']))
+    t.equal(origin.calls, 1, 'one origin call for twenty callers on two instances')
   })
 
   t.test('an emergency clear token from one instance is redeemed on another, exactly once, and every instance is emptied', async (t) => {
