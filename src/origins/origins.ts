@@ -228,7 +228,8 @@ export class Origins {
       try {
         return { found: true, entry: await this.cache.write(key, input), cached: true }
       } catch (error) {
-        if (!(error instanceof CacheError)) throw error
+        // Not the origin's doing: a bug, or the store unavailable (cluster mode, Redis down).
+        if (!(error instanceof CacheError) || error.statusCode >= 500) throw error
         if (error.code !== 'lease_invalidated') {
           // The origin sent something the cache refuses (too large, a bad tag): its fault, not the caller's.
           throw new OriginError(origin.name, `origin "${origin.name}" sent an entry the cache refuses: ${error.message}`, 'error')

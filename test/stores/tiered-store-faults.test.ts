@@ -5,6 +5,7 @@ import { Redis } from 'ioredis'
 import t from 'tap'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { build, call, get, put } from '../helpers/build.js'
+import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
 import { RedisServer, freePort, requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
 
 const tiered = (app: FastifyInstance) => app.cache.store as TieredStore
@@ -22,6 +23,9 @@ if (requireRedisServer(t)) {
   const rules = [{ event: 'persona.updated', invalidate: { userIds: ['{{data.userId}}'] } }]
   const a = await build(t, { redisUrl: redis.url, configFile: { rules } })
   const b = await build(t, { redisUrl: redis.url })
+  const origin = await OriginServer.start(t)
+  origin.values.set('/users/1/dashboard', 'from the origin')
+  const withOrigin = await build(t, { redisUrl: redis.url, configFile: { origins: [dashboardOrigin(origin)] } })
   const busStates: boolean[] = []
   b.cache.on('bus_state', ({ connected }) => busStates.push(connected))
 
@@ -66,6 +70,12 @@ if (requireRedisServer(t)) {
     t.equal(check.json().consistent, 1, 'the L1 copy is compared')
     t.same(check.json().missing, [], 'a key it cannot look up is not reported missing')
     t.match(check.json().errors, [{ key: 'never-cached', error: /backend_unavailable/ }])
+
+    const loaded = await get(withOrigin, 'dashboard:1', '?load=true')
+    t.equal(loaded.statusCode, 503, 'a load it cannot store is 503')
+    t.equal(loaded.json().error, 'backend_unavailable')
+    t.match(loaded.json().message, /Redis/)
+    t.notMatch(loaded.json().message, /origin/, 'the origin is not blamed for Redis')
 
     const write = await call(a, { method: 'PUT', url: '/v1/entries/x', payload: { value: 1 } })
     t.equal(write.statusCode, 503)
