@@ -72,6 +72,7 @@ export function entryMeta(e: StoredEntry, now: number) {
     tags: e.tags ?? [],
     sizeBytes: e.size,
     ageMs: Math.max(0, now - e.createdAt),
+    ttlMs: e.expiresAt - e.createdAt,
     ttlRemainingMs: Math.max(0, e.expiresAt - now),
     createdAt: iso(e.createdAt),
     expiresAt: iso(e.expiresAt),

@@ -13,6 +13,7 @@ const EntryMeta = Type.Object({
   tags: Type.Array(Type.String()),
   sizeBytes: Type.Integer(),
   ageMs: Type.Integer(),
+  ttlMs: Type.Integer({ description: 'the TTL it was written with' }),
   ttlRemainingMs: Type.Integer(),
   createdAt: Timestamp,
   expiresAt: Timestamp,

@@ -17,7 +17,7 @@ t.test('debug/users lists a user\'s entries with sizes, ages and hits', async (t
   t.equal(body.count, 2)
   t.same(body.entries.map((e: { key: string }) => e.key), ['a', 'b'])
   const a = body.entries[0]
-  t.match(a, { key: 'a', tags: [], ageMs: 2000, ttlRemainingMs: 8000, hits: 2, stale: false })
+  t.match(a, { key: 'a', tags: [], ageMs: 2000, ttlMs: 10_000, ttlRemainingMs: 8000, hits: 2, stale: false })
   t.equal(a.sizeBytes, 'a'.length + '{"x":1}'.length + 'u1'.length)
   t.equal(body.bytes, body.entries[0].sizeBytes + body.entries[1].sizeBytes)
   t.equal(a.lastAccessAt, new Date(clock.ms).toISOString())
@@ -31,7 +31,7 @@ t.test('debug/entries shows value and metadata without counting a hit, stale inc
   await call(app, { method: 'DELETE', url: '/v1/entries/k%2F1?mode=stale' })
   const res = await call(app, { method: 'GET', url: '/v1/debug/entries/k%2F1' })
   t.equal(res.statusCode, 200)
-  t.match(res.json(), { key: 'k/1', value: { deep: [1] }, userId: 'u', tags: ['x'], stale: true, hits: 0 })
+  t.match(res.json(), { key: 'k/1', value: { deep: [1] }, userId: 'u', tags: ['x'], stale: true, hits: 0, ttlMs: 300_000 })
 })
 
 t.test('stats count hits, misses, sets and invalidations, and reset zeroes them', async (t) => {
