@@ -97,6 +97,9 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   // Some clients send `content-type: application/json` on every request, bodiless DELETEs
   // included. An empty JSON body is no body: routes without one go ahead, and routes that
   // need one refuse it through their schema (400 invalid_request either way).
+  // Only JSON: Fastify's own text/plain parser would hand a JSON text to the schema as a
+  // string ("body must be object"); without it, any other type is "must be application/json".
+  app.removeContentTypeParser('text/plain')
   const parseJson = app.getDefaultJsonParser('error', 'error')
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
     if (body.length === 0) done(null, undefined)
