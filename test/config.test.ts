@@ -18,6 +18,12 @@ t.test('environment values are read and validated', async (t) => {
   t.equal(c.limits.defaultTtlMs, 1000)
 })
 
+t.test('an empty variable counts as unset: its default applies', async (t) => {
+  const c = loadConfig({ HOST: '', PORT: ' ', CACHE_MAX_ENTRIES: '', REDIS_URL: '' })
+  const d = loadConfig({})
+  t.match(c, { host: d.host, port: d.port, maxEntries: d.maxEntries, redisUrl: undefined })
+})
+
 t.test('a bad value names its variable', async (t) => {
   const bad: Array<[Record<string, string>, string]> = [
     [{ PORT: 'eighty' }, 'PORT'],
