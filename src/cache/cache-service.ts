@@ -156,8 +156,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   /** Called on every hit (refresh-ahead listens); unset when no origin is configured, so a hit pays one check. */
   onHit: ((entry: StoredEntry, now: number) => void) | undefined = undefined
   readonly #logger: CoreLogger | undefined
-  /** How long a fill lease holds the key's fill (herd control). */
-  readonly fillLeaseMs: number
+  readonly #fillLeaseMs: number
   readonly #leasesEnabled: boolean
   readonly #log: Ring<InvalidationRecord>
   /** Outstanding fill leases: until when, and which token holds it. */
@@ -171,7 +170,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     this.limits = { ...DEFAULT_LIMITS, ...options.limits }
     this.now = options.now ?? Date.now
     this.#logger = options.logger
-    this.fillLeaseMs = options.fillLeaseMs ?? DEFAULT_FILL_LEASE_MS
+    this.#fillLeaseMs = options.fillLeaseMs ?? DEFAULT_FILL_LEASE_MS
     this.#leasesEnabled = options.leasesEnabled ?? true
     this.#log = new Ring(options.invalidationLogSize ?? DEFAULT_INVALIDATION_LOG_SIZE)
     this.store.onEviction((_entry, reason) => {
@@ -455,7 +454,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     // claimed in one step; without one, the claims are kept here.
     const { stamp, left } =
       this.store.claimFill !== undefined
-        ? await this.store.claimFill(key, holder, this.fillLeaseMs)
+        ? await this.store.claimFill(key, holder, this.#fillLeaseMs)
         : { stamp: await this.store.leaseStamp(), left: this.#claimFill(key, holder, now) }
     this.totals.leasesIssued++
     const lease = encodeLease(stamp, key, holder)
@@ -467,7 +466,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const fill = this.#fills.get(key)
     if (fill !== undefined && fill.until > now) return fill.until - now
     if (fill === undefined && this.#fills.size >= MAX_FILL_LEASES) this.#pruneFills(now)
-    this.#fills.set(key, { until: now + this.fillLeaseMs, holder })
+    this.#fills.set(key, { until: now + this.#fillLeaseMs, holder })
     return 0
   }
 

@@ -1,5 +1,5 @@
 import { hash, randomBytes } from 'node:crypto'
-import type { Store } from '../stores/store.js'
+import type { SharedRecords } from '../stores/store.js'
 
 export const CLEAR_TOKEN_TTL_MS = 60_000
 /** Most outstanding tokens kept in process; beyond it the oldest is forgotten (and so refused). */
@@ -10,16 +10,6 @@ interface Pending {
   owner: string
   reason: string
   expiresAt: number
-}
-
-/** The records every instance on a shared store sees (cluster mode): `Store.putRecord` and friends. */
-export type SharedRecords = Required<Pick<Store, 'putRecord' | 'swapRecord' | 'getRecord'>>
-
-/** The store's shared records, when it has them. */
-export function sharedRecords(store: Store): SharedRecords | undefined {
-  const { putRecord, swapRecord, getRecord } = store
-  if (putRecord === undefined || swapRecord === undefined || getRecord === undefined) return undefined
-  return { putRecord: putRecord.bind(store), swapRecord: swapRecord.bind(store), getRecord: getRecord.bind(store) }
 }
 
 export type RedeemResult =

@@ -1,8 +1,10 @@
-import { encodeLease, type CacheService, type CoreLogger, type ReadResult, type WriteInput } from '../cache/cache-service.js'
+import { randomUUID } from 'node:crypto'
+import { encodeLease, readable, type CacheService, type CoreLogger, type IssuedLease, type ReadResult, type WriteInput } from '../cache/cache-service.js'
 import type { StoredEntry } from '../cache/types.js'
 import { CacheError, notFound, truncate } from '../errors.js'
 import type { OriginSpec } from './config.js'
-import { OriginClient, OriginError, type FetchOutcome } from './loader.js'
+import { MAX_BACKOFF_MS, OriginClient, OriginError, type FetchOutcome } from './loader.js'
+import { sharedRecords, type SharedRecords } from '../stores/store.js'
 import { render } from './pattern.js'
 import { RefreshAhead } from './refresh-ahead.js'
 
@@ -11,8 +13,13 @@ const REFRESH_FAILURE_COOLDOWN_MS = 1000
 const MAX_COOLDOWNS = 10_000
 /** During an outage every hot key fails; one warning per origin per this long, with the count, is enough. */
 const FAILURE_LOG_INTERVAL_MS = 5000
-/** A `?load=true` miss waiting for another caller's fill reads again at most this often. */
-const MAX_WAIT_POLL_MS = 100
+/** A `?load=true` miss waiting for another instance's load of the key looks for its entry this often. */
+const LOAD_WAIT_POLL_MS = 25
+/** Added to a load claim's lifetime beyond the origin's own time budget. */
+const LOAD_CLAIM_MARGIN_MS = 1000
+/** What a load claim becomes when the origin had no data, and how long waiters are told so. */
+const NO_DATA = 'no-data'
+const NO_DATA_TTL_MS = 1000
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
@@ -51,10 +58,14 @@ export class Origins {
   readonly refresher: RefreshAhead
   readonly #byName = new Map<string, OriginSpec>()
   readonly #inflight = new Map<string, Promise<LoadOutcome>>()
+  /** `?load=true` misses in progress, by key: the entry their load left, if any. */
+  readonly #misses = new Map<string, Promise<StoredEntry | undefined>>()
   readonly #cooldown = new Map<string, number>()
   /** origin -> when its last refresh failure was logged, and failures since. */
   readonly #failureLog = new Map<string, { at: number; suppressed: number }>()
   readonly #logger: CoreLogger | undefined
+  /** The store's shared records (cluster mode): a `?load=true` load is claimed there. */
+  readonly #records: SharedRecords | undefined
   /** The lowest refreshAhead of all origins: below it a hit is not even looked at. */
   readonly #minRatio: number
 
@@ -62,6 +73,7 @@ export class Origins {
     this.list = options.origins
     this.cache = options.cache
     this.#logger = options.logger
+    this.#records = sharedRecords(this.cache.store)
     for (const origin of this.list) this.#byName.set(origin.name, origin)
     this.#minRatio = Math.min(1, ...this.list.map((o) => o.refreshAhead))
     this.client = new OriginClient({
@@ -112,36 +124,87 @@ export class Origins {
   readThrough(key: string, allowStale: boolean): ReadResult | Promise<ReadResult> {
     const result = this.cache.read(key, allowStale)
     // A hit answered from memory stays synchronous, as for a plain read.
-    if (result instanceof Promise) return result.then((r) => this.#loadMiss(key, r, allowStale))
-    return result.entry !== undefined ? result : this.#loadMiss(key, result, allowStale)
+    if (result instanceof Promise) return result.then((r) => this.#loadMiss(key, r))
+    return result.entry !== undefined ? result : this.#loadMiss(key, result)
   }
 
-  async #loadMiss(key: string, result: ReadResult, allowStale: boolean): Promise<ReadResult> {
+  async #loadMiss(key: string, result: ReadResult): Promise<ReadResult> {
     if (result.entry !== undefined || this.list.length === 0) return result
     const match = this.match(key)
     if (match === undefined) return result
-    // Single flight across instances: while another caller holds the key's fill lease (a load
-    // on another instance, or a client filling it itself), wait for its write rather than call
-    // the origin too, as a client with a `fill: false` lease would. A load here is joined
-    // below; a claim that runs out (its holder failed or left) makes the next read the filler.
-    let miss = result
-    // Bounded in real time too: at worst (a clock that does not move) this caller loads itself.
-    const giveUpAt = performance.now() + this.cache.fillLeaseMs
-    while (!miss.lease.fill && !this.#inflight.has(key) && performance.now() < giveUpAt) {
-      await sleep(miss.lease.retryAfterMs ?? MAX_WAIT_POLL_MS)
-      const again = await this.cache.read(key, allowStale)
-      if (again.entry !== undefined) return again
-      miss = again
+    // Concurrent misses of the key here share one load (each keeps its own lease for its reply).
+    let shared = this.#misses.get(key)
+    if (shared === undefined) {
+      shared = this.#loadOnce(match, result.lease).finally(() => this.#misses.delete(key))
+      this.#misses.set(key, shared)
     }
+    const entry = await shared
+    return entry !== undefined ? { entry } : result
+  }
+
+  /** The load behind `?load=true` misses: joined, waited for on another instance, or made here. */
+  async #loadOnce(match: OriginMatch, lease: IssuedLease): Promise<StoredEntry | undefined> {
+    const claim = this.#inflight.has(match.key) ? undefined : await this.#claimLoad(match)
+    if (claim?.done === true) return claim.entry
     let outcome: LoadOutcome
     try {
-      outcome = await this.load(match, miss.lease.lease)
+      outcome = await this.load(match, lease.lease)
     } catch (error) {
-      // Let the next miss, here or on another instance, try at once rather than wait out the claim.
-      if (miss.lease.fill) await this.cache.releaseFill(key, miss.lease.lease)
+      await claim?.release(false)
+      // Let the next miss, here or on another instance, fill at once rather than wait out the claim.
+      if (lease.fill) await this.cache.releaseFill(match.key, lease.lease)
       throw unavailable(error)
     }
-    return outcome.found ? { entry: outcome.entry } : miss
+    await claim?.release(outcome.found)
+    return outcome.found ? outcome.entry : undefined
+  }
+
+  /**
+   * Single flight across instances (cluster mode): claims the key's load in the store's shared
+   * records, or, while another instance holds that claim, waits for it to end, polling the
+   * entry (no hit or miss counted), and answers with what that load left: its entry, or
+   * nothing when the origin had no data. `release` ends this instance's claim (a load that
+   * found nothing leaves a short-lived marker, so waiters do not each ask the origin again).
+   * Undefined without shared records, or when they cannot be reached: then the load is single
+   * flight per instance only.
+   */
+  async #claimLoad(
+    match: OriginMatch,
+  ): Promise<{ done: true; entry: StoredEntry | undefined } | { done: false; release: (found: boolean) => Promise<void> } | undefined> {
+    const records = this.#records
+    if (records === undefined) return undefined
+    const name = `load:${match.key}`
+    const holder = randomUUID()
+    const { timeoutMs, retries, backoffMs } = match.origin
+    // Long enough for every attempt and backoff the origin allows; a holder that died frees it by then.
+    const ttlMs = timeoutMs * (retries + 1) + Math.min(MAX_BACKOFF_MS, backoffMs * 2 ** retries) * retries + LOAD_CLAIM_MARGIN_MS
+    try {
+      for (;;) {
+        const other = await records.putRecord(name, holder, ttlMs)
+        if (other === undefined) {
+          const release = (found: boolean) =>
+            (found ? records.swapRecord(name, holder, undefined, 0) : records.swapRecord(name, holder, NO_DATA, NO_DATA_TTL_MS)).then(
+              () => undefined,
+              () => undefined, // at worst the claim runs out
+            )
+          return { done: false, release }
+        }
+        if (other === NO_DATA) return { done: true, entry: undefined }
+        // Another instance is loading: wait for its write, or for its claim to end (it failed,
+        // or died), then try to claim the load here.
+        let current: string | undefined = other
+        while (current === other) {
+          await sleep(LOAD_WAIT_POLL_MS)
+          const entry = await this.cache.inspect(match.key)
+          if (readable(entry, false)) return { done: true, entry } // a load writes a fresh entry
+          current = await records.getRecord(name)
+        }
+        if (current === NO_DATA) return { done: true, entry: undefined }
+      }
+    } catch (error) {
+      if (error instanceof CacheError && error.statusCode >= 500) return undefined
+      throw error
+    }
   }
 
   /** `POST /v1/entries/:key/refresh`: reloads now; 404 if no origin serves the key or the origin has no data, 503 if it fails. */

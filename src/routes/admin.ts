@@ -2,7 +2,8 @@ import { Type } from '@sinclair/typebox'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
 import { AUDIT_BULK_THRESHOLD } from '../cache/audit-log.js'
-import { CLEAR_TOKEN_TTL_MS, ClearTokens, sharedRecords, type RedeemResult } from '../cache/clear-tokens.js'
+import { CLEAR_TOKEN_TTL_MS, ClearTokens, type RedeemResult } from '../cache/clear-tokens.js'
+import { sharedRecords } from '../stores/store.js'
 
 const TOKEN_VALID = `${CLEAR_TOKEN_TTL_MS / 1000} s`
 import { CacheError } from '../errors.js'

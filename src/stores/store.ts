@@ -118,3 +118,13 @@ export interface Store {
   /** Stops timers and connections. */
   close(): Promise<void>
 }
+
+/** The records every instance on a shared store sees (cluster mode): `Store.putRecord` and friends. */
+export type SharedRecords = Required<Pick<Store, 'putRecord' | 'swapRecord' | 'getRecord'>>
+
+/** The store's shared records, when it has them. */
+export function sharedRecords(store: Store): SharedRecords | undefined {
+  const { putRecord, swapRecord, getRecord } = store
+  if (putRecord === undefined || swapRecord === undefined || getRecord === undefined) return undefined
+  return { putRecord: putRecord.bind(store), swapRecord: swapRecord.bind(store), getRecord: getRecord.bind(store) }
+}

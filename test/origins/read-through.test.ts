@@ -69,19 +69,23 @@ t.test('a failing origin on a miss is 503 backend_unavailable for every waiter, 
   t.equal((await get(app, 'dashboard:7', '?load=true')).json().value, 'back')
 })
 
-t.test('a ?load=true miss while a client holds the fill lease waits for its write instead of calling the origin', async (t) => {
+t.test('a ?load=true miss loads at once even while a plain miss (GET or batch-get) holds the fill lease', async (t) => {
   const origin = await OriginServer.start(t)
   origin.values.set(dash('5'), 'from the origin')
-  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
-  const miss = (await get(app, 'dashboard:5')).json()
-  t.equal(miss.fill, true, 'a plain miss took the fill lease')
-  const loading = get(app, 'dashboard:5', '?load=true')
-  await new Promise((resolve) => setTimeout(resolve, 150))
-  await put(app, 'dashboard:5', { value: 'from the client', lease: miss.lease })
-  const loaded = await loading
-  t.equal(loaded.statusCode, 200)
-  t.equal(loaded.json().value, 'from the client', "the waiter got the filler's value")
-  t.equal(origin.calls, 0, 'the origin was not called a second time for the key')
+  origin.values.set(dash('6'), 'from the origin')
+  // A fill lease far longer than the test's patience: waiting for it would show.
+  const app = await build(t, { fillLeaseMs: 60_000, configFile: { origins: [dashboardOrigin(origin)] } })
+  t.equal((await get(app, 'dashboard:5')).json().fill, true, 'a plain miss took the fill lease')
+  const batch = await call(app, { method: 'POST', url: '/v1/entries/batch-get', payload: { keys: ['dashboard:6'] } })
+  t.equal(batch.json().leases['dashboard:6'].fill, true, 'so did a batch-get miss')
+  const started = performance.now()
+  for (const id of ['5', '6']) {
+    const loaded = await get(app, `dashboard:${id}`, '?load=true')
+    t.equal(loaded.statusCode, 200)
+    t.equal(loaded.json().value, 'from the origin')
+  }
+  t.ok(performance.now() - started < 10_000, 'neither waited for the other lease to run out')
+  t.equal(origin.calls, 2)
 })
 
 t.test("a filler's failed load gives up its fill lease: the next miss fills at once", async (t) => {

@@ -201,6 +201,13 @@ if (requireRedisServer(t)) {
     t.same(new Set(replies.map((r) => r.statusCode)), new Set([200]))
     t.same(new Set(replies.map((r) => JSON.stringify(r.json().value))), new Set(['{"widgets":7}']))
     t.equal(origin.calls, 1, 'one origin call for twenty callers on two instances')
+    t.same((await x.inject({ url: '/v1/stats', headers: { authorization: `Bearer ${KEYS.admin}` } })).json().misses, 10, 'a wait counts no extra misses')
+
+    // A key the origin has no data for: one call too, and every caller gets the plain miss.
+    const misses = await Promise.all(Array.from({ length: 10 }, (_, i) => get(i % 2 === 0 ? x : y, 'dashboard:none', '?load=true')))
+    t.same(new Set(misses.map((r) => r.statusCode)), new Set([404]))
+    for (const r of misses) t.type(r.json().lease, 'string')
+    t.equal(origin.calls, 2, 'one origin call for the key without data')
   })
 
   t.test('an emergency clear token from one instance is redeemed on another, exactly once, and every instance is emptied', async (t) => {
