@@ -2,7 +2,7 @@ import { STATUS_CODES } from 'node:http'
 import type { Duplex } from 'node:stream'
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
-import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
+import Fastify, { LogController, errorCodes, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import { AuditLog } from './cache/audit-log.js'
 import { CacheService, type CoreLogger } from './cache/cache-service.js'
 import { defaultConfig, type Config } from './config.js'
@@ -97,9 +97,14 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   // Some clients send `content-type: application/json` on every request, bodiless DELETEs
   // included. An empty JSON body is no body: routes without one go ahead, and routes that
   // need one refuse it through their schema (400 invalid_request either way).
-  // Only JSON: Fastify's own text/plain parser would hand a JSON text to the schema as a
-  // string ("body must be object"); without it, any other type is "must be application/json".
+  // Only JSON. Fastify's own text/plain parser would hand a JSON text to the schema as a
+  // string ("body must be object"): a text/plain body is refused like any other type, except
+  // an empty one (what `fetch` sends for `body: ''`), which is no body, as for JSON below.
   app.removeContentTypeParser('text/plain')
+  app.addContentTypeParser('text/plain', { parseAs: 'string' }, (request, body, done) => {
+    if (body.length === 0) done(null, undefined)
+    else done(new errorCodes.FST_ERR_CTP_INVALID_MEDIA_TYPE(request.headers['content-type']), undefined)
+  })
   const parseJson = app.getDefaultJsonParser('error', 'error')
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
     if (body.length === 0) done(null, undefined)

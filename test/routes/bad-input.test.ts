@@ -114,20 +114,22 @@ t.test('a key of exactly 512 bytes and a value 64 deep are accepted', async (t) 
   t.equal((await call(app, { method: 'GET', url: `/v1/entries/${encodeURIComponent(key)}` })).statusCode, 200)
 })
 
-t.test('routes without a body take an empty one sent as JSON (clients that always send the header)', async (t) => {
+t.test('routes without a body take an empty one sent as JSON or text (clients that always send the header)', async (t) => {
   const app = await build(t)
-  const json = { 'content-type': 'application/json' }
-  await call(app, { method: 'PUT', url: '/v1/entries/k', payload: { value: 1, userId: 'u' } })
-  for (const [method, url] of [
-    ['GET', '/v1/entries/k'],
-    ['DELETE', '/v1/entries/k'],
-    ['DELETE', '/v1/users/u/entries'],
-    ['DELETE', '/v1/tags/t/entries'],
-    ['POST', '/v1/stats/reset'],
-    ['GET', '/v1/stats'],
-  ] as const) {
-    const res = await call(app, { method, url, headers: json, payload: '' })
-    t.equal(res.statusCode, 200, `${method} ${url} (${res.body.slice(0, 100)})`)
+  // text/plain too: what fetch sends for `body: ''`.
+  for (const type of ['application/json', 'text/plain;charset=UTF-8']) {
+    await call(app, { method: 'PUT', url: '/v1/entries/k', payload: { value: 1, userId: 'u' } })
+    for (const [method, url] of [
+      ['GET', '/v1/entries/k'],
+      ['DELETE', '/v1/entries/k'],
+      ['DELETE', '/v1/users/u/entries'],
+      ['DELETE', '/v1/tags/t/entries'],
+      ['POST', '/v1/stats/reset'],
+      ['GET', '/v1/stats'],
+    ] as const) {
+      const res = await call(app, { method, url, headers: { 'content-type': type }, payload: '' })
+      t.equal(res.statusCode, 200, `${method} ${url}, ${type} (${res.body.slice(0, 100)})`)
+    }
   }
 })
 
