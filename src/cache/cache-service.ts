@@ -254,7 +254,8 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
    * written at once (in cluster mode each write is a Redis round trip, and concurrent ones share
    * the pipeline); the items of one key are written one after another in the order given, so the
    * last one stands, as if the batch were written item by item. Outcomes come in the items' order.
-   * A backend failure (a 5xx) rejects the whole batch, as it would a single write.
+   * A backend failure (a 5xx) rejects the whole batch, as it would a single write, and no write
+   * starts after it (those already sent to the store may still land, as before a timeout).
    */
   async writeMany(items: readonly unknown[]): Promise<WriteOutcome[]> {
     if (items.length > this.limits.maxBatch) throw invalidRequest(`entries has more than ${this.limits.maxBatch} items`)
@@ -266,12 +267,18 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       else if (byKey.has(key)) byKey.get(key)!.push(i)
       else byKey.set(key, [i])
     })
+    let failed = false
     await eachLimited([...byKey], BATCH_LOOKUPS, async ([key, indexes]) => {
       for (const i of indexes) {
+        // After a failure (the batch is a 5xx) no further write starts, for any key.
+        if (failed) return
         try {
           outcomes[i] = { key, entry: await this.write(key, items[i] as WriteInput) }
         } catch (error) {
-          if (!(error instanceof CacheError) || error.statusCode >= 500) throw error
+          if (!(error instanceof CacheError) || error.statusCode >= 500) {
+            failed = true
+            throw error
+          }
           outcomes[i] = { key, error }
         }
       }
