@@ -126,7 +126,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
       try {
         result = await tokens.redeem(request.body.token, actor)
       } catch (error) {
-        // Cluster mode with Redis down: the token could not be looked up, so it is not spent.
+        // Cluster mode with Redis down: the token could not be checked (nor, most likely, spent).
         audit.record({ actor, action: 'clear', reason: null, outcome: 'failed', detail: 'the token could not be checked (the store is unavailable); nothing was cleared' })
         throw error
       }
