@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto'
-import { encodeLease, readable, type CacheService, type CoreLogger, type IssuedLease, type ReadResult, type WriteInput } from '../cache/cache-service.js'
+import { encodeLease, readable, type CacheService, type CoreLogger, type ReadResult, type WriteInput } from '../cache/cache-service.js'
 import type { StoredEntry } from '../cache/types.js'
 import { CacheError, notFound, truncate } from '../errors.js'
 import type { OriginSpec } from './config.js'
@@ -13,13 +13,21 @@ const REFRESH_FAILURE_COOLDOWN_MS = 1000
 const MAX_COOLDOWNS = 10_000
 /** During an outage every hot key fails; one warning per origin per this long, with the count, is enough. */
 const FAILURE_LOG_INTERVAL_MS = 5000
-/** A `?load=true` miss waiting for another instance's load of the key looks for its entry this often. */
+/** A `?load=true` miss waiting for another instance's load of the key looks for its entry this often, */
 const LOAD_WAIT_POLL_MS = 25
-/** Added to a load claim's lifetime beyond the origin's own time budget. */
-const LOAD_CLAIM_MARGIN_MS = 1000
-/** What a load claim becomes when the origin had no data, and how long waiters are told so. */
-const NO_DATA = 'no-data'
-const NO_DATA_TTL_MS = 1000
+/** and for at most this long before it loads itself. */
+const LOAD_WAIT_MAX_MS = 30_000
+
+/**
+ * How long a load claim lives: every attempt and backoff the origin allows, twice (a load whose
+ * write an invalidation voids fetches once more), plus a second; at most LOAD_WAIT_MAX_MS, so
+ * a holder that died frees the key by then.
+ */
+function loadClaimMs({ timeoutMs, retries, backoffMs }: OriginSpec): number {
+  let budget = timeoutMs * (retries + 1)
+  for (let attempt = 0; attempt < retries; attempt++) budget += Math.min(MAX_BACKOFF_MS, backoffMs * 2 ** attempt)
+  return Math.min(LOAD_WAIT_MAX_MS, 2 * budget + 1000)
+}
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
@@ -66,6 +74,7 @@ export class Origins {
   readonly #logger: CoreLogger | undefined
   /** The store's shared records (cluster mode): a `?load=true` load is claimed there. */
   readonly #records: SharedRecords | undefined
+  #closed = false
   /** The lowest refreshAhead of all origins: below it a hit is not even looked at. */
   readonly #minRatio: number
 
@@ -135,71 +144,70 @@ export class Origins {
     // Concurrent misses of the key here share one load (each keeps its own lease for its reply).
     let shared = this.#misses.get(key)
     if (shared === undefined) {
-      shared = this.#loadOnce(match, result.lease).finally(() => this.#misses.delete(key))
+      shared = this.#loadOnce(match, result.lease.lease).finally(() => this.#misses.delete(key))
       this.#misses.set(key, shared)
     }
-    const entry = await shared
+    let entry: StoredEntry | undefined
+    try {
+      entry = await shared
+    } catch (error) {
+      // Let the next miss, here or on another instance, fill at once rather than wait out the claim.
+      if (result.lease.fill) await this.cache.releaseFill(key, result.lease.lease)
+      throw unavailable(error)
+    }
     return entry !== undefined ? { entry } : result
   }
 
   /** The load behind `?load=true` misses: joined, waited for on another instance, or made here. */
-  async #loadOnce(match: OriginMatch, lease: IssuedLease): Promise<StoredEntry | undefined> {
+  async #loadOnce(match: OriginMatch, lease: string): Promise<StoredEntry | undefined> {
     const claim = this.#inflight.has(match.key) ? undefined : await this.#claimLoad(match)
     if (claim?.done === true) return claim.entry
-    let outcome: LoadOutcome
     try {
-      outcome = await this.load(match, lease.lease)
-    } catch (error) {
-      await claim?.release(false)
-      // Let the next miss, here or on another instance, fill at once rather than wait out the claim.
-      if (lease.fill) await this.cache.releaseFill(match.key, lease.lease)
-      throw unavailable(error)
+      const outcome = await this.load(match, lease)
+      return outcome.found ? outcome.entry : undefined
+    } finally {
+      // After the write, so a waiter that sees the claim end finds the entry.
+      await claim?.release()
     }
-    await claim?.release(outcome.found)
-    return outcome.found ? outcome.entry : undefined
   }
 
   /**
    * Single flight across instances (cluster mode): claims the key's load in the store's shared
-   * records, or, while another instance holds that claim, waits for it to end, polling the
-   * entry (no hit or miss counted), and answers with what that load left: its entry, or
-   * nothing when the origin had no data. `release` ends this instance's claim (a load that
-   * found nothing leaves a short-lived marker, so waiters do not each ask the origin again).
-   * Undefined without shared records, or when they cannot be reached: then the load is single
-   * flight per instance only.
+   * records, or, while another instance holds that claim, waits for the entry its load writes,
+   * looking every LOAD_WAIT_POLL_MS (no hit or miss counted). When the claim ends without an
+   * entry (the origin failed or had no data, or the holder died), this instance claims the
+   * load itself. Undefined without shared records, when they cannot be reached, when waiting
+   * outlasts LOAD_WAIT_MAX_MS, or on shutdown: then the load is single flight per instance only.
    */
   async #claimLoad(
     match: OriginMatch,
-  ): Promise<{ done: true; entry: StoredEntry | undefined } | { done: false; release: (found: boolean) => Promise<void> } | undefined> {
+  ): Promise<{ done: true; entry: StoredEntry } | { done: false; release: () => Promise<void> } | undefined> {
     const records = this.#records
     if (records === undefined) return undefined
     const name = `load:${match.key}`
     const holder = randomUUID()
-    const { timeoutMs, retries, backoffMs } = match.origin
-    // Long enough for every attempt and backoff the origin allows; a holder that died frees it by then.
-    const ttlMs = timeoutMs * (retries + 1) + Math.min(MAX_BACKOFF_MS, backoffMs * 2 ** retries) * retries + LOAD_CLAIM_MARGIN_MS
+    const fresh = async () => {
+      const entry = await this.cache.inspect(match.key)
+      return readable(entry, false) ? entry : undefined // a load writes a fresh entry
+    }
+    const giveUpAt = performance.now() + LOAD_WAIT_MAX_MS
     try {
       for (;;) {
-        const other = await records.putRecord(name, holder, ttlMs)
+        const other = await records.putRecord(name, holder, loadClaimMs(match.origin))
         if (other === undefined) {
-          const release = (found: boolean) =>
-            (found ? records.swapRecord(name, holder, undefined, 0) : records.swapRecord(name, holder, NO_DATA, NO_DATA_TTL_MS)).then(
-              () => undefined,
-              () => undefined, // at worst the claim runs out
-            )
-          return { done: false, release }
+          // at worst the claim runs out
+          return { done: false, release: () => records.swapRecord(name, holder, undefined, 0).then(() => undefined, () => undefined) }
         }
-        if (other === NO_DATA) return { done: true, entry: undefined }
-        // Another instance is loading: wait for its write, or for its claim to end (it failed,
-        // or died), then try to claim the load here.
-        let current: string | undefined = other
-        while (current === other) {
+        // Another instance is loading: wait for its write, or for its claim to end.
+        do {
           await sleep(LOAD_WAIT_POLL_MS)
-          const entry = await this.cache.inspect(match.key)
-          if (readable(entry, false)) return { done: true, entry } // a load writes a fresh entry
-          current = await records.getRecord(name)
-        }
-        if (current === NO_DATA) return { done: true, entry: undefined }
+          const entry = await fresh()
+          if (entry !== undefined) return { done: true, entry }
+          if (this.#closed || performance.now() > giveUpAt) return undefined
+        } while ((await records.getRecord(name)) === other)
+        // The claim ended: its entry may have landed between the two looks above.
+        const entry = await fresh()
+        if (entry !== undefined) return { done: true, entry }
       }
     } catch (error) {
       if (error instanceof CacheError && error.statusCode >= 500) return undefined
@@ -270,6 +278,7 @@ export class Origins {
 
   /** Stops refreshes and origin calls. */
   async close(): Promise<void> {
+    this.#closed = true
     this.refresher.close()
     await this.client.close()
   }
