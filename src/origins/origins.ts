@@ -23,6 +23,11 @@ const LOAD_WAIT_MAX_MS = 30_000
  * write an invalidation voids fetches once more), plus a second; at most LOAD_WAIT_MAX_MS, so
  * a holder that died frees the key by then.
  */
+const claimName = (match: OriginMatch) => `load:${match.key}`
+
+/** A load claim in the shared records: ours (to release), or another instance's (its holder id). */
+type LoadClaim = { release: () => Promise<void>; holder?: undefined } | { holder: string; release?: undefined }
+
 function loadClaimMs({ timeoutMs, retries, backoffMs }: OriginSpec): number {
   let budget = timeoutMs * (retries + 1)
   for (let attempt = 0; attempt < retries; attempt++) budget += Math.min(MAX_BACKOFF_MS, backoffMs * 2 ** attempt)
@@ -182,10 +187,6 @@ export class Origins {
   async #claimLoad(
     match: OriginMatch,
   ): Promise<{ done: true; entry: StoredEntry } | { done: false; release: () => Promise<void> } | undefined> {
-    const records = this.#records
-    if (records === undefined) return undefined
-    const name = `load:${match.key}`
-    const holder = randomUUID()
     const fresh = async () => {
       const entry = await this.cache.inspect(match.key)
       return readable(entry, false) ? entry : undefined // a load writes a fresh entry
@@ -193,18 +194,16 @@ export class Origins {
     const giveUpAt = performance.now() + LOAD_WAIT_MAX_MS
     try {
       for (;;) {
-        const other = await records.putRecord(name, holder, loadClaimMs(match.origin))
-        if (other === undefined) {
-          // at worst the claim runs out
-          return { done: false, release: () => records.swapRecord(name, holder, undefined, 0).then(() => undefined, () => undefined) }
-        }
+        const claim = await this.#claim(match)
+        if (claim === undefined) return undefined
+        if (claim.release !== undefined) return { done: false, release: claim.release }
         // Another instance is loading: wait for its write, or for its claim to end.
         do {
           await sleep(LOAD_WAIT_POLL_MS)
           const entry = await fresh()
           if (entry !== undefined) return { done: true, entry }
           if (this.#closed || performance.now() > giveUpAt) return undefined
-        } while ((await records.getRecord(name)) === other)
+        } while ((await this.#records!.getRecord(claimName(match))) === claim.holder)
         // The claim ended: its entry may have landed between the two looks above.
         const entry = await fresh()
         if (entry !== undefined) return { done: true, entry }
@@ -213,6 +212,22 @@ export class Origins {
       if (error instanceof CacheError && error.statusCode >= 500) return undefined
       throw error
     }
+  }
+
+  /**
+   * Claims the key's load in the store's shared records (cluster mode), for as long as the
+   * origin may take: the claim's release, or the other instance's holder id when it is taken.
+   * Undefined without shared records. Throws `backend_unavailable` when they cannot be reached.
+   */
+  async #claim(match: OriginMatch): Promise<LoadClaim | undefined> {
+    const records = this.#records
+    if (records === undefined) return undefined
+    const name = claimName(match)
+    const holder = randomUUID()
+    const other = await records.putRecord(name, holder, loadClaimMs(match.origin))
+    if (other !== undefined) return { holder: other }
+    // At worst (Redis unreachable) the claim runs out by itself.
+    return { release: () => records.swapRecord(name, holder, undefined, 0).then(() => undefined, () => undefined) }
   }
 
   /** `POST /v1/entries/:key/refresh`: reloads now; 404 if no origin serves the key or the origin has no data, 503 if it fails. */
@@ -321,12 +336,23 @@ export class Origins {
     if (entry === undefined) return
     const match = this.matchEntry(entry)
     if (match === undefined || !this.#due(entry, match.origin.refreshAhead, this.cache.now())) return
+    // In cluster mode every instance that serves the hot key would refresh it: the first to
+    // claim the load does, the others leave it (the entry it writes reaches them all).
+    let claim: LoadClaim | undefined
+    try {
+      claim = await this.#claim(match)
+    } catch {
+      claim = undefined // Redis unreachable: refresh here, as without shared records
+    }
+    if (claim?.holder !== undefined) return
     try {
       await this.refreshMatch(match)
     } catch (error) {
       if (this.#cooldown.size >= MAX_COOLDOWNS) this.#cooldown.delete(this.#cooldown.keys().next().value!)
       this.#cooldown.set(key, this.cache.now() + REFRESH_FAILURE_COOLDOWN_MS)
       this.#logFailure(match.origin.name, key, error as Error)
+    } finally {
+      await claim?.release()
     }
   }
 

@@ -222,6 +222,22 @@ if (requireRedisServer(t)) {
     t.same(byInstance, [1, 1], 'all callers on one instance share one outcome')
   })
 
+  t.test('a hot key past its refresh-ahead point is refreshed by one instance, not by every instance that serves it', async (t) => {
+    const origin = await OriginServer.start(t)
+    origin.values.set('/users/90/dashboard', 'v1')
+    const configFile = { origins: [dashboardOrigin(origin, { ttlMs: 1000, refreshAhead: 0.5 })] }
+    const [x, y, z] = await Promise.all([0, 1, 2].map(() => build(t, { redisUrl: redis.url, configFile })))
+    t.equal((await get(x, 'dashboard:90', '?load=true')).json().value, 'v1')
+    origin.values.set('/users/90/dashboard', 'v2')
+    origin.delayMs = 200 // the refreshes overlap
+    await new Promise((resolve) => setTimeout(resolve, 600))
+    const before = origin.calls
+    await Promise.all([x, y, z].map((app) => get(app, 'dashboard:90')))
+    await Promise.all([x, y, z].map((app) => app.origins.refresher.drain()))
+    t.equal(origin.calls - before, 1, 'one refresh between three instances')
+    t.ok(await waitUntil(async () => (await get(z, 'dashboard:90')).json().value === 'v2'), 'and every instance reads its value')
+  })
+
   t.test('an emergency clear token from one instance is redeemed on another, exactly once, and every instance is emptied', async (t) => {
     await put(a, 'keep:1', { value: 1 })
     t.ok(await fillL1(c, 'keep:1'))
