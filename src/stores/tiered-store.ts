@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto'
-import { Redis, type RedisOptions } from 'ioredis'
+import { Command, Redis, type RedisOptions } from 'ioredis'
 import type { CoreLogger } from '../cache/cache-service.js'
 import type {
   EvictionListener,
@@ -36,6 +36,19 @@ const OFFLINE_STAMP: LeaseStamp = { epoch: 'offline', seq: 0 }
  * Fresh each time: reusing one would revive leases from before an earlier data loss.
  */
 const proposedEpoch = () => randomBytes(6).toString('base64url')
+const TIMED_OUT = 'Command timed out' // ioredis' message when `commandTimeout` runs out
+
+/** An ioredis client that tells its owner when a command timed out (ioredis has no event for it). */
+class WatchedRedis extends Redis {
+  onTimeout: () => void = () => {}
+
+  override sendCommand(command: Command, stream?: Parameters<Redis['sendCommand']>[1]): unknown {
+    command.promise.catch((error: unknown) => {
+      if (error instanceof Error && error.message === TIMED_OUT) this.onTimeout()
+    })
+    return super.sendCommand(command, stream)
+  }
+}
 
 export interface TieredStoreOptions {
   /** redis:// or rediss:// URL (REDIS_URL). */
@@ -104,7 +117,7 @@ export class TieredStore implements Store {
   }
   /** This instance's id on the bus. */
   readonly id = randomBytes(8).toString('base64url')
-  readonly #redis: Redis
+  readonly #redis: WatchedRedis
   readonly #sub: Redis
   readonly #scripts: ScriptClient
   readonly #l1: MemoryStore
@@ -164,9 +177,12 @@ export class TieredStore implements Store {
       maxRetriesPerRequest: 0,
       commandTimeout: options.commandTimeoutMs ?? DEFAULT_COMMAND_TIMEOUT_MS,
       connectTimeout: 2000,
+      // A dropped connection whose Redis does not answer the goodbye is cut after this long.
+      disconnectTimeout: 200,
       retryStrategy: (times) => Math.min(50 * times, 1000),
     }
-    this.#redis = new Redis(options.redisUrl, common)
+    this.#redis = new WatchedRedis(options.redisUrl, common)
+    this.#redis.onTimeout = () => this.#onTimeout(common.commandTimeout!)
     // The subscriber subscribes by hand on every `ready`, so the bus counts as up only once
     // the subscription is confirmed.
     this.#sub = new Redis(options.redisUrl, { ...common, autoResubscribe: false, commandTimeout: undefined })
@@ -678,6 +694,18 @@ export class TieredStore implements Store {
   #report(keys: string[], reason: EvictionReason): void {
     if (this.#listeners.length === 0) return
     for (const key of keys) for (const listener of this.#listeners) listener(stub(key), reason)
+  }
+
+  /**
+   * A command timed out: Redis is frozen, swapping or stuck in a slow script, with its socket
+   * still open. Every other request would wait out its own timeout (a miss two: the read and
+   * the lease), so the connection is dropped: with no offline queue, commands then fail at
+   * once, and ioredis reconnects, ready again when Redis answers its ready check.
+   */
+  #onTimeout(timeoutMs: number): void {
+    if (this.#closing || this.#redis.status !== 'ready') return
+    this.#logger?.warn({ timeoutMs }, 'Redis did not answer in time: reconnecting; requests needing Redis fail at once until it answers')
+    this.#redis.disconnect(true)
   }
 
   async #call<T>(fn: () => Promise<T>): Promise<T> {
