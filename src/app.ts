@@ -6,6 +6,7 @@ import Fastify, { LogController, errorCodes, type FastifyInstance, type FastifyR
 import { AuditLog } from './cache/audit-log.js'
 import { CacheService, type CoreLogger } from './cache/cache-service.js'
 import { defaultConfig, type Config } from './config.js'
+import { invalidRequest, truncate } from './errors.js'
 import auth from './plugins/auth.js'
 import errors from './plugins/errors.js'
 import health from './plugins/health.js'
@@ -105,10 +106,15 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     if (body.length === 0) done(null, undefined)
     else done(new errorCodes.FST_ERR_CTP_INVALID_MEDIA_TYPE(request.headers['content-type']), undefined)
   })
+  // Bodies are read as sent: a compressed one (`Content-Encoding: gzip`) is refused whatever its
+  // bytes, rather than parsed when they happen to be plain JSON and called "not JSON" otherwise.
   const parseJson = app.getDefaultJsonParser('error', 'error')
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
+    const encoding = request.headers['content-encoding']
     if (body.length === 0) done(null, undefined)
-    else parseJson(request, body as string, done)
+    else if (encoding !== undefined && encoding.trim().toLowerCase() !== 'identity') {
+      done(invalidRequest(`the body must be sent uncompressed (Content-Encoding ${truncate(encoding, 32)} is not supported)`), undefined)
+    } else parseJson(request, body as string, done)
   })
 
   const now = options.now ?? Date.now

@@ -1,7 +1,7 @@
 import type { IncomingMessage } from 'node:http'
 import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify'
 import fp from 'fastify-plugin'
-import { CacheError, truncate } from '../errors.js'
+import { CacheError } from '../errors.js'
 
 /** The most of a refused body read and thrown away so that its 413 reaches the client, and for how long. */
 const DRAIN_MAX_BYTES = 64 * 1024 * 1024
@@ -42,7 +42,7 @@ export default fp(
       }
       if (status >= 400 && status < 500) {
         // JSON syntax, prototype poisoning, unsupported media type, bad URL encoding…
-        return reply.code(400).send({ error: 'invalid_request', message: clientMessage(error as FastifyError, request.headers['content-encoding']) })
+        return reply.code(400).send({ error: 'invalid_request', message: clientMessage(error as FastifyError) })
       }
       request.log.error({ err: error }, 'internal error')
       return reply.code(500).send({ error: 'internal_error', message: 'an internal error occurred; it has been logged' })
@@ -96,15 +96,11 @@ function validationMessage(error: FastifyError): string {
   return `${path} ${first.message ?? 'is invalid'}`
 }
 
-function clientMessage(error: FastifyError, contentEncoding: string | undefined): string {
+function clientMessage(error: FastifyError): string {
   switch (error.code) {
     case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
       return 'the body must be application/json'
     case 'FST_ERR_CTP_INVALID_JSON_BODY':
-      // Bodies are read as sent: a compressed one is bytes the JSON parser cannot read.
-      if (contentEncoding !== undefined && contentEncoding.trim().toLowerCase() !== 'identity') {
-        return `the body must be sent uncompressed (Content-Encoding ${truncate(contentEncoding, 32)} is not supported)`
-      }
       // Prototype poisoning lands here too: the JSON parser refuses both the same way.
       return 'the body is not valid JSON, or has a forbidden "__proto__" or "constructor.prototype" key'
     case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':

@@ -103,6 +103,23 @@ t.test('a compressed body is a 400 that says bodies are sent uncompressed', asyn
   })
   t.equal(res.statusCode, 400)
   t.same(res.json(), { error: 'invalid_request', message: 'the body must be sent uncompressed (Content-Encoding gzip is not supported)' })
+  // The header decides, not the bytes: a plain JSON body that says it is gzipped is refused too.
+  const claimed = await call(app, {
+    method: 'PUT',
+    url: '/v1/entries/k',
+    payload: JSON.stringify({ value: 1 }),
+    headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' },
+  })
+  t.equal(claimed.statusCode, 400)
+  t.same(claimed.json(), { error: 'invalid_request', message: 'the body must be sent uncompressed (Content-Encoding gzip is not supported)' })
+  t.equal((await call(app, { method: 'GET', url: '/v1/entries/k' })).statusCode, 404, 'and nothing was written')
+  const identity = await call(app, {
+    method: 'PUT',
+    url: '/v1/entries/k',
+    payload: JSON.stringify({ value: 1 }),
+    headers: { 'content-type': 'application/json', 'content-encoding': 'identity' },
+  })
+  t.equal(identity.statusCode, 200, 'identity is no encoding')
   const plain = await call(app, { method: 'PUT', url: '/v1/entries/k', payload: '{"value":', headers: { 'content-type': 'application/json' } })
   t.match(plain.json().message, /not valid JSON/, 'without the header, bad JSON is still called bad JSON')
 })
