@@ -34,7 +34,9 @@ const app = await buildApp(config, {
 
 closeWithGrace({ delay: SHUTDOWN_GRACE_MS }, async ({ signal, err }) => {
   if (err) app.log.error({ err }, 'shutting down after an error')
-  else app.log.info({ signal }, 'shutting down')
+  // SIGTERM and SIGINT are the usual way to stop; any other signal (a closed terminal's SIGHUP…) is worth a warning.
+  else if (signal === 'SIGTERM' || signal === 'SIGINT') app.log.info({ signal }, 'shutting down')
+  else app.log.warn({ signal }, 'shutting down')
   // close() drops the idle keep-alive connections once; a connection whose request was still
   // in flight goes idle later and would be kept for the keep-alive timeout (72 s), so it is
   // dropped as soon as it goes idle. (No per-request hook: this costs nothing until shutdown.)

@@ -54,7 +54,18 @@ t.test('with no keys it prints one admin key once, and that key works', async (t
   server.child.kill('SIGTERM')
   const [code] = await once(server.child, 'exit')
   t.equal(code, 0, 'SIGTERM exits cleanly')
-  t.match(server.output(), /shutting down/)
+  t.match(server.output(), /"level":30[^\n]*"signal":"SIGTERM"[^\n]*"shutting down"/, 'logged at info')
+})
+
+t.test('SIGHUP (a closed terminal) shuts down gracefully as well, logged as a warning', async (t) => {
+  const server = start({ CACHEWARDEN_API_KEYS: 'a:admin:server-test-secret-1' })
+  t.teardown(() => server.child.kill('SIGKILL'))
+  const port = await server.ready
+  t.equal((await fetch(`http://127.0.0.1:${port}/health/live`)).status, 200)
+  server.child.kill('SIGHUP')
+  const [code, signal] = await once(server.child, 'exit')
+  t.same([code, signal], [0, null], 'a clean exit, not death by the signal')
+  t.match(server.output(), /"level":40[^\n]*"signal":"SIGHUP"[^\n]*"shutting down"/, 'logged at warn')
 })
 
 t.test('SIGTERM lets an in-flight request finish', async (t) => {
