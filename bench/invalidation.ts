@@ -2,7 +2,7 @@
 // against a scan over all keys (what a hand-written cache without an index does):
 // `node --expose-gc --import tsx bench/invalidation.ts [sizes...]`. Seeding leaves garbage; with
 // --expose-gc it is collected before timing, so a major GC of the seed does not land in a sample.
-import { monitorEventLoopDelay } from 'node:perf_hooks'
+import { monitorEventLoopDelay, type IntervalHistogram } from 'node:perf_hooks'
 import { CacheService } from '../src/cache/cache-service.js'
 import { MemoryStore } from '../src/stores/memory-store.js'
 
@@ -15,28 +15,49 @@ const value = JSON.stringify({ note: 'x'.repeat(180) })
 const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((xs.length * p) / 100))]!
 const fmt = (ms: number) => (ms < 1 ? ms.toFixed(4) : ms.toFixed(1))
 
+function stored(key: string, userId: string | undefined, tags: string[] | undefined, now: number, i: number) {
+  return {
+    key,
+    value,
+    etag: 'e',
+    userId,
+    tags,
+    createdAt: now,
+    expiresAt: now + 3_600_000 + (i % 3600) * 1000,
+    hits: 0,
+    lastAccessAt: now,
+    stale: false,
+    origin: undefined,
+    size: 20 + value.length,
+  }
+}
+
 function seed(store: MemoryStore, n: number, now: number) {
   for (let i = 0; i < n; i++) {
     const user = String(Math.floor(i / PER_USER))
-    store.setSync({
-      key: `user:${user}:item:${i % PER_USER}`,
-      value,
-      etag: 'e',
-      userId: user,
-      tags: undefined,
-      createdAt: now,
-      expiresAt: now + 3_600_000 + (i % 3600) * 1000,
-      hits: 0,
-      lastAccessAt: now,
-      stale: false,
-      origin: undefined,
-      size: 20 + value.length,
-    })
+    store.setSync(stored(`user:${user}:item:${i % PER_USER}`, user, undefined, now, i))
   }
+}
+
+const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+/**
+ * An event-loop delay monitor that has ticked: a block before its first tick, or after its
+ * last, is not recorded, so it starts a little before the run and stops a little after.
+ */
+async function watch(): Promise<IntervalHistogram> {
+  const monitor = monitorEventLoopDelay({ resolution: 1 })
+  monitor.enable()
+  await pause(5)
+  return monitor
+}
+async function settle(monitor: IntervalHistogram) {
+  await pause(5)
+  monitor.disable()
 }
 
 const rows: string[] = []
 const prefixRows: string[] = []
+const tagRows: string[] = []
 for (const n of sizes) {
   const now = Date.now()
   const store = new MemoryStore({ maxEntries: n * 2, maxBytes: 4 * 1024 ** 3, sweepIntervalMs: 0 })
@@ -70,13 +91,23 @@ for (const n of sizes) {
   }
   // A prefix invalidation over the whole key space, while the event loop's delay is watched:
   // the scan must yield often enough that no other request waits more than 10 ms.
-  const monitor = monitorEventLoopDelay({ resolution: 1 })
-  monitor.enable()
+  const monitor = await watch()
   const t0 = performance.now()
   const prefixed = await cache.invalidate({ prefixes: ['user:1'] }, { source: 'api' })
   const prefixMs = performance.now() - t0
-  monitor.disable()
+  await settle(monitor)
   prefixRows.push(`| ${n.toLocaleString('en')} | ${prefixed.invalidated.toLocaleString('en')} | ${fmt(prefixMs)} | ${fmt(monitor.max / 1e6)} |`)
+
+  // A tag on a tenth as many entries again: invalidated in slices too, watched the same way.
+  for (let i = 0; i < n / 10; i++) store.setSync(stored(`wide:${i}`, undefined, ['wide'], now, i))
+  ;(globalThis as { gc?: () => void }).gc?.() // as after the seed: the new entries' GC is not the invalidation's
+  const tagMonitor = await watch()
+  const t1 = performance.now()
+  const tagged = await cache.invalidate({ tags: ['wide'] }, { source: 'api' })
+  const tagMs = performance.now() - t1
+  await settle(tagMonitor)
+  if (tagged.invalidated !== n / 10) throw new Error(`expected ${n / 10} tagged entries, got ${tagged.invalidated}`)
+  tagRows.push(`| ${n.toLocaleString('en')} | ${tagged.invalidated.toLocaleString('en')} | ${fmt(tagMs)} | ${fmt(tagMonitor.max / 1e6)} |`)
 
   const p50 = pct(times, 50)
   const scan = pct(scanTimes, 50)
@@ -90,3 +121,7 @@ console.log('\nPrefix invalidation of `user:1` (every key of users 1, 10-19, 100
 console.log('| entries | invalidated | total ms | longest event-loop block ms |')
 console.log('|---|---|---|---|')
 for (const row of prefixRows) console.log(row)
+console.log('\nTag invalidation of one tag on a tenth as many entries as the cache holds:\n')
+console.log('| entries | invalidated | total ms | longest event-loop block ms |')
+console.log('|---|---|---|---|')
+for (const row of tagRows) console.log(row)

@@ -51,17 +51,21 @@ export class LeaseBook {
   }
 
   /**
-   * Stamps the keys an invalidation reached through a user or tag index, so a lease on one
-   * of them is refused even when its write names neither (DESIGN.md section 4: "any
-   * invalidation touching the key"). More keys than the book holds would push out every
-   * other stamp anyway: then the floor rises to `seq` instead, refusing every older lease.
+   * Whether the keys an invalidation reaches through a user or tag index get their own stamps
+   * (`touch`), so a lease on one of them is refused even when its write names neither (DESIGN.md
+   * section 4: "any invalidation touching the key"). More keys than the book holds would push
+   * out every other stamp anyway: then the floor rises to `seq` instead, refusing every older
+   * lease, and no key needs a stamp.
    */
-  touch(keys: ReadonlySet<string>, seq: number): void {
-    if (keys.size > this.#maxScopes) {
-      if (seq > this.#floor) this.#floor = seq
-      return
-    }
-    for (const key of keys) this.#stampScope(`k\u0000${key}`, seq)
+  stampsKeys(count: number, seq: number): boolean {
+    if (count <= this.#maxScopes) return true
+    if (seq > this.#floor) this.#floor = seq
+    return false
+  }
+
+  /** Stamps one key an invalidation reached through a user or tag index (see `stampsKeys`). */
+  touch(key: string, seq: number): void {
+    this.#stampScope(`k\u0000${key}`, seq)
   }
 
   /** A clear voids every lease issued before it. */

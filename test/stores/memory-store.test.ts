@@ -133,3 +133,36 @@ t.test('a prefix invalidation over many entries yields to the event loop', async
   t.equal((await store.size()).entries, 100_000)
   t.ok(ticks > 0, `timers ran ${ticks} times during the scan`)
 })
+
+t.test('a user or a tag reaching many entries is invalidated in slices that let other work run', async (t) => {
+  const clock = new FakeClock()
+  const store = new MemoryStore({ now: clock.now, sweepIntervalMs: 0 })
+  for (let i = 0; i < 100_000; i++) {
+    store.setSync(entry(clock, `k:${i}`, i % 2 ? { userId: 'big' } : { userId: `u${i}`, tags: ['wide'] }))
+  }
+  for (const selector of [{ userIds: ['big'] }, { tags: ['wide'] }]) {
+    let ticks = 0
+    const timer = setInterval(() => ticks++, 1)
+    // Written while the run is going: a key it has yet to reach (invalidated too: the safe
+    // side) and a key it never took (kept).
+    const rewritten = selector.userIds ? entry(clock, 'k:99999', { userId: 'big' }) : entry(clock, 'k:99998', { userId: 'u99998', tags: ['wide'] })
+    const lease = await store.leaseStamp()
+    const first = selector.userIds ? 'k:1' : 'k:0' // the run's first key
+    let refused: Promise<string> | undefined
+    setImmediate(() => {
+      store.setSync(rewritten)
+      store.setSync(entry(clock, 'late', { userId: 'big', tags: ['wide'] }))
+      // A lease from before the invalidation, on a key the run has reached, naming another user.
+      refused = store.set(entry(clock, first, { userId: 'someone-else' }), lease)
+    })
+    const count = await store.invalidate(selector, 'delete', clock.now())
+    clearInterval(timer)
+    t.equal(count, 50_000, `${JSON.stringify(selector)}: every entry it reached`)
+    t.ok(ticks > 0, `timers ran ${ticks} times during the run`)
+    t.equal(await store.peek(rewritten.key, clock.now()), undefined, 'a key rewritten before the run reached it is gone')
+    t.not(await store.peek('late', clock.now()), undefined, 'a key written after the run took its keys is kept')
+    t.equal(await refused, 'lease_invalidated', 'a lease from before the run is refused on a key it reached')
+    await store.invalidate({ keys: ['late'] }, 'delete', clock.now())
+  }
+  t.equal((await store.size()).entries, 0)
+})
