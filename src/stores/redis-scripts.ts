@@ -167,12 +167,18 @@ return {1, evicted}
 `
 
 /**
- * invalidate(selectorJson, mode, stamp 1|0, maxScopes, maxPrefixes, channel, message|'', now)
- * -> {count, generation, expiredKeys} (the generation a prefix scan then walks). An entry found
- * expired but not yet swept is dropped as the sweep would drop it, and not counted. Stamps every scope (keys, users, tags, prefixes) with a new sequence,
- * and every key a user or tag reaches (a lease on it is refused whatever its write names),
- * then applies keys, users and tags through the indexes: O(matched entries). Prefixes are
- * scanned outside Lua in batches, which call this again with stamp=0 and the found keys.
+ * invalidate(selectorJson, mode, stamp 1|0, maxScopes, maxPrefixes, channel, message|'', now, big, touchSeq)
+ * -> {count, generation, expiredKeys, deferred, seq}. An entry found expired but not yet swept
+ * is dropped as the sweep would drop it, and not counted. Stamps every scope (keys, users,
+ * tags, prefixes) with a new sequence, and every key a user or tag reaches (a lease on it is
+ * refused whatever its write names), then applies keys, users and tags through the indexes:
+ * O(matched entries). A user or tag with more than `big` members is not applied here (one
+ * script over 200 000 members ran past the command timeout, and Redis serves nobody else
+ * meanwhile): `deferred` lists its index set and whether its keys need stamps (1), or the
+ * floor was raised instead (0), and the caller walks the set with SSCAN in batches, calling
+ * this again with stamp=0, the batch as `keys` and `touchSeq` = the `seq` returned here. The
+ * message is published only when nothing is deferred; else the caller publishes once done.
+ * Prefixes are likewise scanned outside Lua in batches, which call this with stamp=0.
  */
 const INVALIDATE = `${PRELUDE}
 local sel = cjson.decode(ARGV[1])
@@ -198,6 +204,36 @@ local function touch(members)
     return
   end
   for _, k in ipairs(members) do redis.call('ZADD', st, seq, 'k\\0' .. k) end
+end
+
+-- A batch of a deferred user's or tag's members: stamp each key as it is reached.
+local touchSeq = tonumber(ARGV[10] or '0') or 0
+if touchSeq > 0 then
+  for _, k in ipairs(sel.keys or {}) do redis.call('ZADD', st, touchSeq, 'k\\0' .. k) end
+  trim(st, maxScopes)
+end
+
+local big = tonumber(ARGV[9] or '0') or 0
+local deferred = {}
+-- The members of an index set to apply here, or nil when there are too many: then the set is
+-- deferred to the caller's batches, its keys stamped there (or the floor raised here).
+local function membersOf(idx)
+  if big > 0 then
+    local n = redis.call('SCARD', idx)
+    if n > big then
+      local stamp = '1'
+      if seq == 0 then
+        stamp = '0'
+      elseif n > maxScopes then
+        if seq > tonumber(redis.call('GET', base .. 'floor') or '0') then redis.call('SET', base .. 'floor', seq) end
+        stamp = '0'
+      end
+      deferred[#deferred + 1] = idx
+      deferred[#deferred + 1] = stamp
+      return nil
+    end
+  end
+  return redis.call('SMEMBERS', idx)
 end
 
 local count = 0
@@ -228,26 +264,20 @@ for _, k in ipairs(sel.keys or {}) do
   -- A fill in flight will be refused (its lease is voided): the next miss becomes the filler.
   redis.call('DEL', pre .. 'f:' .. k)
 end
-for _, u in ipairs(sel.userIds or {}) do
-  local idx = ukey(u)
-  local members = redis.call('SMEMBERS', idx)
+local function applyIndex(idx)
+  local members = membersOf(idx)
+  if not members then return end
   touch(members)
   for _, k in ipairs(members) do
     -- A member whose hash Redis expired on its own is an orphan: forget it here.
     if not apply(k) then redis.call('SREM', idx, k) end
   end
 end
-for _, t in ipairs(sel.tags or {}) do
-  local idx = tkey(t)
-  local members = redis.call('SMEMBERS', idx)
-  touch(members)
-  for _, k in ipairs(members) do
-    if not apply(k) then redis.call('SREM', idx, k) end
-  end
-end
+for _, u in ipairs(sel.userIds or {}) do applyIndex(ukey(u)) end
+for _, t in ipairs(sel.tags or {}) do applyIndex(tkey(t)) end
 if seq > 0 then trim(st, maxScopes) end
-if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
-return {count, gen, expired}
+if ARGV[7] ~= '' and #deferred == 0 then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+return {count, gen, expired, deferred, seq}
 `
 
 /** clear(channel, message) -> {entries, oldGeneration}. Voids every lease and switches generation. */

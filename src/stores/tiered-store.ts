@@ -72,6 +72,11 @@ export interface TieredStoreOptions {
   maxLeaseScopes?: number
   maxLeasePrefixes?: number
   commandTimeoutMs?: number
+  /**
+   * Most members of a user or tag invalidated in one script (default 1000); a larger one is
+   * walked in batches of about this many, so Redis never stops serving others for long.
+   */
+  indexBatch?: number
   /** Called when the bus subscriber connects (after the L1 flush) or disconnects. */
   onBusState?: (connected: boolean) => void
   logger?: CoreLogger
@@ -130,6 +135,7 @@ export class TieredStore implements Store {
   readonly #ttlMarginMs: number
   readonly #maxLeaseScopes: number
   readonly #maxLeasePrefixes: number
+  readonly #indexBatch: number
   readonly #logger: CoreLogger | undefined
   readonly #listeners: EvictionListener[] = []
   readonly #busListeners: Array<(connected: boolean) => void> = []
@@ -157,6 +163,7 @@ export class TieredStore implements Store {
     this.#ttlMarginMs = options.ttlMarginMs ?? DEFAULT_TTL_MARGIN_MS
     this.#maxLeaseScopes = options.maxLeaseScopes ?? DEFAULT_MAX_LEASE_SCOPES
     this.#maxLeasePrefixes = options.maxLeasePrefixes ?? DEFAULT_MAX_LEASE_PREFIXES
+    this.#indexBatch = options.indexBatch ?? SCAN_COUNT
     this.#logger = options.logger
     if (options.onBusState) this.#busListeners.push(options.onBusState)
     const sweepIntervalMs = options.sweepIntervalMs ?? DEFAULT_SWEEP_INTERVAL_MS
@@ -328,7 +335,7 @@ export class TieredStore implements Store {
     const prefixes = selector.prefixes ?? []
     const message = this.#message(selector, mode)
     try {
-      const [count, gen, expired] = (await this.#scripts.cwInvalidate(
+      const [count, gen, expired, deferred, seq] = (await this.#scripts.cwInvalidate(
         this.#base,
         JSON.stringify(selector),
         mode,
@@ -337,15 +344,21 @@ export class TieredStore implements Store {
         this.#maxLeasePrefixes,
         this.#channel,
         // With prefixes, publish only once the scan is done, so no other instance refills its
-        // L1 from an entry the scan has yet to reach.
+        // L1 from an entry the scan has yet to reach (the script holds it back likewise while
+        // a large user or tag is left to batches).
         prefixes.length > 0 ? '' : message,
         now,
-      )) as [number, string, string[]]
+        this.#indexBatch,
+        0,
+      )) as [number, string, string[], string[], number]
       this.#report(expired, 'expire')
-      if (prefixes.length === 0) return count
-      const scanned = await this.#invalidatePrefixes(gen, prefixes, mode, now)
-      await this.#redis.publish(this.#channel, message)
-      return count + scanned
+      let total = count
+      for (let i = 0; i < deferred.length; i += 2) {
+        total += await this.#invalidateMembers(deferred[i]!, deferred[i + 1] === '1' ? seq : 0, mode, now)
+      }
+      if (prefixes.length > 0) total += await this.#invalidatePrefixes(gen, prefixes, mode, now)
+      if (prefixes.length > 0 || deferred.length > 0) await this.#redis.publish(this.#channel, message)
+      return total
     } catch (error) {
       throw this.#unavailable(error, 'invalidation')
     } finally {
@@ -610,9 +623,27 @@ export class TieredStore implements Store {
     return count
   }
 
-  /** Deletes or marks stale these keys in Redis (indexes and lease scopes kept by the script). */
-  async #invalidateKeys(keys: string[], mode: InvalidationMode, now: number): Promise<number> {
-    const [n, , expired] = (await this.#scripts.cwInvalidate(this.#base, JSON.stringify({ keys }), mode, 0, 0, 0, '', '', now)) as [
+  /**
+   * Applies a user's or tag's index set that was too large for one script, in batches, each
+   * key's lease scope stamped with `touchSeq` as its batch reaches it (0: the invalidation
+   * raised the floor instead). Keys rewritten before their batch are invalidated too (a miss,
+   * never a stale read); a key that joins the set meanwhile may or may not be: it was written
+   * after the invalidation, so either is correct.
+   */
+  async #invalidateMembers(index: string, touchSeq: number, mode: InvalidationMode, now: number): Promise<number> {
+    let count = 0
+    await this.#walk(
+      (cursor) => this.#redis.sscan(index, cursor, 'COUNT', this.#indexBatch),
+      async (found) => void (count += await this.#invalidateKeys(found, mode, now, touchSeq)),
+    )
+    return count
+  }
+
+  /** Deletes or marks stale these keys in Redis (indexes kept by the script; key scopes stamped with `touchSeq` if not 0). */
+  async #invalidateKeys(keys: string[], mode: InvalidationMode, now: number, touchSeq = 0): Promise<number> {
+    const maxScopes = touchSeq > 0 ? this.#maxLeaseScopes : 0
+    const selector = JSON.stringify({ keys })
+    const [n, , expired] = (await this.#scripts.cwInvalidate(this.#base, selector, mode, 0, maxScopes, 0, '', '', now, 0, touchSeq)) as [
       number,
       string,
       string[],

@@ -266,4 +266,42 @@ if (requireRedisServer(t)) {
     t.equal((await a.size()).entries, 1500, 'nothing was deleted')
     t.equal(await b.set(entry(clock, 's:0'), lease), 'lease_invalidated')
   })
+
+  t.test('a user or tag too large for one script is invalidated in batches: each key stamped, the bus told once done', async (t) => {
+    const clock = new FakeClock()
+    const [a, b] = await openPair(t, clock)
+    // 2500 tagged entries (the script takes at most 1000 members), 1500 of them of one user.
+    for (let i = 0; i < 2500; i += 250) {
+      await Promise.all(Array.from({ length: 250 }, (_, j) => a.set(entry(clock, `w:${i + j}`, { userId: i + j < 1500 ? 'big' : `u${i + j}`, tags: ['wide'] }))))
+    }
+    await a.set(entry(clock, 'other', { userId: 'u1' }))
+    t.ok(await filled(b, 'w:2400', clock), 'another instance holds an L1 copy')
+    const lease = await a.leaseStamp()
+    const admin = new Redis(redis.url)
+    t.teardown(() => admin.quit())
+    const scriptCalls = async () => {
+      const stats = await admin.info('commandstats')
+      return [...stats.matchAll(/cmdstat_eval(?:sha)?:calls=(\d+)/g)].reduce((sum, m) => sum + Number(m[1]), 0)
+    }
+    const before = await scriptCalls()
+    t.equal(await a.invalidate({ tags: ['wide'] }, 'stale', clock.now()), 2500, 'stale: every member, once')
+    t.ok((await scriptCalls()) - before >= 4, 'one script to start, then batches (no script over 1000 members)')
+    t.equal((await a.peek('w:2499', clock.now()))?.stale, true)
+    t.ok(await waitUntil(async () => (await b.l1Peek('w:2400', clock.now()))?.stale !== false), 'the other instance heard of it')
+    t.equal(await a.invalidate({ userIds: ['big'] }, 'delete', clock.now()), 1500, 'delete: every member of the user')
+    t.equal(await a.invalidate({ tags: ['wide'] }, 'delete', clock.now()), 1000, 'and the rest of the tag')
+    t.same(await a.size(), { entries: 1, bytes: (await a.peek('other', clock.now()))!.size }, 'only the untouched entry is left, its bytes counted')
+    t.same(await a.tagKeys('wide'), [], 'the index is empty')
+    t.equal(await a.set(entry(clock, 'w:2499', { userId: 'someone-else' }), lease), 'lease_invalidated', 'a lease from before, on a key a batch reached, is refused whatever its write names')
+    t.equal(await a.set(entry(clock, 'other', { userId: 'u1' }), lease), 'ok', 'a lease on a key no batch reached still writes')
+
+    // More members than the lease book holds: the floor rises, refusing every older lease.
+    const small = await open(clock, { maxLeaseScopes: 1000 })
+    t.teardown(() => small.close())
+    for (let i = 0; i < 1500; i += 250) await Promise.all(Array.from({ length: 250 }, (_, j) => small.set(entry(clock, `w:${i + j}`, { tags: ['wide'] }))))
+    await small.set(entry(clock, 'other'))
+    const older = await small.leaseStamp()
+    t.equal(await small.invalidate({ tags: ['wide'] }, 'delete', clock.now()), 1500)
+    t.equal(await small.set(entry(clock, 'other'), older), 'lease_invalidated')
+  })
 }

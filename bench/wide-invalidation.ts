@@ -1,0 +1,57 @@
+// A tag on many entries, invalidated in cluster mode: one Lua script over every member (the
+// baseline: `indexBatch` unbounded) against the default batches of 1000, in the same run, on
+// a redis-server of its own. What matters is the longest script (Redis serves no other client
+// while one runs; past the 2 s command timeout the invalidation fails with 503), read from
+// Redis' SLOWLOG: `node --import tsx bench/wide-invalidation.ts [members...]`.
+import { Redis } from 'ioredis'
+import { TieredStore } from '../src/stores/tiered-store.js'
+import { RedisServer, freePort } from '../test/helpers/redis-server.js'
+
+const sizes = process.argv.slice(2).map(Number).filter(Boolean)
+if (sizes.length === 0) sizes.push(10_000, 60_000, 200_000)
+const value = JSON.stringify({ note: 'x'.repeat(180) })
+
+const server = new RedisServer(await freePort())
+await server.start()
+const admin = new Redis(server.url)
+const rows: string[] = []
+let n = 0
+try {
+  for (const members of sizes) {
+    const row: string[] = [members.toLocaleString('en')]
+    for (const indexBatch of [Number.MAX_SAFE_INTEGER, 1000]) {
+      const store = new TieredStore({ redisUrl: server.url, namespace: `wide${n++}`, sweepIntervalMs: 0, maxEntries: 10_000_000, maxBytes: 16 * 1024 ** 3, indexBatch })
+      await store.connect()
+      const now = Date.now()
+      for (let i = 0; i < members; i += 500) {
+        const batch = Array.from({ length: Math.min(500, members - i) }, (_, j) => `w:${i + j}`)
+        await Promise.all(batch.map((key, j) => store.set({ key, value, etag: 'e', userId: `u${(i + j) % 1000}`, tags: ['wide'], createdAt: now, expiresAt: now + 3_600_000, hits: 0, lastAccessAt: now, stale: false, origin: undefined, size: 200 })))
+      }
+      await admin.config('SET', 'slowlog-log-slower-than', '0')
+      await admin.slowlog('RESET')
+      const t0 = performance.now()
+      let outcome: string
+      try {
+        outcome = String(await store.invalidate({ tags: ['wide'] }, 'delete', Date.now()))
+      } catch (error) {
+        outcome = `503 (${(error as Error).message})`
+      }
+      const total = performance.now() - t0
+      const log = (await admin.slowlog('GET', 100_000)) as Array<[number, number, number, string[]]>
+      await admin.config('SET', 'slowlog-log-slower-than', '10000')
+      // Waits for a script that outlived its timeout, so the next run starts on an idle Redis.
+      await admin.ping()
+      const longest = Math.max(...log.filter((e) => /^eval/i.test(e[3][0] ?? '')).map((e) => e[2])) / 1000
+      row.push(outcome, total.toFixed(0), longest.toFixed(1))
+      await store.close()
+    }
+    rows.push(`| ${row.join(' | ')} |`)
+  }
+} finally {
+  admin.disconnect()
+  await server.stop()
+}
+console.log('| members | one script: invalidated | total ms | longest script ms | batches of 1000: invalidated | total ms | longest script ms |')
+console.log('|---|---|---|---|---|---|---|')
+for (const row of rows) console.log(row)
+process.exit(0)
