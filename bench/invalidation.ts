@@ -2,7 +2,7 @@
 // against a scan over all keys (what a hand-written cache without an index does):
 // `node --expose-gc --import tsx bench/invalidation.ts [sizes...]`. Seeding leaves garbage; with
 // --expose-gc it is collected before timing, so a major GC of the seed does not land in a sample.
-import { monitorEventLoopDelay, type IntervalHistogram } from 'node:perf_hooks'
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { CacheService } from '../src/cache/cache-service.js'
 import { MemoryStore } from '../src/stores/memory-store.js'
 
@@ -40,19 +40,22 @@ function seed(store: MemoryStore, n: number, now: number) {
 }
 
 const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
 /**
- * An event-loop delay monitor that has ticked: a block before its first tick, or after its
- * last, is not recorded, so it starts a little before the run and stops a little after.
+ * Runs one invalidation while the event loop's delay is watched, and returns its table row.
+ * The monitor records a block only once its timer has ticked, so it starts 5 ms before the
+ * run and stops 5 ms after (a run that never yielded showed as 0 otherwise).
  */
-async function watch(): Promise<IntervalHistogram> {
+async function watched(n: number, run: () => Promise<{ invalidated: number }>): Promise<string> {
   const monitor = monitorEventLoopDelay({ resolution: 1 })
   monitor.enable()
   await pause(5)
-  return monitor
-}
-async function settle(monitor: IntervalHistogram) {
+  const t0 = performance.now()
+  const { invalidated } = await run()
+  const ms = performance.now() - t0
   await pause(5)
   monitor.disable()
+  return `| ${n.toLocaleString('en')} | ${invalidated.toLocaleString('en')} | ${fmt(ms)} | ${fmt(monitor.max / 1e6)} |`
 }
 
 const rows: string[] = []
@@ -91,23 +94,18 @@ for (const n of sizes) {
   }
   // A prefix invalidation over the whole key space, while the event loop's delay is watched:
   // the scan must yield often enough that no other request waits more than 10 ms.
-  const monitor = await watch()
-  const t0 = performance.now()
-  const prefixed = await cache.invalidate({ prefixes: ['user:1'] }, { source: 'api' })
-  const prefixMs = performance.now() - t0
-  await settle(monitor)
-  prefixRows.push(`| ${n.toLocaleString('en')} | ${prefixed.invalidated.toLocaleString('en')} | ${fmt(prefixMs)} | ${fmt(monitor.max / 1e6)} |`)
+  prefixRows.push(await watched(n, () => cache.invalidate({ prefixes: ['user:1'] }, { source: 'api' })))
 
   // A tag on a tenth as many entries again: invalidated in slices too, watched the same way.
   for (let i = 0; i < n / 10; i++) store.setSync(stored(`wide:${i}`, undefined, ['wide'], now, i))
   ;(globalThis as { gc?: () => void }).gc?.() // as after the seed: the new entries' GC is not the invalidation's
-  const tagMonitor = await watch()
-  const t1 = performance.now()
-  const tagged = await cache.invalidate({ tags: ['wide'] }, { source: 'api' })
-  const tagMs = performance.now() - t1
-  await settle(tagMonitor)
-  if (tagged.invalidated !== n / 10) throw new Error(`expected ${n / 10} tagged entries, got ${tagged.invalidated}`)
-  tagRows.push(`| ${n.toLocaleString('en')} | ${tagged.invalidated.toLocaleString('en')} | ${fmt(tagMs)} | ${fmt(tagMonitor.max / 1e6)} |`)
+  tagRows.push(
+    await watched(n, async () => {
+      const tagged = await cache.invalidate({ tags: ['wide'] }, { source: 'api' })
+      if (tagged.invalidated !== n / 10) throw new Error(`expected ${n / 10} tagged entries, got ${tagged.invalidated}`)
+      return tagged
+    }),
+  )
 
   const p50 = pct(times, 50)
   const scan = pct(scanTimes, 50)

@@ -186,50 +186,45 @@ local mode = ARGV[2]
 local seq = 0
 local st = base .. 'st'
 local maxScopes = tonumber(ARGV[4])
+local function stampKeys(keys, s)
+  for _, k in ipairs(keys) do redis.call('ZADD', st, s, 'k\\0' .. k) end
+end
 if ARGV[3] == '1' then
   seq = redis.call('INCR', base .. 'seq')
-  for _, k in ipairs(sel.keys or {}) do redis.call('ZADD', st, seq, 'k\\0' .. k) end
+  stampKeys(sel.keys or {}, seq)
   for _, u in ipairs(sel.userIds or {}) do redis.call('ZADD', st, seq, 'u\\0' .. u) end
   for _, t in ipairs(sel.tags or {}) do redis.call('ZADD', st, seq, 't\\0' .. t) end
   for _, p in ipairs(sel.prefixes or {}) do redis.call('ZADD', base .. 'px', seq, p) end
   trim(base .. 'px', tonumber(ARGV[5]))
 end
 
--- The keys of a user or tag: stamped (more than the bound holds raise the floor instead,
--- refusing every older lease), then applied.
-local function touch(members)
-  if seq == 0 then return end
-  if #members > maxScopes then
-    if seq > tonumber(redis.call('GET', base .. 'floor') or '0') then redis.call('SET', base .. 'floor', seq) end
-    return
-  end
-  for _, k in ipairs(members) do redis.call('ZADD', st, seq, 'k\\0' .. k) end
+-- Whether the n keys a user or tag reaches get their own stamps (LeaseBook.stampsKeys): more
+-- than the bound holds would push out every other stamp anyway, so the floor rises instead,
+-- refusing every older lease.
+local function stampsKeys(n)
+  if seq == 0 then return false end
+  if n <= maxScopes then return true end
+  if seq > tonumber(redis.call('GET', base .. 'floor') or '0') then redis.call('SET', base .. 'floor', seq) end
+  return false
 end
 
--- A batch of a deferred user's or tag's members: stamp each key as it is reached.
+-- A batch of a deferred user's or tag's members: each key stamped as it is reached.
 local touchSeq = tonumber(ARGV[10] or '0') or 0
 if touchSeq > 0 then
-  for _, k in ipairs(sel.keys or {}) do redis.call('ZADD', st, touchSeq, 'k\\0' .. k) end
+  stampKeys(sel.keys or {}, touchSeq)
   trim(st, maxScopes)
 end
 
+-- The members of an index set to apply here, or nil when there are more than big: the set
+-- is deferred to the caller's batches, which stamp its keys (or the floor rose here).
 local big = tonumber(ARGV[9] or '0') or 0
 local deferred = {}
--- The members of an index set to apply here, or nil when there are too many: then the set is
--- deferred to the caller's batches, its keys stamped there (or the floor raised here).
 local function membersOf(idx)
   if big > 0 then
     local n = redis.call('SCARD', idx)
     if n > big then
-      local stamp = '1'
-      if seq == 0 then
-        stamp = '0'
-      elseif n > maxScopes then
-        if seq > tonumber(redis.call('GET', base .. 'floor') or '0') then redis.call('SET', base .. 'floor', seq) end
-        stamp = '0'
-      end
       deferred[#deferred + 1] = idx
-      deferred[#deferred + 1] = stamp
+      deferred[#deferred + 1] = stampsKeys(n) and '1' or '0'
       return nil
     end
   end
@@ -267,7 +262,7 @@ end
 local function applyIndex(idx)
   local members = membersOf(idx)
   if not members then return end
-  touch(members)
+  if stampsKeys(#members) then stampKeys(members, seq) end
   for _, k in ipairs(members) do
     -- A member whose hash Redis expired on its own is an orphan: forget it here.
     if not apply(k) then redis.call('SREM', idx, k) end

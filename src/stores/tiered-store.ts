@@ -175,6 +175,7 @@ export class TieredStore implements Store {
       leases: false, // they live in Redis
     })
 
+    const commandTimeoutMs = options.commandTimeoutMs ?? DEFAULT_COMMAND_TIMEOUT_MS
     const common: RedisOptions = {
       lazyConnect: true,
       // Fail fast while disconnected: a request gets its 503 or its miss at once instead of
@@ -182,14 +183,14 @@ export class TieredStore implements Store {
       enableOfflineQueue: false,
       autoResendUnfulfilledCommands: false,
       maxRetriesPerRequest: 0,
-      commandTimeout: options.commandTimeoutMs ?? DEFAULT_COMMAND_TIMEOUT_MS,
+      commandTimeout: commandTimeoutMs,
       connectTimeout: 2000,
       // A dropped connection whose Redis does not answer the goodbye is cut after this long.
       disconnectTimeout: 200,
       retryStrategy: (times) => Math.min(50 * times, 1000),
     }
     this.#redis = new WatchedRedis(options.redisUrl, common)
-    this.#redis.onTimeout = () => this.#onTimeout(common.commandTimeout!)
+    this.#redis.onTimeout = () => this.#onTimeout(commandTimeoutMs)
     // The subscriber subscribes by hand on every `ready`, so the bus counts as up only once
     // the subscription is confirmed.
     this.#sub = new Redis(options.redisUrl, { ...common, autoResubscribe: false, commandTimeout: undefined })
