@@ -350,26 +350,26 @@ end
 return out
 `
 
-/** members('u'|'t', name) -> keys of the index whose entries exist. */
-const MEMBERS = `${PRELUDE}
-local idx = pre .. ARGV[1] .. ':' .. ARGV[2]
+/** existing(key...) -> those of the keys whose entries exist (one batch of an index set). */
+const EXISTING = `${PRELUDE}
 local out = {}
-for _, k in ipairs(redis.call('SMEMBERS', idx)) do
+for _, k in ipairs(ARGV) do
   if redis.call('EXISTS', ekey(k)) == 1 then out[#out + 1] = k end
 end
 return out
 `
 
-/** userEntries(userId, now) -> {key, fields} pairs of the user's live entries. */
-const USER_ENTRIES = `${PRELUDE}
+/** liveEntries(now, key...) -> {key, fields} pairs of those of the keys whose entries are live (one batch of an index set). */
+const LIVE_ENTRIES = `${PRELUDE}
 local out = {}
-for _, k in ipairs(redis.call('SMEMBERS', ukey(ARGV[1]))) do
+for i = 2, #ARGV do
+  local k = ARGV[i]
   local f = redis.call('HGETALL', ekey(k))
   local x
-  for i = 1, #f, 2 do
-    if f[i] == 'x' then x = f[i + 1] end
+  for j = 1, #f, 2 do
+    if f[j] == 'x' then x = f[j + 1] end
   end
-  if x and tonumber(x) > tonumber(ARGV[2]) then
+  if x and tonumber(x) > tonumber(ARGV[1]) then
     out[#out + 1] = k
     out[#out + 1] = f
   end
@@ -397,8 +397,8 @@ export const REDIS_SCRIPTS = {
   cwPutRecord: PUT_RECORD,
   cwSwapRecord: SWAP_RECORD,
   cwSweep: SWEEP,
-  cwMembers: MEMBERS,
-  cwUserEntries: USER_ENTRIES,
+  cwExisting: EXISTING,
+  cwLiveEntries: LIVE_ENTRIES,
   cwInfo: INFO,
 } as const
 

@@ -453,18 +453,45 @@ export class TieredStore implements Store {
   }
 
   async userEntries(userId: string, now: number): Promise<StoredEntry[]> {
-    const flat = (await this.#call(() => this.#scripts.cwUserEntries(this.#base, userId, now))) as Array<string | string[]>
     const out: StoredEntry[] = []
-    for (let i = 0; i < flat.length; i += 2) out.push(parseEntry(flat[i] as string, flat[i + 1] as string[]))
+    await this.#eachMemberBatch('u', userId, async (keys) => {
+      const flat = (await this.#scripts.cwLiveEntries(this.#base, now, ...keys)) as Array<string | string[]>
+      for (let i = 0; i < flat.length; i += 2) out.push(parseEntry(flat[i] as string, flat[i + 1] as string[]))
+    })
     return out
   }
 
   async userKeys(userId: string): Promise<string[]> {
-    return (await this.#call(() => this.#scripts.cwMembers(this.#base, 'u', userId))) as string[]
+    return this.#existingMembers('u', userId)
   }
 
   async tagKeys(tag: string): Promise<string[]> {
-    return (await this.#call(() => this.#scripts.cwMembers(this.#base, 't', tag))) as string[]
+    return this.#existingMembers('t', tag)
+  }
+
+  async #existingMembers(kind: 'u' | 't', name: string): Promise<string[]> {
+    const out: string[] = []
+    await this.#eachMemberBatch(kind, name, async (keys) => void out.push(...((await this.#scripts.cwExisting(this.#base, ...keys)) as string[])))
+    return out
+  }
+
+  /**
+   * Hands a user's or tag's index set to `each` in SSCAN batches of about `indexBatch`, each key
+   * once: no script reads a whole set, which for a user with 200 000 entries would hold Redis
+   * for seconds.
+   */
+  async #eachMemberBatch(kind: 'u' | 't', name: string, each: (keys: string[]) => Promise<void>): Promise<void> {
+    const seen = new Set<string>() // SSCAN may return a key twice if the set grows meanwhile
+    await this.#call(async () => {
+      const index = `${this.#base}${(await this.#redis.get(`${this.#base}g`)) ?? '0'}:${kind}:${name}`
+      await this.#walk(
+        (cursor) => this.#redis.sscan(index, cursor, 'COUNT', this.#indexBatch),
+        async (batch) => {
+          const fresh = batch.filter((key) => !seen.has(key) && seen.add(key))
+          if (fresh.length > 0) await each(fresh)
+        },
+      )
+    })
   }
 
   async sampleKeys(limit: number): Promise<string[]> {

@@ -304,4 +304,33 @@ if (requireRedisServer(t)) {
     t.equal(await small.invalidate({ tags: ['wide'] }, 'delete', clock.now()), 1500)
     t.equal(await small.set(entry(clock, 'other'), older), 'lease_invalidated')
   })
+
+  t.test('a large user or tag is read in batches: every live member once, no script over the whole set', async (t) => {
+    const clock = new FakeClock()
+    const store = await open(clock, { indexBatch: 50 })
+    t.teardown(() => store.close())
+    // 300 members (past the size where Redis keeps a set compact and SSCAN ignores COUNT), 100 short-lived.
+    await Promise.all(
+      Array.from({ length: 300 }, (_, i) =>
+        store.set(entry(clock, `m:${i}`, { userId: 'many', tags: ['lots'], expiresAt: clock.now() + (i < 100 ? 1_000 : 60_000) })),
+      ),
+    )
+    clock.advance(2_000)
+    const admin = new Redis(redis.url)
+    t.teardown(() => admin.quit())
+    const scriptCalls = async () => {
+      const stats = await admin.info('commandstats')
+      return [...stats.matchAll(/cmdstat_eval(?:sha)?:calls=(\d+)/g)].reduce((sum, m) => sum + Number(m[1]), 0)
+    }
+    const live = Array.from({ length: 200 }, (_, i) => `m:${i + 100}`).sort()
+    let before = await scriptCalls()
+    const entries = await store.userEntries('many', clock.now())
+    t.same(entries.map((e) => e.key).sort(), live, 'every live entry, once, none expired')
+    t.ok((await scriptCalls()) - before >= 4, 'one script per batch of about 50')
+    t.equal(entries.find((e) => e.key === 'm:150')?.userId, 'many', 'whole entries')
+    before = await scriptCalls()
+    t.equal((await store.userKeys('many')).length, 300, 'userKeys: every member whose entry Redis still holds (expired but not yet swept included)')
+    t.same((await store.tagKeys('lots')).sort(), (await store.userKeys('many')).sort(), 'tagKeys: the same walk')
+    t.ok((await scriptCalls()) - before >= 8, 'in batches too')
+  })
 }
