@@ -4,14 +4,13 @@
 // Linux only (reads /proc).
 import { readFileSync } from 'node:fs'
 import autocannon from 'autocannon'
-import { BENCH_SECRET } from './servers/http-target.js'
 import { startTarget, type Target } from './lib.js'
+import { auth, putRequest as put, randomKey as randomKeyAmong } from './servers/workload.js'
 
 const requests = Number(process.argv[2] ?? 100_000)
 const rounds = Number(process.argv[3] ?? 5)
 const ENTRIES = 100_000
-const auth = { authorization: `Bearer ${BENCH_SECRET}` }
-const randomKey = () => `user%3A${Math.floor(Math.random() * ENTRIES)}%3Adashboard`
+const randomKey = () => randomKeyAmong(ENTRIES)
 
 /** CPU ticks (1/100 s) the process has used so far. */
 function cpuTicks(pid: number): number {
@@ -19,8 +18,6 @@ function cpuTicks(pid: number): number {
   return Number(fields[11]) + Number(fields[12])
 }
 
-const body = JSON.stringify({ value: { id: 1, name: 'user-1', plan: 'pro', widgets: [1, 2, 3, 4, 5], note: 'x'.repeat(120) }, ttlMs: 3_600_000, userId: '1' })
-const put = { method: 'PUT' as const, body, headers: { 'content-type': 'application/json' } }
 
 interface Side {
   target: Target

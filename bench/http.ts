@@ -4,15 +4,13 @@
 // Each server runs in its own process; autocannon runs here. On a 2-core machine single
 // runs swing by ±20%, so the sides alternate within every round (the order rotates each
 // round) and the headline is the median of the per-round ratios.
-import { BENCH_SECRET } from './servers/http-target.js'
 import { load, ratio, startTarget, type LoadResult } from './lib.js'
+import { auth, putBody as body, randomKey as randomKeyAmong } from './servers/workload.js'
 
 const seconds = Number(process.argv[2] ?? 5)
 const rounds = Number(process.argv[3] ?? 6)
 const ENTRIES = 100_000
-const auth = { authorization: `Bearer ${BENCH_SECRET}` }
-const body = JSON.stringify({ value: { id: 1, name: 'user-1', plan: 'pro', widgets: [1, 2, 3, 4, 5], note: 'x'.repeat(120) }, ttlMs: 3_600_000, userId: '1' })
-const randomKey = () => `user%3A${Math.floor(Math.random() * ENTRIES)}%3Adashboard`
+const randomKey = () => randomKeyAmong(ENTRIES)
 
 const bare = await startTarget('bench/servers/http-target.ts', ['bare'])
 const naive = await startTarget('bench/servers/http-target.ts', ['naive', String(ENTRIES)])

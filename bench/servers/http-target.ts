@@ -5,15 +5,10 @@ import Fastify from 'fastify'
 import { LRUCache } from 'lru-cache'
 import { buildApp } from '../../src/app.js'
 import { parseApiKeys } from '../../src/config.js'
+import { BENCH_SECRET, entryKey, entryValue as value } from './workload.js'
 
-export const BENCH_SECRET = 'bench-secret-0123456789abcdef'
 const mode = process.argv[2] ?? 'cachewarden'
 const entries = Number(process.argv[3] ?? 100_000)
-
-function value(i: number) {
-  // About 200 bytes serialized.
-  return { id: i, name: `user-${i}`, plan: 'pro', widgets: [1, 2, 3, 4, 5], note: 'x'.repeat(120) }
-}
 
 if (mode === 'bare') {
   const app = Fastify()
@@ -27,7 +22,7 @@ if (mode === 'bare') {
   // What a team writes in an afternoon: no auth, no validation, no indexes, no etags.
   const app = Fastify()
   const lru = new LRUCache<string, object>({ max: entries * 2, ttl: 3_600_000 })
-  for (let i = 0; i < entries; i++) lru.set(`user:${i}:dashboard`, value(i))
+  for (let i = 0; i < entries; i++) lru.set(entryKey(i), value(i))
   app.get<{ Params: { key: string } }>('/naive/:key', async (request, reply) => {
     const value = lru.get(request.params.key)
     return value === undefined ? reply.code(404).send({ error: 'not_found' }) : { key: request.params.key, value }
@@ -45,7 +40,7 @@ if (mode === 'bare') {
     { metrics: process.env.BENCH_METRICS !== '0' },
   )
   for (let i = 0; i < entries; i++) {
-    await app.cache.write(`user:${i}:dashboard`, { value: value(i), userId: String(i), ttlMs: 3_600_000 })
+    await app.cache.write(entryKey(i), { value: value(i), userId: String(i), ttlMs: 3_600_000 })
   }
   await app.listen({ port: 0, host: '127.0.0.1' })
   console.log(`ready ${(app.server.address() as { port: number }).port}`)
