@@ -76,7 +76,7 @@ export interface SecurityConfig {
 }
 
 export const DEFAULT_SECURITY: SecurityConfig = {
-  clearRateLimitMax: 5,
+  clearRateLimitMax: 10,
   clearRateLimitWindowMs: 60_000,
   authFailureLimitMax: 100,
   authFailureWindowMs: 60_000,

@@ -201,6 +201,26 @@ t.test('both steps are rate-limited per key with 429 rate_limited', async (t) =>
   t.ok(audit.some((e: { action: string; outcome: string; detail: string }) => e.action === 'clear' && e.detail === 'rate limited'))
 })
 
+t.test('with the default limit, an operator walking every refusal and a clear in one minute is not rate-limited', async (t) => {
+  const { app } = await setup(t, { clearRateLimitMax: DEFAULT_SECURITY.clearRateLimitMax })
+  const other = { authorization: `Bearer ${OTHER_ADMIN}` }
+  const codes: number[] = []
+  codes.push((await clear(app, {})).statusCode) // missing
+  codes.push((await clear(app, { token: 'cwclr_wrong' })).statusCode) // wrong
+  codes.push((await clear(app, { token: (await issue(app, 'theirs', other)).json().token })).statusCode) // another key's
+  const token = (await issue(app)).json().token
+  codes.push((await clear(app, { token })).statusCode) // the clear
+  codes.push((await clear(app, { token })).statusCode) // reused
+  const again = (await issue(app)).json().token
+  codes.push((await clear(app, { token: again })).statusCode, (await clear(app, { token: again })).statusCode)
+  t.same(codes, [403, 403, 403, 200, 403, 200, 403], 'seven calls, none rate-limited')
+  // The limit is still there: the same key keeps calling within the minute.
+  const statuses = []
+  for (let i = 0; i < DEFAULT_SECURITY.clearRateLimitMax; i++) statuses.push((await clear(app, { token: 'cwclr_wrong' })).statusCode)
+  const max = DEFAULT_SECURITY.clearRateLimitMax
+  t.equal(statuses.indexOf(429), max - codes.length, `call ${max + 1} within the window is the first 429`)
+})
+
 t.test('the token store is bounded: the oldest outstanding tokens are forgotten', async (t) => {
   const { app } = await setup(t)
   const first = (await issue(app)).json().token
