@@ -87,6 +87,15 @@ export const DEFAULT_SECURITY: SecurityConfig = {
 
 export const DEFAULT_PORT = 8080
 
+/**
+ * The default body limit: four values' worth plus room. A value over its limit but inside
+ * this is parsed and refused with `value_too_large`, which says what is wrong; only a body
+ * past it is cut off unread (`payload_too_large`). It also leaves room for a value at its
+ * limit whose non-ASCII characters are written as JSON escapes (`\u00e9`: six bytes of body
+ * for two of value).
+ */
+export const defaultBodyLimit = (maxValueBytes: number) => 4 * maxValueBytes + 64 * 1024
+
 export const PG_RECONNECT_POLICIES = ['stale-all', 'clear', 'none'] as const
 export type PgReconnectPolicy = (typeof PG_RECONNECT_POLICIES)[number]
 
@@ -98,7 +107,7 @@ export function defaultConfig(): Config {
     maxEntries: DEFAULT_MAX_ENTRIES,
     maxBytes: DEFAULT_MAX_BYTES,
     limits: { ...DEFAULT_LIMITS },
-    bodyLimitBytes: DEFAULT_LIMITS.maxValueBytes + 64 * 1024,
+    bodyLimitBytes: defaultBodyLimit(DEFAULT_LIMITS.maxValueBytes),
     batchBodyLimitBytes: 32 * 1024 * 1024,
     requestTimeoutMs: 120_000,
     apiKeys: [],
@@ -173,8 +182,8 @@ export function loadConfig(env: Env = process.env): Config {
   c.limits.maxKeyBytes = int('MAX_KEY_BYTES', c.limits.maxKeyBytes, 1, 64 * 1024)
   // The request schemas bound every list at the contract's 1000; MAX_BATCH can only lower it.
   c.limits.maxBatch = int('MAX_BATCH', c.limits.maxBatch, 1, 1000)
-  c.bodyLimitBytes = int('BODY_LIMIT_BYTES', c.limits.maxValueBytes + 64 * 1024, 1024)
-  c.batchBodyLimitBytes = int('BATCH_BODY_LIMIT_BYTES', c.batchBodyLimitBytes, c.bodyLimitBytes)
+  c.bodyLimitBytes = int('BODY_LIMIT_BYTES', defaultBodyLimit(c.limits.maxValueBytes), 1024)
+  c.batchBodyLimitBytes = int('BATCH_BODY_LIMIT_BYTES', Math.max(c.batchBodyLimitBytes, c.bodyLimitBytes), c.bodyLimitBytes)
   c.requestTimeoutMs = int('REQUEST_TIMEOUT_MS', c.requestTimeoutMs, 1000, 3_600_000)
   c.metricsToken = str('METRICS_TOKEN')
   c.redisUrl = url('REDIS_URL', ['redis:', 'rediss:'])

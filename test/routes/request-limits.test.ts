@@ -31,9 +31,9 @@ t.test('bodies over the body limit are 413 payload_too_large on every route that
   }
 })
 
-t.test('each route\'s own limit: a write\'s is the value limit plus room, batch-set\'s is larger', async (t) => {
+t.test('each route\'s own limit: a write\'s is four values plus room, batch-set\'s is larger', async (t) => {
   const app = await build(t)
-  const big = 'x'.repeat(2 * MiB)
+  const big = 'x'.repeat(5 * MiB)
   t.equal((await call(app, { method: 'PUT', url: '/v1/entries/k', payload: { value: big } })).statusCode, 413)
   t.equal((await call(app, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: big } })).statusCode, 413)
   const batch = await call(app, { method: 'POST', url: '/v1/entries/batch-set', payload: { entries: [{ key: 'b', value: big }] } })
@@ -76,6 +76,12 @@ t.test('a value over 1 MiB serialized is 413 value_too_large; exactly 1 MiB is s
   t.equal(inBatch.statusCode, 200)
   t.match(inBatch.json().results, [{ key: 'a', status: 413, error: 'value_too_large' }, { key: 'b', status: 200 }])
   t.equal((await get(app, 'over')).statusCode, 404)
+  // Up to four times the limit the value is read and named; past that the body is cut off unread.
+  for (const [chars, error] of [[2 * MiB, 'value_too_large'], [4 * MiB, 'value_too_large'], [4 * MiB + 64 * 1024, 'payload_too_large']] as const) {
+    const res = await call(app, { method: 'PUT', url: '/v1/entries/over', payload: { value: 'x'.repeat(chars) } })
+    t.equal(res.statusCode, 413, `${chars} characters`)
+    t.equal(res.json().error, error, `${chars} characters`)
+  }
 })
 
 t.test('values may nest 64 levels, not 65, and very deep JSON is a 400', async (t) => {
@@ -409,7 +415,7 @@ t.test('after a 413 the rest of the body is read and the connection serves the n
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
-  const body = JSON.stringify({ value: 'x'.repeat(2 * MiB) })
+  const body = JSON.stringify({ value: 'x'.repeat(5 * MiB) })
   const requests =
     `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}` +
     'GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
