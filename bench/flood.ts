@@ -8,7 +8,8 @@
 //   flood-1/2  write floodFactor × CACHE_MAX_BYTES of ~1 MiB values each (LRU must evict);
 //              the second half's peak RSS not above the first's is what "bounded" means
 //   batch      the same volume through batch-set, 8 large values a request
-//   oversized  2 MiB bodies (413 payload_too_large) and 1 MiB + 1 values (413 value_too_large)
+//   oversized  5 MiB bodies (413 payload_too_large, past the 4 MiB + 64 KiB body limit) and
+//              2 MiB values (413 value_too_large: read and parsed, then refused)
 // "RSS after GC" is measured at the end of each phase with global.gc (--expose-gc).
 // After every response the store's accounted bytes are checked against the bound; the
 // process exits 1 if they ever exceed it.
@@ -99,11 +100,11 @@ rows.push(
   ),
 )
 rows.push(
-  await phase('oversized', (floodN / 2) * 1.5 * MiB, () =>
+  await phase('oversized', (floodN / 2) * 3.5 * MiB, () =>
     pump(Math.round(floodN / 2), (i) =>
       i % 2 === 0
-        ? { method: 'PUT', url: `/v1/entries/over:${i}`, payload: valueBody(i, 2 * MiB) }
-        : { method: 'PUT', url: `/v1/entries/over:${i}`, payload: valueBody(i, MiB) },
+        ? { method: 'PUT', url: `/v1/entries/over:${i}`, payload: valueBody(i, 5 * MiB) }
+        : { method: 'PUT', url: `/v1/entries/over:${i}`, payload: valueBody(i, 2 * MiB) },
     ),
   ),
 )
