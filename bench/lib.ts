@@ -10,12 +10,16 @@ export interface Target {
   stop(): Promise<void>
 }
 
-/**
- * Spawns `node --import tsx <script> ...args` and waits for its "ready <port>" line. With a
- * `wrapper` (say `['valgrind', '--tool=callgrind']`), node runs under that command.
- */
-export async function startTarget(script: string, args: string[] = [], env: Record<string, string> = {}, wrapper: string[] = []): Promise<Target> {
-  const command = [...wrapper, process.execPath, '--import', 'tsx', script, ...args]
+export interface TargetOptions {
+  /** A command node runs under, say `['valgrind', '--tool=callgrind']`. */
+  wrapper?: string[]
+  /** Flags for node itself (`--trace-gc`, which NODE_OPTIONS does not take). */
+  nodeFlags?: string[]
+}
+
+/** Spawns `node --import tsx <script> ...args` and waits for its "ready <port>" line. */
+export async function startTarget(script: string, args: string[] = [], env: Record<string, string> = {}, options: TargetOptions = {}): Promise<Target> {
+  const command = [...(options.wrapper ?? []), process.execPath, ...(options.nodeFlags ?? []), '--import', 'tsx', script, ...args]
   const child = spawn(command[0]!, command.slice(1), {
     stdio: ['ignore', 'pipe', 'inherit'],
     env: { ...process.env, ...env },
