@@ -24,6 +24,9 @@ const MAX_KNOWN_HEADERS = 256
 /** Most client IPs whose failures are counted at once (a flood of spoofed sources cannot grow it). */
 const MAX_TRACKED_IPS = 10_000
 
+/** Most addresses a remembered header records as having authenticated from. */
+const MAX_PROVEN_IPS_PER_HEADER = 1024
+
 export interface AuthOptions {
   keys: ApiKey[]
   /** After `max` wrong credentials from one IP within `windowMs`, that IP gets 429 for the rest of the window; max 0 is off. */
@@ -42,8 +45,10 @@ export default fp(
     app.decorateRequest('apiKey', undefined)
 
     // Failed authentications per client IP, in a window that starts with the first failure.
-    // An IP with `max` of them is refused until its window ends, before its key is even
-    // looked at, so a guesser cannot tell a right secret from a wrong one once blocked.
+    // An IP with `max` of them is refused until its window ends, before a new secret is even
+    // looked at, so a guesser cannot tell a right secret from a wrong one once blocked. Only a
+    // header that already authenticated from that very address passes: a service behind the
+    // same NAT as the guesser, or a client whose neighbour sends junk, keeps working.
     const limit = opts.failureLimit !== undefined && opts.failureLimit.max > 0 ? opts.failureLimit : undefined
     const failures = limit && new LRUCache<string, { count: number }>({ max: MAX_TRACKED_IPS, ttl: limit.windowMs })
 
@@ -60,12 +65,12 @@ export default fp(
 
     function checker(scope: Scope) {
       return (request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void) => {
-        if (failures !== undefined && failures.size > 0 && (failures.get(request.ip)?.count ?? 0) >= limit!.max) {
+        if (failures !== undefined && failures.size > 0 && (failures.get(request.ip)?.count ?? 0) >= limit!.max && !provenFrom(request)) {
           const retryAfterS = Math.max(1, Math.ceil(failures.getRemainingTTL(request.ip) / 1000))
           reply.header('retry-after', retryAfterS)
           return done(rateLimited(`${retryAfterS} seconds (too many failed authentications from this address)`))
         }
-        const key = authenticate(request.headers.authorization)
+        const key = authenticate(request)
         if (key === undefined) {
           // Only a credential that was tried and wrong counts: a request with none guesses nothing.
           if (failures !== undefined && request.headers.authorization !== undefined) countFailure(failures, limit!.max, request)
@@ -79,25 +84,35 @@ export default fp(
       }
     }
 
-    // Headers that authenticated, so a client's next request skips the digest. Only a header
-    // that carried a valid secret gets in (a guess never does), and keys are fixed for the
-    // life of the process, so an entry never goes stale; cleared when full.
-    const known = new Map<string, ApiKey>()
+    // Headers that authenticated, so a client's next request skips the digest, with the
+    // addresses they authenticated from (kept only while the failure limit is on). Only a
+    // header that carried a valid secret gets in (a guess never does), and keys are fixed for
+    // the life of the process, so an entry never goes stale; cleared when full.
+    const known = new Map<string, { key: ApiKey; from: Set<string> }>()
 
-    function authenticate(header: string | undefined): ApiKey | undefined {
+    function authenticate(request: FastifyRequest): ApiKey | undefined {
+      const header = request.headers.authorization
       if (header === undefined) return undefined
-      const seen = known.get(header)
-      if (seen !== undefined) return seen
-      if (header.length < 8 || header.length > 4096) return undefined
-      if (header.slice(0, 7).toLowerCase() !== 'bearer ') return undefined
-      // Looked up by digest: a guess's SHA-256 shares nothing with a secret's, so the lookup's
-      // timing says nothing about how close a guess came.
-      const key = byDigest.get(digest(header.slice(7).trim()))
-      if (key !== undefined) {
+      let seen = known.get(header)
+      if (seen === undefined) {
+        if (header.length < 8 || header.length > 4096) return undefined
+        if (header.slice(0, 7).toLowerCase() !== 'bearer ') return undefined
+        // Looked up by digest: a guess's SHA-256 shares nothing with a secret's, so the
+        // lookup's timing says nothing about how close a guess came.
+        const key = byDigest.get(digest(header.slice(7).trim()))
+        if (key === undefined) return undefined
         if (known.size >= MAX_KNOWN_HEADERS) known.clear()
-        known.set(header, key)
+        seen = { key, from: new Set() }
+        known.set(header, seen)
       }
-      return key
+      if (failures !== undefined && seen.from.size < MAX_PROVEN_IPS_PER_HEADER) seen.from.add(request.ip)
+      return seen.key
+    }
+
+    /** Whether the request's header already authenticated from the request's address. */
+    function provenFrom(request: FastifyRequest): boolean {
+      const header = request.headers.authorization
+      return header !== undefined && known.get(header)?.from.has(request.ip) === true
     }
   },
   { name: 'cachewarden-auth' },
