@@ -350,28 +350,40 @@ end
 return out
 `
 
-/** existing(key...) -> those of the keys whose entries exist (one batch of an index set). */
+/**
+ * existing(kind, name, key...) -> those of the keys still in the user's (kind 'u') or tag's
+ * ('t') index set of the current generation and whose entries exist: one batch of that set, read
+ * by SSCAN before this ran, so a key may have changed hands or been cleared meanwhile.
+ */
 const EXISTING = `${PRELUDE}
+local idx = (ARGV[1] == 'u' and ukey or tkey)(ARGV[2])
 local out = {}
-for _, k in ipairs(ARGV) do
-  if redis.call('EXISTS', ekey(k)) == 1 then out[#out + 1] = k end
+for i = 3, #ARGV do
+  local k = ARGV[i]
+  if redis.call('SISMEMBER', idx, k) == 1 and redis.call('EXISTS', ekey(k)) == 1 then out[#out + 1] = k end
 end
 return out
 `
 
-/** liveEntries(now, key...) -> {key, fields} pairs of those of the keys whose entries are live (one batch of an index set). */
+/**
+ * liveEntries(now, userId, key...) -> {key, fields} pairs of those of the keys that are still the
+ * user's (in the current generation) and live: one batch of the user's index set.
+ */
 const LIVE_ENTRIES = `${PRELUDE}
+local idx = ukey(ARGV[2])
 local out = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local k = ARGV[i]
-  local f = redis.call('HGETALL', ekey(k))
-  local x
-  for j = 1, #f, 2 do
-    if f[j] == 'x' then x = f[j + 1] end
-  end
-  if x and tonumber(x) > tonumber(ARGV[1]) then
-    out[#out + 1] = k
-    out[#out + 1] = f
+  if redis.call('SISMEMBER', idx, k) == 1 then
+    local f = redis.call('HGETALL', ekey(k))
+    local x
+    for j = 1, #f, 2 do
+      if f[j] == 'x' then x = f[j + 1] end
+    end
+    if x and tonumber(x) > tonumber(ARGV[1]) then
+      out[#out + 1] = k
+      out[#out + 1] = f
+    end
   end
 end
 return out

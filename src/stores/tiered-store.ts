@@ -455,7 +455,7 @@ export class TieredStore implements Store {
   async userEntries(userId: string, now: number): Promise<StoredEntry[]> {
     const out: StoredEntry[] = []
     await this.#eachMemberBatch('u', userId, async (keys) => {
-      const flat = (await this.#scripts.cwLiveEntries(this.#base, now, ...keys)) as Array<string | string[]>
+      const flat = (await this.#scripts.cwLiveEntries(this.#base, now, userId, ...keys)) as Array<string | string[]>
       for (let i = 0; i < flat.length; i += 2) out.push(parseEntry(flat[i] as string, flat[i + 1] as string[]))
     })
     return out
@@ -471,14 +471,15 @@ export class TieredStore implements Store {
 
   async #existingMembers(kind: 'u' | 't', name: string): Promise<string[]> {
     const out: string[] = []
-    await this.#eachMemberBatch(kind, name, async (keys) => void out.push(...((await this.#scripts.cwExisting(this.#base, ...keys)) as string[])))
+    await this.#eachMemberBatch(kind, name, async (keys) => void out.push(...((await this.#scripts.cwExisting(this.#base, kind, name, ...keys)) as string[])))
     return out
   }
 
   /**
    * Hands a user's or tag's index set to `each` in SSCAN batches of about `indexBatch`, each key
    * once: no script reads a whole set, which for a user with 200 000 entries would hold Redis
-   * for seconds.
+   * for seconds. Not atomic: `each`'s script must check that a key is still in the set (of the
+   * current generation) when it runs, as the key may have moved to another user or been cleared.
    */
   async #eachMemberBatch(kind: 'u' | 't', name: string, each: (keys: string[]) => Promise<void>): Promise<void> {
     const seen = new Set<string>() // SSCAN may return a key twice if the set grows meanwhile

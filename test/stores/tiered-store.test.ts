@@ -333,4 +333,38 @@ if (requireRedisServer(t)) {
     t.same((await store.tagKeys('lots')).sort(), (await store.userKeys('many')).sort(), 'tagKeys: the same walk')
     t.ok((await scriptCalls()) - before >= 8, 'in batches too')
   })
+
+  t.test('a batched read racing rewrites to another user and a clear returns only what is still the user\'s', async (t) => {
+    const clock = new FakeClock()
+    const namespace = `race${n++}`
+    const store = await open(clock, { namespace, indexBatch: 10 })
+    const writer = await open(clock, { namespace })
+    t.teardown(() => Promise.all([store.close(), writer.close()]))
+    let foreign = 0
+    let rounds = 0
+    let raced = 0
+    // Each round: 300 entries of 'alice' tagged 'team', then a walk over them while another
+    // client moves them, one at a time, to 'bob' and 'other' (every second round clearing the
+    // cache halfway), for as long as the walk runs.
+    for (; rounds < 6 && foreign === 0; rounds++) {
+      await Promise.all(Array.from({ length: 300 }, (_, i) => store.set(entry(clock, `r:${i}`, { userId: 'alice', tags: ['team'] }))))
+      let walking = true
+      const moving = (async () => {
+        for (let i = 0; walking && i < 300; i++) {
+          if (rounds % 2 === 1 && i === 20) await writer.clear()
+          await writer.set(entry(clock, `r:${i}`, { userId: 'bob', tags: ['other'] }))
+        }
+      })()
+      const entries = await store.userEntries('alice', clock.now()).finally(() => (walking = false))
+      await moving
+      foreign += entries.filter((e) => e.userId !== 'alice' || !e.tags?.includes('team')).length
+      if (entries.length < 300) raced++
+    }
+    t.ok(raced > 0, `the writer moved entries while a walk ran (${raced} of ${rounds} walks)`)
+    t.equal(foreign, 0, `no entry of another user among ${rounds} racing walks`)
+    // Not a race: once all are moved, nothing is alice's or the team's any more.
+    for (let i = 0; i < 300; i++) await writer.set(entry(clock, `r:${i}`, { userId: 'bob', tags: ['other'] }))
+    t.same(await store.userKeys('alice'), [])
+    t.same(await store.tagKeys('team'), [])
+  })
 }
