@@ -24,8 +24,8 @@ const MAX_KNOWN_HEADERS = 256
 /** Most client IPs whose failures are counted at once (a flood of spoofed sources cannot grow it). */
 const MAX_TRACKED_IPS = 10_000
 
-/** Most addresses a remembered header records as having authenticated from. */
-const MAX_PROVEN_IPS_PER_HEADER = 1024
+/** Most (address, key) pairs remembered as having authenticated, least recently proven dropped first. */
+const MAX_PROVEN = 10_000
 
 export interface AuthOptions {
   keys: ApiKey[]
@@ -45,12 +45,16 @@ export default fp(
     app.decorateRequest('apiKey', undefined)
 
     // Failed authentications per client IP, in a window that starts with the first failure.
-    // An IP with `max` of them is refused until its window ends, before a new secret is even
-    // looked at, so a guesser cannot tell a right secret from a wrong one once blocked. Only a
-    // header that already authenticated from that very address passes: a service behind the
-    // same NAT as the guesser, or a client whose neighbour sends junk, keeps working.
+    // An IP with `max` of them gets 429 until its window ends, right secret or wrong, so a
+    // guesser cannot tell them apart once blocked; except for a key that already authenticated
+    // from that very address (`proven`), so that a service behind the same NAT as the guesser,
+    // or a client whose neighbour sends junk, keeps working. A guesser learns nothing from that:
+    // a key proven from its address is one it has already used.
     const limit = opts.failureLimit !== undefined && opts.failureLimit.max > 0 ? opts.failureLimit : undefined
     const failures = limit && new LRUCache<string, { count: number }>({ max: MAX_TRACKED_IPS, ttl: limit.windowMs })
+    const proven = limit && new LRUCache<string, true>({ max: MAX_PROVEN })
+    const keyIds = new Map(opts.keys.map((key, i) => [key, i])) // names need not be unique
+    const provenKey = (ip: string, key: ApiKey) => `${ip} ${keyIds.get(key)}`
 
     // Each route with a scope gets its own onRequest hook, first in its list, with the scope
     // closed over: no per-request route lookup. A callback hook, not an async one: the common
@@ -65,7 +69,7 @@ export default fp(
 
     function checker(scope: Scope) {
       return (request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void) => {
-        if (failures !== undefined && failures.size > 0 && (failures.get(request.ip)?.count ?? 0) >= limit!.max && !provenFrom(request)) {
+        if (failures !== undefined && failures.size > 0 && (failures.get(request.ip)?.count ?? 0) >= limit!.max && !isProven(request)) {
           const retryAfterS = Math.max(1, Math.ceil(failures.getRemainingTTL(request.ip) / 1000))
           reply.header('retry-after', retryAfterS)
           return done(rateLimited(`${retryAfterS} seconds (too many failed authentications from this address)`))
@@ -84,35 +88,45 @@ export default fp(
       }
     }
 
-    // Headers that authenticated, so a client's next request skips the digest, with the
-    // addresses they authenticated from (kept only while the failure limit is on). Only a
-    // header that carried a valid secret gets in (a guess never does), and keys are fixed for
-    // the life of the process, so an entry never goes stale; cleared when full.
-    const known = new Map<string, { key: ApiKey; from: Set<string> }>()
+    // Headers that authenticated, so a client's next request skips the digest, with the last
+    // address each was proven from (so that a steady client costs no write to `proven`). Only
+    // a header that carried a valid secret gets in (a guess never does), and keys are fixed
+    // for the life of the process, so an entry never goes stale; cleared when full.
+    const known = new Map<string, { key: ApiKey; lastIp: string }>()
 
     function authenticate(request: FastifyRequest): ApiKey | undefined {
       const header = request.headers.authorization
       if (header === undefined) return undefined
       let seen = known.get(header)
       if (seen === undefined) {
-        if (header.length < 8 || header.length > 4096) return undefined
-        if (header.slice(0, 7).toLowerCase() !== 'bearer ') return undefined
-        // Looked up by digest: a guess's SHA-256 shares nothing with a secret's, so the
-        // lookup's timing says nothing about how close a guess came.
-        const key = byDigest.get(digest(header.slice(7).trim()))
+        const key = lookUp(header)
         if (key === undefined) return undefined
         if (known.size >= MAX_KNOWN_HEADERS) known.clear()
-        seen = { key, from: new Set() }
+        seen = { key, lastIp: '' }
         known.set(header, seen)
       }
-      if (failures !== undefined && seen.from.size < MAX_PROVEN_IPS_PER_HEADER) seen.from.add(request.ip)
+      if (proven !== undefined && seen.lastIp !== request.ip) {
+        seen.lastIp = request.ip
+        proven.set(provenKey(request.ip, seen.key), true)
+      }
       return seen.key
     }
 
-    /** Whether the request's header already authenticated from the request's address. */
-    function provenFrom(request: FastifyRequest): boolean {
+    /** The key a header's secret belongs to, if any. */
+    function lookUp(header: string): ApiKey | undefined {
+      if (header.length < 8 || header.length > 4096) return undefined
+      if (header.slice(0, 7).toLowerCase() !== 'bearer ') return undefined
+      // Looked up by digest: a guess's SHA-256 shares nothing with a secret's, so the lookup's
+      // timing says nothing about how close a guess came.
+      return byDigest.get(digest(header.slice(7).trim()))
+    }
+
+    /** Whether the request's key already authenticated from the request's address (remembers nothing). */
+    function isProven(request: FastifyRequest): boolean {
       const header = request.headers.authorization
-      return header !== undefined && known.get(header)?.from.has(request.ip) === true
+      if (header === undefined) return false
+      const key = known.get(header)?.key ?? lookUp(header)
+      return key !== undefined && proven!.has(provenKey(request.ip, key))
     }
   },
   { name: 'cachewarden-auth' },

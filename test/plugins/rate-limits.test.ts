@@ -34,6 +34,22 @@ t.test('after N failed authentications an IP gets 429 rate_limited, even with a 
   t.equal((await app.inject({ method: 'GET', url: '/health/live' })).statusCode, 200)
 })
 
+t.test('what proves a key at an address survives churn of remembered headers, and holds for any spelling of it', async (t) => {
+  const app = await build(t, { security: { ...DEFAULT_SECURITY, authFailureLimitMax: 3, authFailureWindowMs: 60_000 } })
+  await put(app, 'k', { value: 1 }) // the admin key, from 127.0.0.1
+  for (let i = 0; i < 3; i++) await app.inject({ method: 'GET', url: '/v1/entries/k', headers: bad })
+  // Someone holding the read key, elsewhere, sends 300 spellings of it (more than the headers
+  // remembered as valid, which are then forgotten all at once).
+  for (let i = 0; i < 300; i++) {
+    const res = await app.inject({ method: 'GET', url: '/v1/entries/k', headers: { authorization: `Bearer ${' '.repeat(i)}${KEYS.read}` }, remoteAddress: '10.1.1.1' })
+    if (res.statusCode !== 200) t.fail(`spelling ${i}: ${res.statusCode}`)
+  }
+  t.equal((await get(app, 'k')).statusCode, 200, 'the admin key still passes from its blocked address')
+  const spelled = await app.inject({ method: 'GET', url: '/v1/entries/k', headers: { authorization: `bearer   ${KEYS.admin}` } })
+  t.equal(spelled.statusCode, 200, 'in another spelling too: it is the key that was proven, not the header')
+  t.equal((await readK(app)).statusCode, 429, 'the read key, proven only at 10.1.1.1, is refused here')
+})
+
 t.test('the block ends with the window', async (t) => {
   const app = await build(t, { security: { ...DEFAULT_SECURITY, authFailureLimitMax: 2, authFailureWindowMs: 300 } })
   await put(app, 'k', { value: 1 })
