@@ -106,3 +106,14 @@ t.test('CONFIG_FILE must hold a JSON object', async (t) => {
   writeFileSync(file, '{"rulez":[]}')
   t.throws(() => loadConfig({ CONFIG_FILE: file }), /CONFIG_FILE: "rulez" is not a section \(use rules, origins, warm\)/)
 })
+
+t.test('the body limits follow MAX_VALUE_BYTES unless set', async (t) => {
+  const MiB = 1024 * 1024
+  t.equal(loadConfig({}).bodyLimitBytes, 4 * MiB + 64 * 1024, 'four 1 MiB values plus room')
+  const big = loadConfig({ MAX_VALUE_BYTES: String(16 * MiB) })
+  t.equal(big.bodyLimitBytes, 64 * MiB + 64 * 1024)
+  t.equal(big.batchBodyLimitBytes, big.bodyLimitBytes, 'batch-set takes at least what a PUT takes')
+  t.equal(loadConfig({ MAX_VALUE_BYTES: '1024' }).batchBodyLimitBytes, 32 * MiB, 'and 32 MiB otherwise')
+  t.equal(loadConfig({ MAX_VALUE_BYTES: String(16 * MiB), BODY_LIMIT_BYTES: '2048' }).bodyLimitBytes, 2048, 'BODY_LIMIT_BYTES wins')
+  t.throws(() => loadConfig({ BODY_LIMIT_BYTES: String(8 * MiB), BATCH_BODY_LIMIT_BYTES: String(4 * MiB) }), /BATCH_BODY_LIMIT_BYTES/)
+})
