@@ -115,7 +115,7 @@ const body = fc.oneof(
   { weight: 1, arbitrary: fc.constantFrom('{"__proto__":{"polluted":1},"value":1}', '{"value":{"constructor":{"prototype":{"polluted":1}}}}', '{"keys":["a"],"__proto__":[]}', '{"value":1,"value":2}', '\u0000', '{"value":1}garbage', '[]', '"s"', '1e999999', '{"value":1e999}', '\ufeff{"value":1}') },
   { weight: 1, arbitrary: fc.integer({ min: 65, max: 400_000 }).map((n) => deep(n, '[', ']', '')) },
   { weight: 1, arbitrary: fc.integer({ min: 65, max: 100_000 }).map((n) => deep(n, '{"a":', '}')) },
-  { weight: 1, arbitrary: fc.integer({ min: 1, max: 3 }).map((mb) => JSON.stringify({ value: 'x'.repeat(mb * 1024 * 1024 - 100), keys: ['a'], entries: [], reason: 'x' })) },
+  { weight: 1, arbitrary: fc.integer({ min: 1, max: 6 }).map((mb) => JSON.stringify({ value: 'x'.repeat(mb * 1024 * 1024 - 100), keys: ['a'], entries: [], reason: 'x' })) },
   { weight: 1, arbitrary: fc.integer({ min: 1000, max: 1100 }).map((n) => JSON.stringify({ keys: Array.from({ length: n }, (_, i) => `x${i}`), entries: Array.from({ length: n }, (_, i) => ({ key: `x${i}`, value: i })) })) },
 )
 
