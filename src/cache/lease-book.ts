@@ -19,6 +19,8 @@ export class LeaseBook {
   #seq = 0
   #floor = 0
   #clearSeq = 0
+  /** Sequences of user and tag runs still going (see `beginRun`). */
+  readonly #runs: number[] = []
   readonly #scopes = new Map<string, number>()
   // Appended in sequence order, so the check can walk back from the newest.
   readonly #prefixes: Array<{ prefix: string; seq: number }> = []
@@ -68,6 +70,20 @@ export class LeaseBook {
     this.#stampScope(`k\u0000${key}`, seq)
   }
 
+  /**
+   * A user or tag run (the memory store's, which yields between slices) has started: until
+   * `endRun`, every lease older than `seq` is refused, whatever it writes. The run stamps each
+   * key only as it reaches it, and a key it has not reached yet may be one of its own.
+   */
+  beginRun(seq: number): void {
+    this.#runs.push(seq)
+  }
+
+  endRun(seq: number): void {
+    const i = this.#runs.indexOf(seq)
+    if (i >= 0) this.#runs.splice(i, 1)
+  }
+
   /** A clear voids every lease issued before it. */
   recordClear(): number {
     this.#clearSeq = ++this.#seq
@@ -81,6 +97,7 @@ export class LeaseBook {
     if (lease.seq > this.#seq || lease.seq < 0) return false
     if (lease.seq === this.#seq) return true
     if (lease.seq < this.#floor || lease.seq < this.#clearSeq) return false
+    for (const run of this.#runs) if (lease.seq < run) return false
     if ((this.#scopes.get(`k\u0000${key}`) ?? 0) > lease.seq) return false
     if (userId !== undefined && (this.#scopes.get(`u\u0000${userId}`) ?? 0) > lease.seq) return false
     if (tags) for (const tag of tags) if ((this.#scopes.get(`t\u0000${tag}`) ?? 0) > lease.seq) return false
@@ -93,6 +110,8 @@ export class LeaseBook {
   }
 
   #stampScope(scope: string, seq: number): void {
+    // Never lowered: a slow run reaching a key after a newer invalidation of it must not undo it.
+    if ((this.#scopes.get(scope) ?? 0) >= seq) return
     // Delete first so the Map's insertion order stays oldest-stamped first.
     this.#scopes.delete(scope)
     this.#scopes.set(scope, seq)

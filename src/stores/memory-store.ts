@@ -152,8 +152,7 @@ export class MemoryStore implements Store {
     // part of the cache, so the run over them yields to the event loop between slices, as a
     // prefix scan does, rather than hold every other request up. Each key's lease scope is
     // stamped as the run reaches it, so a lease on it is refused even if the write names
-    // another user or no tags: a write that lands before is invalidated by the run (as if
-    // written just before the invalidation: a miss, never a stale read), one after is refused.
+    // another user or no tags; while the run goes, every lease older than it is refused.
     // A key that joins the user or tag meanwhile is kept: it was written after.
     const reached: Array<{ keys: string[]; stamp: boolean }> = []
     const take = (keys: Members | undefined) => {
@@ -164,12 +163,18 @@ export class MemoryStore implements Store {
     let count = 0
     for (const key of selector.keys ?? []) if (this.#apply(key, mode, now)) count++
     const slice = new Slice()
-    for (const { keys, stamp } of reached) {
-      for (const key of keys) {
-        if (stamp) leases!.touch(key, seq)
-        if (this.#apply(key, mode, now)) count++
-        if (slice.due()) await slice.yield()
+    // Until the run is done, every older lease is refused: a key not reached yet may be one of it.
+    if (reached.length > 0) leases?.beginRun(seq)
+    try {
+      for (const { keys, stamp } of reached) {
+        for (const key of keys) {
+          if (stamp) leases!.touch(key, seq)
+          if (this.#apply(key, mode, now)) count++
+          if (slice.due()) await slice.yield()
+        }
       }
+    } finally {
+      if (reached.length > 0) leases?.endRun(seq)
     }
     if (selector.prefixes?.length) count += await this.#invalidatePrefixes(selector.prefixes, mode, now)
     return count

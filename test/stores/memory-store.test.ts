@@ -166,3 +166,31 @@ t.test('a user or a tag reaching many entries is invalidated in slices that let 
   }
   t.equal((await store.size()).entries, 0)
 })
+
+t.test('a sliced user run refuses older leases until it is done, and never lowers a newer stamp', async (t) => {
+  const clock = new FakeClock()
+  const store = new MemoryStore({ now: clock.now, sweepIntervalMs: 0 })
+  t.teardown(() => store.close())
+  const big = () => {
+    for (let i = 0; i < 90_000; i++) store.setSync(entry(clock, `u:${i}`, { userId: 'U' }))
+    store.setSync(entry(clock, 'k', { userId: 'U' })) // the last key the run reaches
+  }
+  // A lease from before the run, on a key the run has not reached yet, writing no user.
+  const before = await store.leaseStamp()
+  big()
+  let run = store.invalidate({ userIds: ['U'] }, 'delete', clock.now())
+  t.equal(await store.set(entry(clock, 'k', { value: 'STALE' }), before), 'lease_invalidated', 'refused while the run goes')
+  await run
+  t.equal(await store.peek('k', clock.now()), undefined, 'k is gone')
+
+  // A newer invalidation of k while an older run is still on its way to k: the run's stamp
+  // must not undo the newer one, or a lease issued between them would write.
+  big()
+  run = store.invalidate({ userIds: ['U'] }, 'delete', clock.now())
+  await store.invalidate({ keys: ['k'] }, 'delete', clock.now())
+  const between = await store.leaseStamp()
+  await store.invalidate({ keys: ['k'] }, 'delete', clock.now())
+  await run
+  t.equal(await store.set(entry(clock, 'k', { value: 'OLD' }), between), 'lease_invalidated', 'refused after the run too')
+  t.equal(await store.peek('k', clock.now()), undefined)
+})
