@@ -187,7 +187,11 @@ local seq = 0
 local st = base .. 'st'
 local maxScopes = tonumber(ARGV[4])
 local function stampKeys(keys, s)
-  for _, k in ipairs(keys) do redis.call('ZADD', st, s, 'k\\0' .. k) end
+  -- Never lowered: a batch reaching a key after a newer invalidation of it must not undo that.
+  for _, k in ipairs(keys) do
+    local cur = redis.call('ZSCORE', st, 'k\\0' .. k)
+    if not cur or tonumber(cur) < s then redis.call('ZADD', st, s, 'k\\0' .. k) end
+  end
 end
 if ARGV[3] == '1' then
   seq = redis.call('INCR', base .. 'seq')
