@@ -220,7 +220,7 @@ if touchSeq > 0 then
 end
 
 -- The members of an index set to apply here, or nil when there are more than big: the set
--- is deferred to the caller's batches, which stamp its keys (or the floor rose here).
+-- is deferred to the caller's batches, and the floor rose here.
 local big = tonumber(ARGV[9] or '0') or 0
 local deferred = {}
 local function membersOf(idx)
@@ -228,7 +228,11 @@ local function membersOf(idx)
     local n = redis.call('SCARD', idx)
     if n > big then
       deferred[#deferred + 1] = idx
-      deferred[#deferred + 1] = stampsKeys(n) and '1' or '0'
+      -- Its keys are reached batch by batch, and a lease from before could write one not yet
+      -- reached (naming no user or tag): every older lease is refused instead, the floor
+      -- rising to this invalidation, and the batches stamp nothing.
+      stampsKeys(maxScopes + 1)
+      deferred[#deferred + 1] = '0'
       return nil
     end
   end

@@ -653,9 +653,9 @@ export class TieredStore implements Store {
   }
 
   /**
-   * Applies a user's or tag's index set that was too large for one script, in batches, each
-   * key's lease scope stamped with `touchSeq` as its batch reaches it (0: the invalidation
-   * raised the floor instead). Keys rewritten before their batch are invalidated too (a miss,
+   * Applies a user's or tag's index set that was too large for one script, in batches. The
+   * script that deferred it raised the lease floor (every older lease refused), so `touchSeq`
+   * is 0 and the batches stamp nothing. Keys rewritten before their batch are invalidated too (a miss,
    * never a stale read); a key that joins the set meanwhile may or may not be: it was written
    * after the invalidation, so either is correct.
    */
