@@ -153,10 +153,12 @@ export class MemoryStore implements Store {
     // prefix scan does, rather than hold every other request up. Each key's lease scope is
     // stamped as the run reaches it, so a lease on it is refused even if the write names
     // another user or no tags; while the run goes, every lease older than it is refused.
-    // A key that joins the user or tag meanwhile is kept: it was written after.
-    const reached: Array<{ keys: string[]; stamp: boolean }> = []
-    const take = (keys: Members | undefined) => {
-      if (keys !== undefined) reached.push({ keys: [...keys.values()], stamp: leases?.stampsKeys(keys.size, seq) ?? false })
+    // Only what is still in the user's or tag's set when the run gets to it is invalidated: a
+    // key rewritten for someone else meanwhile, or written again after a clear emptied the
+    // set, is a newer write and is kept, as is a key that joins the user or tag meanwhile.
+    const reached: Array<{ members: Members; keys: string[]; stamp: boolean }> = []
+    const take = (members: Members | undefined) => {
+      if (members !== undefined) reached.push({ members, keys: [...members.values()], stamp: leases?.stampsKeys(members.size, seq) ?? false })
     }
     for (const userId of selector.userIds ?? []) take(this.#users.get(userId))
     for (const tag of selector.tags ?? []) take(this.#tags.get(tag))
@@ -166,10 +168,10 @@ export class MemoryStore implements Store {
     // Until the run is done, every older lease is refused: a key not reached yet may be one of it.
     if (reached.length > 0) leases?.beginRun(seq)
     try {
-      for (const { keys, stamp } of reached) {
+      for (const { members, keys, stamp } of reached) {
         for (const key of keys) {
           if (stamp) leases!.touch(key, seq)
-          if (this.#apply(key, mode, now)) count++
+          if (members.has(key) && this.#apply(key, mode, now)) count++
           if (slice.due()) await slice.yield()
         }
       }

@@ -167,18 +167,22 @@ return {1, evicted}
 `
 
 /**
- * invalidate(selectorJson, mode, stamp 1|0, maxScopes, maxPrefixes, channel, message|'', now, big, touchSeq)
- * -> {count, generation, expiredKeys, deferred, seq}. An entry found expired but not yet swept
+ * invalidate(selectorJson, mode, stamp 1|0, maxScopes, maxPrefixes, channel, message|'', now, big, within)
+ * -> {count, generation, expiredKeys, deferred}. An entry found expired but not yet swept
  * is dropped as the sweep would drop it, and not counted. Stamps every scope (keys, users,
  * tags, prefixes) with a new sequence, and every key a user or tag reaches (a lease on it is
  * refused whatever its write names), then applies keys, users and tags through the indexes:
  * O(matched entries). A user or tag with more than `big` members is not applied here (one
  * script over 200 000 members ran past the command timeout, and Redis serves nobody else
- * meanwhile): `deferred` lists its index set and whether its keys need stamps (1), or the
- * floor was raised instead (0), and the caller walks the set with SSCAN in batches, calling
- * this again with stamp=0, the batch as `keys` and `touchSeq` = the `seq` returned here. The
- * message is published only when nothing is deferred; else the caller publishes once done.
- * Prefixes are likewise scanned outside Lua in batches, which call this with stamp=0.
+ * meanwhile): the floor rises to this invalidation instead (every older lease refused, as a
+ * key no batch has reached yet may be one of them whatever a write names), `deferred` lists
+ * the set's name within the generation ('u:<user>' or 't:<tag>'), and the caller walks it with
+ * SSCAN in batches, calling this again with stamp=0, the batch as `keys` and `within` = that
+ * name: a batch applies only the keys still in that set of the current generation, so a key
+ * rewritten for another user, or written after a clear, between SSCAN and the batch is left
+ * alone. The message is published only when nothing is deferred; else the caller publishes
+ * once done. Prefixes are likewise scanned outside Lua in batches, which call this with
+ * stamp=0 and no `within`.
  */
 const INVALIDATE = `${PRELUDE}
 local sel = cjson.decode(ARGV[1])
@@ -187,11 +191,7 @@ local seq = 0
 local st = base .. 'st'
 local maxScopes = tonumber(ARGV[4])
 local function stampKeys(keys, s)
-  -- Never lowered: a batch reaching a key after a newer invalidation of it must not undo that.
-  for _, k in ipairs(keys) do
-    local cur = redis.call('ZSCORE', st, 'k\\0' .. k)
-    if not cur or tonumber(cur) < s then redis.call('ZADD', st, s, 'k\\0' .. k) end
-  end
+  for _, k in ipairs(keys) do redis.call('ZADD', st, s, 'k\\0' .. k) end
 end
 if ARGV[3] == '1' then
   seq = redis.call('INCR', base .. 'seq')
@@ -202,39 +202,30 @@ if ARGV[3] == '1' then
   trim(base .. 'px', tonumber(ARGV[5]))
 end
 
+-- Refuses every lease older than this invalidation.
+local function raiseFloor()
+  if seq > tonumber(redis.call('GET', base .. 'floor') or '0') then redis.call('SET', base .. 'floor', seq) end
+end
+
 -- Whether the n keys a user or tag reaches get their own stamps (LeaseBook.stampsKeys): more
--- than the bound holds would push out every other stamp anyway, so the floor rises instead,
--- refusing every older lease.
+-- than the bound holds would push out every other stamp anyway, so the floor rises instead.
 local function stampsKeys(n)
   if seq == 0 then return false end
   if n <= maxScopes then return true end
-  if seq > tonumber(redis.call('GET', base .. 'floor') or '0') then redis.call('SET', base .. 'floor', seq) end
+  raiseFloor()
   return false
 end
 
--- A batch of a deferred user's or tag's members: each key stamped as it is reached.
-local touchSeq = tonumber(ARGV[10] or '0') or 0
-if touchSeq > 0 then
-  stampKeys(sel.keys or {}, touchSeq)
-  trim(st, maxScopes)
-end
-
--- The members of an index set to apply here, or nil when there are more than big: the set
--- is deferred to the caller's batches, and the floor rose here.
+-- The members of an index set (its name within the generation: rel) to apply here, or nil
+-- when there are more than big: the set is deferred to the caller's batches.
 local big = tonumber(ARGV[9] or '0') or 0
 local deferred = {}
-local function membersOf(idx)
-  if big > 0 then
-    local n = redis.call('SCARD', idx)
-    if n > big then
-      deferred[#deferred + 1] = idx
-      -- Its keys are reached batch by batch, and a lease from before could write one not yet
-      -- reached (naming no user or tag): every older lease is refused instead, the floor
-      -- rising to this invalidation, and the batches stamp nothing.
-      stampsKeys(maxScopes + 1)
-      deferred[#deferred + 1] = '0'
-      return nil
-    end
+local function membersOf(rel)
+  local idx = pre .. rel
+  if big > 0 and redis.call('SCARD', idx) > big then
+    deferred[#deferred + 1] = rel
+    raiseFloor()
+    return nil
   end
   return redis.call('SMEMBERS', idx)
 end
@@ -262,25 +253,35 @@ local function apply(k)
   end
   return true
 end
-for _, k in ipairs(sel.keys or {}) do
-  apply(k)
-  -- A fill in flight will be refused (its lease is voided): the next miss becomes the filler.
-  redis.call('DEL', pre .. 'f:' .. k)
+-- A member whose hash Redis expired on its own is an orphan: forget it here.
+local function applyMember(idx, k)
+  if not apply(k) then redis.call('SREM', idx, k) end
 end
-local function applyIndex(idx)
-  local members = membersOf(idx)
-  if not members then return end
-  if stampsKeys(#members) then stampKeys(members, seq) end
-  for _, k in ipairs(members) do
-    -- A member whose hash Redis expired on its own is an orphan: forget it here.
-    if not apply(k) then redis.call('SREM', idx, k) end
+local within = ARGV[10] or ''
+if within == '' then
+  for _, k in ipairs(sel.keys or {}) do
+    apply(k)
+    -- A fill in flight will be refused (its lease is voided): the next miss becomes the filler.
+    redis.call('DEL', pre .. 'f:' .. k)
+  end
+else
+  -- A batch of a deferred set: only what is still in it.
+  local idx = pre .. within
+  for _, k in ipairs(sel.keys or {}) do
+    if redis.call('SISMEMBER', idx, k) == 1 then applyMember(idx, k) end
   end
 end
-for _, u in ipairs(sel.userIds or {}) do applyIndex(ukey(u)) end
-for _, t in ipairs(sel.tags or {}) do applyIndex(tkey(t)) end
+local function applyIndex(rel)
+  local members = membersOf(rel)
+  if not members then return end
+  if stampsKeys(#members) then stampKeys(members, seq) end
+  for _, k in ipairs(members) do applyMember(pre .. rel, k) end
+end
+for _, u in ipairs(sel.userIds or {}) do applyIndex('u:' .. u) end
+for _, t in ipairs(sel.tags or {}) do applyIndex('t:' .. t) end
 if seq > 0 then trim(st, maxScopes) end
 if ARGV[7] ~= '' and #deferred == 0 then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
-return {count, gen, expired, deferred, seq}
+return {count, gen, expired, deferred}
 `
 
 /** clear(channel, message) -> {entries, oldGeneration}. Voids every lease and switches generation. */
@@ -359,14 +360,14 @@ return out
 `
 
 /**
- * existing(kind, name, key...) -> those of the keys still in the user's (kind 'u') or tag's
- * ('t') index set of the current generation and whose entries exist: one batch of that set, read
- * by SSCAN before this ran, so a key may have changed hands or been cleared meanwhile.
+ * existing(set, key...) -> those of the keys still in the index set of the current generation
+ * named `set` ('u:<user>' or 't:<tag>') and whose entries exist: one batch of that set, read by
+ * SSCAN before this ran, so a key may have changed hands or been cleared meanwhile.
  */
 const EXISTING = `${PRELUDE}
-local idx = (ARGV[1] == 'u' and ukey or tkey)(ARGV[2])
+local idx = pre .. ARGV[1]
 local out = {}
-for i = 3, #ARGV do
+for i = 2, #ARGV do
   local k = ARGV[i]
   if redis.call('SISMEMBER', idx, k) == 1 and redis.call('EXISTS', ekey(k)) == 1 then out[#out + 1] = k end
 end

@@ -336,7 +336,7 @@ export class TieredStore implements Store {
     const prefixes = selector.prefixes ?? []
     const message = this.#message(selector, mode)
     try {
-      const [count, gen, expired, deferred, seq] = (await this.#scripts.cwInvalidate(
+      const [count, gen, expired, deferred] = (await this.#scripts.cwInvalidate(
         this.#base,
         JSON.stringify(selector),
         mode,
@@ -350,12 +350,13 @@ export class TieredStore implements Store {
         prefixes.length > 0 ? '' : message,
         now,
         this.#indexBatch,
-        0,
-      )) as [number, string, string[], string[], number]
+        '',
+      )) as [number, string, string[], string[]]
       this.#report(expired, 'expire')
       let total = count
-      for (let i = 0; i < deferred.length; i += 2) {
-        total += await this.#invalidateMembers(deferred[i]!, deferred[i + 1] === '1' ? seq : 0, mode, now)
+      // Sets too large for one script: in batches, each applying only what is still in the set.
+      for (const set of deferred) {
+        await this.#eachMemberBatch(set, async (keys) => void (total += await this.#invalidateKeys(keys, mode, now, set)), gen)
       }
       if (prefixes.length > 0) total += await this.#invalidatePrefixes(gen, prefixes, mode, now)
       if (prefixes.length > 0 || deferred.length > 0) await this.#redis.publish(this.#channel, message)
@@ -454,45 +455,46 @@ export class TieredStore implements Store {
 
   async userEntries(userId: string, now: number): Promise<StoredEntry[]> {
     const out: StoredEntry[] = []
-    await this.#eachMemberBatch('u', userId, async (keys) => {
-      const flat = (await this.#scripts.cwLiveEntries(this.#base, now, userId, ...keys)) as Array<string | string[]>
-      for (let i = 0; i < flat.length; i += 2) out.push(parseEntry(flat[i] as string, flat[i + 1] as string[]))
-    })
+    await this.#call(() =>
+      this.#eachMemberBatch(`u:${userId}`, async (keys) => {
+        const flat = (await this.#scripts.cwLiveEntries(this.#base, now, userId, ...keys)) as Array<string | string[]>
+        for (let i = 0; i < flat.length; i += 2) out.push(parseEntry(flat[i] as string, flat[i + 1] as string[]))
+      }),
+    )
     return out
   }
 
   async userKeys(userId: string): Promise<string[]> {
-    return this.#existingMembers('u', userId)
+    return this.#existingMembers(`u:${userId}`)
   }
 
   async tagKeys(tag: string): Promise<string[]> {
-    return this.#existingMembers('t', tag)
+    return this.#existingMembers(`t:${tag}`)
   }
 
-  async #existingMembers(kind: 'u' | 't', name: string): Promise<string[]> {
+  async #existingMembers(set: string): Promise<string[]> {
     const out: string[] = []
-    await this.#eachMemberBatch(kind, name, async (keys) => void out.push(...((await this.#scripts.cwExisting(this.#base, kind, name, ...keys)) as string[])))
+    await this.#call(() => this.#eachMemberBatch(set, async (keys) => void out.push(...((await this.#scripts.cwExisting(this.#base, set, ...keys)) as string[]))))
     return out
   }
 
   /**
-   * Hands a user's or tag's index set to `each` in SSCAN batches of about `indexBatch`, each key
-   * once: no script reads a whole set, which for a user with 200 000 entries would hold Redis
-   * for seconds. Not atomic: `each`'s script must check that a key is still in the set (of the
-   * current generation) when it runs, as the key may have moved to another user or been cleared.
+   * Hands an index set (`u:<user>` or `t:<tag>`, in generation `gen`, by default the current
+   * one) to `each` in SSCAN batches of about `indexBatch`, each key once: no script reads a
+   * whole set, which for a user with 200 000 entries would hold Redis for seconds. Not atomic:
+   * `each`'s script must check that a key is still in the set (of the current generation) when
+   * it runs, as the key may have moved to another user or been cleared meanwhile.
    */
-  async #eachMemberBatch(kind: 'u' | 't', name: string, each: (keys: string[]) => Promise<void>): Promise<void> {
+  async #eachMemberBatch(set: string, each: (keys: string[]) => Promise<void>, gen?: string): Promise<void> {
     const seen = new Set<string>() // SSCAN may return a key twice if the set grows meanwhile
-    await this.#call(async () => {
-      const index = `${this.#base}${(await this.#redis.get(`${this.#base}g`)) ?? '0'}:${kind}:${name}`
-      await this.#walk(
-        (cursor) => this.#redis.sscan(index, cursor, 'COUNT', this.#indexBatch),
-        async (batch) => {
-          const fresh = batch.filter((key) => !seen.has(key) && seen.add(key))
-          if (fresh.length > 0) await each(fresh)
-        },
-      )
-    })
+    const index = `${this.#base}${gen ?? (await this.#redis.get(`${this.#base}g`)) ?? '0'}:${set}`
+    await this.#walk(
+      (cursor) => this.#redis.sscan(index, cursor, 'COUNT', this.#indexBatch),
+      async (batch) => {
+        const fresh = batch.filter((key) => !seen.has(key) && seen.add(key))
+        if (fresh.length > 0) await each(fresh)
+      },
+    )
   }
 
   async sampleKeys(limit: number): Promise<string[]> {
@@ -653,26 +655,15 @@ export class TieredStore implements Store {
   }
 
   /**
-   * Applies a user's or tag's index set that was too large for one script, in batches. The
-   * script that deferred it raised the lease floor (every older lease refused), so `touchSeq`
-   * is 0 and the batches stamp nothing. Keys rewritten before their batch are invalidated too (a miss,
-   * never a stale read); a key that joins the set meanwhile may or may not be: it was written
-   * after the invalidation, so either is correct.
+   * Deletes or marks stale these keys in Redis (indexes kept by the script). With `within` (a
+   * set too large for one script, `u:<user>` or `t:<tag>`), only those still in that set: a
+   * key rewritten for someone else, or written after a clear, since SSCAN found it is left
+   * alone. A key that joins the set meanwhile may or may not be reached: it was written after
+   * the invalidation, so either is correct.
    */
-  async #invalidateMembers(index: string, touchSeq: number, mode: InvalidationMode, now: number): Promise<number> {
-    let count = 0
-    await this.#walk(
-      (cursor) => this.#redis.sscan(index, cursor, 'COUNT', this.#indexBatch),
-      async (found) => void (count += await this.#invalidateKeys(found, mode, now, touchSeq)),
-    )
-    return count
-  }
-
-  /** Deletes or marks stale these keys in Redis (indexes kept by the script; key scopes stamped with `touchSeq` if not 0). */
-  async #invalidateKeys(keys: string[], mode: InvalidationMode, now: number, touchSeq = 0): Promise<number> {
-    const maxScopes = touchSeq > 0 ? this.#maxLeaseScopes : 0
+  async #invalidateKeys(keys: string[], mode: InvalidationMode, now: number, within = ''): Promise<number> {
     const selector = JSON.stringify({ keys })
-    const [n, , expired] = (await this.#scripts.cwInvalidate(this.#base, selector, mode, 0, maxScopes, 0, '', '', now, 0, touchSeq)) as [
+    const [n, , expired] = (await this.#scripts.cwInvalidate(this.#base, selector, mode, 0, 0, 0, '', '', now, 0, within)) as [
       number,
       string,
       string[],

@@ -194,3 +194,16 @@ t.test('a sliced user run refuses older leases until it is done, and never lower
   t.equal(await store.set(entry(clock, 'k', { value: 'OLD' }), between), 'lease_invalidated', 'refused after the run too')
   t.equal(await store.peek('k', clock.now()), undefined)
 })
+
+t.test('a sliced run invalidates only what is still in the set when it gets there, each entry once', async (t) => {
+  const clock = new FakeClock()
+  const store = new MemoryStore({ now: clock.now, sweepIntervalMs: 0 })
+  t.teardown(() => store.close())
+  for (let i = 0; i < 90_000; i++) store.setSync(entry(clock, `u:${i}`, { userId: 'U' }))
+  store.setSync(entry(clock, 'x', { userId: 'U', tags: ['T'] })) // in both sets, last in U's
+  const run = store.invalidate({ userIds: ['U'], tags: ['T'] }, 'delete', clock.now())
+  // While the run is on its way, x is written again for someone else, with no tags.
+  store.setSync(entry(clock, 'x', { userId: 'V', value: 'newer' }))
+  t.equal(await run, 90_000, 'the user\'s 90 000, not x, and nothing counted twice')
+  t.equal((await store.peek('x', clock.now()))?.value, 'newer', 'the newer write is kept')
+})

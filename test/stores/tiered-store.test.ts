@@ -339,6 +339,31 @@ if (requireRedisServer(t)) {
     t.ok((await scriptCalls()) - before >= 8, 'in batches too')
   })
 
+  t.test('a batched invalidation racing a clear leaves what is written after the clear alone', async (t) => {
+    const clock = new FakeClock()
+    const namespace = `clearrace${n++}`
+    const store = await open(clock, { namespace, indexBatch: 10 })
+    const writer = await open(clock, { namespace })
+    t.teardown(() => Promise.all([store.close(), writer.close()]))
+    let lost = 0
+    let raced = 0
+    const rounds = 12
+    for (let round = 0; round < rounds; round++) {
+      await Promise.all(Array.from({ length: 300 }, (_, i) => store.set(entry(clock, `c:${i}`, { userId: 'alice' }))))
+      // alice's 300 (more than the 10 one script takes) go in batches; meanwhile, a little
+      // later each round, another instance clears the cache and writes the same keys for bob.
+      const invalidating = store.invalidate({ userIds: ['alice'] }, 'delete', clock.now())
+      await sleep(round)
+      await writer.clear()
+      await Promise.all(Array.from({ length: 300 }, (_, i) => writer.set(entry(clock, `c:${i}`, { userId: 'bob' }))))
+      const invalidated = await invalidating
+      if (invalidated > 0 && invalidated < 300) raced++
+      lost += 300 - (await writer.userKeys('bob')).length
+    }
+    t.equal(lost, 0, 'every entry written after the clear is still there')
+    t.ok(raced > 0, `the clear fell inside a batched walk (${raced} of ${rounds} rounds)`)
+  })
+
   t.test('a batched read racing rewrites to another user and a clear returns only what is still the user\'s', async (t) => {
     const clock = new FakeClock()
     const namespace = `race${n++}`
