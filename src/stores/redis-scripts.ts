@@ -167,7 +167,7 @@ return {1, evicted}
 `
 
 /**
- * invalidate(selectorJson, mode, stamp 1|0, maxScopes, maxPrefixes, channel, message|'', now, big, within)
+ * invalidate(selectorJson, mode, stamp 1|0, maxScopes, maxPrefixes, channel, message|'', now, big, within, quietMessage?)
  * -> {count, generation, expiredKeys, deferred}. An entry found expired but not yet swept
  * is dropped as the sweep would drop it, and not counted. Stamps every scope (keys, users,
  * tags, prefixes) with a new sequence, and every key a user or tag reaches (a lease on it is
@@ -180,8 +180,8 @@ return {1, evicted}
  * SSCAN in batches, calling this again with stamp=0, the batch as `keys` and `within` = that
  * name: a batch applies only the keys still in that set of the current generation, so a key
  * rewritten for another user, or written after a clear, between SSCAN and the batch is left
- * alone. The message is published only when nothing is deferred; else the caller publishes
- * once done. Prefixes are likewise scanned outside Lua in batches, which call this with
+ * alone. With anything deferred, the quiet message (L1 upkeep only) goes out instead of the
+ * message, and the caller publishes the message once its batches are done. Prefixes are likewise scanned outside Lua in batches, which call this with
  * stamp=0 and no `within`.
  */
 const INVALIDATE = `${PRELUDE}
@@ -280,7 +280,9 @@ end
 for _, u in ipairs(sel.userIds or {}) do applyIndex('u:' .. u) end
 for _, t in ipairs(sel.tags or {}) do applyIndex('t:' .. t) end
 if seq > 0 then trim(st, maxScopes) end
-if ARGV[7] ~= '' and #deferred == 0 then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+local message = ARGV[7]
+if #deferred > 0 and ARGV[11] then message = ARGV[11] end
+if message ~= '' then redis.call('PUBLISH', ARGV[6], message) end
 return {count, gen, expired, deferred}
 `
 

@@ -29,6 +29,8 @@ const SWEEP_BATCH = 1000
 const SCAN_COUNT = 1000
 /** Keys whose L1 fill must be refused while a read is in flight; past this, all fills are refused once. */
 const MAX_DROPPED_KEYS = 10_000
+/** Walks whose quiet message came and whose message proper has not (yet): a failed walk sends none. */
+const MAX_QUIET_WALKS = 1000
 /** The lease stamp handed out while Redis is unreachable: no store ever accepts it. */
 const OFFLINE_STAMP: LeaseStamp = { epoch: 'offline', seq: 0 }
 /**
@@ -92,6 +94,12 @@ interface BusMessage {
   flush?: 1
   /** A write, not an invalidation: other L1s drop their copy of the key. */
   w?: 1
+  /**
+   * Quiet: L1 upkeep only, not reported as an invalidation. Sent when a walk in batches
+   * starts (or fails), so no instance's L1 outlives what Redis has dropped; the message
+   * proper follows once the walk is done.
+   */
+  q?: 1
 }
 
 /** Another instance's change, once applied to this L1; `invalidated` counts the L1 copies it touched. */
@@ -149,6 +157,8 @@ export class TieredStore implements Store {
   #gen = 0
   #coarseGen = 0
   readonly #dropped = new Map<string, number>()
+  /** L1 copies dropped by a walk's quiet message, by sender, mode and selector, to report with its message proper. */
+  readonly #quietDrops = new Map<string, Promise<number>>()
   readonly #background = new Set<Promise<unknown>>()
 
   constructor(options: TieredStoreOptions) {
@@ -335,6 +345,9 @@ export class TieredStore implements Store {
   async invalidate(selector: Selector, mode: InvalidationMode, now: number): Promise<number> {
     const prefixes = selector.prefixes ?? []
     const message = this.#message(selector, mode)
+    const quiet = this.#message(selector, mode, true)
+    // Whether the other instances still wait for the message (the script sent the quiet one).
+    let owed = false
     try {
       const [count, gen, expired, deferred] = (await this.#scripts.cwInvalidate(
         this.#base,
@@ -344,24 +357,32 @@ export class TieredStore implements Store {
         this.#maxLeaseScopes,
         this.#maxLeasePrefixes,
         this.#channel,
-        // With prefixes, publish only once the scan is done, so no other instance refills its
-        // L1 from an entry the scan has yet to reach (the script holds it back likewise while
-        // a large user or tag is left to batches).
-        prefixes.length > 0 ? '' : message,
+        prefixes.length > 0 ? quiet : message,
         now,
         this.#indexBatch,
         '',
+        quiet,
       )) as [number, string, string[], string[]]
       this.#report(expired, 'expire')
       let total = count
+      // With prefixes to scan or sets left to batches, the script sent the quiet message: the
+      // other instances drop their copies of what it applied now, and the message proper goes
+      // once the walk is done, as they may meanwhile refill L1 from an entry it had yet to
+      // reach (and their stream clients, told earlier, would fetch that entry and keep it).
+      owed = prefixes.length > 0 || deferred.length > 0
       // Sets too large for one script: in batches, each applying only what is still in the set.
       for (const set of deferred) {
         await this.#eachMemberBatch(set, async (keys) => void (total += await this.#invalidateKeys(keys, mode, now, set)), gen)
       }
       if (prefixes.length > 0) total += await this.#invalidatePrefixes(gen, prefixes, mode, now)
-      if (prefixes.length > 0 || deferred.length > 0) await this.#redis.publish(this.#channel, message)
+      if (owed) await this.#redis.publish(this.#channel, message)
       return total
     } catch (error) {
+      // A walk that failed midway has applied some batches: without a message, the other
+      // instances would serve their L1 copies of those entries for up to l1MaxTtlMs. Quiet, as
+      // the invalidation failed. Best effort: if Redis is gone, so is their bus, and they drop
+      // all of L1 when it is back.
+      if (owed) await this.#redis.publish(this.#channel, quiet).catch(() => undefined)
       throw this.#unavailable(error, 'invalidation')
     } finally {
       // Applied whether Redis took it or not: a failed invalidation still drops local copies.
@@ -716,7 +737,19 @@ export class TieredStore implements Store {
     const mode = message.m === 'stale' ? 'stale' : 'delete'
     const applied = message.flush ? this.#flushL1() : message.s ? this.#applyToL1(message.s, mode, this.#now()) : undefined
     if (applied === undefined || this.#remoteListeners.length === 0) return
-    void applied.then((invalidated) => {
+    // A quiet message's drops are reported with the message proper that follows it.
+    const walk = message.s && !message.w ? `${message.f}\0${mode}\0${JSON.stringify(message.s)}` : undefined
+    if (message.q === 1) {
+      if (walk === undefined) return
+      if (this.#quietDrops.size >= MAX_QUIET_WALKS) this.#quietDrops.clear()
+      const before = this.#quietDrops.get(walk) ?? 0
+      this.#quietDrops.set(walk, Promise.all([before, applied]).then(([a, b]) => a + b))
+      return
+    }
+    const before = walk === undefined ? 0 : (this.#quietDrops.get(walk) ?? 0)
+    if (walk !== undefined) this.#quietDrops.delete(walk)
+    void Promise.all([before, applied]).then(([earlier, dropped]) => {
+      const invalidated = earlier + dropped
       const remote: RemoteInvalidation = message.flush
         ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined }
         : { selector: message.s!, mode, write: message.w === 1, invalidated }
@@ -733,8 +766,8 @@ export class TieredStore implements Store {
     for (const listener of this.#busListeners) listener(up)
   }
 
-  #message(selector: Selector, mode: InvalidationMode): string {
-    return JSON.stringify({ f: this.id, s: selector, m: mode } satisfies BusMessage)
+  #message(selector: Selector, mode: InvalidationMode, quiet = false): string {
+    return JSON.stringify((quiet ? { f: this.id, s: selector, m: mode, q: 1 } : { f: this.id, s: selector, m: mode }) satisfies BusMessage)
   }
 
   /** The bus message telling every other instance to drop its whole L1, and why (clear or mark-all-stale). */

@@ -364,6 +364,72 @@ if (requireRedisServer(t)) {
     t.ok(raced > 0, `the clear fell inside a batched walk (${raced} of ${rounds} rounds)`)
   })
 
+  // A walk in batches (a large user, or a prefix scan) that fails midway: here, a member whose
+  // entry key holds a string (WRONGTYPE in the batch's script), as a stray writer could leave.
+  for (const by of ['user', 'prefix'] as const) {
+    t.test(`a ${by} invalidation failing midway through its batches leaves no other instance's L1 serving what it dropped`, async (t) => {
+      const clock = new FakeClock()
+      const namespace = `midway${n++}`
+      const a = await open(clock, { namespace, indexBatch: 10 })
+      const b = await open(clock, { namespace })
+      const admin = new Redis(redis.url)
+      t.teardown(() => Promise.all([a.close(), b.close(), admin.quit()]))
+      const reports: string[] = []
+      b.onRemoteInvalidation((remote) => reports.push(remote.write ? 'write' : JSON.stringify(remote.selector)))
+      const selector = by === 'user' ? { userIds: ['alice'] } : { prefixes: ['p/'] }
+      let dropped = 0
+      let rounds = 0
+      // The bad key's place in the walk is Redis's hash order: should it come first, nothing
+      // was dropped and the round proves nothing, so it goes again.
+      for (; rounds < 5 && dropped === 0; rounds++) {
+        const keys = Array.from({ length: 200 }, (_, i) => `p/${rounds}:${i}`)
+        await Promise.all(keys.map((key) => a.set(entry(clock, key, { userId: 'alice' }))))
+        for (const key of keys) t.ok(await filled(b, key, clock), `${key} is in b's L1`)
+        const gen = (await admin.get(`{${namespace}}:g`)) ?? '0'
+        const bad = `p/${rounds}:bad`
+        await admin.set(`{${namespace}}:${gen}:e:${bad}`, 'not a hash')
+        await admin.sadd(`{${namespace}}:${gen}:u:alice`, bad)
+        reports.length = 0
+        await t.rejects(a.invalidate(selector, 'delete', clock.now()), { code: 'backend_unavailable' }, 'the invalidation fails')
+        // The sentinel's write message follows whatever the failed invalidation published.
+        await a.set(entry(clock, `sentinel${rounds}`))
+        t.ok(await waitUntil(() => reports.includes('write')), 'b has had every message a sent')
+        t.same(reports, ['write'], 'a failed invalidation is not reported on other instances')
+        const gone = []
+        for (const key of keys) if ((await admin.exists(`{${namespace}}:${gen}:e:${key}`)) === 0) gone.push(key)
+        dropped = gone.length
+        const served = []
+        for (const key of gone) if ((await b.l1Peek(key, clock.now())) !== undefined) served.push(key)
+        t.same(served, [], `b's L1 holds none of the ${gone.length} entries the walk dropped before it failed`)
+        await admin.del(`{${namespace}}:${gen}:e:${bad}`)
+        await admin.srem(`{${namespace}}:${gen}:u:alice`, bad)
+        await a.invalidate({ userIds: ['alice'] }, 'delete', clock.now())
+      }
+      t.ok(dropped > 0 && dropped < 200, `the walk failed midway (${dropped} of 200 dropped, round ${rounds})`)
+    })
+  }
+
+  t.test('a batched invalidation is reported once on other instances, when its walk is done', async (t) => {
+    const clock = new FakeClock()
+    const namespace = `once${n++}`
+    const a = await open(clock, { namespace, indexBatch: 10 })
+    const b = await open(clock, { namespace })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const reports: Array<{ selector: string; invalidated: number }> = []
+    b.onRemoteInvalidation((remote) => void (remote.write || reports.push({ selector: JSON.stringify(remote.selector), invalidated: remote.invalidated })))
+    await Promise.all(Array.from({ length: 100 }, (_, i) => a.set(entry(clock, `o/${i}`, { userId: 'carol' }))))
+    for (let i = 0; i < 100; i++) t.ok(await filled(b, `o/${i}`, clock))
+    t.equal(await a.invalidate({ userIds: ['carol'] }, 'delete', clock.now()), 100)
+    t.equal(await a.invalidate({ prefixes: ['o/'] }, 'delete', clock.now()), 0)
+    t.ok(await waitUntil(() => reports.length === 2))
+    await sleep(50)
+    t.same(reports, [
+      { selector: '{"userIds":["carol"]}', invalidated: 100 },
+      { selector: '{"prefixes":["o/"]}', invalidated: 0 },
+    ], 'one report each; the quiet message before the walk dropped the copies, the last one reports')
+    t.equal((await b.l1Size()).entries, 0)
+  })
+
   t.test('a batched read racing rewrites to another user and a clear returns only what is still the user\'s', async (t) => {
     const clock = new FakeClock()
     const namespace = `race${n++}`
