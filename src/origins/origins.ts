@@ -133,7 +133,8 @@ export class Origins {
   /**
    * `GET /v1/entries/:key?load=true`: a hit as usual; a miss on a key an origin serves is
    * loaded (once, however many callers wait) and returned. No matching origin, or an
-   * origin without data (404): the plain miss with its lease. Origin down: 503.
+   * origin without data (404): the plain miss with its lease. Origin down: the stale entry
+   * if one is kept (a soft invalidation's), else 503.
    */
   readThrough(key: string, allowStale: boolean): ReadResult | Promise<ReadResult> {
     const result = this.cache.read(key, allowStale)
@@ -158,6 +159,9 @@ export class Origins {
     } catch (error) {
       // Let the next miss, here or on another instance, fill at once rather than wait out the claim.
       if (result.lease.fill) await this.cache.releaseFill(key, result.lease.lease)
+      // A stale value stays served while the origin fails (marked `stale: true`).
+      const kept = await this.cache.inspect(key).catch(() => undefined)
+      if (kept?.stale === true) return { entry: kept }
       throw unavailable(error)
     }
     return entry !== undefined ? { entry } : result

@@ -56,7 +56,8 @@ export default async function entryRoutes(fastify: FastifyInstance) {
           'carrying a `lease`: send it back with the PUT that fills the key, and the write is refused ' +
           'if an invalidation touched the key meanwhile. Only one miss at a time gets `fill: true`; the ' +
           'others get `fill: false` and `retryAfterMs`. With `?load=true`, a miss on a key an origin serves is ' +
-          'filled from it (one origin call however many callers wait); 503 `backend_unavailable` if the origin fails. ' +
+          'filled from it (one origin call however many callers wait); if the origin fails, a stale-marked entry of the key is ' +
+          'served (`stale: true`), else 503 `backend_unavailable`. ' +
           '`HEAD` tells whether the key is cached now, with the headers a GET hit carries, and has no side effect: ' +
           'no lease, no hit or miss counted, no origin call (`load` is ignored); 503 `backend_unavailable` when the store cannot be asked.',
         params: KeyParams,

@@ -88,6 +88,25 @@ t.test('a ?load=true miss loads at once even while a plain miss (GET or batch-ge
   t.equal(origin.calls, 2)
 })
 
+t.test('a stale value stays served while the origin fails: ?load=true gives the stale entry, marked stale', async (t) => {
+  const origin = await OriginServer.start(t)
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { retries: 0 })] } })
+  await put(app, 'dashboard:8', { value: 'kept', userId: '8' })
+  await call(app, { method: 'DELETE', url: '/v1/users/8/entries?mode=stale' })
+  origin.failAll = 500
+  const res = await get(app, 'dashboard:8', '?load=true')
+  t.equal(res.statusCode, 200)
+  t.same([res.json().value, res.json().stale], ['kept', true])
+  t.equal(origin.calls, 1, 'the origin was asked first')
+  t.equal((await get(app, 'dashboard:8')).statusCode, 404, 'a plain read still misses a stale entry')
+  await call(app, { method: 'DELETE', url: '/v1/entries/dashboard%3A8' })
+  t.equal((await get(app, 'dashboard:8', '?load=true')).statusCode, 503, 'with nothing kept, the failure is 503')
+  origin.failAll = undefined
+  origin.values.set(dash('8'), 'fresh')
+  const fresh = await get(app, 'dashboard:8', '?load=true')
+  t.same([fresh.json().value, fresh.json().stale], ['fresh', false], 'the origin back: loaded fresh')
+})
+
 t.test("a filler's failed load gives up its fill lease: the next miss fills at once", async (t) => {
   const origin = await OriginServer.start(t)
   origin.failAll = 500
