@@ -18,7 +18,7 @@ const RETRY_MS = 3000
 const EXAMPLE =
   'id: 3b0f4c3e-8a51-4a43-9d0e-2f1c1d6f9a10\nevent: invalidation\n' +
   'data: {"id":"3b0f4c3e-8a51-4a43-9d0e-2f1c1d6f9a10","selector":{"userIds":["42"]},"mode":"delete",' +
-  '"source":"api","invalidated":3,"at":"2026-11-22T10:00:00.000Z"}\n\n'
+  '"source":"api","invalidated":3,"durationMs":0.12,"at":"2026-11-22T10:00:00.000Z"}\n\n'
 
 /** A `reset` event: the client must drop or revalidate every copy it kept. */
 const resetFrame = (reason: string) => `event: reset\ndata: ${JSON.stringify({ reason })}\n\n`
@@ -27,8 +27,9 @@ const resyncFrame = (reason: string) => resetFrame(`${reason}; drop or revalidat
 
 /** The SSE frame of one invalidation; built once and written to every client. */
 export function invalidationFrame(record: InvalidationRecord): string {
-  const { id, selector, mode, source, invalidated, at } = record
-  return `id: ${id}\nevent: invalidation\ndata: ${JSON.stringify({ id, selector, mode, source, invalidated, at })}\n\n`
+  // Not the actor or reason: any `read` key may listen, and those are for admins (debug invalidations).
+  const { id, selector, mode, source, invalidated, durationMs, at } = record
+  return `id: ${id}\nevent: invalidation\ndata: ${JSON.stringify({ id, selector, mode, source, invalidated, durationMs, at })}\n\n`
 }
 
 /**
@@ -124,7 +125,7 @@ export default fp(
           summary: 'Stream invalidations (Server-Sent Events)',
           description:
             'A `text/event-stream`: one `invalidation` event per invalidation from any source, its data ' +
-            '`{id, selector, mode, source, invalidated, at}`, and a heartbeat comment every ' +
+            '`{id, selector, mode, source, invalidated, durationMs, at}` (as in the debug invalidation log, without the actor and reason), and a heartbeat comment every ' +
             '`STREAM_HEARTBEAT_MS` (default 15 s). A reconnect with `Last-Event-ID` first replays the ' +
             'invalidations that followed it from the invalidation log; if the log no longer holds that id, ' +
             'a `reset` event says to drop or revalidate kept copies. An emergency clear is an `invalidation` event of everything (`selector: {all: true}`) followed by a `reset`. ' +

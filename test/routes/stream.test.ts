@@ -89,8 +89,10 @@ t.test('an invalidation made on the API arrives on the stream over a real socket
     mode: 'stale',
     source: 'api',
     invalidated: 2,
+    durationMs: event!.data.durationMs,
     at: event!.data.at,
   })
+  t.equal(event!.data.durationMs, result.durationMs, 'durationMs as the reply had it')
   t.ok(!Number.isNaN(Date.parse(event!.data.at)), 'at is a timestamp')
 
   // A second invalidation of another kind is a second event, in order.
