@@ -39,6 +39,8 @@ export interface MemoryStoreOptions {
    * itself (the TieredStore's L1): its invalidations then stamp nothing, and it issues no leases.
    */
   leases?: boolean
+  /** How long a long loop runs before it yields (default 2 ms); tests pass 0 to make every run yield. */
+  sliceMs?: number
 }
 
 /**
@@ -61,6 +63,7 @@ export class MemoryStore implements Store {
   readonly #leases: LeaseBook | undefined
   readonly #listeners: EvictionListener[] = []
   readonly #now: () => number
+  readonly #sliceMs: number
   readonly #timer: NodeJS.Timeout | undefined
   readonly #maxEntries: number
   #dropReason: EvictionReason | undefined
@@ -70,6 +73,7 @@ export class MemoryStore implements Store {
 
   constructor(options: MemoryStoreOptions = {}) {
     this.#now = options.now ?? Date.now
+    this.#sliceMs = options.sliceMs ?? SLICE_MS
     this.#maxEntries = options.maxEntries ?? DEFAULT_MAX_ENTRIES
     this.maxBytes = options.maxBytes ?? DEFAULT_MAX_BYTES
     this.#leases = options.leases === false ? undefined : new LeaseBook(options.maxLeaseScopes, options.maxLeasePrefixes)
@@ -164,7 +168,7 @@ export class MemoryStore implements Store {
     for (const tag of selector.tags ?? []) take(this.#tags.get(tag))
     let count = 0
     for (const key of selector.keys ?? []) if (this.#apply(key, mode, now)) count++
-    const slice = new Slice()
+    const slice = new Slice(this.#sliceMs)
     // Until the run is done, every older lease is refused: a key not reached yet may be one of it.
     if (reached.length > 0) leases?.beginRun(seq)
     try {
@@ -193,7 +197,7 @@ export class MemoryStore implements Store {
     this.#leases?.recordClear()
     let count = 0
     const now = this.#now()
-    const slice = new Slice()
+    const slice = new Slice(this.#sliceMs)
     // lru-cache's values() iterator survives the yields; entries set meanwhile are fresh writes.
     for (const entry of this.#lru.values()) {
       if (!entry.stale && entry.expiresAt > now) {
@@ -279,7 +283,7 @@ export class MemoryStore implements Store {
       // Bucket b holds expiries in [b, b+1) seconds: every bucket before the current one is
       // wholly expired; the current one is checked entry by entry.
       const due = Math.floor(this.#now() / EXPIRY_BUCKET_MS)
-      const slice = new Slice()
+      const slice = new Slice(this.#sliceMs)
       while (this.#bucketHeap.length > 0 && this.#bucketHeap[0]! <= due) {
         const bucketId = this.#bucketHeap[0]!
         const bucket = this.#buckets.get(bucketId)
@@ -308,7 +312,7 @@ export class MemoryStore implements Store {
     // Every entry is in exactly one expiry bucket, and Map/Set iterators survive mutation,
     // so walking the buckets in slices is a full scan that never blocks the loop for long.
     let count = 0
-    const slice = new Slice()
+    const slice = new Slice(this.#sliceMs)
     for (const bucket of this.#buckets.values()) {
       for (const key of bucket) {
         for (const prefix of prefixes) {
@@ -423,13 +427,15 @@ function removeFrom(index: Map<string, Members>, name: string, key: string): voi
 
 const yieldToLoop = () => new Promise<void>((resolve) => setImmediate(resolve))
 
-/** Cuts a long loop into slices of SLICE_MS; the clock is read every 64 steps, not every step. */
+/** Cuts a long loop into slices of `ms` (SLICE_MS); the clock is read every 64 steps, not every step. */
 class Slice {
   #steps = 0
   #start = performance.now()
 
+  constructor(readonly ms: number) {}
+
   due(): boolean {
-    return (++this.#steps & 63) === 0 && performance.now() - this.#start > SLICE_MS
+    return (++this.#steps & 63) === 0 && performance.now() - this.#start >= this.ms
   }
 
   async yield(): Promise<void> {
