@@ -160,6 +160,9 @@ export class TieredStore implements Store {
   /** L1 copies dropped by a walk's quiet message, by sender, mode and selector, to report with its message proper. */
   readonly #quietDrops = new Map<string, Promise<number>>()
   readonly #background = new Set<Promise<unknown>>()
+  #fence: Promise<void> | undefined
+  /** The connection was dropped after a command timed out, and has not been ready since. */
+  #cut = false
 
   constructor(options: TieredStoreOptions) {
     this.#now = options.now ?? Date.now
@@ -210,6 +213,7 @@ export class TieredStore implements Store {
     this.#scripts = this.#redis as unknown as ScriptClient
 
     this.#redis.on('error', () => {}) // the state shows in readiness and in failed requests
+    this.#redis.on('ready', () => (this.#cut = false))
     this.#sub.on('error', () => {})
     this.#sub.on('ready', () => {
       this.#sub.subscribe(this.#channel).then(
@@ -237,7 +241,7 @@ export class TieredStore implements Store {
 
   /** True while the connection to Redis is up and the bus is subscribed. */
   ready(): boolean {
-    return this.#redis.status === 'ready' && this.#busUp
+    return this.#redis.status === 'ready' && !this.#cut && this.#busUp
   }
 
   /**
@@ -261,13 +265,11 @@ export class TieredStore implements Store {
     this.#busListeners.push(listener)
   }
 
-  /** An L1 copy the bus vouches for; anything else needs Redis (undefined: ask `get`). */
-  getLocal(key: string, now: number): StoredEntry | undefined {
-    return this.#busUp ? this.#l1Get(key, now) : undefined
-  }
+  // No getLocal: an L1 hit waits for the bus fence, so every read goes through `get`.
 
   async get(key: string, now: number): Promise<StoredEntry | undefined> {
     if (this.#busUp) {
+      await this.#busFence()
       const hit = this.#l1Get(key, now)
       if (hit !== undefined) return hit
     }
@@ -285,6 +287,7 @@ export class TieredStore implements Store {
 
   async peek(key: string, now: number): Promise<StoredEntry | undefined> {
     if (this.#busUp) {
+      await this.#busFence()
       const copy = await this.#l1PeekReal(key, now)
       if (copy !== undefined) return copy
     }
@@ -334,6 +337,7 @@ export class TieredStore implements Store {
       this.#dropKeys([entry.key])
     }
     if (result[0] === 0) return 'lease_invalidated'
+    await this.#delivered()
     const evicted = result[1] ?? []
     if (evicted.length > 0) {
       this.#dropKeys(evicted)
@@ -376,6 +380,7 @@ export class TieredStore implements Store {
       }
       if (prefixes.length > 0) total += await this.#invalidatePrefixes(gen, prefixes, mode, now)
       if (owed) await this.#redis.publish(this.#channel, message)
+      await this.#delivered()
       return total
     } catch (error) {
       // A walk that failed midway has applied some batches: without a message, the other
@@ -397,6 +402,7 @@ export class TieredStore implements Store {
         string,
       ]
       this.#track(this.#collect(oldGen))
+      await this.#delivered()
       return count
     } catch (error) {
       throw this.#unavailable(error, 'clear')
@@ -423,6 +429,7 @@ export class TieredStore implements Store {
         async (keys) => void (count += await this.#invalidateKeys(keys, 'stale', this.#now())),
       )
       await this.#redis.publish(this.#channel, this.#flushMessage('stale'))
+      await this.#delivered()
       return count
     } catch (error) {
       throw this.#unavailable(error, 'mark-all-stale')
@@ -631,6 +638,38 @@ export class TieredStore implements Store {
     this.#l1.setSync(copy)
   }
 
+  /**
+   * Resolves once the event loop has read what its sockets already hold. Redis writes a bus
+   * message to the subscribers in the same turn as it answers the instance that made the
+   * change, so by the time a client told of that change asks another instance, the message is
+   * there; but it may be in the same poll batch as the request, and the request may come
+   * first. An L1 read waits for this, so it never serves what such a message drops (a cross-
+   * instance read right after a 200 saw the old value about once in 200 without it). One
+   * setImmediate per turn, shared by every read in it.
+   */
+  #busFence(): Promise<void> {
+    this.#fence ??= new Promise<void>((resolve) =>
+      setImmediate(() => {
+        this.#fence = undefined
+        resolve()
+      }),
+    )
+    return this.#fence
+  }
+
+  /**
+   * Waits until Redis has written out the bus message the last command published, so a
+   * change is acknowledged only once every other instance has the message on its socket
+   * (where an L1 read's bus fence takes it in before reading). Redis writes a script's reply
+   * and the messages it published in the same turn, but the reply first: on a busy machine
+   * a client told of the change could ask another instance before that instance's message
+   * was even sent (about once in 200 cross-instance reads right after a 200). A PING's reply
+   * comes a turn later, after the message. Best effort: the change itself is applied.
+   */
+  async #delivered(): Promise<void> {
+    await this.#redis.ping().catch(() => undefined)
+  }
+
   #mayFill(key: string, startGen: number): boolean {
     return this.#busUp && this.#coarseGen <= startGen && (this.#dropped.get(key) ?? 0) <= startGen
   }
@@ -787,7 +826,9 @@ export class TieredStore implements Store {
    * once, and ioredis reconnects, ready again when Redis answers its ready check.
    */
   #onTimeout(timeoutMs: number): void {
-    if (this.#closing || this.#redis.status !== 'ready') return
+    if (this.#closing || this.#redis.status !== 'ready' || this.#cut) return
+    // ioredis says 'ready' until the dropped socket has closed, which a frozen Redis delays.
+    this.#cut = true
     this.#logger?.warn({ timeoutMs }, 'Redis did not answer in time: reconnecting; requests needing Redis fail at once until it answers')
     this.#redis.disconnect(true)
   }

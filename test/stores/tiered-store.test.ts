@@ -71,6 +71,23 @@ if (requireRedisServer(t)) {
     t.ok(await b.l1Peek('other', clock.now()), 'another user\'s copy stays')
   })
 
+  t.test('once a write or invalidation on one store resolves, a read on the other never serves its L1 copy of what it replaced', async (t) => {
+    const clock = new FakeClock()
+    const [a, b] = await openPair(t, clock)
+    let old = 0
+    for (let i = 0; i < 300; i++) {
+      const key = `seq:${i}`
+      await a.set(entry(clock, key, { value: '"v1"', userId: `u${i}` }))
+      t.ok(await filled(b, key, clock))
+      await a.set(entry(clock, key, { value: '"v2"', userId: `u${i}` }))
+      if ((await b.get(key, clock.now()))?.value !== '"v2"') old++
+      t.ok(await filled(b, key, clock))
+      await a.invalidate(i % 2 === 0 ? { userIds: [`u${i}`] } : { keys: [key] }, 'delete', clock.now())
+      if ((await b.get(key, clock.now())) !== undefined) old++
+    }
+    t.equal(old, 0, 'no read of 600 served the replaced or invalidated value')
+  })
+
   t.test('stale mode travels on the bus and marks the L1 copies stale', async (t) => {
     const clock = new FakeClock()
     const [a, b] = await openPair(t, clock)
