@@ -184,6 +184,8 @@ function fill(parts: Part[], data: Record<string, unknown>, at: string): string 
     }
     if (value === undefined || value === null) throw invalidRequest(`${field} is missing (needed by ${at})`)
     if (typeof value === 'object') throw invalidRequest(`${field} must be a string, number or boolean (needed by ${at})`)
+    // JSON.parse reads 1e400 as Infinity: no id, and "Infinity" would be one.
+    if (typeof value === 'number' && !Number.isFinite(value)) throw invalidRequest(`${field} is out of range (needed by ${at})`)
     const text = String(value)
     // An empty value would widen the selector: `user:{{data.id}}` as a prefix would match every user.
     if (text === '') throw invalidRequest(`${field} is empty (needed by ${at})`)

@@ -72,6 +72,18 @@ t.test('an event whose template cannot be filled is a 400 naming the field, and 
   t.equal(nested.statusCode, 400)
   t.match(nested.json().message, /^data\.userId must be a string, number or boolean/)
   t.same(await fresh(a), KEYS)
+
+  // JSON.parse reads 1e400 as Infinity, which must not become the user id "Infinity".
+  const huge = await call(a, {
+    method: 'POST',
+    url: '/v1/events',
+    key: 'invalidate',
+    headers: { 'content-type': 'application/json' },
+    payload: '{"type":"persona.updated","data":{"userId":1e400,"team":{"id":7}}}',
+  })
+  t.equal(huge.statusCode, 400)
+  t.same(huge.json(), { error: 'invalid_request', message: 'data.userId is out of range (needed by rules[0].invalidate.userIds[0])' })
+  t.same(await fresh(a), KEYS)
 })
 
 t.test('an event type with no rule is a 200 that matches nothing', async (t) => {
