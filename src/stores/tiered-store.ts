@@ -161,6 +161,8 @@ export class TieredStore implements Store {
   readonly #quietDrops = new Map<string, Promise<number>>()
   readonly #background = new Set<Promise<unknown>>()
   #fence: Promise<void> | undefined
+  /** The PING the changes acknowledged in this turn wait for; sent at the end of the turn. */
+  #nextPing: Promise<void> | undefined
   /** The connection was dropped after a command timed out, and has not been ready since. */
   #cut = false
 
@@ -665,9 +667,17 @@ export class TieredStore implements Store {
    * a client told of the change could ask another instance before that instance's message
    * was even sent (about once in 200 cross-instance reads right after a 200). A PING's reply
    * comes a turn later, after the message. Best effort: the change itself is applied.
+   * Changes whose replies came in together share one PING: it is sent once the microtasks
+   * they resume in have run (a batch-set's 32 writes at a time, one PING).
    */
-  async #delivered(): Promise<void> {
-    await this.#redis.ping().catch(() => undefined)
+  #delivered(): Promise<void> {
+    this.#nextPing ??= new Promise<void>((resolve) =>
+      process.nextTick(() => {
+        this.#nextPing = undefined
+        this.#redis.ping().then(() => resolve(), () => resolve())
+      }),
+    )
+    return this.#nextPing
   }
 
   #mayFill(key: string, startGen: number): boolean {
