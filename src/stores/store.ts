@@ -27,7 +27,8 @@ export interface Store {
    * What `get` would return, when the store can answer from memory without I/O: the hot path
    * of a hit, with no promise. `null` is a miss the store is sure of (nothing anywhere);
    * `undefined` means "ask `get`" (say, an entry only a shared tier may hold). Optional: a
-   * store without a local tier leaves it out.
+   * store without a local tier leaves it out, and so does the TieredStore, whose L1 reads
+   * first wait for the bus messages already on its socket.
    */
   getLocal?(key: string, now: number): StoredEntry | null | undefined
 
