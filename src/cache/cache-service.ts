@@ -364,7 +364,10 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     } catch (error) {
       this.#countFailure(options.source)
       this.emit('invalidation_failed', { source: options.source, selector, error: error as Error })
-      this.#logger?.error({ err: error, source: options.source }, 'invalidation failed')
+      // A known failure (Redis down: the store logged its cause once) needs no stack; during an
+      // outage every invalidation fails, and a stack each flooded the log.
+      if (error instanceof CacheError) this.#logger?.error({ error: error.code, reason: error.message, source: options.source }, 'invalidation failed')
+      else this.#logger?.error({ err: error, source: options.source }, 'invalidation failed')
       throw error instanceof CacheError ? error : backendUnavailable('the store')
     }
     const record: InvalidationRecord = {

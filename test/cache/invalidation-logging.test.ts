@@ -1,6 +1,7 @@
 import { Writable } from 'node:stream'
 import t from 'tap'
 import { KEYS, build, call, put } from '../helpers/build.js'
+import { freePort } from '../helpers/redis-server.js'
 
 t.test('each invalidation logs one structured line with its counts and source, never values or secrets', async (t) => {
   const lines: string[] = []
@@ -44,4 +45,22 @@ t.test('each invalidation logs one structured line with its counts and source, n
   for (const secret of [secretValue, 'user-9z7', 'tag-q5e', 'acct:9', KEYS.invalidate, KEYS.admin]) {
     t.notOk(all.includes(secret), `the logs never contain ${secret.slice(0, 12)}…`)
   }
+})
+
+t.test('a failed invalidation logs one error line without a stack when its cause is known (Redis down)', async (t) => {
+  const lines: string[] = []
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      lines.push(...String(chunk).split('\n').filter(Boolean))
+      done()
+    },
+  })
+  // Nothing listens on that port: every Redis command fails at once.
+  const app = await build(t, { redisUrl: `redis://127.0.0.1:${await freePort()}` }, { logger: { level: 'info', stream } })
+  const res = await call(app, { method: 'POST', url: '/v1/invalidations', payload: { userIds: ['u1'] }, key: 'invalidate' })
+  t.equal(res.statusCode, 503)
+  const failed = lines.map((l) => JSON.parse(l) as Record<string, unknown>).filter((r) => r.msg === 'invalidation failed')
+  t.equal(failed.length, 1)
+  t.match(failed[0], { level: 50, error: 'backend_unavailable', reason: /Redis is unavailable/, source: 'api' })
+  t.notMatch(JSON.stringify(failed[0]), /stack/, 'no stack')
 })
