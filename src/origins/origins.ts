@@ -159,9 +159,12 @@ export class Origins {
     } catch (error) {
       // Let the next miss, here or on another instance, fill at once rather than wait out the claim.
       if (result.lease.fill) await this.cache.releaseFill(key, result.lease.lease)
-      // A stale value stays served while the origin fails (marked `stale: true`).
-      const kept = await this.cache.inspect(key).catch(() => undefined)
-      if (kept?.stale === true) return { entry: kept }
+      // A stale value stays served while the origin fails (marked `stale: true`), or while
+      // Redis cannot take the loaded entry (cluster mode, Redis down); a bug is not hidden.
+      if (error instanceof OriginError || (error instanceof CacheError && error.code === 'backend_unavailable')) {
+        const kept = await this.cache.inspect(key).catch(() => undefined)
+        if (kept?.stale === true) return { entry: kept }
+      }
       throw unavailable(error)
     }
     return entry !== undefined ? { entry } : result
