@@ -29,7 +29,7 @@ const SWEEP_BATCH = 1000
 const SCAN_COUNT = 1000
 /** Keys whose L1 fill must be refused while a read is in flight; past this, all fills are refused once. */
 const MAX_DROPPED_KEYS = 10_000
-/** Walks whose quiet message came and whose message proper has not (yet): a failed walk sends none. */
+/** Walks whose quiet message came and whose message proper has not (yet); past this, the oldest is forgotten. */
 const MAX_QUIET_WALKS = 1000
 /** The lease stamp handed out while Redis is unreachable: no store ever accepts it. */
 const OFFLINE_STAMP: LeaseStamp = { epoch: 'offline', seq: 0 }
@@ -67,6 +67,8 @@ export interface TieredStoreOptions {
   l1MaxBytes?: number
   /** An L1 copy lives at most this long (L1_MAX_TTL_MS): the staleness bound if a bus message is lost. */
   l1MaxTtlMs?: number
+  /** How long an L1 run (a user's, tag's or prefix's invalidation) goes before it yields; tests pass 0. */
+  l1SliceMs?: number
   /** How much longer than its TTL Redis keeps an entry before dropping it by itself. */
   ttlMarginMs?: number
   /** How often expired entries are swept from Redis, in ms; 0 turns the timer off. */
@@ -95,10 +97,17 @@ interface BusMessage {
   /** A write, not an invalidation: other L1s drop their copy of the key. */
   w?: 1
   /**
-   * Quiet: L1 upkeep only, not reported as an invalidation. Sent when a walk in batches
-   * starts (or fails), so no instance's L1 outlives what Redis has dropped; the message
-   * proper follows once the walk is done.
+   * Quiet: the selector of an invalidation walked in batches, for L1 upkeep only, not
+   * reported as an invalidation. Sent when the walk starts (and again if it fails), so no
+   * instance's L1 outlives what Redis has dropped; the message proper (`s`, same `i`) follows
+   * once the walk is done. Not under `s`, so instances of a build before it ignore it.
    */
+  qs?: Selector
+  /** The walk's number at its sender: pairs the quiet message with the message proper. */
+  i?: number
+  /** With `qs`: the walk failed, no message proper follows. */
+  x?: 1
+  /** The quiet flag of one earlier build, which sent the quiet selector under `s`. */
   q?: 1
 }
 
@@ -159,6 +168,10 @@ export class TieredStore implements Store {
   readonly #dropped = new Map<string, number>()
   /** L1 copies dropped by a walk's quiet message, by sender, mode and selector, to report with its message proper. */
   readonly #quietDrops = new Map<string, Promise<number>>()
+  /** This instance's invalidations so far: the next one's walk number. */
+  #walks = 0
+  /** Other instances' invalidations and flushes still being applied to this L1 (a large one runs in slices). */
+  #applying = 0
   readonly #background = new Set<Promise<unknown>>()
   #fence: Promise<void> | undefined
   /** The PING the changes acknowledged in this turn wait for; sent at the end of the turn. */
@@ -187,6 +200,7 @@ export class TieredStore implements Store {
       maxBytes: options.l1MaxBytes ?? this.#maxBytes,
       now: this.#now,
       sweepIntervalMs,
+      sliceMs: options.l1SliceMs,
       leases: false, // they live in Redis
     })
 
@@ -272,7 +286,8 @@ export class TieredStore implements Store {
   async get(key: string, now: number): Promise<StoredEntry | undefined> {
     if (this.#busUp) {
       await this.#busFence()
-      const hit = this.#l1Get(key, now)
+      // While another instance's invalidation is still being applied here, L1 is not asked.
+      const hit = this.#applying === 0 ? this.#l1Get(key, now) : undefined
       if (hit !== undefined) return hit
     }
     const startGen = this.#gen
@@ -290,7 +305,7 @@ export class TieredStore implements Store {
   async peek(key: string, now: number): Promise<StoredEntry | undefined> {
     if (this.#busUp) {
       await this.#busFence()
-      const copy = await this.#l1PeekReal(key, now)
+      const copy = this.#applying === 0 ? await this.#l1PeekReal(key, now) : undefined
       if (copy !== undefined) return copy
     }
     try {
@@ -339,19 +354,20 @@ export class TieredStore implements Store {
       this.#dropKeys([entry.key])
     }
     if (result[0] === 0) return 'lease_invalidated'
-    await this.#delivered()
     const evicted = result[1] ?? []
     if (evicted.length > 0) {
       this.#dropKeys(evicted)
       this.#report(evicted, 'evict')
     }
+    await this.#delivered()
     return 'ok'
   }
 
   async invalidate(selector: Selector, mode: InvalidationMode, now: number): Promise<number> {
     const prefixes = selector.prefixes ?? []
-    const message = this.#message(selector, mode)
-    const quiet = this.#message(selector, mode, true)
+    const walk = ++this.#walks
+    const message = this.#message(selector, mode, walk)
+    const quiet = this.#message(selector, mode, walk, 'quiet')
     // Whether the other instances still wait for the message (the script sent the quiet one).
     let owed = false
     try {
@@ -376,6 +392,8 @@ export class TieredStore implements Store {
       // once the walk is done, as they may meanwhile refill L1 from an entry it had yet to
       // reach (and their stream clients, told earlier, would fetch that entry and keep it).
       owed = prefixes.length > 0 || deferred.length > 0
+      // This L1 drops its copies of what the script applied now too, not only once the walk is done.
+      if (owed) await this.#applyToL1(selector, mode, now)
       // Sets too large for one script: in batches, each applying only what is still in the set.
       for (const set of deferred) {
         await this.#eachMemberBatch(set, async (keys) => void (total += await this.#invalidateKeys(keys, mode, now, set)), gen)
@@ -389,7 +407,7 @@ export class TieredStore implements Store {
       // instances would serve their L1 copies of those entries for up to l1MaxTtlMs. Quiet, as
       // the invalidation failed. Best effort: if Redis is gone, so is their bus, and they drop
       // all of L1 when it is back.
-      if (owed) await this.#redis.publish(this.#channel, quiet).catch(() => undefined)
+      if (owed) await this.#redis.publish(this.#channel, this.#message(selector, mode, walk, 'failed')).catch(() => undefined)
       throw this.#unavailable(error, 'invalidation')
     } finally {
       // Applied whether Redis took it or not: a failed invalidation still drops local copies.
@@ -557,6 +575,7 @@ export class TieredStore implements Store {
   async compareL1(keys: string[]): Promise<{ differing: string[]; errors: Array<{ key: string; error: string }> }> {
     const differing: string[] = []
     const errors: Array<{ key: string; error: string }> = []
+    await this.#busFence() // not a copy a message already here drops
     const now = this.#now()
     for (const key of keys) {
       const copy = await this.l1Peek(key, now)
@@ -681,7 +700,7 @@ export class TieredStore implements Store {
   }
 
   #mayFill(key: string, startGen: number): boolean {
-    return this.#busUp && this.#coarseGen <= startGen && (this.#dropped.get(key) ?? 0) <= startGen
+    return this.#busUp && this.#applying === 0 && this.#coarseGen <= startGen && (this.#dropped.get(key) ?? 0) <= startGen
   }
 
   #dropKeys(keys: string[]): void {
@@ -695,6 +714,11 @@ export class TieredStore implements Store {
     }
   }
 
+  /**
+   * Invalidates in L1 alone. A user's, tag's or prefix's run yields between slices: until it
+   * is done, reads here neither serve nor fill L1 (`#applying`), so none serves a copy the run
+   * has yet to reach.
+   */
   async #applyToL1(selector: Selector, mode: InvalidationMode, now: number): Promise<number> {
     if (selector.keys?.length && !selector.userIds?.length && !selector.tags?.length && !selector.prefixes?.length) {
       const gen = ++this.#gen
@@ -703,7 +727,12 @@ export class TieredStore implements Store {
       this.#coarseGen = ++this.#gen
       this.#dropped.clear()
     }
-    return this.#l1.invalidate(selector, mode, now)
+    this.#applying++
+    try {
+      return await this.#l1.invalidate(selector, mode, now)
+    } finally {
+      this.#applying--
+    }
   }
 
   async #flushL1(): Promise<number> {
@@ -784,14 +813,19 @@ export class TieredStore implements Store {
     // Anything that can PUBLISH to Redis can send anything: only objects are messages.
     if (message === null || typeof message !== 'object' || message.f === this.id) return
     const mode = message.m === 'stale' ? 'stale' : 'delete'
-    const applied = message.flush ? this.#flushL1() : message.s ? this.#applyToL1(message.s, mode, this.#now()) : undefined
-    if (applied === undefined || this.#remoteListeners.length === 0) return
+    const quiet = message.qs !== undefined || message.q === 1
+    const selector = message.qs ?? message.s
+    if (!message.flush && !isSelector(selector)) return
+    const applied = message.flush ? this.#flushL1() : this.#applyToL1(selector!, mode, this.#now())
+    if (this.#remoteListeners.length === 0) return
     // A quiet message's drops are reported with the message proper that follows it.
-    const walk = message.s && !message.w ? `${message.f}\0${mode}\0${JSON.stringify(message.s)}` : undefined
-    if (message.q === 1) {
+    const walk = message.w || message.flush ? undefined : typeof message.i === 'number' ? `${message.f}\0${message.i}` : `${message.f}\0${mode}\0${JSON.stringify(selector)}`
+    if (quiet) {
       if (walk === undefined) return
-      if (this.#quietDrops.size >= MAX_QUIET_WALKS) this.#quietDrops.clear()
       const before = this.#quietDrops.get(walk) ?? 0
+      this.#quietDrops.delete(walk)
+      if (message.x === 1) return // the walk failed: no message proper follows
+      if (this.#quietDrops.size >= MAX_QUIET_WALKS) this.#quietDrops.delete(this.#quietDrops.keys().next().value!)
       this.#quietDrops.set(walk, Promise.all([before, applied]).then(([a, b]) => a + b))
       return
     }
@@ -801,7 +835,7 @@ export class TieredStore implements Store {
       const invalidated = earlier + dropped
       const remote: RemoteInvalidation = message.flush
         ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined }
-        : { selector: message.s!, mode, write: message.w === 1, invalidated }
+        : { selector: selector!, mode, write: message.w === 1, invalidated }
       for (const listener of this.#remoteListeners) listener(remote)
     })
   }
@@ -815,8 +849,10 @@ export class TieredStore implements Store {
     for (const listener of this.#busListeners) listener(up)
   }
 
-  #message(selector: Selector, mode: InvalidationMode, quiet = false): string {
-    return JSON.stringify((quiet ? { f: this.id, s: selector, m: mode, q: 1 } : { f: this.id, s: selector, m: mode }) satisfies BusMessage)
+  #message(selector: Selector, mode: InvalidationMode, walk: number, kind?: 'quiet' | 'failed'): string {
+    const message: BusMessage =
+      kind === undefined ? { f: this.id, s: selector, m: mode, i: walk } : { f: this.id, qs: selector, m: mode, i: walk, ...(kind === 'failed' && { x: 1 }) }
+    return JSON.stringify(message)
   }
 
   /** The bus message telling every other instance to drop its whole L1, and why (clear or mark-all-stale). */
@@ -856,6 +892,17 @@ export class TieredStore implements Store {
     this.#logger?.warn({ err: error }, `Redis ${what} failed`)
     return backendUnavailable('Redis')
   }
+}
+
+/** A bus message's selector: an object whose fields, where present, are arrays of strings. */
+function isSelector(value: unknown): value is Selector {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return false
+  const selector = value as Record<string, unknown>
+  for (const field of ['keys', 'userIds', 'tags', 'prefixes']) {
+    const list = selector[field]
+    if (list !== undefined && !(Array.isArray(list) && list.every((item) => typeof item === 'string'))) return false
+  }
+  return true
 }
 
 function syncReal(copy: L1Entry): StoredEntry {

@@ -447,6 +447,76 @@ if (requireRedisServer(t)) {
     t.equal((await b.l1Size()).entries, 0)
   })
 
+  t.test('a batched invalidation\'s quiet message is nothing to an older build: its selector is not under `s`, and the message proper names the same walk', async (t) => {
+    const clock = new FakeClock()
+    const namespace = `quiet${n++}`
+    const a = await open(clock, { namespace, indexBatch: 10 })
+    const listener = new Redis(redis.url)
+    t.teardown(() => Promise.all([a.close(), listener.quit()]))
+    const messages: Array<Record<string, unknown>> = []
+    listener.on('message', (_channel: string, raw: string) => messages.push(JSON.parse(raw) as Record<string, unknown>))
+    await listener.subscribe(`{${namespace}}:bus`)
+    await Promise.all(Array.from({ length: 50 }, (_, i) => a.set(entry(clock, `q/${i}`, { userId: 'erin' }))))
+    for (const selector of [{ userIds: ['erin'] }, { prefixes: ['q/'] }]) {
+      messages.length = 0
+      await a.invalidate(selector, 'delete', clock.now())
+      t.ok(await waitUntil(() => messages.length === 2), 'two messages: the quiet one, then the message proper')
+      const [quiet, proper] = messages
+      t.same(quiet, { f: a.id, qs: selector, m: 'delete', i: proper!.i }, 'the quiet one carries its selector as `qs`, which older builds do not read')
+      t.same(proper, { f: a.id, s: selector, m: 'delete', i: quiet!.i })
+    }
+  })
+
+  t.test('while a large invalidation is still being applied to an L1, that instance serves none of the copies it has yet to reach', async (t) => {
+    const clock = new FakeClock()
+    const namespace = `slices${n++}`
+    const a = await open(clock, { namespace })
+    // Runs over L1 yield every 64 keys: a user's 200 copies take four turns of b's event loop.
+    const b = await open(clock, { namespace, l1SliceMs: 0 })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    let applied = 0
+    b.onRemoteInvalidation((remote) => void (remote.write || applied++))
+    const keys = Array.from({ length: 200 }, (_, i) => `sl/${i}`)
+    let served = 0
+    let heard = 0
+    for (const mode of ['delete', 'stale', 'delete'] as const) {
+      await Promise.all(keys.map((key) => a.set(entry(clock, key, { userId: 'dora' }))))
+      for (const key of keys) t.ok(await filled(b, key, clock), `${key} is in b's L1`)
+      t.equal(await a.invalidate({ userIds: ['dora'] }, mode, clock.now()), 200)
+      // Read at once, as a client told of the invalidation would, while b's run goes.
+      const read = await Promise.all(keys.map((key) => b.get(key, clock.now())))
+      served += read.filter((e) => e !== undefined && !e.stale).length
+      t.ok(await waitUntil(() => applied === heard + 1), 'b applied the invalidation')
+      heard++
+      if (mode === 'stale') {
+        await a.invalidate({ userIds: ['dora'] }, 'delete', clock.now())
+        t.ok(await waitUntil(() => applied === heard + 1))
+        heard++
+      }
+    }
+    t.equal(served, 0, 'no read of 600 served a copy from before the invalidation')
+  })
+
+  t.test('the instance making a batched invalidation drops its own L1 copies when the walk starts, not when it ends', async (t) => {
+    const clock = new FakeClock()
+    const namespace = `own${n++}`
+    const a = await open(clock, { namespace, indexBatch: 5 })
+    const b = await open(clock, { namespace })
+    t.teardown(() => Promise.all([a.close(), b.close()]))
+    for (let i = 0; i < 3000; i += 500) {
+      await Promise.all(Array.from({ length: 500 }, (_, j) => a.set(entry(clock, `own/${i + j}`, { tags: ['big'] }))))
+    }
+    t.ok(await filled(a, 'own/2999', clock), 'a holds a copy')
+    t.ok(await filled(b, 'own/2999', clock), 'b holds a copy')
+    let done = false
+    const walking = a.invalidate({ tags: ['big'] }, 'delete', clock.now()).finally(() => (done = true))
+    t.ok(await waitUntil(async () => (await b.l1Peek('own/2999', clock.now())) === undefined), 'the quiet message reached b')
+    const ownCopy = await a.l1Peek('own/2999', clock.now())
+    t.notOk(done, 'the walk (600 batches) is still going')
+    t.equal(ownCopy, undefined, 'a dropped its own copy as b did')
+    t.equal(await walking, 3000)
+  })
+
   t.test('a batched read racing rewrites to another user and a clear returns only what is still the user\'s', async (t) => {
     const clock = new FakeClock()
     const namespace = `race${n++}`
