@@ -233,7 +233,7 @@ if (requireRedisServer(t)) {
     t.teardown(() => publisher.quit())
     await a.set(entry(clock, 'k', { value: '"v1"' }))
     t.ok(await filled(b, 'k', clock))
-    for (const junk of ['null', '1', '"text"', '[]', 'true', 'x', '{}', '{"s":null}', '{"s":"all"}', '{"s":{"keys":"k"}}', '{"s":{"userIds":[1]}}']) {
+    for (const junk of ['null', '1', '"text"', '[]', 'true', 'x', '{}', '{"s":null}', '{"s":"all"}', '{"s":{"keys":"k"}}', '{"s":{"userIds":[1]}}', '{"s":{"keys":5}}', '{"qs":{"tags":{}}}', '{"s":{"prefixes":[null]},"i":1}']) {
       await publisher.publish(`{${namespace}}:bus`, junk)
     }
     await a.set(entry(clock, 'k', { value: '"v2"' }))
