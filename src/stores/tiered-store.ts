@@ -1,14 +1,15 @@
 import { randomBytes } from 'node:crypto'
 import { Command, Redis, type RedisOptions } from 'ioredis'
 import type { CoreLogger } from '../cache/cache-service.js'
-import type {
-  EvictionListener,
-  EvictionReason,
-  InvalidationMode,
-  LeaseStamp,
-  Selector,
-  SetOutcome,
-  StoredEntry,
+import {
+  SELECTOR_KINDS,
+  type EvictionListener,
+  type EvictionReason,
+  type InvalidationMode,
+  type LeaseStamp,
+  type Selector,
+  type SetOutcome,
+  type StoredEntry,
 } from '../cache/types.js'
 import { CacheError, backendUnavailable } from '../errors.js'
 import { DEFAULT_MAX_LEASE_PREFIXES, DEFAULT_MAX_LEASE_SCOPES } from '../cache/lease-book.js'
@@ -166,12 +167,12 @@ export class TieredStore implements Store {
   #gen = 0
   #coarseGen = 0
   readonly #dropped = new Map<string, number>()
-  /** L1 copies dropped by a walk's quiet message, by sender, mode and selector, to report with its message proper. */
+  /** L1 copies dropped by a walk's quiet message, by sender and walk number, to report with its message proper. */
   readonly #quietDrops = new Map<string, Promise<number>>()
   /** This instance's invalidations so far: the next one's walk number. */
   #walks = 0
-  /** Other instances' invalidations and flushes still being applied to this L1 (a large one runs in slices). */
-  #applying = 0
+  /** The selectors of the runs over this L1 still going (a user's, tag's or prefix's yields between slices). */
+  readonly #runs = new Set<Selector>()
   readonly #background = new Set<Promise<unknown>>()
   #fence: Promise<void> | undefined
   /** The PING the changes acknowledged in this turn wait for; sent at the end of the turn. */
@@ -286,8 +287,7 @@ export class TieredStore implements Store {
   async get(key: string, now: number): Promise<StoredEntry | undefined> {
     if (this.#busUp) {
       await this.#busFence()
-      // While another instance's invalidation is still being applied here, L1 is not asked.
-      const hit = this.#applying === 0 ? this.#l1Get(key, now) : undefined
+      const hit = this.#l1Get(key, now)
       if (hit !== undefined) return hit
     }
     const startGen = this.#gen
@@ -298,14 +298,14 @@ export class TieredStore implements Store {
       // Redis is down: an L1 copy (even one the bus could not vouch for) beats a miss.
       return this.#l1Get(key, now)
     }
-    if (entry !== undefined && this.#mayFill(key, startGen)) this.#l1Put(entry, now)
+    if (entry !== undefined && this.#mayFill(entry, startGen)) this.#l1Put(entry, now)
     return entry
   }
 
   async peek(key: string, now: number): Promise<StoredEntry | undefined> {
     if (this.#busUp) {
       await this.#busFence()
-      const copy = this.#applying === 0 ? await this.#l1PeekReal(key, now) : undefined
+      const copy = await this.#l1PeekReal(key, now)
       if (copy !== undefined) return copy
     }
     try {
@@ -578,7 +578,8 @@ export class TieredStore implements Store {
     await this.#busFence() // not a copy a message already here drops
     const now = this.#now()
     for (const key of keys) {
-      const copy = await this.l1Peek(key, now)
+      // A copy a run over L1 is still to reach is being dropped already: not a difference.
+      const copy = await this.#l1PeekReal(key, now)
       if (copy === undefined) continue
       try {
         const entry = await this.#l2Get(key, now, false)
@@ -643,15 +644,26 @@ export class TieredStore implements Store {
     return parseEntry(key, reply)
   }
 
-  /** The L1 copy's real entry, brought up to date, without counting a hit. */
+  /** The L1 copy's real entry, brought up to date, without counting a hit; none while a run is to reach it. */
   async #l1PeekReal(key: string, now: number): Promise<StoredEntry | undefined> {
     const copy = (await this.#l1.peek(key, now)) as L1Entry | undefined
-    return copy === undefined ? undefined : syncReal(copy)
+    return copy === undefined || this.#inRun(copy) ? undefined : syncReal(copy)
   }
 
   #l1Get(key: string, now: number): StoredEntry | undefined {
     const copy = this.#l1.getLocal(key, now) as L1Entry | null
-    return copy === null ? undefined : syncReal(copy)
+    return copy === null || this.#inRun(copy) ? undefined : syncReal(copy)
+  }
+
+  /**
+   * Whether a run over L1 still going covers this entry: it is about to be dropped or marked
+   * stale here, so neither served nor put in L1 (Redis has the invalidation already). Only
+   * the entries a run covers: the rest of L1 serves on.
+   */
+  #inRun(entry: StoredEntry): boolean {
+    if (this.#runs.size === 0) return false
+    for (const run of this.#runs) if (covers(run, entry)) return true
+    return false
   }
 
   #l1Put(entry: StoredEntry, now: number): void {
@@ -699,8 +711,13 @@ export class TieredStore implements Store {
     return this.#nextPing
   }
 
-  #mayFill(key: string, startGen: number): boolean {
-    return this.#busUp && this.#applying === 0 && this.#coarseGen <= startGen && (this.#dropped.get(key) ?? 0) <= startGen
+  #mayFill(entry: StoredEntry, startGen: number): boolean {
+    return (
+      this.#busUp &&
+      this.#coarseGen <= startGen &&
+      (this.#dropped.get(entry.key) ?? 0) <= startGen &&
+      (this.#runs.size === 0 || !this.#inRun(entry))
+    )
   }
 
   #dropKeys(keys: string[]): void {
@@ -716,22 +733,22 @@ export class TieredStore implements Store {
 
   /**
    * Invalidates in L1 alone. A user's, tag's or prefix's run yields between slices: until it
-   * is done, reads here neither serve nor fill L1 (`#applying`), so none serves a copy the run
-   * has yet to reach.
+   * is done, reads here neither serve nor fill the copies it covers (`#inRun`), so none serves
+   * a copy the run has yet to reach.
    */
   async #applyToL1(selector: Selector, mode: InvalidationMode, now: number): Promise<number> {
     if (selector.keys?.length && !selector.userIds?.length && !selector.tags?.length && !selector.prefixes?.length) {
       const gen = ++this.#gen
       for (const key of selector.keys) this.#dropped.set(key, gen)
-    } else {
-      this.#coarseGen = ++this.#gen
-      this.#dropped.clear()
+      return this.#l1.invalidate(selector, mode, now) // keys only: done before it returns
     }
-    this.#applying++
+    this.#coarseGen = ++this.#gen
+    this.#dropped.clear()
+    this.#runs.add(selector)
     try {
       return await this.#l1.invalidate(selector, mode, now)
     } finally {
-      this.#applying--
+      this.#runs.delete(selector)
     }
   }
 
@@ -814,9 +831,12 @@ export class TieredStore implements Store {
     if (message === null || typeof message !== 'object' || message.f === this.id) return
     const mode = message.m === 'stale' ? 'stale' : 'delete'
     const quiet = message.qs !== undefined || message.q === 1
-    const selector = message.qs ?? message.s
-    if (!message.flush && !isSelector(selector)) return
-    const applied = message.flush ? this.#flushL1() : this.#applyToL1(selector!, mode, this.#now())
+    const selector = message.flush ? undefined : busSelector(message.qs ?? message.s)
+    if (!message.flush && selector === undefined) return
+    const applied = (selector === undefined ? this.#flushL1() : this.#applyToL1(selector, mode, this.#now())).catch((error: unknown) => {
+      this.#logger?.error({ err: error }, 'applying a bus message to L1 failed')
+      return 0
+    })
     if (this.#remoteListeners.length === 0) return
     // A quiet message's drops are reported with the message proper that follows it.
     const walk = message.w || message.flush ? undefined : typeof message.i === 'number' ? `${message.f}\0${message.i}` : `${message.f}\0${mode}\0${JSON.stringify(selector)}`
@@ -831,13 +851,16 @@ export class TieredStore implements Store {
     }
     const before = walk === undefined ? 0 : (this.#quietDrops.get(walk) ?? 0)
     if (walk !== undefined) this.#quietDrops.delete(walk)
-    void Promise.all([before, applied]).then(([earlier, dropped]) => {
-      const invalidated = earlier + dropped
-      const remote: RemoteInvalidation = message.flush
-        ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined }
-        : { selector: selector!, mode, write: message.w === 1, invalidated }
-      for (const listener of this.#remoteListeners) listener(remote)
-    })
+    void Promise.all([before, applied])
+      .then(([earlier, dropped]) => {
+        const invalidated = earlier + dropped
+        const remote: RemoteInvalidation =
+          selector === undefined
+            ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined }
+            : { selector, mode, write: message.w === 1, invalidated }
+        for (const listener of this.#remoteListeners) listener(remote)
+      })
+      .catch((error: unknown) => this.#logger?.error({ err: error }, 'a bus invalidation listener failed'))
   }
 
   #setBus(up: boolean): void {
@@ -894,15 +917,32 @@ export class TieredStore implements Store {
   }
 }
 
-/** A bus message's selector: an object whose fields, where present, are arrays of strings. */
-function isSelector(value: unknown): value is Selector {
-  if (value === null || typeof value !== 'object' || Array.isArray(value)) return false
-  const selector = value as Record<string, unknown>
-  for (const field of ['keys', 'userIds', 'tags', 'prefixes']) {
-    const list = selector[field]
-    if (list !== undefined && !(Array.isArray(list) && list.every((item) => typeof item === 'string'))) return false
+/**
+ * A bus message's selector, rebuilt from its four lists (each, where present, strings only;
+ * at least one not empty): anything else in it would reach the log and the stream.
+ */
+function busSelector(value: unknown): Selector | undefined {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return undefined
+  const given = value as Record<string, unknown>
+  const selector: Selector = {}
+  let names = 0
+  for (const kind of SELECTOR_KINDS) {
+    const list = given[kind]
+    if (list === undefined) continue
+    if (!Array.isArray(list) || !list.every((item) => typeof item === 'string')) return undefined
+    selector[kind] = list
+    names += list.length
   }
-  return true
+  return names > 0 ? selector : undefined
+}
+
+/** Whether an invalidation by `selector` reaches this entry. */
+function covers(selector: Selector, entry: StoredEntry): boolean {
+  if (selector.keys?.includes(entry.key)) return true
+  if (entry.userId !== undefined && selector.userIds?.includes(entry.userId)) return true
+  const tags = entry.tags
+  if (tags !== undefined && selector.tags?.some((tag) => tags.includes(tag))) return true
+  return selector.prefixes?.some((prefix) => entry.key.startsWith(prefix)) ?? false
 }
 
 function syncReal(copy: L1Entry): StoredEntry {

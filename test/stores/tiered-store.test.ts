@@ -233,12 +233,20 @@ if (requireRedisServer(t)) {
     t.teardown(() => publisher.quit())
     await a.set(entry(clock, 'k', { value: '"v1"' }))
     t.ok(await filled(b, 'k', clock))
-    for (const junk of ['null', '1', '"text"', '[]', 'true', 'x', '{}', '{"s":null}', '{"s":"all"}', '{"s":{"keys":"k"}}', '{"s":{"userIds":[1]}}', '{"s":{"keys":5}}', '{"qs":{"tags":{}}}', '{"s":{"prefixes":[null]},"i":1}']) {
+    const reported: unknown[] = []
+    b.onRemoteInvalidation((remote) => void (remote.write || reported.push(remote.selector)))
+    for (const junk of [
+      'null', '1', '"text"', '[]', 'true', 'x', '{}', '{"s":null}', '{"s":"all"}', '{"s":{"keys":"k"}}', '{"s":{"userIds":[1]}}',
+      '{"s":{"keys":5}}', '{"qs":{"tags":{}}}', '{"s":{"prefixes":[null]},"i":1}', '{"s":{}}', '{"s":{"all":true}}', '{"s":{"keys":[]}}',
+      // Not junk, but only its lists are taken: nothing else reaches the log and the stream.
+      '{"f":"z","s":{"keys":["j"],"all":true,"note":"<script>"}}',
+    ]) {
       await publisher.publish(`{${namespace}}:bus`, junk)
     }
     await a.set(entry(clock, 'k', { value: '"v2"' }))
     t.ok(await waitUntil(async () => (await b.l1Peek('k', clock.now())) === undefined), 'a real message after the junk still dropped the copy')
     t.equal((await b.get('k', clock.now()))?.value, '"v2"')
+    t.same(reported, [{ keys: ['j'] }], 'one invalidation reported, of its keys alone')
   })
 
   t.test('an L1 fill racing an invalidation from another store never keeps the old value', async (t) => {
@@ -447,6 +455,38 @@ if (requireRedisServer(t)) {
     t.equal((await b.l1Size()).entries, 0)
   })
 
+  t.test('quiet messages pair with their message proper by sender and walk: a failed walk\'s drops are never reported, the previous build\'s form still pairs', async (t) => {
+    const clock = new FakeClock()
+    const [a, b, namespace] = await openPair(t, clock)
+    const publisher = new Redis(redis.url)
+    t.teardown(() => publisher.quit())
+    const reports: Array<{ selector: unknown; invalidated: number }> = []
+    b.onRemoteInvalidation((remote) => void (remote.write || reports.push({ selector: remote.selector, invalidated: remote.invalidated })))
+    const send = (message: object) => publisher.publish(`{${namespace}}:bus`, JSON.stringify(message))
+    const hold = async (user: string, count: number) => {
+      for (let i = 0; i < count; i++) {
+        await a.set(entry(clock, `${user}/${i}`, { userId: user }))
+        t.ok(await filled(b, `${user}/${i}`, clock))
+      }
+    }
+    // Walk 7 drops w's 2 copies, then fails; walk 8 of the same selector drops nothing.
+    await hold('w', 2)
+    await send({ f: 'z', qs: { userIds: ['w'] }, m: 'delete', i: 7 })
+    await send({ f: 'z', qs: { userIds: ['w'] }, m: 'delete', i: 7, x: 1 })
+    await send({ f: 'z', qs: { userIds: ['w'] }, m: 'delete', i: 8 })
+    await send({ f: 'z', s: { userIds: ['w'] }, m: 'delete', i: 8 })
+    // The previous build: `q: 1` with the selector under `s`, no walk number.
+    await hold('v', 3)
+    await send({ f: 'old', s: { userIds: ['v'] }, m: 'delete', q: 1 })
+    await send({ f: 'old', s: { userIds: ['v'] }, m: 'delete' })
+    t.ok(await waitUntil(() => reports.length === 2))
+    await sleep(20)
+    t.same(reports, [
+      { selector: { userIds: ['w'] }, invalidated: 0 },
+      { selector: { userIds: ['v'] }, invalidated: 3 },
+    ], 'walk 8 reports none of the failed walk\'s drops; the old form reports its quiet drops once')
+  })
+
   t.test('a batched invalidation\'s quiet message is nothing to an older build: its selector is not under `s`, and the message proper names the same walk', async (t) => {
     const clock = new FakeClock()
     const namespace = `quiet${n++}`
@@ -467,7 +507,7 @@ if (requireRedisServer(t)) {
     }
   })
 
-  t.test('while a large invalidation is still being applied to an L1, that instance serves none of the copies it has yet to reach', async (t) => {
+  t.test('while a large invalidation is still being applied to an L1, that instance serves none of the copies it has yet to reach, and all the others', async (t) => {
     const clock = new FakeClock()
     const namespace = `slices${n++}`
     const a = await open(clock, { namespace })
@@ -477,15 +517,29 @@ if (requireRedisServer(t)) {
     let applied = 0
     b.onRemoteInvalidation((remote) => void (remote.write || applied++))
     const keys = Array.from({ length: 200 }, (_, i) => `sl/${i}`)
+    const others = Array.from({ length: 50 }, (_, i) => `ot/${i}`)
+    await Promise.all(others.map((key) => a.set(entry(clock, key, { userId: 'zed', tags: ['t'] }))))
+    for (const key of others) t.ok(await filled(b, key, clock), `${key} is in b's L1`)
+    // Redis counts the reads it answers; an L1 hit does not reach it (a's L1 holds no copy).
+    const redisHits = async () => (await Promise.all(others.map((key) => a.peek(key, clock.now())))).reduce((sum, e) => sum + e!.hits, 0)
     let served = 0
     let heard = 0
+    let differing = 0
     for (const mode of ['delete', 'stale', 'delete'] as const) {
-      await Promise.all(keys.map((key) => a.set(entry(clock, key, { userId: 'dora' }))))
+      await Promise.all(keys.map((key) => a.set(entry(clock, key, { userId: 'dora', tags: ['t2'] }))))
       for (const key of keys) t.ok(await filled(b, key, clock), `${key} is in b's L1`)
+      const hitsBefore = await redisHits()
       t.equal(await a.invalidate({ userIds: ['dora'] }, mode, clock.now()), 200)
-      // Read at once, as a client told of the invalidation would, while b's run goes.
-      const read = await Promise.all(keys.map((key) => b.get(key, clock.now())))
+      // Read at once, as a client told of the invalidation would, while b's run goes; and check b's copies.
+      const [read, other, compared] = await Promise.all([
+        Promise.all(keys.map((key) => b.get(key, clock.now()))),
+        Promise.all(others.map((key) => b.get(key, clock.now()))),
+        b.compareL1(keys),
+      ])
       served += read.filter((e) => e !== undefined && !e.stale).length
+      differing += compared.differing.length
+      t.equal(other.filter((e) => e !== undefined).length, 50, 'another user\'s entries are read')
+      t.equal(await redisHits(), hitsBefore, 'from b\'s L1: the run gates only the copies it covers')
       t.ok(await waitUntil(() => applied === heard + 1), 'b applied the invalidation')
       heard++
       if (mode === 'stale') {
@@ -495,6 +549,7 @@ if (requireRedisServer(t)) {
       }
     }
     t.equal(served, 0, 'no read of 600 served a copy from before the invalidation')
+    t.equal(differing, 0, 'the consistency check does not report copies the run is dropping')
   })
 
   t.test('the instance making a batched invalidation drops its own L1 copies when the walk starts, not when it ends', async (t) => {
