@@ -114,6 +114,11 @@ export class MemoryStore implements Store {
   }
 
   async peek(key: string, now: number): Promise<StoredEntry | undefined> {
+    return this.peekLocal(key, now)
+  }
+
+  /** `peek` without the promise: no hit counted, recency untouched. */
+  peekLocal(key: string, now: number): StoredEntry | undefined {
     const entry = this.#lru.peek(key)
     return entry !== undefined && entry.expiresAt > now ? entry : undefined
   }

@@ -172,7 +172,7 @@ export class TieredStore implements Store {
   /** This instance's invalidations so far: the next one's walk number. */
   #walks = 0
   /** The selectors of the runs over this L1 still going (a user's, tag's or prefix's yields between slices). */
-  readonly #runs = new Set<Selector>()
+  readonly #runs = new Set<Reach>()
   readonly #background = new Set<Promise<unknown>>()
   #fence: Promise<void> | undefined
   /** The PING the changes acknowledged in this turn wait for; sent at the end of the turn. */
@@ -651,8 +651,13 @@ export class TieredStore implements Store {
   }
 
   #l1Get(key: string, now: number): StoredEntry | undefined {
+    // A copy a run is to reach is looked at without counting a hit on it: Redis counts this read.
+    if (this.#runs.size > 0) {
+      const copy = this.#l1.peekLocal(key, now)
+      if (copy === undefined || this.#inRun(copy)) return undefined
+    }
     const copy = this.#l1.getLocal(key, now) as L1Entry | null
-    return copy === null || this.#inRun(copy) ? undefined : syncReal(copy)
+    return copy === null ? undefined : syncReal(copy)
   }
 
   /**
@@ -662,7 +667,7 @@ export class TieredStore implements Store {
    */
   #inRun(entry: StoredEntry): boolean {
     if (this.#runs.size === 0) return false
-    for (const run of this.#runs) if (covers(run, entry)) return true
+    for (const run of this.#runs) if (run.covers(entry)) return true
     return false
   }
 
@@ -744,11 +749,12 @@ export class TieredStore implements Store {
     }
     this.#coarseGen = ++this.#gen
     this.#dropped.clear()
-    this.#runs.add(selector)
+    const reach = new Reach(selector)
+    this.#runs.add(reach)
     try {
       return await this.#l1.invalidate(selector, mode, now)
     } finally {
-      this.#runs.delete(selector)
+      this.#runs.delete(reach)
     }
   }
 
@@ -858,9 +864,14 @@ export class TieredStore implements Store {
           selector === undefined
             ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined }
             : { selector, mode, write: message.w === 1, invalidated }
-        for (const listener of this.#remoteListeners) listener(remote)
+        for (const listener of this.#remoteListeners) {
+          try {
+            listener(remote)
+          } catch (error) {
+            this.#logger?.error({ err: error }, 'a bus invalidation listener failed')
+          }
+        }
       })
-      .catch((error: unknown) => this.#logger?.error({ err: error }, 'a bus invalidation listener failed'))
   }
 
   #setBus(up: boolean): void {
@@ -936,13 +947,32 @@ function busSelector(value: unknown): Selector | undefined {
   return names > 0 ? selector : undefined
 }
 
-/** Whether an invalidation by `selector` reaches this entry. */
-function covers(selector: Selector, entry: StoredEntry): boolean {
-  if (selector.keys?.includes(entry.key)) return true
-  if (entry.userId !== undefined && selector.userIds?.includes(entry.userId)) return true
-  const tags = entry.tags
-  if (tags !== undefined && selector.tags?.some((tag) => tags.includes(tag))) return true
-  return selector.prefixes?.some((prefix) => entry.key.startsWith(prefix)) ?? false
+/** What an invalidation reaches, in sets: whether it covers an entry costs a few lookups, whatever its size. */
+class Reach {
+  readonly #keys: Set<string>
+  readonly #userIds: Set<string>
+  readonly #tags: Set<string>
+  /** Prefixes by length: a key is covered when its first `length` characters are one of them. */
+  readonly #prefixes = new Map<number, Set<string>>()
+
+  constructor(selector: Selector) {
+    this.#keys = new Set(selector.keys)
+    this.#userIds = new Set(selector.userIds)
+    this.#tags = new Set(selector.tags)
+    for (const prefix of selector.prefixes ?? []) {
+      let same = this.#prefixes.get(prefix.length)
+      if (same === undefined) this.#prefixes.set(prefix.length, (same = new Set()))
+      same.add(prefix)
+    }
+  }
+
+  covers(entry: StoredEntry): boolean {
+    if (this.#keys.has(entry.key)) return true
+    if (entry.userId !== undefined && this.#userIds.has(entry.userId)) return true
+    if (entry.tags !== undefined && this.#tags.size > 0) for (const tag of entry.tags) if (this.#tags.has(tag)) return true
+    for (const [length, prefixes] of this.#prefixes) if (prefixes.has(entry.key.slice(0, length))) return true
+    return false
+  }
 }
 
 function syncReal(copy: L1Entry): StoredEntry {
