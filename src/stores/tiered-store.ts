@@ -167,8 +167,12 @@ export class TieredStore implements Store {
   #gen = 0
   #coarseGen = 0
   readonly #dropped = new Map<string, number>()
-  /** L1 copies dropped by a walk's quiet message, by sender and walk number, to report with its message proper. */
-  readonly #quietDrops = new Map<string, Promise<number>>()
+  /**
+   * Other instances' walks whose quiet message came and whose message proper has not (yet), by
+   * sender and walk number: the L1 copies the quiet message dropped, to report with the
+   * message proper, and the gate keeping what the walk covers out of L1 meanwhile.
+   */
+  readonly #walksHeard = new Map<string, HeardWalk>()
   /** This instance's invalidations so far: the next one's walk number. */
   #walks = 0
   /** The selectors of the runs over this L1 still going (a user's, tag's or prefix's yields between slices). */
@@ -370,6 +374,7 @@ export class TieredStore implements Store {
     const quiet = this.#message(selector, mode, walk, 'quiet')
     // Whether the other instances still wait for the message (the script sent the quiet one).
     let owed = false
+    let gate: Reach | undefined
     try {
       const [count, gen, expired, deferred] = (await this.#scripts.cwInvalidate(
         this.#base,
@@ -388,12 +393,16 @@ export class TieredStore implements Store {
       this.#report(expired, 'expire')
       let total = count
       // With prefixes to scan or sets left to batches, the script sent the quiet message: the
-      // other instances drop their copies of what it applied now, and the message proper goes
-      // once the walk is done, as they may meanwhile refill L1 from an entry it had yet to
-      // reach (and their stream clients, told earlier, would fetch that entry and keep it).
+      // other instances drop their copies of what it covers now and, until the message proper
+      // comes once the walk is done, put none of its entries in L1 (one may be an entry the
+      // walk has yet to reach); their stream clients are told once it is done.
       owed = prefixes.length > 0 || deferred.length > 0
-      // This L1 drops its copies of what the script applied now too, not only once the walk is done.
-      if (owed) await this.#applyToL1(selector, mode, now)
+      if (owed) {
+        // So does this instance, for the length of the walk.
+        gate = new Reach(selector)
+        this.#runs.add(gate)
+        await this.#applyToL1(selector, mode, now)
+      }
       // Sets too large for one script: in batches, each applying only what is still in the set.
       for (const set of deferred) {
         await this.#eachMemberBatch(set, async (keys) => void (total += await this.#invalidateKeys(keys, mode, now, set)), gen)
@@ -411,7 +420,12 @@ export class TieredStore implements Store {
       throw this.#unavailable(error, 'invalidation')
     } finally {
       // Applied whether Redis took it or not: a failed invalidation still drops local copies.
-      await this.#applyToL1(selector, mode, now)
+      // After a walk, this L1 has held nothing it covers since its start.
+      if (gate === undefined) await this.#applyToL1(selector, mode, now)
+      else {
+        this.#runs.delete(gate)
+        this.#refuseFillsInFlight()
+      }
     }
   }
 
@@ -747,8 +761,7 @@ export class TieredStore implements Store {
       for (const key of selector.keys) this.#dropped.set(key, gen)
       return this.#l1.invalidate(selector, mode, now) // keys only: done before it returns
     }
-    this.#coarseGen = ++this.#gen
-    this.#dropped.clear()
+    this.#refuseFillsInFlight()
     const reach = new Reach(selector)
     this.#runs.add(reach)
     try {
@@ -759,9 +772,14 @@ export class TieredStore implements Store {
   }
 
   async #flushL1(): Promise<number> {
+    this.#refuseFillsInFlight()
+    return this.#l1.clear()
+  }
+
+  /** No read in flight now puts what it reads in L1 (it may have read Redis before a change). */
+  #refuseFillsInFlight(): void {
     this.#coarseGen = ++this.#gen
     this.#dropped.clear()
-    return this.#l1.clear()
   }
 
   async #invalidatePrefixes(gen: string, prefixes: string[], mode: InvalidationMode, now: number): Promise<number> {
@@ -836,46 +854,77 @@ export class TieredStore implements Store {
     // Anything that can PUBLISH to Redis can send anything: only objects are messages.
     if (message === null || typeof message !== 'object' || message.f === this.id) return
     const mode = message.m === 'stale' ? 'stale' : 'delete'
-    const quiet = message.qs !== undefined || message.q === 1
     const selector = message.flush ? undefined : busSelector(message.qs ?? message.s)
     if (!message.flush && selector === undefined) return
-    const applied = (selector === undefined ? this.#flushL1() : this.#applyToL1(selector, mode, this.#now())).catch((error: unknown) => {
-      this.#logger?.error({ err: error }, 'applying a bus message to L1 failed')
-      return 0
-    })
-    if (this.#remoteListeners.length === 0) return
-    // A quiet message's drops are reported with the message proper that follows it.
-    const walk = message.w || message.flush ? undefined : typeof message.i === 'number' ? `${message.f}\0${message.i}` : `${message.f}\0${mode}\0${JSON.stringify(selector)}`
-    if (quiet) {
-      if (walk === undefined) return
-      const before = this.#quietDrops.get(walk) ?? 0
-      this.#quietDrops.delete(walk)
-      if (message.x === 1) return // the walk failed: no message proper follows
-      if (this.#quietDrops.size >= MAX_QUIET_WALKS) this.#quietDrops.delete(this.#quietDrops.keys().next().value!)
-      this.#quietDrops.set(walk, Promise.all([before, applied]).then(([a, b]) => a + b))
+    // A walk in batches: its quiet message (start, or failure) and its message proper share this.
+    const walk =
+      selector === undefined || message.w
+        ? undefined
+        : typeof message.i === 'number'
+          ? `${message.f}\0${message.i}`
+          : `${message.f}\0${mode}\0${JSON.stringify(selector)}` // the previous build's, numberless
+    const heard = walk === undefined ? undefined : this.#walksHeard.get(walk)
+    if (heard !== undefined) this.#endWalk(walk!)
+    let applied: Promise<number>
+    if (heard !== undefined) {
+      // The quiet message's run dropped the copies, and none the walk covers was put in L1 since.
+      applied = heard.dropped
+    } else {
+      applied = (selector === undefined ? this.#flushL1() : this.#applyToL1(selector, mode, this.#now())).catch((error: unknown) => {
+        this.#logger?.error({ err: error }, 'applying a bus message to L1 failed')
+        return 0
+      })
+    }
+    if (message.qs !== undefined || message.q === 1) {
+      // A failed walk's: nothing follows, nothing is reported. A start's: the gate goes up.
+      if (message.x !== 1 && heard === undefined) this.#beginWalk(walk!, selector!, applied)
       return
     }
-    const before = walk === undefined ? 0 : (this.#quietDrops.get(walk) ?? 0)
-    if (walk !== undefined) this.#quietDrops.delete(walk)
-    void Promise.all([before, applied])
-      .then(([earlier, dropped]) => {
-        const invalidated = earlier + dropped
-        const remote: RemoteInvalidation =
-          selector === undefined
-            ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined }
-            : { selector, mode, write: message.w === 1, invalidated }
-        for (const listener of this.#remoteListeners) {
-          try {
-            listener(remote)
-          } catch (error) {
-            this.#logger?.error({ err: error }, 'a bus invalidation listener failed')
-          }
+    if (this.#remoteListeners.length === 0) return
+    void applied.then((invalidated) => {
+      const remote: RemoteInvalidation =
+        selector === undefined
+          ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined }
+          : { selector, mode, write: message.w === 1, invalidated }
+      for (const listener of this.#remoteListeners) {
+        try {
+          listener(remote)
+        } catch (error) {
+          this.#logger?.error({ err: error }, 'a bus invalidation listener failed')
         }
-      })
+      }
+    })
+  }
+
+  /**
+   * Another instance's walk has started: until its message proper (or its failure) comes, this
+   * L1 takes in nothing it covers, so that message needs no second run over L1. A walk not
+   * heard of again within l1MaxTtlMs (its sender died) lifts the gate; its message proper, if
+   * it still comes, then runs over L1 as any other.
+   */
+  #beginWalk(walk: string, selector: Selector, dropped: Promise<number>): void {
+    if (this.#walksHeard.size >= MAX_QUIET_WALKS) this.#endWalk(this.#walksHeard.keys().next().value!)
+    const reach = new Reach(selector)
+    const timer = setTimeout(() => this.#endWalk(walk), this.#l1MaxTtlMs)
+    timer.unref()
+    this.#walksHeard.set(walk, { reach, dropped, timer })
+    this.#runs.add(reach)
+  }
+
+  #endWalk(walk: string): void {
+    const heard = this.#walksHeard.get(walk)
+    if (heard === undefined) return
+    this.#walksHeard.delete(walk)
+    clearTimeout(heard.timer)
+    this.#runs.delete(heard.reach)
+    // A read that reached Redis before the walk reached its key must not fill L1 now.
+    this.#refuseFillsInFlight()
   }
 
   #setBus(up: boolean): void {
     if (up === this.#busUp) return
+    // Walks heard of may have ended unheard: their messages proper run over L1 if they come.
+    for (const walk of [...this.#walksHeard.keys()]) this.#endWalk(walk)
     // Messages may have been missed while the bus was down: nothing in L1 can be trusted.
     if (up) void this.#flushL1()
     this.#busUp = up
@@ -945,6 +994,13 @@ function busSelector(value: unknown): Selector | undefined {
     names += list.length
   }
   return names > 0 ? selector : undefined
+}
+
+interface HeardWalk {
+  reach: Reach
+  /** The L1 copies its quiet message dropped. */
+  dropped: Promise<number>
+  timer: NodeJS.Timeout
 }
 
 /** What an invalidation reaches, in sets: whether it covers an entry costs a few lookups, whatever its size. */

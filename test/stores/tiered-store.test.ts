@@ -569,24 +569,41 @@ if (requireRedisServer(t)) {
     t.equal(differing, 0, 'the consistency check does not report copies the run is dropping')
   })
 
-  t.test('the instance making a batched invalidation drops its own L1 copies when the walk starts, not when it ends', async (t) => {
+  t.test('while a walk in batches goes, every L1 has dropped what it covers and takes none of it in; once it is done, they do again', async (t) => {
     const clock = new FakeClock()
     const namespace = `own${n++}`
     const a = await open(clock, { namespace, indexBatch: 5 })
     const b = await open(clock, { namespace })
     t.teardown(() => Promise.all([a.close(), b.close()]))
+    let heard = 0
+    b.onRemoteInvalidation((remote) => void (remote.write || heard++))
     for (let i = 0; i < 3000; i += 500) {
       await Promise.all(Array.from({ length: 500 }, (_, j) => a.set(entry(clock, `own/${i + j}`, { tags: ['big'] }))))
     }
-    t.ok(await filled(a, 'own/2999', clock), 'a holds a copy')
-    t.ok(await filled(b, 'own/2999', clock), 'b holds a copy')
+    await a.set(entry(clock, 'free', { tags: ['small'] }))
+    for (const store of [a, b]) {
+      t.ok(await filled(store, 'own/2999', clock), 'a copy of an entry the walk covers')
+      t.ok(await filled(store, 'free', clock), 'and of one it does not')
+    }
     let done = false
     const walking = a.invalidate({ tags: ['big'] }, 'delete', clock.now()).finally(() => (done = true))
     t.ok(await waitUntil(async () => (await b.l1Peek('own/2999', clock.now())) === undefined), 'the quiet message reached b')
-    const ownCopy = await a.l1Peek('own/2999', clock.now())
-    t.notOk(done, 'the walk (600 batches) is still going')
-    t.equal(ownCopy, undefined, 'a dropped its own copy as b did')
+    t.equal(await a.l1Peek('own/2999', clock.now()), undefined, 'a dropped its own copy as b did')
+    // Reads meanwhile go to Redis, where the walk may not have reached the key yet: not into L1.
+    for (const store of [a, b]) {
+      for (const key of ['own/2999', 'own/0', 'own/1500']) {
+        await store.get(key, clock.now())
+        await store.get(key, clock.now())
+        t.equal(await store.l1Peek(key, clock.now()), undefined, `${key} stays out of ${store === a ? 'a' : 'b'}'s L1`)
+      }
+      t.ok(await store.l1Peek('free', clock.now()), 'the entry the walk does not cover stays in L1')
+    }
+    t.notOk(done, 'the walk (600 batches) was still going all along')
     t.equal(await walking, 3000)
+    t.ok(await waitUntil(() => heard === 1), 'b heard the message proper')
+    await a.set(entry(clock, 'own/7', { tags: ['big'] }))
+    t.ok(await filled(a, 'own/7', clock), 'a fills L1 again')
+    t.ok(await filled(b, 'own/7', clock), 'b fills L1 again')
   })
 
   t.test('a batched read racing rewrites to another user and a clear returns only what is still the user\'s', async (t) => {
