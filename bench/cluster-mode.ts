@@ -5,7 +5,9 @@
 //   2. Invalidation propagation: from one instance's invalidate() to another's L1.
 //   3. batch-set and batch-get of 1000 keys, against the same keys one after another.
 //   4. Invalidating a user with 10 entries among N entries in Redis, against SCAN MATCH + DEL.
-// Run: node --import tsx bench/cluster-mode.ts [--entries 1000000] [--duration 4] [--skip-http] [--skip-scan]
+//   5. L1 reads of hot keys on B while other instances invalidate a prefix no entry is under,
+//      every 50 ms (each a run over B's whole L1, in slices), against the same reads alone.
+// Run: node --import tsx bench/cluster-mode.ts [--entries 1000000] [--duration 4] [--skip-http] [--skip-scan] [--skip-runs] [--only-runs]
 import { spawn, type ChildProcess } from 'node:child_process'
 import { performance } from 'node:perf_hooks'
 import autocannon from 'autocannon'
@@ -272,15 +274,83 @@ async function userVsScan(redisUrl: string) {
   loader.disconnect()
 }
 
+/**
+ * What a run over L1 costs the reads it does not cover. B's L1 holds `--entries` entries and
+ * 1000 hot ones; 16 readers on B read hot keys for `DURATION_S`, first alone, then while the
+ * bus brings B, every 50 ms, what another instance sends for an invalidation of the prefix
+ * `none/` (no entry is under it) walked in batches: a quiet message and a message proper,
+ * each a run over B's whole L1 in 2 ms slices. (Published here directly: the walk itself, a
+ * SCAN over Redis, would run on that other instance.) Redis counts the reads it answers, so
+ * the hot keys' hit counts in Redis say how many reads did not come from L1.
+ */
+async function l1DuringRuns(redisUrl: string) {
+  const cold = ENTRIES
+  const a = new TieredStore({ redisUrl, namespace: 'runs', sweepIntervalMs: 0 })
+  const b = new TieredStore({ redisUrl, namespace: 'runs', sweepIntervalMs: 0 })
+  const bus = new Redis(redisUrl)
+  await Promise.all([a.connect(), b.connect()])
+  const now = Date.now()
+  const entry = (key: string, userId: string) => ({
+    key, value: '1', etag: 'e', userId, tags: ['t'], createdAt: now, expiresAt: now + 3_600_000, hits: 0, lastAccessAt: now, stale: false, origin: undefined, size: 10,
+  })
+  const hot = Array.from({ length: 1000 }, (_, i) => `hot/${i}`)
+  const coldKeys = Array.from({ length: cold }, (_, i) => `cold/${i}`)
+  for (let i = 0; i < coldKeys.length; i += 1000) await Promise.all(coldKeys.slice(i, i + 1000).map((key, j) => a.set(entry(key, `u${(i + j) % 10_000}`))))
+  await Promise.all(hot.map((key, i) => a.set(entry(key, `h${i}`))))
+  for (let i = 0; i < coldKeys.length; i += 1000) await Promise.all(coldKeys.slice(i, i + 1000).map((key) => b.get(key, Date.now())))
+  await Promise.all(hot.map((key) => b.get(key, Date.now())))
+  const l1 = (await b.l1Size()).entries
+  const redisHits = async () => (await Promise.all(hot.map((key) => a.peek(key, Date.now())))).reduce((sum, e) => sum + (e?.hits ?? 0), 0)
+  const phase = async (invalidating: boolean) => {
+    let stop = false
+    let invalidations = 0
+    const invalidator = (async () => {
+      while (invalidating && !stop) {
+        const walk = ++invalidations
+        await bus.publish('{runs}:bus', JSON.stringify({ f: 'bench', qs: { prefixes: ['none/'] }, m: 'delete', i: walk }))
+        await bus.publish('{runs}:bus', JSON.stringify({ f: 'bench', s: { prefixes: ['none/'] }, m: 'delete', i: walk }))
+        await new Promise((r) => setTimeout(r, 50))
+      }
+    })()
+    const before = await redisHits()
+    let reads = 0
+    const t0 = performance.now()
+    const deadline = t0 + DURATION_S * 1000
+    await Promise.all(
+      Array.from({ length: 16 }, async (_, r) => {
+        for (let i = r; performance.now() < deadline; i += 16) {
+          await b.get(hot[i % hot.length]!, Date.now())
+          reads++
+        }
+      }),
+    )
+    const seconds = (performance.now() - t0) / 1000
+    stop = true
+    await invalidator
+    const fromRedis = (await redisHits()) - before
+    return { perSecond: reads / seconds, fromL1: 1 - fromRedis / reads, invalidations }
+  }
+  const quiet = await phase(false)
+  const busy = await phase(true)
+  console.log(
+    `L1 reads of hot keys during runs over an L1 of ${l1} entries: alone ${fmt(quiet.perSecond, 0)} reads/s (${fmt(100 * quiet.fromL1, 1)}% from L1); ` +
+      `with ${busy.invalidations} prefix invalidations from another instance (one per 50 ms) ${fmt(busy.perSecond, 0)} reads/s (${fmt(100 * busy.fromL1, 1)}% from L1): ratio ${fmt(busy.perSecond / quiet.perSecond, 2)}`,
+  )
+  bus.disconnect()
+  await Promise.all([a.close(), b.close()])
+}
+
 const redis = new RedisServer(await freePort())
 await redis.start()
 try {
   console.log(`node ${process.version}, ${new Date().toISOString()}`)
-  if (!process.argv.includes("--skip-http")) await throughput(redis.url)
-  await coreReads(redis.url)
-  await propagation(redis.url)
-  await batches(redis.url)
-  if (!process.argv.includes('--skip-scan')) await userVsScan(redis.url)
+  const only = process.argv.includes('--only-runs')
+  if (!only && !process.argv.includes('--skip-http')) await throughput(redis.url)
+  if (!only) await coreReads(redis.url)
+  if (!only) await propagation(redis.url)
+  if (!only) await batches(redis.url)
+  if (!only && !process.argv.includes('--skip-scan')) await userVsScan(redis.url)
+  if (!process.argv.includes('--skip-runs')) await l1DuringRuns(redis.url)
 } finally {
   await redis.stop()
 }
