@@ -642,6 +642,7 @@ export class TieredStore implements Store {
   async close(): Promise<void> {
     this.#closing = true
     if (this.#timer) clearInterval(this.#timer)
+    for (const walk of [...this.#walksHeard.keys()]) this.#endWalk(walk)
     await Promise.allSettled(this.#background)
     this.#redis.disconnect()
     this.#sub.disconnect()
