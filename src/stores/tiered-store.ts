@@ -32,6 +32,8 @@ const SCAN_COUNT = 1000
 const MAX_DROPPED_KEYS = 10_000
 /** Walks whose quiet message came and whose message proper has not (yet); past this, the oldest is forgotten. */
 const MAX_QUIET_WALKS = 1000
+/** Longest delay setTimeout takes (a longer one fires at once). */
+const MAX_TIMER_MS = 2 ** 31 - 1
 /** The lease stamp handed out while Redis is unreachable: no store ever accepts it. */
 const OFFLINE_STAMP: LeaseStamp = { epoch: 'offline', seq: 0 }
 /**
@@ -853,7 +855,7 @@ export class TieredStore implements Store {
       return
     }
     // Anything that can PUBLISH to Redis can send anything: only objects are messages.
-    if (message === null || typeof message !== 'object' || message.f === this.id) return
+    if (this.#closing || message === null || typeof message !== 'object' || message.f === this.id) return
     const mode = message.m === 'stale' ? 'stale' : 'delete'
     const selector = message.flush ? undefined : busSelector(message.qs ?? message.s)
     if (!message.flush && selector === undefined) return
@@ -900,13 +902,15 @@ export class TieredStore implements Store {
   /**
    * Another instance's walk has started: until its message proper (or its failure) comes, this
    * L1 takes in nothing it covers, so that message needs no second run over L1. A walk not
-   * heard of again within l1MaxTtlMs (its sender died) lifts the gate; its message proper, if
-   * it still comes, then runs over L1 as any other.
+   * heard of again within l1MaxTtlMs (its sender died, or the message was lost while the bus
+   * was down) lifts the gate; its message proper, if it still comes, then runs over L1 as any
+   * other (a walk longer than that may meanwhile leave copies of entries it reached late).
+   * Past MAX_QUIET_WALKS gates, the oldest is lifted the same way.
    */
   #beginWalk(walk: string, selector: Selector, dropped: Promise<number>): void {
     if (this.#walksHeard.size >= MAX_QUIET_WALKS) this.#endWalk(this.#walksHeard.keys().next().value!)
     const reach = new Reach(selector)
-    const timer = setTimeout(() => this.#endWalk(walk), this.#l1MaxTtlMs)
+    const timer = setTimeout(() => this.#endWalk(walk), Math.min(this.#l1MaxTtlMs, MAX_TIMER_MS))
     timer.unref()
     this.#walksHeard.set(walk, { reach, dropped, timer })
     this.#runs.add(reach)
@@ -924,8 +928,9 @@ export class TieredStore implements Store {
 
   #setBus(up: boolean): void {
     if (up === this.#busUp) return
-    // Walks heard of may have ended unheard: their messages proper run over L1 if they come.
-    for (const walk of [...this.#walksHeard.keys()]) this.#endWalk(walk)
+    // Walk gates stay up: a walk heard of may still be going (the flush empties L1, reads
+    // would refill it from entries the walk has yet to reach). One whose message proper was
+    // lost meanwhile ends by its timer.
     // Messages may have been missed while the bus was down: nothing in L1 can be trusted.
     if (up) void this.#flushL1()
     this.#busUp = up

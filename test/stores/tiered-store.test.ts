@@ -606,6 +606,28 @@ if (requireRedisServer(t)) {
     t.ok(await filled(b, 'own/7', clock), 'b fills L1 again')
   })
 
+  t.test('a walk\'s gate outlasts a bus reconnect: the walk may still be going', async (t) => {
+    const clock = new FakeClock()
+    const [a, b, namespace] = await openPair(t, clock)
+    const admin = new Redis(redis.url)
+    t.teardown(() => admin.quit())
+    let heard = 0
+    b.onRemoteInvalidation((remote) => void (remote.write || heard++))
+    await a.set(entry(clock, 'gk', { userId: 'g' }))
+    t.ok(await filled(b, 'gk', clock))
+    // Another instance starts walking user g (its quiet message), then b's subscriber drops.
+    await admin.publish(`{${namespace}}:bus`, JSON.stringify({ f: 'walker', qs: { userIds: ['g'] }, m: 'delete', i: 1 }))
+    t.ok(await waitUntil(async () => (await b.l1Peek('gk', clock.now())) === undefined), 'the quiet message dropped the copy')
+    await admin.client('KILL', 'TYPE', 'pubsub')
+    t.ok(await waitUntil(() => !b.ready()), 'b\'s bus dropped')
+    t.ok(await waitUntil(() => b.ready()), 'and came back')
+    for (let i = 0; i < 3; i++) await b.get('gk', clock.now())
+    t.equal(await b.l1Peek('gk', clock.now()), undefined, 'an entry the walk covers is read from Redis, not put in L1')
+    await admin.publish(`{${namespace}}:bus`, JSON.stringify({ f: 'walker', s: { userIds: ['g'] }, m: 'delete', i: 1 }))
+    t.ok(await waitUntil(() => heard === 1), 'the message proper came')
+    t.ok(await filled(b, 'gk', clock), 'then L1 takes it in again')
+  })
+
   t.test('a batched read racing rewrites to another user and a clear returns only what is still the user\'s', async (t) => {
     const clock = new FakeClock()
     const namespace = `race${n++}`
