@@ -175,8 +175,8 @@ export class TieredStore implements Store {
    * message proper, and the gate keeping what the walk covers out of L1 meanwhile.
    */
   readonly #walksHeard = new Map<string, HeardWalk>()
-  /** This instance's invalidations so far: the next one's walk number. */
-  #walks = 0
+  /** The number of this instance's last invalidation (a walk's number on the bus). */
+  #lastWalk = 0
   /** The selectors of the runs over this L1 still going (a user's, tag's or prefix's yields between slices). */
   readonly #runs = new Set<Reach>()
   readonly #background = new Set<Promise<unknown>>()
@@ -371,7 +371,7 @@ export class TieredStore implements Store {
 
   async invalidate(selector: Selector, mode: InvalidationMode, now: number): Promise<number> {
     const prefixes = selector.prefixes ?? []
-    const walk = ++this.#walks
+    const walk = ++this.#lastWalk
     const message = this.#message(selector, mode, walk)
     const quiet = this.#message(selector, mode, walk, 'quiet')
     // Whether the other instances still wait for the message (the script sent the quiet one).
@@ -738,7 +738,7 @@ export class TieredStore implements Store {
       this.#busUp &&
       this.#coarseGen <= startGen &&
       (this.#dropped.get(entry.key) ?? 0) <= startGen &&
-      (this.#runs.size === 0 || !this.#inRun(entry))
+      !this.#inRun(entry)
     )
   }
 
@@ -867,10 +867,10 @@ export class TieredStore implements Store {
           ? `${message.f}\0${message.i}`
           : `${message.f}\0${mode}\0${JSON.stringify(selector)}` // the previous build's, numberless
     const heard = walk === undefined ? undefined : this.#walksHeard.get(walk)
-    if (heard !== undefined) this.#endWalk(walk!)
     let applied: Promise<number>
     if (heard !== undefined) {
       // The quiet message's run dropped the copies, and none the walk covers was put in L1 since.
+      this.#endWalk(walk!)
       applied = heard.dropped
     } else {
       applied = (selector === undefined ? this.#flushL1() : this.#applyToL1(selector, mode, this.#now())).catch((error: unknown) => {
@@ -928,10 +928,9 @@ export class TieredStore implements Store {
 
   #setBus(up: boolean): void {
     if (up === this.#busUp) return
-    // Walk gates stay up: a walk heard of may still be going (the flush empties L1, reads
-    // would refill it from entries the walk has yet to reach). One whose message proper was
-    // lost meanwhile ends by its timer.
     // Messages may have been missed while the bus was down: nothing in L1 can be trusted.
+    // Walk gates stay up, as a walk heard of may still be going (reads would refill L1 from
+    // entries it has yet to reach); one whose message proper was lost ends by its timer.
     if (up) void this.#flushL1()
     this.#busUp = up
     this.#logger?.[up ? 'info' : 'warn']({ bus: this.#channel }, up ? 'cluster bus connected' : 'cluster bus disconnected')

@@ -10,19 +10,20 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 if (requireRedisServer(t)) {
   const redis = await startRedis(t)
   let n = 0
+  type Options = Partial<ConstructorParameters<typeof TieredStore>[0]>
 
   /** A TieredStore on the test's redis-server, in a namespace of its own. */
-  const open = async (clock: ContractClock, options: Partial<ConstructorParameters<typeof TieredStore>[0]> = {}) => {
+  const open = async (clock: ContractClock, options: Options = {}) => {
     const store = new TieredStore({ redisUrl: redis.url, namespace: `t${n++}`, now: clock.now, sweepIntervalMs: 0, ...options })
     if (!(await store.connect(10_000))) throw new Error('the TieredStore did not connect')
     return store
   }
 
   /** Two TieredStores sharing one namespace, as two instances share one Redis; closed at the test's end. */
-  const openPair = async (t: Test, clock: ContractClock) => {
+  const openPair = async (t: Test, clock: ContractClock, aOptions: Options = {}, bOptions: Options = {}) => {
     const namespace = `shared${n++}`
-    const a = await open(clock, { namespace })
-    const b = await open(clock, { namespace })
+    const a = await open(clock, { ...aOptions, namespace })
+    const b = await open(clock, { ...bOptions, namespace })
     t.teardown(() => Promise.all([a.close(), b.close()]))
     return [a, b, namespace] as const
   }
@@ -380,10 +381,7 @@ if (requireRedisServer(t)) {
 
   t.test('a batched invalidation racing a clear leaves what is written after the clear alone', async (t) => {
     const clock = new FakeClock()
-    const namespace = `clearrace${n++}`
-    const store = await open(clock, { namespace, indexBatch: 10 })
-    const writer = await open(clock, { namespace })
-    t.teardown(() => Promise.all([store.close(), writer.close()]))
+    const [store, writer] = await openPair(t, clock, { indexBatch: 10 })
     let lost = 0
     let raced = 0
     const rounds = 12
@@ -408,11 +406,9 @@ if (requireRedisServer(t)) {
   for (const by of ['user', 'prefix'] as const) {
     t.test(`a ${by} invalidation failing midway through its batches leaves no other instance's L1 serving what it dropped`, async (t) => {
       const clock = new FakeClock()
-      const namespace = `midway${n++}`
-      const a = await open(clock, { namespace, indexBatch: 10 })
-      const b = await open(clock, { namespace })
+      const [a, b, namespace] = await openPair(t, clock, { indexBatch: 10 })
       const admin = new Redis(redis.url)
-      t.teardown(() => Promise.all([a.close(), b.close(), admin.quit()]))
+      t.teardown(() => admin.quit())
       const reports: string[] = []
       b.onRemoteInvalidation((remote) => reports.push(remote.write ? 'write' : JSON.stringify(remote.selector)))
       const selector = by === 'user' ? { userIds: ['alice'] } : { prefixes: ['p/'] }
@@ -450,10 +446,7 @@ if (requireRedisServer(t)) {
 
   t.test('a batched invalidation is reported once on other instances, when its walk is done', async (t) => {
     const clock = new FakeClock()
-    const namespace = `once${n++}`
-    const a = await open(clock, { namespace, indexBatch: 10 })
-    const b = await open(clock, { namespace })
-    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const [a, b] = await openPair(t, clock, { indexBatch: 10 })
     const reports: Array<{ selector: string; invalidated: number }> = []
     b.onRemoteInvalidation((remote) => void (remote.write || reports.push({ selector: JSON.stringify(remote.selector), invalidated: remote.invalidated })))
     await Promise.all(Array.from({ length: 100 }, (_, i) => a.set(entry(clock, `o/${i}`, { userId: 'carol' }))))
@@ -523,11 +516,8 @@ if (requireRedisServer(t)) {
 
   t.test('while a large invalidation is still being applied to an L1, that instance serves none of the copies it has yet to reach, and all the others', async (t) => {
     const clock = new FakeClock()
-    const namespace = `slices${n++}`
-    const a = await open(clock, { namespace, indexBatch: 2000 })
     // Runs over L1 yield every 64 keys: a user's 1000 copies take 16 turns of b's event loop.
-    const b = await open(clock, { namespace, l1SliceMs: 0 })
-    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const [a, b] = await openPair(t, clock, { indexBatch: 2000 }, { l1SliceMs: 0 })
     let applied = 0
     b.onRemoteInvalidation((remote) => void (remote.write || applied++))
     const keys = Array.from({ length: 1000 }, (_, i) => `sl/${i}`)
@@ -571,10 +561,7 @@ if (requireRedisServer(t)) {
 
   t.test('while a walk in batches goes, every L1 has dropped what it covers and takes none of it in; once it is done, they do again', async (t) => {
     const clock = new FakeClock()
-    const namespace = `own${n++}`
-    const a = await open(clock, { namespace, indexBatch: 5 })
-    const b = await open(clock, { namespace })
-    t.teardown(() => Promise.all([a.close(), b.close()]))
+    const [a, b] = await openPair(t, clock, { indexBatch: 5 })
     let heard = 0
     b.onRemoteInvalidation((remote) => void (remote.write || heard++))
     for (let i = 0; i < 3000; i += 500) {
@@ -630,10 +617,7 @@ if (requireRedisServer(t)) {
 
   t.test('a batched read racing rewrites to another user and a clear returns only what is still the user\'s', async (t) => {
     const clock = new FakeClock()
-    const namespace = `race${n++}`
-    const store = await open(clock, { namespace, indexBatch: 10 })
-    const writer = await open(clock, { namespace })
-    t.teardown(() => Promise.all([store.close(), writer.close()]))
+    const [store, writer] = await openPair(t, clock, { indexBatch: 10 })
     let foreign = 0
     let rounds = 0
     let raced = 0
