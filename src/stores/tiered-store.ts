@@ -104,6 +104,8 @@ interface BusMessage {
    * reported as an invalidation. Sent when the walk starts (and again if it fails), so no
    * instance's L1 outlives what Redis has dropped; the message proper (`s`, same `i`) follows
    * once the walk is done. Not under `s`, so instances of a build before it ignore it.
+   * Sent again every third of `l1MaxTtlMs` while the walk goes (a heartbeat), so the gate
+   * it puts up does not lift by its timer during a long walk.
    */
   qs?: Selector
   /** The walk's number at its sender: pairs the quiet message with the message proper. */
@@ -152,6 +154,8 @@ export class TieredStore implements Store {
   readonly #maxEntries: number
   readonly #maxBytes: number
   readonly #l1MaxTtlMs: number
+  /** How often a walk in batches repeats its quiet message: well inside the receivers' gate timer. */
+  readonly #heartbeatMs: number
   readonly #ttlMarginMs: number
   readonly #maxLeaseScopes: number
   readonly #maxLeasePrefixes: number
@@ -195,6 +199,7 @@ export class TieredStore implements Store {
     this.#maxEntries = options.maxEntries ?? DEFAULT_MAX_ENTRIES
     this.#maxBytes = options.maxBytes ?? DEFAULT_MAX_BYTES
     this.#l1MaxTtlMs = options.l1MaxTtlMs ?? DEFAULT_L1_MAX_TTL_MS
+    this.#heartbeatMs = Math.max(1, Math.floor(Math.min(this.#l1MaxTtlMs, MAX_TIMER_MS) / 3))
     this.#ttlMarginMs = options.ttlMarginMs ?? DEFAULT_TTL_MARGIN_MS
     this.#maxLeaseScopes = options.maxLeaseScopes ?? DEFAULT_MAX_LEASE_SCOPES
     this.#maxLeasePrefixes = options.maxLeasePrefixes ?? DEFAULT_MAX_LEASE_PREFIXES
@@ -377,6 +382,7 @@ export class TieredStore implements Store {
     // Whether the other instances still wait for the message (the script sent the quiet one).
     let owed = false
     let gate: Reach | undefined
+    let heartbeat: NodeJS.Timeout | undefined
     try {
       const [count, gen, expired, deferred] = (await this.#scripts.cwInvalidate(
         this.#base,
@@ -403,6 +409,8 @@ export class TieredStore implements Store {
         // So does this instance, for the length of the walk.
         gate = new Reach(selector)
         this.#runs.add(gate)
+        heartbeat = setInterval(() => void this.#redis.publish(this.#channel, quiet).catch(() => undefined), this.#heartbeatMs)
+        heartbeat.unref()
         await this.#applyToL1(selector, mode, now)
       }
       // Sets too large for one script: in batches, each applying only what is still in the set.
@@ -410,10 +418,13 @@ export class TieredStore implements Store {
         await this.#eachMemberBatch(set, async (keys) => void (total += await this.#invalidateKeys(keys, mode, now, set)), gen)
       }
       if (prefixes.length > 0) total += await this.#invalidatePrefixes(gen, prefixes, mode, now)
+      // No heartbeat after the message proper: it would put the gates up again.
+      clearInterval(heartbeat)
       if (owed) await this.#redis.publish(this.#channel, message)
       await this.#delivered()
       return total
     } catch (error) {
+      clearInterval(heartbeat)
       // A walk that failed midway has applied some batches: without a message, the other
       // instances would serve their L1 copies of those entries for up to l1MaxTtlMs. Quiet, as
       // the invalidation failed. Best effort: if Redis is gone, so is their bus, and they drop
@@ -868,6 +879,12 @@ export class TieredStore implements Store {
           : `${message.f}\0${mode}\0${JSON.stringify(selector)}` // the previous build's, numberless
     const heard = walk === undefined ? undefined : this.#walksHeard.get(walk)
     let applied: Promise<number>
+    const quiet = message.qs !== undefined || message.q === 1
+    if (heard !== undefined && quiet && message.x !== 1) {
+      // The walk's heartbeat: it is still going, its gate stays up.
+      heard.timer.refresh()
+      return
+    }
     if (heard !== undefined) {
       // The quiet message's run dropped the copies, and none the walk covers was put in L1 since.
       this.#endWalk(walk!)
@@ -878,8 +895,9 @@ export class TieredStore implements Store {
         return 0
       })
     }
-    if (message.qs !== undefined || message.q === 1) {
-      // A failed walk's: nothing follows, nothing is reported. A start's: the gate goes up.
+    if (quiet) {
+      // A failed walk's: nothing follows, nothing is reported. A start's (or the heartbeat of a
+      // walk whose start this instance missed or whose gate lifted): the gate goes up.
       if (message.x !== 1 && heard === undefined) this.#beginWalk(walk!, selector!, applied)
       return
     }
@@ -901,11 +919,12 @@ export class TieredStore implements Store {
 
   /**
    * Another instance's walk has started: until its message proper (or its failure) comes, this
-   * L1 takes in nothing it covers, so that message needs no second run over L1. A walk not
-   * heard of again within l1MaxTtlMs (its sender died, or the message was lost while the bus
-   * was down) lifts the gate; its message proper, if it still comes, then runs over L1 as any
-   * other (a walk longer than that may meanwhile leave copies of entries it reached late).
-   * Past MAX_QUIET_WALKS gates, the oldest is lifted the same way.
+   * L1 takes in nothing it covers, so that message needs no second run over L1. The walk's
+   * sender repeats its quiet message every third of l1MaxTtlMs; a walk not heard of within
+   * l1MaxTtlMs (its sender died, or messages were lost while the bus was down) lifts the
+   * gate. Its message proper, if it still comes, then runs over L1 as any other; a heartbeat
+   * that still comes runs over L1 again and puts the gate back up. Past MAX_QUIET_WALKS gates,
+   * the oldest is lifted the same way.
    */
   #beginWalk(walk: string, selector: Selector, dropped: Promise<number>): void {
     if (this.#walksHeard.size >= MAX_QUIET_WALKS) this.#endWalk(this.#walksHeard.keys().next().value!)

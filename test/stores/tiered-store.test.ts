@@ -615,6 +615,68 @@ if (requireRedisServer(t)) {
     t.ok(await filled(b, 'gk', clock), 'then L1 takes it in again')
   })
 
+  t.test('a walk\'s gate stays up while its heartbeats come, and lifts l1MaxTtlMs after the last', async (t) => {
+    const clock = new FakeClock()
+    const [a, b, namespace] = await openPair(t, clock, {}, { l1MaxTtlMs: 150 })
+    const admin = new Redis(redis.url)
+    t.teardown(() => admin.quit())
+    await a.set(entry(clock, 'hk', { userId: 'h' }))
+    t.ok(await filled(b, 'hk', clock))
+    const quiet = JSON.stringify({ f: 'walker', qs: { userIds: ['h'] }, m: 'delete', i: 1 })
+    await admin.publish(`{${namespace}}:bus`, quiet)
+    t.ok(await waitUntil(async () => (await b.l1Peek('hk', clock.now())) === undefined), 'the quiet message dropped the copy')
+    // Four gate timers' worth of heartbeats, one every 50 ms.
+    for (let i = 0; i < 12; i++) {
+      await sleep(50)
+      await admin.publish(`{${namespace}}:bus`, quiet)
+      await b.get('hk', clock.now())
+      t.equal(await b.l1Peek('hk', clock.now()), undefined, `still gated after ${(i + 1) * 50} ms`)
+    }
+    // The sender stopped (it died): the gate lifts by its timer.
+    t.ok(await filled(b, 'hk', clock), 'L1 takes the entry in again once the heartbeats stop')
+    // A heartbeat after that (a gate lifted too early) drops the copy and gates again.
+    await admin.publish(`{${namespace}}:bus`, quiet)
+    t.ok(await waitUntil(async () => (await b.l1Peek('hk', clock.now())) === undefined), 'a late heartbeat drops the copy')
+    await b.get('hk', clock.now())
+    t.equal(await b.l1Peek('hk', clock.now()), undefined, 'and gates the entry again')
+  })
+
+  t.test('a walk longer than l1MaxTtlMs keeps every other L1 gated to its end, by its heartbeats', async (t) => {
+    const clock = new FakeClock()
+    // With a fake clock, l1MaxTtlMs times only the gates (and the heartbeat, a third of it).
+    const [a, b, namespace] = await openPair(t, clock, { indexBatch: 2, l1MaxTtlMs: 30 }, { l1MaxTtlMs: 30 })
+    const listener = new Redis(redis.url)
+    t.teardown(() => listener.quit())
+    const heartbeats: unknown[] = []
+    listener.on('message', (_channel: string, raw: string) => {
+      const message = JSON.parse(raw) as { qs?: unknown; i?: number }
+      if (message.qs !== undefined) heartbeats.push(message.i)
+    })
+    await listener.subscribe(`{${namespace}}:bus`)
+    const keys = Array.from({ length: 4000 }, (_, i) => `long/${i}`)
+    for (let i = 0; i < keys.length; i += 500) {
+      await Promise.all(keys.slice(i, i + 500).map((key) => a.set(entry(clock, key, { tags: ['long'] }))))
+    }
+    let done = false
+    const walking = a.invalidate({ tags: ['long'] }, 'delete', clock.now()).finally(() => (done = true))
+    // b keeps reading entries the walk has yet to reach; none may go into its L1.
+    let filledCopies = 0
+    let rounds = 0
+    while (!done) {
+      rounds++
+      const sample = keys.slice((rounds * 37) % 3900, ((rounds * 37) % 3900) + 20)
+      for (const key of sample) await b.get(key, clock.now())
+      for (const key of sample) if ((await b.l1Peek(key, clock.now())) !== undefined) filledCopies++
+    }
+    t.equal(await walking, keys.length)
+    t.ok(heartbeats.length >= 4, `the walk outlasted l1MaxTtlMs: its quiet message went ${heartbeats.length} times`)
+    t.equal(filledCopies, 0, `no copy of an entry the walk covers went into b's L1 (${rounds} rounds of reads)`)
+    t.equal(new Set(heartbeats).size, 1, 'every heartbeat names the one walk')
+    const after = heartbeats.length
+    await sleep(50)
+    t.equal(heartbeats.length, after, 'no heartbeat after the message proper')
+  })
+
   t.test('a batched read racing rewrites to another user and a clear returns only what is still the user\'s', async (t) => {
     const clock = new FakeClock()
     const [store, writer] = await openPair(t, clock, { indexBatch: 10 })
