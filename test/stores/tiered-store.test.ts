@@ -36,6 +36,13 @@ if (requireRedisServer(t)) {
       return (await store.l1Peek(key, clock.now())) !== undefined
     })
 
+  /** Writes `count` entries, `make(i)` the i-th, 250 at a time. */
+  const fill = async (store: TieredStore, count: number, make: (i: number) => Parameters<TieredStore['set']>[0]) => {
+    for (let i = 0; i < count; i += 250) {
+      await Promise.all(Array.from({ length: Math.min(250, count - i) }, (_, j) => store.set(make(i + j))))
+    }
+  }
+
   storeContract(t, 'TieredStore', (clock) => open(clock))
 
   t.test('an L1 copy never outlives l1MaxTtlMs, while Redis keeps the entry', async (t) => {
@@ -168,7 +175,7 @@ if (requireRedisServer(t)) {
     const clock = new FakeClock()
     const store = await open(clock)
     t.teardown(() => store.close())
-    for (let i = 0; i < 2500; i++) await store.set(entry(clock, `p*:${i}`))
+    await fill(store, 2500, (i) => entry(clock, `p*:${i}`))
     await store.set(entry(clock, 'pX:1'))
     await store.set(entry(clock, 'p:1'))
     t.equal(await store.invalidate({ prefixes: ['p*:'] }, 'delete', clock.now()), 2500)
@@ -295,7 +302,7 @@ if (requireRedisServer(t)) {
   t.test('marking everything stale keeps the entries, voids leases and empties every L1', async (t) => {
     const clock = new FakeClock()
     const [a, b] = await openPair(t, clock)
-    for (let i = 0; i < 1500; i++) await a.set(entry(clock, `s:${i}`, { userId: 'u' }))
+    await fill(a, 1500, (i) => entry(clock, `s:${i}`, { userId: 'u' }))
     t.ok(await filled(b, 's:0', clock))
     const lease = await b.leaseStamp()
     t.equal(await a.markAllStale(), 1500)
@@ -311,9 +318,7 @@ if (requireRedisServer(t)) {
     const clock = new FakeClock()
     const [a, b] = await openPair(t, clock)
     // 2500 tagged entries (the script takes at most 1000 members), 1500 of them of one user.
-    for (let i = 0; i < 2500; i += 250) {
-      await Promise.all(Array.from({ length: 250 }, (_, j) => a.set(entry(clock, `w:${i + j}`, { userId: i + j < 1500 ? 'big' : `u${i + j}`, tags: ['wide'] }))))
-    }
+    await fill(a, 2500, (i) => entry(clock, `w:${i}`, { userId: i < 1500 ? 'big' : `u${i}`, tags: ['wide'] }))
     await a.set(entry(clock, 'other', { userId: 'u1' }))
     t.ok(await filled(b, 'w:2400', clock), 'another instance holds an L1 copy')
     const lease = await a.leaseStamp()
@@ -343,7 +348,7 @@ if (requireRedisServer(t)) {
     // More members than the lease book holds: the floor rises, refusing every older lease.
     const small = await open(clock, { maxLeaseScopes: 1000 })
     t.teardown(() => small.close())
-    for (let i = 0; i < 1500; i += 250) await Promise.all(Array.from({ length: 250 }, (_, j) => small.set(entry(clock, `w:${i + j}`, { tags: ['wide'] }))))
+    await fill(small, 1500, (i) => entry(clock, `w:${i}`, { tags: ['wide'] }))
     await small.set(entry(clock, 'other'))
     const older = await small.leaseStamp()
     t.equal(await small.invalidate({ tags: ['wide'] }, 'delete', clock.now()), 1500)
@@ -564,9 +569,7 @@ if (requireRedisServer(t)) {
     const [a, b] = await openPair(t, clock, { indexBatch: 5 })
     let heard = 0
     b.onRemoteInvalidation((remote) => void (remote.write || heard++))
-    for (let i = 0; i < 3000; i += 500) {
-      await Promise.all(Array.from({ length: 500 }, (_, j) => a.set(entry(clock, `own/${i + j}`, { tags: ['big'] }))))
-    }
+    await fill(a, 3000, (i) => entry(clock, `own/${i}`, { tags: ['big'] }))
     await a.set(entry(clock, 'free', { tags: ['small'] }))
     for (const store of [a, b]) {
       t.ok(await filled(store, 'own/2999', clock), 'a copy of an entry the walk covers')
@@ -654,9 +657,7 @@ if (requireRedisServer(t)) {
     })
     await listener.subscribe(`{${namespace}}:bus`)
     const keys = Array.from({ length: 4000 }, (_, i) => `long/${i}`)
-    for (let i = 0; i < keys.length; i += 500) {
-      await Promise.all(keys.slice(i, i + 500).map((key) => a.set(entry(clock, key, { tags: ['long'] }))))
-    }
+    await fill(a, keys.length, (i) => entry(clock, keys[i]!, { tags: ['long'] }))
     let done = false
     const walking = a.invalidate({ tags: ['long'] }, 'delete', clock.now()).finally(() => (done = true))
     // b keeps reading entries the walk has yet to reach; none may go into its L1.
