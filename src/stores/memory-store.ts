@@ -9,6 +9,7 @@ import type {
   SetOutcome,
   StoredEntry,
 } from '../cache/types.js'
+import { prefixRuns, SortedKeys } from './sorted-keys.js'
 import type { Store } from './store.js'
 
 export const DEFAULT_MAX_ENTRIES = 1_000_000
@@ -41,6 +42,12 @@ export interface MemoryStoreOptions {
   leases?: boolean
   /** How long a long loop runs before it yields (default 2 ms); tests pass 0 to make every run yield. */
   sliceMs?: number
+  /**
+   * Keep the keys in order as well (default false), so a prefix invalidation costs the keys
+   * it matches instead of a pass over every key; about 10 more heap bytes an entry. On for the
+   * TieredStore's L1, where every instance runs every prefix invalidation of the cluster.
+   */
+  prefixIndex?: boolean
 }
 
 /**
@@ -60,6 +67,7 @@ export class MemoryStore implements Store {
   readonly #buckets = new Map<number, Set<string>>()
   // Bucket ids, a min-heap, so a sweep finds the due buckets without scanning them all.
   readonly #bucketHeap: number[] = []
+  readonly #sorted: SortedKeys | undefined
   readonly #leases: LeaseBook | undefined
   readonly #listeners: EvictionListener[] = []
   readonly #now: () => number
@@ -77,6 +85,7 @@ export class MemoryStore implements Store {
     this.#maxEntries = options.maxEntries ?? DEFAULT_MAX_ENTRIES
     this.maxBytes = options.maxBytes ?? DEFAULT_MAX_BYTES
     this.#leases = options.leases === false ? undefined : new LeaseBook(options.maxLeaseScopes, options.maxLeasePrefixes)
+    this.#sorted = options.prefixIndex === true ? new SortedKeys() : undefined
     this.#lru = new LRUCache<string, StoredEntry>({
       // No `max`: with one, lru-cache preallocates and, whenever its last entry goes,
       // refills arrays of `max` slots (17 ms at 1M). The count bound is enforced in set().
@@ -194,6 +203,8 @@ export class MemoryStore implements Store {
   async clear(): Promise<number> {
     this.#leases?.recordClear()
     const count = this.#lru.size
+    // At once, rather than key by key as clear() disposes of the entries.
+    this.#sorted?.clear()
     this.#lru.clear()
     return count
   }
@@ -275,8 +286,11 @@ export class MemoryStore implements Store {
     tags: Map<string, Set<string>>
     buckets: Map<number, Set<string>>
     bytes: number
+    /** The ordered keys, with `prefixIndex`. */
+    sorted: string[] | undefined
   } {
-    return { entries: [...this.#lru.values()], users: this.#users, tags: this.#tags, buckets: this.#buckets, bytes: this.#lru.calculatedSize }
+    const sorted = this.#sorted === undefined ? undefined : [...this.#sorted]
+    return { entries: [...this.#lru.values()], users: this.#users, tags: this.#tags, buckets: this.#buckets, bytes: this.#lru.calculatedSize, sorted }
   }
 
   /** Drops every entry whose TTL has run out; yields to the event loop on large sweeps. */
@@ -314,6 +328,7 @@ export class MemoryStore implements Store {
   }
 
   async #invalidatePrefixes(prefixes: string[], mode: InvalidationMode, now: number): Promise<number> {
+    if (this.#sorted !== undefined) return this.#invalidateIndexedPrefixes(this.#sorted, prefixes, mode, now)
     // Every entry is in exactly one expiry bucket, and Map/Set iterators survive mutation,
     // so walking the buckets in slices is a full scan that never blocks the loop for long.
     let count = 0
@@ -326,6 +341,22 @@ export class MemoryStore implements Store {
           break
         }
         if (slice.due()) await slice.yield()
+      }
+    }
+    return count
+  }
+
+  /** The keys a prefix matches are one run of the ordered keys: read in batches, applied in slices. */
+  async #invalidateIndexedPrefixes(sorted: SortedKeys, prefixes: string[], mode: InvalidationMode, now: number): Promise<number> {
+    let count = 0
+    const slice = new Slice(this.#sliceMs)
+    for (const prefix of prefixes) {
+      // A key under two of the prefixes is counted once: the second finds it gone, or already stale.
+      for (const run of prefixRuns(sorted, prefix, 256)) {
+        for (const key of run) {
+          if (this.#apply(key, mode, now)) count++
+          if (slice.due()) await slice.yield()
+        }
       }
     }
     return count
@@ -362,6 +393,7 @@ export class MemoryStore implements Store {
     if (entry.userId !== undefined) entry.userId = addTo(this.#users, entry.userId, entry.key)
     const tags = entry.tags
     if (tags) for (let i = 0; i < tags.length; i++) tags[i] = addTo(this.#tags, tags[i]!, entry.key)
+    this.#sorted?.add(entry.key)
     this.#addToBucket(entry)
   }
 
@@ -389,6 +421,7 @@ export class MemoryStore implements Store {
   #unindex(entry: StoredEntry): void {
     if (entry.userId !== undefined) removeFrom(this.#users, entry.userId, entry.key)
     if (entry.tags) for (const tag of entry.tags) removeFrom(this.#tags, tag, entry.key)
+    this.#sorted?.delete(entry.key)
     // The bucket itself is dropped by the sweep, which owns the heap.
     this.#buckets.get(Math.floor(entry.expiresAt / EXPIRY_BUCKET_MS))?.delete(entry.key)
   }

@@ -214,6 +214,9 @@ export class TieredStore implements Store {
       sweepIntervalMs,
       sliceMs: options.l1SliceMs,
       leases: false, // they live in Redis
+      // Every prefix invalidation in the cluster runs over every L1: it costs the keys it
+      // matches, not a pass over the whole L1.
+      prefixIndex: true,
     })
 
     const commandTimeoutMs = options.commandTimeoutMs ?? DEFAULT_COMMAND_TIMEOUT_MS

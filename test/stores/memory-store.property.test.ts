@@ -7,6 +7,8 @@ import { entry } from './store-contract.js'
 // After any sequence of set / overwrite (same or other user and tags, or too large to keep) /
 // delete / expire / evict / invalidate, the user and tag indexes equal a brute-force
 // recomputation from the entries, and the accounted bytes equal the sum of the entries' sizes.
+// A store with the prefix index runs every step beside one without: same answers, same
+// entries, and its ordered keys are exactly its entries' keys.
 
 const key = fc.constantFrom('a', 'b', 'c', 'ab', 'abc', 'b:1', 'b:2', 'c/x', 'd', 'e')
 const user = fc.option(fc.constantFrom('u1', 'u2', 'u3'), { nil: undefined })
@@ -38,62 +40,76 @@ function recompute(entries: StoredEntry[]) {
 const plain = (index: Map<string, Set<string>>) =>
   Object.fromEntries([...index].map(([name, keys]) => [name, [...keys].sort()]).sort(([a], [b]) => (a! < b! ? -1 : 1)))
 
+type Op = typeof op extends fc.Arbitrary<infer T> ? T : never
+
+/** Applies one step to a store; what it answers (an invalidation's count), for comparison. */
+async function step(store: MemoryStore, o: Op, now: () => number): Promise<number | undefined> {
+  switch (o.op) {
+    case 'set':
+      await store.set(entry({ now, advance() {} }, o.key, { userId: o.user, tags: o.tags?.length ? o.tags : undefined, expiresAt: now() + o.ttl, size: o.size }))
+      return undefined
+    case 'get':
+      return (await store.get(o.key, now()))?.hits
+    case 'advance':
+      return undefined
+    case 'sweep':
+      return store.sweep()
+    case 'invalidateKeys':
+      return o.keys.length ? store.invalidate({ keys: o.keys }, o.mode, now()) : undefined
+    case 'invalidateUser':
+      return store.invalidate({ userIds: [o.user] }, o.mode, now())
+    case 'invalidateTag':
+      return store.invalidate({ tags: [o.tag] }, o.mode, now())
+    case 'invalidatePrefix':
+      return store.invalidate({ prefixes: [o.prefix] }, o.mode, now())
+    case 'clear':
+      return store.clear()
+  }
+}
+
+/** The indexes, buckets and bytes of one store against a recomputation from its entries. */
+function check(store: MemoryStore, o: Op, maxEntries: number): void {
+  const snap = store.snapshot()
+  const expected = recompute(snap.entries)
+  if (JSON.stringify(plain(snap.users)) !== JSON.stringify(plain(expected.users))) throw new Error(`user index drifted after ${JSON.stringify(o)}`)
+  if (JSON.stringify(plain(snap.tags)) !== JSON.stringify(plain(expected.tags))) throw new Error(`tag index drifted after ${JSON.stringify(o)}`)
+  // Every entry sits in the expiry bucket of its second, and in no other.
+  for (const e of snap.entries) {
+    const holders = [...snap.buckets].filter(([, keys]) => keys.has(e.key)).map(([id]) => id)
+    if (holders.length !== 1 || holders[0] !== Math.floor(e.expiresAt / 1000)) throw new Error(`${e.key} is in buckets ${holders} after ${JSON.stringify(o)}`)
+  }
+  const bytes = snap.entries.reduce((n, e) => n + e.size, 0)
+  if (snap.bytes !== bytes) throw new Error(`bytes ${snap.bytes} != sum of sizes ${bytes}`)
+  if (snap.entries.length > maxEntries || snap.bytes > 1500) throw new Error('bounds exceeded')
+}
+
 t.test('indexes and byte accounting match a brute-force recomputation after any sequence', async (t) => {
   await fc.assert(
     fc.asyncProperty(fc.array(op, { minLength: 1, maxLength: 60 }), fc.integer({ min: 2, max: 8 }), async (ops, maxEntries) => {
       const clock = { ms: Date.UTC(2026, 0, 1) }
       const now = () => clock.ms
       // Small bounds so LRU eviction by count and by bytes both happen.
-      const store = new MemoryStore({ maxEntries, maxBytes: 1500, now, sweepIntervalMs: 0 })
+      const plainStore = new MemoryStore({ maxEntries, maxBytes: 1500, now, sweepIntervalMs: 0 })
+      const indexed = new MemoryStore({ maxEntries, maxBytes: 1500, now, sweepIntervalMs: 0, prefixIndex: true })
       for (const o of ops) {
-        switch (o.op) {
-          case 'set':
-            await store.set(entry({ now, advance() {} }, o.key, { userId: o.user, tags: o.tags?.length ? o.tags : undefined, expiresAt: now() + o.ttl, size: o.size }))
-            break
-          case 'get':
-            await store.get(o.key, now())
-            break
-          case 'advance':
-            clock.ms += o.ms
-            break
-          case 'sweep':
-            await store.sweep()
-            break
-          case 'invalidateKeys':
-            if (o.keys.length) await store.invalidate({ keys: o.keys }, o.mode, now())
-            break
-          case 'invalidateUser':
-            await store.invalidate({ userIds: [o.user] }, o.mode, now())
-            break
-          case 'invalidateTag':
-            await store.invalidate({ tags: [o.tag] }, o.mode, now())
-            break
-          case 'invalidatePrefix':
-            await store.invalidate({ prefixes: [o.prefix] }, o.mode, now())
-            break
-          case 'clear':
-            await store.clear()
-            break
-        }
-        const snap = store.snapshot()
-        const expected = recompute(snap.entries)
-        if (JSON.stringify(plain(snap.users)) !== JSON.stringify(plain(expected.users))) throw new Error(`user index drifted after ${JSON.stringify(o)}`)
-        if (JSON.stringify(plain(snap.tags)) !== JSON.stringify(plain(expected.tags))) throw new Error(`tag index drifted after ${JSON.stringify(o)}`)
-        // Every entry sits in the expiry bucket of its second, and in no other.
-        for (const e of snap.entries) {
-          const holders = [...snap.buckets].filter(([, keys]) => keys.has(e.key)).map(([id]) => id)
-          if (holders.length !== 1 || holders[0] !== Math.floor(e.expiresAt / 1000)) throw new Error(`${e.key} is in buckets ${holders} after ${JSON.stringify(o)}`)
-        }
-        const bytes = snap.entries.reduce((n, e) => n + e.size, 0)
-        if (snap.bytes !== bytes) throw new Error(`bytes ${snap.bytes} != sum of sizes ${bytes}`)
-        if (snap.entries.length > maxEntries || snap.bytes > 1500) throw new Error('bounds exceeded')
+        if (o.op === 'advance') clock.ms += o.ms
+        const answers = [await step(plainStore, o, now), await step(indexed, o, now)]
+        if (answers[0] !== answers[1]) throw new Error(`the stores answered ${answers} to ${JSON.stringify(o)}`)
+        for (const store of [plainStore, indexed]) check(store, o, maxEntries)
+        const [a, b] = [plainStore.snapshot(), indexed.snapshot()]
+        const state = (snap: typeof a) => JSON.stringify(snap.entries.map((e) => [e.key, e.stale]).sort())
+        if (state(a) !== state(b)) throw new Error(`the stores differ after ${JSON.stringify(o)}: ${state(a)} / ${state(b)}`)
+        if (a.sorted !== undefined) throw new Error('a store without the prefix index keeps one')
+        if (JSON.stringify(b.sorted) !== JSON.stringify(b.entries.map((e) => e.key).sort())) throw new Error(`the ordered keys drifted after ${JSON.stringify(o)}`)
       }
-      // After a sweep, nothing expired is held.
-      await store.sweep()
-      if (store.snapshot().entries.some((e) => e.expiresAt <= now())) throw new Error('an expired entry survived the sweep')
-      await store.close()
+      for (const store of [plainStore, indexed]) {
+        // After a sweep, nothing expired is held.
+        await store.sweep()
+        if (store.snapshot().entries.some((e) => e.expiresAt <= now())) throw new Error('an expired entry survived the sweep')
+        await store.close()
+      }
     }),
     { numRuns: 400 },
   )
-  t.pass('the property held for 400 random sequences')
+  t.pass('the property held for 400 random sequences, with and without the prefix index')
 })
