@@ -1,6 +1,7 @@
 // Heap bytes per entry at 1M entries: cachewarden's MemoryStore (through the core, with the
-// user index, and with a user plus one tag) against a raw lru-cache holding the same
-// serialized values. Each variant runs in its own process:
+// user index, and with a user plus one tag; and with the prefix index as well, as the
+// TieredStore's L1 keeps it) against a raw lru-cache holding the same serialized values.
+// Each variant runs in its own process:
 // `node --import tsx bench/memory.ts [entries]`.
 import { execFileSync } from 'node:child_process'
 import { LRUCache } from 'lru-cache'
@@ -27,9 +28,9 @@ if (variant) {
     for (let i = 0; i < N; i++) lru.set(keyOf(i), valueOf(i))
     ;(globalThis as { keep?: unknown }).keep = lru
   } else {
-    const store = new MemoryStore({ maxEntries: N, maxBytes: 8 * 1024 ** 3, sweepIntervalMs: 0 })
+    const store = new MemoryStore({ maxEntries: N, maxBytes: 8 * 1024 ** 3, sweepIntervalMs: 0, prefixIndex: variant === 'user+tag+prefix' })
     const cache = new CacheService({ store })
-    const withTag = variant === 'user+tag'
+    const withTag = variant !== 'user'
     for (let i = 0; i < N; i++) {
       const user = String(Math.floor(i / 10))
       // Parsed values, as the HTTP layer hands them over; the core stores them serialized.
@@ -47,6 +48,7 @@ if (variant) {
   const raw = run('raw')
   const user = run('user')
   const tag = run('user+tag')
+  const prefix = run('user+tag+prefix')
   const valueBytes = valueOf(1).length
   console.log(`${N.toLocaleString('en')} entries, values of ${valueBytes} bytes serialized, 10 entries per user`)
   console.log('| store | heap bytes per entry | ratio to raw lru-cache |')
@@ -54,4 +56,5 @@ if (variant) {
   console.log(`| raw lru-cache, key -> serialized value | ${Math.round(raw.bytesPerEntry)} | 1.00 |`)
   console.log(`| cachewarden MemoryStore, with userId | ${Math.round(user.bytesPerEntry)} | ${(user.bytesPerEntry / raw.bytesPerEntry).toFixed(2)} |`)
   console.log(`| cachewarden MemoryStore, with userId and one tag | ${Math.round(tag.bytesPerEntry)} | ${(tag.bytesPerEntry / raw.bytesPerEntry).toFixed(2)} |`)
+  console.log(`| the same with the prefix index (the cluster's L1) | ${Math.round(prefix.bytesPerEntry)} | ${(prefix.bytesPerEntry / raw.bytesPerEntry).toFixed(2)} |`)
 }
