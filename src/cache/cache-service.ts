@@ -15,6 +15,7 @@ import {
 } from './limits.js'
 import { eachLimited } from './each-limited.js'
 import { Ring } from './ring.js'
+import { WriteOrderedMap } from './write-ordered-map.js'
 import {
   SELECTOR_KINDS,
   selectorLabels,
@@ -160,7 +161,8 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   readonly #leasesEnabled: boolean
   readonly #log: Ring<InvalidationRecord>
   /** Outstanding fill leases: until when, and which token holds it. */
-  readonly #fills = new Map<string, { until: number; holder: string }>()
+  /** Fill claims in memory (a store without `claimFill`), oldest first. */
+  readonly #fills = new WriteOrderedMap<string, { until: number; holder: string }>()
   #baseline: Totals = emptyTotals()
   #last: InvalidationRecord | undefined
 
@@ -539,9 +541,10 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   }
 
   #pruneFills(now: number): void {
-    for (const [key, fill] of this.#fills) if (fill.until <= now) this.#fills.delete(key)
+    // Every claim runs for the same time, so the oldest set runs out first.
+    for (let oldest = this.#fills.oldest(); oldest !== undefined && oldest[1].until <= now; oldest = this.#fills.oldest()) this.#fills.shift()
     // Still full of live fills: forget the oldest; the worst case is one more concurrent fill.
-    while (this.#fills.size >= MAX_FILL_LEASES) this.#fills.delete(this.#fills.keys().next().value!)
+    while (this.#fills.size >= MAX_FILL_LEASES) this.#fills.shift()
   }
 }
 

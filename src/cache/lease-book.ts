@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import type { LeaseStamp, Selector } from './types.js'
+import { WriteOrderedMap } from './write-ordered-map.js'
 
 export const DEFAULT_MAX_LEASE_SCOPES = 100_000
 export const DEFAULT_MAX_LEASE_PREFIXES = 1_000
@@ -21,7 +22,8 @@ export class LeaseBook {
   #clearSeq = 0
   /** Sequences of user and tag runs still going (see `beginRun`). */
   readonly #runs: number[] = []
-  readonly #scopes = new Map<string, number>()
+  /** The newest stamp of each scope, oldest-stamped first. */
+  readonly #scopes = new WriteOrderedMap<string, number>()
   // Appended in sequence order, so the check can walk back from the newest.
   readonly #prefixes: Array<{ prefix: string; seq: number }> = []
   readonly #maxScopes: number
@@ -112,13 +114,10 @@ export class LeaseBook {
   #stampScope(scope: string, seq: number): void {
     // Never lowered: a slow run reaching a key after a newer invalidation of it must not undo it.
     if ((this.#scopes.get(scope) ?? 0) >= seq) return
-    // Delete first so the Map's insertion order stays oldest-stamped first.
-    this.#scopes.delete(scope)
     this.#scopes.set(scope, seq)
     if (this.#scopes.size > this.#maxScopes) {
-      const oldest = this.#scopes.entries().next().value!
-      this.#scopes.delete(oldest[0])
-      if (oldest[1] > this.#floor) this.#floor = oldest[1]
+      const [, oldest] = this.#scopes.shift()!
+      if (oldest > this.#floor) this.#floor = oldest
     }
   }
 }

@@ -4,6 +4,7 @@ import { randomUUID } from 'node:crypto'
 import type { CacheService } from '../cache/cache-service.js'
 import { checkSelector, type Limits } from '../cache/limits.js'
 import { SELECTOR_KINDS, type InvalidationMode, type InvalidationResult, type Selector, type SelectorKind } from '../cache/types.js'
+import { WriteOrderedMap } from '../cache/write-ordered-map.js'
 import { ConfigError } from '../config.js'
 import { CacheError, invalidRequest, truncate } from '../errors.js'
 
@@ -216,7 +217,8 @@ export class EventProcessor {
   readonly #pendingTtlMs: number
   // Insertion-ordered, so the oldest id is the first to forget. Holds the in-flight promise
   // too, so two concurrent deliveries of one event apply it once.
-  readonly #seen = new Map<string, { at: number; outcome: Promise<EventOutcome> }>()
+  /** Ids applied within the window, oldest first. */
+  readonly #seen = new WriteOrderedMap<string, { at: number; outcome: Promise<EventOutcome> }>()
 
   constructor(cache: CacheService, rules: EventRules, options: EventProcessorOptions = {}) {
     this.#cache = cache
@@ -239,7 +241,7 @@ export class EventProcessor {
     const outcome = this.#applyOnce(event, id, actor)
     const record = { at: now, outcome }
     this.#seen.set(id, record)
-    while (this.#seen.size > this.#max) this.#seen.delete(this.#seen.keys().next().value!)
+    while (this.#seen.size > this.#max) this.#seen.shift()
     // A failed event is forgotten, so its sender can retry it.
     outcome.catch(() => {
       if (this.#seen.get(id) === record) this.#seen.delete(id)
@@ -311,9 +313,6 @@ export class EventProcessor {
   }
 
   #forgetExpired(now: number): void {
-    for (const [id, { at }] of this.#seen) {
-      if (now - at < this.#windowMs) break
-      this.#seen.delete(id)
-    }
+    for (let oldest = this.#seen.oldest(); oldest !== undefined && now - oldest[1].at >= this.#windowMs; oldest = this.#seen.oldest()) this.#seen.shift()
   }
 }
