@@ -542,7 +542,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
 
   #pruneFills(now: number): void {
     // Every claim runs for the same time, so the oldest set runs out first.
-    for (let oldest = this.#fills.oldest(); oldest !== undefined && oldest[1].until <= now; oldest = this.#fills.oldest()) this.#fills.shift()
+    this.#fills.shiftWhile((fill) => fill.until <= now)
     // Still full of live fills: forget the oldest; the worst case is one more concurrent fill.
     while (this.#fills.size >= MAX_FILL_LEASES) this.#fills.shift()
   }

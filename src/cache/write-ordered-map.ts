@@ -54,6 +54,11 @@ export class WriteOrderedMap<K, V> {
     return undefined
   }
 
+  /** Deletes the oldest keys for as long as `drop` says so of their values. */
+  shiftWhile(drop: (value: V) => boolean): void {
+    for (let oldest = this.oldest(); oldest !== undefined && drop(oldest[1]); oldest = this.oldest()) this.#map.delete(oldest[0])
+  }
+
   /** Deletes the key set longest ago and returns it with its value. */
   shift(): [K, V] | undefined {
     const oldest = this.oldest()

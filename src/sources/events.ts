@@ -313,6 +313,6 @@ export class EventProcessor {
   }
 
   #forgetExpired(now: number): void {
-    for (let oldest = this.#seen.oldest(); oldest !== undefined && now - oldest[1].at >= this.#windowMs; oldest = this.#seen.oldest()) this.#seen.shift()
+    this.#seen.shiftWhile(({ at }) => now - at >= this.#windowMs)
   }
 }

@@ -44,7 +44,7 @@ export interface MemoryStoreOptions {
   sliceMs?: number
   /**
    * Keep the keys in order as well (default false), so a prefix invalidation costs the keys
-   * it matches instead of a pass over every key; about 10 more heap bytes an entry. On for the
+   * it matches instead of a pass over every key; about 20 more heap bytes an entry (BENCHMARKS.md). On for the
    * TieredStore's L1, where every instance runs every prefix invalidation of the cluster.
    */
   prefixIndex?: boolean

@@ -11,21 +11,15 @@ const CHUNK = 512
  */
 export class SortedKeys {
   readonly #chunks: string[][] = []
-  #size = 0
 
   /** `chunk`: most keys in one chunk (tests pass a few, to split and merge often). */
   constructor(readonly chunk = CHUNK) {}
-
-  get size(): number {
-    return this.#size
-  }
 
   /** Adds `key`; false if it was there. */
   add(key: string): boolean {
     const chunks = this.#chunks
     if (chunks.length === 0) {
       chunks.push([key])
-      this.#size = 1
       return true
     }
     // The first chunk whose last key is at or after `key`, or the last chunk.
@@ -34,7 +28,6 @@ export class SortedKeys {
     const i = lowerBound(chunk, key)
     if (chunk[i] === key) return false
     chunk.splice(i, 0, key)
-    this.#size++
     if (chunk.length > this.chunk) chunks.splice(c + 1, 0, chunk.splice(this.chunk >> 1))
     return true
   }
@@ -47,14 +40,12 @@ export class SortedKeys {
     const i = lowerBound(chunk, key)
     if (chunk[i] !== key) return false
     chunk.splice(i, 1)
-    this.#size--
     if (chunk.length === 0) this.#chunks.splice(c, 1)
     return true
   }
 
   clear(): void {
     this.#chunks.length = 0
-    this.#size = 0
   }
 
   /**

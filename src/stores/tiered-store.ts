@@ -154,8 +154,8 @@ export class TieredStore implements Store {
   readonly #maxEntries: number
   readonly #maxBytes: number
   readonly #l1MaxTtlMs: number
-  /** How often a walk in batches repeats its quiet message: well inside the receivers' gate timer. */
-  readonly #heartbeatMs: number
+  /** How long another instance's walk gates this L1 unheard of; its sender repeats its quiet message every third of it. */
+  readonly #gateMs: number
   readonly #ttlMarginMs: number
   readonly #maxLeaseScopes: number
   readonly #maxLeasePrefixes: number
@@ -199,7 +199,7 @@ export class TieredStore implements Store {
     this.#maxEntries = options.maxEntries ?? DEFAULT_MAX_ENTRIES
     this.#maxBytes = options.maxBytes ?? DEFAULT_MAX_BYTES
     this.#l1MaxTtlMs = options.l1MaxTtlMs ?? DEFAULT_L1_MAX_TTL_MS
-    this.#heartbeatMs = Math.max(1, Math.floor(Math.min(this.#l1MaxTtlMs, MAX_TIMER_MS) / 3))
+    this.#gateMs = Math.min(this.#l1MaxTtlMs, MAX_TIMER_MS)
     this.#ttlMarginMs = options.ttlMarginMs ?? DEFAULT_TTL_MARGIN_MS
     this.#maxLeaseScopes = options.maxLeaseScopes ?? DEFAULT_MAX_LEASE_SCOPES
     this.#maxLeasePrefixes = options.maxLeasePrefixes ?? DEFAULT_MAX_LEASE_PREFIXES
@@ -412,7 +412,7 @@ export class TieredStore implements Store {
         // So does this instance, for the length of the walk.
         gate = new Reach(selector)
         this.#runs.add(gate)
-        heartbeat = setInterval(() => void this.#redis.publish(this.#channel, quiet).catch(() => undefined), this.#heartbeatMs)
+        heartbeat = setInterval(() => void this.#redis.publish(this.#channel, quiet).catch(() => undefined), Math.max(1, Math.floor(this.#gateMs / 3)))
         heartbeat.unref()
         await this.#applyToL1(selector, mode, now)
       }
@@ -932,7 +932,7 @@ export class TieredStore implements Store {
   #beginWalk(walk: string, selector: Selector, dropped: Promise<number>): void {
     if (this.#walksHeard.size >= MAX_QUIET_WALKS) this.#endWalk(this.#walksHeard.keys().next().value!)
     const reach = new Reach(selector)
-    const timer = setTimeout(() => this.#endWalk(walk), Math.min(this.#l1MaxTtlMs, MAX_TIMER_MS))
+    const timer = setTimeout(() => this.#endWalk(walk), this.#gateMs)
     timer.unref()
     this.#walksHeard.set(walk, { reach, dropped, timer })
     this.#runs.add(reach)

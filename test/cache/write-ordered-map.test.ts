@@ -56,3 +56,12 @@ t.test('a long run of sets and shifts at the bound keeps the same pairs as the m
   t.equal(map.size, 1000)
   t.same(map.oldest(), [`k${99_000 % 1500}`, 99_000], 'the oldest left is the one set 1000 sets before the end')
 })
+
+t.test('shiftWhile drops the oldest keys until one fails the test, and none after it', async (t) => {
+  const map = new WriteOrderedMap<string, number>()
+  for (const [k, v] of [['a', 1], ['b', 2], ['c', 9], ['d', 1]] as const) map.set(k, v)
+  map.set('a', 3) // now the newest
+  map.shiftWhile((v) => v < 5)
+  t.same([map.get('a'), map.get('b'), map.get('c'), map.get('d')], [3, undefined, 9, 1], 'b went; c stopped it; d and a are newer')
+  t.same(map.oldest(), ['c', 9])
+})
