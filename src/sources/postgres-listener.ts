@@ -11,6 +11,10 @@ export const DEFAULT_MIN_BACKOFF_MS = 100
 export const DEFAULT_MAX_BACKOFF_MS = 30_000
 /** A connect (or LISTEN) that hangs this long counts as failed and is retried. */
 export const DEFAULT_CONNECT_TIMEOUT_MS = 10_000
+/** Notifications kept for another try while the store cannot apply them; beyond, the policy covers them. */
+export const DEFAULT_MAX_OWED = 1000
+/** The longest wait between tries of a notification the store could not apply. */
+export const MAX_OWED_RETRY_MS = 5000
 
 const PAYLOAD_KEYS = new Set<string>([...SELECTOR_KINDS, 'mode', 'reason'])
 
@@ -31,7 +35,15 @@ export interface PostgresListenerOptions {
   minBackoffMs?: number
   maxBackoffMs?: number
   connectTimeoutMs?: number
+  /**
+   * How many notifications the store failed to apply (Redis down) are kept to be applied
+   * again; once more fail, they are dropped and the reconnect policy covers them instead.
+   */
+  maxOwed?: number
 }
+
+/** A notification's invalidation, as parsed, with its payload for the logs. */
+type Notification = Exclude<ReturnType<typeof parsePayload>, string> & { payload: string }
 
 /**
  * LISTENs on a channel and turns each notification (a JSON selector) into a call to
@@ -40,6 +52,11 @@ export interface PostgresListenerOptions {
  * backoff; since NOTIFY is not queued for a listener that is gone, each reconnect applies
  * the reconnect policy *after* LISTEN succeeds and *before* `listening` turns true again,
  * so nothing changed in between can be served as fresh.
+ *
+ * A notification the store cannot apply (Redis down in cluster mode) is not dropped: it is
+ * owed, and applied again, in order, with backoff and at once when the bus reconnects. Until
+ * nothing is owed, `behind` is true and `/health/ready` is 503. Past `maxOwed` of them, the
+ * reconnect policy is applied in their place.
  */
 export class PostgresListener {
   readonly #o: Required<Omit<PostgresListenerOptions, 'logger'>> & { logger: CoreLogger | undefined }
@@ -54,6 +71,14 @@ export class PostgresListener {
   #connecting: Promise<void> | undefined
   // Clients already given up on, so a late 'error' or 'end' from one schedules nothing.
   readonly #dead = new WeakSet<pg.Client>()
+  // Notifications the store failed to apply, oldest first; `#overflow` once more were lost.
+  #owed: Notification[] = []
+  #overflow = false
+  #owedAttempt = 0
+  #owedTimer: NodeJS.Timeout | undefined
+  readonly #onBusState = ({ connected }: { connected: boolean }): void => {
+    if (connected && this.behind) this.#retryOwed(0)
+  }
 
   constructor(options: PostgresListenerOptions) {
     this.#o = {
@@ -63,6 +88,7 @@ export class PostgresListener {
       minBackoffMs: DEFAULT_MIN_BACKOFF_MS,
       maxBackoffMs: DEFAULT_MAX_BACKOFF_MS,
       connectTimeoutMs: DEFAULT_CONNECT_TIMEOUT_MS,
+      maxOwed: DEFAULT_MAX_OWED,
       ...options,
       logger: options.logger,
     }
@@ -76,9 +102,15 @@ export class PostgresListener {
     return this.#listening
   }
 
+  /** True while notifications the store failed to apply wait to be applied again. */
+  get behind(): boolean {
+    return this.#owed.length > 0 || this.#overflow
+  }
+
   /** Starts connecting in the background; failures are retried, never thrown. */
   start(): void {
     if (this.#closed || this.#connecting !== undefined || this.#client !== undefined) return
+    if (!this.#o.cache.listeners('bus_state').includes(this.#onBusState)) this.#o.cache.on('bus_state', this.#onBusState)
     this.#connecting = this.#connect().finally(() => {
       this.#connecting = undefined
     })
@@ -89,6 +121,9 @@ export class PostgresListener {
     this.#closed = true
     if (this.#timer) clearTimeout(this.#timer)
     this.#timer = undefined
+    if (this.#owedTimer) clearTimeout(this.#owedTimer)
+    this.#owedTimer = undefined
+    this.#o.cache.off('bus_state', this.#onBusState)
     const client = this.#client
     this.#client = undefined
     this.#setListening(false)
@@ -127,7 +162,11 @@ export class PostgresListener {
       await client.connect()
       await client.query(`LISTEN "${o.channel}"`)
       if (this.#closed || this.#client !== client) return
-      if (reconnect || o.policyOnFirstConnect) await this.#applyPolicy(reconnect)
+      if (reconnect || o.policyOnFirstConnect) {
+        await this.#applyPolicy(
+          reconnect ? 'postgres listener reconnected: notifications may have been missed' : 'postgres listener started: entries may predate it',
+        )
+      }
       if (this.#client !== client || this.#closed) return // lost while applying the policy
       this.#attempt = 0
       this.#setListening(true)
@@ -159,12 +198,9 @@ export class PostgresListener {
     this.#timer.unref()
   }
 
-  async #applyPolicy(reconnect: boolean): Promise<void> {
+  async #applyPolicy(reason: string): Promise<void> {
     const policy = this.#o.reconnectPolicy
     if (policy === 'none') return
-    const reason = reconnect
-      ? 'postgres listener reconnected: notifications may have been missed'
-      : 'postgres listener started: entries may predate it'
     if (policy === 'clear') {
       const cleared = await this.#o.cache.clear('postgres-listener', reason, 'postgres')
       this.#o.logger?.warn({ policy, cleared }, reason)
@@ -177,27 +213,78 @@ export class PostgresListener {
   async #handle(payload: string): Promise<void> {
     const parsed = parsePayload(payload)
     if (typeof parsed === 'string') {
-      this.#o.cache.countFailure('postgres')
-      this.#o.logger?.warn({ channel: this.#o.channel, payload: truncate(payload, 200), problem: parsed }, 'malformed postgres notification')
+      this.#malformed(payload, parsed)
       return
     }
-    try {
-      await this.#o.cache.invalidate(parsed.selector, {
-        mode: parsed.mode,
-        source: 'postgres',
-        actor: 'postgres-listener',
-        reason: parsed.reason,
-      })
-    } catch (error) {
-      // A store failure was already counted and logged by invalidate; a selector it refused was not.
-      if (error instanceof CacheError && error.code === 'invalid_request') {
-        this.#o.cache.countFailure('postgres')
-        this.#o.logger?.warn(
-          { channel: this.#o.channel, payload: truncate(payload, 200), problem: error.message },
-          'malformed postgres notification',
-        )
+    if (this.#overflow) return // the policy, still to be applied, covers it
+    if (this.#owed.length > 0 && this.#owed.length >= this.#o.maxOwed) {
+      this.#overflow = true
+      this.#owed = []
+      this.#o.logger?.error(
+        { channel: this.#o.channel, maxOwed: this.#o.maxOwed, policy: this.#o.reconnectPolicy },
+        'too many postgres notifications could not be applied; the reconnect policy will cover them',
+      )
+      return
+    }
+    this.#owed.push({ ...parsed, payload })
+    if (this.#owed.length === 1) await this.#applyOwed()
+  }
+
+  /**
+   * Applies what is owed, oldest first, until the store fails again (then a retry is
+   * scheduled) or nothing is left. Runs on the notification queue, so one at a time.
+   */
+  async #applyOwed(): Promise<void> {
+    const o = this.#o
+    if (this.#closed) return
+    if (this.#overflow) {
+      try {
+        await this.#applyPolicy('postgres notifications could not be applied while the store was unavailable')
+        this.#overflow = false
+      } catch {
+        this.#retryOwed()
+        return
       }
     }
+    const replay = this.#owedAttempt > 0
+    while (this.#owed.length > 0) {
+      const next = this.#owed[0]!
+      try {
+        await o.cache.invalidate(next.selector, { mode: next.mode, source: 'postgres', actor: 'postgres-listener', reason: next.reason })
+      } catch (error) {
+        // A store failure was already counted and logged by invalidate; a selector it refused was not.
+        if (error instanceof CacheError && error.code === 'invalid_request') {
+          this.#malformed(next.payload, error.message)
+        } else {
+          if (this.#owedAttempt === 0) {
+            o.logger?.warn({ channel: o.channel }, 'a postgres notification could not be applied; it will be applied again')
+          }
+          this.#retryOwed()
+          return
+        }
+      }
+      this.#owed.shift()
+    }
+    if (replay) o.logger?.info({ channel: o.channel, attempts: this.#owedAttempt }, 'owed postgres notifications applied')
+    this.#owedAttempt = 0
+  }
+
+  /** Tries what is owed again after a backoff (or `delayMs`), on the notification queue. */
+  #retryOwed(delayMs?: number): void {
+    if (this.#closed) return
+    if (this.#owedTimer) clearTimeout(this.#owedTimer)
+    const base = Math.min(MAX_OWED_RETRY_MS, this.#o.maxBackoffMs, this.#o.minBackoffMs * 2 ** Math.min(this.#owedAttempt, 30))
+    if (delayMs === undefined) this.#owedAttempt++
+    this.#owedTimer = setTimeout(() => {
+      this.#owedTimer = undefined
+      this.#queue = this.#queue.then(() => (this.behind ? this.#applyOwed() : undefined))
+    }, delayMs ?? Math.round(base * (0.8 + Math.random() * 0.4)))
+    this.#owedTimer.unref()
+  }
+
+  #malformed(payload: string, problem: string): void {
+    this.#o.cache.countFailure('postgres')
+    this.#o.logger?.warn({ channel: this.#o.channel, payload: truncate(payload, 200), problem }, 'malformed postgres notification')
   }
 
   #setListening(listening: boolean): void {
