@@ -23,6 +23,8 @@ export const DEFAULT_L1_MAX_TTL_MS = 60_000
 export const DEFAULT_TTL_MARGIN_MS = 60_000
 /** A Redis command that takes longer than this fails (the request gets 503 or a miss) instead of hanging. */
 export const DEFAULT_COMMAND_TIMEOUT_MS = 2000
+/** How often the bus subscriber checks that Redis still answers. */
+export const DEFAULT_BUS_PING_MS = 1000
 /** How long `/health/ready` waits for Redis to answer a PING. */
 const READY_PING_MS = 1000
 const DEFAULT_SWEEP_INTERVAL_MS = 1000
@@ -79,6 +81,12 @@ export interface TieredStoreOptions {
   maxLeaseScopes?: number
   maxLeasePrefixes?: number
   commandTimeoutMs?: number
+  /**
+   * How often the bus subscriber PINGs Redis, in ms (default 1000; 0: never). One that gets no
+   * answer within `commandTimeoutMs` counts as lost: the bus is down until it resubscribes.
+   * Without it a frozen Redis, whose sockets stay open, would leave the bus "up".
+   */
+  busPingMs?: number
   /**
    * Most members of a user or tag invalidated in one script (default 1000); a larger one is
    * walked in batches of about this many, so Redis never stops serving others for long.
@@ -165,6 +173,8 @@ export class TieredStore implements Store {
   readonly #busListeners: Array<(connected: boolean) => void> = []
   readonly #remoteListeners: Array<(message: RemoteInvalidation) => void> = []
   readonly #timer: NodeJS.Timeout | undefined
+  readonly #busPingTimer: NodeJS.Timeout | undefined
+  #busPinging = false
   #busUp = false
   #closing = false
   #sweeping = false
@@ -258,6 +268,11 @@ export class TieredStore implements Store {
     if (sweepIntervalMs > 0) {
       this.#timer = setInterval(() => void this.sweep(), sweepIntervalMs)
       this.#timer.unref()
+    }
+    const busPingMs = options.busPingMs ?? DEFAULT_BUS_PING_MS
+    if (busPingMs > 0) {
+      this.#busPingTimer = setInterval(() => void this.#pingBus(commandTimeoutMs), busPingMs)
+      this.#busPingTimer.unref()
     }
   }
 
@@ -658,6 +673,7 @@ export class TieredStore implements Store {
   async close(): Promise<void> {
     this.#closing = true
     if (this.#timer) clearInterval(this.#timer)
+    if (this.#busPingTimer) clearInterval(this.#busPingTimer)
     for (const walk of [...this.#walksHeard.keys()]) this.#endWalk(walk)
     await Promise.allSettled(this.#background)
     this.#redis.disconnect()
@@ -946,6 +962,26 @@ export class TieredStore implements Store {
     this.#runs.delete(heard.reach)
     // A read that reached Redis before the walk reached its key must not fill L1 now.
     this.#refuseFillsInFlight()
+  }
+
+  /** One PING on the subscriber connection; unanswered in time, the subscriber reconnects. */
+  async #pingBus(timeoutMs: number): Promise<void> {
+    if (!this.#busUp || this.#busPinging || this.#closing) return
+    this.#busPinging = true
+    const sub = this.#sub
+    let timer: NodeJS.Timeout | undefined
+    const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), timeoutMs)))
+    try {
+      const answer = await Promise.race([sub.ping().then(() => 'ok' as const, () => 'failed' as const), late])
+      // A failed PING means the connection is already going; its 'close' reports it.
+      if (answer === 'late' && this.#busUp && !this.#closing) {
+        this.#logger?.warn({ bus: this.#channel, timeoutMs }, 'Redis did not answer the bus PING in time: resubscribing')
+        sub.disconnect(true)
+      }
+    } finally {
+      clearTimeout(timer)
+      this.#busPinging = false
+    }
   }
 
   #setBus(up: boolean): void {

@@ -211,6 +211,33 @@ if (requireRedisServer(t)) {
     t.equal((await get(app, 'k')).statusCode, 200)
   })
 
+  t.test('a frozen Redis takes the bus down (its sockets stay open) until it answers again, then L1 is flushed', async (t) => {
+    const frozen = await startRedis(t)
+    const now = Date.now
+    const states: boolean[] = []
+    const store = new TieredStore({ redisUrl: frozen.url, commandTimeoutMs: 500, busPingMs: 100, sweepIntervalMs: 0, onBusState: (up) => states.push(up) })
+    t.teardown(() => store.close())
+    t.ok(await store.connect(10_000))
+    const base = { etag: 'e', userId: undefined, tags: undefined, createdAt: now(), expiresAt: now() + 60_000, hits: 0, lastAccessAt: now(), stale: false, origin: undefined, size: 10 }
+    await store.set({ ...base, key: 'cached', value: '1' })
+    t.ok(await waitUntil(async () => (await store.get('cached', now()), (await store.l1Peek('cached', now())) !== undefined)))
+    t.same(states, [true])
+
+    frozen.pause(true)
+    t.teardown(() => frozen.pause(false))
+    t.ok(await waitUntil(() => states.length === 2, 5000), 'the unanswered bus PING is noticed')
+    t.same(states, [true, false], 'the bus is reported down while Redis is frozen')
+    t.equal(store.ready(), false)
+    t.equal((await store.get('cached', now()))?.value, '1', 'an L1 copy still answers while Redis does not')
+
+    frozen.pause(false)
+    t.ok(await waitUntil(() => states.length === 3, 10_000), 'the bus comes back')
+    t.same(states, [true, false, true])
+    t.equal(await store.l1Peek('cached', now()), undefined, 'and L1 was flushed: what the bus missed is not trusted')
+    t.ok(await waitUntil(() => store.ready(), 10_000), 'the command connection, cut by the timed-out read, is back too')
+    t.equal((await store.get('cached', now()))?.value, '1', 'the entry is read again from Redis')
+  })
+
   t.test('a frozen Redis makes requests fail fast instead of hanging', async (t) => {
     const frozen = await startRedis(t)
     const now = Date.now
