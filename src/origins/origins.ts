@@ -287,7 +287,12 @@ export class Origins {
   /** The CacheService hit hook: schedules a background refresh past the origin's refreshAhead, or of a stale entry. */
   readonly onHit = (entry: StoredEntry, now: number): void => {
     if (!this.#due(entry, this.#minRatio, now)) return
-    if (this.refresher.has(entry.key) || this.#inflight.has(entry.key)) return
+    if (this.#inflight.has(entry.key)) return
+    if (this.refresher.has(entry.key)) {
+      // Already queued (its priority rises with these hits) or running (nothing to do).
+      this.refresher.schedule(entry.key, entry.hits)
+      return
+    }
     const until = this.#cooldown.get(entry.key)
     if (until !== undefined) {
       if (until > now) return

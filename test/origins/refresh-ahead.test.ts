@@ -91,6 +91,23 @@ t.test('the busiest keys are refreshed first', async (t) => {
   t.same(origin.log.slice(ids.length), ['blocker', 'd', 'b', 'c', 'a'].map(dash))
 })
 
+t.test('hits on a key waiting in the queue move it ahead of keys that were busier when queued', async (t) => {
+  const { origin, clock, app } = await setup(t, {}, 1)
+  await load(app, origin, ['blocker', 'a', 'b'])
+  for (let i = 0; i < 5; i++) await get(app, 'dashboard:b')
+  origin.hold()
+  clock.advance(0.9 * TTL)
+  await get(app, 'dashboard:blocker') // takes the one slot
+  await origin.waitForCalls(4)
+  await get(app, 'dashboard:b') // queued with 6 hits
+  await get(app, 'dashboard:a') // queued with 1
+  for (let i = 0; i < 10; i++) await get(app, 'dashboard:a') // 11 while it waits
+  t.equal(app.origins.refresher.pending, 2)
+  origin.release()
+  await app.origins.refresher.drain()
+  t.same(origin.log.slice(3), ['blocker', 'a', 'b'].map(dash))
+})
+
 t.test('a key is never refreshed twice at once, however often it is read', async (t) => {
   const { origin, clock, app } = await setup(t)
   await load(app, origin, ['1'])
