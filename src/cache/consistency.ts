@@ -203,17 +203,20 @@ export class ConsistencyChecker {
     }
   }
 
+  /**
+   * Invalidates the stale keys; returns how many it repaired: all of them once the
+   * invalidation succeeded. Not `invalidated`, which counts only the entries the store held:
+   * a copy only an L1 kept (cluster mode) is repaired by dropping it, and counts too.
+   */
   async #invalidate(keys: string[], actor: string | undefined): Promise<number> {
-    let count = 0
     const batch = this.#cache.limits.maxBatch
     for (let i = 0; i < keys.length; i += batch) {
-      const result = await this.#cache.invalidate(
+      await this.#cache.invalidate(
         { keys: keys.slice(i, i + batch) },
         { source: 'consistency', mode: 'delete', actor, reason: 'consistency check found them stale' },
       )
-      count += result.invalidated
     }
-    return count
+    return keys.length
   }
 
   /** Reloads each stale key from its origin; keys no origin serves, or whose origin has no data, are invalidated instead. */

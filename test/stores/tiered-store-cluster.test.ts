@@ -389,5 +389,16 @@ if (requireRedisServer(t)) {
     t.equal(res.json().repaired, 1)
     for (const app of apps) t.ok(await waitUntil(async () => (await get(app, 'drift:1')).statusCode === 404), 'repaired everywhere')
     t.equal((await get(b, 'drift:2')).statusCode, 200)
+
+    // Gone from Redis behind the bus's back: only b's L1 copy is left to repair.
+    await raw.del(`{cw}:${gen}:e:drift:2`)
+    const gone = await call(b, {
+      method: 'POST',
+      url: '/v1/consistency',
+      payload: { against: 'provided', entries: [{ key: 'drift:2', value: 'v1' }], repair: 'invalidate' },
+    })
+    t.same(gone.json().stale, ['drift:2'], 'an L1 copy of an entry Redis no longer has is stale')
+    t.equal(gone.json().repaired, 1, 'dropping that copy is a repair, though Redis deleted nothing')
+    t.equal(await l1(b).l1Peek('drift:2', b.cache.now()), undefined, 'the copy is gone')
   })
 }
