@@ -6,7 +6,7 @@ import { CLEAR_TOKEN_TTL_MS, ClearTokens, type RedeemResult } from '../cache/cle
 import { sharedRecords } from '../stores/store.js'
 
 const TOKEN_VALID = `${CLEAR_TOKEN_TTL_MS / 1000} s`
-import { CacheError } from '../errors.js'
+import { CacheError, invalidRequest } from '../errors.js'
 import { LimitQuery, Timestamp, authErrors, badRequest, bodyTooLarge } from '../schemas/common.js'
 
 const REFUSALS = {
@@ -63,7 +63,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
           `Issues a random, single-use token, valid for ${TOKEN_VALID} and bound to the calling key, for ` +
           '`POST /v1/admin/clear`. The reason goes to the audit log. Rate-limited per key.',
         body: Type.Object(
-          { reason: Type.String({ minLength: 1, maxLength: 1024, description: 'why the cache must be wiped, for the audit log' }) },
+          { reason: Type.String({ minLength: 1, maxLength: 1024, description: 'why the cache must be wiped, for the audit log; not blank' }) },
           { examples: [{ reason: 'corrupted entries after the 14:02 deploy' }] },
         ),
         response: {
@@ -79,6 +79,8 @@ export default async function adminRoutes(fastify: FastifyInstance) {
     },
     async (request) => {
       const actor = request.apiKey!.name
+      // A blank reason would leave the audit log's record of the wipe saying nothing.
+      if (!/\S/.test(request.body.reason)) throw invalidRequest('reason must not be blank')
       let issued: { token: string; expiresAt: number }
       try {
         issued = await tokens.issue(actor, request.body.reason)

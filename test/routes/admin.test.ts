@@ -158,10 +158,11 @@ t.test('keys without the admin scope cannot get or use a token', async (t) => {
 
 t.test('step 1 needs a reason', async (t) => {
   const { app } = await setup(t)
-  for (const payload of [{}, { reason: '' }, { reason: 7 }, { reason: 'x'.repeat(1025) }]) {
+  for (const payload of [{}, { reason: '' }, { reason: '   ' }, { reason: '\t\n' }, { reason: 7 }, { reason: 'x'.repeat(1025) }]) {
     const res = await call(app, { method: 'POST', url: '/v1/admin/clear-token', payload })
     t.equal(res.statusCode, 400, JSON.stringify(payload).slice(0, 40))
     t.equal(res.json().error, 'invalid_request')
+    t.match(res.json().message, /reason/, 'the message names the field')
   }
 })
 
