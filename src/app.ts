@@ -190,7 +190,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
       reconnectPolicy: config.pgReconnectPolicy,
       policyOnFirstConnect: config.pgReconnectPolicyOnStart,
     })
-    app.readinessChecks.push({ name: 'postgres', ready: () => listener.listening && !listener.behind })
+    app.readinessChecks.push({ name: 'postgres', ready: () => listener.listening })
     // Started once the app is ready (not while plugins load); /health/ready is 503 until it listens.
     app.addHook('onReady', async () => listener.start())
     app.addHook('onClose', () => listener.close())

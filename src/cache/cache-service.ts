@@ -86,6 +86,11 @@ export interface InvalidateOptions {
   source: InvalidationSource
   actor?: string
   reason?: string
+  /**
+   * Another try of an invalidation whose failure was already counted and logged (the
+   * PostgreSQL listener replaying what it owes): a failure now is neither counted nor logged.
+   */
+  repeat?: boolean
 }
 
 /** Monotonic totals: the Prometheus counters read these; the resettable summary subtracts a baseline. */
@@ -364,6 +369,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     try {
       outcome = await run()
     } catch (error) {
+      if (options.repeat === true) throw error instanceof CacheError ? error : backendUnavailable('the store')
       this.#countFailure(options.source)
       this.emit('invalidation_failed', { source: options.source, selector, error: error as Error })
       // A known failure (Redis down: the store logged its cause once) needs no stack; during an
@@ -408,8 +414,8 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
    * listener's `clear` policy. An invalidation of everything (DESIGN 4 names "a clear" among
    * them), recorded like any other with the selector `{all: true}` (the stream then resets).
    */
-  async clear(actor?: string, reason?: string, source: InvalidationSource = 'admin'): Promise<number> {
-    const result = await this.#apply({ all: true }, { source, actor, reason }, async () => {
+  async clear(actor?: string, reason?: string, source: InvalidationSource = 'admin', repeat = false): Promise<number> {
+    const result = await this.#apply({ all: true }, { source, actor, reason, repeat }, async () => {
       const invalidated = await this.store.clear()
       this.#fills.clear()
       return { invalidated, mode: 'delete' as const }

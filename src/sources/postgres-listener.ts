@@ -43,7 +43,7 @@ export interface PostgresListenerOptions {
 }
 
 /** A notification's invalidation, as parsed, with its payload for the logs. */
-type Notification = Exclude<ReturnType<typeof parsePayload>, string> & { payload: string }
+type Notification = Exclude<ReturnType<typeof parsePayload>, string> & { payload: string; tried?: true }
 
 /**
  * LISTENs on a channel and turns each notification (a JSON selector) into a call to
@@ -54,9 +54,9 @@ type Notification = Exclude<ReturnType<typeof parsePayload>, string> & { payload
  * so nothing changed in between can be served as fresh.
  *
  * A notification the store cannot apply (Redis down in cluster mode) is not dropped: it is
- * owed, and applied again, in order, with backoff and at once when the bus reconnects. Until
- * nothing is owed, `behind` is true and `/health/ready` is 503. Past `maxOwed` of them, the
- * reconnect policy is applied in their place.
+ * owed, and applied again, in order, with backoff and at once when the bus reconnects; its
+ * failure is counted once. `behind` is true until nothing is owed. Past `maxOwed` of them,
+ * the reconnect policy is applied in their place.
  */
 export class PostgresListener {
   readonly #o: Required<Omit<PostgresListenerOptions, 'logger'>> & { logger: CoreLogger | undefined }
@@ -77,7 +77,10 @@ export class PostgresListener {
   #owedAttempt = 0
   #owedTimer: NodeJS.Timeout | undefined
   readonly #onBusState = ({ connected }: { connected: boolean }): void => {
-    if (connected && this.behind) this.#retryOwed(0)
+    if (!connected || !this.behind) return
+    // Redis answers again: from the shortest backoff, in case the command connection is not back yet.
+    this.#owedAttempt = 0
+    this.#retryOwed(0)
   }
 
   constructor(options: PostgresListenerOptions) {
@@ -198,14 +201,15 @@ export class PostgresListener {
     this.#timer.unref()
   }
 
-  async #applyPolicy(reason: string): Promise<void> {
+  /** Applies the reconnect policy; `repeat`: a failure of this was already counted. */
+  async #applyPolicy(reason: string, repeat = false): Promise<void> {
     const policy = this.#o.reconnectPolicy
     if (policy === 'none') return
     if (policy === 'clear') {
-      const cleared = await this.#o.cache.clear('postgres-listener', reason, 'postgres')
+      const cleared = await this.#o.cache.clear('postgres-listener', reason, 'postgres', repeat)
       this.#o.logger?.warn({ policy, cleared }, reason)
     } else {
-      const result = await this.#o.cache.markAllStale({ source: 'postgres', actor: 'postgres-listener', reason })
+      const result = await this.#o.cache.markAllStale({ source: 'postgres', actor: 'postgres-listener', reason, repeat })
       this.#o.logger?.warn({ policy, invalidated: result.invalidated }, reason)
     }
   }
@@ -216,9 +220,13 @@ export class PostgresListener {
       this.#malformed(payload, parsed)
       return
     }
-    if (this.#overflow) return // the policy, still to be applied, covers it
+    if (this.#overflow) {
+      this.#dropped(1) // the policy, still to be applied, covers it
+      return
+    }
     if (this.#owed.length > 0 && this.#owed.length >= this.#o.maxOwed) {
       this.#overflow = true
+      this.#dropped(this.#owed.filter((n) => n.tried === undefined).length + 1)
       this.#owed = []
       this.#o.logger?.error(
         { channel: this.#o.channel, maxOwed: this.#o.maxOwed, policy: this.#o.reconnectPolicy },
@@ -230,6 +238,12 @@ export class PostgresListener {
     if (this.#owed.length === 1) await this.#applyOwed()
   }
 
+  /** Owed notifications given up on: with the policy `none` nothing covers them, so they count as failed. */
+  #dropped(untried: number): void {
+    if (this.#o.reconnectPolicy !== 'none') return
+    for (let i = 0; i < untried; i++) this.#o.cache.countFailure('postgres')
+  }
+
   /**
    * Applies what is owed, oldest first, until the store fails again (then a retry is
    * scheduled) or nothing is left. Runs on the notification queue, so one at a time.
@@ -239,7 +253,8 @@ export class PostgresListener {
     if (this.#closed) return
     if (this.#overflow) {
       try {
-        await this.#applyPolicy('postgres notifications could not be applied while the store was unavailable')
+        // A failure of it is not counted again: the first owed notification's failure was.
+        await this.#applyPolicy('postgres notifications could not be applied while the store was unavailable', true)
         this.#overflow = false
       } catch {
         this.#retryOwed()
@@ -247,17 +262,20 @@ export class PostgresListener {
       }
     }
     const replay = this.#owedAttempt > 0
-    while (this.#owed.length > 0) {
+    while (this.#owed.length > 0 && !this.#closed) {
       const next = this.#owed[0]!
       try {
-        await o.cache.invalidate(next.selector, { mode: next.mode, source: 'postgres', actor: 'postgres-listener', reason: next.reason })
+        const options = { mode: next.mode, source: 'postgres', actor: 'postgres-listener', reason: next.reason, repeat: next.tried } as const
+        await o.cache.invalidate(next.selector, options)
       } catch (error) {
         // A store failure was already counted and logged by invalidate; a selector it refused was not.
         if (error instanceof CacheError && error.code === 'invalid_request') {
           this.#malformed(next.payload, error.message)
         } else {
-          if (this.#owedAttempt === 0) {
-            o.logger?.warn({ channel: o.channel }, 'a postgres notification could not be applied; it will be applied again')
+          // Its failure is counted and logged once, however often it is tried again.
+          if (next.tried === undefined) {
+            next.tried = true
+            o.logger?.warn({ channel: o.channel, owed: this.#owed.length }, 'a postgres notification could not be applied; it will be applied again')
           }
           this.#retryOwed()
           return

@@ -51,7 +51,10 @@ t.test('a row change made while Redis is frozen is applied on every instance onc
     await db.query(`INSERT INTO personas (user_id) VALUES ('44')`)
   })
   t.equal(a.cache.totals.invalidationsBySource.postgres ?? 0, 0, 'nothing applied while Redis is frozen')
-  t.equal(postgresCheck(a).ready(), false, 'the postgres readiness check is false while notifications are owed')
+  t.equal(postgresCheck(a).ready(), true, 'the listener still listens: owing is not a lost connection')
+  // Retries go on meanwhile (100 ms doubling); each notification's failure counts once.
+  await new Promise((resolve) => setTimeout(resolve, 1500))
+  t.equal(a.cache.totals.invalidationFailures.postgres, 1, "the first notification's failure counts once; the second waits behind it, untried")
   t.equal((await get(b, 'dash:42')).statusCode, 200, "b's L1 still has the copy: nothing reached it")
 
   redis.pause(false)
@@ -64,7 +67,6 @@ t.test('a row change made while Redis is frozen is applied on every instance onc
     t.equal((await get(app, 'dash:44')).statusCode, 404)
     t.equal((await get(app, 'dash:43')).statusCode, 200, 'another user is untouched')
   }
-  t.equal(postgresCheck(a).ready(), true, 'ready again once nothing is owed')
   await waitFor(async () => (await a.inject({ url: '/health/ready' })).statusCode === 200, 20_000, 'a to be ready again')
 })
 
@@ -95,4 +97,25 @@ t.test('past maxOwed, the reconnect policy covers the notifications that could n
   for (const user of ['43', '44', '45']) {
     t.equal((await get(app, `dash:${user}`, '?allowStale=true')).json().stale, true, `dash:${user} is kept, stale`)
   }
+})
+
+t.test('with the policy none, notifications past maxOwed are lost, and each counts as failed', { skip: !available }, async (t) => {
+  const redis = await startRedis(t)
+  const { url, db } = await personas(t)
+  const app = await build(t, { redisUrl: redis.url })
+  const listener = new PostgresListener({ url, channel: 'cachewarden', cache: app.cache, maxOwed: 1, minBackoffMs: 50, reconnectPolicy: 'none' })
+  t.teardown(() => listener.close())
+  listener.start()
+  await waitFor(() => listener.listening, 20_000, 'the listener')
+  await seed(app, [], ['42', '43', '44'])
+
+  await whileFrozen(t, redis, app, 3, async () => {
+    for (const user of ['42', '43', '44']) await db.query(`INSERT INTO personas (user_id) VALUES ($1)`, [user])
+  })
+  redis.pause(false)
+  await waitFor(() => !listener.behind, 20_000, 'the listener to give up on them')
+  t.equal(app.cache.totals.invalidationFailures.postgres, 3, 'the one tried, and the two dropped')
+  t.equal(app.cache.totals.invalidationsBySource.postgres ?? 0, 0, 'nothing applied in their place')
+  await waitFor(async () => (await get(app, 'dash:43')).statusCode === 200, 20_000, 'Redis to answer reads')
+  t.equal((await get(app, 'dash:44')).statusCode, 200, 'a lost notification leaves its entry served: what none means')
 })
