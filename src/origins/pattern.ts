@@ -64,14 +64,21 @@ export class KeyPattern {
     return this.template.names
   }
 
-  /** The named parts of `key`, or undefined when the key does not match. */
+  /**
+   * The named parts of `key`, or undefined when the key does not match. A part that is `.`
+   * or `..` does not match: URL-encoding leaves dots alone, so as a path segment of an
+   * origin URL it would move the request to another path on the origin (`dashboard:..`
+   * would fetch `/dashboard`, not `/users/../dashboard`).
+   */
   match(key: string): Record<string, string> | undefined {
     const m = this.#regex.exec(key)
     if (m === null) return undefined
     const params: Record<string, string> = {}
-    this.template.names.forEach((name, i) => {
-      params[name] = m[i + 1]!
-    })
+    for (let i = 0; i < this.template.names.length; i++) {
+      const part = m[i + 1]!
+      if (part === '.' || part === '..') return undefined
+      params[this.template.names[i]!] = part
+    }
     return params
   }
 

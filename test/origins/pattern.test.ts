@@ -11,6 +11,16 @@ t.test('a key pattern matches whole keys and extracts its named parts', async (t
   t.equal(p.key({ userId: '7' }), 'dashboard:7')
 })
 
+t.test('a part that is a dot segment (. or ..) does not match: it would move an origin URL', async (t) => {
+  const p = new KeyPattern('dashboard:{userId}')
+  t.equal(p.match('dashboard:.'), undefined)
+  t.equal(p.match('dashboard:..'), undefined)
+  t.same(p.match('dashboard:...'), { userId: '...' }, 'three dots are no dot segment')
+  t.same(p.match('dashboard:../x'), { userId: '../x' }, 'the slash is encoded: one segment, not a dot segment')
+  t.same(p.match('dashboard:%2e%2e'), { userId: '%2e%2e' }, 'its % is encoded too')
+  t.equal(new KeyPattern('r:{a}:{b}').match('r:x:..'), undefined, 'any part')
+})
+
 t.test('regex characters in the literal text are literal', async (t) => {
   const p = new KeyPattern('a.b+(c)[{id}]?')
   t.same(p.match('a.b+(c)[9]?'), { id: '9' })

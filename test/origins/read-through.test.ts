@@ -139,6 +139,24 @@ t.test('key parts are URL-encoded into the origin URL', async (t) => {
   t.same(origin.log, ['/users/a%2Fb%20c%3F%23/dashboard'])
 })
 
+t.test('a key part . or .. never reaches the origin: it would resolve to another path there', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set('/dashboard', 'another resource')
+  origin.values.set('/users/dashboard', 'another resource')
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  for (const key of ['dashboard:..', 'dashboard:.']) {
+    const res = await get(app, key, '?load=true')
+    t.equal(res.statusCode, 404, `${key}: a plain miss, as for a key no origin serves`)
+    t.type(res.json().lease, 'string')
+  }
+  const warm = await call(app, { method: 'POST', url: '/v1/warm', payload: { keys: ['dashboard:..'] } })
+  t.equal(warm.statusCode, 200)
+  t.same(origin.log, [], 'the origin was never called')
+  // Dots with anything else are one segment: the slash is encoded, nothing resolves.
+  origin.values.set('/users/..%2Fx/dashboard', 'ok')
+  t.equal((await get(app, 'dashboard:../x', '?load=true')).json().value, 'ok', 'a part holding dots and more is one encoded segment')
+})
+
 t.test('configured headers are sent to the origin', async (t) => {
   const origin = await OriginServer.start(t)
   origin.values.set(dash('1'), 1)
