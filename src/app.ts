@@ -1,4 +1,5 @@
 import { STATUS_CODES } from 'node:http'
+import { isUtf8 } from 'node:buffer'
 import type { Duplex } from 'node:stream'
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
@@ -108,13 +109,16 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   })
   // Bodies are read as sent: a compressed one (`Content-Encoding: gzip`) is refused whatever its
   // bytes, rather than parsed when they happen to be plain JSON and called "not JSON" otherwise.
+  // Read as bytes: a body that is not UTF-8 is refused, where decoding it as a string would
+  // turn each bad byte into U+FFFD, and two different keys or user ids into the same one.
   const parseJson = app.getDefaultJsonParser('error', 'error')
-  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body, done) => {
     const encoding = request.headers['content-encoding']
     if (body.length === 0) done(null, undefined)
     else if (encoding !== undefined && encoding.trim().toLowerCase() !== 'identity') {
       done(invalidRequest(`the body must be sent uncompressed (Content-Encoding ${truncate(encoding, 32)} is not supported)`), undefined)
-    } else parseJson(request, body as string, done)
+    } else if (!isUtf8(body as Buffer)) done(invalidRequest('the body is not valid UTF-8'), undefined)
+    else parseJson(request, (body as Buffer).toString('utf8'), done)
   })
 
   const now = options.now ?? Date.now

@@ -93,6 +93,28 @@ t.test('a value outside an enumeration is named with the values allowed', async 
   }
 })
 
+t.test('a body that is not UTF-8 is a 400, never read as U+FFFD (which would make different ids one)', async (t) => {
+  const app = await build(t)
+  const raw = (text: string) => Buffer.from(text, 'latin1') // each char one byte, \xff and all
+  const json = { 'content-type': 'application/json' }
+  await call(app, { method: 'PUT', url: '/v1/entries/k', payload: { value: 1, userId: 'u\uFFFD' } })
+  for (const [url, body] of [
+    ['/v1/entries/k2', '{"value":1,"userId":"u\xfe"}'],
+    ['/v1/entries/batch-set', '{"entries":[{"key":"k\xff","value":1}]}'],
+    ['/v1/invalidations', '{"userIds":["u\xc0"]}'],
+    ['/v1/entries/batch-get', '{"keys":["\xed\xa0\x80"]}'], // an encoded surrogate
+  ] as const) {
+    const method = url === '/v1/entries/k2' ? 'PUT' : 'POST'
+    const res = await call(app, { method, url, payload: raw(body), headers: json })
+    t.equal(res.statusCode, 400, url)
+    t.same(res.json(), { error: 'invalid_request', message: 'the body is not valid UTF-8' })
+  }
+  t.equal((await call(app, { method: 'GET', url: '/v1/entries/k' })).statusCode, 200, "the U+FFFD user's entry was not invalidated")
+  const ok = await call(app, { method: 'PUT', url: '/v1/entries/k3', payload: Buffer.from('{"value":"\u00e9t\u00e9 \u{1F600}"}', 'utf8'), headers: json })
+  t.equal(ok.statusCode, 200, 'well-formed UTF-8, multi-byte and all, is read as sent')
+  t.equal((await call(app, { method: 'GET', url: '/v1/entries/k3' })).json().value, 'été 😀')
+})
+
 t.test('a compressed body is a 400 that says bodies are sent uncompressed', async (t) => {
   const app = await build(t)
   const res = await call(app, {
