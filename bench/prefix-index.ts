@@ -1,7 +1,8 @@
 // The MemoryStore's prefix index (on in the TieredStore's L1) against the scan it replaces,
 // in one process: a narrow prefix (one user's 10 entries) and a wide one (`user:1`, 11% of
 // the keys) invalidated on two stores holding the same entries, one with the index; and
-// what the index costs a fill of a new key.
+// what the index costs a fill of a new key. Then one selector of 1000 prefixes on the store
+// without the index (memory mode's prefixMatcher) against testing every prefix on every key.
 // `node --expose-gc --import tsx bench/prefix-index.ts [sizes...]` (default 100k 1M).
 import { MemoryStore } from '../src/stores/memory-store.js'
 import type { StoredEntry } from '../src/cache/types.js'
@@ -10,6 +11,8 @@ const sizes = process.argv.slice(2).map(Number).filter(Boolean)
 if (sizes.length === 0) sizes.push(100_000, 1_000_000)
 const PER_USER = 10
 const NARROW = 50
+const MANY = 1000
+const many: string[] = []
 const value = JSON.stringify({ note: 'x'.repeat(180) })
 const gc = () => (globalThis as { gc?: () => void }).gc?.()
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!
@@ -67,5 +70,25 @@ for (const n of sizes) {
   console.log(
     `| ${n.toLocaleString('en')} | ${fill[0]!.toFixed(2)} / ${fill[1]!.toFixed(2)} | ${fmt(ns)} / ${fmt(ni)} | ${Math.round(ns / ni).toLocaleString('en')}x | ${fmt(wide[0]!)} / ${fmt(wide[1]!)} | ${(wide[0]! / wide[1]!).toFixed(1)}x |`,
   )
+
+  // One selector of MANY prefixes (each one user's 10 entries) on the scanning store, against
+  // the same pass over its keys testing each key against every prefix (what the scan did
+  // before prefixMatcher, here without even deleting: a lower bound of its cost).
+  gc()
+  const prefixes = Array.from({ length: MANY }, (_, i) => `user:${Math.floor((i * users) / MANY) + 5}:`)
+  const keys = [...plain.snapshot().entries].map((e) => e.key)
+  let t0 = performance.now()
+  let brute = 0
+  for (const key of keys) if (prefixes.some((p) => key.startsWith(p))) brute++
+  const bruteMs = performance.now() - t0
+  t0 = performance.now()
+  const count = await plain.invalidate({ prefixes }, 'delete', now)
+  const manyMs = performance.now() - t0
+  if (count !== brute || count === 0) throw new Error(`${MANY} prefixes: invalidated ${count}, brute force found ${brute}`)
+  many.push(`| ${n.toLocaleString('en')} | ${MANY} | ${count} | ${fmt(bruteMs)} | ${fmt(manyMs)} | ${(bruteMs / manyMs).toFixed(1)}x |`)
   await Promise.all([plain.close(), indexed.close()])
 }
+console.log(`\nOne selector of ${MANY} prefixes on the store without the index (memory mode), against testing every key against every prefix:\n`)
+console.log('| entries | prefixes | invalidated | every prefix per key ms (no deletes) | invalidate ms | ratio |')
+console.log('|---|---|---|---|---|---|')
+for (const row of many) console.log(row)

@@ -9,7 +9,7 @@ import type {
   SetOutcome,
   StoredEntry,
 } from '../cache/types.js'
-import { prefixRuns, SortedKeys } from './sorted-keys.js'
+import { prefixMatcher, prefixRuns, SortedKeys } from './sorted-keys.js'
 import type { Store } from './store.js'
 
 export const DEFAULT_MAX_ENTRIES = 1_000_000
@@ -333,13 +333,10 @@ export class MemoryStore implements Store {
     // so walking the buckets in slices is a full scan that never blocks the loop for long.
     let count = 0
     const slice = new Slice(this.#sliceMs)
+    const matches = prefixMatcher(prefixes)
     for (const bucket of this.#buckets.values()) {
       for (const key of bucket) {
-        for (const prefix of prefixes) {
-          if (!key.startsWith(prefix)) continue
-          if (this.#apply(key, mode, now)) count++
-          break
-        }
+        if (matches(key) && this.#apply(key, mode, now)) count++
         if (slice.due()) await slice.yield()
       }
     }

@@ -113,3 +113,34 @@ export function* prefixRuns(keys: SortedKeys, prefix: string, batch: number): Ge
     after = true
   }
 }
+
+/**
+ * A test for "starts with one of `prefixes`" that costs one binary search however many
+ * prefixes there are (a scan of every key against 1000 prefixes was 1000 `startsWith` each).
+ * A prefix that starts with another is dropped first, as that one covers it; of what is
+ * left, only the greatest prefix at or before a key can start it, since every string between
+ * a prefix and a key starting with it starts with that prefix too.
+ */
+export function prefixMatcher(prefixes: readonly string[]): (key: string) => boolean {
+  const sorted = [...new Set(prefixes)].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0))
+  const kept: string[] = []
+  for (const prefix of sorted) {
+    // In order, a prefix's own extensions come right after it (before any other string).
+    if (kept.length === 0 || !prefix.startsWith(kept[kept.length - 1]!)) kept.push(prefix)
+  }
+  if (kept.length === 1) {
+    const only = kept[0]!
+    return (key) => key.startsWith(only)
+  }
+  return (key) => {
+    // The number of kept prefixes at or before `key`, minus one: the greatest of them.
+    let lo = 0
+    let hi = kept.length
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1
+      if (kept[mid]! <= key) lo = mid + 1
+      else hi = mid
+    }
+    return lo > 0 && key.startsWith(kept[lo - 1]!)
+  }
+}

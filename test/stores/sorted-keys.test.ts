@@ -1,6 +1,6 @@
 import fc from 'fast-check'
 import t from 'tap'
-import { prefixRuns, SortedKeys } from '../../src/stores/sorted-keys.js'
+import { prefixMatcher, prefixRuns, SortedKeys } from '../../src/stores/sorted-keys.js'
 
 // Short keys over a small alphabet (with one astral character, two UTF-16 units), so that
 // adds, deletes and prefixes collide often; chunks of a few keys, so that they split and
@@ -70,4 +70,20 @@ t.test('a prefix run read while the set changes between batches: each key once, 
   t.ok(seen.includes('p:zzz'), 'a key added ahead of the run')
   t.notOk(seen.some((k) => k.endsWith('-behind')), 'none added behind it')
   t.same([...keys].filter((k) => !k.startsWith('p:')), ['q'], 'the key after the prefix is untouched')
+})
+
+t.test('prefixMatcher answers as testing every prefix would, for any prefixes, overlapping and repeated', async (t) => {
+  fc.assert(
+    fc.property(fc.array(key, { maxLength: 12 }), fc.array(key, { maxLength: 40 }), (prefixes, keys) => {
+      const matches = prefixMatcher(prefixes)
+      for (const k of keys) {
+        const expected = prefixes.some((p) => k.startsWith(p))
+        if (matches(k) !== expected) throw new Error(`${JSON.stringify(k)} against ${JSON.stringify(prefixes)}: expected ${expected}`)
+      }
+    }),
+    { numRuns: 1000 },
+  )
+  const m = prefixMatcher(['user:1', 'user:10', 'user:2/', 'tag'])
+  t.same(['user:1', 'user:105', 'user:2', 'user:2/x', 'tag:a', 'ta', 'u'].map(m), [true, true, false, true, true, false, false])
+  t.equal(prefixMatcher([])('x'), false, 'no prefixes match nothing')
 })
