@@ -144,3 +144,23 @@ export function prefixMatcher(prefixes: readonly string[]): (key: string) => boo
     return lo > 0 && key.startsWith(kept[lo - 1]!)
   }
 }
+
+/**
+ * The longest start all `strings` share, cut before a lone high surrogate, so it is whole
+ * characters (and, in UTF-8, a byte prefix of each of them).
+ */
+export function sharedStart(strings: readonly string[]): string {
+  if (strings.length === 0) return ''
+  let end = strings[0]!.length
+  for (const s of strings) {
+    end = Math.min(end, s.length)
+    for (let i = 0; i < end; i++) {
+      if (s.charCodeAt(i) !== strings[0]!.charCodeAt(i)) {
+        end = i
+        break
+      }
+    }
+  }
+  const last = strings[0]!.charCodeAt(end - 1)
+  return strings[0]!.slice(0, last >= 0xd800 && last <= 0xdbff ? end - 1 : end)
+}

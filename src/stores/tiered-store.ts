@@ -14,6 +14,7 @@ import {
 import { CacheError, backendUnavailable } from '../errors.js'
 import { DEFAULT_MAX_LEASE_PREFIXES, DEFAULT_MAX_LEASE_SCOPES } from '../cache/lease-book.js'
 import { DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, MemoryStore } from './memory-store.js'
+import { prefixMatcher, sharedStart } from './sorted-keys.js'
 import { REDIS_SCRIPTS, type ScriptName } from './redis-scripts.js'
 import type { Store } from './store.js'
 
@@ -815,15 +816,24 @@ export class TieredStore implements Store {
     this.#dropped.clear()
   }
 
+  /**
+   * A SCAN is a pass over all of Redis' keys whatever it matches, so a selector's prefixes
+   * share one: one prefix is matched by Redis; several by the start they share, in Redis,
+   * and the rest here (prefixMatcher), rather than one pass over the keyspace each.
+   */
   async #invalidatePrefixes(gen: string, prefixes: string[], mode: InvalidationMode, now: number): Promise<number> {
     const entryPrefix = `${this.#base}${gen}:e:`
+    const matches = prefixes.length === 1 ? undefined : prefixMatcher(prefixes)
+    const pattern = `${globEscape(entryPrefix + (matches === undefined ? prefixes[0]! : sharedStart(prefixes)))}*`
     let count = 0
-    for (const prefix of prefixes) {
-      await this.#walk(
-        (cursor) => this.#redis.scan(cursor, 'MATCH', `${globEscape(entryPrefix + prefix)}*`, 'COUNT', SCAN_COUNT),
-        async (found) => void (count += await this.#invalidateKeys(found.map((k) => k.slice(entryPrefix.length)), mode, now)),
-      )
-    }
+    await this.#walk(
+      (cursor) => this.#redis.scan(cursor, 'MATCH', pattern, 'COUNT', SCAN_COUNT),
+      async (found) => {
+        let keys = found.map((k) => k.slice(entryPrefix.length))
+        if (matches !== undefined) keys = keys.filter(matches)
+        if (keys.length > 0) count += await this.#invalidateKeys(keys, mode, now)
+      },
+    )
     return count
   }
 

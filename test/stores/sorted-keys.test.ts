@@ -1,6 +1,6 @@
 import fc from 'fast-check'
 import t from 'tap'
-import { prefixMatcher, prefixRuns, SortedKeys } from '../../src/stores/sorted-keys.js'
+import { prefixMatcher, prefixRuns, sharedStart, SortedKeys } from '../../src/stores/sorted-keys.js'
 
 // Short keys over a small alphabet (with one astral character, two UTF-16 units), so that
 // adds, deletes and prefixes collide often; chunks of a few keys, so that they split and
@@ -86,4 +86,24 @@ t.test('prefixMatcher answers as testing every prefix would, for any prefixes, o
   const m = prefixMatcher(['user:1', 'user:10', 'user:2/', 'tag'])
   t.same(['user:1', 'user:105', 'user:2', 'user:2/x', 'tag:a', 'ta', 'u'].map(m), [true, true, false, true, true, false, false])
   t.equal(prefixMatcher([])('x'), false, 'no prefixes match nothing')
+})
+
+t.test('sharedStart is the longest start every string has, in whole characters', async (t) => {
+  fc.assert(
+    fc.property(fc.array(key, { minLength: 1, maxLength: 6 }), (strings) => {
+      const start = sharedStart(strings)
+      if (!strings.every((s) => s.startsWith(start))) throw new Error(`${JSON.stringify(start)} does not start all of ${JSON.stringify(strings)}`)
+      const last = start.charCodeAt(start.length - 1)
+      if (last >= 0xd800 && last <= 0xdbff) throw new Error(`${JSON.stringify(start)} ends in half a character`)
+      // One more unit is not shared, unless it would be half a character.
+      const next = strings[0]!.slice(0, start.length + 1)
+      const nextLast = next.charCodeAt(next.length - 1)
+      const longer = next.length > start.length && strings.every((s) => s.startsWith(next))
+      if (longer && !(nextLast >= 0xd800 && nextLast <= 0xdbff)) throw new Error(`${JSON.stringify(next)} is shared too`)
+    }),
+    { numRuns: 1000 },
+  )
+  t.equal(sharedStart(['user:1:', 'user:2:', 'user:10']), 'user:')
+  t.equal(sharedStart(['😀a', '😁b']), '', 'not the half of 😀 and 😁 they share')
+  t.equal(sharedStart(['a😀', 'a😀b']), 'a😀')
 })

@@ -115,6 +115,20 @@ export function storeContract(t: Test, name: string, factory: StoreFactory): voi
       t.equal((await store.size()).entries, 0)
     })
 
+    t.test('several prefixes at once invalidate exactly the keys under any of them', async (t) => {
+      const { store, clock } = await open(t)
+      // Glob characters, prefixes under others, and two emoji sharing their first UTF-16 unit.
+      const keys = ['p*:1', 'p*:2', 'p?:1', 'pa:1', 'pab', 'q:1', '😀a', '😁b', '😁c', 'other']
+      for (const key of keys) await store.set(entry(clock, key))
+      t.equal(await store.invalidate({ prefixes: ['p*:', 'p?', 'pa', 'pab', '😀', '😁b'] }, 'delete', clock.now()), 7)
+      const left = []
+      for (const key of keys) if (await store.get(key, clock.now())) left.push(key)
+      t.same(left, ['q:1', '😁c', 'other'])
+      t.equal(await store.invalidate({ prefixes: ['😁c', '😀z'] }, 'delete', clock.now()), 1, 'prefixes sharing half a character')
+      t.equal(await store.invalidate({ prefixes: ['q:', 'q:1', 'o'] }, 'stale', clock.now()), 2)
+      t.equal((await store.get('q:1', clock.now()))?.stale, true)
+    })
+
     t.test('stale mode keeps entries, marked stale, and counts each once', async (t) => {
       const { store, clock } = await open(t)
       await store.set(entry(clock, 'a', { userId: 'u1' }))
