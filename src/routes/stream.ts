@@ -14,6 +14,13 @@ declare module 'fastify' {
 
 /** Tells EventSource clients how long to wait before reconnecting. */
 const RETRY_MS = 3000
+const STREAM_HEADERS = {
+  'content-type': 'text/event-stream; charset=utf-8',
+  'cache-control': 'no-cache, no-transform',
+  connection: 'keep-alive',
+  // Tells nginx-style proxies not to buffer the stream.
+  'x-accel-buffering': 'no',
+}
 
 const EXAMPLE =
   'id: 3b0f4c3e-8a51-4a43-9d0e-2f1c1d6f9a10\nevent: invalidation\n' +
@@ -118,7 +125,7 @@ export default fp(
       '/v1/invalidations/stream',
       {
         config: { scope: 'read' },
-        // A HEAD would be hijacked like a GET and then held open with nothing to send.
+        // A HEAD would be hijacked like a GET and then held open with nothing to send: its own route follows.
         exposeHeadRoute: false,
         schema: {
           tags: ['streams'],
@@ -143,13 +150,7 @@ export default fp(
       async (request, reply) => {
         reply.hijack()
         const res = reply.raw
-        res.writeHead(200, {
-          'content-type': 'text/event-stream; charset=utf-8',
-          'cache-control': 'no-cache, no-transform',
-          connection: 'keep-alive',
-          // Tells nginx-style proxies not to buffer the stream.
-          'x-accel-buffering': 'no',
-        })
+        res.writeHead(200, STREAM_HEADERS)
         request.raw.socket.setNoDelay(true)
         res.write(`retry: ${RETRY_MS}\n: connected\n\n`)
         const lastId = request.headers['last-event-id']
@@ -163,6 +164,12 @@ export default fp(
         }
       },
     )
+
+    // HEAD answers what a GET would start with (status and headers, so a probe learns the
+    // route and its auth work) and ends, where a GET stays open.
+    app.head('/v1/invalidations/stream', { config: { scope: 'read' }, schema: { hide: true } }, async (_request, reply) => {
+      reply.code(200).headers(STREAM_HEADERS).send()
+    })
   },
   { name: 'cachewarden-stream', dependencies: ['cachewarden-auth'] },
 )
