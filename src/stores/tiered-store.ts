@@ -981,10 +981,18 @@ export class TieredStore implements Store {
     const sub = this.#sub
     let timer: NodeJS.Timeout | undefined
     const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), timeoutMs)))
+    let answered = false
+    const pong = sub.ping().then(
+      () => ((answered = true), 'ok' as const),
+      () => ((answered = true), 'failed' as const),
+    )
     try {
-      const answer = await Promise.race([sub.ping().then(() => 'ok' as const, () => 'failed' as const), late])
+      const answer = await Promise.race([pong, late])
+      // After a stall of this process's event loop, timers run before the sockets are read:
+      // the PONG may be waiting on the socket. One turn of the loop reads it.
+      if (answer === 'late') await new Promise((resolve) => setImmediate(resolve))
       // A failed PING means the connection is already going; its 'close' reports it.
-      if (answer === 'late' && this.#busUp && !this.#closing) {
+      if (answer === 'late' && !answered && this.#busUp && !this.#closing) {
         this.#logger?.warn({ bus: this.#channel, timeoutMs }, 'Redis did not answer the bus PING in time: resubscribing')
         sub.disconnect(true)
       }

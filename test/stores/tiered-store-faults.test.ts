@@ -238,6 +238,33 @@ if (requireRedisServer(t)) {
     t.equal((await store.get('cached', now()))?.value, '1', 'the entry is read again from Redis')
   })
 
+  t.test("a stall of this process's event loop longer than the command timeout does not take the bus down", async (t) => {
+    const server = await startRedis(t)
+    const states: boolean[] = []
+    const store = new TieredStore({ redisUrl: server.url, commandTimeoutMs: 200, busPingMs: 50, sweepIntervalMs: 0, onBusState: (up) => states.push(up) })
+    t.teardown(() => store.close())
+    t.ok(await store.connect(10_000))
+    // The loop stalls (a real busy wait) in the turn a PING is sent, after that turn's poll
+    // for I/O, so its answer waits on the socket while the PING's timer runs out.
+    const ping = Redis.prototype.ping
+    let stalls = 0
+    Redis.prototype.ping = function (this: Redis, ...args: unknown[]) {
+      const sent = (ping as (...a: unknown[]) => unknown).apply(this, args)
+      if (stalls < 3) {
+        stalls++
+        setImmediate(() => {
+          const until = Date.now() + 500
+          while (Date.now() < until);
+        })
+      }
+      return sent
+    } as typeof ping
+    t.teardown(() => void (Redis.prototype.ping = ping))
+    t.ok(await waitUntil(() => stalls === 3, 5000))
+    await new Promise((resolve) => setTimeout(resolve, 300))
+    t.same(states, [true], 'the bus stayed up through three stalls of 500 ms, with a 200 ms timeout')
+  })
+
   t.test('a frozen Redis makes requests fail fast instead of hanging', async (t) => {
     const frozen = await startRedis(t)
     const now = Date.now
