@@ -176,6 +176,8 @@ export class TieredStore implements Store {
   readonly #timer: NodeJS.Timeout | undefined
   readonly #busPingTimer: NodeJS.Timeout | undefined
   #busPinging = false
+  /** How many bus messages have arrived: any since a PING shows the connection alive. */
+  #busHeard = 0
   #busUp = false
   #closing = false
   #sweeping = false
@@ -264,7 +266,10 @@ export class TieredStore implements Store {
       )
     })
     this.#sub.on('close', () => this.#setBus(false))
-    this.#sub.on('message', (_channel: string, message: string) => this.#onMessage(message))
+    this.#sub.on('message', (_channel: string, message: string) => {
+      this.#busHeard++
+      this.#onMessage(message)
+    })
 
     if (sweepIntervalMs > 0) {
       this.#timer = setInterval(() => void this.sweep(), sweepIntervalMs)
@@ -982,6 +987,7 @@ export class TieredStore implements Store {
     let timer: NodeJS.Timeout | undefined
     const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), timeoutMs)))
     let answered = false
+    const heard = this.#busHeard
     const pong = sub.ping().then(
       () => ((answered = true), 'ok' as const),
       () => ((answered = true), 'failed' as const),
@@ -989,10 +995,11 @@ export class TieredStore implements Store {
     try {
       const answer = await Promise.race([pong, late])
       // After a stall of this process's event loop, timers run before the sockets are read:
-      // the PONG may be waiting on the socket. One turn of the loop reads it.
+      // the PONG may be waiting on the socket. One turn of the loop reads it, or at least
+      // some of what came before it (a backlog of messages): either shows Redis answering.
       if (answer === 'late') await new Promise((resolve) => setImmediate(resolve))
       // A failed PING means the connection is already going; its 'close' reports it.
-      if (answer === 'late' && !answered && this.#busUp && !this.#closing) {
+      if (answer === 'late' && !answered && this.#busHeard === heard && this.#busUp && !this.#closing) {
         this.#logger?.warn({ bus: this.#channel, timeoutMs }, 'Redis did not answer the bus PING in time: resubscribing')
         sub.disconnect(true)
       }

@@ -265,6 +265,30 @@ if (requireRedisServer(t)) {
     t.same(states, [true], 'the bus stayed up through three stalls of 500 ms, with a 200 ms timeout')
   })
 
+  t.test('bus messages arriving since a PING show the connection alive, even when its answer is late', async (t) => {
+    const server = await startRedis(t)
+    const states: boolean[] = []
+    const store = new TieredStore({ redisUrl: server.url, commandTimeoutMs: 100, busPingMs: 30, sweepIntervalMs: 0, onBusState: (up) => states.push(up) })
+    t.teardown(() => store.close())
+    t.ok(await store.connect(10_000))
+    // Every PING is sent for real, but its answer never reaches the store: only the bus's
+    // other traffic can show it alive.
+    const ping = Redis.prototype.ping
+    Redis.prototype.ping = function (this: Redis, ...args: unknown[]) {
+      void (ping as (...a: unknown[]) => Promise<unknown>).apply(this, args).catch(() => {})
+      return new Promise(() => {})
+    } as typeof ping
+    t.teardown(() => void (Redis.prototype.ping = ping))
+    const publisher = new Redis(server.url)
+    t.teardown(() => publisher.disconnect())
+    const chatter = setInterval(() => void publisher.publish('{cw}:bus', JSON.stringify({ f: 'elsewhere', w: 'chatter' })), 10)
+    await new Promise((resolve) => setTimeout(resolve, 600))
+    t.same(states, [true], 'messages every 10 ms kept the bus up through some 20 unanswered PINGs')
+    clearInterval(chatter)
+    t.ok(await waitUntil(() => states.length >= 2, 5000), 'once the messages stop, an unanswered PING drops the bus')
+    t.equal(states[1], false)
+  })
+
   t.test('a frozen Redis makes requests fail fast instead of hanging', async (t) => {
     const frozen = await startRedis(t)
     const now = Date.now
