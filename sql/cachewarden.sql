@@ -23,6 +23,12 @@
 -- default 'cachewarden', and carries a selector:
 --   {"userIds":["42"],"tags":["analytics:42"],"mode":"delete","reason":"public.personas UPDATE"}
 -- TRUNCATE fires no row trigger: invalidate through the API (or restart the listener) after one.
+--
+-- It must be attached AFTER ... FOR EACH ROW: attached BEFORE it would cancel the row change
+-- (a trigger function returning NULL does that), and FOR EACH STATEMENT it has no row to read,
+-- so either raises an error in the writing statement. A user id or tag longer than 128 bytes
+-- (more than any cache entry can carry) is left out; a selector too long for one
+-- notification (PostgreSQL's limit is 8000 bytes) goes out as several.
 
 CREATE OR REPLACE FUNCTION cachewarden_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -38,8 +44,17 @@ DECLARE
   val text;
   user_ids text[] := '{}';
   tags text[] := '{}';
+  rest text;
+  m text[];
+  at int;
+  reason text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME || ' ' || TG_OP;
+  payload text;
   channel text := coalesce(nullif(current_setting('cachewarden.channel', true), ''), 'cachewarden');
 BEGIN
+  IF TG_WHEN <> 'AFTER' OR TG_LEVEL <> 'ROW' THEN
+    RAISE EXCEPTION 'cachewarden_notify must be attached AFTER ... FOR EACH ROW (on %.% it is % ... FOR EACH %)',
+      TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_WHEN, TG_LEVEL;
+  END IF;
   FOR i IN 1 .. TG_NARGS - 1 LOOP
     IF TG_ARGV[i] IN ('mode=stale', 'mode=delete') THEN
       mode := substr(TG_ARGV[i], 6);
@@ -66,13 +81,19 @@ BEGIN
         RAISE EXCEPTION 'cachewarden_notify: table %.% has no column "%"', TG_TABLE_SCHEMA, TG_TABLE_NAME, user_column;
       END IF;
       val := r ->> user_column;
-      IF val IS NOT NULL AND val <> '' AND NOT val = ANY (user_ids) THEN
+      IF val IS NOT NULL AND val <> '' AND octet_length(val) <= 128 AND NOT val = ANY (user_ids) THEN
         user_ids := user_ids || val;
       END IF;
     END IF;
     FOREACH tmpl IN ARRAY templates LOOP
-      tag := tmpl;
-      FOR col IN SELECT m[1] FROM regexp_matches(tmpl, '\{([A-Za-z_][A-Za-z0-9_]*)\}', 'g') AS m LOOP
+      -- Placeholders are filled left to right in one pass, so a value holding `{col}` is
+      -- kept as it is, not filled in turn.
+      tag := '';
+      rest := tmpl;
+      LOOP
+        m := regexp_match(rest, '\{([A-Za-z_][A-Za-z0-9_]*)\}');
+        EXIT WHEN m IS NULL;
+        col := m[1];
         IF NOT r ? col THEN
           RAISE EXCEPTION 'cachewarden_notify: table %.% has no column "%" (tag template "%")',
             TG_TABLE_SCHEMA, TG_TABLE_NAME, col, tmpl;
@@ -82,10 +103,15 @@ BEGIN
           tag := NULL;
           EXIT;
         END IF;
-        tag := replace(tag, '{' || col || '}', val);
+        at := position('{' || col || '}' IN rest);
+        tag := tag || substr(rest, 1, at - 1) || val;
+        rest := substr(rest, at + length(col) + 2);
       END LOOP;
-      IF tag IS NOT NULL AND NOT tag = ANY (tags) THEN
-        tags := tags || tag;
+      IF tag IS NOT NULL THEN
+        tag := tag || rest;
+        IF octet_length(tag) <= 128 AND NOT tag = ANY (tags) THEN
+          tags := tags || tag;
+        END IF;
       END IF;
     END LOOP;
   END LOOP;
@@ -93,12 +119,18 @@ BEGIN
   IF cardinality(user_ids) = 0 AND cardinality(tags) = 0 THEN
     RETURN NULL;
   END IF;
-  PERFORM pg_notify(channel, jsonb_build_object(
-    'userIds', to_jsonb(user_ids),
-    'tags', to_jsonb(tags),
-    'mode', mode,
-    'reason', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME || ' ' || TG_OP
-  )::text);
+  payload := jsonb_build_object('userIds', to_jsonb(user_ids), 'tags', to_jsonb(tags), 'mode', mode, 'reason', reason)::text;
+  IF octet_length(payload) < 8000 THEN
+    PERFORM pg_notify(channel, payload);
+    RETURN NULL;
+  END IF;
+  -- Too long for one notification: the users in one (at most two, of 128 bytes), each tag in its own.
+  IF cardinality(user_ids) > 0 THEN
+    PERFORM pg_notify(channel, jsonb_build_object('userIds', to_jsonb(user_ids), 'mode', mode, 'reason', reason)::text);
+  END IF;
+  FOREACH tag IN ARRAY tags LOOP
+    PERFORM pg_notify(channel, jsonb_build_object('tags', jsonb_build_array(tag), 'mode', mode, 'reason', reason)::text);
+  END LOOP;
   RETURN NULL;
 END;
 $$;

@@ -2,6 +2,7 @@
 // starts it, adds its readiness check and closes it with the app.
 import pg from 'pg'
 import type { CacheService, CoreLogger } from '../cache/cache-service.js'
+import { checkName, type Limits } from '../cache/limits.js'
 import { SELECTOR_KINDS, type InvalidationMode, type Selector } from '../cache/types.js'
 import type { PgReconnectPolicy } from '../config.js'
 import { CacheError, truncate } from '../errors.js'
@@ -220,6 +221,17 @@ export class PostgresListener {
       this.#malformed(payload, parsed)
       return
     }
+    // A row can hold a user id no entry can carry (too long, a control character): the rest
+    // of its selector (the row's other user, its tags) must still be applied.
+    const { selector, left } = withoutUnstorable(parsed.selector, this.#o.cache.limits)
+    if (left.length > 0) {
+      this.#o.logger?.warn(
+        { channel: this.#o.channel, payload: truncate(payload, 200), left: left.map((name) => truncate(name, 40)) },
+        'a postgres notification names what no entry can carry: left out',
+      )
+      if (SELECTOR_KINDS.every((kind) => !selector[kind]?.length)) return
+      parsed.selector = selector
+    }
     if (this.#overflow) {
       this.#dropped(1) // the policy, still to be applied, covers it
       return
@@ -333,4 +345,36 @@ export function parsePayload(payload: string): { selector: Selector; mode?: Inva
   }
   // The lists' contents are checked by CacheService.invalidate (checkSelector), which names the field.
   return { selector, mode: body.mode as InvalidationMode | undefined, reason: body.reason as string | undefined }
+}
+
+/**
+ * The selector without the names no entry can carry (keys, user ids and tags a write would
+ * refuse: too long, control characters, broken Unicode; prefixes no storable key can start
+ * with), and those names. What is not a string, or empty, stays, for `checkSelector` to
+ * refuse the notification as malformed.
+ */
+export function withoutUnstorable(selector: Selector, limits: Limits): { selector: Selector; left: string[] } {
+  const max = { keys: limits.maxKeyBytes, userIds: limits.maxUserIdBytes, tags: limits.maxTagBytes, prefixes: limits.maxKeyBytes }
+  const out: Selector = {}
+  const left: string[] = []
+  for (const kind of SELECTOR_KINDS) {
+    const list = selector[kind] as unknown
+    if (!Array.isArray(list)) {
+      if (list !== undefined) out[kind] = list as string[]
+      continue
+    }
+    out[kind] = list.filter((name: unknown) => {
+      // An empty name is a sender's mistake, not a row's value (the trigger sends none):
+      // checkSelector refuses it, and the notification with it, as malformed.
+      if (typeof name !== 'string' || name === '') return true
+      try {
+        checkName(kind, name, max[kind])
+        return true
+      } catch {
+        left.push(name)
+        return false
+      }
+    })
+  }
+  return { selector: out, left }
 }
