@@ -1,6 +1,6 @@
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Pool } from 'undici'
-import { CachewardenError, LeaseInvalidatedError, errorFromReply } from './errors.js'
+import { BackendUnavailableError, CachewardenError, LeaseInvalidatedError, errorFromReply } from './errors.js'
 import type {
   BatchGetResult,
   BatchSetItem,
@@ -64,7 +64,8 @@ export interface GetOrSetOptions extends Omit<WriteOptions, 'lease'> {
 
 /** What happened inside one getOrSet call (for metrics and tests). */
 export interface GetOrSetTrace {
-  outcome: 'hit' | 'filled' | 'fill_refused' | 'waited_hit' | 'loaded_after_wait' | 'not_cached'
+  /** `unavailable`: loaded, but the cache could not store it (503: Redis down in cluster mode). */
+  outcome: 'hit' | 'filled' | 'fill_refused' | 'waited_hit' | 'loaded_after_wait' | 'not_cached' | 'unavailable'
   /** Misses that came back `fill: false`, i.e. how often this call waited. */
   waits: number
 }
@@ -194,6 +195,8 @@ export class CachewardenClient {
           await this.set(key, value, { ...write, lease: lease.lease })
         } catch (error) {
           if (error instanceof LeaseInvalidatedError) return { value, trace: { outcome: 'fill_refused', waits } }
+          // The value is loaded: a cache that cannot keep it is no reason to fail the caller.
+          if (error instanceof BackendUnavailableError) return { value, trace: { outcome: 'unavailable', waits } }
           throw error
         }
         return { value, trace: { outcome: lease.fill ? 'filled' : 'loaded_after_wait', waits } }

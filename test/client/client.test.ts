@@ -1,6 +1,7 @@
 import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import {
+  BackendUnavailableError,
   CachewardenClient,
   CachewardenError,
   ForbiddenError,
@@ -13,6 +14,7 @@ import {
 } from '../../src/client/index.js'
 import { DEFAULT_LIMITS } from '../../src/cache/limits.js'
 import { KEYS } from '../helpers/build.js'
+import { hasRedisServer, startRedis } from '../helpers/redis-server.js'
 import { serve } from '../helpers/serve.js'
 
 // The client against a real listening server: the network, keep-alive and the wire format
@@ -244,6 +246,25 @@ t.test('getOrSet', async (t) => {
     const c = client()
     await t.rejects(c.getOrSet('k', async () => { throw new Error('db down') }), { message: 'db down' })
     t.equal(await c.get('k'), undefined)
+  })
+
+  t.test('a write the cache cannot store (503) still returns the loaded value', { skip: !hasRedisServer() && process.env.CI !== 'true' }, async (t) => {
+    const redis = await startRedis(t)
+    const { client } = await serve(t, { redisUrl: redis.url })
+    const c = client()
+    let loads = 0
+    const got = await c.getOrSetTraced('k', async () => {
+      loads++
+      await redis.stop() // between the miss and the write
+      return { fresh: true }
+    })
+    t.same(got, { value: { fresh: true }, trace: { outcome: 'unavailable', waits: 0 } })
+    t.equal(loads, 1)
+    // With Redis down before the call, reads are misses (never a 5xx) and writes 503: every
+    // caller loads from the source, as it would without a cache, and none fails.
+    t.same(await c.getOrSetTraced('k2', () => 2), { value: 2, trace: { outcome: 'unavailable', waits: 0 } })
+    // Other clients still see the 503 on a plain write.
+    await t.rejects(c.set('k3', 3), BackendUnavailableError)
   })
 
   t.test('cache errors other than 409 propagate', async (t) => {
