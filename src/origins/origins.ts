@@ -237,8 +237,12 @@ export class Origins {
     return { release: () => records.swapRecord(name, holder, undefined, 0).then(() => undefined, () => undefined) }
   }
 
-  /** `POST /v1/entries/:key/refresh`: reloads now; 404 if no origin serves the key or the origin has no data, 503 if it fails. */
-  async refresh(key: string): Promise<StoredEntry> {
+  /**
+   * `POST /v1/entries/:key/refresh`: reloads now; 404 if no origin serves the key, 503 if it
+   * fails (the old entry stays). 404 too if the origin has no data for the key any more: then
+   * the cached entry is invalidated (source `api`, by `actor`), as the origin says it is gone.
+   */
+  async refresh(key: string, actor?: string): Promise<StoredEntry> {
     const match = this.match(key)
     if (match === undefined) throw notFound(`no origin serves "${truncate(key)}"`)
     let outcome: LoadOutcome
@@ -247,7 +251,11 @@ export class Origins {
     } catch (error) {
       throw unavailable(error)
     }
-    if (!outcome.found) throw notFound(`origin "${match.origin.name}" has no data for "${truncate(key)}"`)
+    if (!outcome.found) {
+      const reason = `forced refresh: origin "${match.origin.name}" has no data for it`
+      const { invalidated } = await this.cache.invalidate({ keys: [key] }, { source: 'api', actor, reason })
+      throw notFound(`origin "${match.origin.name}" has no data for "${truncate(key)}"${invalidated > 0 ? '; the cached entry was removed' : ''}`)
+    }
     return outcome.entry
   }
 

@@ -23,15 +23,16 @@ export default async function originRoutes(fastify: FastifyInstance) {
         summary: 'Reload an entry from its origin now',
         description:
           'Fetches the key from the origin whose keyPattern matches it and replaces the entry (a refresh already ' +
-          'in flight for the key is joined, not repeated). 404 `not_found` when no origin serves the key or the ' +
-          'origin has no data for it; 503 `backend_unavailable` when the origin fails, and the old entry stays.',
+          'in flight for the key is joined, not repeated). 404 `not_found` when no origin serves the key, or when the ' +
+          'origin has no data for it (then the cached entry is removed); 503 `backend_unavailable` when the origin ' +
+          'fails, and the old entry stays.',
         params: KeyParams,
         response: { 200: WriteResult, ...notFoundError, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
     async (request, reply) => {
       const key = checkKey(request.params.key, app.cache.limits)
-      const entry = await origins.refresh(key)
+      const entry = await origins.refresh(key, request.apiKey?.name)
       return reply.type(JSON_TYPE).send(renderWrite(entry))
     },
   )

@@ -1,7 +1,7 @@
 import { Writable } from 'node:stream'
 import t from 'tap'
 import type { FastifyInstance } from 'fastify'
-import { FakeClock, build, call, get } from '../helpers/build.js'
+import { FakeClock, build, call, get, put } from '../helpers/build.js'
 import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
 
 const dash = (id: string) => `/users/${id}/dashboard`
@@ -212,12 +212,19 @@ t.test('a forced refresh: 404 with no origin or no data, 503 keeping the old ent
   t.match(none.json().message, /no origin/)
   const gone = await call(app, { method: 'POST', url: '/v1/entries/dashboard%3Anobody/refresh' })
   t.equal(gone.statusCode, 404)
+  // Cached, then gone from the origin: the forced refresh removes it rather than leave it served.
+  await put(app, 'dashboard:deleted', { value: 'kept by mistake' })
+  const removed = await call(app, { method: 'POST', url: '/v1/entries/dashboard%3Adeleted/refresh' })
+  t.equal(removed.statusCode, 404)
+  t.match(removed.json().message, /has no data .*the cached entry was removed/)
+  t.equal((await get(app, 'dashboard:deleted')).statusCode, 404)
+  t.match(app.cache.recentInvalidations(1)[0], { selector: { keys: ['dashboard:deleted'] }, source: 'api', actor: 'admin' })
   origin.failAll = 500
   const down = await call(app, { method: 'POST', url: '/v1/entries/dashboard%3A1/refresh' })
   t.equal(down.statusCode, 503)
   t.equal(down.json().error, 'backend_unavailable')
   t.equal((await get(app, 'dashboard:1')).json().value, 'v1-1')
-  t.same(refreshes, ['success', 'error'])
+  t.same(refreshes, ['success', 'success', 'error'])
   t.equal((await call(app, { method: 'POST', url: '/v1/entries/dashboard%3A1/refresh', key: 'read' })).statusCode, 403)
   t.equal((await call(app, { method: 'POST', url: '/v1/entries/dashboard%3A1/refresh', key: null })).statusCode, 401)
 })
