@@ -6,6 +6,11 @@ import { loggerOptions } from './logger.js'
 
 /** How long in-flight requests get to finish after SIGTERM/SIGINT. */
 const SHUTDOWN_GRACE_MS = 10_000
+/**
+ * A SIGINT or SIGTERM this soon after the first is the same stop, not an insistence: Ctrl-C
+ * (or systemd's stop) signals the whole process group, and `npm start` passes its copy on.
+ */
+const REPEATED_SIGNAL_MS = 1000
 
 function configOrExit(): Config {
   try {
@@ -32,7 +37,14 @@ const app = await buildApp(config, {
   logger: loggerOptions(config.logLevel),
 })
 
-closeWithGrace({ delay: SHUTDOWN_GRACE_MS }, async ({ signal, err }) => {
+// SIGINT and SIGTERM are handled below; close-with-grace handles the other signals and errors.
+const STOP_SIGNALS = ['SIGINT', 'SIGTERM'] as const
+let stopSignal: NodeJS.Signals | undefined
+let stopAt = 0
+// Set once any shutdown starts (a stop signal, another signal, an error): a stop signal then is a second one.
+let closing = false
+const closer = closeWithGrace({ delay: SHUTDOWN_GRACE_MS, skip: [...STOP_SIGNALS] }, async ({ signal = stopSignal, err }) => {
+  closing = true
   if (err) app.log.error({ err }, 'shutting down after an error')
   // SIGTERM and SIGINT are the usual way to stop; any other signal (a closed terminal's SIGHUP…) is worth a warning.
   else if (signal === 'SIGTERM' || signal === 'SIGINT') app.log.info({ signal }, 'shutting down')
@@ -47,6 +59,20 @@ closeWithGrace({ delay: SHUTDOWN_GRACE_MS }, async ({ signal, err }) => {
     clearInterval(sweep)
   }
 })
+for (const name of STOP_SIGNALS) {
+  process.on(name, (signal: NodeJS.Signals) => {
+    if (stopSignal === undefined && !closing) {
+      stopSignal = signal
+      stopAt = Date.now()
+      void closer.close()
+    } else if (stopSignal !== undefined && Date.now() - stopAt < REPEATED_SIGNAL_MS) {
+      app.log.info({ signal }, 'signal repeated (the process group was signalled): still shutting down gracefully')
+    } else {
+      app.log.error({ signal }, 'second signal: exiting without waiting for requests in flight')
+      process.exit(1)
+    }
+  })
+}
 
 try {
   await app.listen({ host: config.host, port: config.port })

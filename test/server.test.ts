@@ -3,16 +3,18 @@ import { once } from 'node:events'
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { OriginServer, dashboardOrigin } from './helpers/origin-server.js'
 
 // The real entry point as a user runs it: config from the environment, the generated key,
 // and graceful shutdown on a signal.
 
-function start(env: Record<string, string>, command = [process.execPath, '--import', 'tsx', 'src/server.ts']) {
+function start(env: Record<string, string>, command = [process.execPath, '--import', 'tsx', 'src/server.ts'], detached = false) {
   const child = spawn(command[0]!, command.slice(1), {
     env: { ...process.env, HOST: '127.0.0.1', PORT: '0', LOG_LEVEL: 'info', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
+    // Its own process group, as a terminal or systemd gives it, to be signalled as a whole.
+    detached,
   })
   let out = ''
   let err = ''
@@ -93,6 +95,70 @@ t.test('SIGTERM lets an in-flight request finish', async (t) => {
   t.same(((await res.json()) as { value: unknown }).value, { user: '1' })
   const [code] = await once(server.child, 'exit')
   t.equal(code, 0)
+})
+
+/** A server with an origin whose answer the test holds, and a request in flight on it. */
+async function withRequestInFlight(t: Test, command?: string[], detached = false) {
+  const origin = await OriginServer.start(t)
+  origin.values.set('/users/1/dashboard', { user: '1' })
+  origin.hold()
+  const dir = mkdtempSync(join(tmpdir(), 'cw-server-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const configFile = join(dir, 'config.json')
+  writeFileSync(configFile, JSON.stringify({ origins: [dashboardOrigin(origin)] }))
+  const server = start({ CACHEWARDEN_API_KEYS: 'a:admin:server-test-secret-1', CONFIG_FILE: configFile }, command, detached)
+  let pid = 0
+  t.teardown(() => {
+    if (detached && server.child.pid !== undefined && alive(server.child.pid)) process.kill(-server.child.pid, 'SIGKILL')
+    server.child.kill('SIGKILL')
+    if (pid !== 0 && alive(pid)) process.kill(pid, 'SIGKILL')
+  })
+  const port = await server.ready
+  pid = Number(/"pid":(\d+)/.exec(server.output())![1])
+  const inFlight = fetch(`http://127.0.0.1:${port}/v1/entries/dashboard%3A1?load=true`, {
+    headers: { authorization: 'Bearer server-test-secret-1' },
+  })
+  await origin.waitForCalls(1)
+  return { origin, server, inFlight, pid: () => pid }
+}
+
+t.test('Ctrl-C on `npm start` (SIGINT to the whole process group, twice over with npm\'s copy) still lets requests in flight finish', async (t) => {
+  if (!existsSync('dist/server.js')) throw new Error('dist/server.js is missing: npm install builds it (npm run build)')
+  const { origin, server, inFlight, pid } = await withRequestInFlight(t, ['npm', 'start'], true)
+  process.kill(-server.child.pid!, 'SIGINT')
+  await until(() => /shutting down/.test(server.output()))
+  await new Promise((resolve) => setTimeout(resolve, 200)) // npm's copy of the signal has arrived by now
+  t.ok(alive(pid()), 'the server is still up, finishing its request')
+  origin.release()
+  const res = await inFlight
+  t.equal(res.status, 200, 'the request in flight when the signal came is answered')
+  await until(() => !alive(pid()))
+  t.notMatch(server.output(), /second signal/, 'the repeated signal did not cut the shutdown short')
+})
+
+t.test('a stop signal repeated within a second (npm passing on its copy) is the same stop: requests in flight finish', async (t) => {
+  const { origin, server, inFlight } = await withRequestInFlight(t)
+  server.child.kill('SIGINT')
+  await until(() => /shutting down/.test(server.output()))
+  server.child.kill('SIGINT') // as npm's copy arrives, after the server's own
+  await until(() => /signal repeated/.test(server.output()))
+  origin.release()
+  t.equal((await inFlight).status, 200, 'the request in flight is answered')
+  const [code] = await once(server.child, 'exit')
+  t.equal(code, 0)
+})
+
+t.test('a second SIGTERM a while after the first exits at once, with 1', async (t) => {
+  const { server, inFlight } = await withRequestInFlight(t)
+  inFlight.catch(() => {}) // cut off by the forced exit
+  server.child.kill('SIGTERM')
+  await until(() => /shutting down/.test(server.output()))
+  await new Promise((resolve) => setTimeout(resolve, 1200))
+  t.ok(server.child.exitCode === null, 'still waiting for the request in flight')
+  server.child.kill('SIGTERM')
+  const [code] = await once(server.child, 'exit')
+  t.equal(code, 1)
+  t.match(server.output(), /"level":50[^\n]*"second signal: exiting without waiting for requests in flight"/)
 })
 
 t.test('SIGTERM to `npm start` reaches the server: it shuts down, nothing is left listening', async (t) => {
