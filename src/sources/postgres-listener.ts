@@ -12,6 +12,8 @@ export const DEFAULT_MIN_BACKOFF_MS = 100
 export const DEFAULT_MAX_BACKOFF_MS = 30_000
 /** A connect (or LISTEN) that hangs this long counts as failed and is retried. */
 export const DEFAULT_CONNECT_TIMEOUT_MS = 10_000
+/** How often a listening connection is asked a `SELECT 1`, and how long it has to answer. */
+export const DEFAULT_HEALTH_CHECK_MS = 5000
 /** Notifications kept for another try while the store cannot apply them; beyond, the policy covers them. */
 export const DEFAULT_MAX_OWED = 1000
 /** The longest wait between tries of a notification the store could not apply. */
@@ -36,6 +38,12 @@ export interface PostgresListenerOptions {
   minBackoffMs?: number
   maxBackoffMs?: number
   connectTimeoutMs?: number
+  /**
+   * Every this many ms a listening connection must answer a `SELECT 1` within as long again,
+   * or it counts as lost (reconnect, then the policy); 0: never asked. TCP keepalive alone
+   * notices a cut connection only after the system's two hours, and a stalled peer never.
+   */
+  healthCheckMs?: number
   /**
    * How many notifications the store failed to apply (Redis down) are kept to be applied
    * again; once more fail, they are dropped and the reconnect policy covers them instead.
@@ -77,6 +85,10 @@ export class PostgresListener {
   #overflow = false
   #owedAttempt = 0
   #owedTimer: NodeJS.Timeout | undefined
+  #healthTimer: NodeJS.Timeout | undefined
+  #checking = false
+  /** Notifications heard so far: any since a health check was sent shows the connection alive. */
+  #heard = 0
   readonly #onBusState = ({ connected }: { connected: boolean }): void => {
     if (!connected || !this.behind) return
     // Redis answers again: from the shortest backoff, in case the command connection is not back yet.
@@ -93,6 +105,7 @@ export class PostgresListener {
       maxBackoffMs: DEFAULT_MAX_BACKOFF_MS,
       connectTimeoutMs: DEFAULT_CONNECT_TIMEOUT_MS,
       maxOwed: DEFAULT_MAX_OWED,
+      healthCheckMs: DEFAULT_HEALTH_CHECK_MS,
       ...options,
       logger: options.logger,
     }
@@ -115,6 +128,10 @@ export class PostgresListener {
   start(): void {
     if (this.#closed || this.#connecting !== undefined || this.#client !== undefined) return
     if (!this.#o.cache.listeners('bus_state').includes(this.#onBusState)) this.#o.cache.on('bus_state', this.#onBusState)
+    if (this.#healthTimer === undefined && this.#o.healthCheckMs > 0) {
+      this.#healthTimer = setInterval(() => void this.#checkHealth(), this.#o.healthCheckMs)
+      this.#healthTimer.unref()
+    }
     this.#connecting = this.#connect().finally(() => {
       this.#connecting = undefined
     })
@@ -127,6 +144,8 @@ export class PostgresListener {
     this.#timer = undefined
     if (this.#owedTimer) clearTimeout(this.#owedTimer)
     this.#owedTimer = undefined
+    if (this.#healthTimer) clearInterval(this.#healthTimer)
+    this.#healthTimer = undefined
     this.#o.cache.off('bus_state', this.#onBusState)
     const client = this.#client
     this.#client = undefined
@@ -152,6 +171,7 @@ export class PostgresListener {
     client.on('error', (error) => this.#lost(client, error))
     client.on('end', () => this.#lost(client, undefined))
     client.on('notification', (message) => {
+      this.#heard++
       if (message.channel !== o.channel) return
       const payload = message.payload ?? ''
       this.#queue = this.#queue.then(() => this.#handle(payload))
@@ -179,6 +199,33 @@ export class PostgresListener {
       if (this.#closed) return
       o.logger?.warn({ err: error, channel: o.channel, attempt: this.#attempt + 1 }, 'postgres listener could not connect')
       this.#lost(client, error as Error)
+    }
+  }
+
+  /** Asks the listening connection a `SELECT 1`; unanswered in time, it counts as lost. */
+  async #checkHealth(): Promise<void> {
+    const client = this.#client
+    if (!this.#listening || client === undefined || this.#checking || this.#closed) return
+    this.#checking = true
+    const heard = this.#heard
+    const timeoutMs = this.#o.healthCheckMs
+    let answered = false
+    let timer: NodeJS.Timeout | undefined
+    const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), timeoutMs)))
+    const answer = client.query('SELECT 1').then(
+      () => ((answered = true), 'ok' as const),
+      () => ((answered = true), 'failed' as const), // its 'error' or 'end' reports the loss
+    )
+    try {
+      if ((await Promise.race([answer, late])) !== 'late') return
+      // After a stall of this process's event loop the answer may be waiting on the socket.
+      await new Promise((resolve) => setImmediate(resolve))
+      if (answered || this.#heard !== heard || this.#client !== client) return
+      this.#o.logger?.warn({ channel: this.#o.channel, timeoutMs }, 'postgres listener connection did not answer in time: reconnecting')
+      this.#lost(client, new Error(`no answer to SELECT 1 in ${timeoutMs} ms`))
+    } finally {
+      clearTimeout(timer)
+      this.#checking = false
     }
   }
 

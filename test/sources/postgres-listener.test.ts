@@ -1,10 +1,12 @@
 import { randomBytes } from 'node:crypto'
 import { once } from 'node:events'
+import { connect, createServer, type AddressInfo, type Socket } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import pg from 'pg'
 import t, { type Test } from 'tap'
 import type { InvalidationRecord } from '../../src/cache/types.js'
 import { buildApp } from '../../src/app.js'
+import { PostgresListener } from '../../src/sources/postgres-listener.js'
 import { loadConfig, type Config } from '../../src/config.js'
 import { TEST_API_KEYS, build, call, get, put } from '../helpers/build.js'
 import { PG_ADMIN_URL, createDatabase, postgresAvailable, waitFor } from '../helpers/postgres.js'
@@ -145,6 +147,59 @@ t.test('a row moving to a user id no entry can carry still invalidates the user 
   const left = lines.map((l) => JSON.parse(l)).filter((l) => l.msg === 'a postgres notification names what no entry can carry: left out')
   // The 130-byte user and its tag never reached the server: the trigger leaves out what is over 128 bytes.
   t.same(left.map((l) => l.left), [['45\n', 'analytics:45\n']])
+})
+
+/** A TCP proxy to PostgreSQL that can freeze: connections stay open, nothing gets through. */
+async function freezableProxy(t: Test, target: URL) {
+  let frozen = false
+  const held: Array<() => void> = []
+  const sockets = new Set<Socket>()
+  const forward = (from: Socket, to: Socket) =>
+    from.on('data', (chunk) => (frozen ? held.push(() => to.write(chunk)) : to.write(chunk)))
+  const server = createServer((client) => {
+    const upstream = connect(Number(target.port || 5432), target.hostname)
+    for (const s of [client, upstream]) {
+      sockets.add(s)
+      s.on('error', () => {})
+      s.on('close', () => (client.destroy(), upstream.destroy(), sockets.delete(s)))
+    }
+    forward(client, upstream)
+    forward(upstream, client)
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    for (const s of sockets) s.destroy()
+    return new Promise((resolve) => server.close(resolve))
+  })
+  const url = new URL(target)
+  url.port = String((server.address() as AddressInfo).port)
+  return {
+    url: url.toString(),
+    freeze: () => void (frozen = true),
+    thaw: () => {
+      frozen = false
+      for (const send of held.splice(0)) send()
+    },
+  }
+}
+
+t.test('a listener connection that stops answering (a stalled or cut network) is noticed, and the policy covers what it missed', { skip: !available }, async (t) => {
+  const { url, db } = await createDatabase(t)
+  const proxy = await freezableProxy(t, new URL(url))
+  const app = await build(t)
+  const listener = new PostgresListener({ url: proxy.url, channel: 'cachewarden', cache: app.cache, healthCheckMs: 200, connectTimeoutMs: 1000, minBackoffMs: 50, maxBackoffMs: 200 })
+  t.teardown(() => listener.close())
+  listener.start()
+  await waitFor(() => listener.listening, 20_000, 'the listener')
+  await put(app, 'dash:7', { value: 1, userId: '7' })
+  proxy.freeze()
+  await waitFor(() => !listener.listening, 5000, 'the stalled connection to be noticed')
+  await db.query(`SELECT pg_notify('cachewarden', '{"userIds":["7"]}')`) // lost: nothing listens
+  proxy.thaw()
+  await waitFor(() => listener.listening, 20_000, 'the listener to listen again')
+  t.equal((await get(app, 'dash:7')).statusCode, 404, 'the missed notification is covered by the reconnect policy')
+  t.equal((await get(app, 'dash:7', '?allowStale=true')).json().stale, true)
+  t.match(app.cache.recentInvalidations(1)[0], { selector: { all: true }, source: 'postgres' })
 })
 
 /** Kills the listener's backend and checks readiness through the loss until it listens again. */
