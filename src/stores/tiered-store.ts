@@ -28,6 +28,8 @@ export const DEFAULT_COMMAND_TIMEOUT_MS = 2000
 export const DEFAULT_BUS_PING_MS = 1000
 /** How long `/health/ready` waits for Redis to answer a PING. */
 const READY_PING_MS = 1000
+/** A Redis connection error is logged at most this often (an outage retries every second). */
+const ERROR_LOG_INTERVAL_MS = 30_000
 const DEFAULT_SWEEP_INTERVAL_MS = 1000
 const SWEEP_BATCH = 1000
 const SCAN_COUNT = 1000
@@ -256,7 +258,14 @@ export class TieredStore implements Store {
     }
     this.#scripts = this.#redis as unknown as ScriptClient
 
-    this.#redis.on('error', () => {}) // the state shows in readiness and in failed requests
+    // The state shows in readiness and in failed requests; the cause is logged once in a while.
+    const where = redisAddress(options.redisUrl)
+    let loggedAt = -Infinity
+    this.#redis.on('error', (error: Error) => {
+      if (this.#closing || performance.now() - loggedAt < ERROR_LOG_INTERVAL_MS) return
+      loggedAt = performance.now()
+      this.#logger?.warn({ redis: where, err: error.message }, 'Redis connection error: retrying')
+    })
     this.#redis.on('ready', () => (this.#cut = false))
     this.#sub.on('error', () => {})
     this.#sub.on('ready', () => {
@@ -1165,5 +1174,15 @@ function stub(key: string): StoredEntry {
 }
 
 const globEscape = (s: string) => s.replace(/[*?[\]\\]/g, '\\$&')
+
+/** Where a Redis URL points, for logs: host and port, never the password. */
+function redisAddress(url: string): string {
+  try {
+    const u = new URL(url)
+    return `${u.hostname}:${u.port || '6379'}`
+  } catch {
+    return 'the configured REDIS_URL'
+  }
+}
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref())

@@ -289,6 +289,21 @@ if (requireRedisServer(t)) {
     t.equal(states[1], false)
   })
 
+  t.test('an unreachable Redis is named in the log (host and port, never the password), once in a while', async (t) => {
+    const port = await freePort() // nothing listens there
+    const lines: Array<{ obj: Record<string, unknown>; msg: string }> = []
+    const log = (obj: Record<string, unknown>, msg: string) => void lines.push({ obj, msg })
+    const logger = { info: log, warn: log, error: log, debug: log } as unknown as ConstructorParameters<typeof TieredStore>[0]['logger']
+    const store = new TieredStore({ redisUrl: `redis://:hunter2@127.0.0.1:${port}`, sweepIntervalMs: 0, logger })
+    t.teardown(() => store.close())
+    t.equal(await store.connect(1500), false)
+    const errors = lines.filter((l) => l.msg === 'Redis connection error: retrying')
+    t.equal(errors.length, 1, 'one line for the retries of 1.5 s')
+    t.equal(errors[0]!.obj.redis, `127.0.0.1:${port}`)
+    t.match(errors[0]!.obj.err, /ECONNREFUSED/)
+    t.notMatch(JSON.stringify(lines), /hunter2/)
+  })
+
   t.test('a frozen Redis makes requests fail fast instead of hanging', async (t) => {
     const frozen = await startRedis(t)
     const now = Date.now
