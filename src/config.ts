@@ -150,7 +150,7 @@ export function loadConfig(env: Env = process.env): Config {
     if (raw === undefined) return fallback
     if (!/^\d+$/.test(raw)) throw new ConfigError(name, `must be a whole number of at least ${min}, got "${raw}"`)
     const n = Number(raw)
-    if (n < min || n > max) throw new ConfigError(name, `must be between ${min} and ${max}, got ${n}`)
+    if (n < min || n > max) throw new ConfigError(name, `must be between ${min} and ${max}, got ${raw}`)
     return n
   }
   const url = (name: string, protocols: string[]) => {

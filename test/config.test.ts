@@ -24,6 +24,10 @@ t.test('an empty variable counts as unset: its default applies', async (t) => {
   t.match(c, { host: d.host, port: d.port, maxEntries: d.maxEntries, redisUrl: undefined })
 })
 
+t.test('an out-of-range number is quoted as it was given, not as a float rounded it', async (t) => {
+  t.throws(() => loadConfig({ PORT: '99999999999999999999' }), { variable: 'PORT', message: 'PORT: must be between 0 and 65535, got 99999999999999999999' })
+})
+
 t.test('a bad value names its variable', async (t) => {
   const bad: Array<[Record<string, string>, string]> = [
     [{ PORT: 'eighty' }, 'PORT'],
