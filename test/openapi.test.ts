@@ -9,7 +9,7 @@ interface Operation {
   summary?: string
   description?: string
   tags?: string[]
-  security?: unknown[]
+  security?: Array<Record<string, unknown>>
   responses: Record<string, unknown>
 }
 
@@ -40,6 +40,7 @@ t.test('every operation is documented, and authenticated ones carry the bearer s
     scheme: 'bearer',
     description: 'An API key secret (CACHEWARDEN_API_KEYS)',
   })
+  t.same(doc.components.securitySchemes.metricsToken, { type: 'http', scheme: 'bearer', description: 'METRICS_TOKEN, for /metrics only, when it is set' })
   for (const [path, methods] of Object.entries(doc.paths)) {
     for (const [method, op] of Object.entries(methods)) {
       const name = `${method.toUpperCase()} ${path}`
@@ -47,7 +48,10 @@ t.test('every operation is documented, and authenticated ones carry the bearer s
       t.ok(op.description, `${name} has a description`)
       t.ok(op.tags?.length, `${name} has a tag`)
       t.ok(Object.keys(op.responses).some((s) => s.startsWith('2')), `${name} documents its success`)
-      if (op.security) {
+      if (name === 'GET /metrics') {
+        t.same(op.security, [{}, { metricsToken: [] }], 'GET /metrics: open, or its own METRICS_TOKEN scheme')
+        t.ok(op.responses['401'], 'GET /metrics documents its 401')
+      } else if (op.security) {
         t.same(op.security, [{ bearerAuth: [] }], `${name} names the bearer scheme`)
         t.ok(op.responses['401'] && op.responses['403'], `${name} documents 401 and 403`)
       }
@@ -55,7 +59,9 @@ t.test('every operation is documented, and authenticated ones carry the bearer s
   }
   // The routes that need a key are exactly those the document marks as secured.
   const secured = Object.entries(doc.paths).flatMap(([path, methods]) =>
-    Object.entries(methods).filter(([, op]) => op.security).map(([method]) => `${method.toUpperCase()} ${path}`),
+    Object.entries(methods)
+      .filter(([, op]) => op.security?.some((scheme) => 'bearerAuth' in scheme))
+      .map(([method]) => `${method.toUpperCase()} ${path}`),
   )
   for (const [method, url] of [['GET', '/v1/stats'], ['PUT', '/v1/entries/{key}'], ['GET', '/v1/invalidations/stream']]) {
     t.ok(secured.includes(`${method} ${url}`), `${method} ${url} is secured`)

@@ -8,6 +8,7 @@ import type { CacheService } from '../cache/cache-service.js'
 import { INVALIDATION_SOURCES, selectorLabels, type InvalidationRecord } from '../cache/types.js'
 import { CacheError } from '../errors.js'
 import { ErrorBody } from '../schemas/common.js'
+import { METRICS_SECURITY_SCHEME } from './swagger.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -280,6 +281,8 @@ export async function metricsRoute(app: FastifyInstance) {
         description:
           'The `cachewarden_*` metrics (DESIGN.md section 8) and the process metrics, in the Prometheus ' +
           'text format. Open unless `METRICS_TOKEN` is set; then `Authorization: Bearer <METRICS_TOKEN>` is required.',
+        // Either none (the default) or the metrics token: Swagger UI's Authorize takes it apart from the API key.
+        security: [{}, { [METRICS_SECURITY_SCHEME]: [] }],
         response: {
           200: {
             description: 'Prometheus text exposition format 0.0.4',

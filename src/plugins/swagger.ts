@@ -9,6 +9,8 @@ const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.ur
 
 /** The security scheme authenticated routes name in the OpenAPI document. */
 export const SECURITY_SCHEME = 'bearerAuth'
+/** The scheme `/metrics` names: its own bearer token, `METRICS_TOKEN`, not an API key. */
+export const METRICS_SECURITY_SCHEME = 'metricsToken'
 
 const TAGS = [
   { name: 'entries', description: 'Read and write cache entries (scopes `read` and `write`)' },
@@ -47,6 +49,7 @@ export default fp(
         components: {
           securitySchemes: {
             [SECURITY_SCHEME]: { type: 'http', scheme: 'bearer', description: 'An API key secret (CACHEWARDEN_API_KEYS)' },
+            [METRICS_SECURITY_SCHEME]: { type: 'http', scheme: 'bearer', description: 'METRICS_TOKEN, for /metrics only, when it is set' },
           },
         },
       },

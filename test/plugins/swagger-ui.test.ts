@@ -52,9 +52,11 @@ if (!existsSync(CHROMIUM)) {
     await page.locator('.swagger-ui .auth-wrapper .authorize').click()
     const dialog = page.locator('.swagger-ui .modal-ux')
     await dialog.waitFor()
-    await dialog.locator('input').first().fill(KEYS.admin)
-    await dialog.locator('.auth-btn-wrapper .authorize').click()
-    await dialog.locator('.auth-btn-wrapper .btn-done').click()
+    // The API key's scheme (the other is /metrics' own token).
+    const apiKey = dialog.locator('form').filter({ hasText: 'bearerAuth' })
+    await apiKey.locator('input').fill(KEYS.admin)
+    await apiKey.locator('.auth-btn-wrapper .authorize').click()
+    await dialog.locator('.auth-btn-wrapper .btn-done').first().click()
     await dialog.waitFor({ state: 'detached' })
 
     // Open GET /v1/stats (scope admin), Try it out, Execute.
