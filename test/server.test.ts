@@ -73,20 +73,7 @@ t.test('SIGHUP (a closed terminal) shuts down gracefully as well, logged as a wa
 t.test('SIGTERM lets an in-flight request finish', async (t) => {
   // The request is held inside its handler (an origin load the test releases), so it is
   // certainly in flight when the signal arrives, however slow the machine.
-  const origin = await OriginServer.start(t)
-  origin.values.set('/users/1/dashboard', { user: '1' })
-  origin.hold()
-  const dir = mkdtempSync(join(tmpdir(), 'cw-server-'))
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-  const configFile = join(dir, 'config.json')
-  writeFileSync(configFile, JSON.stringify({ origins: [dashboardOrigin(origin)] }))
-  const server = start({ CACHEWARDEN_API_KEYS: 'a:admin:server-test-secret-1', CONFIG_FILE: configFile })
-  t.teardown(() => server.child.kill('SIGKILL'))
-  const port = await server.ready
-  const inFlight = fetch(`http://127.0.0.1:${port}/v1/entries/dashboard%3A1?load=true`, {
-    headers: { authorization: 'Bearer server-test-secret-1' },
-  })
-  await origin.waitForCalls(1)
+  const { origin, server, inFlight } = await withRequestInFlight(t)
   server.child.kill('SIGTERM')
   await until(() => /shutting down/.test(server.output()))
   origin.release()

@@ -6,6 +6,7 @@ import { checkName, type Limits } from '../cache/limits.js'
 import { SELECTOR_KINDS, type InvalidationMode, type Selector } from '../cache/types.js'
 import type { PgReconnectPolicy } from '../config.js'
 import { CacheError, truncate } from '../errors.js'
+import { answerInTime } from '../liveness.js'
 
 export const DEFAULT_PG_APPLICATION_NAME = 'cachewarden-listener'
 export const DEFAULT_MIN_BACKOFF_MS = 100
@@ -93,7 +94,7 @@ export class PostgresListener {
     if (!connected || !this.behind) return
     // Redis answers again: from the shortest backoff, in case the command connection is not back yet.
     this.#owedAttempt = 0
-    this.#retryOwed(0)
+    this.#retryOwed(true)
   }
 
   constructor(options: PostgresListenerOptions) {
@@ -202,29 +203,18 @@ export class PostgresListener {
     }
   }
 
-  /** Asks the listening connection a `SELECT 1`; unanswered in time, it counts as lost. */
+  /** Asks the listening connection a `SELECT 1` (a notification meanwhile counts as its answer); unanswered in time, it counts as lost. */
   async #checkHealth(): Promise<void> {
     const client = this.#client
     if (!this.#listening || client === undefined || this.#checking || this.#closed) return
     this.#checking = true
-    const heard = this.#heard
     const timeoutMs = this.#o.healthCheckMs
-    let answered = false
-    let timer: NodeJS.Timeout | undefined
-    const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), timeoutMs)))
-    const answer = client.query('SELECT 1').then(
-      () => ((answered = true), 'ok' as const),
-      () => ((answered = true), 'failed' as const), // its 'error' or 'end' reports the loss
-    )
     try {
-      if ((await Promise.race([answer, late])) !== 'late') return
-      // After a stall of this process's event loop the answer may be waiting on the socket.
-      await new Promise((resolve) => setImmediate(resolve))
-      if (answered || this.#heard !== heard || this.#client !== client) return
+      // A failed query means the connection is going: its 'error' or 'end' reports the loss.
+      if ((await answerInTime(client.query('SELECT 1'), timeoutMs, () => this.#heard)) !== 'late' || this.#client !== client) return
       this.#o.logger?.warn({ channel: this.#o.channel, timeoutMs }, 'postgres listener connection did not answer in time: reconnecting')
       this.#lost(client, new Error(`no answer to SELECT 1 in ${timeoutMs} ms`))
     } finally {
-      clearTimeout(timer)
       this.#checking = false
     }
   }
@@ -238,10 +228,7 @@ export class PostgresListener {
     client.end().catch(() => {})
     if (this.#closed || this.#timer !== undefined) return
     if (wasListening) this.#o.logger?.warn({ err: error, channel: this.#o.channel }, 'postgres listener lost its connection')
-    const base = Math.min(this.#o.maxBackoffMs, this.#o.minBackoffMs * 2 ** Math.min(this.#attempt, 30))
-    this.#attempt++
-    // ±20% jitter, so many instances do not reconnect in step after a database restart.
-    const delay = Math.round(base * (0.8 + Math.random() * 0.4))
+    const delay = backoffMs(this.#attempt++, this.#o.minBackoffMs, this.#o.maxBackoffMs)
     this.#timer = setTimeout(() => {
       this.#timer = undefined
       if (this.#connecting === undefined) this.start()
@@ -346,16 +333,15 @@ export class PostgresListener {
     this.#owedAttempt = 0
   }
 
-  /** Tries what is owed again after a backoff (or `delayMs`), on the notification queue. */
-  #retryOwed(delayMs?: number): void {
+  /** Tries what is owed again after a backoff (or at once), on the notification queue. */
+  #retryOwed(now = false): void {
     if (this.#closed) return
     if (this.#owedTimer) clearTimeout(this.#owedTimer)
-    const base = Math.min(MAX_OWED_RETRY_MS, this.#o.maxBackoffMs, this.#o.minBackoffMs * 2 ** Math.min(this.#owedAttempt, 30))
-    if (delayMs === undefined) this.#owedAttempt++
+    const delay = now ? 0 : backoffMs(this.#owedAttempt++, this.#o.minBackoffMs, Math.min(MAX_OWED_RETRY_MS, this.#o.maxBackoffMs))
     this.#owedTimer = setTimeout(() => {
       this.#owedTimer = undefined
       this.#queue = this.#queue.then(() => (this.behind ? this.#applyOwed() : undefined))
-    }, delayMs ?? Math.round(base * (0.8 + Math.random() * 0.4)))
+    }, delay)
     this.#owedTimer.unref()
   }
 
@@ -369,6 +355,14 @@ export class PostgresListener {
     this.#listening = listening
     this.#o.cache.emit('pg_listener_state', { connected: listening })
   }
+}
+
+/**
+ * The wait before try `attempt` (0 first): from `minMs`, doubling up to `maxMs`, with ±20%
+ * jitter, so many instances do not retry in step after a database or Redis restart.
+ */
+function backoffMs(attempt: number, minMs: number, maxMs: number): number {
+  return Math.round(Math.min(maxMs, minMs * 2 ** Math.min(attempt, 30)) * (0.8 + Math.random() * 0.4))
 }
 
 /** Parses a notification payload into a selector, or returns what is wrong with it. */

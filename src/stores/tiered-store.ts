@@ -12,6 +12,7 @@ import {
   type StoredEntry,
 } from '../cache/types.js'
 import { CacheError, backendUnavailable } from '../errors.js'
+import { answerInTime } from '../liveness.js'
 import { DEFAULT_MAX_LEASE_PREFIXES, DEFAULT_MAX_LEASE_SCOPES } from '../cache/lease-book.js'
 import { DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, MemoryStore } from './memory-store.js'
 import { prefixMatcher, sharedStart } from './sorted-keys.js'
@@ -311,14 +312,7 @@ export class TieredStore implements Store {
    * connection state alone would still say ready.
    */
   async healthy(timeoutMs = READY_PING_MS): Promise<boolean> {
-    if (!this.ready()) return false
-    let timer: NodeJS.Timeout | undefined
-    const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), timeoutMs)))
-    try {
-      return await Promise.race([this.#redis.ping().then(() => true, () => false), late])
-    } finally {
-      clearTimeout(timer)
-    }
+    return this.ready() && (await answerInTime(this.#redis.ping(), timeoutMs)) === 'ok'
   }
 
   /** Adds a listener for bus state changes. */
@@ -988,32 +982,17 @@ export class TieredStore implements Store {
     this.#refuseFillsInFlight()
   }
 
-  /** One PING on the subscriber connection; unanswered in time, the subscriber reconnects. */
+  /** One PING on the subscriber connection (any bus message meanwhile counts as its answer); unanswered in time, the subscriber reconnects. */
   async #pingBus(timeoutMs: number): Promise<void> {
     if (!this.#busUp || this.#busPinging || this.#closing) return
     this.#busPinging = true
-    const sub = this.#sub
-    let timer: NodeJS.Timeout | undefined
-    const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), timeoutMs)))
-    let answered = false
-    const heard = this.#busHeard
-    const pong = sub.ping().then(
-      () => ((answered = true), 'ok' as const),
-      () => ((answered = true), 'failed' as const),
-    )
     try {
-      const answer = await Promise.race([pong, late])
-      // After a stall of this process's event loop, timers run before the sockets are read:
-      // the PONG may be waiting on the socket. One turn of the loop reads it, or at least
-      // some of what came before it (a backlog of messages): either shows Redis answering.
-      if (answer === 'late') await new Promise((resolve) => setImmediate(resolve))
-      // A failed PING means the connection is already going; its 'close' reports it.
-      if (answer === 'late' && !answered && this.#busHeard === heard && this.#busUp && !this.#closing) {
+      const answer = await answerInTime(this.#sub.ping(), timeoutMs, () => this.#busHeard)
+      if (answer === 'late' && this.#busUp && !this.#closing) {
         this.#logger?.warn({ bus: this.#channel, timeoutMs }, 'Redis did not answer the bus PING in time: resubscribing')
-        sub.disconnect(true)
+        this.#sub.disconnect(true)
       }
     } finally {
-      clearTimeout(timer)
       this.#busPinging = false
     }
   }

@@ -2,8 +2,8 @@
 // port, and the bus connection is dropped with CLIENT KILL, in the middle of the tests.
 import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
-import t from 'tap'
-import { TieredStore } from '../../src/stores/tiered-store.js'
+import t, { type Test } from 'tap'
+import { TieredStore, type TieredStoreOptions } from '../../src/stores/tiered-store.js'
 import { build, call, get, put } from '../helpers/build.js'
 import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
 import { RedisServer, freePort, requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
@@ -17,6 +17,25 @@ const fillL1 = (app: FastifyInstance, key: string) =>
   })
 
 const readyStatus = async (app: FastifyInstance) => (await app.inject({ url: '/health/ready' })).statusCode
+
+/** A connected TieredStore on a redis-server of its own, and the bus states it reports. */
+async function watchedStore(t: Test, options: Omit<TieredStoreOptions, 'redisUrl'>) {
+  const server = await startRedis(t)
+  const states: boolean[] = []
+  const store = new TieredStore({ redisUrl: server.url, sweepIntervalMs: 0, onBusState: (up) => states.push(up), ...options })
+  t.teardown(() => store.close())
+  t.ok(await store.connect(10_000))
+  return { server, store, states }
+}
+
+/** Replaces `Redis#ping` until the test ends; `send` sends the real PING. */
+function patchPing(t: Test, replacement: (send: () => Promise<unknown>) => Promise<unknown>) {
+  const ping = Redis.prototype.ping
+  Redis.prototype.ping = function (this: Redis, ...args: unknown[]) {
+    return replacement(() => (ping as (...a: unknown[]) => Promise<unknown>).apply(this, args))
+  } as typeof ping
+  t.teardown(() => void (Redis.prototype.ping = ping))
+}
 
 if (requireRedisServer(t)) {
   const redis = await startRedis(t)
@@ -212,12 +231,8 @@ if (requireRedisServer(t)) {
   })
 
   t.test('a frozen Redis takes the bus down (its sockets stay open) until it answers again, then L1 is flushed', async (t) => {
-    const frozen = await startRedis(t)
+    const { server: frozen, store, states } = await watchedStore(t, { commandTimeoutMs: 500, busPingMs: 100 })
     const now = Date.now
-    const states: boolean[] = []
-    const store = new TieredStore({ redisUrl: frozen.url, commandTimeoutMs: 500, busPingMs: 100, sweepIntervalMs: 0, onBusState: (up) => states.push(up) })
-    t.teardown(() => store.close())
-    t.ok(await store.connect(10_000))
     const base = { etag: 'e', userId: undefined, tags: undefined, createdAt: now(), expiresAt: now() + 60_000, hits: 0, lastAccessAt: now(), stale: false, origin: undefined, size: 10 }
     await store.set({ ...base, key: 'cached', value: '1' })
     t.ok(await waitUntil(async () => (await store.get('cached', now()), (await store.l1Peek('cached', now())) !== undefined)))
@@ -239,46 +254,35 @@ if (requireRedisServer(t)) {
   })
 
   t.test("a stall of this process's event loop longer than the command timeout does not take the bus down", async (t) => {
-    const server = await startRedis(t)
-    const states: boolean[] = []
-    const store = new TieredStore({ redisUrl: server.url, commandTimeoutMs: 200, busPingMs: 50, sweepIntervalMs: 0, onBusState: (up) => states.push(up) })
-    t.teardown(() => store.close())
-    t.ok(await store.connect(10_000))
-    // The loop stalls (a real busy wait) in the turn a PING is sent, after that turn's poll
-    // for I/O, so its answer waits on the socket while the PING's timer runs out.
-    const ping = Redis.prototype.ping
+    const { states } = await watchedStore(t, { commandTimeoutMs: 200, busPingMs: 50 })
+    // The PING leaves after its turn's poll for I/O, and the loop then stalls (a real busy
+    // wait): its answer waits on the socket while the PING's timer runs out, and the timer
+    // comes first in the next turn.
     let stalls = 0
-    Redis.prototype.ping = function (this: Redis, ...args: unknown[]) {
-      const sent = (ping as (...a: unknown[]) => unknown).apply(this, args)
-      if (stalls < 3) {
-        stalls++
+    patchPing(t, (send) => {
+      if (stalls === 3) return send()
+      stalls++
+      return new Promise((resolve, reject) =>
         setImmediate(() => {
+          send().then(resolve, reject)
           const until = Date.now() + 500
           while (Date.now() < until);
-        })
-      }
-      return sent
-    } as typeof ping
-    t.teardown(() => void (Redis.prototype.ping = ping))
+        }),
+      )
+    })
     t.ok(await waitUntil(() => stalls === 3, 5000))
     await new Promise((resolve) => setTimeout(resolve, 300))
     t.same(states, [true], 'the bus stayed up through three stalls of 500 ms, with a 200 ms timeout')
   })
 
   t.test('bus messages arriving since a PING show the connection alive, even when its answer is late', async (t) => {
-    const server = await startRedis(t)
-    const states: boolean[] = []
-    const store = new TieredStore({ redisUrl: server.url, commandTimeoutMs: 100, busPingMs: 30, sweepIntervalMs: 0, onBusState: (up) => states.push(up) })
-    t.teardown(() => store.close())
-    t.ok(await store.connect(10_000))
+    const { server, states } = await watchedStore(t, { commandTimeoutMs: 100, busPingMs: 30 })
     // Every PING is sent for real, but its answer never reaches the store: only the bus's
     // other traffic can show it alive.
-    const ping = Redis.prototype.ping
-    Redis.prototype.ping = function (this: Redis, ...args: unknown[]) {
-      void (ping as (...a: unknown[]) => Promise<unknown>).apply(this, args).catch(() => {})
+    patchPing(t, (send) => {
+      send().catch(() => {})
       return new Promise(() => {})
-    } as typeof ping
-    t.teardown(() => void (Redis.prototype.ping = ping))
+    })
     const publisher = new Redis(server.url)
     t.teardown(() => publisher.disconnect())
     const chatter = setInterval(() => void publisher.publish('{cw}:bus', JSON.stringify({ f: 'elsewhere', w: 'chatter' })), 10)
