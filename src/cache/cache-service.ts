@@ -217,9 +217,9 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
 
   /** One read of a validated key: a hit (counted, refresh-ahead told), or a miss with its lease. */
   #lookup(key: string, allowStale: boolean, now: number): ReadResult | Promise<ReadResult> {
-    const local = this.store.getLocal?.(key, now)
+    const local = this.store.getLocal?.(key, now, allowStale)
     if (local !== undefined) return this.#found(key, local ?? undefined, allowStale, now) // null: a certain miss
-    return this.store.get(key, now).then((entry) => this.#found(key, entry, allowStale, now))
+    return this.store.get(key, now, allowStale).then((entry) => this.#found(key, entry, allowStale, now))
   }
 
   #found(key: string, entry: StoredEntry | undefined, allowStale: boolean, now: number): ReadResult | Promise<ReadResult> {

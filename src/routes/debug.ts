@@ -17,7 +17,7 @@ const EntryMeta = Type.Object({
   ttlRemainingMs: Type.Integer(),
   createdAt: Timestamp,
   expiresAt: Timestamp,
-  hits: Type.Integer(),
+  hits: Type.Integer({ description: 'reads answered from this entry (a stale entry read without allowStale is a miss, not a hit)' }),
   lastAccessAt: Timestamp,
   stale: Type.Boolean(),
   etag: Type.String(),

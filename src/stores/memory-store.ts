@@ -105,19 +105,19 @@ export class MemoryStore implements Store {
     }
   }
 
-  async get(key: string, now: number): Promise<StoredEntry | undefined> {
-    return this.getLocal(key, now) ?? undefined
+  async get(key: string, now: number, allowStale = false): Promise<StoredEntry | undefined> {
+    return this.getLocal(key, now, allowStale) ?? undefined
   }
 
   /** Every read is local here: `get` without the promise, and a miss is certain (null). */
-  getLocal(key: string, now: number): StoredEntry | null {
+  getLocal(key: string, now: number, allowStale = false): StoredEntry | null {
     const entry = this.#lru.get(key)
     if (entry === undefined) return null
     if (entry.expiresAt <= now) {
       this.#drop(key, 'expire')
       return null
     }
-    entry.hits++
+    if (allowStale || !entry.stale) entry.hits++
     entry.lastAccessAt = now
     return entry
   }

@@ -70,7 +70,10 @@ local function keepIndex(idx, px)
 end
 `
 
-/** get(key, now, countHit): the entry as a flat field list, 1 if it had expired (and was dropped), or nil. */
+/**
+ * get(key, now, countHit, allowStale): the entry as a flat field list, 1 if it had expired (and
+ * was dropped), or nil. A stale entry counts a hit only when read with allowStale.
+ */
 const GET = `${PRELUDE}
 local k = ARGV[1]
 local e = ekey(k)
@@ -81,7 +84,7 @@ if tonumber(x) <= tonumber(ARGV[2]) then
   return 1
 end
 if ARGV[3] == '1' then
-  redis.call('HINCRBY', e, 'h', 1)
+  if ARGV[4] == '1' or redis.call('HGET', e, 's') ~= '1' then redis.call('HINCRBY', e, 'h', 1) end
   redis.call('HSET', e, 'a', ARGV[2])
 end
 return redis.call('HGETALL', e)

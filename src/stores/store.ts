@@ -20,8 +20,11 @@ export interface Store {
   /** The most bytes of entries the store keeps (`CACHE_MAX_BYTES`): a larger entry is never kept. */
   readonly maxBytes: number
 
-  /** Reads an entry, counting a hit on it. Expired entries are never returned. */
-  get(key: string, now: number): Promise<StoredEntry | undefined>
+  /**
+   * Reads an entry, counting a hit on it when the read is answered from it: fresh, or stale
+   * and `allowStale` (a stale entry read without it is a miss). Expired entries are never returned.
+   */
+  get(key: string, now: number, allowStale?: boolean): Promise<StoredEntry | undefined>
 
   /**
    * What `get` would return, when the store can answer from memory without I/O: the hot path
@@ -30,7 +33,7 @@ export interface Store {
    * store without a local tier leaves it out, and so does the TieredStore, whose L1 reads
    * first wait for the bus messages already on its socket.
    */
-  getLocal?(key: string, now: number): StoredEntry | null | undefined
+  getLocal?(key: string, now: number, allowStale?: boolean): StoredEntry | null | undefined
 
   /**
    * Reads an entry without touching its hit count or recency. Throws `backend_unavailable`

@@ -322,19 +322,19 @@ export class TieredStore implements Store {
 
   // No getLocal: an L1 hit waits for the bus fence, so every read goes through `get`.
 
-  async get(key: string, now: number): Promise<StoredEntry | undefined> {
+  async get(key: string, now: number, allowStale = false): Promise<StoredEntry | undefined> {
     if (this.#busUp) {
       await this.#busFence()
-      const hit = this.#l1Get(key, now)
+      const hit = this.#l1Get(key, now, allowStale)
       if (hit !== undefined) return hit
     }
     const startGen = this.#gen
     let entry: StoredEntry | undefined
     try {
-      entry = await this.#l2Get(key, now, true)
+      entry = await this.#l2Get(key, now, true, allowStale)
     } catch {
       // Redis is down: an L1 copy (even one the bus could not vouch for) beats a miss.
-      return this.#l1Get(key, now)
+      return this.#l1Get(key, now, allowStale)
     }
     if (entry !== undefined && this.#mayFill(entry, startGen)) this.#l1Put(entry, now)
     return entry
@@ -690,8 +690,8 @@ export class TieredStore implements Store {
     await this.#l1.close()
   }
 
-  async #l2Get(key: string, now: number, countHit: boolean): Promise<StoredEntry | undefined> {
-    const reply = (await this.#scripts.cwGet(this.#base, key, now, countHit ? 1 : 0)) as string[] | number | null
+  async #l2Get(key: string, now: number, countHit: boolean, allowStale = false): Promise<StoredEntry | undefined> {
+    const reply = (await this.#scripts.cwGet(this.#base, key, now, countHit ? 1 : 0, allowStale ? 1 : 0)) as string[] | number | null
     if (reply === null) return undefined
     if (typeof reply === 'number') {
       this.#report([key], 'expire')
@@ -706,13 +706,13 @@ export class TieredStore implements Store {
     return copy === undefined || this.#inRun(copy) ? undefined : syncReal(copy)
   }
 
-  #l1Get(key: string, now: number): StoredEntry | undefined {
+  #l1Get(key: string, now: number, allowStale: boolean): StoredEntry | undefined {
     // A copy a run is to reach is looked at without counting a hit on it: Redis counts this read.
     if (this.#runs.size > 0) {
       const copy = this.#l1.peekLocal(key, now)
       if (copy === undefined || this.#inRun(copy)) return undefined
     }
-    const copy = this.#l1.getLocal(key, now) as L1Entry | null
+    const copy = this.#l1.getLocal(key, now, allowStale) as L1Entry | null
     return copy === null ? undefined : syncReal(copy)
   }
 

@@ -62,6 +62,18 @@ export function storeContract(t: Test, name: string, factory: StoreFactory): voi
       t.equal((await store.peek('a', clock.now()))?.hits, 2)
     })
 
+    t.test('a stale entry counts a hit only when read with allowStale', async (t) => {
+      const { store, clock } = await open(t)
+      await store.set(entry(clock, 'a', { userId: 'u1' }))
+      await store.get('a', clock.now())
+      await store.invalidate({ userIds: ['u1'] }, 'stale', clock.now())
+      const missed = await store.get('a', clock.now())
+      t.equal(missed?.stale, true, 'the stale entry is returned; the caller answers a miss')
+      t.equal((await store.peek('a', clock.now()))?.hits, 1, 'a read answered as a miss is no hit')
+      await store.get('a', clock.now(), true)
+      t.equal((await store.peek('a', clock.now()))?.hits, 2, 'a stale read served with allowStale is')
+    })
+
     t.test('keys with separators, spaces and non-ASCII are distinct keys', async (t) => {
       const { store, clock } = await open(t)
       const keys = ['a:b/c', 'a:b', 'with space', 'ключ', '鍵/🔑', 'a*', 'a?b']
