@@ -69,7 +69,14 @@ export default fp(
 
     function checker(scope: Scope) {
       return (request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void) => {
-        if (failures !== undefined && failures.size > 0 && (failures.get(request.ip)?.count ?? 0) >= limit!.max && !isProven(request)) {
+        // A request without credentials guesses nothing: it gets its 401, blocked address or not.
+        const blocked =
+          failures !== undefined &&
+          failures.size > 0 &&
+          request.headers.authorization !== undefined &&
+          (failures.get(request.ip)?.count ?? 0) >= limit!.max &&
+          !isProven(request)
+        if (blocked) {
           const retryAfterS = Math.max(1, Math.ceil(failures.getRemainingTTL(request.ip) / 1000))
           reply.header('retry-after', retryAfterS)
           return done(rateLimited(`${retryAfterS} seconds (too many failed authentications from this address)`))

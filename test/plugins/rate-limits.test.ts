@@ -27,6 +27,11 @@ t.test('after N failed authentications an IP gets 429 rate_limited, even with a 
   t.equal((await get(app, 'k')).statusCode, 200, 'a key that authenticated from this IP before passes')
   t.equal((await readK(app)).statusCode, 429, 'and lends nothing to another key')
 
+  // A request with no credentials guesses nothing: it still gets its 401, not the block.
+  const none = await app.inject({ method: 'GET', url: '/v1/entries/k' })
+  t.equal(none.statusCode, 401, 'no Authorization header: 401 unauthorized, blocked address or not')
+  t.equal(none.json().error, 'unauthorized')
+
   // Another address is not affected.
   const elsewhere = await app.inject({ method: 'GET', url: '/v1/entries/k', headers: { authorization: `Bearer ${KEYS.read}` }, remoteAddress: '10.9.8.7' })
   t.equal(elsewhere.statusCode, 200)
