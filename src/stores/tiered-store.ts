@@ -137,6 +137,8 @@ export type RemoteInvalidation =
 /** An L1 copy: `expiresAt` is the L1 deadline; `real` is the entry as Redis has it. */
 interface L1Entry extends StoredEntry {
   real: StoredEntry
+  /** Redis' hit count when the copy was taken: `hits` beyond it are this instance's L1 hits. */
+  filledHits: number
 }
 
 type ScriptClient = Record<ScriptName, (...args: Array<string | number>) => Promise<unknown>>
@@ -560,10 +562,19 @@ export class TieredStore implements Store {
     await this.#call(() =>
       this.#eachMemberBatch(`u:${userId}`, async (keys) => {
         const flat = (await this.#scripts.cwLiveEntries(this.#base, now, userId, ...keys)) as Array<string | string[]>
-        for (let i = 0; i < flat.length; i += 2) out.push(parseEntry(flat[i] as string, flat[i + 1] as string[]))
+        for (let i = 0; i < flat.length; i += 2) out.push(this.#withL1Hits(parseEntry(flat[i] as string, flat[i + 1] as string[]), now))
       }),
     )
     return out
+  }
+
+  /** Redis' entry with the hits this instance's L1 copy of the same version answered since it was taken. */
+  #withL1Hits(entry: StoredEntry, now: number): StoredEntry {
+    const copy = this.#l1.peekLocal(entry.key, now) as L1Entry | undefined
+    if (copy === undefined || copy.etag !== entry.etag || copy.createdAt !== entry.createdAt) return entry
+    entry.hits += copy.hits - copy.filledHits
+    entry.lastAccessAt = Math.max(entry.lastAccessAt, copy.lastAccessAt)
+    return entry
   }
 
   async userKeys(userId: string): Promise<string[]> {
@@ -728,7 +739,7 @@ export class TieredStore implements Store {
   }
 
   #l1Put(entry: StoredEntry, now: number): void {
-    const copy: L1Entry = { ...entry, expiresAt: Math.min(entry.expiresAt, now + this.#l1MaxTtlMs), real: entry }
+    const copy: L1Entry = { ...entry, expiresAt: Math.min(entry.expiresAt, now + this.#l1MaxTtlMs), real: entry, filledHits: entry.hits }
     this.#l1.setSync(copy)
   }
 

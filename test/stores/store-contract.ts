@@ -170,6 +170,21 @@ export function storeContract(t: Test, name: string, factory: StoreFactory): voi
       t.same((await store.userEntries('u1', clock.now())).map((e) => e.key), ['a'])
     })
 
+    t.test('userEntries reports the hits and last access that peek does', async (t) => {
+      const { store, clock } = await open(t)
+      await store.set(entry(clock, 'a', { userId: 'u1' }))
+      for (let i = 0; i < 3; i++) {
+        clock.advance(10)
+        await store.get('a', clock.now())
+      }
+      const [listed] = await store.userEntries('u1', clock.now())
+      const peeked = await store.peek('a', clock.now())
+      t.equal(listed?.hits, 3)
+      t.equal(peeked?.hits, 3)
+      t.equal(listed?.lastAccessAt, clock.now())
+      t.equal(peeked?.lastAccessAt, clock.now())
+    })
+
     t.test('clear drops everything', async (t) => {
       const { store, clock } = await open(t)
       await store.set(entry(clock, 'a', { userId: 'u1' }))

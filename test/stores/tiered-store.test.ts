@@ -57,6 +57,23 @@ if (requireRedisServer(t)) {
     t.equal(again?.expiresAt, clock.now() - 1000 + 60_000, 'the entry keeps its real expiry')
   })
 
+  t.test('a user\'s entries count the reads of Redis plus the L1 hits of the instance listing them', async (t) => {
+    const clock = new FakeClock()
+    const [a, b, namespace] = await openPair(t, clock)
+    const c = await open(clock, { namespace })
+    t.teardown(() => c.close())
+    await a.set(entry(clock, 'k', { userId: 'u' }))
+    t.ok(await filled(a, 'k', clock))
+    t.ok(await filled(b, 'k', clock))
+    const hits = async (store: TieredStore) => (await store.userEntries('u', clock.now()))[0]?.hits
+    const [a0, b0, redis0] = [await hits(a), await hits(b), await hits(c)]
+    for (let i = 0; i < 3; i++) await a.get('k', clock.now())
+    for (let i = 0; i < 2; i++) await b.get('k', clock.now())
+    t.equal(await hits(c), redis0, 'L1 hits never reach Redis (c holds no copy)')
+    t.equal(await hits(a), a0! + 3, 'a lists its own three L1 hits')
+    t.equal(await hits(b), b0! + 2, 'b its own two')
+  })
+
   t.test('a write on one store drops the copy another store holds in L1', async (t) => {
     const clock = new FakeClock()
     const [a, b] = await openPair(t, clock)
