@@ -3,8 +3,12 @@ import type { OriginSpec } from './config.js'
 
 /** Longest single backoff, however many retries an origin allows. */
 export const MAX_BACKOFF_MS = 10_000
-/** Keep-alive connections per origin host; loads are single-flight and refreshes bounded, so few are needed. */
-const CONNECTIONS_PER_ORIGIN = 32
+/**
+ * Requests in flight per origin host (and keep-alive connections kept to it): loads are
+ * single-flight and refreshes bounded, so few are needed. More wait for a slot before
+ * their attempt starts, so a queue here never eats into an attempt's timeout.
+ */
+export const CONNECTIONS_PER_ORIGIN = 32
 const KEEP_ALIVE_MS = 30_000
 
 /** What an origin said: the value, or that it has none (404/410). */
@@ -14,7 +18,13 @@ export type OriginResult = 'success' | 'error' | 'timeout'
 
 /** An origin that could not answer after every attempt. */
 export class OriginError extends Error {
-  constructor(readonly origin: string, message: string, readonly result: 'error' | 'timeout') {
+  constructor(
+    readonly origin: string,
+    message: string,
+    readonly result: 'error' | 'timeout',
+    /** The origin answered with a body larger than the cache could ever store. */
+    readonly tooLarge = false,
+  ) {
     super(message)
     this.name = 'OriginError'
   }
@@ -31,7 +41,7 @@ export interface OriginClientOptions {
 
 /** A failed attempt, and whether another attempt may help. */
 class AttemptError extends Error {
-  constructor(message: string, readonly retryable: boolean, readonly timeout = false) {
+  constructor(message: string, readonly retryable: boolean, readonly timeout = false, readonly tooLarge = false) {
     super(message)
   }
 }
@@ -46,6 +56,8 @@ export class OriginClient {
   readonly #random: () => number
   readonly #inflight = new Set<AbortController>()
   readonly #sleeps = new Set<() => void>()
+  /** Per origin host (URL origin): attempts in flight, and those waiting for one to end. */
+  readonly #slots = new Map<string, { busy: number; waiting: Array<(granted: boolean) => void> }>()
   #closed = false
 
   constructor(options: OriginClientOptions) {
@@ -56,7 +68,7 @@ export class OriginClient {
   /** GETs `url` from the origin, retrying as the origin allows; throws OriginError when every attempt failed. */
   async fetch(origin: OriginSpec, url: string): Promise<FetchOutcome> {
     for (let attempt = 0; ; attempt++) {
-      if (this.#closed) throw new OriginError(origin.name, 'shutting down', 'error')
+      const host = await this.#acquire(origin, url)
       const started = performance.now()
       try {
         const outcome = await this.#attempt(origin, url)
@@ -67,10 +79,13 @@ export class OriginClient {
         this.#report(origin.name, e.timeout ? 'timeout' : 'error', started)
         if (!e.retryable || attempt >= origin.retries || this.#closed) {
           const tries = attempt + 1
-          throw new OriginError(origin.name, `${e.message} (after ${tries} attempt${tries === 1 ? '' : 's'})`, e.timeout ? 'timeout' : 'error')
+          const message = `${e.message} (after ${tries} attempt${tries === 1 ? '' : 's'})`
+          throw new OriginError(origin.name, message, e.timeout ? 'timeout' : 'error', e.tooLarge)
         }
-        await this.#sleep(this.backoff(origin.backoffMs, attempt))
+      } finally {
+        this.#releaseSlot(host)
       }
+      await this.#sleep(this.backoff(origin.backoffMs, attempt))
     }
   }
 
@@ -88,7 +103,35 @@ export class OriginClient {
     this.#closed = true
     for (const controller of this.#inflight) controller.abort()
     for (const wake of this.#sleeps) wake()
+    for (const slots of this.#slots.values()) for (const wake of slots.waiting.splice(0)) wake(false)
     await this.#agent.close().catch(() => {})
+  }
+
+  /**
+   * Waits for one of the host's CONNECTIONS_PER_ORIGIN slots, first come first served;
+   * returns the host to release. undici would queue the request itself, but with the
+   * attempt's timer already running.
+   */
+  async #acquire(origin: OriginSpec, url: string): Promise<string> {
+    if (this.#closed) throw new OriginError(origin.name, 'shutting down', 'error')
+    const host = hostOf(url)
+    let slots = this.#slots.get(host)
+    if (slots === undefined) this.#slots.set(host, (slots = { busy: 0, waiting: [] }))
+    if (slots.busy < CONNECTIONS_PER_ORIGIN) {
+      slots.busy++
+      return host
+    }
+    // A release hands its slot straight to the first waiter (true); close wakes them with false.
+    const granted = await new Promise<boolean>((resolve) => slots.waiting.push(resolve))
+    if (!granted) throw new OriginError(origin.name, 'shutting down', 'error')
+    return host
+  }
+
+  #releaseSlot(host: string): void {
+    const slots = this.#slots.get(host)!
+    const next = slots.waiting.shift()
+    if (next !== undefined) return next(true)
+    if (--slots.busy === 0) this.#slots.delete(host)
   }
 
   async #attempt(origin: OriginSpec, url: string): Promise<FetchOutcome> {
@@ -118,7 +161,7 @@ export class OriginClient {
       }
       const text = await readCapped(res.body, this.#options.maxBodyBytes)
       if (text === undefined) {
-        throw new AttemptError(`origin "${origin.name}" sent more than ${this.#options.maxBodyBytes} bytes`, false)
+        throw new AttemptError(`origin "${origin.name}" sent more than ${this.#options.maxBodyBytes} bytes`, false, false, true)
       }
       try {
         return { found: true, value: JSON.parse(text) }
@@ -152,6 +195,15 @@ export class OriginClient {
       timer.unref()
       this.#sleeps.add(wake)
     })
+  }
+}
+
+/** The URL's origin (scheme, host, port); a URL that does not parse (undici refuses it too) is its own host. */
+function hostOf(url: string): string {
+  try {
+    return new URL(url).origin
+  } catch {
+    return url
   }
 }
 

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto'
 import { encodeLease, readable, type CacheService, type CoreLogger, type ReadResult, type WriteInput } from '../cache/cache-service.js'
 import type { StoredEntry } from '../cache/types.js'
+import { defaultBodyLimit } from '../config.js'
 import { CacheError, notFound, truncate } from '../errors.js'
 import type { OriginSpec } from './config.js'
 import { MAX_BACKOFF_MS, OriginClient, OriginError, type FetchOutcome } from './loader.js'
@@ -91,7 +92,9 @@ export class Origins {
     for (const origin of this.list) this.#byName.set(origin.name, origin)
     this.#minRatio = Math.min(1, ...this.list.map((o) => o.refreshAhead))
     this.client = new OriginClient({
-      maxBodyBytes: this.cache.limits.maxValueBytes,
+      // As much as a client may send: a pretty-printed or escaped body of a value within the
+      // limit fits; the write refuses a value past it, naming the limit.
+      maxBodyBytes: defaultBodyLimit(this.cache.limits.maxValueBytes),
       onAttempt: (event) => this.cache.emit('origin_request', event),
     })
     this.refresher = new RefreshAhead({ concurrency: options.refreshConcurrency, run: (key) => this.#refreshAhead(key) })

@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net'
 import t from 'tap'
 import { buildApp } from '../../src/app.js'
 import { DEFAULT_LIMITS } from '../../src/cache/limits.js'
+import { CONNECTIONS_PER_ORIGIN } from '../../src/origins/loader.js'
 import { TEST_API_KEYS, build, get } from '../helpers/build.js'
 import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
 import type { CacheServiceEvents } from '../../src/cache/cache-service.js'
@@ -73,11 +74,14 @@ t.test('a slow origin times out per attempt, is retried, and reports timeouts', 
   t.ok(attempts.every((a) => a.durationMs >= 95), 'each attempt waited for its timeout')
 })
 
-t.test('a body that is not JSON, or larger than the value limit, fails without retry', async (t) => {
+t.test('a body that is not JSON, or larger than the value limit, fails without retry; a pretty-printed value within it loads', async (t) => {
   let calls = 0
+  const fits = { rows: Array.from({ length: 20 }, (_, i) => ({ id: i, n: 'abcdefghij' })) }
   const server = createServer((req, res) => {
     calls++
     if (req.url === '/users/text/dashboard') res.end('not json')
+    else if (req.url === '/users/pretty/dashboard') res.end(JSON.stringify(fits, null, 8))
+    else if (req.url === '/users/huge/dashboard') res.end(JSON.stringify('x'.repeat(100_000)))
     else res.end(JSON.stringify('x'.repeat(5000)))
   })
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
@@ -90,8 +94,50 @@ t.test('a body that is not JSON, or larger than the value limit, fails without r
   t.match(text.json().message, /not JSON/)
   const big = await get(app, 'dashboard:big', '?load=true')
   t.equal(big.statusCode, 503)
-  t.match(big.json().message, /more than 1024 bytes/)
-  t.equal(calls, 2)
+  t.match(big.json().message, /refuses: .*larger than 1024 bytes/, 'a body the client reads, whose value the write refuses')
+  const huge = await get(app, 'dashboard:huge', '?load=true')
+  t.equal(huge.statusCode, 503)
+  t.match(huge.json().message, /more than 69632 bytes/, 'a body past what a client may send is cut off unread')
+  t.equal(calls, 3, 'none retried')
+  t.ok(JSON.stringify(fits, null, 8).length > 1024 && JSON.stringify(fits).length <= 1024)
+  const pretty = await get(app, 'dashboard:pretty', '?load=true')
+  t.equal(pretty.statusCode, 200, 'a value within the limit loads though its body, pretty-printed, is over it')
+  t.same(pretty.json().value, fits)
+})
+
+t.test('attempts queued behind the connection cap wait for a slot before their timeout starts', async (t) => {
+  const origin = await OriginServer.start(t)
+  const ids = Array.from({ length: 3 * CONNECTIONS_PER_ORIGIN + 4 }, (_, i) => String(i))
+  for (const id of ids) origin.values.set(`/users/${id}/dashboard`, { id })
+  // Each answer takes 400 ms against a 1000 ms timeout: four waves of CONNECTIONS_PER_ORIGIN
+  // take 1600 ms, so the last would time out if its wait counted against the attempt.
+  origin.delayMs = 400
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { timeoutMs: 1000 })] } })
+  const attempts: Attempt[] = []
+  app.cache.on('origin_request', (e) => attempts.push(e))
+  const started = performance.now()
+  const codes = await Promise.all(ids.map(async (id) => (await get(app, `dashboard:${id}`, '?load=true')).statusCode))
+  const elapsed = performance.now() - started
+  t.same(codes, ids.map(() => 200), 'every load answered, none timed out in the queue')
+  t.ok(elapsed >= 4 * 400 - 20, `they queued: four waves took ${Math.round(elapsed)} ms`)
+  t.equal(origin.calls, ids.length, 'one attempt each')
+  t.equal(origin.maxInFlight, CONNECTIONS_PER_ORIGIN, 'never more in flight than the cap')
+  t.ok(attempts.every((a) => a.result === 'success' && a.durationMs < 1000), 'an attempt\'s duration excludes its wait for a slot')
+})
+
+t.test('closing the client fails the attempts waiting for a slot', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.hang = true
+  const app = await buildApp({ apiKeys: TEST_API_KEYS, configFile: { origins: [dashboardOrigin(origin, { timeoutMs: 60_000 })] } })
+  await app.ready()
+  const pending = Array.from({ length: CONNECTIONS_PER_ORIGIN + 3 }, (_, i) => app.origins.refresh(`dashboard:${i}`).catch((e: Error) => e))
+  await origin.waitForCalls(CONNECTIONS_PER_ORIGIN)
+  await new Promise((r) => setTimeout(r, 50))
+  t.equal(origin.calls, CONNECTIONS_PER_ORIGIN, 'the rest wait for a slot')
+  await app.close()
+  const errors = await Promise.all(pending)
+  t.ok(errors.every((e) => e instanceof Error), 'every call, in flight or waiting, fails')
+  t.equal(errors.filter((e) => /shutting down/.test((e as Error).message)).length, 3, 'the waiting ones as shutting down')
 })
 
 t.test('closing the app aborts an origin call in flight without crashing', async (t) => {
