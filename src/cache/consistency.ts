@@ -93,11 +93,14 @@ export class ConsistencyChecker {
     }
 
     const cached = [...statuses].filter(([, s]) => s.kind === 'consistent' || s.kind === 'stale').map(([k]) => k)
-    const extraErrors: ConsistencyReport['errors'] = []
+    // Each key lands in one list: a copy that differs makes a consistent key stale, and one
+    // the copy check could not compare makes it an error (it is not known to be consistent).
     for (const copyCheck of this.copyChecks) {
       const { differing, errors } = await copyCheck.compare(cached)
       for (const key of differing) if (statuses.get(key)?.kind === 'consistent') statuses.set(key, { kind: 'stale', gone: false })
-      for (const e of errors) extraErrors.push({ key: e.key, error: `${copyCheck.name}: ${e.error}` })
+      for (const e of errors) {
+        if (statuses.get(e.key)?.kind === 'consistent') statuses.set(e.key, { kind: 'error', error: `${copyCheck.name}: ${e.error}` })
+      }
     }
 
     const report: ConsistencyReport = { checked: statuses.size, consistent: 0, stale: [], missing: [], errors: [], repaired: 0, durationMs: 0 }
@@ -107,7 +110,6 @@ export class ConsistencyChecker {
       else if (s.kind === 'missing') report.missing.push(key)
       else report.errors.push({ key, error: s.error })
     }
-    report.errors.push(...extraErrors)
 
     if (repair === 'invalidate') {
       report.repaired = await this.#invalidate(report.stale, actor)

@@ -212,13 +212,18 @@ t.test('against origin with no origins configured is a 400', async (t) => {
   t.match(res.json().message, /no.*origins|none are configured/)
 })
 
-t.test('a registered copy check (cluster mode\'s L1 against Redis) adds its differing keys as stale', async (t) => {
+t.test('a registered copy check (cluster mode\'s L1 against Redis) adds its differing keys as stale, and the keys it could not compare as errors', async (t) => {
   const { app } = await setup(t)
   app.consistency.copyChecks.push({
     name: 'l1',
-    compare: async (keys) => ({ differing: keys.filter((k) => k === 'dashboard:0'), errors: [{ key: 'dashboard:1', error: 'redis down' }] }),
+    compare: async (keys) => ({
+      differing: keys.filter((k) => k === 'dashboard:0'),
+      errors: ['dashboard:1', 'dashboard:2'].map((key) => ({ key, error: 'redis down' })),
+    }),
   })
   const body = (await check(app, { userIds: USERS, against: 'origin' })).json()
-  t.same([...body.stale].sort(), ['dashboard:0', ...CHANGED.map((id) => `dashboard:${id}`)])
-  t.same(body.errors, [{ key: 'dashboard:1', error: 'l1: redis down' }])
+  t.same([...body.stale].sort(), ['dashboard:0', ...CHANGED.map((id) => `dashboard:${id}`)], 'dashboard:2 differs from its origin: stale whatever the copy check says')
+  t.same(body.errors, [{ key: 'dashboard:1', error: 'l1: redis down' }], 'a key the copy check could not compare is an error')
+  t.equal(body.consistent, 5, 'and not also consistent')
+  t.equal(body.checked, body.consistent + body.stale.length + body.missing.length + body.errors.length, 'each key in one list')
 })
