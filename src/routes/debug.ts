@@ -186,7 +186,7 @@ export default async function debugRoutes(fastify: FastifyInstance) {
         tags: ['inspection'],
         summary: 'Reset the stats summary',
         description: 'Zeroes the summary of `GET /v1/stats`; never the Prometheus counters.',
-        response: { 200: Type.Object({ reset: Type.Boolean() }), ...bodyTooLarge, ...authErrors },
+        response: { 200: Type.Object({ reset: Type.Boolean() }), ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
     async (request) => {

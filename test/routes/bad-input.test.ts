@@ -40,6 +40,7 @@ const cases: Case[] = [
   { name: 'key with broken percent-encoding', method: 'GET', url: '/v1/entries/a%zz', status: 400, error: 'invalid_request' },
   { name: 'key with a lone surrogate', method: 'GET', url: '/v1/entries/a%ED%A0%80', status: 400, error: 'invalid_request' },
   { name: 'body not JSON', method: 'PUT', url: '/v1/entries/k', payload: '{"value": ', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request' },
+  { name: 'stats reset body not JSON', method: 'POST', url: '/v1/stats/reset', payload: '{', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request' },
   { name: 'body not an object', method: 'PUT', url: '/v1/entries/k', payload: '[1,2]', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request' },
   { name: 'body with __proto__', method: 'PUT', url: '/v1/entries/k', payload: '{"value":{"__proto__":{"admin":true}}}', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request' },
   { name: 'an empty JSON body on a PUT', method: 'PUT', url: '/v1/entries/k', payload: '', headers: { 'content-type': 'application/json' }, status: 400, error: 'invalid_request', message: /body/ },
