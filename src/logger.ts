@@ -14,3 +14,30 @@ export function loggerOptions(level: string): Exclude<FastifyServerOptions['logg
     },
   }
 }
+
+/**
+ * Lets one log line per subject through per interval and counts the ones held back, so a
+ * failure that repeats on every request (a backend down) logs now and then, not per request.
+ */
+export class LogThrottle {
+  readonly #last = new Map<string, { at: number; held: number }>()
+  readonly #intervalMs: number
+  readonly #maxSubjects: number
+
+  constructor(intervalMs: number, maxSubjects = 256) {
+    this.#intervalMs = intervalMs
+    this.#maxSubjects = maxSubjects
+  }
+
+  /** undefined to hold this line back; else how many lines of the subject were held back before it. */
+  pass(subject: string, now = performance.now()): number | undefined {
+    const last = this.#last.get(subject)
+    if (last !== undefined && now - last.at < this.#intervalMs) {
+      last.held++
+      return undefined
+    }
+    if (last === undefined && this.#last.size >= this.#maxSubjects) this.#last.delete(this.#last.keys().next().value!)
+    this.#last.set(subject, { at: now, held: 0 })
+    return last?.held ?? 0
+  }
+}

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto'
 import { encodeLease, readable, type CacheService, type CoreLogger, type ReadResult, type WriteInput } from '../cache/cache-service.js'
 import type { StoredEntry } from '../cache/types.js'
 import { defaultBodyLimit } from '../config.js'
+import { LogThrottle } from '../logger.js'
 import { CacheError, notFound, truncate } from '../errors.js'
 import type { OriginSpec } from './config.js'
 import { MAX_BACKOFF_MS, OriginClient, OriginError, type FetchOutcome } from './loader.js'
@@ -76,7 +77,7 @@ export class Origins {
   readonly #misses = new Map<string, Promise<StoredEntry | undefined>>()
   readonly #cooldown = new Map<string, number>()
   /** origin -> when its last refresh failure was logged, and failures since. */
-  readonly #failureLog = new Map<string, { at: number; suppressed: number }>()
+  readonly #failureLog = new LogThrottle(FAILURE_LOG_INTERVAL_MS)
   readonly #logger: CoreLogger | undefined
   /** The store's shared records (cluster mode): a `?load=true` load is claimed there. */
   readonly #records: SharedRecords | undefined
@@ -380,17 +381,9 @@ export class Origins {
   }
 
   #logFailure(origin: string, key: string, error: Error): void {
-    const at = performance.now()
-    const last = this.#failureLog.get(origin)
-    if (last !== undefined && at - last.at < FAILURE_LOG_INTERVAL_MS) {
-      last.suppressed++
-      return
-    }
-    this.#failureLog.set(origin, { at, suppressed: 0 })
-    this.#logger?.warn(
-      { origin, key: truncate(key), err: error.message, failuresNotLogged: last?.suppressed ?? 0 },
-      'refresh-ahead failed; the cached entry stays',
-    )
+    const held = this.#failureLog.pass(origin)
+    if (held === undefined) return
+    this.#logger?.warn({ origin, key: truncate(key), err: error.message, failuresNotLogged: held }, 'refresh-ahead failed; the cached entry stays')
   }
 
   #resolve(origin: OriginSpec, key: string, params: Record<string, string>): OriginMatch {

@@ -13,6 +13,7 @@ import {
 } from '../cache/types.js'
 import { CacheError, backendUnavailable } from '../errors.js'
 import { answerInTime } from '../liveness.js'
+import { LogThrottle } from '../logger.js'
 import { DEFAULT_MAX_LEASE_PREFIXES, DEFAULT_MAX_LEASE_SCOPES } from '../cache/lease-book.js'
 import { DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, MemoryStore } from './memory-store.js'
 import { prefixMatcher, sharedStart } from './sorted-keys.js'
@@ -175,6 +176,7 @@ export class TieredStore implements Store {
   readonly #maxLeasePrefixes: number
   readonly #indexBatch: number
   readonly #logger: CoreLogger | undefined
+  readonly #failureLog = new LogThrottle(ERROR_LOG_INTERVAL_MS)
   readonly #listeners: EvictionListener[] = []
   readonly #busListeners: Array<(connected: boolean) => void> = []
   readonly #remoteListeners: Array<(message: RemoteInvalidation) => void> = []
@@ -1057,9 +1059,11 @@ export class TieredStore implements Store {
     }
   }
 
+  /** The request's 503; the cause logged once per interval for each kind of call and message. */
   #unavailable(error: unknown, what: string): CacheError {
     if (error instanceof CacheError) return error
-    this.#logger?.warn({ err: error }, `Redis ${what} failed`)
+    const held = this.#failureLog.pass(`${what}\n${(error as Error | undefined)?.message}`)
+    if (held !== undefined) this.#logger?.warn({ err: error, failuresNotLogged: held }, `Redis ${what} failed`)
     return backendUnavailable('Redis')
   }
 }

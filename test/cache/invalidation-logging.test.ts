@@ -64,3 +64,23 @@ t.test('a failed invalidation logs one error line without a stack when its cause
   t.match(failed[0], { level: 50, error: 'backend_unavailable', reason: /Redis is unavailable/, source: 'api' })
   t.notMatch(JSON.stringify(failed[0]), /stack/, 'no stack')
 })
+
+t.test('while Redis is down, each kind of failed store call logs at most one warning per interval, however many fail', async (t) => {
+  const lines: string[] = []
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      lines.push(...String(chunk).split('\n').filter(Boolean))
+      done()
+    },
+  })
+  const app = await build(t, { redisUrl: `redis://127.0.0.1:${await freePort()}` }, { logger: { level: 'info', stream } })
+  for (let i = 0; i < 20; i++) {
+    t.equal((await call(app, { method: 'PUT', url: `/v1/entries/k${i}`, payload: { value: i }, key: 'write' })).statusCode, 503)
+    t.equal((await call(app, { method: 'POST', url: '/v1/invalidations', payload: { keys: [`k${i}`] }, key: 'invalidate' })).statusCode, 503)
+  }
+  const records = lines.map((l) => JSON.parse(l) as Record<string, unknown>)
+  const warned = (msg: string) => records.filter((r) => r.msg === msg).length
+  t.equal(warned('Redis write failed'), 1, 'one write failure logged of 20')
+  t.equal(warned('Redis invalidation failed'), 1, 'one invalidation failure logged of 20')
+  t.equal(warned('invalidation failed'), 20, 'yet every failed invalidation keeps its own line')
+})
