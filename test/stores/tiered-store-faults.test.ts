@@ -86,9 +86,16 @@ if (requireRedisServer(t)) {
       payload: { against: 'provided', entries: [{ key: 'cached', value: 'v1' }, { key: 'never-cached', value: 1 }] },
     })
     t.equal(check.statusCode, 200)
-    t.equal(check.json().consistent, 1, 'the L1 copy is compared')
+    t.equal(check.json().consistent, 0, 'an L1 copy that matches is not known consistent: Redis cannot be compared')
     t.same(check.json().missing, [], 'a key it cannot look up is not reported missing')
-    t.match(check.json().errors, [{ key: 'never-cached', error: /backend_unavailable/ }])
+    t.match(check.json().errors, [
+      { key: 'cached', error: 'l1-vs-redis: Redis is unavailable' },
+      { key: 'never-cached', error: /backend_unavailable/ },
+    ])
+    t.equal(check.json().checked, 2, 'each key in one list')
+    const differs = await call(b, { method: 'POST', url: '/v1/consistency', payload: { against: 'provided', entries: [{ key: 'cached', value: 'v2' }] } })
+    t.same(differs.json().stale, ['cached'], 'an L1 copy that differs from the truth is stale all the same')
+    t.same(differs.json().errors, [])
 
     const loaded = await get(withOrigin, 'dashboard:1', '?load=true')
     t.equal(loaded.statusCode, 503, 'a load it cannot store is 503')
