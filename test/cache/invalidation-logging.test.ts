@@ -1,16 +1,9 @@
-import { Writable } from 'node:stream'
 import t from 'tap'
-import { KEYS, build, call, put } from '../helpers/build.js'
+import { KEYS, build, call, captureLogs, put } from '../helpers/build.js'
 import { freePort } from '../helpers/redis-server.js'
 
 t.test('each invalidation logs one structured line with its counts and source, never values or secrets', async (t) => {
-  const lines: string[] = []
-  const stream = new Writable({
-    write(chunk, _encoding, done) {
-      lines.push(...String(chunk).split('\n').filter(Boolean))
-      done()
-    },
-  })
+  const { lines, stream } = captureLogs()
   const app = await build(t, {}, { logger: { level: 'info', stream } })
   const secretValue = 'value-that-must-not-be-logged-91x'
   await put(app, 'acct:9:profile', { value: { secretValue }, userId: 'user-9z7', tags: ['tag-q5e'] })
@@ -48,13 +41,7 @@ t.test('each invalidation logs one structured line with its counts and source, n
 })
 
 t.test('a failed invalidation logs one error line without a stack when its cause is known (Redis down)', async (t) => {
-  const lines: string[] = []
-  const stream = new Writable({
-    write(chunk, _encoding, done) {
-      lines.push(...String(chunk).split('\n').filter(Boolean))
-      done()
-    },
-  })
+  const { lines, stream } = captureLogs()
   // Nothing listens on that port: every Redis command fails at once.
   const app = await build(t, { redisUrl: `redis://127.0.0.1:${await freePort()}` }, { logger: { level: 'info', stream } })
   const res = await call(app, { method: 'POST', url: '/v1/invalidations', payload: { userIds: ['u1'] }, key: 'invalidate' })
@@ -66,13 +53,7 @@ t.test('a failed invalidation logs one error line without a stack when its cause
 })
 
 t.test('while Redis is down, each kind of failed store call logs at most one warning per interval, however many fail', async (t) => {
-  const lines: string[] = []
-  const stream = new Writable({
-    write(chunk, _encoding, done) {
-      lines.push(...String(chunk).split('\n').filter(Boolean))
-      done()
-    },
-  })
+  const { lines, stream } = captureLogs()
   const app = await build(t, { redisUrl: `redis://127.0.0.1:${await freePort()}` }, { logger: { level: 'info', stream } })
   for (let i = 0; i < 20; i++) {
     t.equal((await call(app, { method: 'PUT', url: `/v1/entries/k${i}`, payload: { value: i }, key: 'write' })).statusCode, 503)

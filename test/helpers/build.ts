@@ -1,3 +1,4 @@
+import { Writable } from 'node:stream'
 import type { FastifyInstance, InjectOptions } from 'fastify'
 import { buildApp, type BuildOptions } from '../../src/app.js'
 import { parseApiKeys, type Config } from '../../src/config.js'
@@ -56,4 +57,16 @@ export class FakeClock {
   advance(ms: number) {
     this.ms += ms
   }
+}
+
+/** A log stream to give an app, the lines written to it, and those lines parsed. */
+export function captureLogs() {
+  const lines: string[] = []
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      lines.push(...String(chunk).split('\n').filter(Boolean))
+      done()
+    },
+  })
+  return { lines, stream, records: () => lines.map((l) => JSON.parse(l) as Record<string, unknown>) }
 }

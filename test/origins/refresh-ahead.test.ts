@@ -1,7 +1,6 @@
-import { Writable } from 'node:stream'
 import t from 'tap'
 import type { FastifyInstance } from 'fastify'
-import { FakeClock, build, call, get, put } from '../helpers/build.js'
+import { FakeClock, build, call, captureLogs, get, put } from '../helpers/build.js'
 import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
 
 const dash = (id: string) => `/users/${id}/dashboard`
@@ -245,13 +244,7 @@ t.test('with no origins configured, hits run no hook at all', async (t) => {
 t.test('refresh failures during an outage are logged once per origin per interval, with the count', async (t) => {
   const origin = await OriginServer.start(t)
   const clock = new FakeClock()
-  const lines: Array<Record<string, unknown>> = []
-  const stream = new Writable({
-    write(chunk, _enc, done) {
-      lines.push(JSON.parse(String(chunk)))
-      done()
-    },
-  })
+  const { records, stream } = captureLogs()
   const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { ttlMs: TTL })] } }, { now: clock.now, logger: { level: 'warn', stream } })
   const ids = Array.from({ length: 10 }, (_, i) => String(i))
   await load(app, origin, ids)
@@ -259,8 +252,8 @@ t.test('refresh failures during an outage are logged once per origin per interva
   clock.advance(0.9 * TTL)
   for (const id of ids) await get(app, `dashboard:${id}`)
   await app.origins.refresher.drain()
-  const warnings = lines.filter((l) => l.msg === 'refresh-ahead failed; the cached entry stays')
+  const warnings = records().filter((l) => l.msg === 'refresh-ahead failed; the cached entry stays')
   t.equal(warnings.length, 1)
   t.equal(warnings[0]!.origin, 'dashboards')
-  t.notMatch(JSON.stringify(lines), /127\.0\.0\.1/, 'no origin URL in the logs')
+  t.notMatch(JSON.stringify(records()), /127\.0\.0\.1/, 'no origin URL in the logs')
 })

@@ -1,6 +1,5 @@
-import { Writable } from 'node:stream'
 import t from 'tap'
-import { build, call, get } from '../helpers/build.js'
+import { build, call, captureLogs, get } from '../helpers/build.js'
 import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
 
 const dash = (id: string) => `/users/${id}/dashboard`
@@ -121,16 +120,10 @@ t.test('a warm logs when it starts, its progress, and its counts when it ends', 
   const origin = await OriginServer.start(t)
   const ids = Array.from({ length: 250 }, (_, i) => String(i))
   for (const id of ids.slice(0, 200)) origin.values.set(dash(id), id)
-  const lines: Array<Record<string, unknown>> = []
-  const stream = new Writable({
-    write(chunk, _enc, done) {
-      lines.push(JSON.parse(String(chunk)))
-      done()
-    },
-  })
+  const { records, stream } = captureLogs()
   const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } }, { logger: { level: 'info', stream } })
   await call(app, { method: 'POST', url: '/v1/warm', payload: { userIds: ids } })
-  const warmLines = lines.filter((l) => typeof l.msg === 'string' && (l.msg as string).startsWith('warm '))
+  const warmLines = records().filter((l) => typeof l.msg === 'string' && (l.msg as string).startsWith('warm '))
   t.same(warmLines.map((l) => l.msg), ['warm started', 'warm progress', 'warm progress', 'warm finished'])
   t.match(warmLines[3], { requested: 250, loaded: 200, failed: 50 })
 })

@@ -1,10 +1,10 @@
 import { spawn } from 'node:child_process'
-import { Writable } from 'node:stream'
 import { fileURLToPath } from 'node:url'
 import t, { type Test } from 'tap'
 import { buildApp } from '../../src/app.js'
 import { DEFAULT_SECURITY, parseApiKeys } from '../../src/config.js'
 import { loggerOptions } from '../../src/logger.js'
+import { captureLogs } from '../helpers/build.js'
 
 // A whole session of requests, with the log captured: no API secret, no clear token and no
 // cached value may appear in it, at the most verbose level.
@@ -77,13 +77,7 @@ function assertClean(t: Test, log: string, tokens: string[]) {
 }
 
 t.test('the log of a session through buildApp holds no secret, token or value', async (t) => {
-  let log = ''
-  const stream = new Writable({
-    write(chunk, _enc, done) {
-      log += chunk.toString()
-      done()
-    },
-  })
+  const { lines, stream } = captureLogs()
   const app = await buildApp(
     { apiKeys: parseApiKeys(API_KEYS), security: { ...DEFAULT_SECURITY, clearRateLimitMax: 100 } },
     { logger: { ...loggerOptions('trace'), stream } },
@@ -99,7 +93,7 @@ t.test('the log of a session through buildApp holds no secret, token or value', 
     return { status: res.statusCode, json: () => res.json() }
   })
   await app.close()
-  assertClean(t, log, tokens)
+  assertClean(t, lines.join('\n'), tokens)
 })
 
 t.test('the log of src/server.ts, run as a process, holds no secret, token or value', async (t) => {
