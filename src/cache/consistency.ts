@@ -1,5 +1,4 @@
 import { CacheError, invalidRequest } from '../errors.js'
-import { OriginError, type FetchOutcome } from '../origins/loader.js'
 import type { Origins } from '../origins/origins.js'
 import type { CacheService } from './cache-service.js'
 import { eachLimited } from './each-limited.js'
@@ -175,19 +174,17 @@ export class ConsistencyChecker {
     if ('kind' in before) return before
     const match = this.#origins.matchEntry(before)
     if (match === undefined) return { kind: 'error', error: 'no origin serves this key' }
-    let truth: FetchOutcome | typeof UNCACHEABLE
+    let truth
     try {
       truth = await this.#origins.fetch(match)
     } catch (error) {
-      // A body past any value the cache could hold: as a value over the limits below.
-      if (!(error instanceof OriginError && error.tooLarge)) return { kind: 'error', error: (error as Error).message }
-      truth = UNCACHEABLE
+      return { kind: 'error', error: (error as Error).message }
     }
     // Compare with the entry as it is now: it may have been refreshed while the origin answered.
     const entry = await this.#inspect(key)
     if (entry === undefined) return { kind: 'missing' }
     if ('kind' in entry) return entry
-    if (truth === UNCACHEABLE || !truth.found) return { kind: 'stale', gone: true }
+    if (!truth.found) return { kind: 'stale', gone: true }
     const etag = this.#etagOf(truth.value)
     // A value the cache could never hold cannot be reloaded either: repair deletes the entry.
     if (etag === UNCACHEABLE) return { kind: 'stale', gone: true }

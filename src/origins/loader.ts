@@ -18,13 +18,7 @@ export type OriginResult = 'success' | 'error' | 'timeout'
 
 /** An origin that could not answer after every attempt. */
 export class OriginError extends Error {
-  constructor(
-    readonly origin: string,
-    message: string,
-    readonly result: 'error' | 'timeout',
-    /** The origin answered with a body larger than the cache could ever store. */
-    readonly tooLarge = false,
-  ) {
+  constructor(readonly origin: string, message: string, readonly result: 'error' | 'timeout') {
     super(message)
     this.name = 'OriginError'
   }
@@ -41,7 +35,7 @@ export interface OriginClientOptions {
 
 /** A failed attempt, and whether another attempt may help. */
 class AttemptError extends Error {
-  constructor(message: string, readonly retryable: boolean, readonly timeout = false, readonly tooLarge = false) {
+  constructor(message: string, readonly retryable: boolean, readonly timeout = false) {
     super(message)
   }
 }
@@ -57,7 +51,7 @@ export class OriginClient {
   readonly #inflight = new Set<AbortController>()
   readonly #sleeps = new Set<() => void>()
   /** Per origin host (URL origin): attempts in flight, and those waiting for one to end. */
-  readonly #slots = new Map<string, { busy: number; waiting: Array<(granted: boolean) => void> }>()
+  readonly #slots = new Map<string, { busy: number; waiting: Array<(granted: boolean | 'late') => void> }>()
   #closed = false
 
   constructor(options: OriginClientOptions) {
@@ -68,22 +62,25 @@ export class OriginClient {
   /** GETs `url` from the origin, retrying as the origin allows; throws OriginError when every attempt failed. */
   async fetch(origin: OriginSpec, url: string): Promise<FetchOutcome> {
     for (let attempt = 0; ; attempt++) {
-      const host = await this.#acquire(origin, url)
-      const started = performance.now()
+      let started = performance.now()
+      let host: string | undefined
       try {
+        host = await this.#acquire(origin, url)
+        started = performance.now()
         const outcome = await this.#attempt(origin, url)
         this.#report(origin.name, 'success', started)
         return outcome
       } catch (error) {
+        if (error instanceof OriginError) throw error // closed while waiting for a slot
         const e = error instanceof AttemptError ? error : new AttemptError((error as Error).message, true)
         this.#report(origin.name, e.timeout ? 'timeout' : 'error', started)
         if (!e.retryable || attempt >= origin.retries || this.#closed) {
           const tries = attempt + 1
           const message = `${e.message} (after ${tries} attempt${tries === 1 ? '' : 's'})`
-          throw new OriginError(origin.name, message, e.timeout ? 'timeout' : 'error', e.tooLarge)
+          throw new OriginError(origin.name, message, e.timeout ? 'timeout' : 'error')
         }
       } finally {
-        this.#releaseSlot(host)
+        if (host !== undefined) this.#releaseSlot(host)
       }
       await this.#sleep(this.backoff(origin.backoffMs, attempt))
     }
@@ -108,7 +105,8 @@ export class OriginClient {
   }
 
   /**
-   * Waits for one of the host's CONNECTIONS_PER_ORIGIN slots, first come first served;
+   * Waits for one of the host's CONNECTIONS_PER_ORIGIN slots, first come first served, for at
+   * most the origin's timeoutMs (then the attempt fails as a timeout, and may be retried);
    * returns the host to release. undici would queue the request itself, but with the
    * attempt's timer already running.
    */
@@ -122,7 +120,22 @@ export class OriginClient {
       return host
     }
     // A release hands its slot straight to the first waiter (true); close wakes them with false.
-    const granted = await new Promise<boolean>((resolve) => slots.waiting.push(resolve))
+    const queue = slots.waiting
+    let timer: NodeJS.Timeout | undefined
+    const granted = await new Promise<boolean | 'late'>((resolve) => {
+      queue.push(resolve)
+      timer = setTimeout(() => {
+        const at = queue.indexOf(resolve)
+        if (at === -1) return // granted or closed meanwhile
+        queue.splice(at, 1)
+        resolve('late')
+      }, origin.timeoutMs)
+      timer.unref()
+    })
+    clearTimeout(timer)
+    if (granted === 'late') {
+      throw new AttemptError(`origin "${origin.name}" had no free connection within ${origin.timeoutMs} ms (${CONNECTIONS_PER_ORIGIN} in use)`, true, true)
+    }
     if (!granted) throw new OriginError(origin.name, 'shutting down', 'error')
     return host
   }
@@ -161,7 +174,7 @@ export class OriginClient {
       }
       const text = await readCapped(res.body, this.#options.maxBodyBytes)
       if (text === undefined) {
-        throw new AttemptError(`origin "${origin.name}" sent more than ${this.#options.maxBodyBytes} bytes`, false, false, true)
+        throw new AttemptError(`origin "${origin.name}" sent more than ${this.#options.maxBodyBytes} bytes`, false)
       }
       try {
         return { found: true, value: JSON.parse(text) }

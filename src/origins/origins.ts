@@ -21,9 +21,10 @@ const LOAD_WAIT_POLL_MS = 25
 const LOAD_WAIT_MAX_MS = 30_000
 
 /**
- * How long a load claim lives: every attempt and backoff the origin allows, twice (a load whose
- * write an invalidation voids fetches once more), plus a second; at most LOAD_WAIT_MAX_MS, so
- * a holder that died frees the key by then.
+ * How long a load claim lives: every attempt (its wait for a connection and its own timeout,
+ * each up to timeoutMs) and backoff the origin allows, twice (a load whose write an
+ * invalidation voids fetches once more), plus a second; at most LOAD_WAIT_MAX_MS, so a holder
+ * that died frees the key by then.
  */
 const claimName = (match: OriginMatch) => `load:${match.key}`
 
@@ -31,7 +32,7 @@ const claimName = (match: OriginMatch) => `load:${match.key}`
 type LoadClaim = { release: () => Promise<void>; holder?: undefined } | { holder: string; release?: undefined }
 
 function loadClaimMs({ timeoutMs, retries, backoffMs }: OriginSpec): number {
-  let budget = timeoutMs * (retries + 1)
+  let budget = 2 * timeoutMs * (retries + 1)
   for (let attempt = 0; attempt < retries; attempt++) budget += Math.min(MAX_BACKOFF_MS, backoffMs * 2 ** attempt)
   return Math.min(LOAD_WAIT_MAX_MS, 2 * budget + 1000)
 }

@@ -107,11 +107,11 @@ t.test('a body that is not JSON, or larger than the value limit, fails without r
 
 t.test('attempts queued behind the connection cap wait for a slot before their timeout starts', async (t) => {
   const origin = await OriginServer.start(t)
-  const ids = Array.from({ length: 3 * CONNECTIONS_PER_ORIGIN + 4 }, (_, i) => String(i))
+  const ids = Array.from({ length: CONNECTIONS_PER_ORIGIN + 4 }, (_, i) => String(i))
   for (const id of ids) origin.values.set(`/users/${id}/dashboard`, { id })
-  // Each answer takes 400 ms against a 1000 ms timeout: four waves of CONNECTIONS_PER_ORIGIN
-  // take 1600 ms, so the last would time out if its wait counted against the attempt.
-  origin.delayMs = 400
+  // Each answer takes 700 ms against a 1000 ms timeout: the last four wait 700 ms for a slot
+  // and answer at 1400 ms, past their timeout if the wait counted against the attempt.
+  origin.delayMs = 700
   const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { timeoutMs: 1000 })] } })
   const attempts: Attempt[] = []
   app.cache.on('origin_request', (e) => attempts.push(e))
@@ -119,10 +119,33 @@ t.test('attempts queued behind the connection cap wait for a slot before their t
   const codes = await Promise.all(ids.map(async (id) => (await get(app, `dashboard:${id}`, '?load=true')).statusCode))
   const elapsed = performance.now() - started
   t.same(codes, ids.map(() => 200), 'every load answered, none timed out in the queue')
-  t.ok(elapsed >= 4 * 400 - 20, `they queued: four waves took ${Math.round(elapsed)} ms`)
+  t.ok(elapsed >= 2 * 700 - 20, `they queued: two waves took ${Math.round(elapsed)} ms`)
   t.equal(origin.calls, ids.length, 'one attempt each')
   t.equal(origin.maxInFlight, CONNECTIONS_PER_ORIGIN, 'never more in flight than the cap')
   t.ok(attempts.every((a) => a.result === 'success' && a.durationMs < 1000), 'an attempt\'s duration excludes its wait for a slot')
+})
+
+t.test('an attempt waits for a slot at most timeoutMs, then fails as a timeout', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.hang = true
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { timeoutMs: 300 })] } })
+  const attempts: Attempt[] = []
+  app.cache.on('origin_request', (e) => attempts.push(e))
+  const ids = Array.from({ length: CONNECTIONS_PER_ORIGIN + 3 }, (_, i) => String(i))
+  const started = performance.now()
+  const answers = await Promise.all(
+    ids.map(async (id) => {
+      const res = await get(app, `dashboard:${id}`, '?load=true')
+      return { status: res.statusCode, message: res.json().message as string, at: performance.now() - started }
+    }),
+  )
+  t.ok(answers.every((a) => a.status === 503))
+  const queued = answers.filter((a) => /no free connection within 300 ms/.test(a.message))
+  t.equal(queued.length, 3, 'the three past the cap gave up waiting')
+  t.equal(answers.filter((a) => /timed out after 300 ms/.test(a.message)).length, CONNECTIONS_PER_ORIGIN)
+  t.ok(queued.every((a) => a.at < 2 * 300), 'after one timeout, not behind the hung attempts\' timeouts as well')
+  t.equal(origin.calls, CONNECTIONS_PER_ORIGIN, 'they never reached the origin')
+  t.equal(attempts.filter((a) => a.result === 'timeout').length, ids.length, 'each counted as a timed-out attempt')
 })
 
 t.test('closing the client fails the attempts waiting for a slot', async (t) => {
