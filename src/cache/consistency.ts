@@ -8,6 +8,11 @@ import type { StoredEntry } from './types.js'
 /** The etag of a value no write could store; equal to no entry's etag (those are 22 characters). */
 const UNCACHEABLE = ''
 
+const abandoned = (signal: AbortSignal | undefined) => signal?.aborted === true
+
+/** A key selected but not looked at yet. */
+const UNCHECKED: Status = { kind: 'missing' }
+
 /** Most keys one check looks at, after userIds and the sample are expanded. */
 export const MAX_CHECKED_KEYS = 10_000
 /** Origin fetches (and refresh repairs) a check runs at once. */
@@ -68,8 +73,12 @@ export class ConsistencyChecker {
     this.#origins = origins
   }
 
-  /** Runs one check and its repairs; throws invalid_request for a malformed request. */
-  async check(request: ConsistencyRequest, actor?: string): Promise<ConsistencyReport> {
+  /**
+   * Runs one check and its repairs; throws invalid_request for a malformed request. Once
+   * `signal` aborts (the caller went away) no further key is fetched and nothing is repaired:
+   * the report it returns then covers what was looked at, unrepaired.
+   */
+  async check(request: ConsistencyRequest, actor?: string, signal?: AbortSignal): Promise<ConsistencyReport> {
     const started = performance.now()
     const repair = request.repair ?? 'none'
     const statuses = new Map<string, Status>()
@@ -87,8 +96,10 @@ export class ConsistencyChecker {
     } else {
       const keys = await this.#selected(request)
       // Placed first, in the order asked: a Map keeps a key's place when its value is replaced.
-      for (const key of keys) statuses.set(key, { kind: 'missing' })
-      await eachLimited(keys, CHECK_CONCURRENCY, async (key) => statuses.set(key, await this.#againstOrigin(key)))
+      for (const key of keys) statuses.set(key, UNCHECKED)
+      await eachLimited(keys, CHECK_CONCURRENCY, async (key) => statuses.set(key, await this.#againstOrigin(key)), signal)
+      // Only an abandoned check leaves keys it never looked at: they are in no list.
+      for (const [key, s] of statuses) if (s === UNCHECKED) statuses.delete(key)
     }
 
     const cached = [...statuses].filter(([, s]) => s.kind === 'consistent' || s.kind === 'stale').map(([k]) => k)
@@ -102,18 +113,25 @@ export class ConsistencyChecker {
       }
     }
 
+    const report = this.#report(statuses, started)
+    if (abandoned(signal)) return report
+    if (repair === 'invalidate') {
+      report.repaired = await this.#invalidate(report.stale, actor)
+    } else if (repair === 'refresh') {
+      report.repaired = await this.#refresh(report.stale, statuses, report.errors, actor)
+    }
+    report.durationMs = Math.round((performance.now() - started) * 1000) / 1000
+    return report
+  }
+
+  /** The report of the statuses, unrepaired. */
+  #report(statuses: Map<string, Status>, started: number): ConsistencyReport {
     const report: ConsistencyReport = { checked: statuses.size, consistent: 0, stale: [], missing: [], errors: [], repaired: 0, durationMs: 0 }
     for (const [key, s] of statuses) {
       if (s.kind === 'consistent') report.consistent++
       else if (s.kind === 'stale') report.stale.push(key)
       else if (s.kind === 'missing') report.missing.push(key)
       else report.errors.push({ key, error: s.error })
-    }
-
-    if (repair === 'invalidate') {
-      report.repaired = await this.#invalidate(report.stale, actor)
-    } else if (repair === 'refresh') {
-      report.repaired = await this.#refresh(report.stale, statuses, report.errors, actor)
     }
     report.durationMs = Math.round((performance.now() - started) * 1000) / 1000
     return report

@@ -1,12 +1,18 @@
 /**
  * Runs `fn` over the items, at most `limit` at a time, in order of start; resolves when all are
- * done. The first failure rejects it, and no item starts after that.
+ * done. The first failure rejects it, and no item starts after that; nor after `signal` aborts
+ * (it then resolves once the items started are done).
  */
-export async function eachLimited<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<unknown>): Promise<void> {
+export async function eachLimited<T>(
+  items: readonly T[],
+  limit: number,
+  fn: (item: T) => Promise<unknown>,
+  signal?: AbortSignal,
+): Promise<void> {
   let next = 0
   let failed = false
   const worker = async () => {
-    while (!failed && next < items.length) {
+    while (!failed && signal?.aborted !== true && next < items.length) {
       try {
         await fn(items[next++]!)
       } catch (error) {

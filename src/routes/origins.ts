@@ -70,9 +70,18 @@ export default async function originRoutes(fastify: FastifyInstance) {
         response: { 200: ConsistencyReport, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
-    async (request) => {
+    async (request, reply) => {
       const body = request.body as ConsistencyRequest
-      const report = await app.consistency.check(body, request.apiKey?.name)
+      // A caller that goes away abandons the check: no further origin fetch, no repair.
+      const gone = new AbortController()
+      reply.raw.once('close', () => {
+        if (!reply.raw.writableFinished) gone.abort()
+      })
+      const report = await app.consistency.check(body, request.apiKey?.name, gone.signal)
+      if (gone.signal.aborted) {
+        request.log.info({ checked: report.checked, stale: report.stale.length }, 'consistency check abandoned by its caller; nothing repaired')
+        return report
+      }
       // A repair changes the cache on an admin's word: audit it (checks alone change nothing).
       if (body.repair !== undefined && body.repair !== 'none') {
         app.audit.record({

@@ -1,8 +1,9 @@
 import t from 'tap'
 import type { FastifyInstance } from 'fastify'
 import { DEFAULT_LIMITS, etagOf } from '../../src/cache/limits.js'
-import { build, call, get, put } from '../helpers/build.js'
+import { KEYS, build, call, get, put } from '../helpers/build.js'
 import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
+import { serve } from '../helpers/serve.js'
 
 const dash = (id: string) => `/users/${id}/dashboard`
 const USERS = Array.from({ length: 10 }, (_, i) => String(i))
@@ -226,4 +227,32 @@ t.test('a registered copy check (cluster mode\'s L1 against Redis) adds its diff
   t.same(body.errors, [{ key: 'dashboard:1', error: 'l1: redis down' }], 'a key the copy check could not compare is an error')
   t.equal(body.consistent, 5, 'and not also consistent')
   t.equal(body.checked, body.consistent + body.stale.length + body.missing.length + body.errors.length, 'each key in one list')
+})
+
+t.test('a caller that goes away abandons the check: no further origin fetch, nothing repaired', async (t) => {
+  const origin = await OriginServer.start(t)
+  const ids = Array.from({ length: 40 }, (_, i) => String(i))
+  for (const id of ids) origin.values.set(dash(id), { user: id, version: 1 })
+  const { app, url } = await serve(t, { configFile: { origins: [dashboardOrigin(origin, { ttlMs: 600_000 })] } })
+  const warmed = await call(app, { method: 'POST', url: '/v1/warm', payload: { userIds: ids } })
+  t.equal(warmed.json().loaded, ids.length)
+  for (const id of ids) origin.values.set(dash(id), { user: id, version: 2 }) // every entry is stale now
+  origin.delayMs = 200 // 40 keys, 5 at a time: 1.6 s for the whole check
+  const callsBefore = origin.calls
+  const gone = new AbortController()
+  const pending = fetch(`${url}/v1/consistency`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${KEYS.admin}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ userIds: ids, against: 'origin', repair: 'invalidate' }),
+    signal: gone.signal,
+  }).catch((e: Error) => e)
+  await origin.waitForCalls(callsBefore + 5)
+  gone.abort()
+  t.type(await pending, Error)
+  await new Promise((r) => setTimeout(r, 1000)) // the whole check would have fetched 30 more by now
+  const fetched = origin.calls - callsBefore
+  t.ok(fetched <= 10, `stopped fetching once the caller left (${fetched} of 40)`)
+  const cached = await Promise.all(ids.map(async (id) => (await get(app, `dashboard:${id}`)).statusCode))
+  t.same(cached, ids.map(() => 200), 'and repaired nothing')
+  t.notOk((await call(app, { url: '/v1/debug/audit' })).body.includes('consistency_repair'), 'no repair audited')
 })

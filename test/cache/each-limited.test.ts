@@ -29,3 +29,22 @@ t.test('the first failure rejects, and no item starts after it', async (t) => {
   await tick()
   t.ok(started.length < 10, `stopped after the failure (started ${started.length} of 50)`)
 })
+
+t.test('once the signal aborts no item starts, and it resolves when those started are done', async (t) => {
+  const started: number[] = []
+  const finished: number[] = []
+  const stop = new AbortController()
+  await eachLimited(
+    [...Array(50).keys()],
+    4,
+    async (i) => {
+      started.push(i)
+      if (i === 5) stop.abort()
+      await tick()
+      finished.push(i)
+    },
+    stop.signal,
+  )
+  t.ok(started.length < 10, `stopped after the abort (started ${started.length} of 50)`)
+  t.same([...finished].sort((a, b) => a - b), [...started].sort((a, b) => a - b), 'every item started has finished')
+})
