@@ -65,7 +65,8 @@ export default async function originRoutes(fastify: FastifyInstance) {
           'With `against: "provided"`, compares each of `entries` with the value or etag sent; with ' +
           '`against: "origin"`, fetches `keys`, every key of `userIds` and a `sample` of the cache from their ' +
           'origins. Reports stale and missing keys, and repairs the stale ones if asked (`invalidate` through ' +
-          'the one invalidation function, source `consistency`; or `refresh` from the origin).',
+          'the one invalidation function, source `consistency`; or `refresh` from the origin). Closing the ' +
+          'request abandons the check: no further key is fetched and nothing is repaired.',
         body: ConsistencyBody,
         response: { 200: ConsistencyReport, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
