@@ -344,14 +344,20 @@ export class TieredStore implements Store {
     return entry
   }
 
+  /**
+   * What this instance would serve: its L1 copy while the bus vouches for it, else Redis'
+   * entry. Either way `hits` count the reads of Redis plus this instance's L1 hits (as
+   * `userEntries` does): the copy alone would miss the reads Redis answered since it was taken.
+   */
   async peek(key: string, now: number): Promise<StoredEntry | undefined> {
     if (this.#busUp) {
       await this.#busFence()
       const copy = await this.#l1PeekReal(key, now)
-      if (copy !== undefined) return copy
+      if (copy !== undefined) return this.#withRedisHits(copy, now)
     }
     try {
-      return await this.#l2Get(key, now, false)
+      const entry = await this.#l2Get(key, now, false)
+      return entry === undefined ? undefined : this.#withL1Hits(entry, now)
     } catch (error) {
       // Redis is down: an L1 copy is still what this instance would serve, but without one
       // nobody can say whether the key has an entry, so inspection fails rather than say "none".
@@ -568,6 +574,19 @@ export class TieredStore implements Store {
       }),
     )
     return out
+  }
+
+  /** An L1 copy's entry with the hits Redis counted on the same version; as it is if Redis cannot say. */
+  async #withRedisHits(copy: StoredEntry, now: number): Promise<StoredEntry> {
+    let entry: StoredEntry | undefined
+    try {
+      entry = await this.#l2Get(copy.key, now, false)
+    } catch {
+      return copy
+    }
+    if (entry === undefined || entry.etag !== copy.etag || entry.createdAt !== copy.createdAt) return copy
+    const { hits, lastAccessAt } = this.#withL1Hits(entry, now)
+    return { ...copy, hits, lastAccessAt }
   }
 
   /** Redis' entry with the hits this instance's L1 copy of the same version answered since it was taken. */

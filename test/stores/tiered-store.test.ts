@@ -72,6 +72,9 @@ if (requireRedisServer(t)) {
     t.equal(await hits(c), redis0, 'L1 hits never reach Redis (c holds no copy)')
     t.equal(await hits(a), a0! + 3, 'a lists its own three L1 hits')
     t.equal(await hits(b), b0! + 2, 'b its own two')
+    t.equal((await a.peek('k', clock.now()))?.hits, await hits(a), 'inspecting the entry on a counts as listing it there')
+    await c.get('k', clock.now()) // a read Redis answers (and c takes a copy)
+    t.equal((await a.peek('k', clock.now()))?.hits, a0! + 3 + 1, 'a read Redis answered since a took its copy counts too')
   })
 
   t.test('a write on one store drops the copy another store holds in L1', async (t) => {
