@@ -129,6 +129,8 @@ export default async function adminRoutes(fastify: FastifyInstance) {
         result = await tokens.redeem(request.body.token, actor)
       } catch (error) {
         // Cluster mode with Redis down: the token could not be checked (nor, most likely, spent).
+        // The clear failed for the store, as if it had been tried: counted where alerts look.
+        cache.countFailure('admin')
         audit.record({ actor, action: 'clear', reason: null, outcome: 'failed', detail: 'the token could not be checked (the store is unavailable); nothing was cleared' })
         throw error
       }

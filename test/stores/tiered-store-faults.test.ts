@@ -136,10 +136,13 @@ if (requireRedisServer(t)) {
     t.equal(noToken.statusCode, 503)
     t.equal(noToken.json().error, 'backend_unavailable')
     t.match((await call(a, { url: '/v1/debug/audit?limit=1' })).json(), [{ action: 'clear_token_issued', outcome: 'failed', reason: 'while down' }])
+    const failuresBefore = (await call(a, { url: '/v1/stats' })).json().invalidations.failed
     const failedClear = await call(a, { method: 'POST', url: '/v1/admin/clear', payload: { token } })
     t.equal(failedClear.statusCode, 503)
     t.equal(failedClear.json().error, 'backend_unavailable')
     t.match((await call(a, { url: '/v1/debug/audit?limit=1' })).json(), [{ action: 'clear', outcome: 'failed' }])
+    t.equal((await call(a, { url: '/v1/stats' })).json().invalidations.failed, failuresBefore + 1, 'a clear that fails is a failed invalidation')
+    t.match((await a.inject({ url: '/metrics' })).body, /^cachewarden_invalidation_failures_total\{source="admin"\} 1$/m, 'counted for alerts')
     t.equal((await get(a, 'kept')).statusCode, 200, 'nothing was cleared (the L1 copy still answers)')
 
     const busDowns = busStates.length
