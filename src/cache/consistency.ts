@@ -75,8 +75,8 @@ export class ConsistencyChecker {
 
   /**
    * Runs one check and its repairs; throws invalid_request for a malformed request. Once
-   * `signal` aborts (the caller went away) no further key is fetched and nothing is repaired:
-   * the report it returns then covers what was looked at, unrepaired.
+   * `signal` aborts (the caller went away) no further key is fetched or repaired: the report
+   * then covers what was looked at and what was repaired by then.
    */
   async check(request: ConsistencyRequest, actor?: string, signal?: AbortSignal): Promise<ConsistencyReport> {
     const started = performance.now()
@@ -118,7 +118,7 @@ export class ConsistencyChecker {
     if (repair === 'invalidate') {
       report.repaired = await this.#invalidate(report.stale, actor)
     } else if (repair === 'refresh') {
-      report.repaired = await this.#refresh(report.stale, statuses, report.errors, actor)
+      report.repaired = await this.#refresh(report.stale, statuses, report.errors, actor, signal)
     }
     report.durationMs = Math.round((performance.now() - started) * 1000) / 1000
     return report
@@ -239,8 +239,17 @@ export class ConsistencyChecker {
     return keys.length
   }
 
-  /** Reloads each stale key from its origin; keys no origin serves, or whose origin has no data, are invalidated instead. */
-  async #refresh(keys: string[], statuses: Map<string, Status>, errors: ConsistencyReport['errors'], actor: string | undefined): Promise<number> {
+  /**
+   * Reloads each stale key from its origin; keys no origin serves, or whose origin has no data,
+   * are invalidated instead. Once `signal` aborts no further key is reloaded or invalidated.
+   */
+  async #refresh(
+    keys: string[],
+    statuses: Map<string, Status>,
+    errors: ConsistencyReport['errors'],
+    actor: string | undefined,
+    signal: AbortSignal | undefined,
+  ): Promise<number> {
     let repaired = 0
     const toInvalidate: string[] = []
     await eachLimited(keys, CHECK_CONCURRENCY, async (key) => {
@@ -258,8 +267,8 @@ export class ConsistencyChecker {
       } catch (error) {
         errors.push({ key, error: `refresh failed: ${(error as Error).message}` })
       }
-    })
-    return repaired + (await this.#invalidate(toInvalidate, actor))
+    }, signal)
+    return abandoned(signal) ? repaired : repaired + (await this.#invalidate(toInvalidate, actor))
   }
 }
 

@@ -25,7 +25,7 @@ export class OriginError extends Error {
 }
 
 export interface OriginClientOptions {
-  /** Called once per HTTP attempt (the `origin_request` telemetry event). */
+  /** Called once per attempt, an HTTP call or a wait for a connection that timed out (the `origin_request` telemetry event). */
   onAttempt?: (event: { origin: string; result: OriginResult; durationMs: number }) => void
   /** Largest body accepted from an origin. */
   maxBodyBytes: number

@@ -66,31 +66,33 @@ export default async function originRoutes(fastify: FastifyInstance) {
           '`against: "origin"`, fetches `keys`, every key of `userIds` and a `sample` of the cache from their ' +
           'origins. Reports stale and missing keys, and repairs the stale ones if asked (`invalidate` through ' +
           'the one invalidation function, source `consistency`; or `refresh` from the origin). Closing the ' +
-          'request abandons the check: no further key is fetched and nothing is repaired.',
+          'request abandons the check: no further key is fetched or repaired.',
         body: ConsistencyBody,
         response: { 200: ConsistencyReport, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
     async (request, reply) => {
       const body = request.body as ConsistencyRequest
-      // A caller that goes away abandons the check: no further origin fetch, no repair.
+      // A caller that goes away (even before this handler ran) abandons the check: no
+      // further origin fetch, no further repair.
       const gone = new AbortController()
+      if (reply.raw.destroyed || request.raw.socket?.destroyed === true) gone.abort()
       reply.raw.once('close', () => {
         if (!reply.raw.writableFinished) gone.abort()
       })
       const report = await app.consistency.check(body, request.apiKey?.name, gone.signal)
-      if (gone.signal.aborted) {
-        request.log.info({ checked: report.checked, stale: report.stale.length }, 'consistency check abandoned by its caller; nothing repaired')
-        return report
-      }
+      const abandoned = gone.signal.aborted
+      if (abandoned) request.log.info({ checked: report.checked, repaired: report.repaired }, 'consistency check abandoned by its caller')
       // A repair changes the cache on an admin's word: audit it (checks alone change nothing).
-      if (body.repair !== undefined && body.repair !== 'none') {
+      if (body.repair !== undefined && body.repair !== 'none' && (!abandoned || report.repaired > 0)) {
         app.audit.record({
           actor: request.apiKey?.name,
           action: 'consistency_repair',
           reason: null,
           outcome: 'succeeded',
-          detail: `repair=${body.repair} checked=${report.checked} stale=${report.stale.length} repaired=${report.repaired} errors=${report.errors.length}`,
+          detail:
+            `repair=${body.repair} checked=${report.checked} stale=${report.stale.length} repaired=${report.repaired} ` +
+            `errors=${report.errors.length}${abandoned ? ' (abandoned by its caller)' : ''}`,
         })
       }
       return report

@@ -256,3 +256,33 @@ t.test('a caller that goes away abandons the check: no further origin fetch, not
   t.same(cached, ids.map(() => 200), 'and repaired nothing')
   t.notOk((await call(app, { url: '/v1/debug/audit' })).body.includes('consistency_repair'), 'no repair audited')
 })
+
+t.test('a caller that goes away during a refresh repair stops it; what was repaired is audited', async (t) => {
+  const origin = await OriginServer.start(t)
+  const ids = Array.from({ length: 40 }, (_, i) => String(i))
+  for (const id of ids) origin.values.set(dash(id), { user: id, version: 1 })
+  const { app, url } = await serve(t, { configFile: { origins: [dashboardOrigin(origin, { ttlMs: 600_000 })] } })
+  t.equal((await call(app, { method: 'POST', url: '/v1/warm', payload: { userIds: ids } })).json().loaded, ids.length)
+  for (const id of ids) origin.values.set(dash(id), { user: id, version: 2 })
+  const before = origin.calls
+  const gone = new AbortController()
+  const pending = fetch(`${url}/v1/consistency`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${KEYS.admin}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ userIds: ids, against: 'origin', repair: 'refresh' }),
+    signal: gone.signal,
+  }).catch((e: Error) => e)
+  await origin.waitForCalls(before + ids.length) // the check fetched every key
+  origin.delayMs = 200 // 40 reloads, 5 at a time: 1.6 s for the whole repair
+  await origin.waitForCalls(before + ids.length + 5)
+  gone.abort()
+  t.type(await pending, Error)
+  await new Promise((r) => setTimeout(r, 1000))
+  const reloads = origin.calls - before - ids.length
+  t.ok(reloads <= 10, `stopped reloading once the caller left (${reloads} of 40)`)
+  const versions = await Promise.all(ids.map(async (id) => (await get(app, `dashboard:${id}`)).json().value.version))
+  const repaired = versions.filter((v) => v === 2).length
+  t.ok(repaired > 0 && repaired < ids.length, `${repaired} repaired before it stopped`)
+  const [record] = (await call(app, { url: '/v1/debug/audit?limit=1' })).json()
+  t.match(record, { action: 'consistency_repair', detail: new RegExp(`repaired=${repaired} .*abandoned by its caller`) }, 'the repairs made are audited')
+})
