@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import type { FastifyInstance } from 'fastify'
 import { DEFAULT_LIMITS, etagOf } from '../../src/cache/limits.js'
 import { KEYS, build, call, get, put } from '../helpers/build.js'
@@ -229,59 +229,53 @@ t.test('a registered copy check (cluster mode\'s L1 against Redis) adds its diff
   t.equal(body.checked, body.consistent + body.stale.length + body.missing.length + body.errors.length, 'each key in one list')
 })
 
-t.test('a caller that goes away abandons the check: no further origin fetch, nothing repaired', async (t) => {
-  const origin = await OriginServer.start(t)
-  const ids = Array.from({ length: 40 }, (_, i) => String(i))
-  for (const id of ids) origin.values.set(dash(id), { user: id, version: 1 })
-  const { app, url } = await serve(t, { configFile: { origins: [dashboardOrigin(origin, { ttlMs: 600_000 })] } })
-  const warmed = await call(app, { method: 'POST', url: '/v1/warm', payload: { userIds: ids } })
-  t.equal(warmed.json().loaded, ids.length)
-  for (const id of ids) origin.values.set(dash(id), { user: id, version: 2 }) // every entry is stale now
-  origin.delayMs = 200 // 40 keys, 5 at a time: 1.6 s for the whole check
-  const callsBefore = origin.calls
-  const gone = new AbortController()
-  const pending = fetch(`${url}/v1/consistency`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${KEYS.admin}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ userIds: ids, against: 'origin', repair: 'invalidate' }),
-    signal: gone.signal,
-  }).catch((e: Error) => e)
-  await origin.waitForCalls(callsBefore + 5)
-  gone.abort()
-  t.type(await pending, Error)
-  await new Promise((r) => setTimeout(r, 1000)) // the whole check would have fetched 30 more by now
-  const fetched = origin.calls - callsBefore
-  t.ok(fetched <= 10, `stopped fetching once the caller left (${fetched} of 40)`)
-  const cached = await Promise.all(ids.map(async (id) => (await get(app, `dashboard:${id}`)).statusCode))
-  t.same(cached, ids.map(() => 200), 'and repaired nothing')
-  t.notOk((await call(app, { url: '/v1/debug/audit' })).body.includes('consistency_repair'), 'no repair audited')
-})
-
-t.test('a caller that goes away during a refresh repair stops it; what was repaired is audited', async (t) => {
+/**
+ * Forty dashboards served over a real port, all changed at the origin since they were cached,
+ * and a check of them with `repair`, sent by a caller that can go away (`leave()`).
+ */
+async function abandonable(t: Test, repair: 'invalidate' | 'refresh') {
   const origin = await OriginServer.start(t)
   const ids = Array.from({ length: 40 }, (_, i) => String(i))
   for (const id of ids) origin.values.set(dash(id), { user: id, version: 1 })
   const { app, url } = await serve(t, { configFile: { origins: [dashboardOrigin(origin, { ttlMs: 600_000 })] } })
   t.equal((await call(app, { method: 'POST', url: '/v1/warm', payload: { userIds: ids } })).json().loaded, ids.length)
-  for (const id of ids) origin.values.set(dash(id), { user: id, version: 2 })
+  for (const id of ids) origin.values.set(dash(id), { user: id, version: 2 }) // every entry is stale now
   const before = origin.calls
   const gone = new AbortController()
   const pending = fetch(`${url}/v1/consistency`, {
     method: 'POST',
     headers: { authorization: `Bearer ${KEYS.admin}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ userIds: ids, against: 'origin', repair: 'refresh' }),
+    body: JSON.stringify({ userIds: ids, against: 'origin', repair }),
     signal: gone.signal,
   }).catch((e: Error) => e)
+  const leave = async () => {
+    gone.abort()
+    t.type(await pending, Error)
+    await new Promise((r) => setTimeout(r, 1000)) // the whole check would have gone on by now
+  }
+  const versions = () => Promise.all(ids.map(async (id) => (await get(app, `dashboard:${id}`)).json().value.version as number))
+  return { app, origin, ids, leave, versions, before, calls: () => origin.calls - before }
+}
+
+t.test('a caller that goes away abandons the check: no further origin fetch, nothing repaired', async (t) => {
+  const { app, origin, ids, leave, versions, before, calls } = await abandonable(t, 'invalidate')
+  origin.delayMs = 200 // 40 keys, 5 at a time: 1.6 s for the whole check
+  await origin.waitForCalls(before + 5)
+  await leave()
+  t.ok(calls() <= 10, `stopped fetching once the caller left (${calls()} of 40)`)
+  t.same(await versions(), ids.map(() => 1), 'and repaired nothing')
+  t.notOk((await call(app, { url: '/v1/debug/audit' })).body.includes('consistency_repair'), 'no repair audited')
+})
+
+t.test('a caller that goes away during a refresh repair stops it; what was repaired is audited', async (t) => {
+  const { app, origin, ids, leave, versions, before, calls } = await abandonable(t, 'refresh')
   await origin.waitForCalls(before + ids.length) // the check fetched every key
   origin.delayMs = 200 // 40 reloads, 5 at a time: 1.6 s for the whole repair
   await origin.waitForCalls(before + ids.length + 5)
-  gone.abort()
-  t.type(await pending, Error)
-  await new Promise((r) => setTimeout(r, 1000))
-  const reloads = origin.calls - before - ids.length
+  await leave()
+  const reloads = calls() - ids.length
   t.ok(reloads <= 10, `stopped reloading once the caller left (${reloads} of 40)`)
-  const versions = await Promise.all(ids.map(async (id) => (await get(app, `dashboard:${id}`)).json().value.version))
-  const repaired = versions.filter((v) => v === 2).length
+  const repaired = (await versions()).filter((v) => v === 2).length
   t.ok(repaired > 0 && repaired < ids.length, `${repaired} repaired before it stopped`)
   const [record] = (await call(app, { url: '/v1/debug/audit?limit=1' })).json()
   t.match(record, { action: 'consistency_repair', detail: new RegExp(`repaired=${repaired} .*abandoned by its caller`) }, 'the repairs made are audited')
