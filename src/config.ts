@@ -308,6 +308,10 @@ function parseApiKeyEntries(entries: string[], variable: string): ApiKey[] {
         }
       }
       if (secret === '') throw new ConfigError(variable, `key "${name}" has an empty secret`)
+      // A header carries bytes, not UTF-8, and a space ends the token: such a secret could never match.
+      if (!/^[\x21-\x7e]+$/.test(secret)) {
+        throw new ConfigError(variable, `key "${name}" has a secret with a space, control or non-ASCII character; use printable ASCII`)
+      }
       return { name, scopes: new Set(scopes as Scope[]), secret }
     })
 }

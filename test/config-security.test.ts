@@ -65,6 +65,7 @@ t.test('bad keys files stop the start with a message naming the variable, never 
     ['ops:admin\n', /name:scope\+scope:secret/],
     ['ops:root:hunter2-secret\n', /unknown scope "root"/],
     ['ops:admin:\n', /empty secret/],
+    ['ops:admin:hunter2-s\u00e9cret\n', /printable ASCII/],
   ]
   for (const [text, pattern] of cases) {
     const path = keysFile(t, text)

@@ -41,6 +41,8 @@ t.test('a bad value names its variable', async (t) => {
     [{ PG_CHANNEL: 'drop table;' }, 'PG_CHANNEL'],
     [{ CACHEWARDEN_API_KEYS: 'nocolons' }, 'CACHEWARDEN_API_KEYS'],
     [{ CACHEWARDEN_API_KEYS: 'a:root:secret' }, 'CACHEWARDEN_API_KEYS'],
+    [{ CACHEWARDEN_API_KEYS: 'a:read:s\u00e9cret' }, 'CACHEWARDEN_API_KEYS'], // a header could never carry it as sent
+    [{ CACHEWARDEN_API_KEYS: 'a:read:two words' }, 'CACHEWARDEN_API_KEYS'],
     [{ CACHEWARDEN_API_KEYS: 'a:read:s1,a:write:s2' }, 'CACHEWARDEN_API_KEYS'],
     [{ CACHEWARDEN_API_KEYS: 'a:read:same-secret,b:write:same-secret' }, 'CACHEWARDEN_API_KEYS'],
     [{ CONFIG_FILE: '/nonexistent/cachewarden.json' }, 'CONFIG_FILE'],

@@ -4,7 +4,10 @@ import fp from 'fastify-plugin'
 import type { SecurityConfig } from '../config.js'
 import { rateLimited } from '../errors.js'
 
-/** Per key when the request authenticated, per client IP otherwise. */
+/**
+ * Per key. Every limited route needs a key and auth answers a request without a valid one
+ * (401) before these hooks run, so the client IP is only a fallback.
+ */
 const keyOrIp = (request: FastifyRequest) =>
   request.apiKey !== undefined ? `key:${request.apiKey.name}` : `ip:${request.ip}`
 
