@@ -169,7 +169,10 @@ export function loadConfig(env: Env = process.env): Config {
   }
 
   c.host = str('HOST') ?? c.host
-  if (isIP(c.host) === 0 && !HOSTNAME.test(c.host)) throw new ConfigError('HOST', `must be an IP address or a host name, got "${c.host}"`)
+  // A name whose last label is all digits (999.1.1.1) is neither: no such top-level domain.
+  if (isIP(c.host) === 0 && (!HOSTNAME.test(c.host) || /(^|\.)\d+\.?$/.test(c.host))) {
+    throw new ConfigError('HOST', `must be an IP address or a host name, got "${c.host}"`)
+  }
   c.port = int('PORT', c.port, 0, 65535)
   c.logLevel = str('LOG_LEVEL') ?? c.logLevel
   if (!['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].includes(c.logLevel)) {

@@ -77,8 +77,13 @@ for (const name of STOP_SIGNALS) {
 try {
   await app.listen({ host: config.host, port: config.port })
 } catch (error) {
-  app.log.fatal({ err: error }, 'could not start')
-  process.exit(1)
+  // An address this machine does not have, or a name that resolves to none, is a bad HOST:
+  // said as a bad value is (exit 78). A port taken or forbidden names PORT, and may pass.
+  const code = (error as { code?: string }).code
+  const variable = code === 'EADDRNOTAVAIL' || code === 'ENOTFOUND' ? 'HOST' : code === 'EADDRINUSE' || code === 'EACCES' ? 'PORT' : undefined
+  const where = `${config.host}:${config.port}`
+  app.log.fatal({ err: error, variable }, variable === undefined ? 'could not start' : `could not start: cannot listen on ${where} (${variable}, ${code})`)
+  process.exit(variable === 'HOST' ? 78 : 1)
 }
 
 if (generatedSecret !== undefined) {

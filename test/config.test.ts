@@ -49,6 +49,7 @@ t.test('a bad value names its variable', async (t) => {
     [{ HOST: 'not_a_host' }, 'HOST'],
     [{ REQUEST_TIMEOUT_MS: '10' }, 'REQUEST_TIMEOUT_MS'],
     [{ HOST: 'a..b' }, 'HOST'],
+    [{ HOST: '999.1.1.1' }, 'HOST'], // not an IPv4 address, and no top-level domain is all digits
     [{ HOST: 'http://localhost' }, 'HOST'],
   ]
   for (const [env, variable] of bad) {

@@ -191,3 +191,15 @@ t.test('a bad environment value stops the start with a message naming it', async
   await t.rejects(server.ready, /exited 78/)
   t.match(server.errors(), /CACHE_MAX_ENTRIES/)
 })
+
+t.test('a HOST this machine has no address for stops the start naming it; a taken PORT names PORT', async (t) => {
+  const server = start({ HOST: '192.0.2.1' }) // TEST-NET-1: never a local address
+  await t.rejects(server.ready, /exited 78/)
+  t.match(server.output(), /cannot listen on 192\.0\.2\.1:0 \(HOST, EADDRNOTAVAIL\)/)
+  const first = start({ CACHEWARDEN_API_KEYS: 'a:read:x' })
+  t.teardown(() => first.child.kill('SIGKILL'))
+  const port = await first.ready
+  const second = start({ CACHEWARDEN_API_KEYS: 'a:read:x', PORT: String(port) })
+  await t.rejects(second.ready, /exited 1/)
+  t.match(second.output(), new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} \\(PORT, EADDRINUSE\\)`))
+})
