@@ -265,11 +265,9 @@ export class TieredStore implements Store {
 
     // The state shows in readiness and in failed requests; the cause is logged once in a while.
     const where = redisAddress(options.redisUrl)
-    let loggedAt = -Infinity
     this.#redis.on('error', (error: Error) => {
-      if (this.#closing || performance.now() - loggedAt < ERROR_LOG_INTERVAL_MS) return
-      loggedAt = performance.now()
-      this.#logger?.warn({ redis: where, err: error.message }, 'Redis connection error: retrying')
+      const held = this.#closing ? undefined : this.#failureLog.pass('connection')
+      if (held !== undefined) this.#logger?.warn({ redis: where, err: error.message, failuresNotLogged: held }, 'Redis connection error: retrying')
     })
     this.#redis.on('ready', () => (this.#cut = false))
     this.#sub.on('error', () => {})
@@ -578,13 +576,8 @@ export class TieredStore implements Store {
 
   /** An L1 copy's entry with the hits Redis counted on the same version; as it is if Redis cannot say. */
   async #withRedisHits(copy: StoredEntry, now: number): Promise<StoredEntry> {
-    let entry: StoredEntry | undefined
-    try {
-      entry = await this.#l2Get(copy.key, now, false)
-    } catch {
-      return copy
-    }
-    if (entry === undefined || entry.etag !== copy.etag || entry.createdAt !== copy.createdAt) return copy
+    const entry = await this.#l2Get(copy.key, now, false).catch(() => undefined)
+    if (entry === undefined || !sameVersion(entry, copy)) return copy
     const { hits, lastAccessAt } = this.#withL1Hits(entry, now)
     return { ...copy, hits, lastAccessAt }
   }
@@ -592,7 +585,7 @@ export class TieredStore implements Store {
   /** Redis' entry with the hits this instance's L1 copy of the same version answered since it was taken. */
   #withL1Hits(entry: StoredEntry, now: number): StoredEntry {
     const copy = this.#l1.peekLocal(entry.key, now) as L1Entry | undefined
-    if (copy === undefined || copy.etag !== entry.etag || copy.createdAt !== entry.createdAt) return entry
+    if (copy === undefined || !sameVersion(copy, entry)) return entry
     entry.hits += copy.hits - copy.filledHits
     entry.lastAccessAt = Math.max(entry.lastAccessAt, copy.lastAccessAt)
     return entry
@@ -1139,6 +1132,11 @@ class Reach {
     for (const [length, prefixes] of this.#prefixes) if (prefixes.has(entry.key.slice(0, length))) return true
     return false
   }
+}
+
+/** The same write of a key (every write stamps its own createdAt), whatever its hits and staleness. */
+function sameVersion(a: StoredEntry, b: StoredEntry): boolean {
+  return a.etag === b.etag && a.createdAt === b.createdAt
 }
 
 function syncReal(copy: L1Entry): StoredEntry {

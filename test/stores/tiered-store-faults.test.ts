@@ -314,6 +314,7 @@ if (requireRedisServer(t)) {
     const errors = lines.filter((l) => l.msg === 'Redis connection error: retrying')
     t.equal(errors.length, 1, 'one line for the retries of 1.5 s')
     t.equal(errors[0]!.obj.redis, `127.0.0.1:${port}`)
+    t.equal(errors[0]!.obj.failuresNotLogged, 0, 'the first of them, nothing held back before it')
     t.match(errors[0]!.obj.err, /ECONNREFUSED/)
     t.notMatch(JSON.stringify(lines), /hunter2/)
   })
