@@ -1,3 +1,4 @@
+#!/usr/bin/env node
 import { randomBytes } from 'node:crypto'
 import closeWithGrace from 'close-with-grace'
 import { buildApp } from './app.js'
