@@ -1,4 +1,4 @@
-import { STATUS_CODES } from 'node:http'
+import { STATUS_CODES, type ServerResponse } from 'node:http'
 import { isUtf8 } from 'node:buffer'
 import type { Duplex } from 'node:stream'
 import { Ajv } from 'ajv'
@@ -211,19 +211,44 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
  * What Node's HTTP parser refuses before Fastify sees a request (a URL or headers over
  * 16 KiB, malformed framing, a request that never finished) still gets the contract's
  * `{error, message}`: 400 `invalid_request`, or 408 for a timeout. The connection then closes.
+ *
+ * Bytes that arrive behind a valid request on the same connection (pipelined) are parsed
+ * while that request is still being answered. Its reply comes first, then the 400: writing
+ * the 400 at once would answer the valid request (already applied) with it and cut its real
+ * reply off. A reply already being written (an invalidation stream) is never interleaved
+ * with one: the connection is just closed.
  */
+const refusing = new WeakSet<Duplex>()
+
 function clientError(this: FastifyInstance, error: Error & { code?: string }, socket: Duplex): void {
-  if (error.code === 'ECONNRESET' || socket.destroyed) return
+  // The parser stays in its error state: later bytes on the connection land here again.
+  if (error.code === 'ECONNRESET' || socket.destroyed || refusing.has(socket)) return
+  refusing.add(socket)
   const [status, message] =
     error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? [408, 'the request did not arrive in time']
     : error.code === 'HPE_HEADER_OVERFLOW' ? [400, 'the URL and headers are larger than the server accepts (16 KiB; keys: 512 bytes)']
     : [400, 'the request is not valid HTTP']
   const body = JSON.stringify({ error: 'invalid_request', message })
   this.log.debug({ err: error }, 'client error')
-  if (socket.writable) {
-    socket.write(
-      `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Length: ${body.length}\r\nContent-Type: application/json; charset=utf-8\r\nConnection: close\r\n\r\n${body}`,
-    )
+  const refuse = () => {
+    if (socket.destroyed) return
+    // Node's slot for the reply in progress on this socket (the next pipelined one once it ends).
+    const inFlight = (socket as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage
+    // A reply to a request received whole, not to the request that failed (whose body stalled
+    // or broke off): that one is what the 400 or 408 answers.
+    if (inFlight && !inFlight.writableFinished && inFlight.req.complete) {
+      if (inFlight.headersSent) return void socket.destroy(error)
+      // Node moves on to the next pipelined reply in its own 'finish' listener, added first.
+      inFlight.once('finish', () => setImmediate(refuse))
+      inFlight.once('close', () => setImmediate(refuse))
+      return
+    }
+    if (socket.writable) {
+      socket.write(
+        `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Length: ${body.length}\r\nContent-Type: application/json; charset=utf-8\r\nConnection: close\r\n\r\n${body}`,
+      )
+    }
+    socket.destroy(error)
   }
-  socket.destroy(error)
+  refuse()
 }

@@ -299,6 +299,41 @@ t.test('raw non-UTF-8 bytes and oversized headers over a real socket never get a
   t.equal(ok, 200)
 })
 
+t.test('junk pipelined behind a valid request: the valid one gets its own reply, then the 400; a stream is closed, not written into', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const exchange = (bytes: string, endAfterMs?: number) =>
+    new Promise<string>((resolve) => {
+      let out = ''
+      const socket = connect(port, '127.0.0.1', () => {
+        socket.write(bytes)
+        if (endAfterMs !== undefined) setTimeout(() => socket.write('GARBAGE\r\n\r\n'), endAfterMs)
+      })
+      socket.setTimeout(10_000, () => socket.destroy())
+      socket.on('data', (d) => (out += d.toString()))
+      socket.on('close', () => resolve(out))
+      socket.on('error', () => resolve(out))
+    })
+  // One write: Node parses the junk while the PUT's handler is still reading its body.
+  const body = JSON.stringify({ value: { pipelined: true }, userId: 'u1' })
+  const put =
+    `PUT /v1/entries/pipelined HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`
+  const response = await exchange(`${put}GARBAGE\r\n\r\n`)
+  t.match(response, /^HTTP\/1\.1 200 OK\r\n[^]*"etag"[^]*HTTP\/1\.1 400 Bad Request\r\n[^]*"the request is not valid HTTP"/, 'the PUT\'s 200, then the 400')
+  t.equal(response.match(/HTTP\/1\.1 /g)?.length, 2, 'two replies, nothing else')
+  t.same((await get(app, 'pipelined')).json().value, { pipelined: true }, 'and the PUT, acknowledged, is there')
+
+  // Two valid requests and junk: both replies, in order.
+  const two = await exchange(`${put}GET /v1/entries/pipelined HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\nGARBAGE\r\n\r\n`)
+  t.match(two, /^HTTP\/1\.1 200 [^]*HTTP\/1\.1 200 [^]*"pipelined":true[^]*HTTP\/1\.1 400 /, 'the PUT\'s reply, the GET\'s, then the 400')
+
+  // An invalidation stream already sending: junk from the client ends it, no 400 inside it.
+  const stream = await exchange(`GET /v1/invalidations/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\n`, 300)
+  t.match(stream, /^HTTP\/1\.1 200 OK\r\n[^]*text\/event-stream/, 'the stream had started')
+  t.notMatch(stream, /HTTP\/1\.1 400/, 'and no 400 was written into it')
+})
+
 t.test('a 413 reaches a client that is still sending its body (client in another process)', async (t) => {
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
