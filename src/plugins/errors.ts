@@ -27,6 +27,9 @@ export default fp(
 
     app.setErrorHandler((error: FastifyError | CacheError, request, reply) => {
       if (error instanceof CacheError) {
+        // Refused before its body was read (401, 403, 429 from the auth hook): Node would read
+        // and discard the rest of it for as long as it came, up to REQUEST_TIMEOUT_MS.
+        drainRest(request.raw, reply)
         return reply.code(error.statusCode).send({ error: error.code, message: error.message, ...error.extra })
       }
       if ((error as FastifyError).validation) {
@@ -56,7 +59,7 @@ export default fp(
 )
 
 /**
- * A 413 is sent while the client may still be sending its body. Closing the connection
+ * A 413 (or a 401 before the body was read) is sent while the client may still be sending its body. Closing the connection
  * then (Fastify asks for it) makes the kernel reset it under the reply, and the client sees
  * EPIPE or ECONNRESET instead of the 413. So the rest of the body is read and thrown away,
  * up to DRAIN_MAX_BYTES for at most DRAIN_MAX_MS, and the connection stays open. A client
@@ -66,7 +69,7 @@ export default fp(
 function drainRest(raw: IncomingMessage, reply: FastifyReply): void {
   if (raw.complete) return
   if (raw.headers.expect !== undefined && raw.readableFlowing === null) return // no 100 was sent
-  if (Number(raw.headers['content-length']) > DRAIN_MAX_BYTES) return
+  if (Number(raw.headers['content-length']) > DRAIN_MAX_BYTES) return void reply.header('connection', 'close')
   reply.removeHeader('connection')
   let left = DRAIN_MAX_BYTES
   raw.on('data', (chunk: Buffer) => {

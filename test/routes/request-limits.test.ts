@@ -446,6 +446,52 @@ t.test('a request whose body stalls gets 408 after REQUEST_TIMEOUT_MS; a refused
   t.ok(refused.closedAfterMs < 10_000, `the connection of a refused, stalled upload closed after ${refused.closedAfterMs} ms`)
 })
 
+t.test('a 401 before the body is read: a huge upload is cut off at once, a small one is read and the connection reused', async (t) => {
+  const app = await build(t) // REQUEST_TIMEOUT_MS at its default, 120 s: not what ends it
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  // Declares 10 GiB and keeps sending (15 s at most) for as long as the server reads.
+  const started = Date.now()
+  const huge = await new Promise<{ response: string; sent: number }>((resolve) => {
+    let out = ''
+    let sent = 0
+    const chunk = Buffer.alloc(1024 * 1024, 'x')
+    const socket = connect(port, '127.0.0.1', () => {
+      socket.write(`PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nContent-Type: application/json\r\nContent-Length: ${10 * 1024 * MiB}\r\n\r\n`)
+      const pump = () => {
+        while (!socket.destroyed && Date.now() - started < 15_000) {
+          sent += chunk.length
+          if (!socket.write(chunk)) return void socket.once('drain', pump)
+        }
+        socket.destroy() // the server was still reading
+      }
+      pump()
+    })
+    socket.on('data', (d) => (out += d.toString()))
+    socket.on('close', () => resolve({ response: out, sent }))
+    socket.on('error', () => undefined)
+  })
+  const closedAfterMs = Date.now() - started
+  t.match(huge.response, /^HTTP\/1\.1 401 [^]*connection: close/i, 'a 401 that says the connection closes')
+  t.ok(huge.sent < 256 * MiB, `the server stopped reading after ${Math.round(huge.sent / MiB)} MiB (socket buffers), closed after ${closedAfterMs} ms`)
+
+  const body = JSON.stringify({ value: 'x'.repeat(MiB) })
+  const small = await new Promise<string>((resolve) => {
+    let out = ''
+    const socket = connect(port, '127.0.0.1', () =>
+      socket.write(
+        `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
+          'GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+      ),
+    )
+    socket.setTimeout(20_000, () => socket.destroy())
+    socket.on('data', (d) => (out += d.toString()))
+    socket.on('close', () => resolve(out))
+    socket.on('error', () => resolve(out))
+  })
+  t.match(small, /^HTTP\/1\.1 401 [^]*unauthorized[^]*HTTP\/1\.1 200 OK/, 'a 401, then the next request on the same connection')
+})
+
 t.test('after a 413 the rest of the body is read and the connection serves the next request', async (t) => {
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
