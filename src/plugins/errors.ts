@@ -1,7 +1,8 @@
-import type { IncomingMessage } from 'node:http'
+import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { Duplex } from 'node:stream'
 import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify'
 import fp from 'fastify-plugin'
-import { CacheError } from '../errors.js'
+import { CacheError, truncate } from '../errors.js'
 
 /** The most of a refused body read and thrown away so that its 413 reaches the client, and for how long. */
 const DRAIN_MAX_BYTES = 64 * 1024 * 1024
@@ -23,6 +24,20 @@ export default fp(
         if (!res.headersSent) res.writeContinue()
       })
       app.server.emit('request', req, res)
+    })
+
+    // Node answers these itself, with an empty body (an Expect other than 100-continue) or
+    // none at all (CONNECT): they get the contract's shape, and the connection closes.
+    app.server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => {
+      const expect = truncate(req.headers.expect ?? '', 32)
+      sendRaw(res, 417, { error: 'invalid_request', message: `Expect: ${expect} is not supported (only 100-continue)` })
+    })
+    app.server.on('connect', (req: IncomingMessage, socket: Duplex) => {
+      const body = JSON.stringify({ error: 'not_found', message: `no route CONNECT ${truncate(req.url ?? '', 64)}` })
+      socket.on('error', () => {})
+      socket.end(
+        `HTTP/1.1 404 Not Found\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+      )
     })
 
     app.setErrorHandler((error: FastifyError | CacheError, request, reply) => {
@@ -112,4 +127,14 @@ function clientMessage(error: FastifyError): string {
       // Fastify's own client-error messages say nothing secret; cap their length anyway.
       return (error.message || 'bad request').slice(0, 200)
   }
+}
+
+function sendRaw(res: ServerResponse, status: number, payload: { error: string; message: string }): void {
+  const body = JSON.stringify(payload)
+  res.writeHead(status, {
+    'content-type': 'application/json; charset=utf-8',
+    'content-length': Buffer.byteLength(body),
+    connection: 'close',
+  })
+  res.end(body)
 }

@@ -299,6 +299,31 @@ t.test('raw non-UTF-8 bytes and oversized headers over a real socket never get a
   t.equal(ok, 200)
 })
 
+t.test('CONNECT and an Expect other than 100-continue, which Node answers itself, get the contract\'s body', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const raw = (bytes: string) =>
+    new Promise<string>((resolve) => {
+      let out = ''
+      const socket = connect(port, '127.0.0.1', () => socket.write(bytes))
+      socket.setTimeout(10_000, () => socket.destroy())
+      socket.on('data', (d) => (out += d.toString()))
+      socket.on('close', () => resolve(out))
+      socket.on('error', () => resolve(out))
+    })
+  const connectReply = await raw('CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n')
+  t.match(connectReply, /^HTTP\/1\.1 404 Not Found\r\n/, 'CONNECT: 404, and the connection closes')
+  t.same(JSON.parse(connectReply.slice(connectReply.indexOf('\r\n\r\n') + 4)), { error: 'not_found', message: 'no route CONNECT example.com:443' })
+  const expectReply = await raw(`PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nExpect: something-else\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"value":1}`)
+  t.match(expectReply, /^HTTP\/1\.1 417 Expectation Failed\r\n/, 'an unknown expectation: 417')
+  t.same(JSON.parse(expectReply.slice(expectReply.indexOf('\r\n\r\n') + 4)), {
+    error: 'invalid_request',
+    message: 'Expect: something-else is not supported (only 100-continue)',
+  })
+  t.equal((await get(app, 'k')).statusCode, 404, 'and the request was not applied')
+})
+
 t.test('junk pipelined behind a valid request: the valid one gets its own reply, then the 400; a stream is closed, not written into', async (t) => {
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
