@@ -1,6 +1,6 @@
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Pool } from 'undici'
-import { BackendUnavailableError, CachewardenError, LeaseInvalidatedError, errorFromReply } from './errors.js'
+import { CachewardenError, LeaseInvalidatedError, TooLargeError, errorFromReply } from './errors.js'
 import type {
   BatchGetResult,
   BatchSetItem,
@@ -29,6 +29,15 @@ export const DEFAULT_TIMEOUT_MS = 10_000
 export const DEFAULT_MAX_WAIT_MS = 2_500
 /** getOrSet: the poll interval when the server sends no retryAfterMs. */
 const DEFAULT_POLL_MS = 50
+/** How long a fill lease taken by `get`/`batchGet` is kept for this client's own `getOrSet`: the server's default FILL_LEASE_MS. */
+const HELD_FILL_LEASE_MS = 2_000
+/** Most fill leases kept at once, oldest dropped first. */
+const MAX_HELD_FILL_LEASES = 10_000
+/** Transport failures that mean "the cache cannot be reached now" (undici's and the OS's codes). */
+const UNREACHABLE = new Set([
+  'ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN',
+  'UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT', 'UND_ERR_SOCKET',
+])
 
 export interface ClientOptions {
   /** Base URL of the service, e.g. `http://cachewarden:8080` (a path prefix is kept). */
@@ -64,8 +73,12 @@ export interface GetOrSetOptions extends Omit<WriteOptions, 'lease'> {
 
 /** What happened inside one getOrSet call (for metrics and tests). */
 export interface GetOrSetTrace {
-  /** `unavailable`: loaded, but the cache could not store it (503: Redis down in cluster mode). */
-  outcome: 'hit' | 'filled' | 'fill_refused' | 'waited_hit' | 'loaded_after_wait' | 'not_cached' | 'unavailable'
+  /**
+   * `unavailable`: loaded, but the cache could not be read or could not store the value
+   * (unreachable, a timeout, a 502/503/504: Redis down in cluster mode, an instance shutting
+   * down). `too_large`: loaded, but over the server's value limit (413), so not cached.
+   */
+  outcome: 'hit' | 'filled' | 'fill_refused' | 'waited_hit' | 'loaded_after_wait' | 'not_cached' | 'unavailable' | 'too_large'
   /** Misses that came back `fill: false`, i.e. how often this call waited. */
   waits: number
 }
@@ -81,6 +94,8 @@ export class CachewardenClient {
   readonly #base: string
   readonly #auth: string
   readonly #timeoutMs: number
+  /** Fill leases `get` and `batchGet` were handed on a miss, kept for this client's own `getOrSet` of the key. */
+  readonly #heldFills = new Map<string, { lease: string; until: number }>()
 
   constructor(options: ClientOptions) {
     if (typeof options?.url !== 'string') throw new TypeError('options.url must be the base URL of cachewarden')
@@ -96,9 +111,14 @@ export class CachewardenClient {
     })
   }
 
-  /** Reads an entry; `undefined` on a miss (use `lookup` to get the miss's lease). */
+  /**
+   * Reads an entry; `undefined` on a miss (use `lookup` to get the miss's lease). A miss may
+   * hand this caller the key's fill lease: it is kept for a `getOrSet` of the key from this
+   * client, which then fills at once instead of waiting the lease out.
+   */
   async get<T = unknown>(key: string, options: GetOptions = {}): Promise<Entry<T> | undefined> {
     const found = await this.lookup<T>(key, options)
+    if (found.status === 'miss') this.#holdFill(key, found.lease)
     return found.status === 'hit' ? found.entry : undefined
   }
 
@@ -108,7 +128,10 @@ export class CachewardenClient {
     if (options.ifNoneMatch !== undefined) headers['if-none-match'] = quote(options.ifNoneMatch)
     const query = options.allowStale ? '?allowStale=true' : ''
     const { status, body, etag } = await this.#request('GET', `/v1/entries/${encodeURIComponent(key)}${query}`, undefined, headers)
-    if (status === 200) return { status: 'hit', entry: body as Entry<T> }
+    if (status === 200) {
+      if (body === null || typeof body !== 'object' || !('value' in body)) throw unexpected(status, body, 'not an entry')
+      return { status: 'hit', entry: body as Entry<T> }
+    }
     if (status === 304) return { status: 'not_modified', etag: unquote(etag ?? options.ifNoneMatch!) }
     const miss = body as Partial<MissReply> | undefined
     if (status === 404 && miss?.error === 'not_found' && typeof miss.lease === 'string') {
@@ -121,6 +144,7 @@ export class CachewardenClient {
 
   /** Writes an entry. With a `lease` from a miss, throws `LeaseInvalidatedError` (409) if an invalidation voided it. */
   async set(key: string, value: unknown, options: WriteOptions = {}): Promise<WriteResult> {
+    assertJsonValue(value)
     const { lease, ...rest } = options
     const payload: Record<string, unknown> = { ...rest, value }
     if (lease !== undefined && lease !== null) payload.lease = typeof lease === 'string' ? lease : lease.lease
@@ -141,11 +165,14 @@ export class CachewardenClient {
   /** Reads up to 1000 keys; each missing key is in `missing` and has a lease in `leases`. */
   async batchGet<T = unknown>(keys: string[], options: GetOptions = {}): Promise<BatchGetResult<T>> {
     const query = options.allowStale ? '?allowStale=true' : ''
-    return this.#expect<BatchGetResult<T>>('POST', `/v1/entries/batch-get${query}`, { keys })
+    const result = await this.#expect<BatchGetResult<T>>('POST', `/v1/entries/batch-get${query}`, { keys })
+    for (const [key, lease] of Object.entries(result.leases ?? {})) this.#holdFill(key, lease)
+    return result
   }
 
   /** Writes up to 1000 entries; each result has its own status, so one bad item does not throw. */
   async batchSet(items: BatchSetItem[]): Promise<BatchSetItemResult[]> {
+    for (const item of items) assertJsonValue(item?.value)
     const entries = items.map(({ lease, ...rest }) =>
       lease === undefined || lease === null ? rest : { ...rest, lease: typeof lease === 'string' ? lease : lease.lease },
     )
@@ -165,8 +192,11 @@ export class CachewardenClient {
    *   source held when this call began, so the caller gets a consistent answer, and no
    *   second load is spent on a key that is being changed; the next caller fills afresh.
    * The value must be JSON. A loader that returns `undefined` gets it back uncached (other
-   * callers then wait out the fill lease: return `null` to cache an absence instead).
-   * Loader errors propagate (the fill lease then expires on the server); so do cache errors.
+   * callers then wait out the fill lease: return `null` to cache an absence instead); one that
+   * returns something JSON cannot hold (a function, a BigInt, a cycle) gets a TypeError.
+   * When the cache cannot be reached or answers 502/503/504, the loader's value is returned
+   * uncached (`unavailable`); over the value limit (413), likewise (`too_large`).
+   * Loader errors propagate (the fill lease then expires on the server); so do other cache errors.
    */
   async getOrSet<T>(key: string, loader: () => Promise<T> | T, options: GetOrSetOptions = {}): Promise<T> {
     return (await this.getOrSetTraced(key, loader, options)).value
@@ -182,12 +212,26 @@ export class CachewardenClient {
     let waits = 0
     let deadline: number | undefined
     for (;;) {
-      const found = await this.lookup<T>(key)
-      if (found.status === 'hit') return { value: found.entry.value, trace: { outcome: waits > 0 ? 'waited_hit' : 'hit', waits } }
+      let found: LookupResult<T>
+      try {
+        found = await this.lookup<T>(key)
+      } catch (error) {
+        // The cache cannot answer: the source can. Nothing is written (there is no lease).
+        if (!unavailable(error)) throw error
+        return { value: await loader(), trace: { outcome: 'unavailable', waits } }
+      }
+      if (found.status === 'hit') {
+        this.#heldFills.delete(key)
+        return { value: found.entry.value, trace: { outcome: waits > 0 ? 'waited_hit' : 'hit', waits } }
+      }
       if (found.status !== 'miss') throw new CachewardenError('unexpected_response', 304, 'unexpected 304 without If-None-Match')
-      const { lease } = found
+      let { lease } = found
+      // This client's own get() took the fill lease a moment ago: fill with it, not wait it out.
+      const held = lease.fill ? undefined : this.#takeHeldFill(key)
+      if (held !== undefined) lease = { lease: held, fill: true }
       deadline ??= Date.now() + maxWaitMs
       if (lease.fill || Date.now() >= deadline) {
+        this.#heldFills.delete(key)
         const value = await loader()
         // undefined is not JSON: nothing to cache (return null to cache an absence).
         if (value === undefined) return { value, trace: { outcome: 'not_cached', waits } }
@@ -196,7 +240,8 @@ export class CachewardenClient {
         } catch (error) {
           if (error instanceof LeaseInvalidatedError) return { value, trace: { outcome: 'fill_refused', waits } }
           // The value is loaded: a cache that cannot keep it is no reason to fail the caller.
-          if (error instanceof BackendUnavailableError) return { value, trace: { outcome: 'unavailable', waits } }
+          if (unavailable(error)) return { value, trace: { outcome: 'unavailable', waits } }
+          if (error instanceof TooLargeError) return { value, trace: { outcome: 'too_large', waits } }
           throw error
         }
         return { value, trace: { outcome: lease.fill ? 'filled' : 'loaded_after_wait', waits } }
@@ -204,6 +249,20 @@ export class CachewardenClient {
       waits++
       await sleep(Math.max(1, Math.min(lease.retryAfterMs ?? DEFAULT_POLL_MS, deadline - Date.now())))
     }
+  }
+
+  #holdFill(key: string, lease: Lease): void {
+    if (!lease.fill) return
+    this.#heldFills.delete(key) // re-inserted last: the Map's order is the eviction order
+    if (this.#heldFills.size >= MAX_HELD_FILL_LEASES) this.#heldFills.delete(this.#heldFills.keys().next().value!)
+    this.#heldFills.set(key, { lease: lease.lease, until: Date.now() + HELD_FILL_LEASE_MS })
+  }
+
+  #takeHeldFill(key: string): string | undefined {
+    const held = this.#heldFills.get(key)
+    if (held === undefined) return undefined
+    this.#heldFills.delete(key)
+    return held.until > Date.now() ? held.lease : undefined
   }
 
   /** Closes the connection pool (waits for requests in flight). */
@@ -224,26 +283,62 @@ export class CachewardenClient {
     extraHeaders: Record<string, string> = {},
   ): Promise<{ status: number; body: unknown; etag: string | undefined }> {
     const headers: Record<string, string> = { authorization: this.#auth, accept: 'application/json', ...extraHeaders }
-    if (payload !== undefined) headers['content-type'] = 'application/json'
+    let json: string | undefined
+    if (payload !== undefined) {
+      headers['content-type'] = 'application/json'
+      try {
+        json = JSON.stringify(payload)
+      } catch (error) {
+        throw new TypeError(`${method} ${path}: the body cannot be sent as JSON (${(error as Error).message})`, { cause: error })
+      }
+    }
     const res = await this.#pool.request({
       method,
       path: this.#base + path,
       headers,
-      body: payload === undefined ? undefined : JSON.stringify(payload),
+      body: json,
       headersTimeout: this.#timeoutMs,
       bodyTimeout: this.#timeoutMs,
     })
     const text = await res.body.text()
     let body: unknown
+    let parsed = false
     if (text !== '') {
       try {
         body = JSON.parse(text)
+        parsed = true
       } catch {
         body = text
       }
     }
+    // A success that is not ours (a proxy's or a captive portal's page) is not taken for one.
+    const type = res.headers['content-type']
+    if (res.statusCode >= 200 && res.statusCode < 300 && (!parsed || typeof type !== 'string' || !type.startsWith('application/json'))) {
+      throw unexpected(res.statusCode, body, 'not a JSON reply')
+    }
     const etag = res.headers.etag
     return { status: res.statusCode, body, etag: typeof etag === 'string' ? etag : undefined }
+  }
+}
+
+const unexpected = (status: number, body: unknown, what: string) =>
+  new CachewardenError('unexpected_response', status, `cachewarden replied ${status} with ${what}`, body)
+
+/** Whether a failed request means the cache cannot be used right now (rather than a mistake to report). */
+function unavailable(error: unknown): boolean {
+  if (error instanceof CachewardenError) return error.status === 502 || error.status === 503 || error.status === 504
+  const code = (error as { code?: unknown } | null)?.code
+  return typeof code === 'string' && UNREACHABLE.has(code)
+}
+
+/**
+ * A value JSON.stringify would drop from the body, leaving the server to say "value is
+ * required". (One it cannot serialize at all, a BigInt or a cycle, is a TypeError when the
+ * body is built.)
+ */
+function assertJsonValue(value: unknown): void {
+  if (value === undefined || typeof value === 'function' || typeof value === 'symbol') {
+    throw new TypeError(`the value must be JSON (got ${typeof value})`)
   }
 }
 

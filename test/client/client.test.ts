@@ -1,3 +1,5 @@
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import {
@@ -107,6 +109,40 @@ t.test('transport failures are undici errors, not contract errors', async (t) =>
   const error = await c.get('k').catch((e: unknown) => e)
   t.ok(error instanceof Error)
   t.notOk(error instanceof CachewardenError)
+})
+
+t.test('a reply that is not cachewarden\'s (a proxy\'s page) is unexpected_response, even a 200', async (t) => {
+  let reply = { status: 200, type: 'text/html', body: '<html>welcome to the hotel wifi</html>' }
+  const proxy = createServer((_req, res) => res.writeHead(reply.status, { 'content-type': reply.type }).end(reply.body))
+  await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise((resolve) => proxy.close(resolve)))
+  const c = new CachewardenClient({ url: `http://127.0.0.1:${(proxy.address() as AddressInfo).port}`, apiKey: 'x' })
+  t.teardown(() => c.close())
+  for (const call of [() => c.get('k'), () => c.set('k', 1), () => c.invalidate({ keys: ['k'] }), () => c.batchGet(['k'])]) {
+    const error = await call().catch((e: unknown) => e)
+    t.ok(error instanceof CachewardenError, 'a 200 HTML page is not taken for a success')
+    t.match(error, { code: 'unexpected_response', status: 200, body: reply.body })
+  }
+  reply = { status: 200, type: 'application/json', body: '{"hello":"world"}' }
+  t.match(await c.get('k').catch((e: unknown) => e), { code: 'unexpected_response', message: /not an entry/ }, 'JSON that is not an entry is not one')
+  reply = { status: 502, type: 'text/html', body: '<html>Bad Gateway</html>' }
+  t.match(await c.get('k').catch((e: unknown) => e), { code: 'unexpected_response', status: 502 })
+  // getOrSet: a cache that cannot answer is no reason to fail the caller.
+  t.same(await c.getOrSetTraced('k', () => 'from the source'), { value: 'from the source', trace: { outcome: 'unavailable', waits: 0 } })
+})
+
+t.test('values JSON cannot carry are a TypeError before anything is sent', async (t) => {
+  const { client } = await serve(t)
+  const c = client()
+  const cycle: Record<string, unknown> = {}
+  cycle.self = cycle
+  await t.rejects(c.set('k', () => 1), { name: 'TypeError', message: 'the value must be JSON (got function)' })
+  await t.rejects(c.set('k', undefined), { name: 'TypeError', message: 'the value must be JSON (got undefined)' })
+  await t.rejects(c.set('k', 10n), { name: 'TypeError', message: /cannot be sent as JSON \(Do not know how to serialize a BigInt\)/ })
+  await t.rejects(c.set('k', cycle), { name: 'TypeError', message: /cannot be sent as JSON \(Converting circular structure/ })
+  await t.rejects(c.batchSet([{ key: 'k', value: Symbol('s') }]), { name: 'TypeError', message: 'the value must be JSON (got symbol)' })
+  await t.rejects(c.getOrSet('k', () => 10n), TypeError, 'a loader returning a BigInt')
+  t.equal((await c.lookup('k')).status, 'miss', 'nothing was written')
 })
 
 t.test('the constructor refuses bad options with TypeError', async (t) => {
@@ -265,6 +301,53 @@ t.test('getOrSet', async (t) => {
     t.same(await c.getOrSetTraced('k2', () => 2), { value: 2, trace: { outcome: 'unavailable', waits: 0 } })
     // Other clients still see the 503 on a plain write.
     await t.rejects(c.set('k3', 3), BackendUnavailableError)
+  })
+
+  t.test('cachewarden down: every caller gets the loaded value (unavailable), none fails', async (t) => {
+    const c = new CachewardenClient({ url: 'http://127.0.0.1:1', apiKey: 'x', timeoutMs: 2000 })
+    t.teardown(() => c.close())
+    let loads = 0
+    const results = await Promise.all(Array.from({ length: 3 }, () => c.getOrSetTraced('k', () => ++loads)))
+    t.same(results.map((r) => r.trace), Array(3).fill({ outcome: 'unavailable', waits: 0 }))
+    t.equal(loads, 3, 'each loaded from the source, as without a cache')
+    await t.rejects(c.getOrSet('k', () => { throw new Error('db down') }), { message: 'db down' }, 'loader errors still propagate')
+  })
+
+  t.test('a value over the limit (413) is returned, not cached: too_large', async (t) => {
+    const { client } = await serve(t)
+    const c = client()
+    const big = 'x'.repeat(DEFAULT_LIMITS.maxValueBytes + 1)
+    const got = await c.getOrSetTraced('big', () => big)
+    t.equal(got.value, big)
+    t.same(got.trace, { outcome: 'too_large', waits: 0 })
+    t.equal((await c.lookup('big')).status, 'miss')
+  })
+
+  t.test('a fill lease this client\'s get() or batchGet() took is used by its getOrSet, not waited out', async (t) => {
+    const { client } = await serve(t) // FILL_LEASE_MS at its default, 2 s
+    const c = client()
+    t.equal(await c.get('k'), undefined, 'a miss: the server handed this client the fill lease')
+    const started = Date.now()
+    const got = await c.getOrSetTraced('k', () => 'loaded')
+    t.same(got.trace, { outcome: 'filled', waits: 0 }, `filled at once (${Date.now() - started} ms), with that lease`)
+    t.equal((await c.get('k'))?.value, 'loaded')
+
+    const result = await c.batchGet(['b1', 'b2'])
+    t.same(result.missing.sort(), ['b1', 'b2'])
+    t.same((await c.getOrSetTraced('b2', () => 2)).trace, { outcome: 'filled', waits: 0 }, 'batchGet\'s lease too')
+
+    // Another client's get() holds the lease: this one waits, as the protocol says.
+    const other = client()
+    await other.get('w')
+    const waited = await c.getOrSetTraced('w', () => 'w', { maxWaitMs: 300 })
+    t.ok(waited.trace.waits > 0, `waited ${waited.trace.waits} times on another client's lease`)
+
+    // The kept lease is still that lease: an invalidation of the user since it was issued voids it.
+    await c.get('v')
+    await other.invalidate({ userIds: ['u-v'] })
+    const refused = await c.getOrSetTraced('v', () => 'read before?', { userId: 'u-v' })
+    t.same(refused.trace, { outcome: 'fill_refused', waits: 0 }, 'filled with the kept lease, and refused')
+    t.equal((await c.lookup('v')).status, 'miss', 'nothing was cached')
   })
 
   t.test('cache errors other than 409 propagate', async (t) => {
