@@ -1,4 +1,4 @@
-import { STATUS_CODES, type ServerResponse } from 'node:http'
+import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import { isUtf8 } from 'node:buffer'
 import type { Duplex } from 'node:stream'
 import { Ajv } from 'ajv'
@@ -79,6 +79,8 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     // Node checks connections at the interval, so a short timeout is enforced on time too.
     requestTimeout: config.requestTimeoutMs,
     http: {
+      // Checked below instead, to answer with the contract's body rather than Node's empty 400.
+      requireHostHeader: false,
       headersTimeout: Math.min(60_000, config.requestTimeoutMs),
       connectionsCheckingInterval: Math.min(30_000, Math.max(100, Math.floor(config.requestTimeoutMs / 4))),
     },
@@ -95,6 +97,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     },
     clientErrorHandler: clientError,
   })
+  requireHostHeader(app)
   app.setValidatorCompiler(validatorCompiler())
   // Some clients send `content-type: application/json` on every request, bodiless DELETEs
   // included. An empty JSON body is no body: routes without one go ahead, and routes that
@@ -205,6 +208,23 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   await app.register(adminRoutes)
   await app.register(streamRoutes)
   return app
+}
+
+/**
+ * HTTP/1.1 requires a Host header (RFC 9112 3.2), and Node refuses a request without one
+ * with an empty 400: here it is the contract's 400 `invalid_request`. One check in front of
+ * Fastify's own request listener.
+ */
+function requireHostHeader(app: FastifyInstance): void {
+  const [fastifyHandler] = app.server.listeners('request') as ((req: IncomingMessage, res: ServerResponse) => void)[]
+  if (fastifyHandler === undefined) return
+  app.server.removeListener('request', fastifyHandler)
+  app.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    if (req.headers.host !== undefined || req.httpVersionMinor === 0) return fastifyHandler(req, res)
+    const body = JSON.stringify({ error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
+    res.writeHead(400, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), connection: 'close' })
+    res.end(body)
+  })
 }
 
 /**

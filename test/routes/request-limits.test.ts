@@ -299,7 +299,7 @@ t.test('raw non-UTF-8 bytes and oversized headers over a real socket never get a
   t.equal(ok, 200)
 })
 
-t.test('CONNECT and an Expect other than 100-continue, which Node answers itself, get the contract\'s body', async (t) => {
+t.test('CONNECT, an Expect other than 100-continue and a missing Host, which Node answers itself, get the contract\'s body', async (t) => {
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
@@ -322,6 +322,12 @@ t.test('CONNECT and an Expect other than 100-continue, which Node answers itself
     message: 'Expect: something-else is not supported (only 100-continue)',
   })
   t.equal((await get(app, 'k')).statusCode, 404, 'and the request was not applied')
+
+  const noHost = await raw(`PUT /v1/entries/k HTTP/1.1\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"value":1}`)
+  t.match(noHost, /^HTTP\/1\.1 400 Bad Request\r\n/, 'HTTP/1.1 without Host: 400')
+  t.same(JSON.parse(noHost.slice(noHost.indexOf('\r\n\r\n') + 4)), { error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
+  t.equal((await get(app, 'k')).statusCode, 404, 'and it was not applied')
+  t.match(await raw('GET /health/live HTTP/1.0\r\n\r\n'), /^HTTP\/1\.1 200 OK\r\n/, 'HTTP/1.0 needs none')
 })
 
 t.test('junk pipelined behind a valid request: the valid one gets its own reply, then the 400; a stream is closed, not written into', async (t) => {
