@@ -35,7 +35,9 @@ function sendRead(reply: FastifyReply, key: string, result: ReadResult | { entry
     return
   }
   reply.header('etag', `"${entry.etag}"`)
-  if (ifNoneMatch !== undefined && etagMatches(ifNoneMatch, entry.etag)) reply.code(304).send()
+  // The etag covers the value only: a 304 for a stale-marked entry (read with allowStale) would
+  // tell a caller who holds it from before the invalidation that its fresh copy is current.
+  if (ifNoneMatch !== undefined && !entry.stale && etagMatches(ifNoneMatch, entry.etag)) reply.code(304).send()
   else reply.type(JSON_TYPE).send(renderEntry(entry, reply.server.cache.now()))
 }
 
@@ -52,7 +54,7 @@ export default async function entryRoutes(fastify: FastifyInstance) {
         tags: ['entries'],
         summary: 'Read an entry',
         description:
-          'Returns the entry with an `ETag`; 304 when `If-None-Match` matches. A miss is 404 `not_found` ' +
+          'Returns the entry with an `ETag`; 304 when `If-None-Match` matches (never for a stale-marked entry: its body says `stale: true`). A miss is 404 `not_found` ' +
           'carrying a `lease`: send it back with the PUT that fills the key, and the write is refused ' +
           'if an invalidation touched the key meanwhile. Only one miss at a time gets `fill: true`; the ' +
           'others get `fill: false` and `retryAfterMs`. With `?load=true`, a miss on a key an origin serves is ' +

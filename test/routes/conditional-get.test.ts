@@ -66,10 +66,15 @@ t.test('If-None-Match on a missing key is still a 404 with a lease', async (t) =
   t.type(res.json().lease, 'string')
 })
 
-t.test('a stale entry read with allowStale answers conditional GETs too', async (t) => {
+t.test('a stale entry read with allowStale is never a 304: the caller learns it is stale', async (t) => {
   const app = await build(t)
   const { etag } = await put(app, 'k', { value: 'v', userId: 'u' })
+  t.equal((await read(app, 'k', `"${etag}"`, '?allowStale=true')).statusCode, 304, 'fresh: 304')
   await call(app, { method: 'DELETE', url: '/v1/users/u/entries?mode=stale' })
   t.equal((await read(app, 'k', `"${etag}"`)).statusCode, 404, 'without allowStale a stale entry is a miss')
-  t.equal((await read(app, 'k', `"${etag}"`, '?allowStale=true')).statusCode, 304)
+  // The caller's copy (same value, same etag) was fresh; the entry now is not.
+  const res = await read(app, 'k', `"${etag}"`, '?allowStale=true')
+  t.equal(res.statusCode, 200)
+  t.equal(res.json().stale, true)
+  t.equal(res.headers.etag, `"${etag}"`, 'the etag is still the value\'s')
 })
