@@ -235,7 +235,7 @@ function requireHostHeader(app: FastifyInstance): void {
  * Bytes that arrive behind a valid request on the same connection (pipelined) are parsed
  * while that request is still being answered. Its reply comes first, then the 400: writing
  * the 400 at once would answer the valid request (already applied) with it and cut its real
- * reply off. A reply already being written (an invalidation stream) is never interleaved
+ * reply off. A reply still being written (an invalidation stream) is never interleaved
  * with one: the connection is just closed.
  */
 const refusing = new WeakSet<Duplex>()
@@ -257,7 +257,8 @@ function clientError(this: FastifyInstance, error: Error & { code?: string }, so
     // A reply to a request received whole, not to the request that failed (whose body stalled
     // or broke off): that one is what the 400 or 408 answers.
     if (inFlight && !inFlight.writableFinished && inFlight.req.complete) {
-      if (inFlight.headersSent) return void socket.destroy(error)
+      // Still being written (a stream): closed. Written whole and draining to a slow reader: waited for.
+      if (inFlight.headersSent && !inFlight.writableEnded) return void socket.destroy(error)
       // Node moves on to the next pipelined reply in its own 'finish' listener, added first.
       inFlight.once('finish', () => setImmediate(refuse))
       inFlight.once('close', () => setImmediate(refuse))

@@ -1,5 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import type { Duplex } from 'node:stream'
+import type { Socket } from 'node:net'
 import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify'
 import fp from 'fastify-plugin'
 import { CacheError, truncate } from '../errors.js'
@@ -32,12 +32,16 @@ export default fp(
       const expect = truncate(req.headers.expect ?? '', 32)
       sendRaw(res, 417, { error: 'invalid_request', message: `Expect: ${expect} is not supported (only 100-continue)` })
     })
-    app.server.on('connect', (req: IncomingMessage, socket: Duplex) => {
+    app.server.on('connect', (req: IncomingMessage, socket: Socket) => {
       const body = JSON.stringify({ error: 'not_found', message: `no route CONNECT ${truncate(req.url ?? '', 64)}` })
       socket.on('error', () => {})
+      // Node gives up such a socket (no timeouts, half-open allowed): it is closed here once
+      // the reply is out, or it would stay open for as long as the client kept its side open.
       socket.end(
         `HTTP/1.1 404 Not Found\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+        () => socket.destroy(),
       )
+      socket.setTimeout(5000, () => socket.destroy())
     })
 
     app.setErrorHandler((error: FastifyError | CacheError, request, reply) => {

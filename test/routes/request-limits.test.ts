@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { request as httpRequest } from 'node:http'
-import { connect } from 'node:net'
+import { connect, type Socket } from 'node:net'
 import t from 'tap'
 import { DEFAULT_LIMITS } from '../../src/cache/limits.js'
 import { KEYS, build, call, get, put } from '../helpers/build.js'
@@ -303,17 +303,25 @@ t.test('CONNECT, an Expect other than 100-continue and a missing Host, which Nod
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
+  // The client never closes its side: the server must close the connection, not only end its own.
+  const open: Socket[] = []
+  t.teardown(() => open.forEach((socket) => socket.destroy()))
   const raw = (bytes: string) =>
     new Promise<string>((resolve) => {
       let out = ''
-      const socket = connect(port, '127.0.0.1', () => socket.write(bytes))
+      const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true }, () => socket.write(bytes))
+      open.push(socket)
       socket.setTimeout(10_000, () => socket.destroy())
       socket.on('data', (d) => (out += d.toString()))
+      socket.on('end', () => resolve(out))
       socket.on('close', () => resolve(out))
       socket.on('error', () => resolve(out))
     })
+  const connections = () => new Promise<number>((resolve, reject) => app.server.getConnections((err, n) => (err ? reject(err) : resolve(n))))
   const connectReply = await raw('CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n')
-  t.match(connectReply, /^HTTP\/1\.1 404 Not Found\r\n/, 'CONNECT: 404, and the connection closes')
+  t.match(connectReply, /^HTTP\/1\.1 404 Not Found\r\n/, 'CONNECT: 404')
+  for (let i = 0; i < 100 && (await connections()) > 0; i++) await new Promise((resolve) => setTimeout(resolve, 20))
+  t.equal(await connections(), 0, 'and the server closed the connection')
   t.same(JSON.parse(connectReply.slice(connectReply.indexOf('\r\n\r\n') + 4)), { error: 'not_found', message: 'no route CONNECT example.com:443' })
   const expectReply = await raw(`PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nExpect: something-else\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"value":1}`)
   t.match(expectReply, /^HTTP\/1\.1 417 Expectation Failed\r\n/, 'an unknown expectation: 417')
@@ -334,15 +342,15 @@ t.test('junk pipelined behind a valid request: the valid one gets its own reply,
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
-  const exchange = (bytes: string, endAfterMs?: number) =>
+  const exchange = (bytes: string, junkOnceReplying = false) =>
     new Promise<string>((resolve) => {
       let out = ''
-      const socket = connect(port, '127.0.0.1', () => {
-        socket.write(bytes)
-        if (endAfterMs !== undefined) setTimeout(() => socket.write('GARBAGE\r\n\r\n'), endAfterMs)
-      })
+      const socket = connect(port, '127.0.0.1', () => socket.write(bytes))
       socket.setTimeout(10_000, () => socket.destroy())
-      socket.on('data', (d) => (out += d.toString()))
+      socket.on('data', (d) => {
+        if (junkOnceReplying && out === '') socket.write('GARBAGE\r\n\r\n')
+        out += d.toString('latin1')
+      })
       socket.on('close', () => resolve(out))
       socket.on('error', () => resolve(out))
     })
@@ -360,9 +368,33 @@ t.test('junk pipelined behind a valid request: the valid one gets its own reply,
   t.match(two, /^HTTP\/1\.1 200 [^]*HTTP\/1\.1 200 [^]*"pipelined":true[^]*HTTP\/1\.1 400 /, 'the PUT\'s reply, the GET\'s, then the 400')
 
   // An invalidation stream already sending: junk from the client ends it, no 400 inside it.
-  const stream = await exchange(`GET /v1/invalidations/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\n`, 300)
+  const stream = await exchange(`GET /v1/invalidations/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\n`, true)
   t.match(stream, /^HTTP\/1\.1 200 OK\r\n[^]*text\/event-stream/, 'the stream had started')
   t.notMatch(stream, /HTTP\/1\.1 400/, 'and no 400 was written into it')
+
+  // A reply written whole but still draining to a client that reads slowly: sent in full, then the 400.
+  const values = Array.from({ length: 20 }, (_, i) => `big${i}`)
+  for (const key of values) await call(app, { method: 'PUT', url: `/v1/entries/${key}`, payload: { value: 'x'.repeat(900 * 1024) } })
+  const keys = JSON.stringify({ keys: values })
+  const draining = await new Promise<string>((resolve) => {
+    const chunks: Buffer[] = []
+    const socket = connect(port, '127.0.0.1', () => {
+      socket.pause()
+      socket.write(`POST /v1/entries/batch-get HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${keys.length}\r\n\r\n${keys}`)
+      setTimeout(() => {
+        socket.write('GARBAGE\r\n\r\n')
+        setTimeout(() => socket.resume(), 300)
+      }, 300)
+    })
+    socket.setTimeout(20_000, () => socket.destroy())
+    socket.on('data', (d) => chunks.push(d))
+    socket.on('close', () => resolve(Buffer.concat(chunks).toString('latin1')))
+    socket.on('error', () => resolve(Buffer.concat(chunks).toString('latin1')))
+  })
+  const head = draining.slice(0, draining.indexOf('\r\n\r\n'))
+  const length = Number(/content-length: (\d+)/i.exec(head)?.[1])
+  t.ok(length > 16 * 1024 * 1024, `a ${length}-byte reply`)
+  t.match(draining.slice(head.length + 4 + length), /^HTTP\/1\.1 400 Bad Request\r\n/, 'all of it arrived, then the 400')
 })
 
 t.test('a 413 reaches a client that is still sending its body (client in another process)', async (t) => {
