@@ -29,8 +29,8 @@ export const DEFAULT_TIMEOUT_MS = 10_000
 export const DEFAULT_MAX_WAIT_MS = 2_500
 /** getOrSet: the poll interval when the server sends no retryAfterMs. */
 const DEFAULT_POLL_MS = 50
-/** How long a fill lease taken by `get`/`batchGet` is kept for this client's own `getOrSet`: the server's default FILL_LEASE_MS. */
-const HELD_FILL_LEASE_MS = 2_000
+/** The server's default FILL_LEASE_MS: how long a fill lease is the fill lease. */
+export const DEFAULT_FILL_LEASE_MS = 2_000
 /** Most fill leases kept at once, oldest dropped first. */
 const MAX_HELD_FILL_LEASES = 10_000
 /** Transport failures that mean "the cache cannot be reached now" (undici's and the OS's codes). */
@@ -50,6 +50,12 @@ export interface ClientOptions {
   keepAliveTimeoutMs?: number
   /** Per-request timeout in ms for the headers and for the body (default 10000). */
   timeoutMs?: number
+  /**
+   * The server's FILL_LEASE_MS (default 2000): how long a fill lease that `get` or `batchGet`
+   * was handed is kept for this client's own `getOrSet` of the key. Longer than the server's,
+   * another caller may be filling too (a second load, never a stale write).
+   */
+  fillLeaseMs?: number
 }
 
 export interface GetOptions {
@@ -94,17 +100,22 @@ export class CachewardenClient {
   readonly #base: string
   readonly #auth: string
   readonly #timeoutMs: number
+  readonly #fillLeaseMs: number
   /** Fill leases `get` and `batchGet` were handed on a miss, kept for this client's own `getOrSet` of the key. */
   readonly #heldFills = new Map<string, { lease: string; until: number }>()
 
   constructor(options: ClientOptions) {
     if (typeof options?.url !== 'string') throw new TypeError('options.url must be the base URL of cachewarden')
     if (typeof options.apiKey !== 'string' || options.apiKey === '') throw new TypeError('options.apiKey must be a non-empty string')
+    if (options.fillLeaseMs !== undefined && !(Number.isFinite(options.fillLeaseMs) && options.fillLeaseMs >= 0)) {
+      throw new TypeError('options.fillLeaseMs must be a number of ms, 0 or more')
+    }
     const url = new URL(options.url)
     if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new TypeError('options.url must be http: or https:')
     this.#base = url.pathname.replace(/\/+$/, '')
     this.#auth = `Bearer ${options.apiKey}`
     this.#timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS
+    this.#fillLeaseMs = options.fillLeaseMs ?? DEFAULT_FILL_LEASE_MS
     this.#pool = new Pool(url.origin, {
       connections: options.connections ?? DEFAULT_CONNECTIONS,
       keepAliveTimeout: options.keepAliveTimeoutMs ?? DEFAULT_KEEP_ALIVE_MS,
@@ -117,8 +128,9 @@ export class CachewardenClient {
    * client, which then fills at once instead of waiting the lease out.
    */
   async get<T = unknown>(key: string, options: GetOptions = {}): Promise<Entry<T> | undefined> {
+    const sent = Date.now() // the lease was issued after this
     const found = await this.lookup<T>(key, options)
-    if (found.status === 'miss') this.#holdFill(key, found.lease)
+    if (found.status === 'miss') this.#holdFill(key, found.lease, sent)
     return found.status === 'hit' ? found.entry : undefined
   }
 
@@ -165,8 +177,9 @@ export class CachewardenClient {
   /** Reads up to 1000 keys; each missing key is in `missing` and has a lease in `leases`. */
   async batchGet<T = unknown>(keys: string[], options: GetOptions = {}): Promise<BatchGetResult<T>> {
     const query = options.allowStale ? '?allowStale=true' : ''
+    const sent = Date.now()
     const result = await this.#expect<BatchGetResult<T>>('POST', `/v1/entries/batch-get${query}`, { keys })
-    for (const [key, lease] of Object.entries(result.leases ?? {})) this.#holdFill(key, lease)
+    for (const [key, lease] of Object.entries(result.leases ?? {})) this.#holdFill(key, lease, sent)
     return result
   }
 
@@ -251,11 +264,11 @@ export class CachewardenClient {
     }
   }
 
-  #holdFill(key: string, lease: Lease): void {
+  #holdFill(key: string, lease: Lease, issuedAfter: number): void {
     if (!lease.fill) return
     this.#heldFills.delete(key) // re-inserted last: the Map's order is the eviction order
     if (this.#heldFills.size >= MAX_HELD_FILL_LEASES) this.#heldFills.delete(this.#heldFills.keys().next().value!)
-    this.#heldFills.set(key, { lease: lease.lease, until: Date.now() + HELD_FILL_LEASE_MS })
+    this.#heldFills.set(key, { lease: lease.lease, until: issuedAfter + this.#fillLeaseMs })
   }
 
   #takeHeldFill(key: string): string | undefined {

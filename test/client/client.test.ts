@@ -342,6 +342,16 @@ t.test('getOrSet', async (t) => {
     const waited = await c.getOrSetTraced('w', () => 'w', { maxWaitMs: 300 })
     t.ok(waited.trace.waits > 0, `waited ${waited.trace.waits} times on another client's lease`)
 
+    // Kept only as long as the server's fill lease lasts: after that another caller may hold it.
+    const short = await serve(t, { fillLeaseMs: 300 })
+    const mine = short.client({ fillLeaseMs: 300 })
+    await mine.get('s')
+    await sleep(400)
+    await short.client().get('s') // the server hands the fill lease to another caller
+    const afterExpiry = await mine.getOrSetTraced('s', () => 's', { maxWaitMs: 100 })
+    t.ok(afterExpiry.trace.waits > 0, 'an expired kept lease is not used: it waits on the new holder')
+    t.throws(() => new CachewardenClient({ url: 'http://x', apiKey: 'k', fillLeaseMs: -1 }), TypeError)
+
     // The kept lease is still that lease: an invalidation of the user since it was issued voids it.
     await c.get('v')
     await other.invalidate({ userIds: ['u-v'] })
