@@ -58,7 +58,12 @@ export interface ClientOptions {
   fillLeaseMs?: number
 }
 
-export interface GetOptions {
+/** Every method takes a `signal`: aborting it abandons the call with undici's `AbortError`. */
+export interface CallOptions {
+  signal?: AbortSignal
+}
+
+export interface GetOptions extends CallOptions {
   /** Return an entry marked stale (`stale: true`) instead of treating it as a miss. */
   allowStale?: boolean
 }
@@ -68,7 +73,7 @@ export interface LookupOptions extends GetOptions {
   ifNoneMatch?: string
 }
 
-export interface GetOrSetOptions extends Omit<WriteOptions, 'lease'> {
+export interface GetOrSetOptions extends Omit<WriteOptions, 'lease'>, CallOptions {
   /**
    * How long to wait, polling, while another caller holds the fill lease before loading the
    * value itself (default 2500 ms, just past the server's default FILL_LEASE_MS). Normally the
@@ -139,7 +144,7 @@ export class CachewardenClient {
     const headers: Record<string, string> = {}
     if (options.ifNoneMatch !== undefined) headers['if-none-match'] = quote(options.ifNoneMatch)
     const query = options.allowStale ? '?allowStale=true' : ''
-    const { status, body, etag } = await this.#request('GET', `/v1/entries/${encodeURIComponent(key)}${query}`, undefined, headers)
+    const { status, body, etag } = await this.#request('GET', `/v1/entries/${encodeURIComponent(key)}${query}`, undefined, options.signal, headers)
     if (status === 200) {
       if (body === null || typeof body !== 'object' || !('value' in body)) throw unexpected(status, body, 'not an entry')
       return { status: 'hit', entry: body as Entry<T> }
@@ -155,41 +160,41 @@ export class CachewardenClient {
   }
 
   /** Writes an entry. With a `lease` from a miss, throws `LeaseInvalidatedError` (409) if an invalidation voided it. */
-  async set(key: string, value: unknown, options: WriteOptions = {}): Promise<WriteResult> {
+  async set(key: string, value: unknown, options: WriteOptions & CallOptions = {}): Promise<WriteResult> {
     assertJsonValue(value)
-    const { lease, ...rest } = options
+    const { lease, signal, ...rest } = options
     const payload: Record<string, unknown> = { ...rest, value }
     if (lease !== undefined && lease !== null) payload.lease = typeof lease === 'string' ? lease : lease.lease
-    return this.#expect<WriteResult>('PUT', `/v1/entries/${encodeURIComponent(key)}`, payload)
+    return this.#expect<WriteResult>('PUT', `/v1/entries/${encodeURIComponent(key)}`, payload, signal)
   }
 
   /** Invalidates one key (deletes it, or marks it stale with `mode: 'stale'`), voiding its leases. */
-  async delete(key: string, options: { mode?: InvalidationMode } = {}): Promise<InvalidationResult> {
+  async delete(key: string, options: { mode?: InvalidationMode } & CallOptions = {}): Promise<InvalidationResult> {
     const query = options.mode ? `?mode=${options.mode}` : ''
-    return this.#expect<InvalidationResult>('DELETE', `/v1/entries/${encodeURIComponent(key)}${query}`)
+    return this.#expect<InvalidationResult>('DELETE', `/v1/entries/${encodeURIComponent(key)}${query}`, undefined, options.signal)
   }
 
   /** Invalidates by keys, userIds, tags and prefixes at once (`POST /v1/invalidations`). */
-  async invalidate(selector: Selector): Promise<InvalidationResult> {
-    return this.#expect<InvalidationResult>('POST', '/v1/invalidations', selector)
+  async invalidate(selector: Selector, options: CallOptions = {}): Promise<InvalidationResult> {
+    return this.#expect<InvalidationResult>('POST', '/v1/invalidations', selector, options.signal)
   }
 
   /** Reads up to 1000 keys; each missing key is in `missing` and has a lease in `leases`. */
   async batchGet<T = unknown>(keys: string[], options: GetOptions = {}): Promise<BatchGetResult<T>> {
     const query = options.allowStale ? '?allowStale=true' : ''
     const sent = Date.now()
-    const result = await this.#expect<BatchGetResult<T>>('POST', `/v1/entries/batch-get${query}`, { keys })
+    const result = await this.#expect<BatchGetResult<T>>('POST', `/v1/entries/batch-get${query}`, { keys }, options.signal)
     for (const [key, lease] of Object.entries(result.leases ?? {})) this.#holdFill(key, lease, sent)
     return result
   }
 
   /** Writes up to 1000 entries; each result has its own status, so one bad item does not throw. */
-  async batchSet(items: BatchSetItem[]): Promise<BatchSetItemResult[]> {
+  async batchSet(items: BatchSetItem[], options: CallOptions = {}): Promise<BatchSetItemResult[]> {
     for (const item of items) assertJsonValue(item?.value)
     const entries = items.map(({ lease, ...rest }) =>
       lease === undefined || lease === null ? rest : { ...rest, lease: typeof lease === 'string' ? lease : lease.lease },
     )
-    const { results } = await this.#expect<{ results: BatchSetItemResult[] }>('POST', '/v1/entries/batch-set', { entries })
+    const { results } = await this.#expect<{ results: BatchSetItemResult[] }>('POST', '/v1/entries/batch-set', { entries }, options.signal)
     return results
   }
 
@@ -221,13 +226,13 @@ export class CachewardenClient {
     loader: () => Promise<T> | T,
     options: GetOrSetOptions = {},
   ): Promise<{ value: T; trace: GetOrSetTrace }> {
-    const { maxWaitMs = DEFAULT_MAX_WAIT_MS, ...write } = options
+    const { maxWaitMs = DEFAULT_MAX_WAIT_MS, signal, ...write } = options
     let waits = 0
     let deadline: number | undefined
     for (;;) {
       let found: LookupResult<T>
       try {
-        found = await this.lookup<T>(key)
+        found = await this.lookup<T>(key, { signal })
       } catch (error) {
         // The cache cannot answer: the source can. Nothing is written (there is no lease).
         if (!unavailable(error)) throw error
@@ -249,7 +254,7 @@ export class CachewardenClient {
         // undefined is not JSON: nothing to cache (return null to cache an absence).
         if (value === undefined) return { value, trace: { outcome: 'not_cached', waits } }
         try {
-          await this.set(key, value, { ...write, lease: lease.lease })
+          await this.set(key, value, { ...write, lease: lease.lease, signal })
         } catch (error) {
           if (error instanceof LeaseInvalidatedError) return { value, trace: { outcome: 'fill_refused', waits } }
           // The value is loaded: a cache that cannot keep it is no reason to fail the caller.
@@ -260,7 +265,7 @@ export class CachewardenClient {
         return { value, trace: { outcome: lease.fill ? 'filled' : 'loaded_after_wait', waits } }
       }
       waits++
-      await sleep(Math.max(1, Math.min(lease.retryAfterMs ?? DEFAULT_POLL_MS, deadline - Date.now())))
+      await sleep(Math.max(1, Math.min(lease.retryAfterMs ?? DEFAULT_POLL_MS, deadline - Date.now())), undefined, { signal })
     }
   }
 
@@ -283,8 +288,8 @@ export class CachewardenClient {
     await this.#pool.close()
   }
 
-  async #expect<T>(method: 'GET' | 'PUT' | 'POST' | 'DELETE', path: string, payload?: unknown): Promise<T> {
-    const { status, body } = await this.#request(method, path, payload)
+  async #expect<T>(method: 'GET' | 'PUT' | 'POST' | 'DELETE', path: string, payload?: unknown, signal?: AbortSignal): Promise<T> {
+    const { status, body } = await this.#request(method, path, payload, signal)
     if (status >= 200 && status < 300) return body as T
     throw errorFromReply(status, body)
   }
@@ -293,6 +298,7 @@ export class CachewardenClient {
     method: 'GET' | 'PUT' | 'POST' | 'DELETE',
     path: string,
     payload?: unknown,
+    signal?: AbortSignal,
     extraHeaders: Record<string, string> = {},
   ): Promise<{ status: number; body: unknown; etag: string | undefined }> {
     const headers: Record<string, string> = { authorization: this.#auth, accept: 'application/json', ...extraHeaders }
@@ -310,6 +316,7 @@ export class CachewardenClient {
       path: this.#base + path,
       headers,
       body: json,
+      signal,
       headersTimeout: this.#timeoutMs,
       bodyTimeout: this.#timeoutMs,
     })

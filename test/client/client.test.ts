@@ -1,5 +1,5 @@
 import { createServer } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import { createServer as createNetServer, type AddressInfo, type Socket } from 'node:net'
 import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import {
@@ -143,6 +143,37 @@ t.test('values JSON cannot carry are a TypeError before anything is sent', async
   await t.rejects(c.batchSet([{ key: 'k', value: Symbol('s') }]), { name: 'TypeError', message: 'the value must be JSON (got symbol)' })
   await t.rejects(c.getOrSet('k', () => 10n), TypeError, 'a loader returning a BigInt')
   t.equal((await c.lookup('k')).status, 'miss', 'nothing was written')
+})
+
+t.test('a signal abandons a call: AbortError, not a wait for the timeout', async (t) => {
+  // A server that accepts and never answers.
+  const accepted: Socket[] = []
+  const silent = createNetServer((socket) => void accepted.push(socket))
+  await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    for (const socket of accepted) socket.destroy()
+    return new Promise((resolve) => silent.close(resolve))
+  })
+  const c = new CachewardenClient({ url: `http://127.0.0.1:${(silent.address() as AddressInfo).port}`, apiKey: 'x', timeoutMs: 30_000 })
+  t.teardown(() => c.close())
+  const started = Date.now()
+  const stop = new AbortController()
+  setTimeout(() => stop.abort(), 200)
+  await t.rejects(c.get('k', { signal: stop.signal }), { name: 'AbortError' })
+  t.ok(Date.now() - started < 5_000, `abandoned after ${Date.now() - started} ms`)
+  const aborted = AbortSignal.abort()
+  await t.rejects(c.set('k', 1, { signal: aborted }), { name: 'AbortError' }, 'an aborted signal sends nothing')
+
+  // getOrSet waiting on another caller's fill: aborted mid-wait, it never loads.
+  const { client } = await serve(t, { fillLeaseMs: 60_000 })
+  const waiter = client()
+  await client().lookup('w') // someone else holds the fill lease
+  let loads = 0
+  const controller = new AbortController()
+  setTimeout(() => controller.abort(), 150)
+  await t.rejects(waiter.getOrSet('w', () => ++loads, { maxWaitMs: 10_000, signal: controller.signal }), { name: 'AbortError' })
+  t.equal(loads, 0)
+  t.same(await waiter.getOrSetTraced('h', () => 'v', { signal: new AbortController().signal }), { value: 'v', trace: { outcome: 'filled', waits: 0 } }, 'a signal not aborted changes nothing')
 })
 
 t.test('the constructor refuses bad options with TypeError', async (t) => {
