@@ -72,7 +72,9 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     logController: new LogController({ disableRequestLogging: true }),
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
-    return503OnClosing: true,
+    // Requests that arrive while the server drains get a 503 from frontDoor() below instead:
+    // Fastify's own has a body outside the contract ({"error":"Service Unavailable",…}).
+    return503OnClosing: false,
     // Fastify turns Node's request timeout off: a client could then hold a connection forever
     // by stalling its upload (or, after a 401, have its endless body read). The headers
     // timeout must not exceed it (Node would take the larger as the request timeout), and
@@ -97,7 +99,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     },
     clientErrorHandler: clientError,
   })
-  requireHostHeader(app)
+  frontDoor(app)
   app.setValidatorCompiler(validatorCompiler())
   // Some clients send `content-type: application/json` on every request, bodiless DELETEs
   // included. An empty JSON body is no body: routes without one go ahead, and routes that
@@ -211,19 +213,32 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
 }
 
 /**
- * HTTP/1.1 requires a Host header (RFC 9112 3.2), and Node refuses a request without one
- * with an empty 400: here it is the contract's 400 `invalid_request`. One check in front of
- * Fastify's own request listener.
+ * Two answers given before Fastify routes a request, with the contract's body, from one
+ * listener put in front of Fastify's own:
+ * - once the server is shutting down (preClose: in-flight requests finish; a request that
+ *   still arrives on an open connection, pipelined or kept alive, is refused), 503
+ *   `backend_unavailable`, and the connection closes, so the client retries elsewhere;
+ * - HTTP/1.1 without a Host header (RFC 9112 3.2; Node's own check answers an empty 400),
+ *   400 `invalid_request`.
  */
-function requireHostHeader(app: FastifyInstance): void {
+function frontDoor(app: FastifyInstance): void {
   const [fastifyHandler] = app.server.listeners('request') as ((req: IncomingMessage, res: ServerResponse) => void)[]
   if (fastifyHandler === undefined) return
+  let closing = false
+  app.addHook('preClose', (done) => {
+    closing = true
+    done()
+  })
+  const refuse = (res: ServerResponse, status: number, error: string, message: string) => {
+    const body = JSON.stringify({ error, message })
+    res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), connection: 'close' })
+    res.end(body)
+  }
   app.server.removeListener('request', fastifyHandler)
   app.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    if (closing) return refuse(res, 503, 'backend_unavailable', 'this instance is shutting down; retry on another')
     if (req.headers.host !== undefined || req.httpVersionMinor === 0) return fastifyHandler(req, res)
-    const body = JSON.stringify({ error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
-    res.writeHead(400, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), connection: 'close' })
-    res.end(body)
+    refuse(res, 400, 'invalid_request', 'an HTTP/1.1 request needs a Host header')
   })
 }
 

@@ -4,7 +4,9 @@ import { request as httpRequest } from 'node:http'
 import { connect, type Socket } from 'node:net'
 import t from 'tap'
 import { DEFAULT_LIMITS } from '../../src/cache/limits.js'
-import { KEYS, build, call, get, put } from '../helpers/build.js'
+import { buildApp } from '../../src/app.js'
+import { KEYS, TEST_API_KEYS, build, call, get, put } from '../helpers/build.js'
+import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
 
 const MiB = 1024 * 1024
 const nest = (depth: number): unknown => (depth <= 1 ? [] : [nest(depth - 1)])
@@ -395,6 +397,34 @@ t.test('junk pipelined behind a valid request: the valid one gets its own reply,
   const length = Number(/content-length: (\d+)/i.exec(head)?.[1])
   t.ok(length > 16 * 1024 * 1024, `a ${length}-byte reply`)
   t.match(draining.slice(head.length + 4 + length), /^HTTP\/1\.1 400 Bad Request\r\n/, 'all of it arrived, then the 400')
+})
+
+t.test('a request that arrives on an open connection while the server shuts down: 503 backend_unavailable, the one in flight finishes', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set('/users/1/dashboard', { user: '1' })
+  origin.hold()
+  const app = await buildApp({ apiKeys: TEST_API_KEYS, configFile: { origins: [dashboardOrigin(origin)] } })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  let out = ''
+  const socket = connect(port, '127.0.0.1', () =>
+    socket.write(`GET /v1/entries/dashboard%3A1?load=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\n`),
+  )
+  t.teardown(() => socket.destroy())
+  socket.on('data', (d) => (out += d.toString()))
+  const closed = new Promise((resolve) => socket.on('close', resolve))
+  await origin.waitForCalls(1) // the first request is in flight
+  const closing = app.close()
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  socket.write(`PUT /v1/entries/late HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"value":1}`)
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  origin.release()
+  await closing
+  await closed
+  t.match(out, /^HTTP\/1\.1 200 OK\r\n[^]*"user":"1"[^]*HTTP\/1\.1 503 Service Unavailable\r\n/, 'the load in flight was answered, then the 503')
+  const last = out.slice(out.lastIndexOf('\r\n\r\n') + 4)
+  t.same(JSON.parse(last), { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
+  t.match(out.slice(out.lastIndexOf('HTTP/1.1 503')), /connection: close/i, 'and the connection closes')
 })
 
 t.test('a 413 reaches a client that is still sending its body (client in another process)', async (t) => {
