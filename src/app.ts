@@ -9,7 +9,7 @@ import { CacheService, type CoreLogger } from './cache/cache-service.js'
 import { defaultConfig, type Config } from './config.js'
 import { invalidRequest, truncate } from './errors.js'
 import auth from './plugins/auth.js'
-import errors from './plugins/errors.js'
+import errors, { sendRaw } from './plugins/errors.js'
 import health from './plugins/health.js'
 import metrics, { metricsRoute } from './plugins/metrics.js'
 import swaggerDocs from './plugins/swagger.js'
@@ -229,16 +229,11 @@ function frontDoor(app: FastifyInstance): void {
     closing = true
     done()
   })
-  const refuse = (res: ServerResponse, status: number, error: string, message: string) => {
-    const body = JSON.stringify({ error, message })
-    res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), connection: 'close' })
-    res.end(body)
-  }
   app.server.removeListener('request', fastifyHandler)
   app.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
-    if (closing) return refuse(res, 503, 'backend_unavailable', 'this instance is shutting down; retry on another')
+    if (closing) return sendRaw(res, 503, { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
     if (req.headers.host !== undefined || req.httpVersionMinor === 0) return fastifyHandler(req, res)
-    refuse(res, 400, 'invalid_request', 'an HTTP/1.1 request needs a Host header')
+    sendRaw(res, 400, { error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
   })
 }
 

@@ -133,7 +133,8 @@ function clientMessage(error: FastifyError): string {
   }
 }
 
-function sendRaw(res: ServerResponse, status: number, payload: { error: string; message: string }): void {
+/** A reply with the contract's body, written straight to Node's response (for what Fastify never sees); the connection closes. */
+export function sendRaw(res: ServerResponse, status: number, payload: { error: string; message: string }): void {
   const body = JSON.stringify(payload)
   res.writeHead(status, {
     'content-type': 'application/json; charset=utf-8',
