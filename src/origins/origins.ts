@@ -246,6 +246,7 @@ export class Origins {
    * `POST /v1/entries/:key/refresh`: reloads now; 404 if no origin serves the key, 503 if it
    * fails (the old entry stays). 404 too if the origin has no data for the key any more: then
    * the cached entry is invalidated (source `api`, by `actor`), as the origin says it is gone.
+   * 409 if invalidations voided both loads (the value may predate them, so it is not cached).
    */
   async refresh(key: string, actor?: string): Promise<StoredEntry> {
     const match = this.match(key)
@@ -260,6 +261,12 @@ export class Origins {
       const reason = `forced refresh: origin "${match.origin.name}" has no data for it`
       const { invalidated } = await this.cache.invalidate({ keys: [key] }, { source: 'api', actor, reason })
       throw notFound(`origin "${match.origin.name}" has no data for "${truncate(key)}"${invalidated > 0 ? '; the cached entry was removed' : ''}`)
+    }
+    if (!outcome.cached) {
+      throw new CacheError(
+        'lease_invalidated',
+        `invalidations of "${truncate(key)}" landed during both loads from origin "${match.origin.name}": nothing was cached; refresh again`,
+      )
     }
     return outcome.entry
   }

@@ -1,6 +1,6 @@
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
-import { authErrors, badRequest, bodyTooLarge, notFoundError } from '../schemas/common.js'
+import { authErrors, badRequest, bodyTooLarge, leaseConflict, notFoundError } from '../schemas/common.js'
 import { KeyParams, WriteResult } from '../schemas/entries.js'
 import { ConsistencyBody, ConsistencyReport, WarmBody, WarmSummary } from '../schemas/origins.js'
 import { checkKey } from '../cache/limits.js'
@@ -24,10 +24,11 @@ export default async function originRoutes(fastify: FastifyInstance) {
         description:
           'Fetches the key from the origin whose keyPattern matches it and replaces the entry (a refresh already ' +
           'in flight for the key is joined, not repeated). 404 `not_found` when no origin serves the key, or when the ' +
-          'origin has no data for it (then the cached entry is removed); 503 `backend_unavailable` when the origin ' +
-          'fails, and the old entry stays.',
+          'origin has no data for it (then the cached entry is removed); 409 `lease_invalidated` when invalidations of ' +
+          'the key landed during the load and during its retry (nothing is cached); 503 `backend_unavailable` when the ' +
+          'origin fails, and the old entry stays.',
         params: KeyParams,
-        response: { 200: WriteResult, ...notFoundError, ...badRequest, ...bodyTooLarge, ...authErrors },
+        response: { 200: WriteResult, ...notFoundError, ...leaseConflict, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
     async (request, reply) => {

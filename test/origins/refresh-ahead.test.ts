@@ -228,6 +228,29 @@ t.test('a forced refresh: 404 with no origin or no data, 503 keeping the old ent
   t.equal((await call(app, { method: 'POST', url: '/v1/entries/dashboard%3A1/refresh', key: null })).statusCode, 401)
 })
 
+t.test('a forced refresh whose load and retry invalidations both void: 409 lease_invalidated, nothing cached', async (t) => {
+  const { origin, app } = await setup(t)
+  await load(app, origin, ['7'])
+  origin.values.set(dash('7'), 'read before the changes')
+  origin.hold()
+  const pending = call(app, { method: 'POST', url: '/v1/entries/dashboard%3A7/refresh' })
+  for (const n of [2, 3]) {
+    await origin.waitForCalls(n)
+    t.equal((await call(app, { method: 'DELETE', url: '/v1/users/7/entries' })).statusCode, 200)
+    origin.release()
+    if (n === 2) origin.hold()
+  }
+  const res = await pending
+  t.equal(res.statusCode, 409)
+  t.equal(res.json().error, 'lease_invalidated')
+  t.match(res.json().message, /nothing was cached; refresh again/)
+  t.equal((await get(app, 'dashboard:7')).statusCode, 404, 'not cached')
+  origin.values.set(dash('7'), 'current')
+  const again = await call(app, { method: 'POST', url: '/v1/entries/dashboard%3A7/refresh' })
+  t.equal(again.statusCode, 200, 'refreshed again, with nothing in its way')
+  t.equal((await get(app, 'dashboard:7')).json().value, 'current')
+})
+
 t.test('a key with a slash is refreshed through its encoded form', async (t) => {
   const { origin, app } = await setup(t)
   origin.values.set('/users/a%2Fb/dashboard', 1)
