@@ -29,7 +29,8 @@ export function expandWarmSet(origins: Origins, set: WarmSet): string[] {
 /**
  * Loads every key of the set from its origin, WARM_CONCURRENCY at once, whether or not it
  * is cached (a warm is a refresh). Each load is a `refresh` event; a key no origin serves,
- * an invalid key, an origin without data or a failing origin counts as failed.
+ * an invalid key, an origin without data, a failing origin or a load that invalidations
+ * voided twice (not cached) counts as failed.
  */
 export async function warm(origins: Origins, set: WarmSet, logger?: CoreLogger, concurrency = WARM_CONCURRENCY): Promise<WarmSummary> {
   const keys = expandWarmSet(origins, set)
@@ -46,8 +47,12 @@ export async function warm(origins: Origins, set: WarmSet, logger?: CoreLogger, 
       checkKey(key, origins.cache.limits)
       const match = origins.match(key)
       if (match === undefined) fail(key, 'no origin serves this key')
-      else if ((await origins.refreshMatch(match)).found) summary.loaded++
-      else fail(key, `origin "${match.origin.name}" has no data`)
+      else {
+        const outcome = await origins.refreshMatch(match)
+        if (!outcome.found) fail(key, `origin "${match.origin.name}" has no data`)
+        else if (!outcome.cached) fail(key, 'invalidations of the key landed during the load and its retry: not cached')
+        else summary.loaded++
+      }
     } catch (error) {
       fail(key, (error as Error).message)
     }

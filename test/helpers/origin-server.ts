@@ -108,6 +108,20 @@ export class OriginServer {
   }
 }
 
+/**
+ * With the origin held (`hold()`) and `base` its call count before a load starts: runs
+ * `invalidate` while the load's call and then its retry's are held, so both are voided.
+ */
+export async function voidBothLoads(origin: OriginServer, base: number, invalidate: () => Promise<{ statusCode: number }>): Promise<void> {
+  for (const n of [base + 1, base + 2]) {
+    await origin.waitForCalls(n)
+    const { statusCode } = await invalidate()
+    if (statusCode !== 200) throw new Error(`the invalidation failed: ${statusCode}`)
+    origin.release()
+    if (n === base + 1) origin.hold()
+  }
+}
+
 /** A CONFIG_FILE origin serving `dashboard:{userId}` from this server. */
 export function dashboardOrigin(origin: OriginServer, extra: Record<string, unknown> = {}) {
   return {

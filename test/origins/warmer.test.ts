@@ -1,6 +1,6 @@
 import t from 'tap'
 import { build, call, captureLogs, get } from '../helpers/build.js'
-import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
+import { OriginServer, dashboardOrigin, voidBothLoads } from '../helpers/origin-server.js'
 
 const dash = (id: string) => `/users/${id}/dashboard`
 
@@ -61,6 +61,23 @@ t.test('a failing origin fails its keys in the summary, not the request', async 
   const res = await call(app, { method: 'POST', url: '/v1/warm', payload: { userIds: ['1', '2'] } })
   t.equal(res.statusCode, 200)
   t.same({ ...res.json(), errors: res.json().errors.length }, { requested: 2, loaded: 0, failed: 2, errors: 2 })
+})
+
+t.test('a key whose load and retry invalidations both void fails in the summary: it was not cached', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set(dash('1'), 'read before the changes')
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  origin.hold()
+  const pending = call(app, { method: 'POST', url: '/v1/warm', payload: { keys: ['dashboard:1'] } })
+  await voidBothLoads(origin, 0, () => call(app, { method: 'DELETE', url: '/v1/users/1/entries' }))
+  const res = await pending
+  t.same(res.json(), {
+    requested: 1,
+    loaded: 0,
+    failed: 1,
+    errors: [{ key: 'dashboard:1', error: 'invalidations of the key landed during the load and its retry: not cached' }],
+  })
+  t.equal((await get(app, 'dashboard:1')).statusCode, 404)
 })
 
 t.test('POST /v1/warm checks its input and its scope', async (t) => {
