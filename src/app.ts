@@ -1,4 +1,4 @@
-import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
+import type { IncomingMessage, ServerResponse } from 'node:http'
 import { isUtf8 } from 'node:buffer'
 import type { Duplex } from 'node:stream'
 import { Ajv } from 'ajv'
@@ -9,7 +9,7 @@ import { CacheService, type CoreLogger } from './cache/cache-service.js'
 import { defaultConfig, type Config } from './config.js'
 import { invalidRequest, truncate } from './errors.js'
 import auth from './plugins/auth.js'
-import errors, { sendRaw } from './plugins/errors.js'
+import errors, { rawReply, sendRaw } from './plugins/errors.js'
 import health from './plugins/health.js'
 import metrics, { metricsRoute } from './plugins/metrics.js'
 import swaggerDocs from './plugins/swagger.js'
@@ -223,7 +223,8 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
  */
 function frontDoor(app: FastifyInstance): void {
   const [fastifyHandler] = app.server.listeners('request') as ((req: IncomingMessage, res: ServerResponse) => void)[]
-  if (fastifyHandler === undefined) return
+  // Without it, requests would go unchecked: Node's own Host check is off (requireHostHeader).
+  if (fastifyHandler === undefined) throw new Error('Fastify attached no request listener to its server')
   let closing = false
   app.addHook('preClose', (done) => {
     closing = true
@@ -258,7 +259,6 @@ function clientError(this: FastifyInstance, error: Error & { code?: string }, so
     error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? [408, 'the request did not arrive in time']
     : error.code === 'HPE_HEADER_OVERFLOW' ? [400, 'the URL and headers are larger than the server accepts (16 KiB; keys: 512 bytes)']
     : [400, 'the request is not valid HTTP']
-  const body = JSON.stringify({ error: 'invalid_request', message })
   this.log.debug({ err: error }, 'client error')
   const refuse = () => {
     if (socket.destroyed) return
@@ -274,11 +274,7 @@ function clientError(this: FastifyInstance, error: Error & { code?: string }, so
       inFlight.once('close', () => setImmediate(refuse))
       return
     }
-    if (socket.writable) {
-      socket.write(
-        `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Length: ${body.length}\r\nContent-Type: application/json; charset=utf-8\r\nConnection: close\r\n\r\n${body}`,
-      )
-    }
+    if (socket.writable) socket.write(rawReply(status, { error: 'invalid_request', message }))
     socket.destroy(error)
   }
   refuse()

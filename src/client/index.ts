@@ -1,4 +1,5 @@
 import { setTimeout as sleep } from 'node:timers/promises'
+import { LRUCache } from 'lru-cache'
 import { Pool } from 'undici'
 import { CachewardenError, LeaseInvalidatedError, TooLargeError, errorFromReply } from './errors.js'
 import type {
@@ -105,22 +106,21 @@ export class CachewardenClient {
   readonly #base: string
   readonly #auth: string
   readonly #timeoutMs: number
-  readonly #fillLeaseMs: number
-  /** Fill leases `get` and `batchGet` were handed on a miss, kept for this client's own `getOrSet` of the key. */
-  readonly #heldFills = new Map<string, { lease: string; until: number }>()
+  /** Fill leases `get` and `batchGet` were handed on a miss, kept for this client's own `getOrSet` of the key for `fillLeaseMs`. */
+  readonly #heldFills: LRUCache<string, string>
 
   constructor(options: ClientOptions) {
     if (typeof options?.url !== 'string') throw new TypeError('options.url must be the base URL of cachewarden')
     if (typeof options.apiKey !== 'string' || options.apiKey === '') throw new TypeError('options.apiKey must be a non-empty string')
-    if (options.fillLeaseMs !== undefined && !(Number.isFinite(options.fillLeaseMs) && options.fillLeaseMs >= 0)) {
-      throw new TypeError('options.fillLeaseMs must be a number of ms, 0 or more')
+    if (options.fillLeaseMs !== undefined && !(Number.isFinite(options.fillLeaseMs) && options.fillLeaseMs >= 1)) {
+      throw new TypeError('options.fillLeaseMs must be a number of ms, 1 or more')
     }
     const url = new URL(options.url)
     if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new TypeError('options.url must be http: or https:')
     this.#base = url.pathname.replace(/\/+$/, '')
     this.#auth = `Bearer ${options.apiKey}`
     this.#timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS
-    this.#fillLeaseMs = options.fillLeaseMs ?? DEFAULT_FILL_LEASE_MS
+    this.#heldFills = new LRUCache({ max: MAX_HELD_FILL_LEASES, ttl: options.fillLeaseMs ?? DEFAULT_FILL_LEASE_MS })
     this.#pool = new Pool(url.origin, {
       connections: options.connections ?? DEFAULT_CONNECTIONS,
       keepAliveTimeout: options.keepAliveTimeoutMs ?? DEFAULT_KEEP_ALIVE_MS,
@@ -133,7 +133,7 @@ export class CachewardenClient {
    * client, which then fills at once instead of waiting the lease out.
    */
   async get<T = unknown>(key: string, options: GetOptions = {}): Promise<Entry<T> | undefined> {
-    const sent = Date.now() // the lease was issued after this
+    const sent = performance.now() // the lease was issued after this (the clock lru-cache's TTLs use)
     const found = await this.lookup<T>(key, options)
     if (found.status === 'miss') this.#holdFill(key, found.lease, sent)
     return found.status === 'hit' ? found.entry : undefined
@@ -182,7 +182,7 @@ export class CachewardenClient {
   /** Reads up to 1000 keys; each missing key is in `missing` and has a lease in `leases`. */
   async batchGet<T = unknown>(keys: string[], options: GetOptions = {}): Promise<BatchGetResult<T>> {
     const query = options.allowStale ? '?allowStale=true' : ''
-    const sent = Date.now()
+    const sent = performance.now()
     const result = await this.#expect<BatchGetResult<T>>('POST', `/v1/entries/batch-get${query}`, { keys }, options.signal)
     for (const [key, lease] of Object.entries(result.leases ?? {})) this.#holdFill(key, lease, sent)
     return result
@@ -245,7 +245,7 @@ export class CachewardenClient {
       if (found.status !== 'miss') throw new CachewardenError('unexpected_response', 304, 'unexpected 304 without If-None-Match')
       let { lease } = found
       // This client's own get() took the fill lease a moment ago: fill with it, not wait it out.
-      const held = lease.fill ? undefined : this.#takeHeldFill(key)
+      const held = lease.fill ? undefined : this.#heldFills.get(key)
       if (held !== undefined) lease = { lease: held, fill: true }
       deadline ??= Date.now() + maxWaitMs
       if (lease.fill || Date.now() >= deadline) {
@@ -270,17 +270,7 @@ export class CachewardenClient {
   }
 
   #holdFill(key: string, lease: Lease, issuedAfter: number): void {
-    if (!lease.fill) return
-    this.#heldFills.delete(key) // re-inserted last: the Map's order is the eviction order
-    if (this.#heldFills.size >= MAX_HELD_FILL_LEASES) this.#heldFills.delete(this.#heldFills.keys().next().value!)
-    this.#heldFills.set(key, { lease: lease.lease, until: issuedAfter + this.#fillLeaseMs })
-  }
-
-  #takeHeldFill(key: string): string | undefined {
-    const held = this.#heldFills.get(key)
-    if (held === undefined) return undefined
-    this.#heldFills.delete(key)
-    return held.until > Date.now() ? held.lease : undefined
+    if (lease.fill) this.#heldFills.set(key, lease.lease, { start: issuedAfter })
   }
 
   /** Closes the connection pool (waits for requests in flight). */

@@ -1,4 +1,4 @@
-import type { IncomingMessage, ServerResponse } from 'node:http'
+import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify'
 import fp from 'fastify-plugin'
@@ -33,14 +33,10 @@ export default fp(
       sendRaw(res, 417, { error: 'invalid_request', message: `Expect: ${expect} is not supported (only 100-continue)` })
     })
     app.server.on('connect', (req: IncomingMessage, socket: Socket) => {
-      const body = JSON.stringify({ error: 'not_found', message: `no route CONNECT ${truncate(req.url ?? '', 64)}` })
       socket.on('error', () => {})
       // Node gives up such a socket (no timeouts, half-open allowed): it is closed here once
       // the reply is out, or it would stay open for as long as the client kept its side open.
-      socket.end(
-        `HTTP/1.1 404 Not Found\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
-        () => socket.destroy(),
-      )
+      socket.end(rawReply(404, { error: 'not_found', message: `no route CONNECT ${truncate(req.url ?? '', 64)}` }), () => socket.destroy())
       socket.setTimeout(5000, () => socket.destroy())
     })
 
@@ -78,8 +74,9 @@ export default fp(
 )
 
 /**
- * A 413 (or a 401 before the body was read) is sent while the client may still be sending its body. Closing the connection
- * then (Fastify asks for it) makes the kernel reset it under the reply, and the client sees
+ * A 413, or a 401/403/429 before the body was read, is sent while the client may still be
+ * sending its body. Closing the connection then (Fastify asks for a 413) makes the kernel
+ * reset it under the reply, and the client sees
  * EPIPE or ECONNRESET instead of the 413. So the rest of the body is read and thrown away,
  * up to DRAIN_MAX_BYTES for at most DRAIN_MAX_MS, and the connection stays open. A client
  * waiting for `100 Continue` sent nothing (Node closes that connection cleanly); a larger
@@ -131,6 +128,15 @@ function clientMessage(error: FastifyError): string {
       // Fastify's own client-error messages say nothing secret; cap their length anyway.
       return (error.message || 'bad request').slice(0, 200)
   }
+}
+
+/** A whole HTTP/1.1 reply with the contract's body, for a socket no response object owns; it says the connection closes. */
+export function rawReply(status: number, payload: { error: string; message: string }): string {
+  const body = JSON.stringify(payload)
+  return (
+    `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json; charset=utf-8\r\n` +
+    `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`
+  )
 }
 
 /** A reply with the contract's body, written straight to Node's response (for what Fastify never sees); the connection closes. */

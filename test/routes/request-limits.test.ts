@@ -12,6 +12,31 @@ const MiB = 1024 * 1024
 const nest = (depth: number): unknown => (depth <= 1 ? [] : [nest(depth - 1)])
 const putKey = (key: string) => `/v1/entries/${encodeURIComponent(key)}`
 
+/**
+ * Writes `bytes` on a new connection and resolves with everything that comes back once the
+ * server closes the connection (or ends its side). `onFirstData` runs as the reply starts.
+ * With `keepOpen`, this side is never closed (the socket goes into the list, to destroy at
+ * teardown): what closes the connection is then the server alone.
+ */
+function exchange(port: number, bytes: string, options: { onFirstData?: (socket: Socket) => void; keepOpen?: Socket[] } = {}) {
+  return new Promise<string>((resolve) => {
+    let out = ''
+    const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true }, () => socket.write(bytes))
+    options.keepOpen?.push(socket)
+    socket.setTimeout(20_000, () => socket.destroy())
+    socket.on('data', (d) => {
+      if (out === '') options.onFirstData?.(socket)
+      out += d.toString('latin1')
+    })
+    socket.on('end', () => {
+      if (options.keepOpen === undefined) socket.end()
+      resolve(out)
+    })
+    socket.on('close', () => resolve(out))
+    socket.on('error', () => resolve(out))
+  })
+}
+
 t.test('bodies over the body limit are 413 payload_too_large on every route that takes one, as documented', async (t) => {
   const app = await build(t)
   // Every POST and PUT in the OpenAPI document, so a new route cannot be left out.
@@ -308,17 +333,7 @@ t.test('CONNECT, an Expect other than 100-continue and a missing Host, which Nod
   // The client never closes its side: the server must close the connection, not only end its own.
   const open: Socket[] = []
   t.teardown(() => open.forEach((socket) => socket.destroy()))
-  const raw = (bytes: string) =>
-    new Promise<string>((resolve) => {
-      let out = ''
-      const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true }, () => socket.write(bytes))
-      open.push(socket)
-      socket.setTimeout(10_000, () => socket.destroy())
-      socket.on('data', (d) => (out += d.toString()))
-      socket.on('end', () => resolve(out))
-      socket.on('close', () => resolve(out))
-      socket.on('error', () => resolve(out))
-    })
+  const raw = (bytes: string) => exchange(port, bytes, { keepOpen: open })
   const connections = () => new Promise<number>((resolve, reject) => app.server.getConnections((err, n) => (err ? reject(err) : resolve(n))))
   const connectReply = await raw('CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n')
   t.match(connectReply, /^HTTP\/1\.1 404 Not Found\r\n/, 'CONNECT: 404')
@@ -344,33 +359,23 @@ t.test('junk pipelined behind a valid request: the valid one gets its own reply,
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
-  const exchange = (bytes: string, junkOnceReplying = false) =>
-    new Promise<string>((resolve) => {
-      let out = ''
-      const socket = connect(port, '127.0.0.1', () => socket.write(bytes))
-      socket.setTimeout(10_000, () => socket.destroy())
-      socket.on('data', (d) => {
-        if (junkOnceReplying && out === '') socket.write('GARBAGE\r\n\r\n')
-        out += d.toString('latin1')
-      })
-      socket.on('close', () => resolve(out))
-      socket.on('error', () => resolve(out))
-    })
   // One write: Node parses the junk while the PUT's handler is still reading its body.
   const body = JSON.stringify({ value: { pipelined: true }, userId: 'u1' })
-  const put =
+  const putPipelined =
     `PUT /v1/entries/pipelined HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`
-  const response = await exchange(`${put}GARBAGE\r\n\r\n`)
+  const response = await exchange(port, `${putPipelined}GARBAGE\r\n\r\n`)
   t.match(response, /^HTTP\/1\.1 200 OK\r\n[^]*"etag"[^]*HTTP\/1\.1 400 Bad Request\r\n[^]*"the request is not valid HTTP"/, 'the PUT\'s 200, then the 400')
   t.equal(response.match(/HTTP\/1\.1 /g)?.length, 2, 'two replies, nothing else')
   t.same((await get(app, 'pipelined')).json().value, { pipelined: true }, 'and the PUT, acknowledged, is there')
 
   // Two valid requests and junk: both replies, in order.
-  const two = await exchange(`${put}GET /v1/entries/pipelined HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\nGARBAGE\r\n\r\n`)
+  const two = await exchange(port, `${putPipelined}GET /v1/entries/pipelined HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\nGARBAGE\r\n\r\n`)
   t.match(two, /^HTTP\/1\.1 200 [^]*HTTP\/1\.1 200 [^]*"pipelined":true[^]*HTTP\/1\.1 400 /, 'the PUT\'s reply, the GET\'s, then the 400')
 
   // An invalidation stream already sending: junk from the client ends it, no 400 inside it.
-  const stream = await exchange(`GET /v1/invalidations/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\n`, true)
+  const stream = await exchange(port, `GET /v1/invalidations/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\n`, {
+    onFirstData: (socket) => socket.write('GARBAGE\r\n\r\n'),
+  })
   t.match(stream, /^HTTP\/1\.1 200 OK\r\n[^]*text\/event-stream/, 'the stream had started')
   t.notMatch(stream, /HTTP\/1\.1 400/, 'and no 400 was written into it')
 
@@ -415,7 +420,8 @@ t.test('a request that arrives on an open connection while the server shuts down
   const closed = new Promise((resolve) => socket.on('close', resolve))
   await origin.waitForCalls(1) // the first request is in flight
   const closing = app.close()
-  await new Promise((resolve) => setTimeout(resolve, 50))
+  // The server stops listening after the preClose hooks ran: from then on the app is closing.
+  while (app.server.listening) await new Promise((resolve) => setTimeout(resolve, 5))
   socket.write(`PUT /v1/entries/late HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"value":1}`)
   await new Promise((resolve) => setTimeout(resolve, 50))
   origin.release()
@@ -569,19 +575,11 @@ t.test('a 401 before the body is read: a huge upload is cut off at once, a small
   t.ok(huge.sent < 256 * MiB, `the server stopped reading after ${Math.round(huge.sent / MiB)} MiB (socket buffers), closed after ${closedAfterMs} ms`)
 
   const body = JSON.stringify({ value: 'x'.repeat(MiB) })
-  const small = await new Promise<string>((resolve) => {
-    let out = ''
-    const socket = connect(port, '127.0.0.1', () =>
-      socket.write(
-        `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
-          'GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
-      ),
-    )
-    socket.setTimeout(20_000, () => socket.destroy())
-    socket.on('data', (d) => (out += d.toString()))
-    socket.on('close', () => resolve(out))
-    socket.on('error', () => resolve(out))
-  })
+  const small = await exchange(
+    port,
+    `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
+      'GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+  )
   t.match(small, /^HTTP\/1\.1 401 [^]*unauthorized[^]*HTTP\/1\.1 200 OK/, 'a 401, then the next request on the same connection')
 })
 
@@ -593,13 +591,6 @@ t.test('after a 413 the rest of the body is read and the connection serves the n
   const requests =
     `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}` +
     'GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
-  const response = await new Promise<string>((resolve) => {
-    let out = ''
-    const socket = connect(port, '127.0.0.1', () => socket.write(requests))
-    socket.setTimeout(20_000, () => socket.destroy())
-    socket.on('data', (d) => (out += d.toString()))
-    socket.on('close', () => resolve(out))
-    socket.on('error', () => resolve(out))
-  })
+  const response = await exchange(port, requests)
   t.match(response, /^HTTP\/1\.1 413 [^]*payload_too_large[^]*HTTP\/1\.1 200 OK/, 'a 413, then the next request on the same connection')
 })
