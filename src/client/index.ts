@@ -83,6 +83,12 @@ export interface GetOrSetOptions extends Omit<WriteOptions, 'lease'>, CallOption
   maxWaitMs?: number
 }
 
+/**
+ * Loads the value on a miss. It is handed the call's `signal` (undefined when the call has
+ * none), to pass on to its own fetch or query: aborting the call then stops the load too.
+ */
+export type Loader<T> = (context: { signal: AbortSignal | undefined }) => Promise<T> | T
+
 /** What happened inside one getOrSet call (for metrics and tests). */
 export interface GetOrSetTrace {
   /**
@@ -215,15 +221,16 @@ export class CachewardenClient {
    * When the cache cannot be reached or answers 502/503/504, the loader's value is returned
    * uncached (`unavailable`); over the value limit (413), likewise (`too_large`).
    * Loader errors propagate (the fill lease then expires on the server); so do other cache errors.
+   * The loader is handed the call's `signal`, to stop its own work when the call is aborted.
    */
-  async getOrSet<T>(key: string, loader: () => Promise<T> | T, options: GetOrSetOptions = {}): Promise<T> {
+  async getOrSet<T>(key: string, loader: Loader<T>, options: GetOrSetOptions = {}): Promise<T> {
     return (await this.getOrSetTraced(key, loader, options)).value
   }
 
   /** `getOrSet`, also telling what happened (hit, filled, refused, waited). */
   async getOrSetTraced<T>(
     key: string,
-    loader: () => Promise<T> | T,
+    loader: Loader<T>,
     options: GetOrSetOptions = {},
   ): Promise<{ value: T; trace: GetOrSetTrace }> {
     const { maxWaitMs = DEFAULT_MAX_WAIT_MS, signal, ...write } = options
@@ -236,7 +243,7 @@ export class CachewardenClient {
       } catch (error) {
         // The cache cannot answer: the source can. Nothing is written (there is no lease).
         if (!unavailable(error)) throw error
-        return { value: await loader(), trace: { outcome: 'unavailable', waits } }
+        return { value: await loader({ signal }), trace: { outcome: 'unavailable', waits } }
       }
       if (found.status === 'hit') {
         this.#heldFills.delete(key)
@@ -250,7 +257,7 @@ export class CachewardenClient {
       deadline ??= Date.now() + maxWaitMs
       if (lease.fill || Date.now() >= deadline) {
         this.#heldFills.delete(key)
-        const value = await loader()
+        const value = await loader({ signal })
         // undefined is not JSON: nothing to cache (return null to cache an absence).
         if (value === undefined) return { value, trace: { outcome: 'not_cached', waits } }
         try {

@@ -174,6 +174,28 @@ t.test('a signal abandons a call: AbortError, not a wait for the timeout', async
   await t.rejects(waiter.getOrSet('w', () => ++loads, { maxWaitMs: 10_000, signal: controller.signal }), { name: 'AbortError' })
   t.equal(loads, 0)
   t.same(await waiter.getOrSetTraced('h', () => 'v', { signal: new AbortController().signal }), { value: 'v', trace: { outcome: 'filled', waits: 0 } }, 'a signal not aborted changes nothing')
+
+  // The loader is handed the signal: a load that honours it stops with the call, nothing cached.
+  const during = new AbortController()
+  const handed: Array<AbortSignal | undefined> = []
+  const load = waiter.getOrSet('l', ({ signal }) => {
+    handed.push(signal)
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => resolve('late'), 10_000)
+      signal?.addEventListener('abort', () => {
+        clearTimeout(timer)
+        reject(signal.reason)
+      })
+    })
+  }, { signal: during.signal })
+  setTimeout(() => during.abort(), 100)
+  await t.rejects(load, { name: 'AbortError' }, 'the load stopped with the call')
+  t.equal(handed[0], during.signal, "the loader got the call's signal")
+  t.equal((await waiter.lookup('l')).status, 'miss', 'nothing was written')
+  await waiter.getOrSet('n', (context) => {
+    t.same(context, { signal: undefined }, 'a call without a signal hands the loader none')
+    return 1
+  })
 })
 
 t.test('the constructor refuses bad options with TypeError', async (t) => {
