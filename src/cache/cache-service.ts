@@ -439,7 +439,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
       bytes,
       hits,
       misses,
-      hitRatio: hits + misses === 0 ? 0 : round(hits / (hits + misses), 4),
+      hitRatio: hits + misses === 0 ? 0 : hits / (hits + misses),
       sets: t.sets - b.sets,
       evictions: t.evictions.evict + t.evictions.expire - b.evictions.evict - b.evictions.expire,
       invalidations: {

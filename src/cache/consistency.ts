@@ -150,7 +150,10 @@ export class ConsistencyChecker {
       const key = checkKey(item.key, this.#cache.limits, `entries[${i}].key`)
       if (out.has(key)) throw invalidRequest(`entries[${i}].key repeats an earlier key`)
       // `value: null` is a JSON value like any other, so presence is what counts.
-      if (Object.hasOwn(item, 'value')) out.set(key, this.#etagOf(item.value))
+      const hasValue = Object.hasOwn(item, 'value')
+      // Both could disagree, and one would be ignored without a word: which is the truth?
+      if (hasValue && item.etag !== undefined) throw invalidRequest(`entries[${i}] has both a value and an etag: send one`)
+      if (hasValue) out.set(key, this.#etagOf(item.value))
       else if (typeof item.etag === 'string' && item.etag !== '') out.set(key, bareEtag(item.etag))
       else throw invalidRequest(`entries[${i}] needs a value or an etag`)
     })

@@ -165,6 +165,7 @@ t.test('a malformed check is a 400 naming the problem, and the route needs admin
     [{ against: 'provided' }, /entries is required/],
     [{ against: 'provided', keys: ['a'], entries: [{ key: 'a', value: 1 }] }, /keys, userIds and sample are for against "origin"/],
     [{ against: 'provided', entries: [{ key: 'a' }] }, /entries\[0\] needs a value or an etag/],
+    [{ against: 'provided', entries: [{ key: 'a', value: 1, etag: 'x' }] }, /entries\[0\] has both a value and an etag/],
     [{ against: 'provided', entries: [{ key: 'a', value: 1 }, { key: 'a', value: 2 }] }, /entries\[1\]\.key repeats/],
     [{ against: 'provided', entries: [{ key: '', value: 1 }] }, /entries\[0\]\.key/],
     [{ against: 'origin' }, /keys, userIds or sample/],

@@ -48,7 +48,7 @@ t.test('stats count hits, misses, sets and invalidations, and reset zeroes them'
     entries: 1,
     hits: 2,
     misses: 1,
-    hitRatio: 0.6667,
+    hitRatio: 2 / 3,
     sets: 2,
     evictions: 0,
     invalidations: { bySelector: { user: 1, tag: 1, prefix: 1 }, bySource: { api: 2 }, failed: 0 },
