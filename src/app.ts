@@ -60,6 +60,17 @@ function validatorCompiler() {
     (httpPart === 'body' ? strict : coercing).compile(schema)
 }
 
+// The router refuses an over-long path parameter before it picks a route: name the
+// parameter from the path, as the route's own check would have.
+function overlongParam(url: string, limits: Config['limits']): string {
+  const [field, maxBytes] = /^\/v1\/(?:debug\/)?users\//.test(url)
+    ? ['userId', limits.maxUserIdBytes]
+    : url.startsWith('/v1/tags/')
+      ? ['tag', limits.maxTagBytes]
+      : ['key', limits.maxKeyBytes]
+  return `${field} is longer than ${maxBytes} bytes`
+}
+
 /** Builds the cachewarden Fastify app (no `listen`): plugins, then routes. */
 export async function buildApp(partial: Partial<Config> = {}, options: BuildOptions = {}): Promise<FastifyInstance> {
   const config: Config = { ...defaultConfig(), ...partial }
@@ -90,9 +101,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     // No hook runs for them, so they are counted here (route `unmatched`; no timing: handled at once).
     frameworkErrors: (error, request, reply) => {
       const message =
-        error.code === 'FST_ERR_MAX_PARAM_LENGTH'
-          ? `a path parameter is longer than the limit (keys: ${config.limits.maxKeyBytes} bytes)`
-          : 'the URL is not valid (bad percent-encoding)'
+        error.code === 'FST_ERR_MAX_PARAM_LENGTH' ? overlongParam(request.url, config.limits) : 'the URL is not valid (bad percent-encoding)'
       ;(reply as FastifyReply).code(400).send({ error: 'invalid_request', message })
       const server = request.server as FastifyInstance
       if (server.hasDecorator('metrics')) server.metrics.observeUnrouted(request as FastifyRequest, reply as FastifyReply)

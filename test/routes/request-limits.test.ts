@@ -281,6 +281,27 @@ t.test('odd URL encodings are 400 or 404 with the contract body, never 5xx', asy
   t.equal(del.statusCode, 400)
 })
 
+t.test('a path parameter too long for the router is a 400 naming that parameter', async (t) => {
+  const app = await build(t)
+  const long = 'x'.repeat(5000)
+  const cases: Array<[string, string, RegExp]> = [
+    ['GET', `/v1/entries/${long}`, /^key is longer than 512 bytes$/],
+    ['POST', `/v1/entries/${long}/refresh`, /^key is longer than 512 bytes$/],
+    ['GET', `/v1/debug/entries/${long}`, /^key is longer than 512 bytes$/],
+    ['DELETE', `/v1/users/${long}/entries`, /^userId is longer than 128 bytes$/],
+    ['GET', `/v1/debug/users/${long}?x=1`, /^userId is longer than 128 bytes$/],
+    ['DELETE', `/v1/tags/${long}/entries?mode=stale`, /^tag is longer than 128 bytes$/],
+  ]
+  for (const [method, url, message] of cases) {
+    const res = await call(app, { method: method as 'GET', url })
+    t.equal(res.statusCode, 400, `${method} ${url.slice(0, 20)}`)
+    t.match(res.json(), { error: 'invalid_request', message }, `${method} ${url.slice(0, 20)}`)
+  }
+  // Below the router's limit, the route's own check answers the same way.
+  const res = await call(app, { method: 'DELETE', url: `/v1/users/${'u'.repeat(129)}/entries` })
+  t.match(res.json(), { error: 'invalid_request', message: /^userId is longer than 128 bytes$/ })
+})
+
 t.test('raw non-UTF-8 bytes and oversized headers over a real socket never get a 5xx', async (t) => {
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
