@@ -270,7 +270,10 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const byKey = new Map<string, number[]>()
     items.forEach((item, i) => {
       const key = item !== null && typeof item === 'object' ? (item as { key?: unknown }).key : undefined
+      // As the PUT body's schema does: a misspelt field is refused, not dropped.
+      const unknown = typeof key === 'string' ? Object.keys(item as object).find((field) => !BATCH_ITEM_FIELDS.has(field)) : undefined
       if (typeof key !== 'string') outcomes[i] = { key: '', error: invalidRequest(`entries[${i}].key must be a string`) }
+      else if (unknown !== undefined) outcomes[i] = { key, error: invalidRequest(`entries[${i}].${unknown} is not allowed`) }
       else if (byKey.has(key)) byKey.get(key)!.push(i)
       else byKey.set(key, [i])
     })
@@ -585,6 +588,9 @@ function keyHash(key: string): string {
 }
 
 const byteLength = (s: string) => (s.length < 128 && /^[\x20-\x7e]*$/.test(s) ? s.length : Buffer.byteLength(s))
+
+/** The fields of a batch-set item: the PUT body's plus `key`. */
+const BATCH_ITEM_FIELDS = new Set(['key', 'value', 'ttlMs', 'userId', 'tags', 'lease'])
 
 const round = (n: number, digits = 3) => Math.round(n * 10 ** digits) / 10 ** digits
 

@@ -53,6 +53,9 @@ const writeFields = {
 }
 
 export const WriteBody = Type.Object(writeFields, {
+  // A misspelt field (`userid`) would be dropped, and the entry with it left out of its
+  // user's invalidations without a word: an unknown field is a 400 naming it.
+  additionalProperties: false,
   examples: [{ value: { widgets: 3 }, ttlMs: 300000, userId: '42', tags: ['analytics:42'] }],
 })
 
@@ -64,7 +67,7 @@ export const WriteResult = Type.Object({
 
 export const BatchGetBody = Type.Object(
   { keys: Type.Array(Type.String(), { maxItems: 1000 }) },
-  { examples: [{ keys: ['dashboard:42', 'dashboard:43'] }] },
+  { additionalProperties: false, examples: [{ keys: ['dashboard:42', 'dashboard:43'] }] },
 )
 
 export const BatchGetResult = Type.Object({
@@ -84,7 +87,7 @@ const BatchSetItem = Type.Unsafe<Record<string, unknown>>({
 
 export const BatchSetBody = Type.Object(
   { entries: Type.Array(BatchSetItem, { maxItems: 1000 }) },
-  { examples: [{ entries: [{ key: 'dashboard:42', value: { widgets: 3 }, userId: '42' }] }] },
+  { additionalProperties: false, examples: [{ entries: [{ key: 'dashboard:42', value: { widgets: 3 }, userId: '42' }] }] },
 )
 
 export const BatchSetResult = Type.Object({

@@ -13,6 +13,7 @@ export const SelectorBody = Type.Object(
     reason: Type.Optional(Type.String({ maxLength: 1024, description: 'why, for the invalidation log' })),
   },
   {
+    additionalProperties: false,
     examples: [{ userIds: ['42'], tags: ['analytics:42'], mode: 'delete', reason: 'persona updated' }],
   },
 )

@@ -8,7 +8,7 @@ export const WarmBody = Type.Object(
     keys: names('keys to load from their origins'),
     userIds: names('users whose keys to load, through every origin whose keyPattern has `{userId}` as its only part'),
   },
-  { examples: [{ keys: ['dashboard:42'], userIds: ['43', '44'] }] },
+  { additionalProperties: false, examples: [{ keys: ['dashboard:42'], userIds: ['43', '44'] }] },
 )
 
 export const WarmSummary = Type.Object(
@@ -51,6 +51,7 @@ export const ConsistencyBody = Type.Object(
     ),
   },
   {
+    additionalProperties: false,
     examples: [
       { userIds: ['42'], against: 'origin', repair: 'refresh' },
       { against: 'provided', entries: [{ key: 'dashboard:42', value: { widgets: 3 } }, { key: 'dashboard:43', etag: 'q8rEz0pQ6vWbJm1nVd2c3A' }] },

@@ -220,3 +220,41 @@ t.test('a body over the body limit is 413 payload_too_large', async (t) => {
   t.equal(res.statusCode, 413)
   t.equal(res.json().error, 'payload_too_large')
 })
+
+t.test('a field a body does not have is a 400 naming it, not dropped without a word', async (t) => {
+  const app = await build(t)
+  // A misspelt userId would leave the entry out of its user's invalidations.
+  const write = (payload: Record<string, unknown>) => call(app, { method: 'PUT', url: '/v1/entries/k', payload })
+  const typo = await write({ value: 1, userid: '42' })
+  t.equal(typo.statusCode, 400)
+  t.same(typo.json(), { error: 'invalid_request', message: 'body.userid is not allowed' })
+  // `origin` names the origin that loaded an entry: a client cannot claim one.
+  t.same((await write({ value: 1, origin: 'dashboards' })).json(), { error: 'invalid_request', message: 'body.origin is not allowed' })
+  t.equal((await get(app, 'k')).statusCode, 404, 'nothing was written')
+
+  const batch = await call(app, {
+    method: 'POST',
+    url: '/v1/entries/batch-set',
+    payload: { entries: [{ key: 'a', value: 1, userid: '42' }, { key: 'b', value: 2, origin: 'o' }, { key: 'c', value: 3, userId: '42' }] },
+  })
+  t.match(batch.json().results, [
+    { key: 'a', status: 400, error: 'invalid_request', message: 'entries[0].userid is not allowed' },
+    { key: 'b', status: 400, error: 'invalid_request', message: 'entries[1].origin is not allowed' },
+    { key: 'c', status: 200 },
+  ])
+  t.equal((await get(app, 'a')).statusCode, 404)
+
+  const bodies: Array<[string, Record<string, unknown>, string]> = [
+    ['/v1/entries/batch-set', { entries: [], mode: 'x' }, 'body.mode is not allowed'],
+    ['/v1/entries/batch-get', { keys: ['c'], allowStale: true }, 'body.allowStale is not allowed'],
+    ['/v1/invalidations', { keys: ['c'], userids: ['42'] }, 'body.userids is not allowed'],
+    ['/v1/warm', { keys: ['c'], userID: ['42'] }, 'body.userID is not allowed'],
+    ['/v1/consistency', { against: 'provided', entries: [{ key: 'c', value: 3 }], repiar: 'invalidate' }, 'body.repiar is not allowed'],
+  ]
+  for (const [url, payload, message] of bodies) {
+    const res = await call(app, { method: 'POST', url, payload })
+    t.equal(res.statusCode, 400, url)
+    t.same(res.json(), { error: 'invalid_request', message }, url)
+  }
+  t.equal((await get(app, 'c')).statusCode, 200, 'the invalidation with a misspelt list invalidated nothing')
+})
