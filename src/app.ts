@@ -268,7 +268,9 @@ function clientError(this: FastifyInstance, error: Error & { code?: string }, so
     error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? [408, 'the request did not arrive in time']
     : error.code === 'HPE_HEADER_OVERFLOW' ? [400, 'the URL and headers are larger than the server accepts (16 KiB; keys: 512 bytes)']
     : [400, 'the request is not valid HTTP']
-  this.log.debug({ err: error }, 'client error')
+  // Never the error itself: Node's parser errors carry the raw bytes read (`rawPacket`),
+  // bearer secret and body included.
+  this.log.debug({ code: error.code, reason: error.message }, 'client error')
   const refuse = () => {
     if (socket.destroyed) return
     // Node's slot for the reply in progress on this socket (the next pipelined one once it ends).
