@@ -83,7 +83,15 @@ try {
   const code = (error as { code?: string }).code
   const variable = code === 'EADDRNOTAVAIL' || code === 'ENOTFOUND' ? 'HOST' : code === 'EADDRINUSE' || code === 'EACCES' ? 'PORT' : undefined
   const where = `${config.host}:${config.port}`
-  app.log.fatal({ err: error, variable }, variable === undefined ? 'could not start' : `could not start: cannot listen on ${where} (${variable}, ${code})`)
+  if (variable === undefined) {
+    app.log.fatal({ err: error }, 'could not start')
+    process.stderr.write(`cachewarden: could not start: ${(error as Error).message}\n`)
+  } else {
+    // A setting, not a bug: no stack. Said on stderr as a bad value is, whatever LOG_LEVEL.
+    const message = `cannot listen on ${where} (${variable}, ${code})`
+    app.log.fatal({ variable, code }, `could not start: ${message}`)
+    process.stderr.write(`cachewarden: invalid configuration: ${message}\n`)
+  }
   process.exit(variable === 'HOST' ? 78 : 1)
 }
 

@@ -196,10 +196,17 @@ t.test('a HOST this machine has no address for stops the start naming it; a take
   const server = start({ HOST: '192.0.2.1' }) // TEST-NET-1: never a local address
   await t.rejects(server.ready, /exited 78/)
   t.match(server.output(), /cannot listen on 192\.0\.2\.1:0 \(HOST, EADDRNOTAVAIL\)/)
+  t.notMatch(server.output(), /"stack"/, 'a setting, not a bug: no stack trace')
+  // Whatever the log level, it is said on stderr, as a bad value is.
+  const silent = start({ HOST: '192.0.2.1', LOG_LEVEL: 'silent' })
+  await t.rejects(silent.ready, /exited 78/)
+  t.equal(silent.output(), '', 'nothing logged')
+  t.match(silent.errors(), /^cachewarden: invalid configuration: cannot listen on 192\.0\.2\.1:0 \(HOST, EADDRNOTAVAIL\)\n$/)
   const first = start({ CACHEWARDEN_API_KEYS: 'a:read:x' })
   t.teardown(() => first.child.kill('SIGKILL'))
   const port = await first.ready
   const second = start({ CACHEWARDEN_API_KEYS: 'a:read:x', PORT: String(port) })
   await t.rejects(second.ready, /exited 1/)
   t.match(second.output(), new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} \\(PORT, EADDRINUSE\\)`))
+  t.match(second.errors(), new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} \\(PORT, EADDRINUSE\\)`))
 })
