@@ -189,6 +189,10 @@ export function loadConfig(env: Env = process.env): Config {
   c.batchBodyLimitBytes = int('BATCH_BODY_LIMIT_BYTES', Math.max(c.batchBodyLimitBytes, c.bodyLimitBytes), c.bodyLimitBytes)
   c.requestTimeoutMs = int('REQUEST_TIMEOUT_MS', c.requestTimeoutMs, 1000, 3_600_000)
   c.metricsToken = str('METRICS_TOKEN')
+  // As for API secrets: a header carries bytes, not UTF-8, and a space ends the token.
+  if (c.metricsToken !== undefined && !/^[\x21-\x7e]+$/.test(c.metricsToken)) {
+    throw new ConfigError('METRICS_TOKEN', 'has a space, control or non-ASCII character; use printable ASCII')
+  }
   c.redisUrl = url('REDIS_URL', ['redis:', 'rediss:'])
   c.pgUrl = url('PG_URL', ['postgres:', 'postgresql:'])
   c.pgChannel = str('PG_CHANNEL') ?? c.pgChannel
@@ -222,18 +226,26 @@ export function loadConfig(env: Env = process.env): Config {
   sec.auditLogSize = int('AUDIT_LOG_SIZE', sec.auditLogSize, 1, 1_000_000)
 
   const keys = str('CACHEWARDEN_API_KEYS')
-  if (keys !== undefined) c.apiKeys.push(...parseApiKeys(keys, 'CACHEWARDEN_API_KEYS'))
+  const fromEnv = keys === undefined ? [] : parseApiKeys(keys, 'CACHEWARDEN_API_KEYS')
   const keysFile = str('CACHEWARDEN_API_KEYS_FILE')
-  if (keysFile !== undefined) c.apiKeys.push(...readKeysFile(keysFile))
+  const fromFile = keysFile === undefined ? [] : readKeysFile(keysFile)
+  // A keys file that came up empty (a mount gone wrong) must not start an open-looking server
+  // on a generated key nobody sees: only no keys configured at all does that.
+  if (keysFile !== undefined && fromFile.length === 0) {
+    throw new ConfigError('CACHEWARDEN_API_KEYS_FILE', `${keysFile} holds no keys`)
+  }
   const names = new Set<string>()
   const secrets = new Map<string, string>()
-  for (const key of c.apiKeys) {
-    if (names.has(key.name)) throw new ConfigError('CACHEWARDEN_API_KEYS', `key name "${key.name}" is used twice`)
-    names.add(key.name)
-    // A secret names one key: with two, a request would get one key's scopes, never the other's.
-    const other = secrets.get(key.secret)
-    if (other !== undefined) throw new ConfigError('CACHEWARDEN_API_KEYS', `keys "${other}" and "${key.name}" have the same secret`)
-    secrets.set(key.secret, key.name)
+  for (const [variable, list] of [['CACHEWARDEN_API_KEYS', fromEnv], ['CACHEWARDEN_API_KEYS_FILE', fromFile]] as const) {
+    for (const key of list) {
+      if (names.has(key.name)) throw new ConfigError(variable, `key name "${key.name}" is used twice`)
+      names.add(key.name)
+      // A secret names one key: with two, a request would get one key's scopes, never the other's.
+      const other = secrets.get(key.secret)
+      if (other !== undefined) throw new ConfigError(variable, `keys "${other}" and "${key.name}" have the same secret`)
+      secrets.set(key.secret, key.name)
+      c.apiKeys.push(key)
+    }
   }
 
   const file = str('CONFIG_FILE')
@@ -282,29 +294,35 @@ export function readKeysFile(path: string, variable = 'CACHEWARDEN_API_KEYS_FILE
     if (error instanceof ConfigError) throw error
     throw new ConfigError(variable, `cannot read ${path}: ${(error as Error).message}`)
   }
-  const lines = text.split('\n').map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'))
-  return parseApiKeyEntries(lines, variable)
+  // Numbered by line, as an editor shows the file.
+  const lines = text.split('\n').map((line, i) => [`line ${i + 1}`, line] as const)
+  return parseApiKeyEntries(lines.filter(([, line]) => !line.trim().startsWith('#')), variable)
 }
 
 /** Parses `name:scope+scope:secret,...`. The secret may itself contain `:`. */
 export function parseApiKeys(text: string, variable = 'CACHEWARDEN_API_KEYS'): ApiKey[] {
-  return parseApiKeyEntries(text.split(','), variable)
+  const parts = text.split(',').filter((part) => part.trim() !== '')
+  return parseApiKeyEntries(parts.map((part, i) => [`entry ${i + 1}`, part] as const), variable)
 }
 
-function parseApiKeyEntries(entries: string[], variable: string): ApiKey[] {
+/** Each entry with where it is (`entry 2`, `line 5`), for the messages. */
+function parseApiKeyEntries(entries: ReadonlyArray<readonly [string, string]>, variable: string): ApiKey[] {
   return entries
-    .map((part) => part.trim())
-    .filter((part) => part !== '')
-    .map((part, i) => {
+    .map(([where, part]) => [where, part.trim()] as const)
+    .filter(([, part]) => part !== '')
+    .map(([where, part]) => {
       const first = part.indexOf(':')
       const second = part.indexOf(':', first + 1)
       if (first <= 0 || second < 0) {
-        throw new ConfigError(variable, `entry ${i + 1} must look like name:scope+scope:secret`)
+        throw new ConfigError(variable, `${where} must look like name:scope+scope:secret`)
       }
       const name = part.slice(0, first)
-      const scopes = part.slice(first + 1, second).split('+').filter(Boolean)
+      const listed = part.slice(first + 1, second).split('+')
+      const scopes = listed.filter(Boolean)
       const secret = part.slice(second + 1)
       if (scopes.length === 0) throw new ConfigError(variable, `key "${name}" has no scopes`)
+      // `admin+` or `+read`: a scope lost in editing, perhaps the one meant.
+      if (scopes.length !== listed.length) throw new ConfigError(variable, `key "${name}" has an empty scope (a stray "+")`)
       for (const scope of scopes) {
         if (!(SCOPES as readonly string[]).includes(scope)) {
           throw new ConfigError(variable, `key "${name}" has unknown scope "${scope}" (use ${SCOPES.join(', ')})`)

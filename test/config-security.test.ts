@@ -42,7 +42,23 @@ t.test('keys from the file authenticate requests', async (t) => {
 t.test('the file adds to CACHEWARDEN_API_KEYS, and a name used in both is refused', async (t) => {
   const path = keysFile(t, 'ops:admin:one\n')
   t.equal(loadConfig({ CACHEWARDEN_API_KEYS: 'svc:read:two', CACHEWARDEN_API_KEYS_FILE: path }).apiKeys.length, 2)
-  t.throws(() => loadConfig({ CACHEWARDEN_API_KEYS: 'ops:read:two', CACHEWARDEN_API_KEYS_FILE: path }), /used twice/)
+  const twice = t.throws(() => loadConfig({ CACHEWARDEN_API_KEYS: 'ops:read:two', CACHEWARDEN_API_KEYS_FILE: path })) as ConfigError
+  t.match(twice.message, /used twice/)
+  t.equal(twice.variable, 'CACHEWARDEN_API_KEYS_FILE', 'named where the second use is')
+})
+
+t.test('a stray "+" in the scopes and a METRICS_TOKEN no header can carry stop the start', async (t) => {
+  for (const keys of ['adm:admin+:secret-1', 'adm:+read:secret-1', 'adm:read++write:secret-1']) {
+    const error = t.throws(() => loadConfig({ CACHEWARDEN_API_KEYS: keys })) as ConfigError
+    t.equal(error.variable, 'CACHEWARDEN_API_KEYS')
+    t.match(error.message, /empty scope/, keys)
+  }
+  for (const token of ['t\u00f6ken', 'two words', 'tab\there']) {
+    const error = t.throws(() => loadConfig({ METRICS_TOKEN: token })) as ConfigError
+    t.equal(error.variable, 'METRICS_TOKEN')
+    t.match(error.message, /printable ASCII/)
+  }
+  t.equal(loadConfig({ METRICS_TOKEN: 'prom-Token_1.2~' }).metricsToken, 'prom-Token_1.2~')
 })
 
 t.test('a keys file other users can read or write is refused', { skip: process.platform === 'win32' && 'no POSIX modes' }, async (t) => {
@@ -66,6 +82,10 @@ t.test('bad keys files stop the start with a message naming the variable, never 
     ['ops:root:hunter2-secret\n', /unknown scope "root"/],
     ['ops:admin:\n', /empty secret/],
     ['ops:admin:hunter2-s\u00e9cret\n', /printable ASCII/],
+    ['# keys\n\nops:admin\n', /line 3 must look like/], // numbered as an editor numbers lines
+    ['ops:admin+:hunter2-secret\n', /key "ops" has an empty scope/],
+    ['', /holds no keys/],
+    ['# every key commented out\n# ops:admin:hunter2-secret\n\n', /holds no keys/], // not a generated admin key
   ]
   for (const [text, pattern] of cases) {
     const path = keysFile(t, text)
