@@ -45,6 +45,8 @@ export default fp(
         // Refused before its body was read (401, 403, 429 from the auth hook): Node would read
         // and discard the rest of it for as long as it came, up to REQUEST_TIMEOUT_MS.
         drainRest(request.raw, reply)
+        // RFC 9110: a 401 says which scheme would do (RFC 6750 for bearer tokens).
+        if (error.statusCode === 401) reply.header('www-authenticate', 'Bearer realm="cachewarden"')
         return reply.code(error.statusCode).send({ error: error.code, message: error.message, ...error.extra })
       }
       if ((error as FastifyError).validation) {

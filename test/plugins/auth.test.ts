@@ -9,7 +9,11 @@ t.test('no key, an unknown key or a malformed header is 401 unauthorized', async
     t.equal(res.statusCode, 401, String(authorization))
     t.same(Object.keys(res.json()).sort(), ['error', 'message'])
     t.equal(res.json().error, 'unauthorized')
+    t.equal(res.headers['www-authenticate'], 'Bearer realm="cachewarden"', 'says which scheme would do')
   }
+  const forbidden = await call(app, { method: 'GET', url: '/v1/stats', key: 'read' })
+  t.equal(forbidden.statusCode, 403)
+  t.equal(forbidden.headers['www-authenticate'], undefined, 'a 403 asks for no other credentials')
 })
 
 t.test('each route needs its scope and admin implies all', async (t) => {

@@ -169,6 +169,7 @@ t.test('METRICS_TOKEN closes /metrics to requests without it', async (t) => {
   const none = await app.inject({ method: 'GET', url: '/metrics' })
   t.equal(none.statusCode, 401)
   t.equal(none.json().error, 'unauthorized')
+  t.equal(none.headers['www-authenticate'], 'Bearer realm="cachewarden"')
   const wrong = await app.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer nope' } })
   t.equal(wrong.statusCode, 401)
   const apiKey = await call(app, { method: 'GET', url: '/metrics' })
