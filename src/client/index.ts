@@ -84,6 +84,21 @@ export interface GetOrSetOptions extends Omit<WriteOptions, 'lease'>, CallOption
 }
 
 /**
+ * The write fields of `options`, and only those: the server refuses a field a write does not
+ * have, and an options object (or an entry read back, passed to `batchSet`) may carry more
+ * than its type shows (`maxWaitMs`, `etag`, `stale`…).
+ */
+function writeFields(options: WriteOptions): Record<string, unknown> {
+  const fields: Record<string, unknown> = {}
+  if (options.ttlMs !== undefined) fields.ttlMs = options.ttlMs
+  if (options.userId !== undefined) fields.userId = options.userId
+  if (options.tags !== undefined) fields.tags = options.tags
+  const { lease } = options
+  if (lease !== undefined && lease !== null) fields.lease = typeof lease === 'string' ? lease : lease.lease
+  return fields
+}
+
+/**
  * Loads the value on a miss. It is handed the call's `signal` (undefined when the call has
  * none), to pass on to its own fetch or query: aborting the call then stops the load too.
  */
@@ -168,10 +183,7 @@ export class CachewardenClient {
   /** Writes an entry. With a `lease` from a miss, throws `LeaseInvalidatedError` (409) if an invalidation voided it. */
   async set(key: string, value: unknown, options: WriteOptions & CallOptions = {}): Promise<WriteResult> {
     assertJsonValue(value)
-    const { lease, signal, ...rest } = options
-    const payload: Record<string, unknown> = { ...rest, value }
-    if (lease !== undefined && lease !== null) payload.lease = typeof lease === 'string' ? lease : lease.lease
-    return this.#expect<WriteResult>('PUT', `/v1/entries/${encodeURIComponent(key)}`, payload, signal)
+    return this.#expect<WriteResult>('PUT', `/v1/entries/${encodeURIComponent(key)}`, { value, ...writeFields(options) }, options.signal)
   }
 
   /** Invalidates one key (deletes it, or marks it stale with `mode: 'stale'`), voiding its leases. */
@@ -197,9 +209,7 @@ export class CachewardenClient {
   /** Writes up to 1000 entries; each result has its own status, so one bad item does not throw. */
   async batchSet(items: BatchSetItem[], options: CallOptions = {}): Promise<BatchSetItemResult[]> {
     for (const item of items) assertJsonValue(item?.value)
-    const entries = items.map(({ lease, ...rest }) =>
-      lease === undefined || lease === null ? rest : { ...rest, lease: typeof lease === 'string' ? lease : lease.lease },
-    )
+    const entries = items.map((item) => ({ key: item.key, value: item.value, ...writeFields(item) }))
     const { results } = await this.#expect<{ results: BatchSetItemResult[] }>('POST', '/v1/entries/batch-set', { entries }, options.signal)
     return results
   }

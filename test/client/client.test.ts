@@ -240,6 +240,20 @@ t.test('batchGet and batchSet: leases for the missing, per-item results', async 
   t.equal(await c.get('c'), undefined)
 })
 
+t.test('set and batchSet send only the write fields, whatever else the object carries', async (t) => {
+  const { client } = await serve(t)
+  const c = client()
+  await c.set('e1', 1, { userId: 'u', tags: ['t'] })
+  await c.set('e2', 2, { userId: 'u' })
+  // Entries read back, written again: each carries etag, expiresAt, stale… besides its fields.
+  const read = Object.values((await c.batchGet(['e1', 'e2'])).entries)
+  t.same((await c.batchSet(read)).map((r) => [r.key, r.status]), [['e1', 200], ['e2', 200]])
+  const options = { ttlMs: 60_000, userId: 'v', maxWaitMs: 10 } // a getOrSet options object
+  t.equal((await c.set('e3', 3, options)).key, 'e3')
+  t.match(await c.get('e3'), { userId: 'v', tags: [] })
+  t.same((await c.invalidate({ userIds: ['u'] })).invalidated, 2, 'the rewritten entries kept their user')
+})
+
 t.test('requests share keep-alive connections from the pool', async (t) => {
   const { app, client } = await serve(t)
   let connections = 0
