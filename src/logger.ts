@@ -4,12 +4,21 @@ import type { FastifyServerOptions } from 'fastify'
  * The pino options the server logs with. Request logging is off (see app.ts), and the
  * authorization header is redacted wherever a request or its headers get logged, so a
  * bearer secret never reaches a log; clear tokens and cached values are never logged at all.
+ * Errors go to the log whole, so the fields in which libraries put what was sent are cut:
+ * ioredis' `command` (a write's arguments are the key, value, user and tags) and Node's
+ * HTTP parser's `rawPacket` (the request's bytes, bearer secret included).
  */
 export function loggerOptions(level: string): Exclude<FastifyServerOptions['logger'], boolean | undefined> {
   return {
     level,
     redact: {
-      paths: ['req.headers.authorization', 'headers.authorization', 'req.headers.cookie', 'headers.cookie'],
+      paths: [
+        'req.headers.authorization',
+        'headers.authorization',
+        'req.headers.cookie',
+        'headers.cookie',
+        ...['err', 'err.cause', 'err.previousErrors[*]'].flatMap((at) => [`${at}.command`, `${at}.rawPacket`]),
+      ],
       censor: '[redacted]',
     },
   }

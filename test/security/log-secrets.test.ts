@@ -1,11 +1,13 @@
 import { spawn } from 'node:child_process'
 import { connect } from 'node:net'
 import { fileURLToPath } from 'node:url'
+import { Redis } from 'ioredis'
 import t, { type Test } from 'tap'
 import { buildApp } from '../../src/app.js'
 import { DEFAULT_SECURITY, parseApiKeys } from '../../src/config.js'
 import { loggerOptions } from '../../src/logger.js'
 import { captureLogs } from '../helpers/build.js'
+import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 
 // A whole session of requests, with the log captured: no API secret, no clear token and no
 // cached value may appear in it, at the most verbose level.
@@ -156,4 +158,32 @@ t.test('the log of src/server.ts, run as a process, holds no secret, token or va
   t.equal(await exited, 0, 'the server shut down cleanly on SIGTERM')
   t.match(log, /client error/, 'the parser errors were logged')
   assertClean(t, log, tokens)
+})
+
+t.test('a Redis error is logged without the command that failed (its arguments hold the value)', async (t) => {
+  if (!requireRedisServer(t)) return
+  const redis = await startRedis(t)
+  const { lines, stream } = captureLogs()
+  const app = await buildApp(
+    { apiKeys: parseApiKeys(API_KEYS), redisUrl: redis.url },
+    { logger: { ...loggerOptions('trace'), stream } },
+  )
+  t.teardown(() => app.close())
+  await app.ready()
+  // Redis refuses every write (a replica of a master that is not there: READONLY), and
+  // ioredis puts the command, arguments and all, on the error.
+  const side = new Redis(redis.url)
+  t.teardown(() => side.quit())
+  await side.call('REPLICAOF', '127.0.0.1', '1')
+  const res = await app.inject({
+    method: 'PUT',
+    url: '/v1/entries/oom',
+    headers: { authorization: `Bearer ${SECRETS.rw}`, 'content-type': 'application/json' },
+    payload: JSON.stringify({ value: `${VALUE_MARK}-oom`, userId: 'u-c4n4ry' }),
+  })
+  t.equal(res.statusCode, 503, res.body)
+  const log = lines.join('\n')
+  t.match(log, /Redis write failed/, 'the failure was logged')
+  t.match(log, /READONLY/, 'with the cause')
+  t.notOk(log.includes('c4n4ry'), 'but not the value or the user')
 })
