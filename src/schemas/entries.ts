@@ -5,10 +5,13 @@ export const KeyParams = Type.Object({
   key: Type.String({ minLength: 1, description: 'the entry key, URL-encoded; may contain `:` `/` and any printable character' }),
 })
 
-export const ReadQuery = Type.Object({
-  allowStale: Type.Optional(Type.Boolean({ description: 'return a stale entry (with `stale: true`) instead of 404' })),
-  load: Type.Optional(Type.Boolean({ description: 'fill a miss from the matching origin (read-through)' })),
-})
+export const ReadQuery = Type.Object(
+  {
+    allowStale: Type.Optional(Type.Boolean({ description: 'return a stale entry (with `stale: true`) instead of 404' })),
+    load: Type.Optional(Type.Boolean({ description: 'fill a miss from the matching origin (read-through)' })),
+  },
+  { additionalProperties: false },
+)
 
 export const Entry = Type.Object(
   {
@@ -82,7 +85,8 @@ export const BatchGetResult = Type.Object({
 
 // Items are checked one by one in the core, so one bad item fails alone, not the batch.
 const BatchSetItem = Type.Unsafe<Record<string, unknown>>({
-  description: 'the PUT body plus `key`: {key, value, ttlMs?, userId?, tags?, lease?}; each item is validated on its own',
+  description:
+    'the PUT body plus `key`: {key, value, ttlMs?, userId?, tags?, lease?}, and no other field; each item is validated on its own',
 })
 
 export const BatchSetBody = Type.Object(

@@ -257,4 +257,21 @@ t.test('a field a body does not have is a 400 naming it, not dropped without a w
     t.same(res.json(), { error: 'invalid_request', message }, url)
   }
   t.equal((await get(app, 'c')).statusCode, 200, 'the invalidation with a misspelt list invalidated nothing')
+
+  // Query strings too: a misspelt mode must not delete what was to be marked stale.
+  const queries: Array<[string, string, string]> = [
+    ['DELETE', '/v1/users/42/entries?Mode=stale', 'querystring.Mode is not allowed'],
+    ['DELETE', '/v1/tags/t/entries?mdoe=stale', 'querystring.mdoe is not allowed'],
+    ['DELETE', '/v1/entries/c?mode=stale&reason=x', 'querystring.reason is not allowed'],
+    ['GET', '/v1/entries/c?allowstale=true', 'querystring.allowstale is not allowed'],
+    ['HEAD', '/v1/entries/c?allowstale=true', ''],
+    ['POST', '/v1/entries/batch-get?allowstale=true', 'querystring.allowstale is not allowed'],
+    ['GET', '/v1/debug/invalidations?limt=5', 'querystring.limt is not allowed'],
+  ]
+  for (const [method, url, message] of queries) {
+    const res = await call(app, { method: method as 'GET', url, payload: method === 'POST' ? { keys: ['c'] } : undefined })
+    t.equal(res.statusCode, 400, `${method} ${url}`)
+    if (message) t.same(res.json(), { error: 'invalid_request', message }, url)
+  }
+  t.match((await get(app, 'c')).json(), { value: 3, stale: false }, 'still there, not stale')
 })
