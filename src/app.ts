@@ -78,7 +78,8 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     logger: options.logger ?? false,
     bodyLimit: config.bodyLimitBytes,
     // Keys may be up to 512 bytes, i.e. up to 1536 characters once URL-encoded.
-    routerOptions: { maxParamLength: config.limits.maxKeyBytes * 3 + 64 },
+    // Room for any key, user id or tag %-encoded whole: longer is refused before routing.
+    routerOptions: { maxParamLength: Math.max(config.limits.maxKeyBytes, config.limits.maxUserIdBytes, config.limits.maxTagBytes) * 3 + 64 },
     // Per-request log lines would cost more than a cache hit; errors are still logged.
     logController: new LogController({ disableRequestLogging: true }),
     onProtoPoisoning: 'error',

@@ -190,9 +190,7 @@ export function loadConfig(env: Env = process.env): Config {
   c.requestTimeoutMs = int('REQUEST_TIMEOUT_MS', c.requestTimeoutMs, 1000, 3_600_000)
   c.metricsToken = str('METRICS_TOKEN')
   // As for API secrets: a header carries bytes, not UTF-8, and a space ends the token.
-  if (c.metricsToken !== undefined && !/^[\x21-\x7e]+$/.test(c.metricsToken)) {
-    throw new ConfigError('METRICS_TOKEN', 'has a space, control or non-ASCII character; use printable ASCII')
-  }
+  if (c.metricsToken !== undefined && !headerSafe(c.metricsToken)) throw new ConfigError('METRICS_TOKEN', `has ${NOT_HEADER_SAFE}`)
   c.redisUrl = url('REDIS_URL', ['redis:', 'rediss:'])
   c.pgUrl = url('PG_URL', ['postgres:', 'postgresql:'])
   c.pgChannel = str('PG_CHANNEL') ?? c.pgChannel
@@ -229,8 +227,9 @@ export function loadConfig(env: Env = process.env): Config {
   const fromEnv = keys === undefined ? [] : parseApiKeys(keys, 'CACHEWARDEN_API_KEYS')
   const keysFile = str('CACHEWARDEN_API_KEYS_FILE')
   const fromFile = keysFile === undefined ? [] : readKeysFile(keysFile)
-  // A keys file that came up empty (a mount gone wrong) must not start an open-looking server
-  // on a generated key nobody sees: only no keys configured at all does that.
+  // Keys configured but none found (a keys file mounted empty, `"$A,$B"` with both unset) must
+  // not start a server on a generated key nobody sees: only no keys configured at all does that.
+  if (keys !== undefined && fromEnv.length === 0) throw new ConfigError('CACHEWARDEN_API_KEYS', 'holds no keys')
   if (keysFile !== undefined && fromFile.length === 0) {
     throw new ConfigError('CACHEWARDEN_API_KEYS_FILE', `${keysFile} holds no keys`)
   }
@@ -238,11 +237,12 @@ export function loadConfig(env: Env = process.env): Config {
   const secrets = new Map<string, string>()
   for (const [variable, list] of [['CACHEWARDEN_API_KEYS', fromEnv], ['CACHEWARDEN_API_KEYS_FILE', fromFile]] as const) {
     for (const key of list) {
-      if (names.has(key.name)) throw new ConfigError(variable, `key name "${key.name}" is used twice`)
+      const where = keyWhere.get(key)
+      if (names.has(key.name)) throw new ConfigError(variable, `${where}: key name "${key.name}" is used twice`)
       names.add(key.name)
       // A secret names one key: with two, a request would get one key's scopes, never the other's.
       const other = secrets.get(key.secret)
-      if (other !== undefined) throw new ConfigError(variable, `keys "${other}" and "${key.name}" have the same secret`)
+      if (other !== undefined) throw new ConfigError(variable, `${where}: keys "${other}" and "${key.name}" have the same secret`)
       secrets.set(key.secret, key.name)
       c.apiKeys.push(key)
     }
@@ -305,34 +305,40 @@ export function parseApiKeys(text: string, variable = 'CACHEWARDEN_API_KEYS'): A
   return parseApiKeyEntries(parts.map((part, i) => [`entry ${i + 1}`, part] as const), variable)
 }
 
+/** Where each parsed key was written (`entry 2`, `line 5`), for messages about it. */
+const keyWhere = new WeakMap<ApiKey, string>()
+
+/**
+ * A header carries bytes, not UTF-8, and a space ends the token: a secret or token with
+ * anything but printable ASCII could never match.
+ */
+const headerSafe = (token: string) => /^[\x21-\x7e]+$/.test(token)
+const NOT_HEADER_SAFE = 'a space, control or non-ASCII character; use printable ASCII'
+
 /** Each entry with where it is (`entry 2`, `line 5`), for the messages. */
 function parseApiKeyEntries(entries: ReadonlyArray<readonly [string, string]>, variable: string): ApiKey[] {
   return entries
     .map(([where, part]) => [where, part.trim()] as const)
     .filter(([, part]) => part !== '')
     .map(([where, part]) => {
+      const fail = (message: string) => new ConfigError(variable, `${where}: ${message}`)
       const first = part.indexOf(':')
       const second = part.indexOf(':', first + 1)
-      if (first <= 0 || second < 0) {
-        throw new ConfigError(variable, `${where} must look like name:scope+scope:secret`)
-      }
+      if (first <= 0 || second < 0) throw fail('must look like name:scope+scope:secret')
       const name = part.slice(0, first)
       const listed = part.slice(first + 1, second).split('+')
       const scopes = listed.filter(Boolean)
       const secret = part.slice(second + 1)
-      if (scopes.length === 0) throw new ConfigError(variable, `key "${name}" has no scopes`)
+      if (scopes.length === 0) throw fail(`key "${name}" has no scopes`)
       // `admin+` or `+read`: a scope lost in editing, perhaps the one meant.
-      if (scopes.length !== listed.length) throw new ConfigError(variable, `key "${name}" has an empty scope (a stray "+")`)
+      if (scopes.length !== listed.length) throw fail(`key "${name}" has an empty scope (a stray "+")`)
       for (const scope of scopes) {
-        if (!(SCOPES as readonly string[]).includes(scope)) {
-          throw new ConfigError(variable, `key "${name}" has unknown scope "${scope}" (use ${SCOPES.join(', ')})`)
-        }
+        if (!(SCOPES as readonly string[]).includes(scope)) throw fail(`key "${name}" has unknown scope "${scope}" (use ${SCOPES.join(', ')})`)
       }
-      if (secret === '') throw new ConfigError(variable, `key "${name}" has an empty secret`)
-      // A header carries bytes, not UTF-8, and a space ends the token: such a secret could never match.
-      if (!/^[\x21-\x7e]+$/.test(secret)) {
-        throw new ConfigError(variable, `key "${name}" has a secret with a space, control or non-ASCII character; use printable ASCII`)
-      }
-      return { name, scopes: new Set(scopes as Scope[]), secret }
+      if (secret === '') throw fail(`key "${name}" has an empty secret`)
+      if (!headerSafe(secret)) throw fail(`key "${name}" has a secret with ${NOT_HEADER_SAFE}`)
+      const key: ApiKey = { name, scopes: new Set(scopes as Scope[]), secret }
+      keyWhere.set(key, where)
+      return key
     })
 }

@@ -90,7 +90,8 @@ try {
     // A setting, not a bug: no stack. Said on stderr as a bad value is, whatever LOG_LEVEL.
     const message = `cannot listen on ${where} (${variable}, ${code})`
     app.log.fatal({ variable, code }, `could not start: ${message}`)
-    process.stderr.write(`cachewarden: invalid configuration: ${message}\n`)
+    // A taken port may free up (exit 1, try again); an address the machine lacks will not (78).
+    process.stderr.write(`cachewarden: ${variable === 'HOST' ? 'invalid configuration' : 'could not start'}: ${message}\n`)
   }
   process.exit(variable === 'HOST' ? 78 : 1)
 }

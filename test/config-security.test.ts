@@ -53,6 +53,11 @@ t.test('a stray "+" in the scopes and a METRICS_TOKEN no header can carry stop t
     t.equal(error.variable, 'CACHEWARDEN_API_KEYS')
     t.match(error.message, /empty scope/, keys)
   }
+  for (const keys of [',', ' , ,']) {
+    const error = t.throws(() => loadConfig({ CACHEWARDEN_API_KEYS: keys })) as ConfigError
+    t.equal(error.variable, 'CACHEWARDEN_API_KEYS')
+    t.match(error.message, /holds no keys/, `${JSON.stringify(keys)} is not "no keys configured"`)
+  }
   for (const token of ['t\u00f6ken', 'two words', 'tab\there']) {
     const error = t.throws(() => loadConfig({ METRICS_TOKEN: token })) as ConfigError
     t.equal(error.variable, 'METRICS_TOKEN')
@@ -82,7 +87,9 @@ t.test('bad keys files stop the start with a message naming the variable, never 
     ['ops:root:hunter2-secret\n', /unknown scope "root"/],
     ['ops:admin:\n', /empty secret/],
     ['ops:admin:hunter2-s\u00e9cret\n', /printable ASCII/],
-    ['# keys\n\nops:admin\n', /line 3 must look like/], // numbered as an editor numbers lines
+    ['# keys\n\nops:admin\n', /^line 3: must look like/], // numbered as an editor numbers lines
+    ['a:read:s1\r\n  # indented comment\r\n\r\nb:reed:hunter2-secret\r\n', /^line 4: key "b" has unknown scope "reed"/],
+    ['a:read:s1\nb:read:s2\na:write:hunter2-secret\n', /^line 3: key name "a" is used twice/],
     ['ops:admin+:hunter2-secret\n', /key "ops" has an empty scope/],
     ['', /holds no keys/],
     ['# every key commented out\n# ops:admin:hunter2-secret\n\n', /holds no keys/], // not a generated admin key
@@ -91,7 +98,7 @@ t.test('bad keys files stop the start with a message naming the variable, never 
     const path = keysFile(t, text)
     const error = t.throws(() => loadConfig({ CACHEWARDEN_API_KEYS_FILE: path })) as ConfigError
     t.equal(error.variable, 'CACHEWARDEN_API_KEYS_FILE')
-    t.match(error.message, pattern)
+    t.match(error.message.slice(`${error.variable}: `.length), pattern)
     t.notMatch(error.message, /hunter2/)
   }
   const missing = t.throws(() => loadConfig({ CACHEWARDEN_API_KEYS_FILE: '/nonexistent/keys' })) as ConfigError

@@ -208,5 +208,5 @@ t.test('a HOST this machine has no address for stops the start naming it; a take
   const second = start({ CACHEWARDEN_API_KEYS: 'a:read:x', PORT: String(port) })
   await t.rejects(second.ready, /exited 1/)
   t.match(second.output(), new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} \\(PORT, EADDRINUSE\\)`))
-  t.match(second.errors(), new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} \\(PORT, EADDRINUSE\\)`))
+  t.match(second.errors(), new RegExp(`^cachewarden: could not start: cannot listen on 127\\.0\\.0\\.1:${port} \\(PORT, EADDRINUSE\\)`))
 })

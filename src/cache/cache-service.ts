@@ -590,7 +590,7 @@ function keyHash(key: string): string {
 const byteLength = (s: string) => (s.length < 128 && /^[\x20-\x7e]*$/.test(s) ? s.length : Buffer.byteLength(s))
 
 /** The fields of a batch-set item: the PUT body's plus `key`. */
-const BATCH_ITEM_FIELDS = new Set(['key', 'value', 'ttlMs', 'userId', 'tags', 'lease'])
+export const BATCH_ITEM_FIELDS: ReadonlySet<string> = new Set(['key', 'value', 'ttlMs', 'userId', 'tags', 'lease'])
 
 const round = (n: number, digits = 3) => Math.round(n * 10 ** digits) / 10 ** digits
 

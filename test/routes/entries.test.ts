@@ -1,4 +1,6 @@
 import t from 'tap'
+import { BATCH_ITEM_FIELDS } from '../../src/cache/cache-service.js'
+import { WriteBody } from '../../src/schemas/entries.js'
 import { FakeClock, build, call, get, put } from '../helpers/build.js'
 
 t.test('a written entry reads back with its metadata and ETag', async (t) => {
@@ -274,4 +276,8 @@ t.test('a field a body does not have is a 400 naming it, not dropped without a w
     if (message) t.same(res.json(), { error: 'invalid_request', message }, url)
   }
   t.match((await get(app, 'c')).json(), { value: 3, stale: false }, 'still there, not stale')
+})
+
+t.test("batch-set items take exactly the PUT body's fields plus key (the core keeps its own list)", async (t) => {
+  t.same([...BATCH_ITEM_FIELDS].sort(), [...Object.keys(WriteBody.properties), 'key'].sort())
 })

@@ -300,6 +300,13 @@ t.test('a path parameter too long for the router is a 400 naming that parameter'
   // Below the router's limit, the route's own check answers the same way.
   const res = await call(app, { method: 'DELETE', url: `/v1/users/${'u'.repeat(129)}/entries` })
   t.match(res.json(), { error: 'invalid_request', message: /^userId is longer than 128 bytes$/ })
+
+  // The router makes room for the longest of the three, whatever MAX_KEY_BYTES is.
+  const small = await build(t, { limits: { ...DEFAULT_LIMITS, maxKeyBytes: 16 } })
+  const userId = '\u00e9'.repeat(64) // 128 bytes, 384 characters %-encoded
+  const ok = await call(small, { method: 'DELETE', url: `/v1/users/${encodeURIComponent(userId)}/entries` })
+  t.equal(ok.statusCode, 200, 'a user id within its limit is not refused for being longer than a key')
+  t.match((await call(small, { method: 'GET', url: `/v1/entries/${'k'.repeat(17)}` })).json(), { message: 'key is longer than 16 bytes' })
 })
 
 t.test('raw non-UTF-8 bytes and oversized headers over a real socket never get a 5xx', async (t) => {
