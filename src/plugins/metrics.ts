@@ -7,7 +7,7 @@ import { LatencyHistogram, type LatencyChild } from './latency-histogram.js'
 import type { CacheService } from '../cache/cache-service.js'
 import { INVALIDATION_SOURCES, selectorLabels, type InvalidationRecord } from '../cache/types.js'
 import { CacheError } from '../errors.js'
-import { ErrorBody } from '../schemas/common.js'
+import { unauthorized } from '../schemas/common.js'
 import { METRICS_SECURITY_SCHEME } from './swagger.js'
 
 declare module 'fastify' {
@@ -288,7 +288,7 @@ export async function metricsRoute(app: FastifyInstance) {
             description: 'Prometheus text exposition format 0.0.4',
             content: { 'text/plain': { schema: Type.String({ example: 'cachewarden_cache_hits_total 42\n' }) } },
           },
-          401: Type.Object(ErrorBody.properties, { description: '`METRICS_TOKEN` is set and the bearer token is missing or wrong (`unauthorized`)' }),
+          401: unauthorized('`METRICS_TOKEN` is set and the bearer token is missing or wrong (`unauthorized`)'),
         },
       },
     },

@@ -24,9 +24,17 @@ export const MissBody = Type.Object(
 
 const err = (description: string): TSchema => Type.Object(ErrorBody.properties, { additionalProperties: true, description })
 
+/** A 401 names the scheme that would do (RFC 9110), documented as the header it is. */
+export const unauthorized = (description: string): TSchema =>
+  Type.Object(ErrorBody.properties, {
+    additionalProperties: true,
+    description,
+    headers: { 'WWW-Authenticate': { type: 'string', description: 'always `Bearer realm="cachewarden"`' } },
+  })
+
 /** The error responses every authenticated route can give. */
 export const authErrors = {
-  401: err('No or unknown bearer key (`unauthorized`)'),
+  401: unauthorized('No or unknown bearer key (`unauthorized`)'),
   403: err('The key lacks the route\'s scope (`forbidden`)'),
   429: err('Too many requests (`rate_limited`)'),
   500: err('A bug (`internal_error`); logged, never detailed'),
