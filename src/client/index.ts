@@ -59,7 +59,7 @@ export interface ClientOptions {
   fillLeaseMs?: number
 }
 
-/** Every method takes a `signal`: aborting it abandons the call with undici's `AbortError`. */
+/** Every method takes a `signal`: aborting it abandons the call, which rejects with the signal's reason (an `AbortError` by default). */
 export interface CallOptions {
   signal?: AbortSignal
 }
@@ -84,10 +84,30 @@ export interface GetOrSetOptions extends Omit<WriteOptions, 'lease'>, CallOption
 }
 
 /**
- * The write fields of `options`, and only those: the server refuses a field a write does not
- * have, and an options object (or an entry read back, passed to `batchSet`) may carry more
- * than its type shows (`maxWaitMs`, `etag`, `stale`…).
+ * Refuses an option the call does not have, before anything is sent: from JavaScript a
+ * misspelt `userid` would store the entry outside its user's invalidations, and a misspelt
+ * `Mode: 'stale'` would delete. (The server refuses unknown fields too; this says it first,
+ * and for options that never reach it as a field.)
  */
+function checkOptions(options: object, allowed: ReadonlySet<string>, what: string): void {
+  if (options === null || typeof options !== 'object') throw new TypeError(`${what} must be an object`)
+  for (const name of Object.keys(options)) {
+    if (!allowed.has(name)) throw new TypeError(`${what} has no "${name}" (it takes ${[...allowed].join(', ')})`)
+  }
+}
+
+const WRITE_FIELDS = ['ttlMs', 'userId', 'tags', 'lease']
+const OPTIONS = {
+  get: new Set(['allowStale', 'signal']),
+  lookup: new Set(['allowStale', 'ifNoneMatch', 'signal']),
+  set: new Set([...WRITE_FIELDS, 'signal']),
+  delete: new Set(['mode', 'signal']),
+  call: new Set(['signal']),
+  batchSetItem: new Set(['key', 'value', ...WRITE_FIELDS]),
+  getOrSet: new Set(['ttlMs', 'userId', 'tags', 'maxWaitMs', 'signal']),
+}
+
+/** The write fields of checked options, the lease as its token. */
 function writeFields(options: WriteOptions): Record<string, unknown> {
   const fields: Record<string, unknown> = {}
   if (options.ttlMs !== undefined) fields.ttlMs = options.ttlMs
@@ -154,6 +174,7 @@ export class CachewardenClient {
    * client, which then fills at once instead of waiting the lease out.
    */
   async get<T = unknown>(key: string, options: GetOptions = {}): Promise<Entry<T> | undefined> {
+    checkOptions(options, OPTIONS.get, 'get options')
     const sent = performance.now() // the lease was issued after this (the clock lru-cache's TTLs use)
     const found = await this.lookup<T>(key, options)
     if (found.status === 'miss') this.#holdFill(key, found.lease, sent)
@@ -162,6 +183,7 @@ export class CachewardenClient {
 
   /** Reads an entry: a hit, a miss with its lease, or `not_modified` for a matching `ifNoneMatch`. */
   async lookup<T = unknown>(key: string, options: LookupOptions = {}): Promise<LookupResult<T>> {
+    checkOptions(options, OPTIONS.lookup, 'lookup options')
     const headers: Record<string, string> = {}
     if (options.ifNoneMatch !== undefined) headers['if-none-match'] = quote(options.ifNoneMatch)
     const query = options.allowStale ? '?allowStale=true' : ''
@@ -182,23 +204,27 @@ export class CachewardenClient {
 
   /** Writes an entry. With a `lease` from a miss, throws `LeaseInvalidatedError` (409) if an invalidation voided it. */
   async set(key: string, value: unknown, options: WriteOptions & CallOptions = {}): Promise<WriteResult> {
+    checkOptions(options, OPTIONS.set, 'set options')
     assertJsonValue(value)
     return this.#expect<WriteResult>('PUT', `/v1/entries/${encodeURIComponent(key)}`, { value, ...writeFields(options) }, options.signal)
   }
 
   /** Invalidates one key (deletes it, or marks it stale with `mode: 'stale'`), voiding its leases. */
   async delete(key: string, options: { mode?: InvalidationMode } & CallOptions = {}): Promise<InvalidationResult> {
+    checkOptions(options, OPTIONS.delete, 'delete options')
     const query = options.mode ? `?mode=${options.mode}` : ''
     return this.#expect<InvalidationResult>('DELETE', `/v1/entries/${encodeURIComponent(key)}${query}`, undefined, options.signal)
   }
 
   /** Invalidates by keys, userIds, tags and prefixes at once (`POST /v1/invalidations`). */
   async invalidate(selector: Selector, options: CallOptions = {}): Promise<InvalidationResult> {
+    checkOptions(options, OPTIONS.call, 'invalidate options')
     return this.#expect<InvalidationResult>('POST', '/v1/invalidations', selector, options.signal)
   }
 
   /** Reads up to 1000 keys; each missing key is in `missing` and has a lease in `leases`. */
   async batchGet<T = unknown>(keys: string[], options: GetOptions = {}): Promise<BatchGetResult<T>> {
+    checkOptions(options, OPTIONS.get, 'batchGet options')
     const query = options.allowStale ? '?allowStale=true' : ''
     const sent = performance.now()
     const result = await this.#expect<BatchGetResult<T>>('POST', `/v1/entries/batch-get${query}`, { keys }, options.signal)
@@ -208,7 +234,11 @@ export class CachewardenClient {
 
   /** Writes up to 1000 entries; each result has its own status, so one bad item does not throw. */
   async batchSet(items: BatchSetItem[], options: CallOptions = {}): Promise<BatchSetItemResult[]> {
-    for (const item of items) assertJsonValue(item?.value)
+    checkOptions(options, OPTIONS.call, 'batchSet options')
+    items.forEach((item, i) => {
+      checkOptions(item, OPTIONS.batchSetItem, `batchSet item ${i}`)
+      assertJsonValue(item.value)
+    })
     const entries = items.map((item) => ({ key: item.key, value: item.value, ...writeFields(item) }))
     const { results } = await this.#expect<{ results: BatchSetItemResult[] }>('POST', '/v1/entries/batch-set', { entries }, options.signal)
     return results
@@ -243,6 +273,7 @@ export class CachewardenClient {
     loader: Loader<T>,
     options: GetOrSetOptions = {},
   ): Promise<{ value: T; trace: GetOrSetTrace }> {
+    checkOptions(options, OPTIONS.getOrSet, 'getOrSet options')
     const { maxWaitMs = DEFAULT_MAX_WAIT_MS, signal, ...write } = options
     let waits = 0
     let deadline: number | undefined
@@ -282,7 +313,10 @@ export class CachewardenClient {
         return { value, trace: { outcome: lease.fill ? 'filled' : 'loaded_after_wait', waits } }
       }
       waits++
-      await sleep(Math.max(1, Math.min(lease.retryAfterMs ?? DEFAULT_POLL_MS, deadline - Date.now())), undefined, { signal })
+      // timers/promises rejects with its own AbortError: the call rejects with the signal's reason, as a request does.
+      await sleep(Math.max(1, Math.min(lease.retryAfterMs ?? DEFAULT_POLL_MS, deadline - Date.now())), undefined, { signal }).catch((error: unknown) => {
+        throw signal?.aborted ? signal.reason : error
+      })
     }
   }
 

@@ -173,6 +173,12 @@ t.test('a signal abandons a call: AbortError, not a wait for the timeout', async
   setTimeout(() => controller.abort(), 150)
   await t.rejects(waiter.getOrSet('w', () => ++loads, { maxWaitMs: 10_000, signal: controller.signal }), { name: 'AbortError' })
   t.equal(loads, 0)
+  // Aborted with a reason: the wait rejects with that reason, as a request does.
+  const reasoned = new AbortController()
+  const reason = new Error('the caller gave up')
+  setTimeout(() => reasoned.abort(reason), 150)
+  await t.rejects(waiter.getOrSet('w', () => ++loads, { maxWaitMs: 10_000, signal: reasoned.signal }), reason)
+  await t.rejects(c.get('k', { signal: AbortSignal.abort(reason) }), reason, 'a request rejects with it too')
   t.same(await waiter.getOrSetTraced('h', () => 'v', { signal: new AbortController().signal }), { value: 'v', trace: { outcome: 'filled', waits: 0 } }, 'a signal not aborted changes nothing')
 
   // The loader is handed the signal: a load that honours it stops with the call, nothing cached.
@@ -240,18 +246,28 @@ t.test('batchGet and batchSet: leases for the missing, per-item results', async 
   t.equal(await c.get('c'), undefined)
 })
 
-t.test('set and batchSet send only the write fields, whatever else the object carries', async (t) => {
-  const { client } = await serve(t)
+t.test('an option or field a call does not have is a TypeError before anything is sent', async (t) => {
+  const { client, app } = await serve(t)
   const c = client()
   await c.set('e1', 1, { userId: 'u', tags: ['t'] })
-  await c.set('e2', 2, { userId: 'u' })
-  // Entries read back, written again: each carries etag, expiresAt, stale… besides its fields.
-  const read = Object.values((await c.batchGet(['e1', 'e2'])).entries)
-  t.same((await c.batchSet(read)).map((r) => [r.key, r.status]), [['e1', 200], ['e2', 200]])
-  const options = { ttlMs: 60_000, userId: 'v', maxWaitMs: 10 } // a getOrSet options object
-  t.equal((await c.set('e3', 3, options)).key, 'e3')
-  t.match(await c.get('e3'), { userId: 'v', tags: [] })
-  t.same((await c.invalidate({ userIds: ['u'] })).invalidated, 2, 'the rewritten entries kept their user')
+  const sets = app.cache.totals.sets
+  // From JavaScript nothing stops a typo: each would have done something else without a word.
+  const typo = <T>(options: object) => options as T
+  await t.rejects(c.set('e2', 2, typo({ userid: 'u' })), { name: 'TypeError', message: /set options has no "userid"/ })
+  await t.rejects(c.delete('e1', typo({ Mode: 'stale' })), { name: 'TypeError', message: /delete options has no "Mode"/ })
+  await t.rejects(c.get('e1', typo({ allowstale: true })), TypeError)
+  await t.rejects(c.lookup('e1', typo({ ifnonematch: 'x' })), TypeError)
+  await t.rejects(c.batchGet(['e1'], typo({ allowstale: true })), TypeError)
+  await t.rejects(c.invalidate({ userIds: ['u'] }, typo({ mode: 'stale' })), TypeError) // the mode goes in the selector
+  await t.rejects(c.batchSet([{ key: 'e3', value: 3 }, typo({ key: 'e4', value: 4, userid: 'u' })]), { name: 'TypeError', message: /batchSet item 1 has no "userid"/ })
+  let loads = 0
+  await t.rejects(c.getOrSet('e5', () => ++loads, typo({ ttl: 1000 })), { name: 'TypeError', message: /getOrSet options has no "ttl"/ })
+  t.equal(loads, 0, 'the loader did not run')
+  // An entry read back carries more than a write takes: say so rather than drop it.
+  const read = Object.values((await c.batchGet(['e1'])).entries)
+  await t.rejects(c.batchSet(read), { name: 'TypeError', message: /batchSet item 0 has no "etag"/ })
+  t.equal(app.cache.totals.sets, sets, 'nothing was written')
+  t.match(await c.get('e1'), { value: 1, userId: 'u', stale: false }, 'nothing was deleted or marked stale')
 })
 
 t.test('requests share keep-alive connections from the pool', async (t) => {
