@@ -3,6 +3,7 @@ import { isUtf8 } from 'node:buffer'
 import type { Duplex } from 'node:stream'
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
+import { Type } from '@sinclair/typebox'
 import Fastify, { LogController, errorCodes, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import { AuditLog } from './cache/audit-log.js'
 import { CacheService, type CoreLogger } from './cache/cache-service.js'
@@ -195,6 +196,15 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     // Connect once every plugin is registered, so the first bus_state reaches all listeners.
     app.addHook('onReady', async () => void (await store.connect()))
   }
+  // Query strings refuse what they do not have, as bodies do: `POST /v1/invalidations?mode=stale`
+  // must not quietly delete, nor `PUT …?ttlMs=5` keep the default TTL. A /v1 route that takes
+  // no query parameter gets an empty strict schema. (Not the stream: EventSource polyfills
+  // add parameters of their own.)
+  app.addHook('onRoute', (route) => {
+    if (!route.url.startsWith('/v1/') || route.url === '/v1/invalidations/stream') return
+    route.schema ??= {}
+    route.schema.querystring ??= Type.Object({}, { additionalProperties: false })
+  })
   await app.register(entryRoutes)
   await app.register(invalidationRoutes)
   await app.register(debugRoutes)

@@ -301,8 +301,8 @@ export function readKeysFile(path: string, variable = 'CACHEWARDEN_API_KEYS_FILE
 
 /** Parses `name:scope+scope:secret,...`. The secret may itself contain `:`. */
 export function parseApiKeys(text: string, variable = 'CACHEWARDEN_API_KEYS'): ApiKey[] {
-  const parts = text.split(',').filter((part) => part.trim() !== '')
-  return parseApiKeyEntries(parts.map((part, i) => [`entry ${i + 1}`, part] as const), variable)
+  // Numbered as written, empty entries counted: in `"$A,$B"` with A unset, B is entry 2.
+  return parseApiKeyEntries(text.split(',').map((part, i) => [`entry ${i + 1}`, part] as const), variable)
 }
 
 /** Where each parsed key was written (`entry 2`, `line 5`), for messages about it. */

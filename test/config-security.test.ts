@@ -53,6 +53,10 @@ t.test('a stray "+" in the scopes and a METRICS_TOKEN no header can carry stop t
     t.equal(error.variable, 'CACHEWARDEN_API_KEYS')
     t.match(error.message, /empty scope/, keys)
   }
+  for (const [keys, where] of [[',b:reed:x', 'entry 2'], ['a:read:x,,b:reed:y', 'entry 3']]) {
+    const error = t.throws(() => loadConfig({ CACHEWARDEN_API_KEYS: keys! })) as ConfigError
+    t.match(error.message, `CACHEWARDEN_API_KEYS: ${where}: key "b" has unknown scope "reed"`, 'numbered as written, empty entries counted')
+  }
   for (const keys of [',', ' , ,']) {
     const error = t.throws(() => loadConfig({ CACHEWARDEN_API_KEYS: keys })) as ConfigError
     t.equal(error.variable, 'CACHEWARDEN_API_KEYS')

@@ -22,11 +22,16 @@ const TAGS = [
 
 /** A HEAD route (exposed from its GET) documented as what it is: the GET's statuses, no bodies. */
 function headersOnly(schema: FastifySchema): FastifySchema {
-  const responses = (schema.response ?? {}) as Record<string, { description?: string }>
+  const responses = (schema.response ?? {}) as Record<string, { description?: string; headers?: unknown }>
   return {
     ...schema,
     summary: `${(schema as { summary?: string }).summary ?? 'HEAD'} (headers only)`,
-    response: Object.fromEntries(Object.entries(responses).map(([status, r]) => [status, { type: 'null', description: r.description ?? STATUS_CODES[status] ?? status }])),
+    response: Object.fromEntries(
+      Object.entries(responses).map(([status, r]) => [
+        status,
+        { type: 'null', description: r.description ?? STATUS_CODES[status] ?? status, ...(r.headers === undefined ? {} : { headers: r.headers }) },
+      ]),
+    ),
   }
 }
 

@@ -276,6 +276,24 @@ t.test('a field a body does not have is a 400 naming it, not dropped without a w
     if (message) t.same(res.json(), { error: 'invalid_request', message }, url)
   }
   t.match((await get(app, 'c')).json(), { value: 3, stale: false }, 'still there, not stale')
+
+  // Routes that take no query parameter refuse any: the mode of POST /v1/invalidations is in its body.
+  const none: Array<[string, string, Record<string, unknown> | undefined]> = [
+    ['POST', '/v1/invalidations?mode=stale', { keys: ['c'] }],
+    ['PUT', '/v1/entries/c?ttlMs=5', { value: 4 }],
+    ['POST', '/v1/entries/batch-set?x=1', { entries: [{ key: 'c', value: 5 }] }],
+    ['GET', '/v1/stats?verbose=1', undefined],
+    ['GET', '/v1/debug/entries/c?allowStale=true', undefined],
+  ]
+  for (const [method, url, payload] of none) {
+    const res = await call(app, { method: method as 'GET', url, payload })
+    t.equal(res.statusCode, 400, `${method} ${url}`)
+    t.match(res.json(), { error: 'invalid_request', message: /^querystring\.\w+ is not allowed$/ }, url)
+  }
+  t.match((await get(app, 'c')).json(), { value: 3, stale: false }, 'none of them wrote or invalidated')
+  // The stream is left open to what EventSource polyfills add.
+  const stream = await call(app, { method: 'HEAD', url: '/v1/invalidations/stream?lastEventId=1' })
+  t.equal(stream.statusCode, 200)
 })
 
 t.test("batch-set items take exactly the PUT body's fields plus key (the core keeps its own list)", async (t) => {
