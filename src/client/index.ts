@@ -108,16 +108,22 @@ const OPTIONS = {
   getOrSet: new Set(['ttlMs', 'userId', 'tags', 'maxWaitMs', 'signal']),
 }
 
-/** The write fields of checked options, the lease as its token. */
-function writeFields(options: WriteOptions): Record<string, unknown> {
+/**
+ * The write fields of `from`, read as properties (a getter on a class counts, as it would
+ * not in a spread or in JSON), the lease as its token.
+ */
+function writeFields(from: object): Record<string, unknown> {
   const fields: Record<string, unknown> = {}
-  if (options.ttlMs !== undefined) fields.ttlMs = options.ttlMs
-  if (options.userId !== undefined) fields.userId = options.userId
-  if (options.tags !== undefined) fields.tags = options.tags
-  const { lease } = options
-  if (lease !== undefined && lease !== null) fields.lease = typeof lease === 'string' ? lease : lease.lease
+  for (const field of WRITE_FIELDS) {
+    const value = (from as Record<string, unknown>)[field]
+    if (value !== undefined) fields[field] = field === 'lease' ? leaseToken(value) : value
+  }
   return fields
 }
+
+/** A `Lease` object as its token; anything else as given, for the server to refuse if bad (never dropped, which would skip the lease check). */
+const leaseToken = (lease: unknown) =>
+  lease !== null && typeof lease === 'object' && typeof (lease as { lease?: unknown }).lease === 'string' ? (lease as Lease).lease : lease
 
 /**
  * Loads the value on a miss. It is handed the call's `signal` (undefined when the call has
@@ -233,15 +239,24 @@ export class CachewardenClient {
     return result
   }
 
-  /** Writes up to 1000 entries; each result has its own status, so one bad item does not throw. */
+  /**
+   * Writes up to 1000 entries; each result has its own status, so one bad item does not throw.
+   * A value JSON cannot carry (undefined, a function, a symbol) is a TypeError for the call.
+   */
   async batchSet(items: BatchSetItem[], options: CallOptions = {}): Promise<BatchSetItemResult[]> {
     checkOptions(options, OPTIONS.call, 'batchSet options')
-    for (const item of items) assertJsonValue(item?.value)
-    // Items go as given, each lease as its token: the server refuses a field an item does not
-    // have in that item's result (400), as any bad item, and writes the others.
-    const entries = items.map((item) => {
-      const lease = item.lease
-      return lease === undefined || lease === null || typeof lease === 'string' ? item : { ...item, lease: lease.lease }
+    // Items go as given (their other fields too, and a non-object as is): the server refuses a
+    // bad item in that item's result (400) and writes the others. Their key, value and write
+    // fields are read as properties, the lease as its token.
+    const entries = items.map((item: unknown, i) => {
+      if (item === null || typeof item !== 'object') return item
+      const { key, value } = item as BatchSetItem
+      try {
+        assertJsonValue(value)
+      } catch (error) {
+        throw new TypeError(`batchSet item ${i}: ${(error as Error).message}`)
+      }
+      return { ...item, key, value, ...writeFields(item) }
     })
     const { results } = await this.#expect<{ results: BatchSetItemResult[] }>('POST', '/v1/entries/batch-set', { entries }, options.signal)
     return results

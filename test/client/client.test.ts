@@ -141,7 +141,7 @@ t.test('values JSON cannot carry are a TypeError before anything is sent', async
   await t.rejects(c.set('k', undefined), { name: 'TypeError', message: 'the value must be JSON (got undefined)' })
   await t.rejects(c.set('k', 10n), { name: 'TypeError', message: /cannot be sent as JSON \(Do not know how to serialize a BigInt\)/ })
   await t.rejects(c.set('k', cycle), { name: 'TypeError', message: /cannot be sent as JSON \(Converting circular structure/ })
-  await t.rejects(c.batchSet([{ key: 'k', value: Symbol('s') }]), { name: 'TypeError', message: 'the value must be JSON (got symbol)' })
+  await t.rejects(c.batchSet([{ key: 'j', value: 1 }, { key: 'k', value: Symbol('s') }]), { name: 'TypeError', message: 'batchSet item 1: the value must be JSON (got symbol)' })
   await t.rejects(c.getOrSet('k', () => 10n), TypeError, 'a loader returning a BigInt')
   t.equal((await c.lookup('k')).status, 'miss', 'nothing was written')
 })
@@ -276,6 +276,37 @@ t.test('an option a call does not have is a TypeError before anything is sent', 
     { key: 'e7', status: 400, error: 'invalid_request', message: 'entries[1].userid is not allowed' },
     { key: 'e8', status: 200 },
   ])
+})
+
+t.test('batchSet reads fields as properties, never drops a lease, and leaves a bad item to the server', async (t) => {
+  const { client } = await serve(t)
+  const c = client()
+  // A row class with its fields behind getters: a spread or JSON would lose them.
+  class Row {
+    readonly #user: string
+    constructor(readonly key: string, readonly value: unknown, user: string) {
+      this.#user = user
+    }
+    get userId() {
+      return this.#user
+    }
+  }
+  t.match(await c.batchSet([new Row('r1', 1, 'u9') as never]), [{ key: 'r1', status: 200 }])
+  t.equal((await c.invalidate({ userIds: ['u9'] })).invalidated, 1, 'stored under its user')
+
+  // A lease that is no lease is refused, never dropped (which would write unchecked).
+  const miss = await c.lookup('l1')
+  await c.delete('l1') // voids that lease
+  const results = await c.batchSet([
+    { key: 'l1', value: 1, lease: {} as never },
+    { key: 'l1', value: 1, lease: 5 as never },
+    null as never,
+    { key: 'l2', value: 2 },
+  ])
+  t.match(results, [{ key: 'l1', status: 400 }, { key: 'l1', status: 400 }, { status: 400 }, { key: 'l2', status: 200 }])
+  await t.rejects(c.set('l1', 1, { lease: {} as never }), { name: 'InvalidRequestError' })
+  t.equal(await c.get('l1'), undefined, 'nothing was written with a voided lease')
+  t.equal(miss.status, 'miss')
 })
 
 t.test("set takes every field the PUT body has (the client keeps its own list)", async (t) => {
