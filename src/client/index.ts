@@ -112,11 +112,17 @@ const OPTIONS = {
  * The write fields of `from`, read as properties (a getter on a class counts, as it would
  * not in a spread or in JSON), the lease as its token.
  */
-function writeFields(from: object): Record<string, unknown> {
+function writeFields(from: object, what: string): Record<string, unknown> {
   const fields: Record<string, unknown> = {}
   for (const field of WRITE_FIELDS) {
     const value = (from as Record<string, unknown>)[field]
-    if (value !== undefined) fields[field] = field === 'lease' ? leaseToken(value) : value
+    if (value === undefined) continue
+    // JSON would drop these without a word (a lease: the write would go unchecked) or send
+    // null (a NaN ttlMs: the default TTL).
+    if (typeof value === 'function' || typeof value === 'symbol' || typeof value === 'bigint' || (typeof value === 'number' && !Number.isFinite(value))) {
+      throw new TypeError(`${what}: ${field} must be JSON (got ${typeof value === 'number' ? value : typeof value})`)
+    }
+    fields[field] = field === 'lease' ? leaseToken(value) : value
   }
   return fields
 }
@@ -213,7 +219,7 @@ export class CachewardenClient {
   async set(key: string, value: unknown, options: WriteOptions & CallOptions = {}): Promise<WriteResult> {
     checkOptions(options, OPTIONS.set, 'set options')
     assertJsonValue(value)
-    return this.#expect<WriteResult>('PUT', `/v1/entries/${encodeURIComponent(key)}`, { value, ...writeFields(options) }, options.signal)
+    return this.#expect<WriteResult>('PUT', `/v1/entries/${encodeURIComponent(key)}`, { value, ...writeFields(options, 'set options') }, options.signal)
   }
 
   /** Invalidates one key (deletes it, or marks it stale with `mode: 'stale'`), voiding its leases. */
@@ -241,7 +247,7 @@ export class CachewardenClient {
 
   /**
    * Writes up to 1000 entries; each result has its own status, so one bad item does not throw.
-   * A value JSON cannot carry (undefined, a function, a symbol) is a TypeError for the call.
+   * A value or write field JSON would drop (a function, a symbol; a NaN ttlMs) is a TypeError for the call.
    */
   async batchSet(items: BatchSetItem[], options: CallOptions = {}): Promise<BatchSetItemResult[]> {
     checkOptions(options, OPTIONS.call, 'batchSet options')
@@ -251,12 +257,9 @@ export class CachewardenClient {
     const entries = items.map((item: unknown, i) => {
       if (item === null || typeof item !== 'object') return item
       const { key, value } = item as BatchSetItem
-      try {
-        assertJsonValue(value)
-      } catch (error) {
-        throw new TypeError(`batchSet item ${i}: ${(error as Error).message}`)
-      }
-      return { ...item, key, value, ...writeFields(item) }
+      // A missing value is the server's per-item 400; one JSON would drop is a mistake in code.
+      if (typeof value === 'function' || typeof value === 'symbol') throw new TypeError(`batchSet item ${i}: the value must be JSON (got ${typeof value})`)
+      return { ...item, key, value, ...writeFields(item, `batchSet item ${i}`) }
     })
     const { results } = await this.#expect<{ results: BatchSetItemResult[] }>('POST', '/v1/entries/batch-set', { entries }, options.signal)
     return results

@@ -305,6 +305,15 @@ t.test('batchSet reads fields as properties, never drops a lease, and leaves a b
   ])
   t.match(results, [{ key: 'l1', status: 400 }, { key: 'l1', status: 400 }, { status: 400 }, { key: 'l2', status: 200 }])
   await t.rejects(c.set('l1', 1, { lease: {} as never }), { name: 'InvalidRequestError' })
+  // What JSON would drop without a word is a TypeError: a lease (the write would go unchecked),
+  // a userId method (stored with no user), a NaN ttlMs (sent as null: the default TTL).
+  const token = miss.status === 'miss' ? miss.lease.lease : ''
+  await t.rejects(c.set('l1', 1, { lease: (() => token) as never }), { name: 'TypeError', message: 'set options: lease must be JSON (got function)' })
+  await t.rejects(c.batchSet([{ key: 'l1', value: 1, lease: (() => token) as never }]), { name: 'TypeError', message: /batchSet item 0: lease/ })
+  await t.rejects(c.batchSet([{ key: 'm', value: 1, userId: function () {} as never }]), { name: 'TypeError', message: /batchSet item 0: userId/ })
+  await t.rejects(c.set('m', 1, { ttlMs: Number.NaN }), { name: 'TypeError', message: 'set options: ttlMs must be JSON (got NaN)' })
+  // A misspelt value is the server's per-item 400, not a TypeError for the batch.
+  t.match(await c.batchSet([{ key: 'v1', valeu: 1 } as never, { key: 'v2', value: 2 }]), [{ key: 'v1', status: 400 }, { key: 'v2', status: 200 }])
   t.equal(await c.get('l1'), undefined, 'nothing was written with a voided lease')
   t.equal(miss.status, 'miss')
 })
