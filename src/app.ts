@@ -196,14 +196,15 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     // Connect once every plugin is registered, so the first bus_state reaches all listeners.
     app.addHook('onReady', async () => void (await store.connect()))
   }
-  // Query strings refuse what they do not have, as bodies do: `POST /v1/invalidations?mode=stale`
-  // must not quietly delete, nor `PUT …?ttlMs=5` keep the default TTL. A /v1 route that takes
-  // no query parameter gets an empty strict schema. (Not the stream: EventSource polyfills
-  // add parameters of their own.)
+  // Every /v1 query string refuses what it does not have, as bodies do: `?Mode=stale` must not
+  // delete what was to be marked stale, `POST /v1/invalidations?mode=stale` (its mode is in the
+  // body) must not quietly delete, nor `PUT …?ttlMs=5` keep the default TTL. Routes that take
+  // no query parameter get an empty schema. (Not the stream: EventSource polyfills add
+  // parameters of their own.)
   app.addHook('onRoute', (route) => {
     if (!route.url.startsWith('/v1/') || route.url === '/v1/invalidations/stream') return
     route.schema ??= {}
-    route.schema.querystring ??= Type.Object({}, { additionalProperties: false })
+    route.schema.querystring = { ...(route.schema.querystring ?? Type.Object({})), additionalProperties: false }
   })
   await app.register(entryRoutes)
   await app.register(invalidationRoutes)

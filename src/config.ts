@@ -224,7 +224,7 @@ export function loadConfig(env: Env = process.env): Config {
   sec.auditLogSize = int('AUDIT_LOG_SIZE', sec.auditLogSize, 1, 1_000_000)
 
   const keys = str('CACHEWARDEN_API_KEYS')
-  const fromEnv = keys === undefined ? [] : parseApiKeys(keys, 'CACHEWARDEN_API_KEYS')
+  const fromEnv = keys === undefined ? [] : locatedApiKeys(keys, 'CACHEWARDEN_API_KEYS')
   const keysFile = str('CACHEWARDEN_API_KEYS_FILE')
   const fromFile = keysFile === undefined ? [] : readKeysFile(keysFile)
   // Keys configured but none found (a keys file mounted empty, `"$A,$B"` with both unset) must
@@ -236,8 +236,7 @@ export function loadConfig(env: Env = process.env): Config {
   const names = new Set<string>()
   const secrets = new Map<string, string>()
   for (const [variable, list] of [['CACHEWARDEN_API_KEYS', fromEnv], ['CACHEWARDEN_API_KEYS_FILE', fromFile]] as const) {
-    for (const key of list) {
-      const where = keyWhere.get(key)
+    for (const { key, where } of list) {
       if (names.has(key.name)) throw new ConfigError(variable, `${where}: key name "${key.name}" is used twice`)
       names.add(key.name)
       // A secret names one key: with two, a request would get one key's scopes, never the other's.
@@ -279,7 +278,7 @@ export function loadConfig(env: Env = process.env): Config {
  * lines ignored. A secret may contain `,` here (one key a line). The file must not be
  * readable or writable by others (mode `o-rwx`, e.g. 0600 or 0640), as ssh does for its keys.
  */
-export function readKeysFile(path: string, variable = 'CACHEWARDEN_API_KEYS_FILE'): ApiKey[] {
+function readKeysFile(path: string, variable = 'CACHEWARDEN_API_KEYS_FILE'): LocatedKey[] {
   let text: string
   try {
     if (process.platform !== 'win32' && (statSync(path).mode & 0o007) !== 0) {
@@ -301,12 +300,19 @@ export function readKeysFile(path: string, variable = 'CACHEWARDEN_API_KEYS_FILE
 
 /** Parses `name:scope+scope:secret,...`. The secret may itself contain `:`. */
 export function parseApiKeys(text: string, variable = 'CACHEWARDEN_API_KEYS'): ApiKey[] {
+  return locatedApiKeys(text, variable).map(({ key }) => key)
+}
+
+/** A parsed key and where it was written (`entry 2`, `line 5`), for messages about it. */
+interface LocatedKey {
+  key: ApiKey
+  where: string
+}
+
+function locatedApiKeys(text: string, variable: string): LocatedKey[] {
   // Numbered as written, empty entries counted: in `"$A,$B"` with A unset, B is entry 2.
   return parseApiKeyEntries(text.split(',').map((part, i) => [`entry ${i + 1}`, part] as const), variable)
 }
-
-/** Where each parsed key was written (`entry 2`, `line 5`), for messages about it. */
-const keyWhere = new WeakMap<ApiKey, string>()
 
 /**
  * A header carries bytes, not UTF-8, and a space ends the token: a secret or token with
@@ -316,7 +322,7 @@ const headerSafe = (token: string) => /^[\x21-\x7e]+$/.test(token)
 const NOT_HEADER_SAFE = 'a space, control or non-ASCII character; use printable ASCII'
 
 /** Each entry with where it is (`entry 2`, `line 5`), for the messages. */
-function parseApiKeyEntries(entries: ReadonlyArray<readonly [string, string]>, variable: string): ApiKey[] {
+function parseApiKeyEntries(entries: ReadonlyArray<readonly [string, string]>, variable: string): LocatedKey[] {
   return entries
     .map(([where, part]) => [where, part.trim()] as const)
     .filter(([, part]) => part !== '')
@@ -337,8 +343,6 @@ function parseApiKeyEntries(entries: ReadonlyArray<readonly [string, string]>, v
       }
       if (secret === '') throw fail(`key "${name}" has an empty secret`)
       if (!headerSafe(secret)) throw fail(`key "${name}" has a secret with ${NOT_HEADER_SAFE}`)
-      const key: ApiKey = { name, scopes: new Set(scopes as Scope[]), secret }
-      keyWhere.set(key, where)
-      return key
+      return { key: { name, scopes: new Set(scopes as Scope[]), secret }, where }
     })
 }

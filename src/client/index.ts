@@ -105,8 +105,13 @@ const OPTIONS = {
   set: new Set([...WRITE_FIELDS, 'signal']),
   delete: new Set(['mode', 'signal']),
   call: new Set(['signal']),
-  getOrSet: new Set(['ttlMs', 'userId', 'tags', 'maxWaitMs', 'signal']),
+  // getOrSet writes with the lease of its own miss.
+  getOrSet: new Set([...WRITE_FIELDS.filter((field) => field !== 'lease'), 'maxWaitMs', 'signal']),
 }
+
+/** What JSON.stringify drops without a word (in an object) or turns into null (NaN, ±Infinity); a BigInt it throws on. */
+const notJson = (value: unknown) =>
+  typeof value === 'function' || typeof value === 'symbol' || typeof value === 'bigint' || (typeof value === 'number' && !Number.isFinite(value))
 
 /**
  * The write fields of `from`, read as properties (a getter on a class counts, as it would
@@ -117,11 +122,8 @@ function writeFields(from: object, what: string): Record<string, unknown> {
   for (const field of WRITE_FIELDS) {
     const value = (from as Record<string, unknown>)[field]
     if (value === undefined) continue
-    // JSON would drop these without a word (a lease: the write would go unchecked) or send
-    // null (a NaN ttlMs: the default TTL).
-    if (typeof value === 'function' || typeof value === 'symbol' || typeof value === 'bigint' || (typeof value === 'number' && !Number.isFinite(value))) {
-      throw new TypeError(`${what}: ${field} must be JSON (got ${typeof value === 'number' ? value : typeof value})`)
-    }
+    // Dropped, a lease would let the write go unchecked; a NaN ttlMs sent as null, the default TTL.
+    if (notJson(value)) throw new TypeError(`${what}: ${field} must be JSON (got ${described(value)})`)
     fields[field] = field === 'lease' ? leaseToken(value) : value
   }
   return fields
@@ -258,7 +260,7 @@ export class CachewardenClient {
       if (item === null || typeof item !== 'object') return item
       const { key, value } = item as BatchSetItem
       // A missing value is the server's per-item 400; one JSON would drop is a mistake in code.
-      if (typeof value === 'function' || typeof value === 'symbol') throw new TypeError(`batchSet item ${i}: the value must be JSON (got ${typeof value})`)
+      if (value !== undefined) assertJsonValue(value, `batchSet item ${i}: `)
       return { ...item, key, value, ...writeFields(item, `batchSet item ${i}`) }
     })
     const { results } = await this.#expect<{ results: BatchSetItemResult[] }>('POST', '/v1/entries/batch-set', { entries }, options.signal)
@@ -418,11 +420,11 @@ function unavailable(error: unknown): boolean {
  * required". (One it cannot serialize at all, a BigInt or a cycle, is a TypeError when the
  * body is built.)
  */
-function assertJsonValue(value: unknown): void {
-  if (value === undefined || typeof value === 'function' || typeof value === 'symbol') {
-    throw new TypeError(`the value must be JSON (got ${typeof value})`)
-  }
+function assertJsonValue(value: unknown, where = ''): void {
+  if (value === undefined || notJson(value)) throw new TypeError(`${where}the value must be JSON (got ${described(value)})`)
 }
+
+const described = (value: unknown) => (typeof value === 'number' ? String(value) : typeof value)
 
 const quote = (etag: string) => (etag === '*' || etag.startsWith('"') || etag.startsWith('W/') ? etag : `"${etag}"`)
 const unquote = (etag: string) => etag.replace(/^W\//, '').replace(/^"(.*)"$/, '$1')

@@ -149,7 +149,7 @@ export default async function entryRoutes(fastify: FastifyInstance) {
         tags: ['entries'],
         summary: 'Read many entries',
         description: 'Up to 1000 keys. Each missing key is listed in `missing` and gets a lease in `leases`.',
-        querystring: Type.Object({ allowStale: Type.Optional(Type.Boolean()) }, { additionalProperties: false }),
+        querystring: Type.Object({ allowStale: Type.Optional(Type.Boolean()) }),
         body: BatchGetBody,
         response: { 200: BatchGetResult, ...badRequest, ...bodyTooLarge, ...authErrors },
       },

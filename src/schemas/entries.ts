@@ -5,13 +5,10 @@ export const KeyParams = Type.Object({
   key: Type.String({ minLength: 1, description: 'the entry key, URL-encoded; may contain `:` `/` and any printable character' }),
 })
 
-export const ReadQuery = Type.Object(
-  {
-    allowStale: Type.Optional(Type.Boolean({ description: 'return a stale entry (with `stale: true`) instead of 404' })),
-    load: Type.Optional(Type.Boolean({ description: 'fill a miss from the matching origin (read-through)' })),
-  },
-  { additionalProperties: false },
-)
+export const ReadQuery = Type.Object({
+  allowStale: Type.Optional(Type.Boolean({ description: 'return a stale entry (with `stale: true`) instead of 404' })),
+  load: Type.Optional(Type.Boolean({ description: 'fill a miss from the matching origin (read-through)' })),
+})
 
 export const Entry = Type.Object(
   {

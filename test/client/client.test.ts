@@ -139,7 +139,9 @@ t.test('values JSON cannot carry are a TypeError before anything is sent', async
   cycle.self = cycle
   await t.rejects(c.set('k', () => 1), { name: 'TypeError', message: 'the value must be JSON (got function)' })
   await t.rejects(c.set('k', undefined), { name: 'TypeError', message: 'the value must be JSON (got undefined)' })
-  await t.rejects(c.set('k', 10n), { name: 'TypeError', message: /cannot be sent as JSON \(Do not know how to serialize a BigInt\)/ })
+  await t.rejects(c.set('k', 10n), { name: 'TypeError', message: 'the value must be JSON (got bigint)' })
+  await t.rejects(c.set('k', Number.NaN), { name: 'TypeError', message: 'the value must be JSON (got NaN)' }, 'JSON would send null')
+  await t.rejects(c.set('k', { n: 10n }), { name: 'TypeError', message: /cannot be sent as JSON \(Do not know how to serialize a BigInt\)/ })
   await t.rejects(c.set('k', cycle), { name: 'TypeError', message: /cannot be sent as JSON \(Converting circular structure/ })
   await t.rejects(c.batchSet([{ key: 'j', value: 1 }, { key: 'k', value: Symbol('s') }]), { name: 'TypeError', message: 'batchSet item 1: the value must be JSON (got symbol)' })
   await t.rejects(c.getOrSet('k', () => 10n), TypeError, 'a loader returning a BigInt')
