@@ -12,7 +12,7 @@
 --      '' means none (only the tags are invalidated).
 --   2.. tag templates: `{column}` is replaced by the row's value of that column, e.g.
 --      'analytics:{user_id}' or 'org:{org_id}:reports'. A template whose column is NULL
---      in the row is skipped.
+--      or empty in the row is skipped.
 --   An argument 'mode=stale' (anywhere after the first) marks entries stale instead of
 --   deleting them.
 --
@@ -22,7 +22,7 @@
 -- set by `cachewarden.channel` (ALTER DATABASE ... SET cachewarden.channel = '...'),
 -- default 'cachewarden', and carries a selector:
 --   {"userIds":["42"],"tags":["analytics:42"],"mode":"delete","reason":"public.personas UPDATE"}
--- TRUNCATE fires no row trigger: invalidate through the API (or restart the listener) after one.
+-- TRUNCATE fires no row trigger: invalidate through the API after one.
 --
 -- It must be attached AFTER ... FOR EACH ROW: attached BEFORE it would cancel the row change
 -- (a trigger function returning NULL does that), and FOR EACH STATEMENT it has no row to read,

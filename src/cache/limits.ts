@@ -19,6 +19,9 @@ export interface Limits {
   maxBatch: number
 }
 
+/** The longest `reason` an invalidation or an emergency clear carries, in characters. */
+export const MAX_REASON_CHARS = 1024
+
 export const DEFAULT_LIMITS: Limits = {
   maxKeyBytes: 512,
   maxUserIdBytes: 128,

@@ -2,6 +2,7 @@ import { Type } from '@sinclair/typebox'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
 import { AUDIT_BULK_THRESHOLD } from '../cache/audit-log.js'
+import { MAX_REASON_CHARS } from '../cache/limits.js'
 import { CLEAR_TOKEN_TTL_MS, ClearTokens, type RedeemResult } from '../cache/clear-tokens.js'
 import { sharedRecords } from '../stores/store.js'
 
@@ -63,7 +64,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
           `Issues a random, single-use token, valid for ${TOKEN_VALID} and bound to the calling key, for ` +
           '`POST /v1/admin/clear`. The reason goes to the audit log. Rate-limited per key.',
         body: Type.Object(
-          { reason: Type.String({ minLength: 1, maxLength: 1024, description: 'why the cache must be wiped, for the audit log; not blank' }) },
+          { reason: Type.String({ minLength: 1, maxLength: MAX_REASON_CHARS, description: 'why the cache must be wiped, for the audit log; not blank' }) },
           { examples: [{ reason: 'corrupted entries after the 14:02 deploy' }] },
         ),
         response: {

@@ -1,4 +1,5 @@
 import { Type } from '@sinclair/typebox'
+import { MAX_REASON_CHARS } from '../cache/limits.js'
 import { InvalidationMode } from './common.js'
 
 const names = (what: string) => Type.Optional(Type.Array(Type.String(), { maxItems: 1000, description: what }))
@@ -10,7 +11,7 @@ export const SelectorBody = Type.Object(
     tags: names('every entry carrying any of these tags'),
     prefixes: names('every entry whose key starts with one of these (never empty)'),
     mode: Type.Optional(InvalidationMode),
-    reason: Type.Optional(Type.String({ maxLength: 1024, description: 'why, for the invalidation log' })),
+    reason: Type.Optional(Type.String({ maxLength: MAX_REASON_CHARS, description: 'why, for the invalidation log' })),
   },
   {
     additionalProperties: false,

@@ -2,9 +2,9 @@
 // starts it, adds its readiness check and closes it with the app.
 import pg from 'pg'
 import type { CacheService, CoreLogger } from '../cache/cache-service.js'
-import { checkName, type Limits } from '../cache/limits.js'
+import { checkName, MAX_REASON_CHARS, type Limits } from '../cache/limits.js'
 import { SELECTOR_KINDS, type InvalidationMode, type Selector } from '../cache/types.js'
-import type { PgReconnectPolicy } from '../config.js'
+import { PG_CHANNEL, type PgReconnectPolicy } from '../config.js'
 import { CacheError, truncate } from '../errors.js'
 import { answerInTime } from '../liveness.js'
 
@@ -110,8 +110,8 @@ export class PostgresListener {
       ...options,
       logger: options.logger,
     }
-    if (!/^[A-Za-z_][A-Za-z0-9_]{0,62}$/.test(this.#o.channel)) {
-      throw new TypeError(`channel must be a plain SQL identifier, got "${this.#o.channel}"`)
+    if (!PG_CHANNEL.test(this.#o.channel)) {
+      throw new TypeError(`channel must be a plain lowercase SQL identifier, got "${this.#o.channel}"`)
     }
   }
 
@@ -266,9 +266,19 @@ export class PostgresListener {
       if (SELECTOR_KINDS.every((kind) => !selector[kind]?.length)) return
       parsed.selector = selector
     }
+    // The database's word is not held to the API's batch limit: a longer list (a trigger with
+    // many tag templates) is applied in slices, each an invalidation of its own.
+    for (const selector of slices(parsed.selector, this.#o.cache.limits.maxBatch)) {
+      if (!this.#owe({ ...parsed, selector, payload })) return
+      if (this.#owed.length === 1) await this.#applyOwed()
+    }
+  }
+
+  /** Queues a notification to be applied; false when too many are owed (the policy covers them). */
+  #owe(notification: Notification): boolean {
     if (this.#overflow) {
       this.#dropped(1) // the policy, still to be applied, covers it
-      return
+      return false
     }
     if (this.#owed.length > 0 && this.#owed.length >= this.#o.maxOwed) {
       this.#overflow = true
@@ -278,10 +288,10 @@ export class PostgresListener {
         { channel: this.#o.channel, maxOwed: this.#o.maxOwed, policy: this.#o.reconnectPolicy },
         'too many postgres notifications could not be applied; the reconnect policy will cover them',
       )
-      return
+      return false
     }
-    this.#owed.push({ ...parsed, payload })
-    if (this.#owed.length === 1) await this.#applyOwed()
+    this.#owed.push(notification)
+    return true
   }
 
   /** Owed notifications given up on: with the policy `none` nothing covers them, so they count as failed. */
@@ -380,12 +390,32 @@ export function parsePayload(payload: string): { selector: Selector; mode?: Inva
   }
   if (body.mode !== undefined && body.mode !== 'delete' && body.mode !== 'stale') return 'mode must be "delete" or "stale"'
   if (body.reason !== undefined && typeof body.reason !== 'string') return 'reason must be a string'
+  // A reason too long for the API is cut to its limit, not a reason to drop the invalidation.
+  const reason = typeof body.reason === 'string' && body.reason.length > MAX_REASON_CHARS ? [...body.reason].slice(0, MAX_REASON_CHARS).join('') : body.reason
   const selector: Selector = {}
   for (const kind of SELECTOR_KINDS) {
     if (body[kind] !== undefined) selector[kind] = body[kind] as string[]
   }
   // The lists' contents are checked by CacheService.invalidate (checkSelector), which names the field.
-  return { selector, mode: body.mode as InvalidationMode | undefined, reason: body.reason as string | undefined }
+  return { selector, mode: body.mode as InvalidationMode | undefined, reason }
+}
+
+/**
+ * The selector in slices whose lists hold at most `max` names each (the selector itself when
+ * they all do). What is not a list is left for `checkSelector` to refuse, in the first slice.
+ */
+export function slices(selector: Selector, max: number): Selector[] {
+  const out: Selector[] = [{}]
+  for (const kind of SELECTOR_KINDS) {
+    const list = selector[kind]
+    if (list === undefined) continue
+    if (!Array.isArray(list) || list.length <= max) {
+      out[0]![kind] = list
+      continue
+    }
+    for (let i = 0; i * max < list.length; i++) (out[i] ??= {})[kind] = list.slice(i * max, (i + 1) * max)
+  }
+  return out
 }
 
 /**

@@ -130,6 +130,28 @@ t.test('a malformed notification is logged and counted, and the listener goes on
   t.equal(stats.json().invalidations.failed, garbage.length)
 })
 
+t.test('a list over the batch limit is applied in slices, and an overlong reason is cut, not refused', { skip: !available }, async (t) => {
+  const lines: string[] = []
+  const { app, db } = await setup(t, { limits: { ...loadConfig({}).limits, maxBatch: 3 } }, lines)
+  // A trigger with many tag templates names more tags than an API request may: the database's
+  // word must still be applied, every name in it.
+  const tags = Array.from({ length: 7 }, (_, i) => `t${i}`)
+  for (const tag of tags) await put(app, `tagged:${tag}`, { value: 1, tags: [tag] })
+  await put(app, 'user:9', { value: 1, userId: '9' })
+  await put(app, 'other', { value: 1, tags: ['t99'] })
+  const reason = 'é'.repeat(1500)
+  await db.query(`SELECT pg_notify('cachewarden', $1)`, [JSON.stringify({ userIds: ['9'], tags, reason })])
+  await waitFor(() => app.cache.totals.invalidationsBySource.postgres === 3, 20_000, 'three slices')
+  for (const tag of tags) t.equal((await get(app, `tagged:${tag}`)).statusCode, 404, `tagged:${tag} invalidated`)
+  t.equal((await get(app, 'user:9')).statusCode, 404, 'the user too')
+  t.equal((await get(app, 'other')).statusCode, 200, 'nothing else')
+  const records = app.cache.recentInvalidations(3).reverse()
+  t.same(records.map((r) => r.selector), [{ userIds: ['9'], tags: ['t0', 't1', 't2'] }, { tags: ['t3', 't4', 't5'] }, { tags: ['t6'] }])
+  t.equal(records[0]!.reason, 'é'.repeat(1024), 'the reason cut to the API limit, in characters')
+  t.notOk(app.cache.totals.invalidationFailures.postgres, 'no failure counted')
+  t.notOk(lines.some((l) => l.includes('malformed')), 'nothing logged as malformed')
+})
+
 t.test('a row moving to a user id no entry can carry still invalidates the user it left', { skip: !available }, async (t) => {
   const lines: string[] = []
   const { app, db } = await setup(t, {}, lines)
