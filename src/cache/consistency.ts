@@ -193,10 +193,10 @@ export class ConsistencyChecker {
     const before = await this.#inspect(key)
     if (before === undefined) return { kind: 'missing' }
     if ('kind' in before) return before
-    const match = this.#origins.matchEntry(before)
-    if (match === undefined) return { kind: 'error', error: 'no origin serves this key' }
     let truth
     try {
+      const match = this.#origins.matchEntry(before)
+      if (match === undefined) return { kind: 'error', error: 'no origin serves this key' }
       truth = await this.#origins.fetch(match)
     } catch (error) {
       return { kind: 'error', error: (error as Error).message }
@@ -256,7 +256,12 @@ export class ConsistencyChecker {
     let repaired = 0
     const toInvalidate: string[] = []
     await eachLimited(keys, CHECK_CONCURRENCY, async (key) => {
-      const match = this.#origins.match(key)
+      let match
+      try {
+        match = this.#origins.match(key)
+      } catch {
+        match = undefined // a load of it could never be cached: as good as no origin
+      }
       const s = statuses.get(key)
       if (match === undefined || (s?.kind === 'stale' && s.gone)) {
         toInvalidate.push(key)

@@ -91,9 +91,10 @@ export function parseOriginsConfig(file: ConfigFile, limits: Limits): OriginsCon
     if (names.has(name)) fail(`${at}.name "${name}" is used by an earlier origin`)
     names.add(name)
 
+    const keyPattern = str('keyPattern', true)!
     let pattern: KeyPattern
     try {
-      pattern = new KeyPattern(str('keyPattern', true)!)
+      pattern = new KeyPattern(keyPattern)
     } catch (error) {
       return fail(`${at}.keyPattern ${(error as Error).message}`)
     }
@@ -112,6 +113,11 @@ export function parseOriginsConfig(file: ConfigFile, limits: Limits): OriginsCon
     }
     if (parsed === undefined || (parsed.protocol !== 'http:' && parsed.protocol !== 'https:')) {
       fail(`${at}.url must be an http:// or https:// URL`)
+    }
+    // The key fills the path and query only: a part in the host would let any reader send the
+    // origin's request, headers and all, wherever its key says.
+    if (url.names.length > 0 && !/^[A-Za-z][A-Za-z0-9+.-]*:\/\/[^/?#]+[/?#]/.test(url.literals[0]!)) {
+      fail(`${at}.url must not have a placeholder before its path: the key would choose the host`)
     }
 
     const ttlMs = int('ttlMs', limits.defaultTtlMs, limits.minTtlMs, limits.maxTtlMs)

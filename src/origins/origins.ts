@@ -3,7 +3,8 @@ import { encodeLease, readable, type CacheService, type CoreLogger, type ReadRes
 import type { StoredEntry } from '../cache/types.js'
 import { defaultBodyLimit } from '../config.js'
 import { LogThrottle } from '../logger.js'
-import { CacheError, notFound, truncate } from '../errors.js'
+import { CacheError, invalidRequest, notFound, truncate } from '../errors.js'
+import { checkTags, checkUserId } from '../cache/limits.js'
 import type { OriginSpec } from './config.js'
 import { MAX_BACKOFF_MS, OriginClient, OriginError, type FetchOutcome } from './loader.js'
 import { sharedRecords, type SharedRecords } from '../stores/store.js'
@@ -150,7 +151,13 @@ export class Origins {
 
   async #loadMiss(key: string, result: ReadResult): Promise<ReadResult> {
     if (result.entry !== undefined || this.list.length === 0) return result
-    const match = this.match(key)
+    let match: OriginMatch | undefined
+    try {
+      match = this.match(key)
+    } catch (error) {
+      if (result.lease.fill) await this.cache.releaseFill(key, result.lease.lease)
+      throw error
+    }
     if (match === undefined) return result
     // Concurrent misses of the key here share one load (each keeps its own lease for its reply).
     let shared = this.#misses.get(key)
@@ -394,14 +401,21 @@ export class Origins {
     this.#logger?.warn({ origin, key: truncate(key), err: error.message, failuresNotLogged: held }, 'refresh-ahead failed; the cached entry stays')
   }
 
+  /**
+   * The URL, user and tags of the key's load. Throws `invalid_request` when the user or a tag
+   * the key gives is one no entry can carry (a part too long for a user id, say): the load
+   * could never be cached, so the origin is not called for it.
+   */
   #resolve(origin: OriginSpec, key: string, params: Record<string, string>): OriginMatch {
-    return {
-      origin,
-      key,
-      url: render(origin.url, params, encodeURIComponent),
-      userId: origin.userId === undefined ? undefined : render(origin.userId, params),
-      tags: origin.tags.length === 0 ? undefined : origin.tags.map((t) => render(t, params)),
+    const userId = origin.userId === undefined ? undefined : render(origin.userId, params)
+    const tags = origin.tags.length === 0 ? undefined : origin.tags.map((t) => render(t, params))
+    try {
+      if (userId !== undefined) checkUserId(userId, this.cache.limits)
+      if (tags !== undefined) checkTags(tags, this.cache.limits)
+    } catch (error) {
+      throw invalidRequest(`origin "${origin.name}" cannot cache "${truncate(key)}": ${(error as Error).message}`)
     }
+    return { origin, key, url: render(origin.url, params, encodeURIComponent), userId, tags }
   }
 }
 

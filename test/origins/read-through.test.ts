@@ -157,6 +157,41 @@ t.test('a key part . or .. never reaches the origin: it would resolve to another
   t.equal((await get(app, 'dashboard:../x', '?load=true')).json().value, 'ok', 'a part holding dots and more is one encoded segment')
 })
 
+t.test('a key whose user or tag no entry can carry is 400 naming it, and the origin is never called', async (t) => {
+  const origin = await OriginServer.start(t)
+  const long = 'u'.repeat(200) // a valid key part, but over the 128-byte user id limit
+  origin.values.set(dash(long), 1)
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  const key = `dashboard:${long}`
+  const res = await get(app, key, '?load=true')
+  t.equal(res.statusCode, 400)
+  t.equal(res.json().error, 'invalid_request')
+  t.match(res.json().message, /^origin "dashboards" cannot cache "dashboard:u+…": userId is longer than 128 bytes$/)
+  const miss = await get(app, key)
+  t.equal(miss.json().fill, true, 'the refused load gave its fill lease back')
+  const refresh = await call(app, { method: 'POST', url: `/v1/entries/${encodeURIComponent(key)}/refresh` })
+  t.equal(refresh.statusCode, 400)
+  t.match(refresh.json().message, /userId is longer than 128 bytes/)
+  const warm = (await call(app, { method: 'POST', url: '/v1/warm', payload: { keys: [key] } })).json()
+  t.equal(warm.failed, 1)
+  t.match(warm.errors[0].error, /userId is longer than 128 bytes/)
+  // An entry written under the key by hand: checking it against the origin reports why it cannot be,
+  // and a refresh repair drops it (it could never be reloaded) rather than failing the whole check.
+  await put(app, key, { value: 1 })
+  const check = await call(app, { method: 'POST', url: '/v1/consistency', payload: { keys: [key], against: 'origin' } })
+  t.equal(check.statusCode, 200)
+  t.match(check.json().errors, [{ key, error: /userId is longer than 128 bytes/ }])
+  const repair = await call(app, {
+    method: 'POST',
+    url: '/v1/consistency',
+    payload: { against: 'provided', entries: [{ key, value: 2 }], repair: 'refresh' },
+  })
+  t.equal(repair.statusCode, 200)
+  t.equal(repair.json().repaired, 1)
+  t.equal((await get(app, key)).statusCode, 404)
+  t.equal(origin.calls, 0, 'the origin was never called')
+})
+
 t.test('configured headers are sent to the origin', async (t) => {
   const origin = await OriginServer.start(t)
   origin.values.set(dash('1'), 1)
