@@ -9,6 +9,7 @@ import { AuditLog } from './cache/audit-log.js'
 import { CacheService, type CoreLogger } from './cache/cache-service.js'
 import { defaultConfig, type Config } from './config.js'
 import { invalidRequest, truncate } from './errors.js'
+import { badRequest, bodyTooLarge } from './schemas/common.js'
 import auth from './plugins/auth.js'
 import errors, { rawReply, sendRaw } from './plugins/errors.js'
 import health from './plugins/health.js'
@@ -201,10 +202,22 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   // body) must not quietly delete, nor `PUT …?ttlMs=5` keep the default TTL. Routes that take
   // no query parameter get an empty schema. (Not the stream: EventSource polyfills add
   // parameters of their own.)
+  // Likewise a route that takes no body refuses one with fields, rather than ignore it:
+  // `DELETE /v1/entries/k` with `{"mode": "stale"}` would delete.
   app.addHook('onRoute', (route) => {
     if (!route.url.startsWith('/v1/') || route.url === '/v1/invalidations/stream') return
     route.schema ??= {}
     route.schema.querystring = { ...(route.schema.querystring ?? Type.Object({})), additionalProperties: false }
+    // What this hook can answer is in the route's OpenAPI responses too.
+    const response = (route.schema.response ??= {}) as Record<string, unknown>
+    response['400'] ??= badRequest[400]
+    if (route.schema.body === undefined) {
+      const hooks = route.preValidation === undefined ? [] : Array.isArray(route.preValidation) ? route.preValidation : [route.preValidation]
+      route.preValidation = [...hooks, refuseBody]
+      // Read before it is refused, a body can be over the body limit (not a GET's: never read).
+      const methods = Array.isArray(route.method) ? route.method : [route.method]
+      if (methods.some((m) => m !== 'GET' && m !== 'HEAD')) response['413'] ??= bodyTooLarge[413]
+    }
   })
   await app.register(entryRoutes)
   await app.register(invalidationRoutes)
@@ -233,6 +246,17 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   return app
 }
 
+/** The preValidation of a route without a body schema: a body with anything in it is 400. */
+function refuseBody(request: FastifyRequest, _reply: FastifyReply, done: (error?: Error) => void): void {
+  const body = request.body
+  if (body === undefined || body === null) return done()
+  if (typeof body !== 'object' || Array.isArray(body)) return done(invalidRequest(`${request.method} ${request.routeOptions.url} takes no body`))
+  const [field] = Object.keys(body)
+  if (field === undefined) return done()
+  const hint = request.method === 'DELETE' ? ' (a DELETE takes its options in the query string)' : ''
+  done(invalidRequest(`body.${field} is not allowed${hint}`))
+}
+
 /**
  * Two answers given before Fastify routes a request, with the contract's body, from one
  * listener put in front of Fastify's own:
@@ -247,8 +271,20 @@ function frontDoor(app: FastifyInstance): void {
   // Without it, requests would go unchecked: Node's own Host check is off (requireHostHeader).
   if (fastifyHandler === undefined) throw new Error('Fastify attached no request listener to its server')
   let closing = false
+  // The open connections, so that replies still to be sent when shutdown starts can say
+  // `Connection: close`: a client that read `keep-alive` would send its next request on a
+  // connection about to close, and learn nothing of what became of it.
+  const sockets = new Set<Duplex>()
+  app.server.on('connection', (socket: Duplex) => {
+    sockets.add(socket)
+    socket.once('close', () => sockets.delete(socket))
+  })
   app.addHook('preClose', (done) => {
     closing = true
+    for (const socket of sockets) {
+      const res = (socket as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage
+      if (res && !res.headersSent) res.shouldKeepAlive = false
+    }
     done()
   })
   app.server.removeListener('request', fastifyHandler)

@@ -43,6 +43,11 @@ export interface Config {
   batchBodyLimitBytes: number
   /** The whole request, headers and body, must arrive within this (408 otherwise). */
   requestTimeoutMs: number
+  /**
+   * How long in-flight requests get to finish after a stop signal (src/server.ts). Origin
+   * calls still running near its end are aborted, so their callers get a 503, not a cut connection.
+   */
+  shutdownGraceMs: number
   apiKeys: ApiKey[]
   metricsToken: string | undefined
   redisUrl: string | undefined
@@ -115,6 +120,7 @@ export function defaultConfig(): Config {
     bodyLimitBytes: defaultBodyLimit(DEFAULT_LIMITS.maxValueBytes),
     batchBodyLimitBytes: 32 * 1024 * 1024,
     requestTimeoutMs: 120_000,
+    shutdownGraceMs: 10_000,
     apiKeys: [],
     metricsToken: undefined,
     redisUrl: undefined,
@@ -193,6 +199,7 @@ export function loadConfig(env: Env = process.env): Config {
   c.bodyLimitBytes = int('BODY_LIMIT_BYTES', defaultBodyLimit(c.limits.maxValueBytes), 1024)
   c.batchBodyLimitBytes = int('BATCH_BODY_LIMIT_BYTES', Math.max(c.batchBodyLimitBytes, c.bodyLimitBytes), c.bodyLimitBytes)
   c.requestTimeoutMs = int('REQUEST_TIMEOUT_MS', c.requestTimeoutMs, 1000, 3_600_000)
+  c.shutdownGraceMs = int('SHUTDOWN_GRACE_MS', c.shutdownGraceMs, 1000, 3_600_000)
   c.metricsToken = str('METRICS_TOKEN')
   // As for API secrets: a header carries bytes, not UTF-8, and a space ends the token.
   if (c.metricsToken !== undefined && !headerSafe(c.metricsToken)) throw new ConfigError('METRICS_TOKEN', `has ${NOT_HEADER_SAFE}`)

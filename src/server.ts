@@ -5,11 +5,10 @@ import { buildApp } from './app.js'
 import { ConfigError, loadConfig, type Config } from './config.js'
 import { loggerOptions } from './logger.js'
 
-/** How long in-flight requests get to finish after SIGTERM/SIGINT. */
-const SHUTDOWN_GRACE_MS = 10_000
 /**
- * A SIGINT or SIGTERM this soon after the first is the same stop, not an insistence: Ctrl-C
- * (or systemd's stop) signals the whole process group, and `npm start` passes its copy on.
+ * A stop signal this soon after the first is the same stop, not an insistence: Ctrl-C (or
+ * systemd's stop, SIGTERM then SIGHUP) signals the whole process group, and `npm start`
+ * passes its copy on.
  */
 const REPEATED_SIGNAL_MS = 1000
 
@@ -38,13 +37,15 @@ const app = await buildApp(config, {
   logger: loggerOptions(config.logLevel),
 })
 
-// SIGINT and SIGTERM are handled below; close-with-grace handles the other signals and errors.
-const STOP_SIGNALS = ['SIGINT', 'SIGTERM'] as const
+// The signals that stop a server (close-with-grace's, but for the faults SIGILL, SIGSEGV…) are
+// handled below, so a repeat is the same stop whichever they are; close-with-grace handles
+// the faults and errors.
+const STOP_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT', 'SIGUSR2'] as const
 let stopSignal: NodeJS.Signals | undefined
 let stopAt = 0
-// Set once any shutdown starts (a stop signal, another signal, an error): a stop signal then is a second one.
+// Set once any shutdown starts (a stop signal, an error): a stop signal then is a second one.
 let closing = false
-const closer = closeWithGrace({ delay: SHUTDOWN_GRACE_MS, skip: [...STOP_SIGNALS] }, async ({ signal = stopSignal, err }) => {
+const closer = closeWithGrace({ delay: config.shutdownGraceMs, skip: [...STOP_SIGNALS] }, async ({ signal = stopSignal, err }) => {
   closing = true
   if (err) app.log.error({ err }, 'shutting down after an error')
   // SIGTERM and SIGINT are the usual way to stop; any other signal (a closed terminal's SIGHUP…) is worth a warning.

@@ -1,8 +1,16 @@
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
 import { ConfigError, loadConfig, parseApiKeys } from '../src/config.js'
+
+t.test('every variable the config reads has its row in the README', async (t) => {
+  const source = readFileSync(new URL('../src/config.ts', import.meta.url), 'utf8')
+  const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8')
+  const variables = [...new Set([...source.matchAll(/'([A-Z][A-Z0-9_]+)'/g)].map((m) => m[1]!))]
+  t.ok(variables.length >= 30, `found the variables (${variables.length})`)
+  for (const variable of variables) t.ok(readme.includes(`| \`${variable}\` |`), `${variable} has a row`)
+})
 
 t.test('defaults', async (t) => {
   const c = loadConfig({})
@@ -49,6 +57,7 @@ t.test('a bad value names its variable', async (t) => {
     [{ CONFIG_FILE: '/nonexistent/cachewarden.json' }, 'CONFIG_FILE'],
     [{ HOST: 'not_a_host' }, 'HOST'],
     [{ REQUEST_TIMEOUT_MS: '10' }, 'REQUEST_TIMEOUT_MS'],
+    [{ SHUTDOWN_GRACE_MS: '500' }, 'SHUTDOWN_GRACE_MS'], // no time to abort origin calls before the end
     [{ HOST: 'a..b' }, 'HOST'],
     [{ HOST: '999.1.1.1' }, 'HOST'], // not an IPv4 address, and no top-level domain is all digits
     [{ HOST: 'http://localhost' }, 'HOST'],

@@ -49,7 +49,15 @@ t.test('every operation is documented, and authenticated ones carry the bearer s
       t.ok(op.tags?.length, `${name} has a tag`)
       t.ok(Object.keys(op.responses).some((s) => s.startsWith('2')), `${name} documents its success`)
       // Any of these may be sent a body, and a body that is not JSON is a 400 on every one.
-      if (['post', 'put', 'patch', 'delete'].includes(method)) t.ok(op.responses['400'], `${name} documents its 400`)
+      if (['post', 'put', 'patch', 'delete'].includes(method)) {
+        t.ok(op.responses['400'], `${name} documents its 400`)
+        t.ok(op.responses['413'], `${name} documents its 413: a body is read, up to the body limit`)
+      }
+      // Every /v1 query string refuses a parameter it does not have (not the stream's).
+      if (path.startsWith('/v1/') && path !== '/v1/invalidations/stream') t.ok(op.responses['400'], `${name} documents its 400`)
+      if (op.responses['429']) {
+        t.ok((op.responses['429'] as { headers?: Record<string, unknown> }).headers?.['Retry-After'], `${name}: a 429 says when to retry`)
+      }
       if (name === 'GET /metrics') {
         t.same(op.security, [{}, { metricsToken: [] }], 'GET /metrics: open, or its own METRICS_TOKEN scheme')
         t.ok(op.responses['401'], 'GET /metrics documents its 401')
@@ -71,10 +79,14 @@ t.test('every operation is documented, and authenticated ones carry the bearer s
   for (const [method, url] of [['GET', '/metrics'], ['GET', '/health/live']]) {
     t.notOk(secured.includes(`${method} ${url}`), `${method} ${url} is open`)
   }
-  // HEAD on an entry is documented beside its GET: the same statuses, no bodies.
-  const head = doc.paths['/v1/entries/{key}']!.head!
-  t.same(Object.keys(head.responses), Object.keys(doc.paths['/v1/entries/{key}']!.get!.responses))
-  t.notOk(Object.values(head.responses).some((r) => (r as { content?: unknown }).content !== undefined), 'HEAD replies have no body')
+  // HEAD on an entry and on the stream is documented beside its GET: the same statuses, no bodies.
+  for (const path of ['/v1/entries/{key}', '/v1/invalidations/stream']) {
+    const head = doc.paths[path]!.head!
+    t.same(Object.keys(head.responses), Object.keys(doc.paths[path]!.get!.responses), `HEAD ${path}`)
+    t.notOk(Object.values(head.responses).some((r) => (r as { content?: unknown }).content !== undefined), `HEAD ${path}: no bodies`)
+  }
+  const streamParams = (doc.paths['/v1/invalidations/stream']!.get as unknown as { parameters: Array<{ in: string; name: string }> }).parameters
+  t.match(streamParams, [{ in: 'header', name: 'last-event-id' }], 'the stream documents Last-Event-ID')
 })
 
 t.test('GET /docs serves Swagger UI and GET /docs/json the document', async (t) => {

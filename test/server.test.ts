@@ -79,13 +79,45 @@ t.test('SIGTERM lets an in-flight request finish', async (t) => {
   origin.release()
   const res = await inFlight
   t.equal(res.status, 200, 'the request in flight when the signal came is answered')
+  // keep-alive would invite the client's next request onto a connection about to close
+  t.equal(res.headers.get('connection'), 'close', 'and tells its client not to send another on the connection')
   t.same(((await res.json()) as { value: unknown }).value, { user: '1' })
   const [code] = await once(server.child, 'exit')
   t.equal(code, 0)
 })
 
+t.test('a load still waiting on its origin near the end of SHUTDOWN_GRACE_MS is aborted: its caller gets 503, and the exit is clean', async (t) => {
+  const { server, inFlight } = await withRequestInFlight(t, undefined, false, { SHUTDOWN_GRACE_MS: '2000' })
+  const signalled = performance.now()
+  server.child.kill('SIGTERM') // the origin never answers
+  const res = await inFlight
+  const waited = performance.now() - signalled
+  t.equal(res.status, 503, 'answered, not cut off by the exit')
+  t.equal(((await res.json()) as { error: string }).error, 'backend_unavailable')
+  t.equal(res.headers.get('connection'), 'close')
+  t.ok(waited >= 900 && waited < 2000, `aborted a second before the grace ends (${Math.round(waited)} ms after the signal)`)
+  const [code] = await once(server.child, 'exit')
+  t.equal(code, 0, 'the shutdown finished within its grace')
+  t.notMatch(server.output() + server.errors(), /killed by timeout/)
+})
+
+for (const [first, second] of [['SIGTERM', 'SIGHUP'], ['SIGHUP', 'SIGHUP'], ['SIGQUIT', 'SIGTERM']] as const) {
+  t.test(`${first} then ${second} within a second is one stop: the request in flight finishes`, async (t) => {
+    const { origin, server, inFlight } = await withRequestInFlight(t)
+    server.child.kill(first)
+    await until(() => /shutting down/.test(server.output()))
+    server.child.kill(second) // systemd's stop sends SIGTERM, then SIGHUP with SendSIGHUP=yes
+    await until(() => /signal repeated/.test(server.output()))
+    origin.release()
+    t.equal((await inFlight).status, 200, 'the request in flight is answered')
+    const [code] = await once(server.child, 'exit')
+    t.equal(code, 0)
+    t.notMatch(server.errors(), /second/, 'nothing but the JSON log')
+  })
+}
+
 /** A server with an origin whose answer the test holds, and a request in flight on it. */
-async function withRequestInFlight(t: Test, command?: string[], detached = false) {
+async function withRequestInFlight(t: Test, command?: string[], detached = false, env: Record<string, string> = {}) {
   const origin = await OriginServer.start(t)
   origin.values.set('/users/1/dashboard', { user: '1' })
   origin.hold()
@@ -93,7 +125,7 @@ async function withRequestInFlight(t: Test, command?: string[], detached = false
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
   const configFile = join(dir, 'config.json')
   writeFileSync(configFile, JSON.stringify({ origins: [dashboardOrigin(origin)] }))
-  const server = start({ CACHEWARDEN_API_KEYS: 'a:admin:server-test-secret-1', CONFIG_FILE: configFile }, command, detached)
+  const server = start({ CACHEWARDEN_API_KEYS: 'a:admin:server-test-secret-1', CONFIG_FILE: configFile, ...env }, command, detached)
   let pid = 0
   t.teardown(() => {
     if (detached && server.child.pid !== undefined && alive(server.child.pid)) process.kill(-server.child.pid, 'SIGKILL')

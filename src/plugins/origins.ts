@@ -55,9 +55,24 @@ export default fp(
         timer.unref()
       }
     })
-    app.addHook('onClose', async () => {
+    // Shutting down: no new background work. Loads that requests in flight wait for go on, but
+    // those still waiting on an origin near the end of the grace are aborted, so their callers
+    // get a 503 (or the stale entry) rather than a connection cut when the process exits.
+    let abortTimer: NodeJS.Timeout | undefined
+    const stopBackground = () => {
       if (timer !== undefined) clearInterval(timer)
       if (app.cache.onHit === origins.onHit) app.cache.onHit = undefined
+    }
+    app.addHook('preClose', (done) => {
+      stopBackground()
+      const grace = app.config.shutdownGraceMs
+      abortTimer = setTimeout(() => void origins.close(), grace - Math.min(1000, grace / 2))
+      abortTimer.unref()
+      done()
+    })
+    app.addHook('onClose', async () => {
+      clearTimeout(abortTimer)
+      stopBackground()
       await origins.close()
       await warming
     })

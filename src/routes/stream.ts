@@ -124,9 +124,9 @@ export default fp(
     app.get(
       '/v1/invalidations/stream',
       {
-        config: { scope: 'read' },
-        // A HEAD would be hijacked like a GET and then held open with nothing to send: its own route follows.
-        exposeHeadRoute: false,
+        // HEAD answers what a GET would start with (status and headers, so a probe learns the
+        // route and its key work) and ends, where a GET stays open.
+        config: { scope: 'read', swagger: { exposeHeadRoute: true } },
         schema: {
           tags: ['streams'],
           summary: 'Stream invalidations (Server-Sent Events)',
@@ -138,9 +138,12 @@ export default fp(
             'a `reset` event says to drop or revalidate kept copies. An emergency clear is an `invalidation` event of everything (`selector: {all: true}`) followed by a `reset`. ' +
             'A client that reads too slowly is disconnected. ' +
             'Browsers: `EventSource` cannot send the bearer header; read it with `fetch` and a stream reader.',
+          headers: Type.Object({
+            'last-event-id': Type.Optional(Type.String({ description: 'the id of the last `invalidation` event received, to resume after it' })),
+          }),
           response: {
             200: {
-              description: 'An endless event stream',
+              description: 'The event stream, endless (a HEAD gets its headers only)',
               content: { 'text/event-stream': { schema: Type.String({ example: EXAMPLE }) } },
             },
             ...authErrors,
@@ -148,6 +151,7 @@ export default fp(
         },
       },
       async (request, reply) => {
+        if (request.method === 'HEAD') return reply.code(200).headers(STREAM_HEADERS).send()
         reply.hijack()
         const res = reply.raw
         res.writeHead(200, STREAM_HEADERS)
@@ -164,12 +168,6 @@ export default fp(
         }
       },
     )
-
-    // HEAD answers what a GET would start with (status and headers, so a probe learns the
-    // route and its auth work) and ends, where a GET stays open.
-    app.head('/v1/invalidations/stream', { config: { scope: 'read' }, schema: { hide: true } }, async (_request, reply) => {
-      reply.code(200).headers(STREAM_HEADERS).send()
-    })
   },
   { name: 'cachewarden-stream', dependencies: ['cachewarden-auth'] },
 )

@@ -36,7 +36,11 @@ export const unauthorized = (description: string): TSchema =>
 export const authErrors = {
   401: unauthorized('No or unknown bearer key (`unauthorized`)'),
   403: err('The key lacks the route\'s scope (`forbidden`)'),
-  429: err('Too many requests (`rate_limited`)'),
+  429: Type.Object(ErrorBody.properties, {
+    additionalProperties: true,
+    description: 'Too many requests (`rate_limited`); a limited route also sends `x-ratelimit-limit`, `-remaining` and `-reset`',
+    headers: { 'Retry-After': { type: 'integer', description: 'seconds until a request may succeed' } },
+  }),
   500: err('A bug (`internal_error`); logged, never detailed'),
   503: err('A backend the request needs is unreachable (`backend_unavailable`)'),
 }

@@ -294,6 +294,24 @@ t.test('a field a body does not have is a 400 naming it, not dropped without a w
   // The stream is left open to what EventSource polyfills add.
   const stream = await call(app, { method: 'HEAD', url: '/v1/invalidations/stream?lastEventId=1' })
   t.equal(stream.statusCode, 200)
+
+  // A route that takes no body refuses one with fields in it: a mode sent there must not delete.
+  const bodiless: Array<[string, string, unknown, string]> = [
+    ['DELETE', '/v1/entries/c', { mode: 'stale' }, 'body.mode is not allowed (a DELETE takes its options in the query string)'],
+    ['DELETE', '/v1/users/42/entries', { mode: 'stale' }, 'body.mode is not allowed (a DELETE takes its options in the query string)'],
+    ['DELETE', '/v1/tags/t/entries?mode=stale', { reason: 'x' }, 'body.reason is not allowed (a DELETE takes its options in the query string)'],
+    ['DELETE', '/v1/entries/c', ['stale'], 'DELETE /v1/entries/:key takes no body'],
+    ['POST', '/v1/stats/reset', { all: true }, 'body.all is not allowed'],
+  ]
+  for (const [method, url, payload, message] of bodiless) {
+    const res = await call(app, { method: method as 'DELETE', url, payload: payload as object })
+    t.equal(res.statusCode, 400, `${method} ${url}`)
+    t.same(res.json(), { error: 'invalid_request', message }, `${method} ${url}`)
+  }
+  t.match((await get(app, 'c')).json(), { value: 3, stale: false }, 'none of them invalidated')
+  // An empty object, or no body, is no option at all.
+  t.equal((await call(app, { method: 'DELETE', url: '/v1/entries/c?mode=stale', payload: {} })).statusCode, 200)
+  t.equal((await get(app, 'c', '?allowStale=true')).json().stale, true)
 })
 
 t.test("batch-set items take exactly the PUT body's fields plus key (the core keeps its own list)", async (t) => {
