@@ -1,14 +1,14 @@
 import { Type } from '@sinclair/typebox'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { AUDIT_BULK_THRESHOLD } from '../cache/audit-log.js'
 import { MAX_REASON_CHARS } from '../cache/limits.js'
 import { CLEAR_TOKEN_TTL_MS, ClearTokens, type RedeemResult } from '../cache/clear-tokens.js'
 import { sharedRecords } from '../stores/store.js'
+import { CacheError, invalidRequest, truncate } from '../errors.js'
+import { LimitQuery, Timestamp, authErrors, badRequest, bodyTooLarge } from '../schemas/common.js'
 
 const TOKEN_VALID = `${CLEAR_TOKEN_TTL_MS / 1000} s`
-import { CacheError, invalidRequest } from '../errors.js'
-import { LimitQuery, Timestamp, authErrors, badRequest, bodyTooLarge } from '../schemas/common.js'
 
 const REFUSALS = {
   missing: 'no token was sent',
@@ -39,6 +39,31 @@ export default async function adminRoutes(fastify: FastifyInstance) {
   const { cache, audit } = app
   const tokens = new ClearTokens({ now: cache.now, records: sharedRecords(cache.store) })
   const { clearRateLimitMax, clearRateLimitWindowMs } = app.config.security
+  // Every attempt at a wipe is audited, refused or not. The handlers record what they decide;
+  // the route's onSend records any other refusal (a bad body, a key without the admin scope,
+  // a body over the limit) from the reply it sends. Not one without a valid key: it has no
+  // actor, and anyone could flood the bounded log with them to push the real records out.
+  const recorded = new WeakSet<FastifyRequest>()
+  const record = (request: FastifyRequest, entry: Parameters<typeof audit.record>[0]) => {
+    recorded.add(request)
+    audit.record(entry)
+  }
+  const auditRefusal = (action: 'clear_token_issued' | 'clear') =>
+    (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (error: null, payload: unknown) => void) => {
+      if (reply.statusCode >= 400 && !recorded.has(request) && request.apiKey !== undefined) {
+        const body = request.body as { reason?: unknown } | undefined
+        const reason = action === 'clear_token_issued' && typeof body?.reason === 'string' ? truncate(body.reason, MAX_REASON_CHARS) : null
+        let sent: { error?: string; message?: string } = {}
+        try {
+          sent = JSON.parse(String(payload)) as typeof sent
+        } catch {
+          // not the contract's error body: the status says enough
+        }
+        const detail = `${reply.statusCode} ${sent.error ?? 'error'}${sent.message === undefined ? '' : `: ${truncate(sent.message, 200)}`}`
+        audit.record({ actor: request.apiKey.name, action, reason, outcome: reply.statusCode < 500 ? 'refused' : 'failed', detail })
+      }
+      done(null, payload)
+    }
   // Per key (auth ran before this hook); every 429 is audited, since someone is hammering a wipe.
   const limited = (action: 'clear_token_issued' | 'clear') =>
     clearRateLimitMax > 0
@@ -47,8 +72,8 @@ export default async function adminRoutes(fastify: FastifyInstance) {
             max: clearRateLimitMax,
             timeWindow: clearRateLimitWindowMs,
             // keyGenerator (per key) and the 429 body come from the plugin's settings.
-            onExceeded: (request: { apiKey?: { name: string } }) =>
-              audit.record({ actor: request.apiKey?.name, action, reason: null, outcome: 'refused', detail: 'rate limited' }),
+            onExceeded: (request: FastifyRequest) =>
+              record(request, { actor: request.apiKey?.name, action, reason: null, outcome: 'refused', detail: 'rate limited' }),
           },
         }
       : { rateLimit: false as const }
@@ -56,6 +81,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
   app.post(
     '/v1/admin/clear-token',
     {
+      onSend: auditRefusal('clear_token_issued'),
       config: { scope: 'admin', ...limited('clear_token_issued') },
       schema: {
         tags: ['admin'],
@@ -87,11 +113,11 @@ export default async function adminRoutes(fastify: FastifyInstance) {
         issued = await tokens.issue(actor, request.body.reason)
       } catch (error) {
         // Cluster mode with Redis down: a token no other instance could see is not handed out.
-        audit.record({ actor, action: 'clear_token_issued', reason: request.body.reason, outcome: 'failed', detail: 'the store is unavailable' })
+        record(request, { actor, action: 'clear_token_issued', reason: request.body.reason, outcome: 'failed', detail: 'the store is unavailable' })
         throw error
       }
       const { token, expiresAt } = issued
-      audit.record({ actor, action: 'clear_token_issued', reason: request.body.reason, outcome: 'succeeded', detail: `valid ${TOKEN_VALID}` })
+      record(request, { actor, action: 'clear_token_issued', reason: request.body.reason, outcome: 'succeeded', detail: `valid ${TOKEN_VALID}` })
       return { token, expiresAt: new Date(expiresAt).toISOString() }
     },
   )
@@ -99,6 +125,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
   app.post(
     '/v1/admin/clear',
     {
+      onSend: auditRefusal('clear'),
       config: { scope: 'admin', ...limited('clear') },
       // No body at all is a missing token too: the contract's 403, not a schema 400.
       preValidation: async (request) => {
@@ -132,11 +159,11 @@ export default async function adminRoutes(fastify: FastifyInstance) {
         // Cluster mode with Redis down: the token could not be checked (nor, most likely, spent).
         // The clear failed for the store, as if it had been tried: counted where alerts look.
         cache.countFailure('admin')
-        audit.record({ actor, action: 'clear', reason: null, outcome: 'failed', detail: 'the token could not be checked (the store is unavailable); nothing was cleared' })
+        record(request, { actor, action: 'clear', reason: null, outcome: 'failed', detail: 'the token could not be checked (the store is unavailable); nothing was cleared' })
         throw error
       }
       if (!result.ok) {
-        audit.record({ actor, action: 'clear', reason: result.reason, outcome: 'refused', detail: REFUSALS[result.why] })
+        record(request, { actor, action: 'clear', reason: result.reason, outcome: 'refused', detail: REFUSALS[result.why] })
         throw new CacheError('clear_token_invalid', `emergency clear refused: ${REFUSALS[result.why]}; nothing was cleared`)
       }
       // The clear's invalidation record is audited (action `clear`, with the count) by the audit log.
@@ -145,7 +172,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
       } catch (error) {
         // The token stays spent: a command that timed out may still run in Redis, and a token
         // given back could then clear a second time. The operator asks for a new one.
-        audit.record({ actor, action: 'clear', reason: result.reason, outcome: 'failed', detail: 'the store did not confirm the clear (it may still happen); the token is spent' })
+        record(request, { actor, action: 'clear', reason: result.reason, outcome: 'failed', detail: 'the store did not confirm the clear (it may still happen); the token is spent' })
         throw error
       }
     },

@@ -179,6 +179,33 @@ t.test('refused clears are audited with their cause, never with the token', asyn
   t.notMatch(JSON.stringify(entries), token)
 })
 
+t.test('every refused attempt by a key is audited once: a bad body, a missing scope, a body over the limit; not one with no key', async (t) => {
+  const { app } = await setup(t)
+  const audit = async () => (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=1000' })).json() as Array<Record<string, unknown>>
+  await call(app, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: '  ' } })
+  await call(app, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'x'.repeat(1025) } })
+  await call(app, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'no scope' }, key: 'write' })
+  await call(app, { method: 'POST', url: '/v1/admin/clear', payload: { token: 'whatever' }, key: 'invalidate' })
+  await call(app, { method: 'POST', url: '/v1/admin/clear', payload: { token: 'x'.repeat(7 * 1024 * 1024) } })
+  await call(app, { method: 'POST', url: '/v1/admin/clear', payload: { token: 'whatever' }, key: null })
+  await call(app, { method: 'POST', url: '/v1/admin/clear', payload: { token: 'whatever' }, headers: { authorization: 'Bearer not-a-key' } })
+  const entries = (await audit()).reverse()
+  t.match(entries, [
+    { action: 'clear_token_issued', actor: 'admin', outcome: 'refused', reason: '  ', detail: '400 invalid_request: reason must not be blank' },
+    { action: 'clear_token_issued', actor: 'admin', outcome: 'refused', reason: /^x{1024}…$/, detail: /^400 invalid_request: body\.reason must NOT have more than 1024 characters/ },
+    // Refused before its body was read: no reason to record.
+    { action: 'clear_token_issued', actor: 'writer', outcome: 'refused', reason: null, detail: '403 forbidden: this key lacks the "admin" scope' },
+    { action: 'clear', actor: 'invalidator', outcome: 'refused', reason: null, detail: '403 forbidden: this key lacks the "admin" scope' },
+    { action: 'clear', actor: 'admin', outcome: 'refused', reason: null, detail: /^413 payload_too_large/ },
+  ])
+  t.equal(entries.length, 5, 'one record each; none for the requests without a valid key')
+  // What a handler records is not recorded again from its reply.
+  await clear(app, { token: 'nope' })
+  const refused = (await audit()).filter((e) => e.action === 'clear' && e.actor === 'admin')
+  t.equal(refused.length, 2)
+  t.match(refused[0], { detail: /not one cachewarden issued/ })
+})
+
 t.test('both steps are rate-limited per key with 429 rate_limited', async (t) => {
   const { app } = await setup(t, { clearRateLimitMax: 2, clearRateLimitWindowMs: 60_000 })
   t.equal((await issue(app)).statusCode, 200)
@@ -200,6 +227,7 @@ t.test('both steps are rate-limited per key with 429 rate_limited', async (t) =>
 
   const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json()
   t.ok(audit.some((e: { action: string; outcome: string; detail: string }) => e.action === 'clear' && e.detail === 'rate limited'))
+  t.equal(audit.filter((e: { detail: string }) => /rate/.test(e.detail)).length, 2, 'each 429 audited once')
 })
 
 t.test('with the default limit, an operator walking every refusal and a clear in one minute is not rate-limited', async (t) => {
