@@ -11,7 +11,6 @@ import { rateLimited } from '../errors.js'
 const keyOrIp = (request: FastifyRequest) =>
   request.apiKey !== undefined ? `key:${request.apiKey.name}` : `ip:${request.ip}`
 
-
 /**
  * Registers @fastify/rate-limit. Routes opt in with `config.rateLimit` (the emergency clear
  * does); `RATE_LIMIT_MAX` > 0 also limits every authenticated route per key, which is off
