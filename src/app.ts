@@ -211,12 +211,13 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     // What this hook can answer is in the route's OpenAPI responses too.
     const response = (route.schema.response ??= {}) as Record<string, unknown>
     response['400'] ??= badRequest[400]
-    if (route.schema.body === undefined) {
+    // Fastify never reads a GET's or HEAD's body: their routes (the entry read among them) get no hook.
+    const methods = Array.isArray(route.method) ? route.method : [route.method]
+    if (route.schema.body === undefined && methods.some((m) => m !== 'GET' && m !== 'HEAD')) {
       const hooks = route.preValidation === undefined ? [] : Array.isArray(route.preValidation) ? route.preValidation : [route.preValidation]
       route.preValidation = [...hooks, refuseBody]
-      // Read before it is refused, a body can be over the body limit (not a GET's: never read).
-      const methods = Array.isArray(route.method) ? route.method : [route.method]
-      if (methods.some((m) => m !== 'GET' && m !== 'HEAD')) response['413'] ??= bodyTooLarge[413]
+      // Read before it is refused, a body can be over the body limit.
+      response['413'] ??= bodyTooLarge[413]
     }
   })
   await app.register(entryRoutes)
@@ -289,7 +290,14 @@ function frontDoor(app: FastifyInstance): void {
   })
   app.server.removeListener('request', fastifyHandler)
   app.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
-    if (closing) return sendRaw(res, 503, { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
+    if (closing) {
+      // Pipelined behind a reply not yet begun: that reply must keep the connection open for
+      // this one's 503, which closes it. (Behind a reply already begun with `Connection: close`,
+      // the request goes unanswered, and the client retries it, as RFC 9112 9.3.2 has it.)
+      const ahead = (req.socket as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage
+      if (ahead && ahead !== res && !ahead.headersSent) ahead.shouldKeepAlive = true
+      return sendRaw(res, 503, { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
+    }
     if (req.headers.host !== undefined || req.httpVersionMinor === 0) return fastifyHandler(req, res)
     sendRaw(res, 400, { error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
   })

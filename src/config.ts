@@ -5,11 +5,8 @@ import { compileRules } from './sources/events.js'
 import { parseOriginsConfig } from './origins/config.js'
 import { DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES } from './stores/memory-store.js'
 
-/**
- * A channel name `NOTIFY` takes unquoted as it is: PostgreSQL folds an unquoted identifier to
- * lowercase, so with `PG_CHANNEL=Cache` a `NOTIFY Cache` would go to `cache` and be missed.
- */
-export const PG_CHANNEL = /^[a-z_][a-z0-9_]{0,62}$/
+/** A plain SQL identifier (the listener warns about capitals: an unquoted NOTIFY folds them). */
+export const PG_CHANNEL = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/
 
 export const SCOPES = ['read', 'write', 'invalidate', 'admin'] as const
 export type Scope = (typeof SCOPES)[number]
@@ -207,7 +204,7 @@ export function loadConfig(env: Env = process.env): Config {
   c.pgUrl = url('PG_URL', ['postgres:', 'postgresql:'])
   c.pgChannel = str('PG_CHANNEL') ?? c.pgChannel
   if (!PG_CHANNEL.test(c.pgChannel)) {
-    throw new ConfigError('PG_CHANNEL', 'must be a plain lowercase SQL identifier (a-z, digits, underscore; at most 63): PostgreSQL folds an unquoted NOTIFY channel to lowercase')
+    throw new ConfigError('PG_CHANNEL', 'must be a plain SQL identifier (letters, digits, underscore; at most 63)')
   }
   const policy = str('PG_RECONNECT_POLICY') ?? c.pgReconnectPolicy
   if (!(PG_RECONNECT_POLICIES as readonly string[]).includes(policy)) {

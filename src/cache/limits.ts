@@ -22,6 +22,11 @@ export interface Limits {
 /** The longest `reason` an invalidation or an emergency clear carries, in characters. */
 export const MAX_REASON_CHARS = 1024
 
+/** A reason cut to MAX_REASON_CHARS characters (code points, as the schemas count them). */
+export function cutReason(reason: string): string {
+  return reason.length > MAX_REASON_CHARS ? [...reason].slice(0, MAX_REASON_CHARS).join('') : reason
+}
+
 export const DEFAULT_LIMITS: Limits = {
   maxKeyBytes: 512,
   maxUserIdBytes: 128,

@@ -373,7 +373,16 @@ export class Origins {
     // Re-read: the entry may have been invalidated, refreshed or dropped while queued.
     const entry = await this.cache.inspect(key)
     if (entry === undefined) return
-    const match = this.matchEntry(entry)
+    let match: OriginMatch | undefined
+    try {
+      match = this.matchEntry(entry)
+    } catch (error) {
+      // A key whose user or tags no entry can carry (written by a client): no load of it could
+      // be cached. Cooled down like a failed refresh, so its hits do not queue it again and again.
+      this.#coolDown(key)
+      this.#logFailure(this.#originOf(entry)?.origin.name ?? 'unknown', key, error as Error)
+      return
+    }
     if (match === undefined || !this.#due(entry, match.origin.refreshAhead, this.cache.now())) return
     // In cluster mode every instance that serves the hot key would refresh it: the first to
     // claim the load does, the others leave it (the entry it writes reaches them all).
@@ -387,12 +396,17 @@ export class Origins {
     try {
       await this.refreshMatch(match)
     } catch (error) {
-      if (this.#cooldown.size >= MAX_COOLDOWNS) this.#cooldown.delete(this.#cooldown.keys().next().value!)
-      this.#cooldown.set(key, this.cache.now() + REFRESH_FAILURE_COOLDOWN_MS)
+      this.#coolDown(key)
       this.#logFailure(match.origin.name, key, error as Error)
     } finally {
       await claim?.release()
     }
+  }
+
+  /** No refresh-ahead of the key for a while after one failed. */
+  #coolDown(key: string): void {
+    if (this.#cooldown.size >= MAX_COOLDOWNS) this.#cooldown.delete(this.#cooldown.keys().next().value!)
+    this.#cooldown.set(key, this.cache.now() + REFRESH_FAILURE_COOLDOWN_MS)
   }
 
   #logFailure(origin: string, key: string, error: Error): void {

@@ -62,6 +62,7 @@ export default fp(
     const stopBackground = () => {
       if (timer !== undefined) clearInterval(timer)
       if (app.cache.onHit === origins.onHit) app.cache.onHit = undefined
+      origins.refresher.close() // the refreshes queued: those running finish, or are aborted with the rest
     }
     app.addHook('preClose', (done) => {
       stopBackground()

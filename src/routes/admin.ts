@@ -1,14 +1,19 @@
 import { Type } from '@sinclair/typebox'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
-import { AUDIT_BULK_THRESHOLD } from '../cache/audit-log.js'
-import { MAX_REASON_CHARS } from '../cache/limits.js'
+import { AUDIT_BULK_THRESHOLD, type AuditLog } from '../cache/audit-log.js'
+import { MAX_REASON_CHARS, cutReason } from '../cache/limits.js'
 import { CLEAR_TOKEN_TTL_MS, ClearTokens, type RedeemResult } from '../cache/clear-tokens.js'
 import { sharedRecords } from '../stores/store.js'
 import { CacheError, invalidRequest, truncate } from '../errors.js'
 import { LimitQuery, Timestamp, authErrors, badRequest, bodyTooLarge } from '../schemas/common.js'
 
 const TOKEN_VALID = `${CLEAR_TOKEN_TTL_MS / 1000} s`
+
+/** Refused attempts recorded per key and step in each CLEAR_RATE_LIMIT_WINDOW_MS (see adminRoutes). */
+export const AUDIT_REFUSALS_PER_WINDOW = 10
+
+type AuditEntry = Parameters<AuditLog['record']>[0]
 
 const REFUSALS = {
   missing: 'no token was sent',
@@ -43,16 +48,39 @@ export default async function adminRoutes(fastify: FastifyInstance) {
   // the route's onSend records any other refusal (a bad body, a key without the admin scope,
   // a body over the limit) from the reply it sends. Not one without a valid key: it has no
   // actor, and anyone could flood the bounded log with them to push the real records out.
+  // For the same reason a key's refused attempts at a step are recorded AUDIT_REFUSALS_PER_WINDOW
+  // times per CLEAR_RATE_LIMIT_WINDOW_MS; past that they are counted, and the next one
+  // recorded says how many were not. (Neither a 403 for a missing scope nor a 429 is itself
+  // limited: any key could send them without end.)
   const recorded = new WeakSet<FastifyRequest>()
-  const record = (request: FastifyRequest, entry: Parameters<typeof audit.record>[0]) => {
+  const refusals = new Map<string, { since: number; recorded: number; skipped: number }>()
+  const record = (request: FastifyRequest, entry: AuditEntry) => {
     recorded.add(request)
+    if (entry.outcome === 'refused' && entry.actor) {
+      const id = `${entry.actor}\n${entry.action}`
+      const now = cache.now()
+      let seen = refusals.get(id)
+      if (seen === undefined || now - seen.since >= clearRateLimitWindowMs) {
+        const skipped = seen?.skipped ?? 0
+        seen = { since: now, recorded: 0, skipped: 0 }
+        refusals.set(id, seen)
+        if (skipped > 0) entry = { ...entry, detail: `${entry.detail} (and ${skipped} earlier refused attempts of this key not recorded)` }
+      }
+      if (seen.recorded >= AUDIT_REFUSALS_PER_WINDOW) {
+        if (seen.skipped++ === 0) {
+          request.log.warn({ actor: entry.actor, action: entry.action }, 'audit: further refused attempts of this key are counted, not recorded, until the window ends')
+        }
+        return
+      }
+      seen.recorded++
+    }
     audit.record(entry)
   }
   const auditRefusal = (action: 'clear_token_issued' | 'clear') =>
     (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (error: null, payload: unknown) => void) => {
       if (reply.statusCode >= 400 && !recorded.has(request) && request.apiKey !== undefined) {
         const body = request.body as { reason?: unknown } | undefined
-        const reason = action === 'clear_token_issued' && typeof body?.reason === 'string' ? truncate(body.reason, MAX_REASON_CHARS) : null
+        const reason = action === 'clear_token_issued' && typeof body?.reason === 'string' ? cutReason(body.reason) : null
         let sent: { error?: string; message?: string } = {}
         try {
           sent = JSON.parse(String(payload)) as typeof sent
@@ -60,7 +88,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
           // not the contract's error body: the status says enough
         }
         const detail = `${reply.statusCode} ${sent.error ?? 'error'}${sent.message === undefined ? '' : `: ${truncate(sent.message, 200)}`}`
-        audit.record({ actor: request.apiKey.name, action, reason, outcome: reply.statusCode < 500 ? 'refused' : 'failed', detail })
+        record(request, { actor: request.apiKey.name, action, reason, outcome: reply.statusCode < 500 ? 'refused' : 'failed', detail })
       }
       done(null, payload)
     }

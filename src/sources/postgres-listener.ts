@@ -2,7 +2,7 @@
 // starts it, adds its readiness check and closes it with the app.
 import pg from 'pg'
 import type { CacheService, CoreLogger } from '../cache/cache-service.js'
-import { checkName, MAX_REASON_CHARS, type Limits } from '../cache/limits.js'
+import { checkName, checkSelector, cutReason, type Limits } from '../cache/limits.js'
 import { SELECTOR_KINDS, type InvalidationMode, type Selector } from '../cache/types.js'
 import { PG_CHANNEL, type PgReconnectPolicy } from '../config.js'
 import { CacheError, truncate } from '../errors.js'
@@ -110,8 +110,15 @@ export class PostgresListener {
       ...options,
       logger: options.logger,
     }
-    if (!PG_CHANNEL.test(this.#o.channel)) {
-      throw new TypeError(`channel must be a plain lowercase SQL identifier, got "${this.#o.channel}"`)
+    const { channel, logger } = this.#o
+    if (!PG_CHANNEL.test(channel)) throw new TypeError(`channel must be a plain SQL identifier, got "${channel}"`)
+    // LISTEN here quotes the channel, and the trigger's pg_notify keeps its case; a hand-written
+    // NOTIFY does not: PostgreSQL folds an unquoted name to lowercase, and nothing would arrive.
+    if (channel !== channel.toLowerCase()) {
+      logger?.warn(
+        { channel },
+        `PG_CHANNEL has capitals: a hand-written NOTIFY must quote it (NOTIFY "${channel}", …) or use pg_notify('${channel}', …); unquoted, PostgreSQL sends it to "${channel.toLowerCase()}"`,
+      )
     }
   }
 
@@ -267,8 +274,17 @@ export class PostgresListener {
       parsed.selector = selector
     }
     // The database's word is not held to the API's batch limit: a longer list (a trigger with
-    // many tag templates) is applied in slices, each an invalidation of its own.
-    for (const selector of slices(parsed.selector, this.#o.cache.limits.maxBatch)) {
+    // many tag templates) is applied in slices, each an invalidation of its own. What is
+    // malformed is refused whole first, so no slice of it is applied.
+    const limits = this.#o.cache.limits
+    let checked: Selector
+    try {
+      checked = checkSelector(parsed.selector, { ...limits, maxBatch: Number.MAX_SAFE_INTEGER })
+    } catch (error) {
+      this.#malformed(payload, (error as Error).message)
+      return
+    }
+    for (const selector of slices(checked, limits.maxBatch)) {
       if (!this.#owe({ ...parsed, selector, payload })) return
       if (this.#owed.length === 1) await this.#applyOwed()
     }
@@ -391,7 +407,7 @@ export function parsePayload(payload: string): { selector: Selector; mode?: Inva
   if (body.mode !== undefined && body.mode !== 'delete' && body.mode !== 'stale') return 'mode must be "delete" or "stale"'
   if (body.reason !== undefined && typeof body.reason !== 'string') return 'reason must be a string'
   // A reason too long for the API is cut to its limit, not a reason to drop the invalidation.
-  const reason = typeof body.reason === 'string' && body.reason.length > MAX_REASON_CHARS ? [...body.reason].slice(0, MAX_REASON_CHARS).join('') : body.reason
+  const reason = body.reason === undefined ? undefined : cutReason(body.reason)
   const selector: Selector = {}
   for (const kind of SELECTOR_KINDS) {
     if (body[kind] !== undefined) selector[kind] = body[kind] as string[]
@@ -400,19 +416,12 @@ export function parsePayload(payload: string): { selector: Selector; mode?: Inva
   return { selector, mode: body.mode as InvalidationMode | undefined, reason }
 }
 
-/**
- * The selector in slices whose lists hold at most `max` names each (the selector itself when
- * they all do). What is not a list is left for `checkSelector` to refuse, in the first slice.
- */
+/** A checked selector in slices whose lists hold at most `max` names each (itself when they all do). */
 export function slices(selector: Selector, max: number): Selector[] {
   const out: Selector[] = [{}]
   for (const kind of SELECTOR_KINDS) {
     const list = selector[kind]
     if (list === undefined) continue
-    if (!Array.isArray(list) || list.length <= max) {
-      out[0]![kind] = list
-      continue
-    }
     for (let i = 0; i * max < list.length; i++) (out[i] ??= {})[kind] = list.slice(i * max, (i + 1) * max)
   }
   return out

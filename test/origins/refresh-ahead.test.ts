@@ -1,6 +1,6 @@
 import t from 'tap'
 import type { FastifyInstance } from 'fastify'
-import { FakeClock, build, call, captureLogs, get, put } from '../helpers/build.js'
+import { FakeClock, auth, build, call, captureLogs, get, put } from '../helpers/build.js'
 import { OriginServer, dashboardOrigin, voidBothLoads } from '../helpers/origin-server.js'
 
 const dash = (id: string) => `/users/${id}/dashboard`
@@ -274,4 +274,60 @@ t.test('refresh failures during an outage are logged once per origin per interva
   t.equal(warnings.length, 1)
   t.equal(warnings[0]!.origin, 'dashboards')
   t.notMatch(JSON.stringify(records()), /127\.0\.0\.1/, 'no origin URL in the logs')
+})
+
+t.test('an entry whose key gives a user no entry can carry is not refreshed, and is cooled down, not queued on every hit', async (t) => {
+  const origin = await OriginServer.start(t)
+  const clock = new FakeClock()
+  const { records, stream } = captureLogs()
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin, { ttlMs: TTL })] } }, { now: clock.now, logger: { level: 'warn', stream } })
+  const key = `dashboard:${'u'.repeat(200)}` // a client wrote it; its origin would file it under a 200-byte user id
+  await put(app, key, { value: 'by hand', ttlMs: TTL })
+  const scheduled: string[] = []
+  const schedule = app.origins.refresher.schedule.bind(app.origins.refresher)
+  app.origins.refresher.schedule = (k, hits) => {
+    scheduled.push(k)
+    schedule(k, hits)
+  }
+  clock.advance(0.9 * TTL)
+  await get(app, key)
+  await app.origins.refresher.drain()
+  t.same(scheduled, [key], 'queued by the first hit past refreshAhead')
+  t.equal(origin.calls, 0, 'the origin is never called')
+  t.match(records().find((l) => l.msg === 'refresh-ahead failed; the cached entry stays'), { origin: 'dashboards', err: /userId is longer than 128 bytes/ })
+  await get(app, key)
+  await app.origins.refresher.drain()
+  t.same(scheduled, [key], 'the next hit does not queue it again')
+  t.equal((await get(app, key)).json().value, 'by hand', 'still served')
+})
+
+t.test('once shutdown begins, queued refreshes do not start', async (t) => {
+  const origin = await OriginServer.start(t)
+  const other = await OriginServer.start(t) // serves the request that keeps the shutdown waiting
+  const clock = new FakeClock()
+  const origins = [dashboardOrigin(origin, { ttlMs: TTL }), { ...dashboardOrigin(other), name: 'other', keyPattern: 'other:{userId}' }]
+  const app = await build(t, { refreshConcurrency: 1, configFile: { origins } }, { now: clock.now })
+  const ids = ['1', '2', '3']
+  await load(app, origin, ids)
+  origin.hold()
+  clock.advance(0.9 * TTL)
+  for (const id of ids) await get(app, `dashboard:${id}`)
+  await origin.waitForCalls(3 + 1)
+  t.equal(app.origins.refresher.pending, 2, 'one refresh running, two queued')
+  // A request in flight over HTTP holds the app between preClose and onClose.
+  other.values.set(dash('9'), 'v')
+  other.hold()
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const inFlight = fetch(`http://127.0.0.1:${port}/v1/entries/other%3A9?load=true`, { headers: auth() })
+  await other.waitForCalls(1)
+  const closed = app.close()
+  await new Promise((r) => setTimeout(r, 50)) // preClose has run
+  origin.release() // the running refresh finishes; the queue would start the next
+  await new Promise((r) => setTimeout(r, 200))
+  t.equal(origin.calls, 4, 'the queued refreshes never started')
+  other.release()
+  t.equal((await inFlight).status, 200, 'the request in flight is answered')
+  await closed
+  t.equal(origin.calls, 4)
 })

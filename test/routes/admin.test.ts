@@ -1,6 +1,7 @@
 import t, { type Test } from 'tap'
 import { DEFAULT_SECURITY, parseApiKeys } from '../../src/config.js'
-import { FakeClock, KEYS, TEST_API_KEYS, build, call, get, put } from '../helpers/build.js'
+import { AUDIT_REFUSALS_PER_WINDOW } from '../../src/routes/admin.js'
+import { FakeClock, KEYS, TEST_API_KEYS, auth, build, call, get, put } from '../helpers/build.js'
 
 // A second admin key, to prove a token is bound to the key that asked for it.
 const OTHER_ADMIN = 'other-admin-secret-0123456789'
@@ -192,7 +193,7 @@ t.test('every refused attempt by a key is audited once: a bad body, a missing sc
   const entries = (await audit()).reverse()
   t.match(entries, [
     { action: 'clear_token_issued', actor: 'admin', outcome: 'refused', reason: '  ', detail: '400 invalid_request: reason must not be blank' },
-    { action: 'clear_token_issued', actor: 'admin', outcome: 'refused', reason: /^x{1024}…$/, detail: /^400 invalid_request: body\.reason must NOT have more than 1024 characters/ },
+    { action: 'clear_token_issued', actor: 'admin', outcome: 'refused', reason: 'x'.repeat(1024), detail: /^400 invalid_request: body\.reason must NOT have more than 1024 characters/ },
     // Refused before its body was read: no reason to record.
     { action: 'clear_token_issued', actor: 'writer', outcome: 'refused', reason: null, detail: '403 forbidden: this key lacks the "admin" scope' },
     { action: 'clear', actor: 'invalidator', outcome: 'refused', reason: null, detail: '403 forbidden: this key lacks the "admin" scope' },
@@ -204,6 +205,26 @@ t.test('every refused attempt by a key is audited once: a bad body, a missing sc
   const refused = (await audit()).filter((e) => e.action === 'clear' && e.actor === 'admin')
   t.equal(refused.length, 2)
   t.match(refused[0], { detail: /not one cachewarden issued/ })
+})
+
+t.test('a key\'s refused attempts are recorded ten times a window, then counted: no key can flush the audit log', async (t) => {
+  const { app, clock } = await setup(t)
+  t.equal((await issue(app, 'the real one')).statusCode, 200)
+  for (let i = 0; i < 25; i++) {
+    t.equal((await clear(app, { token: 'x' }, auth('read'))).statusCode, 403)
+  }
+  const audit = async () => (await call(app, { method: 'GET', url: '/v1/debug/audit?limit=1000' })).json() as Array<Record<string, string>>
+  let entries = await audit()
+  t.equal(entries.filter((e) => e.actor === 'reader').length, AUDIT_REFUSALS_PER_WINDOW, 'ten recorded')
+  t.ok(entries.some((e) => e.reason === 'the real one'), 'the real record stays')
+  // Another key, and another step, have their own count.
+  await issue(app, 'scope?', auth('write'))
+  t.equal((await audit()).filter((e) => e.actor === 'writer').length, 1)
+  clock.advance(60_000)
+  await clear(app, { token: 'x' }, auth('read'))
+  entries = await audit()
+  t.equal(entries.filter((e) => e.actor === 'reader').length, AUDIT_REFUSALS_PER_WINDOW + 1)
+  t.match(entries[0], { actor: 'reader', action: 'clear', outcome: 'refused', detail: /^403 forbidden: .* \(and 15 earlier refused attempts of this key not recorded\)$/ })
 })
 
 t.test('both steps are rate-limited per key with 429 rate_limited', async (t) => {

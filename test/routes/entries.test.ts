@@ -312,6 +312,16 @@ t.test('a field a body does not have is a 400 naming it, not dropped without a w
   // An empty object, or no body, is no option at all.
   t.equal((await call(app, { method: 'DELETE', url: '/v1/entries/c?mode=stale', payload: {} })).statusCode, 200)
   t.equal((await get(app, 'c', '?allowStale=true')).json().stale, true)
+  // Fastify never reads a GET's body: the entry read, the hot path, carries no hook for it.
+  const blocks: string[] = [] // a route's line, then its hooks' lines (•)
+  for (const line of app.printRoutes({ commonPrefix: false, includeHooks: true }).split('\n')) {
+    if (line.includes('•')) blocks[blocks.length - 1] += `\n${line}`
+    else blocks.push(line)
+  }
+  const hooks = (route: string) => blocks.find((b) => b.split('\n')[0]!.includes(route)) ?? ''
+  t.match(hooks('/v1/entries/:key (GET'), /onRequest/, 'the GET route and its hooks are listed')
+  t.notMatch(hooks('/v1/entries/:key (GET'), /refuseBody/)
+  t.match(hooks('/v1/entries/:key (DELETE'), /refuseBody/)
 })
 
 t.test("batch-set items take exactly the PUT body's fields plus key (the core keeps its own list)", async (t) => {

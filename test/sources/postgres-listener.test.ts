@@ -150,6 +150,26 @@ t.test('a list over the batch limit is applied in slices, and an overlong reason
   t.equal(records[0]!.reason, 'é'.repeat(1024), 'the reason cut to the API limit, in characters')
   t.notOk(app.cache.totals.invalidationFailures.postgres, 'no failure counted')
   t.notOk(lines.some((l) => l.includes('malformed')), 'nothing logged as malformed')
+
+  // A malformed name far down a long list sinks the whole notification, not just its slice.
+  for (const tag of tags) await put(app, `tagged:${tag}`, { value: 1, tags: [tag] })
+  await db.query(`SELECT pg_notify('cachewarden', $1)`, [JSON.stringify({ tags: [...tags, ''] })])
+  await db.query(`SELECT pg_notify('cachewarden', '{"keys":["marker"]}')`)
+  await waitFor(() => app.cache.totals.invalidationsBySource.postgres === 4, 20_000, 'the marker notification')
+  for (const tag of tags) t.equal((await get(app, `tagged:${tag}`)).statusCode, 200, `tagged:${tag} untouched`)
+  t.equal(app.cache.totals.invalidationFailures.postgres, 1, 'one failure, for the one notification')
+  t.equal(lines.filter((l) => l.includes('malformed postgres notification')).length, 1, 'logged once')
+})
+
+t.test('a channel with capitals is warned about at start: an unquoted NOTIFY would miss it', async (t) => {
+  const app = await build(t)
+  const warnings: string[] = []
+  const logger = { warn: (_o: unknown, msg: string) => void warnings.push(msg), info: () => {}, error: () => {}, debug: () => {} }
+  new PostgresListener({ url: 'postgres://127.0.0.1:1/x', channel: 'CacheEvents', cache: app.cache, logger: logger as never })
+  t.match(warnings, [/^PG_CHANNEL has capitals: a hand-written NOTIFY must quote it \(NOTIFY "CacheEvents", …\)[^]*"cacheevents"/])
+  new PostgresListener({ url: 'postgres://127.0.0.1:1/x', channel: 'cache_events', cache: app.cache, logger: logger as never })
+  t.equal(warnings.length, 1, 'not for a lowercase one')
+  t.throws(() => new PostgresListener({ url: 'postgres://127.0.0.1:1/x', channel: 'drop table;', cache: app.cache }), /plain SQL identifier/)
 })
 
 t.test('a row moving to a user id no entry can carry still invalidates the user it left', { skip: !available }, async (t) => {
