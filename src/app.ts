@@ -258,6 +258,9 @@ function refuseBody(request: FastifyRequest, _reply: FastifyReply, done: (error?
   done(invalidRequest(`body.${field} is not allowed${hint}`))
 }
 
+const NEWEST = Symbol('the newest reply on a connection')
+type Tracked = Duplex & { [NEWEST]?: ServerResponse; _httpMessage?: ServerResponse | null }
+
 /**
  * Two answers given before Fastify routes a request, with the contract's body, from one
  * listener put in front of Fastify's own:
@@ -272,32 +275,39 @@ function frontDoor(app: FastifyInstance): void {
   // Without it, requests would go unchecked: Node's own Host check is off (requireHostHeader).
   if (fastifyHandler === undefined) throw new Error('Fastify attached no request listener to its server')
   let closing = false
-  // The open connections, so that replies still to be sent when shutdown starts can say
-  // `Connection: close`: a client that read `keep-alive` would send its next request on a
-  // connection about to close, and learn nothing of what became of it.
-  const sockets = new Set<Duplex>()
-  app.server.on('connection', (socket: Duplex) => {
+  // Shutting down, every open connection closes after the last reply it owes, sent whole:
+  // that reply says `Connection: close` (a client that read `keep-alive` would send its next
+  // request on a connection about to close, and learn nothing of what became of it). One
+  // whose last reply was begun with `keep-alive` is ended (not destroyed) once it is written.
+  // So each connection is tracked (once, as it opens), and with it its newest reply.
+  const sockets = new Set<Tracked>()
+  app.server.on('connection', (socket: Tracked) => {
     sockets.add(socket)
     socket.once('close', () => sockets.delete(socket))
   })
   app.addHook('preClose', (done) => {
     closing = true
     for (const socket of sockets) {
-      const res = (socket as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage
-      if (res && !res.headersSent) res.shouldKeepAlive = false
+      const last = socket[NEWEST]
+      if (last === undefined || last.writableFinished) continue // idle: the server's close drops it
+      if (!last.headersSent) last.shouldKeepAlive = false // Node ends the connection after it
+      else last.once('finish', () => socket._httpMessage || socket.end())
     }
     done()
   })
   app.server.removeListener('request', fastifyHandler)
   app.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    const socket = req.socket as Tracked
     if (closing) {
-      // Pipelined behind a reply not yet begun: that reply must keep the connection open for
-      // this one's 503, which closes it. (Behind a reply already begun with `Connection: close`,
-      // the request goes unanswered, and the client retries it, as RFC 9112 9.3.2 has it.)
-      const ahead = (req.socket as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage
-      if (ahead && ahead !== res && !ahead.headersSent) ahead.shouldKeepAlive = true
+      // Pipelined behind a reply not yet begun: that one keeps the connection open for this
+      // 503, which closes it. (Behind one already begun with `Connection: close` the request
+      // goes unanswered and unapplied, and the client retries it, as RFC 9112 9.3.2 has it.)
+      const ahead = socket[NEWEST]
+      if (ahead !== undefined && !ahead.headersSent) ahead.shouldKeepAlive = true
+      socket[NEWEST] = res
       return sendRaw(res, 503, { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
     }
+    socket[NEWEST] = res
     if (req.headers.host !== undefined || req.httpVersionMinor === 0) return fastifyHandler(req, res)
     sendRaw(res, 400, { error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
   })

@@ -191,6 +191,8 @@ export function loadConfig(env: Env = process.env): Config {
   c.limits.defaultTtlMs = int('DEFAULT_TTL_MS', c.limits.defaultTtlMs, c.limits.minTtlMs, c.limits.maxTtlMs)
   c.limits.maxValueBytes = int('MAX_VALUE_BYTES', c.limits.maxValueBytes, 16)
   c.limits.maxKeyBytes = int('MAX_KEY_BYTES', c.limits.maxKeyBytes, 1, 64 * 1024)
+  // A prefix can match any key, and no key is longer: the two limits are one.
+  c.limits.maxPrefixBytes = c.limits.maxKeyBytes
   // The request schemas bound every list at the contract's 1000; MAX_BATCH can only lower it.
   c.limits.maxBatch = int('MAX_BATCH', c.limits.maxBatch, 1, 1000)
   c.bodyLimitBytes = int('BODY_LIMIT_BYTES', defaultBodyLimit(c.limits.maxValueBytes), 1024)

@@ -51,15 +51,9 @@ const closer = closeWithGrace({ delay: config.shutdownGraceMs, skip: [...STOP_SI
   // SIGTERM and SIGINT are the usual way to stop; any other signal (a closed terminal's SIGHUP…) is worth a warning.
   else if (signal === 'SIGTERM' || signal === 'SIGINT') app.log.info({ signal }, 'shutting down')
   else app.log.warn({ signal }, 'shutting down')
-  // close() drops the idle keep-alive connections once; a connection whose request was still
-  // in flight goes idle later and would be kept for the keep-alive timeout (72 s), so it is
-  // dropped as soon as it goes idle. (No per-request hook: this costs nothing until shutdown.)
-  const sweep = setInterval(() => app.server.closeIdleConnections(), 50)
-  try {
-    await app.close()
-  } finally {
-    clearInterval(sweep)
-  }
+  // close() drops the idle keep-alive connections; the others close after their last reply
+  // (src/app.ts, frontDoor), sent whole.
+  await app.close()
 })
 for (const name of STOP_SIGNALS) {
   process.on(name, (signal: NodeJS.Signals) => {

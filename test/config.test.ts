@@ -36,6 +36,12 @@ t.test('an out-of-range number is quoted as it was given, not as a float rounded
   t.throws(() => loadConfig({ PORT: '99999999999999999999' }), { variable: 'PORT', message: 'PORT: must be between 0 and 65535, got 99999999999999999999' })
 })
 
+t.test('MAX_KEY_BYTES bounds prefixes too: a prefix can match any key, and no key is longer', async (t) => {
+  t.equal(loadConfig({}).limits.maxPrefixBytes, 512)
+  t.equal(loadConfig({ MAX_KEY_BYTES: '2000' }).limits.maxPrefixBytes, 2000)
+  t.equal(loadConfig({ MAX_KEY_BYTES: '16' }).limits.maxPrefixBytes, 16)
+})
+
 t.test('a bad value names its variable', async (t) => {
   const bad: Array<[Record<string, string>, string]> = [
     [{ PORT: 'eighty' }, 'PORT'],

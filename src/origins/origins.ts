@@ -378,8 +378,8 @@ export class Origins {
       match = this.matchEntry(entry)
     } catch (error) {
       // A key whose user or tags no entry can carry (written by a client): no load of it could
-      // be cached. Cooled down like a failed refresh, so its hits do not queue it again and again.
-      this.#coolDown(key)
+      // ever be cached. Left alone for the rest of the entry's life, so its hits do not queue it again.
+      this.#coolDown(key, entry.expiresAt)
       this.#logFailure(this.#originOf(entry)?.origin.name ?? 'unknown', key, error as Error)
       return
     }
@@ -403,10 +403,10 @@ export class Origins {
     }
   }
 
-  /** No refresh-ahead of the key for a while after one failed. */
-  #coolDown(key: string): void {
+  /** No refresh-ahead of the key until `until` (by default a while after a failure). */
+  #coolDown(key: string, until = this.cache.now() + REFRESH_FAILURE_COOLDOWN_MS): void {
     if (this.#cooldown.size >= MAX_COOLDOWNS) this.#cooldown.delete(this.#cooldown.keys().next().value!)
-    this.#cooldown.set(key, this.cache.now() + REFRESH_FAILURE_COOLDOWN_MS)
+    this.#cooldown.set(key, until)
   }
 
   #logFailure(origin: string, key: string, error: Error): void {

@@ -32,7 +32,14 @@ export function expandWarmSet(origins: Origins, set: WarmSet): string[] {
  * an invalid key, an origin without data, a failing origin or a load that invalidations
  * voided twice (not cached) counts as failed.
  */
-export async function warm(origins: Origins, set: WarmSet, logger?: CoreLogger, concurrency = WARM_CONCURRENCY): Promise<WarmSummary> {
+export async function warm(
+  origins: Origins,
+  set: WarmSet,
+  logger?: CoreLogger,
+  concurrency = WARM_CONCURRENCY,
+  /** Once aborted, no further key is loaded (shutdown); the summary counts what was done. */
+  signal?: AbortSignal,
+): Promise<WarmSummary> {
   const keys = expandWarmSet(origins, set)
   const summary: WarmSummary = { requested: keys.length, loaded: 0, failed: 0, errors: [] }
   const started = performance.now()
@@ -59,7 +66,8 @@ export async function warm(origins: Origins, set: WarmSet, logger?: CoreLogger, 
     if (++done % PROGRESS_EVERY === 0 && done < keys.length) {
       logger?.info({ done, requested: keys.length, loaded: summary.loaded, failed: summary.failed }, 'warm progress')
     }
-  })
+  }, signal)
+  if (signal?.aborted === true) logger?.info({ done, requested: keys.length }, 'warm stopped: shutting down')
   logger?.info(
     { requested: summary.requested, loaded: summary.loaded, failed: summary.failed, durationMs: Math.round(performance.now() - started) },
     'warm finished',

@@ -10,8 +10,10 @@ import { LimitQuery, Timestamp, authErrors, badRequest, bodyTooLarge } from '../
 
 const TOKEN_VALID = `${CLEAR_TOKEN_TTL_MS / 1000} s`
 
-/** Refused attempts recorded per key and step in each CLEAR_RATE_LIMIT_WINDOW_MS (see adminRoutes). */
+/** Refused attempts recorded per key and step in each window (see adminRoutes). */
 export const AUDIT_REFUSALS_PER_WINDOW = 10
+/** That window: CLEAR_RATE_LIMIT_WINDOW_MS, at least this. */
+export const AUDIT_REFUSAL_WINDOW_MS = 60_000
 
 type AuditEntry = Parameters<AuditLog['record']>[0]
 
@@ -49,30 +51,35 @@ export default async function adminRoutes(fastify: FastifyInstance) {
   // a body over the limit) from the reply it sends. Not one without a valid key: it has no
   // actor, and anyone could flood the bounded log with them to push the real records out.
   // For the same reason a key's refused attempts at a step are recorded AUDIT_REFUSALS_PER_WINDOW
-  // times per CLEAR_RATE_LIMIT_WINDOW_MS; past that they are counted, and the next one
-  // recorded says how many were not. (Neither a 403 for a missing scope nor a 429 is itself
+  // times per CLEAR_RATE_LIMIT_WINDOW_MS (at least a minute); past that they are counted, and
+  // the key's next record at that step, refused after the window or of any other outcome,
+  // says how many were not. (Neither a 403 for a missing scope nor a 429 is itself
   // limited: any key could send them without end.)
   const recorded = new WeakSet<FastifyRequest>()
   const refusals = new Map<string, { since: number; recorded: number; skipped: number }>()
+  const window = Math.max(clearRateLimitWindowMs, AUDIT_REFUSAL_WINDOW_MS)
   const record = (request: FastifyRequest, entry: AuditEntry) => {
     recorded.add(request)
-    if (entry.outcome === 'refused' && entry.actor) {
+    if (entry.actor) {
       const id = `${entry.actor}\n${entry.action}`
       const now = cache.now()
       let seen = refusals.get(id)
-      if (seen === undefined || now - seen.since >= clearRateLimitWindowMs) {
-        const skipped = seen?.skipped ?? 0
-        seen = { since: now, recorded: 0, skipped: 0 }
-        refusals.set(id, seen)
-        if (skipped > 0) entry = { ...entry, detail: `${entry.detail} (and ${skipped} earlier refused attempts of this key not recorded)` }
+      // Whatever its outcome, the key's next record at this step after a window with skipped
+      // refusals says how many there were.
+      if (seen !== undefined && (now - seen.since >= window || entry.outcome !== 'refused') && seen.skipped > 0) {
+        entry = { ...entry, detail: `${entry.detail ?? ''} (and ${seen.skipped} earlier refused attempts of this key at this step not recorded)`.trimStart() }
+        seen.skipped = 0
       }
-      if (seen.recorded >= AUDIT_REFUSALS_PER_WINDOW) {
-        if (seen.skipped++ === 0) {
-          request.log.warn({ actor: entry.actor, action: entry.action }, 'audit: further refused attempts of this key are counted, not recorded, until the window ends')
+      if (entry.outcome === 'refused') {
+        if (seen === undefined || now - seen.since >= window) refusals.set(id, (seen = { since: now, recorded: 0, skipped: 0 }))
+        if (seen.recorded >= AUDIT_REFUSALS_PER_WINDOW) {
+          if (seen.skipped++ === 0) {
+            request.log.warn({ actor: entry.actor, action: entry.action }, 'audit: further refused attempts of this key at this step are counted, not recorded, until the window ends')
+          }
+          return
         }
-        return
+        seen.recorded++
       }
-      seen.recorded++
     }
     audit.record(entry)
   }

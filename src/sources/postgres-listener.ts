@@ -270,7 +270,8 @@ export class PostgresListener {
         { channel: this.#o.channel, payload: truncate(payload, 200), left: left.map((name) => truncate(name, 40)) },
         'a postgres notification names what no entry can carry: left out',
       )
-      if (SELECTOR_KINDS.every((kind) => !selector[kind]?.length)) return
+      // Nothing left is a no-op (no entry could match it), unless what is left is malformed.
+      if (SELECTOR_KINDS.every((kind) => selector[kind] === undefined || (Array.isArray(selector[kind]) && selector[kind].length === 0))) return
       parsed.selector = selector
     }
     // The database's word is not held to the API's batch limit: a longer list (a trigger with
@@ -412,7 +413,7 @@ export function parsePayload(payload: string): { selector: Selector; mode?: Inva
   for (const kind of SELECTOR_KINDS) {
     if (body[kind] !== undefined) selector[kind] = body[kind] as string[]
   }
-  // The lists' contents are checked by CacheService.invalidate (checkSelector), which names the field.
+  // The lists' contents are checked in #handle (checkSelector, which names the field).
   return { selector, mode: body.mode as InvalidationMode | undefined, reason }
 }
 
@@ -434,7 +435,7 @@ export function slices(selector: Selector, max: number): Selector[] {
  * refuse the notification as malformed.
  */
 export function withoutUnstorable(selector: Selector, limits: Limits): { selector: Selector; left: string[] } {
-  const max = { keys: limits.maxKeyBytes, userIds: limits.maxUserIdBytes, tags: limits.maxTagBytes, prefixes: limits.maxKeyBytes }
+  const max = { keys: limits.maxKeyBytes, userIds: limits.maxUserIdBytes, tags: limits.maxTagBytes, prefixes: limits.maxPrefixBytes }
   const out: Selector = {}
   const left: string[] = []
   for (const kind of SELECTOR_KINDS) {

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { build, call, captureLogs, get } from '../helpers/build.js'
+import { auth, build, call, captureLogs, get } from '../helpers/build.js'
 import { OriginServer, dashboardOrigin, voidBothLoads } from '../helpers/origin-server.js'
 
 const dash = (id: string) => `/users/${id}/dashboard`
@@ -131,6 +131,32 @@ t.test('closing the app stops the warm interval', async (t) => {
   const before = started
   await new Promise((r) => setTimeout(r, 300))
   t.equal(started, before, 'and no warm starts once it is closed')
+})
+
+t.test('once shutdown begins, a warm under way loads no further key', async (t) => {
+  const origin = await OriginServer.start(t)
+  const other = await OriginServer.start(t) // serves the request that keeps the shutdown waiting
+  const keys = Array.from({ length: 20 }, (_, i) => `dashboard:${i}`)
+  for (let i = 0; i < 20; i++) origin.values.set(dash(String(i)), i)
+  origin.hold()
+  other.values.set(dash('9'), 'v')
+  other.hold()
+  const origins = [dashboardOrigin(origin), { ...dashboardOrigin(other), name: 'other', keyPattern: 'other:{userId}' }]
+  const app = await build(t, { configFile: { origins, warm: { onStartup: { keys, userIds: [] } } } })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  await origin.waitForCalls(5) // the warm's first five loads, held
+  const { port } = app.server.address() as { port: number }
+  const inFlight = fetch(`http://127.0.0.1:${port}/v1/entries/other%3A9?load=true`, { headers: auth() })
+  await other.waitForCalls(1)
+  const closed = app.close()
+  await new Promise((r) => setTimeout(r, 50)) // preClose has run
+  origin.release() // the five finish; the warm would go on with the other fifteen
+  await new Promise((r) => setTimeout(r, 300))
+  t.equal(origin.calls, 5, 'no further key was loaded')
+  other.release()
+  t.equal((await inFlight).status, 200, 'the request in flight is answered')
+  await closed
+  t.equal(origin.calls, 5)
 })
 
 t.test('a warm logs when it starts, its progress, and its counts when it ends', async (t) => {

@@ -224,7 +224,12 @@ t.test('a key\'s refused attempts are recorded ten times a window, then counted:
   await clear(app, { token: 'x' }, auth('read'))
   entries = await audit()
   t.equal(entries.filter((e) => e.actor === 'reader').length, AUDIT_REFUSALS_PER_WINDOW + 1)
-  t.match(entries[0], { actor: 'reader', action: 'clear', outcome: 'refused', detail: /^403 forbidden: .* \(and 15 earlier refused attempts of this key not recorded\)$/ })
+  t.match(entries[0], { actor: 'reader', action: 'clear', outcome: 'refused', detail: /^403 forbidden: .* \(and 15 earlier refused attempts of this key at this step not recorded\)$/ })
+
+  // A flood that just stops: the key's next record at that step, whatever its outcome, says so.
+  for (let i = 0; i < 12; i++) t.equal((await issue(app, ' ')).statusCode, 400)
+  t.equal((await issue(app, 'after all')).statusCode, 200)
+  t.match((await audit())[0], { actor: 'admin', action: 'clear_token_issued', outcome: 'succeeded', detail: /^valid 60 s \(and 2 earlier refused attempts of this key at this step not recorded\)$/ })
 })
 
 t.test('both steps are rate-limited per key with 429 rate_limited', async (t) => {

@@ -461,6 +461,41 @@ t.test('a request that arrives on an open connection while the server shuts down
   t.match(out.slice(out.lastIndexOf('HTTP/1.1 503')), /connection: close/i, 'and the connection closes')
 })
 
+t.test('requests pipelined before shutdown are all answered, then the connection closes', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set('/users/1/dashboard', { user: '1' })
+  origin.hold()
+  const app = await buildApp({ apiKeys: TEST_API_KEYS, configFile: { origins: [dashboardOrigin(origin)] } })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  let out = ''
+  const socket = connect(port, '127.0.0.1', () =>
+    socket.write(
+      `GET /v1/entries/dashboard%3A1?load=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\n` +
+        `PUT /v1/entries/early HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"value":1}`,
+    ),
+  )
+  t.teardown(() => socket.destroy())
+  socket.on('data', (d) => (out += d.toString()))
+  const closed = new Promise((resolve) => socket.on('close', resolve))
+  await origin.waitForCalls(1) // the first is in flight; the write behind it is applied meanwhile
+  while ((await app.cache.inspect('early')) === undefined) await new Promise((resolve) => setTimeout(resolve, 5))
+  const closing = app.close()
+  while (app.server.listening) await new Promise((resolve) => setTimeout(resolve, 5))
+  origin.release()
+  const released = performance.now()
+  await closing
+  await closed
+  t.ok(performance.now() - released < 5000, 'the connection closed once its replies were sent')
+  const replies = out.split(/(?=HTTP\/1\.1 )/)
+  t.equal(replies.length, 2, 'two replies')
+  t.match(replies[0], /^HTTP\/1\.1 200 OK\r\n[^]*"user":"1"/, 'the load')
+  t.notMatch(replies[0], /connection: close/i, 'which keeps the connection for the reply behind it')
+  // Its headers were written (queued) before shutdown began: they say keep-alive, and the
+  // connection is ended once it is sent, not kept for the keep-alive timeout.
+  t.match(replies[1], /^HTTP\/1\.1 200 OK\r\n[^]*"key":"early"/, 'the write, applied and answered')
+})
+
 t.test('a 413 reaches a client that is still sending its body (client in another process)', async (t) => {
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })

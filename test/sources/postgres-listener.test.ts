@@ -114,7 +114,11 @@ t.test('a malformed notification is logged and counted, and the listener goes on
   const { app, db } = await setup(t, {}, lines)
   await put(app, 'dash:42', { value: 1, userId: '42' })
   await put(app, 'dash:43', { value: 1, userId: '43' })
-  const garbage = ['garbage', '[1,2]', '{"nope":["x"]}', '{"userIds":[""]}', '{"userIds":"42"}', '{"mode":"burn","keys":["a"]}', '{}']
+  const garbage = [
+    'garbage', '[1,2]', '{"nope":["x"]}', '{"userIds":[""]}', '{"userIds":"42"}', '{"mode":"burn","keys":["a"]}', '{}',
+    // malformed beside a name no entry can carry: not the silent no-op a row of only such names is
+    `{"userIds":["${'u'.repeat(200)}"],"keys":5}`,
+  ]
   for (const payload of garbage) await db.query(`SELECT pg_notify('cachewarden', $1)`, [payload])
   await db.query(`SELECT pg_notify('cachewarden', $1)`, ['{"userIds":["42"],"mode":"stale"}'])
   await waitFor(() => app.cache.totals.invalidationsBySource.postgres === 1, 20_000, 'the good notification')
@@ -139,7 +143,7 @@ t.test('a list over the batch limit is applied in slices, and an overlong reason
   for (const tag of tags) await put(app, `tagged:${tag}`, { value: 1, tags: [tag] })
   await put(app, 'user:9', { value: 1, userId: '9' })
   await put(app, 'other', { value: 1, tags: ['t99'] })
-  const reason = 'é'.repeat(1500)
+  const reason = '😀'.repeat(1500) // two UTF-16 units each: cut by code point, never half a pair
   await db.query(`SELECT pg_notify('cachewarden', $1)`, [JSON.stringify({ userIds: ['9'], tags, reason })])
   await waitFor(() => app.cache.totals.invalidationsBySource.postgres === 3, 20_000, 'three slices')
   for (const tag of tags) t.equal((await get(app, `tagged:${tag}`)).statusCode, 404, `tagged:${tag} invalidated`)
@@ -147,7 +151,7 @@ t.test('a list over the batch limit is applied in slices, and an overlong reason
   t.equal((await get(app, 'other')).statusCode, 200, 'nothing else')
   const records = app.cache.recentInvalidations(3).reverse()
   t.same(records.map((r) => r.selector), [{ userIds: ['9'], tags: ['t0', 't1', 't2'] }, { tags: ['t3', 't4', 't5'] }, { tags: ['t6'] }])
-  t.equal(records[0]!.reason, 'é'.repeat(1024), 'the reason cut to the API limit, in characters')
+  t.equal(records[0]!.reason, '😀'.repeat(1024), 'the reason cut to the API limit, in characters')
   t.notOk(app.cache.totals.invalidationFailures.postgres, 'no failure counted')
   t.notOk(lines.some((l) => l.includes('malformed')), 'nothing logged as malformed')
 
