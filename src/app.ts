@@ -1,5 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { isUtf8 } from 'node:buffer'
+import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
@@ -259,7 +260,7 @@ function refuseBody(request: FastifyRequest, _reply: FastifyReply, done: (error?
 }
 
 const NEWEST = Symbol('the newest reply on a connection')
-type Tracked = Duplex & { [NEWEST]?: ServerResponse; _httpMessage?: ServerResponse | null }
+type Tracked = Socket & { [NEWEST]?: ServerResponse; _httpMessage?: ServerResponse | null }
 
 /**
  * Two answers given before Fastify routes a request, with the contract's body, from one
@@ -285,13 +286,25 @@ function frontDoor(app: FastifyInstance): void {
     sockets.add(socket)
     socket.once('close', () => sockets.delete(socket))
   })
+  // The server's close drops idle connections with Node's closeIdleConnections, which also
+  // drops one whose last reply is still draining to a slow reader (ended, not yet written),
+  // cutting it. This one drops only a connection that owes nothing: no reply in progress (one
+  // only half-received is dropped too; it was never applied, so the client can retry it).
+  app.server.closeIdleConnections = () => {
+    for (const socket of sockets) {
+      if (!socket._httpMessage && (socket[NEWEST] === undefined || socket[NEWEST].writableFinished)) socket.destroy()
+    }
+  }
   app.addHook('preClose', (done) => {
     closing = true
     for (const socket of sockets) {
       const last = socket[NEWEST]
       if (last === undefined || last.writableFinished) continue // idle: the server's close drops it
-      if (!last.headersSent) last.shouldKeepAlive = false // Node ends the connection after it
-      else last.once('finish', () => socket._httpMessage || socket.end())
+      if (!last.headersSent) last.shouldKeepAlive = false // Node ends the connection after it…
+      // …unless the reply says keep-alive itself, or was begun already: then it is ended here
+      // once written whole (destroySoon, as Node ends one that says close; not a half-close
+      // a peer could hold open), unless a reply queued behind it (a 503) has the connection.
+      last.once('finish', () => socket._httpMessage || socket.destroySoon())
     }
     done()
   })

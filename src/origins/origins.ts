@@ -84,6 +84,8 @@ export class Origins {
   /** The store's shared records (cluster mode): a `?load=true` load is claimed there. */
   readonly #records: SharedRecords | undefined
   #closed = false
+  /** Aborted once shutdown begins: warms load no further key (src/plugins/origins.ts). */
+  readonly stopping = new AbortController()
   /** The lowest refreshAhead of all origins: below it a hit is not even looked at. */
   readonly #minRatio: number
 

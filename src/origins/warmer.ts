@@ -37,7 +37,7 @@ export async function warm(
   set: WarmSet,
   logger?: CoreLogger,
   concurrency = WARM_CONCURRENCY,
-  /** Once aborted, no further key is loaded (shutdown); the summary counts what was done. */
+  /** Once aborted (shutdown, or the caller gone), no further key is loaded; the summary counts what was done. */
   signal?: AbortSignal,
 ): Promise<WarmSummary> {
   const keys = expandWarmSet(origins, set)
@@ -67,7 +67,7 @@ export async function warm(
       logger?.info({ done, requested: keys.length, loaded: summary.loaded, failed: summary.failed }, 'warm progress')
     }
   }, signal)
-  if (signal?.aborted === true) logger?.info({ done, requested: keys.length }, 'warm stopped: shutting down')
+  if (signal?.aborted === true && done < keys.length) logger?.info({ done, requested: keys.length }, 'warm stopped before its end')
   logger?.info(
     { requested: summary.requested, loaded: summary.loaded, failed: summary.failed, durationMs: Math.round(performance.now() - started) },
     'warm finished',

@@ -36,12 +36,11 @@ export default fp(
 
     let timer: NodeJS.Timeout | undefined
     let warming: Promise<unknown> | undefined
-    const stopWarming = new AbortController()
     const set = warmConfig.onStartup
     const runWarm = () => {
       // A slow origin must not stack warms on top of each other.
-      if (set === undefined || warming !== undefined || stopWarming.signal.aborted) return
-      warming = warm(origins, set, log, undefined, stopWarming.signal)
+      if (set === undefined || warming !== undefined || origins.stopping.signal.aborted) return
+      warming = warm(origins, set, log, undefined, origins.stopping.signal)
         .catch((error: unknown) => log.error({ err: error }, 'warm failed'))
         .finally(() => {
           warming = undefined
@@ -62,7 +61,7 @@ export default fp(
     let abortTimer: NodeJS.Timeout | undefined
     const stopBackground = () => {
       if (timer !== undefined) clearInterval(timer)
-      stopWarming.abort() // a round under way loads no further key
+      origins.stopping.abort() // a warm under way (startup, interval or POST /v1/warm) loads no further key
       if (app.cache.onHit === origins.onHit) app.cache.onHit = undefined
       origins.refresher.close() // the refreshes queued: those running finish, or are aborted with the rest
     }

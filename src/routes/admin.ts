@@ -52,37 +52,55 @@ export default async function adminRoutes(fastify: FastifyInstance) {
   // actor, and anyone could flood the bounded log with them to push the real records out.
   // For the same reason a key's refused attempts at a step are recorded AUDIT_REFUSALS_PER_WINDOW
   // times per CLEAR_RATE_LIMIT_WINDOW_MS (at least a minute); past that they are counted, and
-  // the key's next record at that step, refused after the window or of any other outcome,
-  // says how many were not. (Neither a 403 for a missing scope nor a 429 is itself
+  // one record says how many when the window ends. That slows a flood; it cannot stop one
+  // from turning the log over in time (every record is also logged at warn: the durable copy). (Neither a 403 for a missing scope nor a 429 is itself
   // limited: any key could send them without end.)
   const recorded = new WeakSet<FastifyRequest>()
-  const refusals = new Map<string, { since: number; recorded: number; skipped: number }>()
   const window = Math.max(clearRateLimitWindowMs, AUDIT_REFUSAL_WINDOW_MS)
+  type Refusals = { actor: string; action: AuditEntry['action']; since: number; recorded: number; skipped: number; timer?: NodeJS.Timeout }
+  const refusals = new Map<string, Refusals>()
+  /** Ends a key's window at a step: what it did not record is one record of its own. */
+  const flush = (id: string) => {
+    const seen = refusals.get(id)
+    if (seen === undefined) return
+    clearTimeout(seen.timer)
+    refusals.delete(id)
+    if (seen.skipped === 0) return
+    audit.record({
+      actor: seen.actor,
+      action: seen.action,
+      reason: null,
+      outcome: 'refused',
+      detail: `${seen.skipped} more refused attempts of this key at this step were not recorded (over ${AUDIT_REFUSALS_PER_WINDOW} in ${window / 1000} s)`,
+    })
+  }
   const record = (request: FastifyRequest, entry: AuditEntry) => {
     recorded.add(request)
-    if (entry.actor) {
+    if (entry.outcome === 'refused' && entry.actor) {
       const id = `${entry.actor}\n${entry.action}`
       const now = cache.now()
       let seen = refusals.get(id)
-      // Whatever its outcome, the key's next record at this step after a window with skipped
-      // refusals says how many there were.
-      if (seen !== undefined && (now - seen.since >= window || entry.outcome !== 'refused') && seen.skipped > 0) {
-        entry = { ...entry, detail: `${entry.detail ?? ''} (and ${seen.skipped} earlier refused attempts of this key at this step not recorded)`.trimStart() }
-        seen.skipped = 0
+      if (seen !== undefined && now - seen.since >= window) {
+        flush(id)
+        seen = undefined
       }
-      if (entry.outcome === 'refused') {
-        if (seen === undefined || now - seen.since >= window) refusals.set(id, (seen = { since: now, recorded: 0, skipped: 0 }))
-        if (seen.recorded >= AUDIT_REFUSALS_PER_WINDOW) {
-          if (seen.skipped++ === 0) {
-            request.log.warn({ actor: entry.actor, action: entry.action }, 'audit: further refused attempts of this key at this step are counted, not recorded, until the window ends')
-          }
-          return
+      if (seen === undefined) refusals.set(id, (seen = { actor: entry.actor, action: entry.action, since: now, recorded: 0, skipped: 0 }))
+      if (seen.recorded >= AUDIT_REFUSALS_PER_WINDOW) {
+        if (seen.skipped++ === 0) {
+          request.log.warn({ actor: entry.actor, action: entry.action }, 'audit: further refused attempts of this key at this step are counted, not recorded, until the window ends')
+          // Recorded when the window ends, however the flood ends (a later attempt, this timer, shutdown).
+          seen.timer = setTimeout(() => flush(id), window)
+          seen.timer.unref()
         }
-        seen.recorded++
+        return
       }
+      seen.recorded++
     }
     audit.record(entry)
   }
+  app.addHook('onClose', async () => {
+    for (const id of [...refusals.keys()]) flush(id)
+  })
   const auditRefusal = (action: 'clear_token_issued' | 'clear') =>
     (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (error: null, payload: unknown) => void) => {
       if (reply.statusCode >= 400 && !recorded.has(request) && request.apiKey !== undefined) {

@@ -47,12 +47,21 @@ export default async function originRoutes(fastify: FastifyInstance) {
         summary: 'Load keys from their origins',
         description:
           'Loads each key (and, for each userId, the key of every origin whose keyPattern has `{userId}` as its ' +
-          'only part) from its origin, 5 at once, cached or not. Replies when all are done.',
+          'only part) from its origin, 5 at once, cached or not. Replies when all are done; once the server ' +
+          'begins to shut down (or the caller goes away) no further key is loaded, and the summary counts what was.',
         body: WarmBody,
         response: { 200: WarmSummary, ...badRequest, ...bodyTooLarge, ...authErrors },
       },
     },
-    async (request) => warm(origins, checkWarmSet(origins, request.body), app.log as CoreLogger),
+    async (request, reply) => {
+      const set = checkWarmSet(origins, request.body)
+      // Shutdown, or a caller gone, stops it: no further key is loaded.
+      const gone = new AbortController()
+      reply.raw.once('close', () => {
+        if (!reply.raw.writableFinished) gone.abort()
+      })
+      return warm(origins, set, app.log as CoreLogger, undefined, AbortSignal.any([gone.signal, origins.stopping.signal]))
+    },
   )
 
   app.post(

@@ -17,7 +17,6 @@ const RETRY_MS = 3000
 const STREAM_HEADERS = {
   'content-type': 'text/event-stream; charset=utf-8',
   'cache-control': 'no-cache, no-transform',
-  connection: 'keep-alive',
   // Tells nginx-style proxies not to buffer the stream.
   'x-accel-buffering': 'no',
 }

@@ -159,6 +159,30 @@ t.test('once shutdown begins, a warm under way loads no further key', async (t) 
   t.equal(origin.calls, 5)
 })
 
+t.test('once shutdown begins, POST /v1/warm loads no further key and replies with what it did', async (t) => {
+  const origin = await OriginServer.start(t)
+  const keys = Array.from({ length: 20 }, (_, i) => `dashboard:${i}`)
+  for (let i = 0; i < 20; i++) origin.values.set(dash(String(i)), i)
+  origin.hold()
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const reply = fetch(`http://127.0.0.1:${port}/v1/warm`, {
+    method: 'POST',
+    headers: { ...auth(), 'content-type': 'application/json' },
+    body: JSON.stringify({ keys }),
+  })
+  await origin.waitForCalls(5)
+  const closed = app.close()
+  await new Promise((r) => setTimeout(r, 50)) // preClose has run
+  origin.release()
+  const res = await reply
+  t.equal(res.status, 200)
+  t.match(await res.json(), { requested: 20, loaded: 5, failed: 0 })
+  await closed
+  t.equal(origin.calls, 5, 'no further key was loaded')
+})
+
 t.test('a warm logs when it starts, its progress, and its counts when it ends', async (t) => {
   const origin = await OriginServer.start(t)
   const ids = Array.from({ length: 250 }, (_, i) => String(i))

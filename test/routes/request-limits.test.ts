@@ -496,6 +496,44 @@ t.test('requests pipelined before shutdown are all answered, then the connection
   t.match(replies[1], /^HTTP\/1\.1 200 OK\r\n[^]*"key":"early"/, 'the write, applied and answered')
 })
 
+t.test('shutdown neither cuts a reply still draining to a slow reader nor waits on a request half-received', async (t) => {
+  const app = await buildApp({ apiKeys: TEST_API_KEYS })
+  const keys = Array.from({ length: 24 }, (_, i) => `big${i}`)
+  for (const key of keys) await app.cache.write(key, { value: 'x'.repeat(MiB - 16) })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  // A reader that asks for 24 MiB and reads none of it yet: the reply is ended, and waits in
+  // the socket's buffers.
+  const slow = connect(port, '127.0.0.1')
+  t.teardown(() => slow.destroy())
+  await once(slow, 'connect')
+  const body = JSON.stringify({ keys })
+  slow.write(`POST /v1/entries/batch-get HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  slow.pause()
+  // A client that sent half its headers.
+  const half = connect(port, '127.0.0.1')
+  t.teardown(() => half.destroy())
+  await once(half, 'connect')
+  half.write('GET /v1/stats HTTP/1.1\r\nHost: x\r\n')
+  const halfClosed = once(half, 'close')
+  await new Promise((resolve) => setTimeout(resolve, 500)) // the reply is written (ended) by now
+  const closing = app.close()
+  const dropped = await Promise.race([halfClosed.then(() => true), new Promise((resolve) => setTimeout(resolve, 3000, false))])
+  t.ok(dropped, 'the half-received request was dropped, not waited on')
+  half.destroy() // (had it not been, the close would wait on it)
+  const chunks: Buffer[] = []
+  slow.on('data', (d: Buffer) => chunks.push(d))
+  slow.resume()
+  await once(slow, 'close')
+  await closing
+  const raw = Buffer.concat(chunks).toString()
+  const length = Number(/content-length: (\d+)/i.exec(raw)?.[1])
+  const received = Buffer.byteLength(raw.slice(raw.indexOf('\r\n\r\n') + 4))
+  t.ok(length > 24 * (MiB - 16), 'a large reply')
+  t.equal(received, length, 'received whole')
+  t.equal(Object.keys(JSON.parse(raw.slice(raw.indexOf('\r\n\r\n') + 4)).entries).length, 24)
+})
+
 t.test('a 413 reaches a client that is still sending its body (client in another process)', async (t) => {
   const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
