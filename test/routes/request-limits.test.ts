@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { request as httpRequest } from 'node:http'
 import { connect, type Socket } from 'node:net'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { DEFAULT_LIMITS } from '../../src/cache/limits.js'
 import { buildApp } from '../../src/app.js'
 import { KEYS, TEST_API_KEYS, build, call, get, put } from '../helpers/build.js'
@@ -432,21 +432,27 @@ t.test('junk pipelined behind a valid request: the valid one gets its own reply,
   t.match(draining.slice(head.length + 4 + length), /^HTTP\/1\.1 400 Bad Request\r\n/, 'all of it arrived, then the 400')
 })
 
-t.test('a request that arrives on an open connection while the server shuts down: 503 backend_unavailable, the one in flight finishes', async (t) => {
+const HELD_LOAD = `GET /v1/entries/dashboard%3A1?load=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\n`
+
+/** A listening app whose origin holds its answer, and a raw connection that sent `bytes`, starting with HELD_LOAD. */
+async function withLoadInFlight(t: Test, bytes: string) {
   const origin = await OriginServer.start(t)
   origin.values.set('/users/1/dashboard', { user: '1' })
   origin.hold()
   const app = await buildApp({ apiKeys: TEST_API_KEYS, configFile: { origins: [dashboardOrigin(origin)] } })
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
-  let out = ''
-  const socket = connect(port, '127.0.0.1', () =>
-    socket.write(`GET /v1/entries/dashboard%3A1?load=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\n`),
-  )
+  const received = { out: '' }
+  const socket = connect(port, '127.0.0.1', () => socket.write(bytes))
   t.teardown(() => socket.destroy())
-  socket.on('data', (d) => (out += d.toString()))
+  socket.on('data', (d) => (received.out += d.toString()))
   const closed = new Promise((resolve) => socket.on('close', resolve))
-  await origin.waitForCalls(1) // the first request is in flight
+  await origin.waitForCalls(1) // the load is in flight
+  return { origin, app, socket, received, closed }
+}
+
+t.test('a request that arrives on an open connection while the server shuts down: 503 backend_unavailable, the one in flight finishes', async (t) => {
+  const { origin, app, socket, received, closed } = await withLoadInFlight(t, HELD_LOAD)
   const closing = app.close()
   // The server stops listening after the preClose hooks ran: from then on the app is closing.
   while (app.server.listening) await new Promise((resolve) => setTimeout(resolve, 5))
@@ -455,6 +461,7 @@ t.test('a request that arrives on an open connection while the server shuts down
   origin.release()
   await closing
   await closed
+  const out = received.out
   t.match(out, /^HTTP\/1\.1 200 OK\r\n[^]*"user":"1"[^]*HTTP\/1\.1 503 Service Unavailable\r\n/, 'the load in flight was answered, then the 503')
   const last = out.slice(out.lastIndexOf('\r\n\r\n') + 4)
   t.same(JSON.parse(last), { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
@@ -462,23 +469,9 @@ t.test('a request that arrives on an open connection while the server shuts down
 })
 
 t.test('requests pipelined before shutdown are all answered, then the connection closes', async (t) => {
-  const origin = await OriginServer.start(t)
-  origin.values.set('/users/1/dashboard', { user: '1' })
-  origin.hold()
-  const app = await buildApp({ apiKeys: TEST_API_KEYS, configFile: { origins: [dashboardOrigin(origin)] } })
-  await app.listen({ host: '127.0.0.1', port: 0 })
-  const { port } = app.server.address() as { port: number }
-  let out = ''
-  const socket = connect(port, '127.0.0.1', () =>
-    socket.write(
-      `GET /v1/entries/dashboard%3A1?load=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\n` +
-        `PUT /v1/entries/early HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"value":1}`,
-    ),
-  )
-  t.teardown(() => socket.destroy())
-  socket.on('data', (d) => (out += d.toString()))
-  const closed = new Promise((resolve) => socket.on('close', resolve))
-  await origin.waitForCalls(1) // the first is in flight; the write behind it is applied meanwhile
+  const write = `PUT /v1/entries/early HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"value":1}`
+  // The write behind the load is applied meanwhile.
+  const { origin, app, received, closed } = await withLoadInFlight(t, HELD_LOAD + write)
   while ((await app.cache.inspect('early')) === undefined) await new Promise((resolve) => setTimeout(resolve, 5))
   const closing = app.close()
   while (app.server.listening) await new Promise((resolve) => setTimeout(resolve, 5))
@@ -487,7 +480,7 @@ t.test('requests pipelined before shutdown are all answered, then the connection
   await closing
   await closed
   t.ok(performance.now() - released < 5000, 'the connection closed once its replies were sent')
-  const replies = out.split(/(?=HTTP\/1\.1 )/)
+  const replies = received.out.split(/(?=HTTP\/1\.1 )/)
   t.equal(replies.length, 2, 'two replies')
   t.match(replies[0], /^HTTP\/1\.1 200 OK\r\n[^]*"user":"1"/, 'the load')
   t.notMatch(replies[0], /connection: close/i, 'which keeps the connection for the reply behind it')
