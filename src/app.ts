@@ -295,8 +295,20 @@ function frontDoor(app: FastifyInstance): void {
       if (!socket._httpMessage && (socket[NEWEST] === undefined || socket[NEWEST].writableFinished)) socket.destroy()
     }
   }
+  let cut: NodeJS.Timeout | undefined
   app.addHook('preClose', (done) => {
     closing = true
+    // A request whose body has still not arrived a second before the grace ends (a stalled
+    // upload, an `Expect: 100-continue` that never sent it) was never applied: its connection
+    // is cut then, so the shutdown ends cleanly rather than be killed at the grace.
+    const grace = app.config.shutdownGraceMs
+    cut = setTimeout(() => {
+      for (const socket of sockets) {
+        const last = socket[NEWEST]
+        if (last !== undefined && !last.headersSent && !last.req.complete) socket.destroy()
+      }
+    }, grace - Math.min(1000, grace / 2))
+    cut.unref()
     for (const socket of sockets) {
       const last = socket[NEWEST]
       if (last === undefined || last.writableFinished) continue // idle: the server's close drops it
@@ -306,6 +318,10 @@ function frontDoor(app: FastifyInstance): void {
       // a peer could hold open), unless a reply queued behind it (a 503) has the connection.
       last.once('finish', () => socket._httpMessage || socket.destroySoon())
     }
+    done()
+  })
+  app.addHook('onClose', (_app, done) => {
+    clearTimeout(cut)
     done()
   })
   app.server.removeListener('request', fastifyHandler)

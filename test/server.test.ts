@@ -1,5 +1,6 @@
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
+import { connect } from 'node:net'
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -98,6 +99,29 @@ t.test('a load still waiting on its origin near the end of SHUTDOWN_GRACE_MS is 
   t.ok(waited >= 900 && waited < 2000, `aborted a second before the grace ends (${Math.round(waited)} ms after the signal)`)
   const [code] = await once(server.child, 'exit')
   t.equal(code, 0, 'the shutdown finished within its grace')
+  t.notMatch(server.output() + server.errors(), /killed by timeout/)
+})
+
+t.test('a request whose body never comes is cut a second before SHUTDOWN_GRACE_MS ends: the exit is clean', async (t) => {
+  const server = start({ CACHEWARDEN_API_KEYS: 'a:admin:server-test-secret-1', SHUTDOWN_GRACE_MS: '2000' })
+  t.teardown(() => server.child.kill('SIGKILL'))
+  const port = await server.ready
+  const socket = connect(port, '127.0.0.1')
+  t.teardown(() => socket.destroy())
+  await once(socket, 'connect')
+  let received = ''
+  socket.on('data', (d) => (received += d))
+  socket.on('error', () => {}) // the cut may reset it
+  const closed = once(socket, 'close')
+  socket.write('PUT /v1/entries/never HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer server-test-secret-1\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n')
+  await new Promise((resolve) => setTimeout(resolve, 300)) // its headers are in: a request in flight
+  const signalled = performance.now()
+  server.child.kill('SIGTERM')
+  const [code] = await once(server.child, 'exit')
+  await closed
+  t.equal(code, 0, 'a clean exit, not killed at the grace')
+  t.ok(performance.now() - signalled < 1900, 'before the grace ended')
+  t.equal(received, '', 'nothing was applied, so nothing is answered')
   t.notMatch(server.output() + server.errors(), /killed by timeout/)
 })
 

@@ -115,8 +115,17 @@ export function parseOriginsConfig(file: ConfigFile, limits: Limits): OriginsCon
       fail(`${at}.url must be an http:// or https:// URL`)
     }
     // The key fills the path and query only: a part in the host would let any reader send the
-    // origin's request, headers and all, wherever its key says.
-    if (url.names.length > 0 && !/^[A-Za-z][A-Za-z0-9+.-]*:\/\/[^/?#]+[/?#]/.test(url.literals[0]!)) {
+    // origin's request, headers and all, wherever its key says. Judged on the URL as parsed
+    // (a `\` or a tab in the text can move a part into the host), with two sample keys.
+    const sample = (value: string) => {
+      try {
+        return new URL(render(url, Object.fromEntries(pattern.names.map((n) => [n, value]))))
+      } catch {
+        return undefined
+      }
+    }
+    const [a, b] = [sample('a'), sample('b')]
+    if (a === undefined || b === undefined || a.origin !== b.origin || a.username !== b.username || a.password !== b.password) {
       fail(`${at}.url must not have a placeholder before its path: the key would choose the host`)
     }
 

@@ -184,6 +184,7 @@ export class OriginClient {
     } catch (error) {
       if (error instanceof AttemptError) throw error
       if (timedOut) throw new AttemptError(`origin "${origin.name}" timed out after ${origin.timeoutMs} ms`, true, true)
+      if (this.#closed) throw new AttemptError(`the call to origin "${origin.name}" was cut short: this instance is shutting down`, false)
       // Never echo the URL: its query may carry credentials.
       const code = (error as { code?: string }).code
       throw new AttemptError(`origin "${origin.name}" is unreachable${code ? ` (${code})` : ''}`, !this.#closed)

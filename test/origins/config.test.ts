@@ -47,6 +47,8 @@ const cases: Array<[string, Record<string, unknown>, RegExp]> = [
   ['a part in the URL\'s host name', { origins: [{ ...good, url: 'http://svc-{userId}.internal/x' }] }, /origins\[0\]\.url must not have a placeholder before its path/],
   ['a part in the URL\'s port', { origins: [{ ...good, url: 'http://svc:{userId}/x' }] }, /origins\[0\]\.url must be an http/],
   ['a part in the URL\'s user info', { origins: [{ ...good, url: 'http://{userId}@svc/x' }] }, /origins\[0\]\.url must not have a placeholder before its path/],
+  ['a part moved into the host by a backslash', { origins: [{ ...good, url: 'http://\\/{userId}:8080/x' }] }, /origins\[0\]\.url must not have a placeholder before its path/],
+  ['a part moved into the host by a tab', { origins: [{ ...good, url: 'http://\t/{userId}:8080/x' }] }, /origins\[0\]\.url must not have a placeholder before its path/],
   ['a part right after the host', { origins: [{ ...good, url: 'http://svc{userId}' }] }, /origins\[0\]\.url must not have a placeholder before its path/],
   ['a stray brace in keyPattern', { origins: [{ ...good, keyPattern: 'a:{userId' }] }, /origins\[0\]\.keyPattern has a brace/],
   ['adjacent parts', { origins: [{ ...good, keyPattern: 'a:{x}{y}' }] }, /origins\[0\]\.keyPattern has two parts with nothing between/],
