@@ -8,7 +8,7 @@ import { Type } from '@sinclair/typebox'
 import Fastify, { LogController, errorCodes, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import { AuditLog } from './cache/audit-log.js'
 import { CacheService, type CoreLogger } from './cache/cache-service.js'
-import { defaultConfig, type Config } from './config.js'
+import { beforeGraceEnds, defaultConfig, type Config } from './config.js'
 import { invalidRequest, truncate } from './errors.js'
 import { badRequest, bodyTooLarge } from './schemas/common.js'
 import auth from './plugins/auth.js'
@@ -80,7 +80,6 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   const app = Fastify({
     logger: options.logger ?? false,
     bodyLimit: config.bodyLimitBytes,
-    // Keys may be up to 512 bytes, i.e. up to 1536 characters once URL-encoded.
     // Room for any key, user id or tag %-encoded whole: longer is refused before routing.
     routerOptions: { maxParamLength: Math.max(config.limits.maxKeyBytes, config.limits.maxUserIdBytes, config.limits.maxTagBytes) * 3 + 64 },
     // Per-request log lines would cost more than a cache hit; errors are still logged.
@@ -157,11 +156,17 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
   })
   app.decorate('config', config)
   app.decorate('cache', cache)
-  const audit = new AuditLog({ size: config.security.auditLogSize, logger: app.log as CoreLogger, now })
+  const audit = new AuditLog({
+    size: config.security.auditLogSize,
+    logger: app.log as CoreLogger,
+    now,
+    refusalWindowMs: config.security.clearRateLimitWindowMs,
+  })
   const unwatch = audit.watch(cache)
   app.decorate('audit', audit)
   app.addHook('onClose', async () => {
     unwatch()
+    audit.close()
     await cache.close()
   })
 
@@ -279,7 +284,7 @@ function frontDoor(app: FastifyInstance): void {
   // Shutting down, every open connection closes after the last reply it owes, sent whole:
   // that reply says `Connection: close` (a client that read `keep-alive` would send its next
   // request on a connection about to close, and learn nothing of what became of it). One
-  // whose last reply was begun with `keep-alive` is ended (not destroyed) once it is written.
+  // whose last reply was begun with `keep-alive` is closed once that reply is written.
   // So each connection is tracked (once, as it opens), and with it its newest reply.
   const sockets = new Set<Tracked>()
   app.server.on('connection', (socket: Tracked) => {
@@ -301,13 +306,12 @@ function frontDoor(app: FastifyInstance): void {
     // A request whose body has still not arrived a second before the grace ends (a stalled
     // upload, an `Expect: 100-continue` that never sent it) was never applied: its connection
     // is cut then, so the shutdown ends cleanly rather than be killed at the grace.
-    const grace = app.config.shutdownGraceMs
     cut = setTimeout(() => {
       for (const socket of sockets) {
         const last = socket[NEWEST]
         if (last !== undefined && !last.headersSent && !last.req.complete) socket.destroy()
       }
-    }, grace - Math.min(1000, grace / 2))
+    }, beforeGraceEnds(app.config.shutdownGraceMs))
     cut.unref()
     for (const socket of sockets) {
       const last = socket[NEWEST]

@@ -8,6 +8,12 @@ import { DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES } from './stores/memory-store.js
 /** A plain SQL identifier (the listener warns about capitals: an unquoted NOTIFY folds them). */
 export const PG_CHANNEL = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/
 
+/**
+ * When, after shutdown begins, work that would outlast SHUTDOWN_GRACE_MS is cut short (origin
+ * calls, stalled uploads): a second before the grace ends, half-way through a shorter one.
+ */
+export const beforeGraceEnds = (graceMs: number): number => graceMs - Math.min(1000, graceMs / 2)
+
 export const SCOPES = ['read', 'write', 'invalidate', 'admin'] as const
 export type Scope = (typeof SCOPES)[number]
 

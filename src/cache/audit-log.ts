@@ -6,6 +6,11 @@ export const DEFAULT_AUDIT_LOG_SIZE = 1000
 /** An invalidation that removes or stales at least this many entries is audited, whatever its selector. */
 export const AUDIT_BULK_THRESHOLD = 100
 
+/** Refused attempts recorded per actor and action in each refusal window; past that they are counted. */
+export const AUDIT_REFUSALS_PER_WINDOW = 10
+/** The shortest refusal window. */
+export const AUDIT_REFUSAL_WINDOW_MS = 60_000
+
 export type AuditAction = 'clear_token_issued' | 'clear' | 'stats_reset' | 'invalidation' | 'consistency_repair'
 export type AuditOutcome = 'succeeded' | 'refused' | 'failed'
 
@@ -24,7 +29,20 @@ export interface AuditLogOptions {
   size?: number
   logger?: CoreLogger
   now?: () => number
+  /** The refusal window (CLEAR_RATE_LIMIT_WINDOW_MS); never below AUDIT_REFUSAL_WINDOW_MS. */
+  refusalWindowMs?: number
 }
+
+type AuditInput = {
+  actor: string | null | undefined
+  action: AuditAction
+  reason: string | null | undefined
+  outcome: AuditOutcome
+  detail?: string | null
+}
+
+/** An actor's refusals at one action in the current window. */
+type Refusals = { actor: string; action: AuditAction; since: number; recorded: number; skipped: number; timer?: NodeJS.Timeout }
 
 /**
  * The audit log of admin and destructive actions: a bounded ring read by
@@ -36,11 +54,14 @@ export class AuditLog {
   readonly #ring: Ring<AuditRecord>
   readonly #logger: CoreLogger | undefined
   readonly #now: () => number
+  readonly #refusalWindowMs: number
+  readonly #refusals = new Map<string, Refusals>()
 
   constructor(options: AuditLogOptions = {}) {
     this.#ring = new Ring(options.size ?? DEFAULT_AUDIT_LOG_SIZE)
     this.#logger = options.logger
     this.#now = options.now ?? Date.now
+    this.#refusalWindowMs = Math.max(options.refusalWindowMs ?? 0, AUDIT_REFUSAL_WINDOW_MS)
   }
 
   /** Subscribes to the service's destructive events; returns the function that unsubscribes. */
@@ -73,14 +94,61 @@ export class AuditLog {
     }
   }
 
-  /** Adds a record to the ring and writes it to the log at warn. */
-  record(input: {
-    actor: string | null | undefined
-    action: AuditAction
-    reason: string | null | undefined
-    outcome: AuditOutcome
-    detail?: string | null
-  }): AuditRecord {
+  /**
+   * Adds a record to the ring and writes it to the log at warn. An actor's refused attempts at
+   * an action are recorded AUDIT_REFUSALS_PER_WINDOW times per refusal window: a flood of
+   * refusals (any key can be refused without end) must not turn the bounded ring over at
+   * once. Past that they are counted, and one record says how many when the window ends (at
+   * its next refusal, by a timer, or on close). Undefined when the record was only counted.
+   */
+  record(input: AuditInput): AuditRecord | undefined {
+    if (input.outcome === 'refused' && input.actor && !this.#admitRefusal(input.actor, input.action)) return undefined
+    return this.#add(input)
+  }
+
+  /** Writes out what the open refusal windows counted. */
+  close(): void {
+    for (const id of [...this.#refusals.keys()]) this.#endWindow(id)
+  }
+
+  #admitRefusal(actor: string, action: AuditAction): boolean {
+    const id = `${actor}\n${action}`
+    const now = this.#now()
+    let seen = this.#refusals.get(id)
+    if (seen !== undefined && now - seen.since >= this.#refusalWindowMs) {
+      this.#endWindow(id)
+      seen = undefined
+    }
+    if (seen === undefined) this.#refusals.set(id, (seen = { actor, action, since: now, recorded: 0, skipped: 0 }))
+    if (seen.recorded < AUDIT_REFUSALS_PER_WINDOW) {
+      seen.recorded++
+      return true
+    }
+    if (seen.skipped++ === 0) {
+      this.#logger?.warn({ actor, action }, 'audit: further refused attempts of this key at this step are counted, not recorded, until the window ends')
+      seen.timer = setTimeout(() => this.#endWindow(id), this.#refusalWindowMs)
+      seen.timer.unref()
+    }
+    return false
+  }
+
+  /** Ends an actor's refusal window: what it did not record is one record of its own. */
+  #endWindow(id: string): void {
+    const seen = this.#refusals.get(id)
+    if (seen === undefined) return
+    clearTimeout(seen.timer)
+    this.#refusals.delete(id)
+    if (seen.skipped === 0) return
+    this.#add({
+      actor: seen.actor,
+      action: seen.action,
+      reason: null,
+      outcome: 'refused',
+      detail: `${seen.skipped} more refused attempts of this key at this step were not recorded (over ${AUDIT_REFUSALS_PER_WINDOW} in ${this.#refusalWindowMs / 1000} s)`,
+    })
+  }
+
+  #add(input: AuditInput): AuditRecord {
     const record: AuditRecord = {
       actor: input.actor ?? null,
       action: input.action,

@@ -1,6 +1,6 @@
 import { hash } from 'node:crypto'
 import { invalidRequest, valueTooLarge } from '../errors.js'
-import type { Selector } from './types.js'
+import type { Selector, SelectorKind } from './types.js'
 import { SELECTOR_KINDS } from './types.js'
 
 /** The limits of DESIGN.md section 2; every one is configurable. */
@@ -117,9 +117,16 @@ export function bareEtag(etag: string): string {
  * characters, which JSON allows), quotes and commas, and 64 KiB for the rest. Routes that
  * take such lists accept at least this, so a valid request never meets the body limit first.
  */
-export function listBodyBytes(limits: Limits, kinds: ReadonlyArray<'keys' | 'userIds' | 'tags' | 'prefixes'>): number {
-  const max = { keys: limits.maxKeyBytes, userIds: limits.maxUserIdBytes, tags: limits.maxTagBytes, prefixes: limits.maxPrefixBytes }
-  return kinds.reduce((sum, kind) => sum + limits.maxBatch * (6 * max[kind] + 3), 64 * 1024)
+export function listBodyBytes(limits: Limits, kinds: ReadonlyArray<SelectorKind>): number {
+  return kinds.reduce((sum, kind) => sum + limits.maxBatch * (6 * maxNameBytes(limits, kind) + 3), 64 * 1024)
+}
+
+/** The longest name a selector list of `kind` may hold, in UTF-8 bytes. */
+export function maxNameBytes(limits: Limits, kind: SelectorKind): number {
+  return kind === 'keys' ? limits.maxKeyBytes
+    : kind === 'userIds' ? limits.maxUserIdBytes
+    : kind === 'tags' ? limits.maxTagBytes
+    : limits.maxPrefixBytes
 }
 
 /** Checks a selector: at least one list, each within the batch limit, every name valid. */
@@ -132,11 +139,7 @@ export function checkSelector(selector: Selector, limits: Limits): Selector {
     if (!Array.isArray(list)) throw invalidRequest(`${kind} must be an array`)
     if (list.length > limits.maxBatch) throw invalidRequest(`${kind} has more than ${limits.maxBatch} items`)
     if (list.length === 0) continue
-    const max =
-      kind === 'keys' ? limits.maxKeyBytes
-      : kind === 'userIds' ? limits.maxUserIdBytes
-      : kind === 'tags' ? limits.maxTagBytes
-      : limits.maxPrefixBytes
+    const max = maxNameBytes(limits, kind)
     list.forEach((name, i) => checkName(`${kind}[${i}]`, name, max))
     out[kind] = [...new Set(list)]
     any = true

@@ -36,9 +36,9 @@ export async function warm(
   origins: Origins,
   set: WarmSet,
   logger?: CoreLogger,
-  concurrency = WARM_CONCURRENCY,
   /** Once aborted (shutdown, or the caller gone), no further key is loaded; the summary counts what was done. */
   signal?: AbortSignal,
+  concurrency = WARM_CONCURRENCY,
 ): Promise<WarmSummary> {
   const keys = expandWarmSet(origins, set)
   const summary: WarmSummary = { requested: keys.length, loaded: 0, failed: 0, errors: [] }

@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify'
 import fp from 'fastify-plugin'
+import { beforeGraceEnds } from '../config.js'
 import type { CoreLogger } from '../cache/cache-service.js'
 import { ConsistencyChecker } from '../cache/consistency.js'
 import { parseOriginsConfig } from '../origins/config.js'
@@ -40,7 +41,7 @@ export default fp(
     const runWarm = () => {
       // A slow origin must not stack warms on top of each other.
       if (set === undefined || warming !== undefined || origins.stopping.signal.aborted) return
-      warming = warm(origins, set, log, undefined, origins.stopping.signal)
+      warming = warm(origins, set, log, origins.stopping.signal)
         .catch((error: unknown) => log.error({ err: error }, 'warm failed'))
         .finally(() => {
           warming = undefined
@@ -67,8 +68,7 @@ export default fp(
     }
     app.addHook('preClose', (done) => {
       stopBackground()
-      const grace = app.config.shutdownGraceMs
-      abortTimer = setTimeout(() => void origins.close(), grace - Math.min(1000, grace / 2))
+      abortTimer = setTimeout(() => void origins.close(), beforeGraceEnds(app.config.shutdownGraceMs))
       abortTimer.unref()
       done()
     })

@@ -10,11 +10,6 @@ import { LimitQuery, Timestamp, authErrors, badRequest, bodyTooLarge } from '../
 
 const TOKEN_VALID = `${CLEAR_TOKEN_TTL_MS / 1000} s`
 
-/** Refused attempts recorded per key and step in each window (see adminRoutes). */
-export const AUDIT_REFUSALS_PER_WINDOW = 10
-/** That window: CLEAR_RATE_LIMIT_WINDOW_MS, at least this. */
-export const AUDIT_REFUSAL_WINDOW_MS = 60_000
-
 type AuditEntry = Parameters<AuditLog['record']>[0]
 
 const REFUSALS = {
@@ -48,59 +43,14 @@ export default async function adminRoutes(fastify: FastifyInstance) {
   const { clearRateLimitMax, clearRateLimitWindowMs } = app.config.security
   // Every attempt at a wipe is audited, refused or not. The handlers record what they decide;
   // the route's onSend records any other refusal (a bad body, a key without the admin scope,
-  // a body over the limit) from the reply it sends. Not one without a valid key: it has no
-  // actor, and anyone could flood the bounded log with them to push the real records out.
-  // For the same reason a key's refused attempts at a step are recorded AUDIT_REFUSALS_PER_WINDOW
-  // times per CLEAR_RATE_LIMIT_WINDOW_MS (at least a minute); past that they are counted, and
-  // one record says how many when the window ends. That slows a flood; it cannot stop one
-  // from turning the log over in time (every record is also logged at warn: the durable copy). (Neither a 403 for a missing scope nor a 429 is itself
-  // limited: any key could send them without end.)
+  // a body over the limit) from the reply it sends, once. Not one without a valid key: it has
+  // no actor, and anyone could flood the bounded log with them. (A key's refusals are
+  // throttled by the audit log itself: a 403 for a missing scope is not rate-limited.)
   const recorded = new WeakSet<FastifyRequest>()
-  const window = Math.max(clearRateLimitWindowMs, AUDIT_REFUSAL_WINDOW_MS)
-  type Refusals = { actor: string; action: AuditEntry['action']; since: number; recorded: number; skipped: number; timer?: NodeJS.Timeout }
-  const refusals = new Map<string, Refusals>()
-  /** Ends a key's window at a step: what it did not record is one record of its own. */
-  const flush = (id: string) => {
-    const seen = refusals.get(id)
-    if (seen === undefined) return
-    clearTimeout(seen.timer)
-    refusals.delete(id)
-    if (seen.skipped === 0) return
-    audit.record({
-      actor: seen.actor,
-      action: seen.action,
-      reason: null,
-      outcome: 'refused',
-      detail: `${seen.skipped} more refused attempts of this key at this step were not recorded (over ${AUDIT_REFUSALS_PER_WINDOW} in ${window / 1000} s)`,
-    })
-  }
   const record = (request: FastifyRequest, entry: AuditEntry) => {
     recorded.add(request)
-    if (entry.outcome === 'refused' && entry.actor) {
-      const id = `${entry.actor}\n${entry.action}`
-      const now = cache.now()
-      let seen = refusals.get(id)
-      if (seen !== undefined && now - seen.since >= window) {
-        flush(id)
-        seen = undefined
-      }
-      if (seen === undefined) refusals.set(id, (seen = { actor: entry.actor, action: entry.action, since: now, recorded: 0, skipped: 0 }))
-      if (seen.recorded >= AUDIT_REFUSALS_PER_WINDOW) {
-        if (seen.skipped++ === 0) {
-          request.log.warn({ actor: entry.actor, action: entry.action }, 'audit: further refused attempts of this key at this step are counted, not recorded, until the window ends')
-          // Recorded when the window ends, however the flood ends (a later attempt, this timer, shutdown).
-          seen.timer = setTimeout(() => flush(id), window)
-          seen.timer.unref()
-        }
-        return
-      }
-      seen.recorded++
-    }
     audit.record(entry)
   }
-  app.addHook('onClose', async () => {
-    for (const id of [...refusals.keys()]) flush(id)
-  })
   const auditRefusal = (action: 'clear_token_issued' | 'clear') =>
     (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (error: null, payload: unknown) => void) => {
       if (reply.statusCode >= 400 && !recorded.has(request) && request.apiKey !== undefined) {

@@ -1,5 +1,5 @@
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { authErrors, badRequest, bodyTooLarge, leaseConflict, notFoundError } from '../schemas/common.js'
 import { KeyParams, WriteResult } from '../schemas/entries.js'
 import { ConsistencyBody, ConsistencyReport, WarmBody, WarmSummary } from '../schemas/origins.js'
@@ -56,11 +56,7 @@ export default async function originRoutes(fastify: FastifyInstance) {
     async (request, reply) => {
       const set = checkWarmSet(origins, request.body)
       // Shutdown, or a caller gone, stops it: no further key is loaded.
-      const gone = new AbortController()
-      reply.raw.once('close', () => {
-        if (!reply.raw.writableFinished) gone.abort()
-      })
-      return warm(origins, set, app.log as CoreLogger, undefined, AbortSignal.any([gone.signal, origins.stopping.signal]))
+      return warm(origins, set, app.log as CoreLogger, AbortSignal.any([callerGone(request, reply), origins.stopping.signal]))
     },
   )
 
@@ -83,15 +79,10 @@ export default async function originRoutes(fastify: FastifyInstance) {
     },
     async (request, reply) => {
       const body = request.body as ConsistencyRequest
-      // A caller that goes away (even before this handler ran) abandons the check: no
-      // further origin fetch, no further repair.
-      const gone = new AbortController()
-      if (reply.raw.destroyed || request.raw.socket?.destroyed === true) gone.abort()
-      reply.raw.once('close', () => {
-        if (!reply.raw.writableFinished) gone.abort()
-      })
-      const report = await app.consistency.check(body, request.apiKey?.name, gone.signal)
-      const abandoned = gone.signal.aborted
+      // A caller that goes away abandons the check: no further origin fetch, no further repair.
+      const gone = callerGone(request, reply)
+      const report = await app.consistency.check(body, request.apiKey?.name, gone)
+      const abandoned = gone.aborted
       if (abandoned) request.log.info({ checked: report.checked, repaired: report.repaired }, 'consistency check abandoned by its caller')
       // A repair changes the cache on an admin's word: audit it (checks alone change nothing).
       if (body.repair !== undefined && body.repair !== 'none' && (!abandoned || report.repaired > 0)) {
@@ -108,4 +99,14 @@ export default async function originRoutes(fastify: FastifyInstance) {
       return report
     },
   )
+}
+
+/** Aborted when the caller goes away before its reply is sent (even before the handler ran). */
+function callerGone(request: FastifyRequest, reply: FastifyReply): AbortSignal {
+  const gone = new AbortController()
+  if (reply.raw.destroyed || request.raw.socket?.destroyed === true) gone.abort()
+  reply.raw.once('close', () => {
+    if (!reply.raw.writableFinished) gone.abort()
+  })
+  return gone.signal
 }

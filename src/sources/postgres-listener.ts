@@ -2,7 +2,7 @@
 // starts it, adds its readiness check and closes it with the app.
 import pg from 'pg'
 import type { CacheService, CoreLogger } from '../cache/cache-service.js'
-import { checkName, checkSelector, cutReason, type Limits } from '../cache/limits.js'
+import { checkName, checkSelector, cutReason, maxNameBytes, type Limits } from '../cache/limits.js'
 import { SELECTOR_KINDS, type InvalidationMode, type Selector } from '../cache/types.js'
 import { PG_CHANNEL, type PgReconnectPolicy } from '../config.js'
 import { CacheError, truncate } from '../errors.js'
@@ -271,7 +271,8 @@ export class PostgresListener {
         'a postgres notification names what no entry can carry: left out',
       )
       // Nothing left is a no-op (no entry could match it), unless what is left is malformed.
-      if (SELECTOR_KINDS.every((kind) => selector[kind] === undefined || (Array.isArray(selector[kind]) && selector[kind].length === 0))) return
+      const empty = (list: unknown) => list === undefined || (Array.isArray(list) && list.length === 0)
+      if (SELECTOR_KINDS.every((kind) => empty(selector[kind]))) return
       parsed.selector = selector
     }
     // The database's word is not held to the API's batch limit: a longer list (a trigger with
@@ -435,7 +436,6 @@ export function slices(selector: Selector, max: number): Selector[] {
  * refuse the notification as malformed.
  */
 export function withoutUnstorable(selector: Selector, limits: Limits): { selector: Selector; left: string[] } {
-  const max = { keys: limits.maxKeyBytes, userIds: limits.maxUserIdBytes, tags: limits.maxTagBytes, prefixes: limits.maxPrefixBytes }
   const out: Selector = {}
   const left: string[] = []
   for (const kind of SELECTOR_KINDS) {
@@ -449,7 +449,7 @@ export function withoutUnstorable(selector: Selector, limits: Limits): { selecto
       // checkSelector refuses it, and the notification with it, as malformed.
       if (typeof name !== 'string' || name === '') return true
       try {
-        checkName(kind, name, max[kind])
+        checkName(kind, name, maxNameBytes(limits, kind))
         return true
       } catch {
         left.push(name)

@@ -1,6 +1,6 @@
 import t, { type Test } from 'tap'
 import { DEFAULT_SECURITY, parseApiKeys } from '../../src/config.js'
-import { AUDIT_REFUSALS_PER_WINDOW } from '../../src/routes/admin.js'
+import { AUDIT_REFUSALS_PER_WINDOW } from '../../src/cache/audit-log.js'
 import { FakeClock, KEYS, TEST_API_KEYS, auth, build, call, get, put } from '../helpers/build.js'
 
 // A second admin key, to prove a token is bound to the key that asked for it.
