@@ -1,6 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { isUtf8 } from 'node:buffer'
-import type { Socket } from 'node:net'
+import { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
@@ -12,7 +12,7 @@ import { beforeGraceEnds, defaultConfig, type Config } from './config.js'
 import { invalidRequest, truncate } from './errors.js'
 import { badRequest, bodyTooLarge } from './schemas/common.js'
 import auth from './plugins/auth.js'
-import errors, { rawReply, sendRaw } from './plugins/errors.js'
+import errors, { discardBody, rawReply, sendRaw } from './plugins/errors.js'
 import health from './plugins/health.js'
 import metrics, { metricsRoute } from './plugins/metrics.js'
 import swaggerDocs from './plugins/swagger.js'
@@ -265,7 +265,29 @@ function refuseBody(request: FastifyRequest, _reply: FastifyReply, done: (error?
 }
 
 const NEWEST = Symbol('the newest reply on a connection')
-type Tracked = Socket & { [NEWEST]?: ServerResponse; _httpMessage?: ServerResponse | null }
+const LINGERING = Symbol('closing once the body has come')
+type Tracked = Socket & { [NEWEST]?: ServerResponse; [LINGERING]?: true; _httpMessage?: ServerResponse | null }
+
+/**
+ * What Node calls to close a connection once its last reply is written (the reply said
+ * `Connection: close`). Node's own ends it and destroys it at once; with the request's body
+ * still coming (a refused upload, a 503 to one during shutdown) that resets the connection
+ * under the reply, and the client, still writing, sees EPIPE or ECONNRESET instead of it.
+ * So this one ends its side, reads the rest of the body and throws it away (bounded, as
+ * after any refusal: discardBody), and closes once both are done: a lingering close.
+ */
+function closeAfterBody(this: Tracked): void {
+  if (this[LINGERING]) return
+  const req = this[NEWEST]?.req
+  if (req === undefined || req.complete || !discardBody(req)) return Socket.prototype.destroySoon.call(this)
+  this[LINGERING] = true
+  if (this.writable) this.end()
+  let waiting = 2
+  const done = () => --waiting === 0 && this.destroy()
+  if (this.writableFinished) done()
+  else this.once('finish', done)
+  req.once('end', done)
+}
 
 /**
  * Two answers given before Fastify routes a request, with the contract's body, from one
@@ -289,6 +311,7 @@ function frontDoor(app: FastifyInstance): void {
   const sockets = new Set<Tracked>()
   app.server.on('connection', (socket: Tracked) => {
     sockets.add(socket)
+    socket.destroySoon = closeAfterBody
     socket.once('close', () => sockets.delete(socket))
   })
   // The server's close drops idle connections with Node's closeIdleConnections, which also
@@ -297,7 +320,8 @@ function frontDoor(app: FastifyInstance): void {
   // only half-received is dropped too; it was never applied, so the client can retry it).
   app.server.closeIdleConnections = () => {
     for (const socket of sockets) {
-      if (!socket._httpMessage && (socket[NEWEST] === undefined || socket[NEWEST].writableFinished)) socket.destroy()
+      const last = socket[NEWEST]
+      if (!socket._httpMessage && (last === undefined || (last.writableFinished && last.req.complete))) socket.destroy()
     }
   }
   let cut: NodeJS.Timeout | undefined
@@ -309,13 +333,19 @@ function frontDoor(app: FastifyInstance): void {
     cut = setTimeout(() => {
       for (const socket of sockets) {
         const last = socket[NEWEST]
-        if (last !== undefined && !last.headersSent && !last.req.complete) socket.destroy()
+        if (last !== undefined && !last.req.complete && (!last.headersSent || last.writableFinished)) socket.destroy()
       }
     }, beforeGraceEnds(app.config.shutdownGraceMs))
     cut.unref()
     for (const socket of sockets) {
       const last = socket[NEWEST]
-      if (last === undefined || last.writableFinished) continue // idle: the server's close drops it
+      if (last === undefined) continue // idle: the server's close drops it
+      if (last.writableFinished) {
+        // Answered, and idle unless the body is still coming (read after a refusal): closed
+        // once it has come.
+        if (!last.req.complete && !socket._httpMessage) socket.destroySoon()
+        continue
+      }
       if (!last.headersSent) last.shouldKeepAlive = false // Node ends the connection after it…
       // …unless the reply says keep-alive itself, or was begun already: then it is ended here
       // once written whole (destroySoon, as Node ends one that says close; not a half-close

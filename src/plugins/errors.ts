@@ -79,16 +79,31 @@ export default fp(
  * A 413, or a 401/403/429 before the body was read, is sent while the client may still be
  * sending its body. Closing the connection then (Fastify asks for a 413) makes the kernel
  * reset it under the reply, and the client sees
- * EPIPE or ECONNRESET instead of the 413. So the rest of the body is read and thrown away,
- * up to DRAIN_MAX_BYTES for at most DRAIN_MAX_MS, and the connection stays open. A client
- * waiting for `100 Continue` sent nothing (Node closes that connection cleanly); a larger
- * body, or an upload that stalls, is cut off (and cannot hold up a shutdown).
+ * EPIPE or ECONNRESET instead of the 413. So the rest of the body is read and thrown away
+ * (discardBody), and the connection stays open. A client waiting for `100 Continue` sent
+ * nothing (Node closes that connection cleanly).
  */
 function drainRest(raw: IncomingMessage, reply: FastifyReply): void {
   if (raw.complete) return
   if (raw.headers.expect !== undefined && raw.readableFlowing === null) return // no 100 was sent
-  if (Number(raw.headers['content-length']) > DRAIN_MAX_BYTES) return void reply.header('connection', 'close')
-  reply.removeHeader('connection')
+  // Node says `Connection: close` itself when the connection is to close anyway (the client
+  // asked, or the server is shutting down) only if no handler set or removed the header.
+  if (discardBody(raw) && reply.raw.shouldKeepAlive) reply.removeHeader('connection')
+  else reply.header('connection', 'close')
+}
+
+const discarding = new WeakSet<IncomingMessage>()
+
+/**
+ * Reads the rest of a request body and throws it away, up to DRAIN_MAX_BYTES for at most
+ * DRAIN_MAX_MS: a larger body, or an upload that stalls, is cut off with its connection
+ * (and cannot hold up a shutdown). False, reading nothing, for a body that says it is
+ * larger: its connection should close after the reply.
+ */
+export function discardBody(raw: IncomingMessage): boolean {
+  if (raw.complete || discarding.has(raw)) return true
+  if (Number(raw.headers['content-length']) > DRAIN_MAX_BYTES) return false
+  discarding.add(raw)
   let left = DRAIN_MAX_BYTES
   raw.on('data', (chunk: Buffer) => {
     left -= chunk.length
@@ -98,6 +113,7 @@ function drainRest(raw: IncomingMessage, reply: FastifyReply): void {
   raw.once('end', () => clearTimeout(deadline))
   raw.once('close', () => clearTimeout(deadline))
   raw.resume()
+  return true
 }
 
 function validationMessage(error: FastifyError): string {

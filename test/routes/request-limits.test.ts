@@ -688,3 +688,131 @@ t.test('after a 413 the rest of the body is read and the connection serves the n
   const response = await exchange(port, requests)
   t.match(response, /^HTTP\/1\.1 413 [^]*payload_too_large[^]*HTTP\/1\.1 200 OK/, 'a 413, then the next request on the same connection')
 })
+
+/**
+ * An upload from another process (so that it goes on while the server answers and closes,
+ * as a real client's does): on one connection it writes `first`, then, once the test says
+ * go (a line on its stdin; at once without `waitForGo`), `head`, then `chunks` chunks of
+ * 256 KiB of `x` 5 ms apart (each framed as a chunk with `chunked`), then `tail`. It
+ * prints `started` after the first 1 MiB of the body, and at the end everything it
+ * received and the error, if any, that the connection ended with.
+ */
+function slowUpload(t: Test, port: number, o: { first?: string; waitForGo?: boolean; head: string; chunks: number; chunked?: boolean; tail?: string }) {
+  const client = `
+    import { connect } from 'node:net'
+    import { once } from 'node:events'
+    const o = ${JSON.stringify(o)}
+    let out = ''
+    let error
+    const socket = connect({ port: ${port}, host: '127.0.0.1', allowHalfOpen: true })
+    socket.on('data', (d) => (out += d.toString('latin1')))
+    socket.on('error', (e) => (error = e.code ?? e.message))
+    socket.on('close', () => {
+      console.log(JSON.stringify({ out, error }))
+      process.exit(0)
+    })
+    await once(socket, 'connect')
+    if (o.first) socket.write(o.first)
+    if (o.waitForGo) await once(process.stdin, 'data')
+    socket.write(o.head)
+    const chunk = 'x'.repeat(256 * 1024)
+    for (let i = 0; i < o.chunks && !socket.destroyed; i++) {
+      socket.write(o.chunked ? (chunk.length).toString(16) + '\\r\\n' + chunk + '\\r\\n' : chunk)
+      if (i === 3) console.log('started')
+      await new Promise((resolve) => setTimeout(resolve, 5))
+    }
+    if (!socket.destroyed) socket.end(o.tail ?? '')
+    setTimeout(() => socket.destroy(), 15000).unref()`
+  const child = spawn(process.execPath, ['--input-type=module', '-e', client], { stdio: ['pipe', 'pipe', 'pipe'] })
+  let errors = ''
+  child.stderr.on('data', (d) => (errors += d))
+  t.teardown(() => child.kill())
+  let printed = ''
+  const started = new Promise<void>((resolve) =>
+    child.stdout.on('data', (d) => {
+      printed += d
+      if (printed.includes('started\n')) resolve()
+    }),
+  )
+  const result = once(child, 'close').then(([code]) => {
+    if (code !== 0) throw new Error(`the client exited ${code}: ${errors}`)
+    return JSON.parse(printed.trim().split('\n').at(-1)!) as { out: string; error?: string }
+  })
+  return { go: () => child.stdin.write('go\n'), started, result }
+}
+
+t.test('shutdown: a 503 to an upload pipelined behind a request in flight reaches the client, not a reset', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set('/users/1/dashboard', { user: '1' })
+  origin.hold()
+  const app = await buildApp({ apiKeys: TEST_API_KEYS, configFile: { origins: [dashboardOrigin(origin)] } })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const chunks = 16
+  const upload = slowUpload(t, port, {
+    first: HELD_LOAD,
+    waitForGo: true,
+    head: `PUT /v1/entries/late HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
+    chunks,
+  })
+  await origin.waitForCalls(1)
+  const closing = app.close()
+  while (app.server.listening) await new Promise((resolve) => setTimeout(resolve, 5))
+  upload.go()
+  await upload.started
+  origin.release()
+  await closing
+  const { out, error } = await upload.result
+  t.match(out, /^HTTP\/1\.1 200 OK\r\n[^]*HTTP\/1\.1 503 Service Unavailable\r\n[^]*"backend_unavailable"/, 'the load in flight was answered, then the 503')
+  t.equal(error, undefined, 'the connection closed cleanly')
+  t.equal(await app.cache.inspect('late'), undefined, 'the upload was not applied')
+})
+
+t.test('shutdown: a 413 to a chunked upload in flight when shutdown begins reaches the client, not a reset', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const upload = slowUpload(t, port, {
+    head: `PUT /v1/entries/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n`,
+    chunks: 48, // 12 MiB: over the 8 MiB body limit
+    chunked: true,
+    tail: '0\r\n\r\n',
+  })
+  await upload.started
+  const closed = app.close()
+  const { out, error } = await upload.result
+  await closed
+  t.match(out, /^HTTP\/1\.1 413 Payload Too Large\r\n[^]*connection: close\r\n[^]*"payload_too_large"/i, 'the 413, closing the connection')
+  t.equal(error, undefined, 'the connection closed cleanly')
+})
+
+t.test('shutdown: a connection still sending the body of a refused upload is closed once the body has come, not reset', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const chunks = 24
+  const upload = slowUpload(t, port, {
+    head: `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
+    chunks,
+  })
+  await upload.started
+  const closed = app.close()
+  const { out, error } = await upload.result
+  await closed
+  t.match(out, /^HTTP\/1\.1 401 Unauthorized\r\n/, 'the 401')
+  t.equal(error, undefined, 'the connection closed cleanly')
+})
+
+t.test('a 401 to an upload that asked to close the connection reaches the client; the connection closes once the body has come', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const chunks = 24
+  const upload = slowUpload(t, port, {
+    head: `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
+    chunks,
+  })
+  const { out, error } = await upload.result
+  t.match(out, /^HTTP\/1\.1 401 Unauthorized\r\nconnection: close\r\n/, 'the 401, closing the connection')
+  t.equal(error, undefined, 'the connection closed cleanly')
+})
