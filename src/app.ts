@@ -256,8 +256,8 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
 /** The preValidation of a route without a body schema: a body with anything in it is 400. */
 function refuseBody(request: FastifyRequest, _reply: FastifyReply, done: (error?: Error) => void): void {
   const body = request.body
-  if (body === undefined || body === null) return done()
-  if (typeof body !== 'object' || Array.isArray(body)) return done(invalidRequest(`${request.method} ${request.routeOptions.url} takes no body`))
+  if (body === undefined) return done()
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) return done(invalidRequest(`${request.method} ${request.routeOptions.url} takes no body`))
   const [field] = Object.keys(body)
   if (field === undefined) return done()
   const hint = request.method === 'DELETE' ? ' (a DELETE takes its options in the query string)' : ''

@@ -308,6 +308,9 @@ t.test('a field a body does not have is a 400 naming it, not dropped without a w
     t.equal(res.statusCode, 400, `${method} ${url}`)
     t.same(res.json(), { error: 'invalid_request', message }, `${method} ${url}`)
   }
+  // JSON null is a body too.
+  const nullBody = await call(app, { method: 'DELETE', url: '/v1/entries/c', payload: 'null', headers: { 'content-type': 'application/json' } })
+  t.same([nullBody.statusCode, nullBody.json()], [400, { error: 'invalid_request', message: 'DELETE /v1/entries/:key takes no body' }], 'a JSON null body')
   t.match((await get(app, 'c')).json(), { value: 3, stale: false }, 'none of them invalidated')
   // An empty object, or no body, is no option at all.
   t.equal((await call(app, { method: 'DELETE', url: '/v1/entries/c?mode=stale', payload: {} })).statusCode, 200)
