@@ -44,7 +44,7 @@ export const SELECTOR_LABEL: Record<SelectorKind, string> = {
 }
 
 /** Where an invalidation came from. */
-export const INVALIDATION_SOURCES = ['api', 'event', 'postgres', 'bus', 'admin', 'consistency'] as const
+export const INVALIDATION_SOURCES = ['api', 'events', 'postgres', 'bus', 'admin', 'consistency'] as const
 export type InvalidationSource = (typeof INVALIDATION_SOURCES)[number]
 
 /** The selector labels of stats and metrics a selector counts under: one per kind it names, and `all`. */

@@ -69,7 +69,7 @@ const Stats = Type.Object({
       hitRatio: 0.9,
       sets: 1100,
       evictions: 12,
-      invalidations: { bySelector: { user: 40, tag: 7 }, bySource: { api: 30, event: 17 }, failed: 0, last: null },
+      invalidations: { bySelector: { user: 40, tag: 7 }, bySource: { api: 30, events: 17 }, failed: 0, last: null },
       leases: { issued: 1000, rejected: 3 },
     },
   ],

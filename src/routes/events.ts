@@ -42,7 +42,7 @@ export default async function eventRoutes(fastify: FastifyInstance) {
         description:
           'Runs every rule of CONFIG_FILE `rules` whose `event` is the event\'s `type`: each fills its ' +
           'templates (`{{data.userId}}`, `{{data.a.b}}`) from `data` and invalidates the result (source ' +
-          '`event`). Every rule is filled before anything is invalidated: a missing, empty or non-scalar ' +
+          '`events`). Every rule is filled before anything is invalidated: a missing, empty or non-scalar ' +
           'field is 400 `invalid_request` naming it, and nothing is invalidated. A type with no rule is ' +
           '200 with `matched: 0`. An event with an `id` already applied in the last 10 minutes is not ' +
           'applied again: the first reply is returned, with the header `Idempotent-Replayed: true`.',

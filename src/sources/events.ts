@@ -206,7 +206,7 @@ export interface EventProcessorOptions {
 
 /**
  * Applies events: resolves every matching rule first (a bad event invalidates nothing),
- * then runs each selector through `CacheService.invalidate` with source `event`. An event
+ * then runs each selector through `CacheService.invalidate` with source `events`. An event
  * with an `id` seen within the window is not applied again: its first reply is returned.
  */
 export class EventProcessor {
@@ -278,7 +278,7 @@ export class EventProcessor {
     } catch (error) {
       // The store could not be asked whether the id was applied, so its invalidations were not
       // attempted: a failed invalidation all the same (counted, and a 503 for the sender to retry).
-      this.#cache.countFailure('event')
+      this.#cache.countFailure('events')
       throw error
     }
     const renew = setInterval(() => {
@@ -307,7 +307,7 @@ export class EventProcessor {
     const invalidations: InvalidationResult[] = []
     for (const { rule, selector } of resolved) {
       const reason = `event ${truncate(event.type, 100)}${event.id === undefined ? '' : ` ${truncate(event.id, 100)}`} (rules[${rule.index}])`
-      invalidations.push(await this.#cache.invalidate(selector, { mode: rule.mode, source: 'event', actor, reason }))
+      invalidations.push(await this.#cache.invalidate(selector, { mode: rule.mode, source: 'events', actor, reason }))
     }
     return { matched: resolved.length, invalidations }
   }

@@ -151,7 +151,7 @@ t.test('invalidation failures are counted by source from the core totals', async
   app.cache.countFailure('postgres')
   const s = await scrape(app)
   t.equal(valueOf(s, 'cachewarden_invalidation_failures_total', { source: 'postgres' }), 2)
-  t.equal(valueOf(s, 'cachewarden_invalidation_failures_total', { source: 'event' }), 0, 'known sources start at 0')
+  t.equal(valueOf(s, 'cachewarden_invalidation_failures_total', { source: 'events' }), 0, 'known sources start at 0')
 })
 
 t.test('two apps in one process keep separate registries', async (t) => {

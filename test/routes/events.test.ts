@@ -46,14 +46,14 @@ t.test('an event runs every rule for its type, across domains, as event invalida
   t.equal((await get(a, 'team:7:summary', '?allowStale=true')).json().stale, true, 'the stale rule kept the entry, stale')
 
   const records = (await call(a, { url: '/v1/debug/invalidations?limit=2' })).json()
-  t.same(records.map((r: { source: string }) => r.source), ['event', 'event'])
+  t.same(records.map((r: { source: string }) => r.source), ['events', 'events'])
   t.same(
     records.map((r: { selector: object }) => r.selector).sort((x: object, y: object) => JSON.stringify(x).localeCompare(JSON.stringify(y))),
     [{ prefixes: ['team:7:'] }, { tags: ['analytics:42'], userIds: ['42'] }],
   )
   t.match(records[0].reason, /^event persona\.updated evt-1 \(rules\[\d\]\)$/)
   t.equal(records[0].actor, 'invalidator')
-  t.equal((await call(a, { url: '/v1/stats' })).json().invalidations.bySource.event, 2)
+  t.equal((await call(a, { url: '/v1/stats' })).json().invalidations.bySource.events, 2)
 })
 
 t.test('an event whose template cannot be filled is a 400 naming the field, and nothing is invalidated', async (t) => {

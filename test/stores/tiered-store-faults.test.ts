@@ -126,7 +126,7 @@ if (requireRedisServer(t)) {
       t.equal(event.json().error, 'backend_unavailable')
       t.equal((await call(a, { url: '/v1/stats' })).json().invalidations.failed, before + 1, `event ${id ?? 'without an id'}: counted as failed`)
     }
-    t.match((await a.inject({ url: '/metrics' })).body, /^cachewarden_invalidation_failures_total\{source="event"\} 2$/m)
+    t.match((await a.inject({ url: '/metrics' })).body, /^cachewarden_invalidation_failures_total\{source="events"\} 2$/m)
     const unmatched = await call(a, { method: 'POST', url: '/v1/events', key: 'invalidate', payload: { id: 'evt-down-2', type: 'nobody.cares', data: {} } })
     t.same(unmatched.json(), { matched: 0, invalidations: [] }, 'an event no rule matches needs no Redis')
 
