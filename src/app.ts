@@ -12,7 +12,7 @@ import { beforeGraceEnds, defaultConfig, type Config } from './config.js'
 import { invalidRequest, truncate } from './errors.js'
 import { badRequest, bodyTooLarge } from './schemas/common.js'
 import auth from './plugins/auth.js'
-import errors, { discardBody, rawReply, sendRaw } from './plugins/errors.js'
+import errors, { discardBody, isDiscarding, rawReply, sendRaw } from './plugins/errors.js'
 import health from './plugins/health.js'
 import metrics, { metricsRoute } from './plugins/metrics.js'
 import swaggerDocs from './plugins/swagger.js'
@@ -273,13 +273,15 @@ type Tracked = Socket & { [NEWEST]?: ServerResponse; [LINGERING]?: true; _httpMe
  * `Connection: close`). Node's own ends it and destroys it at once; with the request's body
  * still coming (a refused upload, a 503 to one during shutdown) that resets the connection
  * under the reply, and the client, still writing, sees EPIPE or ECONNRESET instead of it.
- * So this one ends its side, reads the rest of the body and throws it away (bounded, as
- * after any refusal: discardBody), and closes once both are done: a lingering close.
+ * So when the rest of the body is being read and thrown away (discardBody: at most 64 MiB,
+ * for at most 5 s), this one ends its side and closes once the body has come: a lingering
+ * close. A request the client pipelines behind that body is never run (the front door
+ * drops it): its reply could not be sent.
  */
 function closeAfterBody(this: Tracked): void {
   if (this[LINGERING]) return
   const req = this[NEWEST]?.req
-  if (req === undefined || req.complete || !discardBody(req)) return Socket.prototype.destroySoon.call(this)
+  if (req === undefined || req.complete || !isDiscarding(req)) return Socket.prototype.destroySoon.call(this)
   this[LINGERING] = true
   if (this.writable) this.end()
   let waiting = 2
@@ -321,7 +323,7 @@ function frontDoor(app: FastifyInstance): void {
   app.server.closeIdleConnections = () => {
     for (const socket of sockets) {
       const last = socket[NEWEST]
-      if (!socket._httpMessage && (last === undefined || (last.writableFinished && last.req.complete))) socket.destroy()
+      if (!socket._httpMessage && !socket[LINGERING] && (last === undefined || last.writableFinished)) socket.destroy()
     }
   }
   let cut: NodeJS.Timeout | undefined
@@ -341,9 +343,9 @@ function frontDoor(app: FastifyInstance): void {
       const last = socket[NEWEST]
       if (last === undefined) continue // idle: the server's close drops it
       if (last.writableFinished) {
-        // Answered, and idle unless the body is still coming (read after a refusal): closed
+        // Answered, and idle unless the body of a refused upload is still coming: closed
         // once it has come.
-        if (!last.req.complete && !socket._httpMessage) socket.destroySoon()
+        if (isDiscarding(last.req) && !last.req.complete && !socket._httpMessage) socket.destroySoon()
         continue
       }
       if (!last.headersSent) last.shouldKeepAlive = false // Node ends the connection after it…
@@ -361,6 +363,9 @@ function frontDoor(app: FastifyInstance): void {
   app.server.removeListener('request', fastifyHandler)
   app.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
     const socket = req.socket as Tracked
+    // Pipelined behind a body read only to be thrown away, on a connection closing once it
+    // has come: not run (its reply could not be sent), so the client can retry it.
+    if (socket[LINGERING]) return void req.resume()
     if (closing) {
       // Pipelined behind a reply not yet begun: that one keeps the connection open for this
       // 503, which closes it. (Behind one already begun with `Connection: close` the request
@@ -368,10 +373,12 @@ function frontDoor(app: FastifyInstance): void {
       const ahead = socket[NEWEST]
       if (ahead !== undefined && !ahead.headersSent) ahead.shouldKeepAlive = true
       socket[NEWEST] = res
+      discardBody(req)
       return sendRaw(res, 503, { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
     }
     socket[NEWEST] = res
     if (req.headers.host !== undefined || req.httpVersionMinor === 0) return fastifyHandler(req, res)
+    discardBody(req)
     sendRaw(res, 400, { error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
   })
 }

@@ -8,6 +8,12 @@ import { CacheError, truncate } from '../errors.js'
 const DRAIN_MAX_BYTES = 64 * 1024 * 1024
 const DRAIN_MAX_MS = 5000
 
+/** Requests with `Expect: 100-continue` that were sent their 100 (asked for their body). */
+const continued = new WeakSet<IncomingMessage>()
+
+/** Whether a request's body may still come: not if it waits for a `100 Continue` never sent. */
+const bodyMayCome = (req: IncomingMessage): boolean => !req.complete && (req.headers.expect === undefined || continued.has(req))
+
 /**
  * Turns every error into the contract's `{error, message}` shape. Validation and parse
  * errors become 400 `invalid_request`; anything unexpected is a 500 `internal_error`,
@@ -21,7 +27,9 @@ export default fp(
     // route's limit; a body over it gets its 413 before any byte of it is sent.
     app.server.on('checkContinue', (req: IncomingMessage, res) => {
       req.once('resume', () => {
-        if (!res.headersSent) res.writeContinue()
+        if (res.headersSent) return
+        continued.add(req)
+        res.writeContinue()
       })
       app.server.emit('request', req, res)
     })
@@ -41,10 +49,11 @@ export default fp(
     })
 
     app.setErrorHandler((error: FastifyError | CacheError, request, reply) => {
+      // Refused before its body was read (401, 403, 429 from the auth hook, a 413, a body
+      // that is not JSON): Node would read and discard the rest of it for as long as it
+      // came, up to REQUEST_TIMEOUT_MS.
+      drainRest(request.raw, reply)
       if (error instanceof CacheError) {
-        // Refused before its body was read (401, 403, 429 from the auth hook): Node would read
-        // and discard the rest of it for as long as it came, up to REQUEST_TIMEOUT_MS.
-        drainRest(request.raw, reply)
         // RFC 9110: a 401 says which scheme would do (RFC 6750 for bearer tokens).
         if (error.statusCode === 401) reply.header('www-authenticate', 'Bearer realm="cachewarden"')
         return reply.code(error.statusCode).send({ error: error.code, message: error.message, ...error.extra })
@@ -54,7 +63,6 @@ export default fp(
       }
       const status = (error as FastifyError).statusCode ?? 500
       if (status === 413 || error.code === 'FST_ERR_CTP_BODY_TOO_LARGE') {
-        drainRest(request.raw, reply)
         return reply.code(413).send({ error: 'payload_too_large', message: 'the request body is larger than the body limit' })
       }
       if (status === 429) {
@@ -84,8 +92,7 @@ export default fp(
  * nothing (Node closes that connection cleanly).
  */
 function drainRest(raw: IncomingMessage, reply: FastifyReply): void {
-  if (raw.complete) return
-  if (raw.headers.expect !== undefined && raw.readableFlowing === null) return // no 100 was sent
+  if (!bodyMayCome(raw)) return
   // Node says `Connection: close` itself when the connection is to close anyway (the client
   // asked, or the server is shutting down) only if no handler set or removed the header.
   if (discardBody(raw) && reply.raw.shouldKeepAlive) reply.removeHeader('connection')
@@ -94,6 +101,9 @@ function drainRest(raw: IncomingMessage, reply: FastifyReply): void {
 
 const discarding = new WeakSet<IncomingMessage>()
 
+/** Whether discardBody is reading a request's body (after a refusal). */
+export const isDiscarding = (req: IncomingMessage): boolean => discarding.has(req)
+
 /**
  * Reads the rest of a request body and throws it away, up to DRAIN_MAX_BYTES for at most
  * DRAIN_MAX_MS: a larger body, or an upload that stalls, is cut off with its connection
@@ -101,7 +111,7 @@ const discarding = new WeakSet<IncomingMessage>()
  * larger: its connection should close after the reply.
  */
 export function discardBody(raw: IncomingMessage): boolean {
-  if (raw.complete || discarding.has(raw)) return true
+  if (!bodyMayCome(raw) || discarding.has(raw)) return true
   if (Number(raw.headers['content-length']) > DRAIN_MAX_BYTES) return false
   discarding.add(raw)
   let left = DRAIN_MAX_BYTES

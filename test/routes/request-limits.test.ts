@@ -693,11 +693,12 @@ t.test('after a 413 the rest of the body is read and the connection serves the n
  * An upload from another process (so that it goes on while the server answers and closes,
  * as a real client's does): on one connection it writes `first`, then, once the test says
  * go (a line on its stdin; at once without `waitForGo`), `head`, then `chunks` chunks of
- * 256 KiB of `x` 5 ms apart (each framed as a chunk with `chunked`), then `tail`. It
- * prints `started` after the first 1 MiB of the body, and at the end everything it
- * received and the error, if any, that the connection ended with.
+ * 256 KiB of `x` 5 ms apart (`gapMs`; with 0, as fast as the connection takes them; each
+ * framed as a chunk with `chunked`), then `tail`. It prints `started` after the first 1 MiB
+ * of the body, and at the end everything it received, the error, if any, that the
+ * connection ended with, and how many bytes of the body it sent.
  */
-function slowUpload(t: Test, port: number, o: { first?: string; waitForGo?: boolean; head: string; chunks: number; chunked?: boolean; tail?: string }) {
+function slowUpload(t: Test, port: number, o: { first?: string; waitForGo?: boolean; head: string; chunks: number; chunked?: boolean; tail?: string; gapMs?: number }) {
   const client = `
     import { connect } from 'node:net'
     import { once } from 'node:events'
@@ -707,8 +708,9 @@ function slowUpload(t: Test, port: number, o: { first?: string; waitForGo?: bool
     const socket = connect({ port: ${port}, host: '127.0.0.1', allowHalfOpen: true })
     socket.on('data', (d) => (out += d.toString('latin1')))
     socket.on('error', (e) => (error = e.code ?? e.message))
+    let sent = 0
     socket.on('close', () => {
-      console.log(JSON.stringify({ out, error }))
+      console.log(JSON.stringify({ out, error, sent }))
       process.exit(0)
     })
     await once(socket, 'connect')
@@ -717,9 +719,11 @@ function slowUpload(t: Test, port: number, o: { first?: string; waitForGo?: bool
     socket.write(o.head)
     const chunk = 'x'.repeat(256 * 1024)
     for (let i = 0; i < o.chunks && !socket.destroyed; i++) {
-      socket.write(o.chunked ? (chunk.length).toString(16) + '\\r\\n' + chunk + '\\r\\n' : chunk)
+      const flowing = socket.write(o.chunked ? (chunk.length).toString(16) + '\\r\\n' + chunk + '\\r\\n' : chunk)
+      sent += chunk.length
       if (i === 3) console.log('started')
-      await new Promise((resolve) => setTimeout(resolve, 5))
+      if (o.gapMs !== 0) await new Promise((resolve) => setTimeout(resolve, o.gapMs ?? 5))
+      else if (!flowing) await new Promise((resolve) => { socket.once('drain', resolve); socket.once('close', resolve) })
     }
     if (!socket.destroyed) socket.end(o.tail ?? '')
     setTimeout(() => socket.destroy(), 15000).unref()`
@@ -736,7 +740,7 @@ function slowUpload(t: Test, port: number, o: { first?: string; waitForGo?: bool
   )
   const result = once(child, 'close').then(([code]) => {
     if (code !== 0) throw new Error(`the client exited ${code}: ${errors}`)
-    return JSON.parse(printed.trim().split('\n').at(-1)!) as { out: string; error?: string }
+    return JSON.parse(printed.trim().split('\n').at(-1)!) as { out: string; error?: string; sent: number }
   })
   return { go: () => child.stdin.write('go\n'), started, result }
 }
@@ -815,4 +819,65 @@ t.test('a 401 to an upload that asked to close the connection reaches the client
   const { out, error } = await upload.result
   t.match(out, /^HTTP\/1\.1 401 Unauthorized\r\nconnection: close\r\n/, 'the 401, closing the connection')
   t.equal(error, undefined, 'the connection closed cleanly')
+})
+
+t.test('shutdown: the body after a 503 is thrown away up to 64 MiB, then the connection is cut', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set('/users/1/dashboard', { user: '1' })
+  origin.hold()
+  const app = await buildApp({ apiKeys: TEST_API_KEYS, configFile: { origins: [dashboardOrigin(origin)] } })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const upload = slowUpload(t, port, {
+    first: HELD_LOAD,
+    waitForGo: true,
+    head: `PUT /v1/entries/late HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n`,
+    chunks: 1600, // 400 MiB, as fast as it goes
+    chunked: true,
+    gapMs: 0,
+  })
+  await origin.waitForCalls(1)
+  const closing = app.close()
+  while (app.server.listening) await new Promise((resolve) => setTimeout(resolve, 5))
+  upload.go()
+  await upload.started
+  origin.release()
+  await closing
+  const { out, sent } = await upload.result
+  t.match(out, /HTTP\/1\.1 503 Service Unavailable\r\n/, 'the 503 was sent')
+  t.ok(sent < 200 * MiB, `the connection was cut after ${Math.round(sent / MiB)} MiB of the body`)
+  t.ok(sent > 32 * MiB, 'by the byte limit, not the time limit')
+})
+
+t.test('a request pipelined behind a body read only to be thrown away is not run', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const sneaky = (key: string) =>
+    `PUT /v1/entries/${key} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"value":1}`
+  /** Sends `head`, waits, then the body of `length` bytes with a PUT of `key` behind it, and ends its side. */
+  const send = (head: string, length: number, key: string) =>
+    new Promise<string>((resolve) => {
+      let out = ''
+      const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true }, () => {
+        socket.write(head)
+        setTimeout(() => socket.end('x'.repeat(length) + sneaky(key)), 300)
+      })
+      t.teardown(() => socket.destroy())
+      socket.on('data', (d) => (out += d.toString('latin1')))
+      socket.on('close', () => resolve(out))
+      socket.on('error', () => resolve(out))
+    })
+  // Refused before routing (no Host), the connection closing: the rest of the body is read.
+  const hostless = await send('PUT /v1/entries/a HTTP/1.1\r\nContent-Length: 1000\r\n\r\n', 1000, 'after-hostless')
+  t.match(hostless, /^HTTP\/1\.1 400 Bad Request\r\n[^]*"an HTTP\/1\.1 request needs a Host header"\}$/, 'only the 400')
+  // Refused while waiting for its 100 Continue: no body was asked for, the connection just closes.
+  const expecting = await send(
+    `PUT /v1/entries/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nContent-Type: application/json\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n`,
+    1000,
+    'after-expect',
+  )
+  t.match(expecting, /^HTTP\/1\.1 401 Unauthorized\r\n[^]*\}$/, 'only the 401')
+  t.equal(await app.cache.inspect('after-hostless'), undefined, 'the PUT behind the body was not applied')
+  t.equal(await app.cache.inspect('after-expect'), undefined, 'nor the one behind the body no 100 asked for')
 })
