@@ -274,9 +274,9 @@ type Tracked = Socket & { [NEWEST]?: ServerResponse; [LINGERING]?: true; _httpMe
  * still coming (a refused upload, a 503 to one during shutdown) that resets the connection
  * under the reply, and the client, still writing, sees EPIPE or ECONNRESET instead of it.
  * So when the rest of the body is being read and thrown away (discardBody: at most 64 MiB,
- * for at most 5 s), this one ends its side and closes once the body has come: a lingering
- * close. A request the client pipelines behind that body is never run (the front door
- * drops it): its reply could not be sent.
+ * for at most 5 s, 1 s without a byte), this one ends its side and closes once the body
+ * has come: a lingering close. A request the client pipelines behind that body is never
+ * run (the front door drops it): its reply could not be sent.
  */
 function closeAfterBody(this: Tracked): void {
   if (this[LINGERING]) return
@@ -373,12 +373,12 @@ function frontDoor(app: FastifyInstance): void {
       const ahead = socket[NEWEST]
       if (ahead !== undefined && !ahead.headersSent) ahead.shouldKeepAlive = true
       socket[NEWEST] = res
-      discardBody(req)
+      discardBody(req, res)
       return sendRaw(res, 503, { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
     }
     socket[NEWEST] = res
     if (req.headers.host !== undefined || req.httpVersionMinor === 0) return fastifyHandler(req, res)
-    discardBody(req)
+    discardBody(req, res)
     sendRaw(res, 400, { error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
   })
 }

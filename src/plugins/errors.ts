@@ -4,15 +4,27 @@ import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify'
 import fp from 'fastify-plugin'
 import { CacheError, truncate } from '../errors.js'
 
-/** The most of a refused body read and thrown away so that its 413 reaches the client, and for how long. */
+/**
+ * The most of a refused body read and thrown away so that its 413 reaches the client, for
+ * how long in all, and for how long without a byte of it.
+ */
 const DRAIN_MAX_BYTES = 64 * 1024 * 1024
 const DRAIN_MAX_MS = 5000
+const DRAIN_IDLE_MS = 1000
 
 /** Requests with `Expect: 100-continue` that were sent their 100 (asked for their body). */
 const continued = new WeakSet<IncomingMessage>()
 
-/** Whether a request's body may still come: not if it waits for a `100 Continue` never sent. */
-const bodyMayCome = (req: IncomingMessage): boolean => !req.complete && (req.headers.expect === undefined || continued.has(req))
+/**
+ * Whether a request's body may still come: it has one (by its framing; `complete` is not
+ * set yet while the headers are being handled), not all of it came, and it was not waiting
+ * for a `100 Continue` never sent.
+ */
+function bodyMayCome(req: IncomingMessage): boolean {
+  const { headers } = req
+  if (req.complete || (headers['transfer-encoding'] === undefined && !(Number(headers['content-length']) > 0))) return false
+  return headers.expect === undefined || continued.has(req)
+}
 
 /**
  * Turns every error into the contract's `{error, message}` shape. Validation and parse
@@ -95,7 +107,7 @@ function drainRest(raw: IncomingMessage, reply: FastifyReply): void {
   if (!bodyMayCome(raw)) return
   // Node says `Connection: close` itself when the connection is to close anyway (the client
   // asked, or the server is shutting down) only if no handler set or removed the header.
-  if (discardBody(raw) && reply.raw.shouldKeepAlive) reply.removeHeader('connection')
+  if (discardBody(raw, reply.raw) && reply.raw.shouldKeepAlive) reply.removeHeader('connection')
   else reply.header('connection', 'close')
 }
 
@@ -105,25 +117,40 @@ const discarding = new WeakSet<IncomingMessage>()
 export const isDiscarding = (req: IncomingMessage): boolean => discarding.has(req)
 
 /**
- * Reads the rest of a request body and throws it away, up to DRAIN_MAX_BYTES for at most
- * DRAIN_MAX_MS: a larger body, or an upload that stalls, is cut off with its connection
- * (and cannot hold up a shutdown). False, reading nothing, for a body that says it is
- * larger: its connection should close after the reply.
+ * Reads the rest of a request body and throws it away, up to DRAIN_MAX_BYTES, for at most
+ * DRAIN_MAX_MS and DRAIN_IDLE_MS without a byte: a larger body, or an upload that stalls,
+ * is cut off with its connection (and cannot hold up a shutdown). The reading starts when
+ * `res`, the reply, has its turn on the connection: before then, behind a reply still
+ * being sent, nothing is read (TCP holds the client back) and no limit runs, which would
+ * cut that earlier reply. False, reading nothing, for a body that says it is larger: its
+ * connection should close after the reply.
  */
-export function discardBody(raw: IncomingMessage): boolean {
+export function discardBody(raw: IncomingMessage, res: ServerResponse): boolean {
   if (!bodyMayCome(raw) || discarding.has(raw)) return true
   if (Number(raw.headers['content-length']) > DRAIN_MAX_BYTES) return false
   discarding.add(raw)
+  if (res.socket === null) res.once('socket', () => readAndDrop(raw))
+  else readAndDrop(raw)
+  return true
+}
+
+function readAndDrop(raw: IncomingMessage): void {
+  const cut = () => raw.destroy()
+  const deadline = setTimeout(cut, DRAIN_MAX_MS)
+  const idle = setTimeout(cut, DRAIN_IDLE_MS)
   let left = DRAIN_MAX_BYTES
   raw.on('data', (chunk: Buffer) => {
     left -= chunk.length
     if (left < 0) raw.destroy()
+    else idle.refresh()
   })
-  const deadline = setTimeout(() => raw.destroy(), DRAIN_MAX_MS)
-  raw.once('end', () => clearTimeout(deadline))
-  raw.once('close', () => clearTimeout(deadline))
+  const stop = () => {
+    clearTimeout(deadline)
+    clearTimeout(idle)
+  }
+  raw.once('end', stop)
+  raw.once('close', stop)
   raw.resume()
-  return true
 }
 
 function validationMessage(error: FastifyError): string {

@@ -611,7 +611,7 @@ t.test('an upload that stalls after its 413 is cut off within seconds, not held 
     socket.on('error', () => undefined)
   })
   t.match(response, /^HTTP\/1\.1 413 /, 'the 413 was sent')
-  t.ok(closedAfterMs < 15_000, `the server closed the connection after ${closedAfterMs} ms (5 s drain limit)`)
+  t.ok(closedAfterMs < 15_000, `the server closed the connection after ${closedAfterMs} ms (drain limits: 1 s without a byte, 5 s in all)`)
 })
 
 t.test('a request whose body stalls gets 408 after REQUEST_TIMEOUT_MS; a refused one is closed then too', async (t) => {
@@ -880,4 +880,44 @@ t.test('a request pipelined behind a body read only to be thrown away is not run
   t.match(expecting, /^HTTP\/1\.1 401 Unauthorized\r\n[^]*\}$/, 'only the 401')
   t.equal(await app.cache.inspect('after-hostless'), undefined, 'the PUT behind the body was not applied')
   t.equal(await app.cache.inspect('after-expect'), undefined, 'nor the one behind the body no 100 asked for')
+})
+
+t.test('a refused request pipelined behind a reply still coming: its body is not read, nor the connection cut, before its turn', async (t) => {
+  const { origin, app, socket, received, closed } = await withLoadInFlight(t, HELD_LOAD + 'PUT /v1/entries/a HTTP/1.1\r\nContent-Length: 10\r\n\r\n')
+  await new Promise((resolve) => setTimeout(resolve, 1500)) // longer than a drain waits without a byte
+  socket.write('0123456789')
+  origin.release()
+  await new Promise((resolve) => setTimeout(resolve, 200))
+  socket.end()
+  await closed
+  t.match(received.out, /^HTTP\/1\.1 200 OK\r\n[^]*"user":"1"[^]*HTTP\/1\.1 400 Bad Request\r\n[^]*"an HTTP\/1\.1 request needs a Host header"/, 'the load, then the 400')
+  await app.close()
+})
+
+t.test('shutdown: a refused upload whose body does not come holds the shutdown a second at most', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true }, () =>
+    socket.write(`PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nContent-Type: application/json\r\nContent-Length: ${4 * MiB}\r\n\r\n`),
+  )
+  t.teardown(() => socket.destroy())
+  socket.on('error', () => undefined)
+  let out = ''
+  socket.on('data', (d) => (out += d.toString()))
+  while (!out.includes('"unauthorized"')) await new Promise((resolve) => setTimeout(resolve, 5))
+  const started = performance.now()
+  await app.close()
+  const took = performance.now() - started
+  t.ok(took < 2500, `closed after ${Math.round(took)} ms`)
+})
+
+t.test('an error reply to a request without a body keeps the connection, and says so', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const out = await exchange(port, `GET /v1/entries/a?bogus=1 HTTP/1.0\r\nAuthorization: Bearer ${KEYS.admin}\r\nConnection: keep-alive\r\n\r\n`, {
+    onFirstData: (socket) => setTimeout(() => socket.end(), 100),
+  })
+  t.match(out, /^HTTP\/1\.1 400 Bad Request\r\n[^]*Connection: keep-alive\r\n/, 'a 400 that keeps the HTTP/1.0 connection')
 })
