@@ -12,7 +12,7 @@ import { beforeGraceEnds, defaultConfig, type Config } from './config.js'
 import { invalidRequest, truncate } from './errors.js'
 import { badRequest, bodyTooLarge } from './schemas/common.js'
 import auth from './plugins/auth.js'
-import errors, { discardBody, isDiscarding, rawReply, sendRaw } from './plugins/errors.js'
+import errors, { Drains, isDiscarding, rawReply, sendRaw } from './plugins/errors.js'
 import health from './plugins/health.js'
 import metrics, { metricsRoute } from './plugins/metrics.js'
 import swaggerDocs from './plugins/swagger.js'
@@ -111,7 +111,10 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     },
     clientErrorHandler: clientError,
   })
-  frontDoor(app)
+  // The request bodies read only to be thrown away, after a refusal (the errors plugin) or
+  // before Fastify routes the request (the front door).
+  const drains = new Drains()
+  frontDoor(app, drains)
   app.setValidatorCompiler(validatorCompiler())
   // Some clients send `content-type: application/json` on every request, bodiless DELETEs
   // included. An empty JSON body is no body: routes without one go ahead, and routes that
@@ -170,7 +173,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     await cache.close()
   })
 
-  await app.register(errors)
+  await app.register(errors, { drains })
   await app.register(rateLimits, { security: config.security })
   await app.register(auth, {
     keys: config.apiKeys,
@@ -273,15 +276,19 @@ type Tracked = Socket & { [NEWEST]?: ServerResponse; [LINGERING]?: true; _httpMe
  * `Connection: close`). Node's own ends it and destroys it at once; with the request's body
  * still coming (a refused upload, a 503 to one during shutdown) that resets the connection
  * under the reply, and the client, still writing, sees EPIPE or ECONNRESET instead of it.
- * So when the rest of the body is being read and thrown away (discardBody: at most 64 MiB,
- * for at most 5 s, 1 s without a byte), this one ends its side and closes once the body
- * has come: a lingering close. A request the client pipelines behind that body is never
+ * So when the rest of the body is being read and thrown away (Drains: at most 64 MiB, for
+ * at most 5 s; in shutdown, 1 s without a byte), this one ends its side and closes once the
+ * body has come: a lingering close. A request the client pipelines behind that body is never
  * run (the front door drops it): its reply could not be sent.
  */
 function closeAfterBody(this: Tracked): void {
   if (this[LINGERING]) return
-  const req = this[NEWEST]?.req
-  if (req === undefined || req.complete || !isDiscarding(req)) return Socket.prototype.destroySoon.call(this)
+  const newest = this[NEWEST]
+  // (A newest reply not finished was queued behind the last one Node sends: never sent.)
+  if (newest === undefined || !newest.writableFinished || newest.req.complete || !isDiscarding(newest.req)) {
+    return Socket.prototype.destroySoon.call(this)
+  }
+  const req = newest.req
   this[LINGERING] = true
   if (this.writable) this.end()
   let waiting = 2
@@ -300,7 +307,7 @@ function closeAfterBody(this: Tracked): void {
  * - HTTP/1.1 without a Host header (RFC 9112 3.2; Node's own check answers an empty 400),
  *   400 `invalid_request`.
  */
-function frontDoor(app: FastifyInstance): void {
+function frontDoor(app: FastifyInstance, drains: Drains): void {
   const [fastifyHandler] = app.server.listeners('request') as ((req: IncomingMessage, res: ServerResponse) => void)[]
   // Without it, requests would go unchecked: Node's own Host check is off (requireHostHeader).
   if (fastifyHandler === undefined) throw new Error('Fastify attached no request listener to its server')
@@ -329,13 +336,15 @@ function frontDoor(app: FastifyInstance): void {
   let cut: NodeJS.Timeout | undefined
   app.addHook('preClose', (done) => {
     closing = true
+    drains.hurry()
     // A request whose body has still not arrived a second before the grace ends (a stalled
     // upload, an `Expect: 100-continue` that never sent it) was never applied: its connection
-    // is cut then, so the shutdown ends cleanly rather than be killed at the grace.
+    // is cut then, so the shutdown ends cleanly rather than be killed at the grace. So is
+    // one still lingering (its body's drain has limits of its own; this is the backstop).
     cut = setTimeout(() => {
       for (const socket of sockets) {
         const last = socket[NEWEST]
-        if (last !== undefined && !last.req.complete && (!last.headersSent || last.writableFinished)) socket.destroy()
+        if (socket[LINGERING] || (last !== undefined && !last.req.complete && !last.headersSent)) socket.destroy()
       }
     }, beforeGraceEnds(app.config.shutdownGraceMs))
     cut.unref()
@@ -373,12 +382,12 @@ function frontDoor(app: FastifyInstance): void {
       const ahead = socket[NEWEST]
       if (ahead !== undefined && !ahead.headersSent) ahead.shouldKeepAlive = true
       socket[NEWEST] = res
-      discardBody(req, res)
+      drains.discard(req, res)
       return sendRaw(res, 503, { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
     }
     socket[NEWEST] = res
     if (req.headers.host !== undefined || req.httpVersionMinor === 0) return fastifyHandler(req, res)
-    discardBody(req, res)
+    drains.discard(req, res)
     sendRaw(res, 400, { error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
   })
 }

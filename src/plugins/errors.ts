@@ -32,7 +32,7 @@ function bodyMayCome(req: IncomingMessage): boolean {
  * logged with its stack and never sent.
  */
 export default fp(
-  async function errors(app: FastifyInstance) {
+  async function errors(app: FastifyInstance, { drains }: { drains: Drains }) {
     // `Expect: 100-continue` (curl's way with large bodies): Node answers 100 at once unless
     // told otherwise, and the client uploads a body the route may then refuse. Here 100 goes
     // out when the body parser starts reading, which it does only for a body within the
@@ -64,7 +64,7 @@ export default fp(
       // Refused before its body was read (401, 403, 429 from the auth hook, a 413, a body
       // that is not JSON): Node would read and discard the rest of it for as long as it
       // came, up to REQUEST_TIMEOUT_MS.
-      drainRest(request.raw, reply)
+      drainRest(request.raw, reply, drains)
       if (error instanceof CacheError) {
         // RFC 9110: a 401 says which scheme would do (RFC 6750 for bearer tokens).
         if (error.statusCode === 401) reply.header('www-authenticate', 'Bearer realm="cachewarden"')
@@ -100,57 +100,80 @@ export default fp(
  * sending its body. Closing the connection then (Fastify asks for a 413) makes the kernel
  * reset it under the reply, and the client sees
  * EPIPE or ECONNRESET instead of the 413. So the rest of the body is read and thrown away
- * (discardBody), and the connection stays open. A client waiting for `100 Continue` sent
+ * (Drains), and the connection stays open. A client waiting for `100 Continue` sent
  * nothing (Node closes that connection cleanly).
  */
-function drainRest(raw: IncomingMessage, reply: FastifyReply): void {
+function drainRest(raw: IncomingMessage, reply: FastifyReply, drains: Drains): void {
   if (!bodyMayCome(raw)) return
-  // Node says `Connection: close` itself when the connection is to close anyway (the client
-  // asked, or the server is shutting down) only if no handler set or removed the header.
-  if (discardBody(raw, reply.raw) && reply.raw.shouldKeepAlive) reply.removeHeader('connection')
-  else reply.header('connection', 'close')
+  if (!drains.discard(raw, reply.raw)) reply.header('connection', 'close')
+  // Kept open, unless it is to close anyway (the client asked, the server is shutting down):
+  // said so over Fastify's `close` (removing the header would leave none, and an HTTP/1.0
+  // client would take that as a close).
+  else if (reply.raw.shouldKeepAlive && reply.hasHeader('connection')) reply.header('connection', 'keep-alive')
 }
 
 const discarding = new WeakSet<IncomingMessage>()
 
-/** Whether discardBody is reading a request's body (after a refusal). */
+/** Whether a request's body is being read to be thrown away (after a refusal). */
 export const isDiscarding = (req: IncomingMessage): boolean => discarding.has(req)
 
 /**
- * Reads the rest of a request body and throws it away, up to DRAIN_MAX_BYTES, for at most
- * DRAIN_MAX_MS and DRAIN_IDLE_MS without a byte: a larger body, or an upload that stalls,
- * is cut off with its connection (and cannot hold up a shutdown). The reading starts when
- * `res`, the reply, has its turn on the connection: before then, behind a reply still
- * being sent, nothing is read (TCP holds the client back) and no limit runs, which would
- * cut that earlier reply. False, reading nothing, for a body that says it is larger: its
- * connection should close after the reply.
+ * The request bodies an app reads only to throw away, so that a refusal reaches a client
+ * still uploading: up to DRAIN_MAX_BYTES, for at most DRAIN_MAX_MS; a larger body, or an
+ * upload that stalls, is cut off with its connection. From shutdown on (hurry), each is
+ * also cut after DRAIN_IDLE_MS without a byte, so that a body which does not come holds
+ * the shutdown a second; not before, as a client that reads its reply only once it has
+ * sent everything (a blocking one) may pause longer mid-upload.
  */
-export function discardBody(raw: IncomingMessage, res: ServerResponse): boolean {
-  if (!bodyMayCome(raw) || discarding.has(raw)) return true
-  if (Number(raw.headers['content-length']) > DRAIN_MAX_BYTES) return false
-  discarding.add(raw)
-  if (res.socket === null) res.once('socket', () => readAndDrop(raw))
-  else readAndDrop(raw)
-  return true
-}
+export class Drains {
+  #closing = false
+  /** Each running drain's switch to the idle limit. */
+  readonly #running = new Set<() => void>()
 
-function readAndDrop(raw: IncomingMessage): void {
-  const cut = () => raw.destroy()
-  const deadline = setTimeout(cut, DRAIN_MAX_MS)
-  const idle = setTimeout(cut, DRAIN_IDLE_MS)
-  let left = DRAIN_MAX_BYTES
-  raw.on('data', (chunk: Buffer) => {
-    left -= chunk.length
-    if (left < 0) raw.destroy()
-    else idle.refresh()
-  })
-  const stop = () => {
-    clearTimeout(deadline)
-    clearTimeout(idle)
+  /**
+   * Reads the rest of `raw`'s body and throws it away. The reading starts when `res`, its
+   * reply, has its turn on the connection: before then, behind a reply still being sent,
+   * nothing is read (TCP holds the client back) and no limit runs, which would cut that
+   * earlier reply. False, reading nothing, for a body that says it is larger than the
+   * limit: its connection should close after the reply.
+   */
+  discard(raw: IncomingMessage, res: ServerResponse): boolean {
+    if (!bodyMayCome(raw) || discarding.has(raw)) return true
+    if (Number(raw.headers['content-length']) > DRAIN_MAX_BYTES) return false
+    discarding.add(raw)
+    if (res.socket === null) res.once('socket', () => this.#read(raw))
+    else this.#read(raw)
+    return true
   }
-  raw.once('end', stop)
-  raw.once('close', stop)
-  raw.resume()
+
+  /** Shutting down: every drain, running or to come, is cut after DRAIN_IDLE_MS without a byte. */
+  hurry(): void {
+    this.#closing = true
+    for (const idle of this.#running) idle()
+  }
+
+  #read(raw: IncomingMessage): void {
+    const cut = () => raw.destroy()
+    const deadline = setTimeout(cut, DRAIN_MAX_MS)
+    let idle: NodeJS.Timeout | undefined
+    const startIdle = () => void (idle ??= setTimeout(cut, DRAIN_IDLE_MS))
+    let left = DRAIN_MAX_BYTES
+    raw.on('data', (chunk: Buffer) => {
+      left -= chunk.length
+      if (left < 0) raw.destroy()
+      else idle?.refresh()
+    })
+    const stop = () => {
+      clearTimeout(deadline)
+      clearTimeout(idle)
+      this.#running.delete(startIdle)
+    }
+    raw.once('end', stop)
+    raw.once('close', stop)
+    this.#running.add(startIdle)
+    if (this.#closing) startIdle()
+    raw.resume()
+  }
 }
 
 function validationMessage(error: FastifyError): string {
