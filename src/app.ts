@@ -336,7 +336,7 @@ function frontDoor(app: FastifyInstance, drains: Drains): void {
   let cut: NodeJS.Timeout | undefined
   app.addHook('preClose', (done) => {
     closing = true
-    drains.hurry()
+    drains.hurry(beforeGraceEnds(app.config.shutdownGraceMs))
     // A request whose body has still not arrived a second before the grace ends (a stalled
     // upload, an `Expect: 100-continue` that never sent it) was never applied: its connection
     // is cut then, so the shutdown ends cleanly rather than be killed at the grace. So is

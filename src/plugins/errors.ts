@@ -64,7 +64,7 @@ export default fp(
       // Refused before its body was read (401, 403, 429 from the auth hook, a 413, a body
       // that is not JSON): Node would read and discard the rest of it for as long as it
       // came, up to REQUEST_TIMEOUT_MS.
-      drainRest(request.raw, reply, drains)
+      drainRest(request.raw, reply, drains, app.server.keepAliveTimeout)
       if (error instanceof CacheError) {
         // RFC 9110: a 401 says which scheme would do (RFC 6750 for bearer tokens).
         if (error.statusCode === 401) reply.header('www-authenticate', 'Bearer realm="cachewarden"')
@@ -103,13 +103,16 @@ export default fp(
  * (Drains), and the connection stays open. A client waiting for `100 Continue` sent
  * nothing (Node closes that connection cleanly).
  */
-function drainRest(raw: IncomingMessage, reply: FastifyReply, drains: Drains): void {
+function drainRest(raw: IncomingMessage, reply: FastifyReply, drains: Drains, keepAliveTimeoutMs: number): void {
   if (!bodyMayCome(raw)) return
   if (!drains.discard(raw, reply.raw)) reply.header('connection', 'close')
   // Kept open, unless it is to close anyway (the client asked, the server is shutting down):
-  // said so over Fastify's `close` (removing the header would leave none, and an HTTP/1.0
-  // client would take that as a close).
-  else if (reply.raw.shouldKeepAlive && reply.hasHeader('connection')) reply.header('connection', 'keep-alive')
+  // said so over Fastify's `close`, as Node says it (removing the header would leave none,
+  // and an HTTP/1.0 client would take that as a close).
+  else if (reply.raw.shouldKeepAlive && reply.hasHeader('connection')) {
+    reply.header('connection', 'keep-alive')
+    if (keepAliveTimeoutMs > 0) reply.header('keep-alive', `timeout=${Math.floor(keepAliveTimeoutMs / 1000)}`)
+  }
 }
 
 const discarding = new WeakSet<IncomingMessage>()
@@ -122,56 +125,73 @@ export const isDiscarding = (req: IncomingMessage): boolean => discarding.has(re
  * still uploading: up to DRAIN_MAX_BYTES, for at most DRAIN_MAX_MS; a larger body, or an
  * upload that stalls, is cut off with its connection. From shutdown on (hurry), each is
  * also cut after DRAIN_IDLE_MS without a byte, so that a body which does not come holds
- * the shutdown a second; not before, as a client that reads its reply only once it has
- * sent everything (a blocking one) may pause longer mid-upload.
+ * the shutdown a second, and none runs past the time given (a drain that would start after
+ * it is cut at once); not before, as a client that reads its reply only once it has sent
+ * everything (a blocking one) may pause longer mid-upload.
  */
 export class Drains {
-  #closing = false
-  /** Each running drain's switch to the idle limit. */
+  /** From shutdown on: when every drain must be over (Date.now() time). */
+  #until: number | undefined
+  /** Each running drain's switch to the shutdown limits. */
   readonly #running = new Set<() => void>()
 
   /**
    * Reads the rest of `raw`'s body and throws it away. The reading starts when `res`, its
    * reply, has its turn on the connection: before then, behind a reply still being sent,
-   * nothing is read (TCP holds the client back) and no limit runs, which would cut that
-   * earlier reply. False, reading nothing, for a body that says it is larger than the
-   * limit: its connection should close after the reply.
+   * the body is left unread (paused: TCP holds the client back) and no limit runs, which
+   * would cut that earlier reply. False, reading nothing, for a body that says it is larger
+   * than the limit: its connection should close after the reply.
    */
   discard(raw: IncomingMessage, res: ServerResponse): boolean {
     if (!bodyMayCome(raw) || discarding.has(raw)) return true
     if (Number(raw.headers['content-length']) > DRAIN_MAX_BYTES) return false
     discarding.add(raw)
-    if (res.socket === null) res.once('socket', () => this.#read(raw))
-    else this.#read(raw)
+    if (res.socket !== null) this.#read(raw)
+    else {
+      raw.pause() // (Fastify leaves a body it refused flowing)
+      res.once('socket', () => this.#read(raw))
+    }
     return true
   }
 
-  /** Shutting down: every drain, running or to come, is cut after DRAIN_IDLE_MS without a byte. */
-  hurry(): void {
-    this.#closing = true
-    for (const idle of this.#running) idle()
+  /** Shutting down: every drain, running or to come, is cut after DRAIN_IDLE_MS without a byte, and at `untilMs` from now. */
+  hurry(untilMs: number): void {
+    this.#until = Date.now() + untilMs
+    for (const hurry of this.#running) hurry()
   }
 
   #read(raw: IncomingMessage): void {
     const cut = () => raw.destroy()
-    const deadline = setTimeout(cut, DRAIN_MAX_MS)
+    const endAt = Date.now() + DRAIN_MAX_MS
+    const timer = (ms: number) => setTimeout(cut, Math.max(0, ms)).unref()
+    let deadline = timer(DRAIN_MAX_MS)
     let idle: NodeJS.Timeout | undefined
-    const startIdle = () => void (idle ??= setTimeout(cut, DRAIN_IDLE_MS))
+    const hurry = () => {
+      idle ??= timer(DRAIN_IDLE_MS)
+      clearTimeout(deadline)
+      deadline = timer(Math.min(endAt, this.#until!) - Date.now())
+    }
     let left = DRAIN_MAX_BYTES
-    raw.on('data', (chunk: Buffer) => {
+    const count = (chunk: Buffer) => {
       left -= chunk.length
       if (left < 0) raw.destroy()
       else idle?.refresh()
-    })
+    }
+    const socket = raw.socket
     const stop = () => {
       clearTimeout(deadline)
       clearTimeout(idle)
-      this.#running.delete(startIdle)
+      this.#running.delete(hurry)
+      raw.removeListener('data', count)
+      socket.removeListener('close', stop)
     }
+    raw.on('data', count)
     raw.once('end', stop)
     raw.once('close', stop)
-    this.#running.add(startIdle)
-    if (this.#closing) startIdle()
+    // Once its reply is written, Node no longer closes a request with its connection.
+    socket.once('close', stop)
+    this.#running.add(hurry)
+    if (this.#until !== undefined) hurry()
     raw.resume()
   }
 }

@@ -687,6 +687,9 @@ t.test('after a 413 the rest of the body is read and the connection serves the n
     'GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
   const response = await exchange(port, requests)
   t.match(response, /^HTTP\/1\.1 413 [^]*payload_too_large[^]*HTTP\/1\.1 200 OK/, 'a 413, then the next request on the same connection')
+  const head = response.slice(0, response.indexOf('\r\n\r\n'))
+  t.match(head, /\r\nconnection: keep-alive\r\n/i, 'which the 413 says')
+  t.match(head, /\r\nkeep-alive: timeout=\d+(\r\n|$)/i, 'with its timeout, as Node says it')
 })
 
 /**
@@ -981,4 +984,49 @@ t.test('a refusal that keeps an HTTP/1.0 keep-alive connection says so', async (
       `GET /health/live HTTP/1.0\r\n\r\n`,
   )
   t.match(out, /^HTTP\/1\.1 401 Unauthorized\r\n[^]*Connection: keep-alive\r\n[^]*HTTP\/1\.1 200 OK\r\n/, 'the 401 keeps the connection and says so; the next request is answered')
+})
+
+t.test('shutdown: an upload whose 503 waits behind a load aborted at the cut: the shutdown ends within the grace', async (t) => {
+  const origin = await OriginServer.start(t)
+  origin.values.set('/users/1/dashboard', { user: '1' })
+  origin.hold() // never released: the load is aborted a second before the grace ends
+  const app = await buildApp({ apiKeys: TEST_API_KEYS, shutdownGraceMs: 3000, configFile: { origins: [dashboardOrigin(origin)] } })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  // An uploader that goes on sending after the server's FIN.
+  const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true }, () => socket.write(HELD_LOAD))
+  t.teardown(() => socket.destroy())
+  socket.on('error', () => undefined)
+  await origin.waitForCalls(1)
+  const started = performance.now()
+  const closing = app.close()
+  while (app.server.listening) await new Promise((resolve) => setTimeout(resolve, 5))
+  // Its 503 waits behind the load, whose abort comes with the cut.
+  socket.write(`PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${20 * MiB}\r\n\r\n`)
+  const trickle = setInterval(() => socket.writable && socket.write('x'.repeat(128 * 1024)), 100)
+  t.teardown(() => clearInterval(trickle))
+  await closing
+  const took = performance.now() - started
+  t.ok(took < 2800, `closed after ${Math.round(took)} ms, within the 3 s grace`)
+})
+
+t.test('a refused body queued behind a reply in progress is left unread until its turn', async (t) => {
+  const { origin, app, socket, closed } = await withLoadInFlight(
+    t,
+    HELD_LOAD + `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n`,
+  )
+  socket.on('error', () => undefined)
+  const chunk = 'x'.repeat(MiB)
+  const frame = `${chunk.length.toString(16)}\r\n${chunk}\r\n`
+  let sent = 0
+  const until = performance.now() + 1000
+  while (performance.now() < until && !socket.destroyed) {
+    if (!socket.write(frame)) await Promise.race([once(socket, 'drain'), new Promise((resolve) => setTimeout(resolve, 50))])
+    else sent += chunk.length
+  }
+  t.ok(sent < 32 * MiB, `the client could send ${Math.round(sent / MiB)} MiB past the body limit while the reply ahead was held`)
+  origin.release()
+  socket.destroy()
+  await closed
+  await app.close()
 })
