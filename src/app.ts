@@ -12,7 +12,7 @@ import { beforeGraceEnds, defaultConfig, type Config } from './config.js'
 import { invalidRequest, truncate } from './errors.js'
 import { badRequest, bodyTooLarge } from './schemas/common.js'
 import auth from './plugins/auth.js'
-import errors, { Drains, isDiscarding, rawReply, sendRaw } from './plugins/errors.js'
+import errors, { Drains, drainRest, isDiscarding, rawReply, sendRaw } from './plugins/errors.js'
 import health from './plugins/health.js'
 import metrics, { metricsRoute } from './plugins/metrics.js'
 import swaggerDocs from './plugins/swagger.js'
@@ -77,6 +77,9 @@ function overlongParam(url: string, limits: Config['limits']): string {
 /** Builds the cachewarden Fastify app (no `listen`): plugins, then routes. */
 export async function buildApp(partial: Partial<Config> = {}, options: BuildOptions = {}): Promise<FastifyInstance> {
   const config: Config = { ...defaultConfig(), ...partial }
+  // The request bodies read only to be thrown away, after a refusal (the errors plugin,
+  // frameworkErrors) or before Fastify routes the request (the front door).
+  const drains = new Drains()
   const app = Fastify({
     logger: options.logger ?? false,
     bodyLimit: config.bodyLimitBytes,
@@ -105,15 +108,13 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     frameworkErrors: (error, request, reply) => {
       const message =
         error.code === 'FST_ERR_MAX_PARAM_LENGTH' ? overlongParam(request.url, config.limits) : 'the URL is not valid (bad percent-encoding)'
-      ;(reply as FastifyReply).code(400).send({ error: 'invalid_request', message })
       const server = request.server as FastifyInstance
+      drainRest(request.raw, reply as FastifyReply, drains, server.server.keepAliveTimeout)
+      ;(reply as FastifyReply).code(400).send({ error: 'invalid_request', message })
       if (server.hasDecorator('metrics')) server.metrics.observeUnrouted(request as FastifyRequest, reply as FastifyReply)
     },
     clientErrorHandler: clientError,
   })
-  // The request bodies read only to be thrown away, after a refusal (the errors plugin) or
-  // before Fastify routes the request (the front door).
-  const drains = new Drains()
   frontDoor(app, drains)
   app.setValidatorCompiler(validatorCompiler())
   // Some clients send `content-type: application/json` on every request, bodiless DELETEs
@@ -336,25 +337,29 @@ function frontDoor(app: FastifyInstance, drains: Drains): void {
   let cut: NodeJS.Timeout | undefined
   app.addHook('preClose', (done) => {
     closing = true
-    drains.hurry(beforeGraceEnds(app.config.shutdownGraceMs))
+    const cutAfter = beforeGraceEnds(app.config.shutdownGraceMs)
+    // No body read to be thrown away is read past the cut (below), and from now on each
+    // waits a second at most for its next byte.
+    drains.hurry(cutAfter)
     // A request whose body has still not arrived a second before the grace ends (a stalled
     // upload, an `Expect: 100-continue` that never sent it) was never applied: its connection
-    // is cut then, so the shutdown ends cleanly rather than be killed at the grace. So is
-    // one still lingering (its body's drain has limits of its own; this is the backstop).
+    // is cut then, so the shutdown ends cleanly rather than be killed at the grace. So is a
+    // lingering one (its drain ends then too, but its reply may still be draining to a slow
+    // reader).
     cut = setTimeout(() => {
       for (const socket of sockets) {
         const last = socket[NEWEST]
         if (socket[LINGERING] || (last !== undefined && !last.req.complete && !last.headersSent)) socket.destroy()
       }
-    }, beforeGraceEnds(app.config.shutdownGraceMs))
+    }, cutAfter)
     cut.unref()
     for (const socket of sockets) {
       const last = socket[NEWEST]
       if (last === undefined) continue // idle: the server's close drops it
       if (last.writableFinished) {
         // Answered, and idle unless the body of a refused upload is still coming: closed
-        // once it has come.
-        if (isDiscarding(last.req) && !last.req.complete && !socket._httpMessage) socket.destroySoon()
+        // once it has come (closeAfterBody).
+        if (isDiscarding(last.req)) socket.destroySoon()
         continue
       }
       if (!last.headersSent) last.shouldKeepAlive = false // Node ends the connection after it…

@@ -5,8 +5,8 @@ import fp from 'fastify-plugin'
 import { CacheError, truncate } from '../errors.js'
 
 /**
- * The most of a refused body read and thrown away so that its 413 reaches the client, for
- * how long in all, and for how long without a byte of it.
+ * The most of a refused body read and thrown away so that its refusal reaches the client,
+ * for how long in all, and, from shutdown on, for how long without a byte of it.
  */
 const DRAIN_MAX_BYTES = 64 * 1024 * 1024
 const DRAIN_MAX_MS = 5000
@@ -96,14 +96,15 @@ export default fp(
 )
 
 /**
- * A 413, or a 401/403/429 before the body was read, is sent while the client may still be
- * sending its body. Closing the connection then (Fastify asks for a 413) makes the kernel
- * reset it under the reply, and the client sees
- * EPIPE or ECONNRESET instead of the 413. So the rest of the body is read and thrown away
- * (Drains), and the connection stays open. A client waiting for `100 Continue` sent
- * nothing (Node closes that connection cleanly).
+ * An error reply (a 413, a 401/403/429 before the body was read, a 400 for a bad URL or a
+ * body that is not JSON) may be sent while the client is still sending its body. Closing
+ * the connection then (Fastify asks to, for a 413) makes the kernel reset it under the
+ * reply, and the client sees EPIPE or ECONNRESET instead of it. So the rest of the body is
+ * read and thrown away (Drains), and the connection stays open, or, if it is to close,
+ * closes once the body has come. A client waiting for `100 Continue` sent nothing (Node
+ * closes that connection cleanly).
  */
-function drainRest(raw: IncomingMessage, reply: FastifyReply, drains: Drains, keepAliveTimeoutMs: number): void {
+export function drainRest(raw: IncomingMessage, reply: FastifyReply, drains: Drains, keepAliveTimeoutMs: number): void {
   if (!bodyMayCome(raw)) return
   if (!drains.discard(raw, reply.raw)) reply.header('connection', 'close')
   // Kept open, unless it is to close anyway (the client asked, the server is shutting down):

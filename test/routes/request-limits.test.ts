@@ -1030,3 +1030,19 @@ t.test('a refused body queued behind a reply in progress is left unread until it
   await closed
   await app.close()
 })
+
+t.test('a 400 for a bad URL reaches a client still uploading, as other refusals do', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const chunks = 16
+  for (const path of ['/v1/entries/%zz', `/v1/entries/${'a'.repeat(5000)}`]) {
+    const upload = slowUpload(t, port, {
+      head: `PUT ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
+      chunks,
+    })
+    const { out, error } = await upload.result
+    t.match(out, /^HTTP\/1\.1 400 Bad Request\r\n[^]*"invalid_request"/, `the 400 (${path.slice(0, 20)})`)
+    t.equal(error, undefined, 'the connection closed cleanly')
+  }
+})
