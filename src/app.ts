@@ -12,7 +12,7 @@ import { beforeGraceEnds, defaultConfig, type Config } from './config.js'
 import { invalidRequest, truncate } from './errors.js'
 import { badRequest, bodyTooLarge } from './schemas/common.js'
 import auth from './plugins/auth.js'
-import errors, { Drains, drainRest, isDiscarding, rawReply, sendRaw } from './plugins/errors.js'
+import errors, { Drains, bodyMayCome, drainRest, isDiscarding, rawReply, sendRaw } from './plugins/errors.js'
 import health from './plugins/health.js'
 import metrics, { metricsRoute } from './plugins/metrics.js'
 import swaggerDocs from './plugins/swagger.js'
@@ -345,11 +345,14 @@ function frontDoor(app: FastifyInstance, drains: Drains): void {
     // upload, an `Expect: 100-continue` that never sent it) was never applied: its connection
     // is cut then, so the shutdown ends cleanly rather than be killed at the grace. So is a
     // lingering one (its drain ends then too, but its reply may still be draining to a slow
-    // reader).
+    // reader), and one whose last reply a client still has not read whole (cut at the grace
+    // anyway, by the exit).
     cut = setTimeout(() => {
       for (const socket of sockets) {
         const last = socket[NEWEST]
-        if (socket[LINGERING] || (last !== undefined && !last.req.complete && !last.headersSent)) socket.destroy()
+        if (socket[LINGERING] || (last !== undefined && ((!last.req.complete && !last.headersSent) || (last.writableEnded && !last.writableFinished)))) {
+          socket.destroy()
+        }
       }
     }, cutAfter)
     cut.unref()
@@ -391,6 +394,8 @@ function frontDoor(app: FastifyInstance, drains: Drains): void {
       return sendRaw(res, 503, { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
     }
     socket[NEWEST] = res
+    // Fastify never reads the body of a GET or HEAD.
+    if ((req.method === 'GET' || req.method === 'HEAD') && bodyMayCome(req)) drains.afterReply(req, res)
     if (req.headers.host !== undefined || req.httpVersionMinor === 0) return fastifyHandler(req, res)
     drains.discard(req, res)
     sendRaw(res, 400, { error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
@@ -423,6 +428,13 @@ function clientError(this: FastifyInstance, error: Error & { code?: string }, so
   this.log.debug({ code: error.code, reason: error.message }, 'client error')
   const refuse = () => {
     if (socket.destroyed) return
+    // The request that failed (its body broke off or timed out) was answered already, refused
+    // before its body came: no second reply to it; the connection closes once that one is out.
+    const answered = (socket as Tracked)[NEWEST]
+    if (answered !== undefined && answered.headersSent && !answered.req.complete) {
+      if (answered.writableFinished) return void socket.destroy(error)
+      return void answered.once('finish', () => socket.destroy(error))
+    }
     // Node's slot for the reply in progress on this socket (the next pipelined one once it ends).
     const inFlight = (socket as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage
     // A reply to a request received whole, not to the request that failed (whose body stalled

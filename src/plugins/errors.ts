@@ -20,7 +20,7 @@ const continued = new WeakSet<IncomingMessage>()
  * set yet while the headers are being handled), not all of it came, and it was not waiting
  * for a `100 Continue` never sent.
  */
-function bodyMayCome(req: IncomingMessage): boolean {
+export function bodyMayCome(req: IncomingMessage): boolean {
   const { headers } = req
   if (req.complete || (headers['transfer-encoding'] === undefined && !(Number(headers['content-length']) > 0))) return false
   return headers.expect === undefined || continued.has(req)
@@ -153,6 +153,17 @@ export class Drains {
       res.once('socket', () => this.#read(raw))
     }
     return true
+  }
+
+  /**
+   * For a request whose route never reads its body (a GET or HEAD sent with one): the body
+   * is thrown away once the reply is complete, as after a refusal (Node would read it
+   * without limit, or reset the connection under the reply if it is to close). A body that
+   * says it is larger than the limit closes the connection after the reply.
+   */
+  afterReply(req: IncomingMessage, res: ServerResponse): void {
+    if (Number(req.headers['content-length']) > DRAIN_MAX_BYTES) res.shouldKeepAlive = false
+    else res.once('prefinish', () => this.discard(req, res))
   }
 
   /** Shutting down: every drain, running or to come, is cut after DRAIN_IDLE_MS without a byte, and at `untilMs` from now. */

@@ -1046,3 +1046,49 @@ t.test('a 400 for a bad URL reaches a client still uploading, as other refusals 
     t.equal(error, undefined, 'the connection closed cleanly')
   }
 })
+
+t.test('a GET sent with a body: the reply reaches a client still uploading; a body over 64 MiB closes the connection', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const chunks = 16
+  const upload = slowUpload(t, port, {
+    head: `GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
+    chunks,
+  })
+  const { out, error } = await upload.result
+  t.match(out, /^HTTP\/1\.1 200 OK\r\n/, 'the 200')
+  t.equal(error, undefined, 'the connection closed cleanly')
+  const huge = await exchange(port, `GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: ${200 * MiB}\r\n\r\n${'x'.repeat(1024)}`)
+  t.match(huge, /^HTTP\/1\.1 200 OK\r\n[^]*connection: close\r\n/i, 'a declared 200 MiB is not read: the connection closes after the reply')
+})
+
+t.test('a request refused before its body broke off gets one reply, not a second for the broken body', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const out = await exchange(port, 'POST /v1/invalidations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n', {
+    onFirstData: (socket) => socket.write('zz\r\n'),
+  })
+  t.match(out, /^HTTP\/1\.1 401 Unauthorized\r\n/, 'the 401')
+  t.equal(out.match(/HTTP\/1\.1 /g)?.length, 1, 'and nothing after it')
+})
+
+t.test('shutdown: a client that reads nothing of its reply does not hold the shutdown past the cut', async (t) => {
+  const app = await buildApp({ apiKeys: TEST_API_KEYS, shutdownGraceMs: 2000 })
+  const keys = Array.from({ length: 16 }, (_, i) => `big${i}`)
+  for (const key of keys) await app.cache.write(key, { value: 'x'.repeat(MiB - 16) })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const slow = connect(port, '127.0.0.1')
+  t.teardown(() => slow.destroy())
+  slow.on('error', () => undefined)
+  await once(slow, 'connect')
+  const body = JSON.stringify({ keys })
+  slow.write(`POST /v1/entries/batch-get HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  slow.pause()
+  await new Promise((resolve) => setTimeout(resolve, 500)) // the reply is written (ended) by now
+  const started = performance.now()
+  const closed = await Promise.race([app.close().then(() => true), new Promise((resolve) => setTimeout(resolve, 1800, false))])
+  t.ok(closed, `closed after ${Math.round(performance.now() - started)} ms, before the 2 s grace`)
+})
