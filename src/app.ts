@@ -377,6 +377,15 @@ function frontDoor(app: FastifyInstance, drains: Drains): void {
     clearTimeout(cut)
     done()
   })
+  // An Expect other than 100-continue: Node would answer an empty 417; this one has the
+  // contract's body, and throws away a body sent anyway, as any refusal does.
+  app.server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => {
+    ;(req.socket as Tracked)[NEWEST] = res
+    drains.discard(req, res)
+    if (closing) return sendRaw(res, 503, { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
+    const expect = truncate(req.headers.expect ?? '', 32)
+    sendRaw(res, 417, { error: 'invalid_request', message: `Expect: ${expect} is not supported (only 100-continue)` })
+  })
   app.server.removeListener('request', fastifyHandler)
   app.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
     const socket = req.socket as Tracked

@@ -18,12 +18,12 @@ const continued = new WeakSet<IncomingMessage>()
 /**
  * Whether a request's body may still come: it has one (by its framing; `complete` is not
  * set yet while the headers are being handled), not all of it came, and it was not waiting
- * for a `100 Continue` never sent.
+ * for a `100 Continue` never sent (another Expect waits for nothing).
  */
 export function bodyMayCome(req: IncomingMessage): boolean {
   const { headers } = req
   if (req.complete || (headers['transfer-encoding'] === undefined && !(Number(headers['content-length']) > 0))) return false
-  return headers.expect === undefined || continued.has(req)
+  return headers.expect === undefined || !/100-continue/i.test(headers.expect) || continued.has(req)
 }
 
 /**
@@ -46,12 +46,8 @@ export default fp(
       app.server.emit('request', req, res)
     })
 
-    // Node answers these itself, with an empty body (an Expect other than 100-continue) or
-    // none at all (CONNECT): they get the contract's shape, and the connection closes.
-    app.server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => {
-      const expect = truncate(req.headers.expect ?? '', 32)
-      sendRaw(res, 417, { error: 'invalid_request', message: `Expect: ${expect} is not supported (only 100-continue)` })
-    })
+    // Node answers CONNECT itself, with no body at all: it gets the contract's shape, and
+    // the connection closes. (An Expect other than 100-continue: see the front door.)
     app.server.on('connect', (req: IncomingMessage, socket: Socket) => {
       socket.on('error', () => {})
       // Node gives up such a socket (no timeouts, half-open allowed): it is closed here once

@@ -1092,3 +1092,17 @@ t.test('shutdown: a client that reads nothing of its reply does not hold the shu
   const closed = await Promise.race([app.close().then(() => true), new Promise((resolve) => setTimeout(resolve, 1800, false))])
   t.ok(closed, `closed after ${Math.round(performance.now() - started)} ms, before the 2 s grace`)
 })
+
+t.test('a 417 for an Expect other than 100-continue reaches a client that sends its body anyway', async (t) => {
+  const app = await build(t)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const chunks = 8
+  const upload = slowUpload(t, port, {
+    head: `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nExpect: foo\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
+    chunks,
+  })
+  const { out, error } = await upload.result
+  t.match(out, /^HTTP\/1\.1 417 Expectation Failed\r\n[^]*"Expect: foo is not supported \(only 100-continue\)"/, 'the 417')
+  t.equal(error, undefined, 'the connection closed cleanly')
+})
