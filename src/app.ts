@@ -268,6 +268,7 @@ function refuseBody(request: FastifyRequest, _reply: FastifyReply, done: (error?
   done(invalidRequest(`body.${field} is not allowed${hint}`))
 }
 
+const SHUTTING_DOWN = { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' }
 const NEWEST = Symbol('the newest reply on a connection')
 const LINGERING = Symbol('closing once the body has come')
 type Tracked = Socket & { [NEWEST]?: ServerResponse; [LINGERING]?: true; _httpMessage?: ServerResponse | null }
@@ -335,27 +336,33 @@ function frontDoor(app: FastifyInstance, drains: Drains): void {
     }
   }
   let cut: NodeJS.Timeout | undefined
+  let sweep: NodeJS.Timeout | undefined
   app.addHook('preClose', (done) => {
     closing = true
-    const cutAfter = beforeGraceEnds(app.config.shutdownGraceMs)
+    const grace = app.config.shutdownGraceMs
+    const cutAfter = beforeGraceEnds(grace)
     // No body read to be thrown away is read past the cut (below), and from now on each
     // waits a second at most for its next byte.
     drains.hurry(cutAfter)
     // A request whose body has still not arrived a second before the grace ends (a stalled
     // upload, an `Expect: 100-continue` that never sent it) was never applied: its connection
-    // is cut then, so the shutdown ends cleanly rather than be killed at the grace. So is a
-    // lingering one (its drain ends then too, but its reply may still be draining to a slow
-    // reader), and one whose last reply a client still has not read whole (cut at the grace
-    // anyway, by the exit).
+    // is cut then, so the shutdown ends cleanly rather than be killed at the grace.
     cut = setTimeout(() => {
       for (const socket of sockets) {
         const last = socket[NEWEST]
-        if (socket[LINGERING] || (last !== undefined && ((!last.req.complete && !last.headersSent) || (last.writableEnded && !last.writableFinished)))) {
-          socket.destroy()
-        }
+        if (last !== undefined && !last.req.complete && !last.headersSent) socket.destroy()
       }
     }, cutAfter)
+    // A reply a client still has not read whole (a slow reader, or one that stopped), just
+    // before the grace ends: cut then rather than by the exit at the grace (exit 1).
+    sweep = setTimeout(() => {
+      for (const socket of sockets) {
+        const last = socket[NEWEST]
+        if (socket[LINGERING] || (last !== undefined && last.writableEnded && !last.writableFinished)) socket.destroy()
+      }
+    }, grace - Math.min(100, grace / 10))
     cut.unref()
+    sweep.unref()
     for (const socket of sockets) {
       const last = socket[NEWEST]
       if (last === undefined) continue // idle: the server's close drops it
@@ -375,39 +382,44 @@ function frontDoor(app: FastifyInstance, drains: Drains): void {
   })
   app.addHook('onClose', (_app, done) => {
     clearTimeout(cut)
+    clearTimeout(sweep)
     done()
   })
-  // An Expect other than 100-continue: Node would answer an empty 417; this one has the
-  // contract's body, and throws away a body sent anyway, as any refusal does.
-  app.server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => {
-    ;(req.socket as Tracked)[NEWEST] = res
+  /**
+   * Answers `req` in the front door (with 503 once shutting down): the connection closes
+   * after the reply, once a body sent anyway has come. Pipelined behind a reply not yet
+   * begun during shutdown, that one keeps the connection open for this 503. (Behind one
+   * already begun with `Connection: close` the request goes unanswered and unapplied, and
+   * the client retries it, as RFC 9112 9.3.2 has it.) Nothing is answered on a lingering
+   * connection: pipelined behind a body read only to be thrown away, on a connection
+   * closing once it has come, the request is not run (its reply could not be sent).
+   */
+  const answer = (req: IncomingMessage, res: ServerResponse, status: number, payload: { error: string; message: string }): void => {
+    const socket = req.socket as Tracked
+    if (socket[LINGERING]) return void req.resume()
+    if (closing) {
+      const ahead = socket[NEWEST]
+      if (ahead !== undefined && !ahead.headersSent) ahead.shouldKeepAlive = true
+      ;[status, payload] = [503, SHUTTING_DOWN]
+    }
+    socket[NEWEST] = res
     drains.discard(req, res)
-    if (closing) return sendRaw(res, 503, { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
+    sendRaw(res, status, payload)
+  }
+  // An Expect other than 100-continue: Node would answer an empty 417.
+  app.server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => {
     const expect = truncate(req.headers.expect ?? '', 32)
-    sendRaw(res, 417, { error: 'invalid_request', message: `Expect: ${expect} is not supported (only 100-continue)` })
+    answer(req, res, 417, { error: 'invalid_request', message: `Expect: ${expect} is not supported (only 100-continue)` })
   })
   app.server.removeListener('request', fastifyHandler)
   app.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
     const socket = req.socket as Tracked
-    // Pipelined behind a body read only to be thrown away, on a connection closing once it
-    // has come: not run (its reply could not be sent), so the client can retry it.
-    if (socket[LINGERING]) return void req.resume()
-    if (closing) {
-      // Pipelined behind a reply not yet begun: that one keeps the connection open for this
-      // 503, which closes it. (Behind one already begun with `Connection: close` the request
-      // goes unanswered and unapplied, and the client retries it, as RFC 9112 9.3.2 has it.)
-      const ahead = socket[NEWEST]
-      if (ahead !== undefined && !ahead.headersSent) ahead.shouldKeepAlive = true
-      socket[NEWEST] = res
-      drains.discard(req, res)
-      return sendRaw(res, 503, { error: 'backend_unavailable', message: 'this instance is shutting down; retry on another' })
-    }
+    if (closing || socket[LINGERING]) return answer(req, res, 503, SHUTTING_DOWN)
     socket[NEWEST] = res
     // Fastify never reads the body of a GET or HEAD.
     if ((req.method === 'GET' || req.method === 'HEAD') && bodyMayCome(req)) drains.afterReply(req, res)
     if (req.headers.host !== undefined || req.httpVersionMinor === 0) return fastifyHandler(req, res)
-    drains.discard(req, res)
-    sendRaw(res, 400, { error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
+    answer(req, res, 400, { error: 'invalid_request', message: 'an HTTP/1.1 request needs a Host header' })
   })
 }
 

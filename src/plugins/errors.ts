@@ -12,18 +12,19 @@ const DRAIN_MAX_BYTES = 64 * 1024 * 1024
 const DRAIN_MAX_MS = 5000
 const DRAIN_IDLE_MS = 1000
 
-/** Requests with `Expect: 100-continue` that were sent their 100 (asked for their body). */
+/** Requests with `Expect: 100-continue` (as Node reads it: checkContinue), and those of them sent their 100 (asked for their body). */
+const awaiting100 = new WeakSet<IncomingMessage>()
 const continued = new WeakSet<IncomingMessage>()
 
 /**
  * Whether a request's body may still come: it has one (by its framing; `complete` is not
  * set yet while the headers are being handled), not all of it came, and it was not waiting
- * for a `100 Continue` never sent (another Expect waits for nothing).
+ * for a `100 Continue` never sent (another Expect, or any on HTTP/1.0, waits for nothing).
  */
 export function bodyMayCome(req: IncomingMessage): boolean {
   const { headers } = req
   if (req.complete || (headers['transfer-encoding'] === undefined && !(Number(headers['content-length']) > 0))) return false
-  return headers.expect === undefined || !/100-continue/i.test(headers.expect) || continued.has(req)
+  return !awaiting100.has(req) || continued.has(req)
 }
 
 /**
@@ -38,6 +39,7 @@ export default fp(
     // out when the body parser starts reading, which it does only for a body within the
     // route's limit; a body over it gets its 413 before any byte of it is sent.
     app.server.on('checkContinue', (req: IncomingMessage, res) => {
+      awaiting100.add(req)
       req.once('resume', () => {
         if (res.headersSent) return
         continued.add(req)

@@ -1074,7 +1074,7 @@ t.test('a request refused before its body broke off gets one reply, not a second
   t.equal(out.match(/HTTP\/1\.1 /g)?.length, 1, 'and nothing after it')
 })
 
-t.test('shutdown: a client that reads nothing of its reply does not hold the shutdown past the cut', async (t) => {
+t.test('shutdown: a client that reads nothing of its reply does not hold the shutdown past the grace', async (t) => {
   const app = await buildApp({ apiKeys: TEST_API_KEYS, shutdownGraceMs: 2000 })
   const keys = Array.from({ length: 16 }, (_, i) => `big${i}`)
   for (const key of keys) await app.cache.write(key, { value: 'x'.repeat(MiB - 16) })
@@ -1089,7 +1089,7 @@ t.test('shutdown: a client that reads nothing of its reply does not hold the shu
   slow.pause()
   await new Promise((resolve) => setTimeout(resolve, 500)) // the reply is written (ended) by now
   const started = performance.now()
-  const closed = await Promise.race([app.close().then(() => true), new Promise((resolve) => setTimeout(resolve, 1800, false))])
+  const closed = await Promise.race([app.close().then(() => true), new Promise((resolve) => setTimeout(resolve, 2000, false))])
   t.ok(closed, `closed after ${Math.round(performance.now() - started)} ms, before the 2 s grace`)
 })
 
@@ -1098,11 +1098,41 @@ t.test('a 417 for an Expect other than 100-continue reaches a client that sends 
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
   const chunks = 8
-  const upload = slowUpload(t, port, {
-    head: `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nExpect: foo\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
-    chunks,
+  for (const expect of ['foo', '100-continuex']) {
+    const upload = slowUpload(t, port, {
+      head: `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nExpect: ${expect}\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
+      chunks,
+    })
+    const { out, error } = await upload.result
+    t.match(out, new RegExp(`^HTTP/1\\.1 417 Expectation Failed\r\n[^]*"Expect: ${expect} is not supported \\(only 100-continue\\)"`), `the 417 (${expect})`)
+    t.equal(error, undefined, 'the connection closed cleanly')
+  }
+})
+
+t.test('shutdown: a reply still moving to a slow reader in the grace\'s last second is not cut', async (t) => {
+  const app = await buildApp({ apiKeys: TEST_API_KEYS, shutdownGraceMs: 3000 })
+  const keys = Array.from({ length: 16 }, (_, i) => `big${i}`)
+  for (const key of keys) await app.cache.write(key, { value: 'x'.repeat(MiB - 16) })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const slow = connect(port, '127.0.0.1')
+  t.teardown(() => slow.destroy())
+  slow.on('error', () => undefined)
+  await once(slow, 'connect')
+  const body = JSON.stringify({ keys })
+  slow.write(`POST /v1/entries/batch-get HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  slow.pause()
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  const closing = app.close()
+  await new Promise((resolve) => setTimeout(resolve, 1500)) // then read, slowly, across the cut at 2 s
+  let received = 0
+  slow.on('data', (d: Buffer) => {
+    received += d.length
+    slow.pause()
+    setTimeout(() => slow.resume(), 2)
   })
-  const { out, error } = await upload.result
-  t.match(out, /^HTTP\/1\.1 417 Expectation Failed\r\n[^]*"Expect: foo is not supported \(only 100-continue\)"/, 'the 417')
-  t.equal(error, undefined, 'the connection closed cleanly')
+  slow.resume()
+  await once(slow, 'close')
+  await closing
+  t.ok(received > 16 * (MiB - 16), `received ${received} bytes: the whole reply`)
 })
