@@ -354,13 +354,14 @@ function frontDoor(app: FastifyInstance, drains: Drains): void {
       }
     }, cutAfter)
     // A reply a client still has not read whole (a slow reader, or one that stopped), just
-    // before the grace ends: cut then rather than by the exit at the grace (exit 1).
+    // before the grace ends: cut then rather than by the exit at the grace (exit 1), leaving
+    // what follows the server's close (stores, origins, listeners) a quarter second.
     sweep = setTimeout(() => {
       for (const socket of sockets) {
         const last = socket[NEWEST]
         if (socket[LINGERING] || (last !== undefined && last.writableEnded && !last.writableFinished)) socket.destroy()
       }
-    }, grace - Math.min(100, grace / 10))
+    }, grace - 250)
     cut.unref()
     sweep.unref()
     for (const socket of sockets) {

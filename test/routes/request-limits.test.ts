@@ -434,14 +434,20 @@ t.test('junk pipelined behind a valid request: the valid one gets its own reply,
 
 const HELD_LOAD = `GET /v1/entries/dashboard%3A1?load=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\n\r\n`
 
-/** A listening app whose origin holds its answer, and a raw connection that sent `bytes`, starting with HELD_LOAD. */
-async function withLoadInFlight(t: Test, bytes: string) {
+/** A listening app whose origin holds its answers (HELD_LOAD's) until released. */
+async function withHeldOrigin(t: Test) {
   const origin = await OriginServer.start(t)
   origin.values.set('/users/1/dashboard', { user: '1' })
   origin.hold()
   const app = await buildApp({ apiKeys: TEST_API_KEYS, configFile: { origins: [dashboardOrigin(origin)] } })
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
+  return { origin, app, port }
+}
+
+/** withHeldOrigin, and a raw connection that sent `bytes`, starting with HELD_LOAD. */
+async function withLoadInFlight(t: Test, bytes: string) {
+  const { origin, app, port } = await withHeldOrigin(t)
   const received = { out: '' }
   const socket = connect(port, '127.0.0.1', () => socket.write(bytes))
   t.teardown(() => socket.destroy())
@@ -748,20 +754,26 @@ function slowUpload(t: Test, port: number, o: { first?: string; waitForGo?: bool
   return { go: () => child.stdin.write('go\n'), started, result }
 }
 
-t.test('shutdown: a 503 to an upload pipelined behind a request in flight reaches the client, not a reset', async (t) => {
-  const origin = await OriginServer.start(t)
-  origin.values.set('/users/1/dashboard', { user: '1' })
-  origin.hold()
-  const app = await buildApp({ apiKeys: TEST_API_KEYS, configFile: { origins: [dashboardOrigin(origin)] } })
+/** slowUpload to a new app; with `shutdown`, the app starts closing once 1 MiB of the body is sent (and is closed on return). */
+async function uploadToApp(t: Test, o: Parameters<typeof slowUpload>[2], { shutdown = false } = {}) {
+  const app = await build(t)
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
-  const chunks = 16
-  const upload = slowUpload(t, port, {
-    first: HELD_LOAD,
-    waitForGo: true,
-    head: `PUT /v1/entries/late HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
-    chunks,
-  })
+  const upload = slowUpload(t, port, o)
+  const closed = shutdown ? upload.started.then(() => app.close()) : undefined
+  const result = await upload.result
+  await closed
+  return result
+}
+
+/**
+ * slowUpload on a connection whose first request is a load held at the origin; once the
+ * app is shutting down, the upload (`o`) is pipelined behind it, and once 1 MiB of its body
+ * is sent the load is released. Returns when the app has closed.
+ */
+async function uploadBehindLoadInShutdown(t: Test, o: Omit<Parameters<typeof slowUpload>[2], 'first' | 'waitForGo'>) {
+  const { origin, app, port } = await withHeldOrigin(t)
+  const upload = slowUpload(t, port, { ...o, first: HELD_LOAD, waitForGo: true })
   await origin.waitForCalls(1)
   const closing = app.close()
   while (app.server.listening) await new Promise((resolve) => setTimeout(resolve, 5))
@@ -769,84 +781,58 @@ t.test('shutdown: a 503 to an upload pipelined behind a request in flight reache
   await upload.started
   origin.release()
   await closing
-  const { out, error } = await upload.result
+  return { app, ...(await upload.result) }
+}
+
+t.test('shutdown: a 503 to an upload pipelined behind a request in flight reaches the client, not a reset', async (t) => {
+  const chunks = 16
+  const { app, out, error } = await uploadBehindLoadInShutdown(t, {
+    head: `PUT /v1/entries/late HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
+    chunks,
+  })
   t.match(out, /^HTTP\/1\.1 200 OK\r\n[^]*HTTP\/1\.1 503 Service Unavailable\r\n[^]*"backend_unavailable"/, 'the load in flight was answered, then the 503')
   t.equal(error, undefined, 'the connection closed cleanly')
   t.equal(await app.cache.inspect('late'), undefined, 'the upload was not applied')
 })
 
 t.test('shutdown: a 413 to a chunked upload in flight when shutdown begins reaches the client, not a reset', async (t) => {
-  const app = await build(t)
-  await app.listen({ host: '127.0.0.1', port: 0 })
-  const { port } = app.server.address() as { port: number }
-  const upload = slowUpload(t, port, {
-    head: `PUT /v1/entries/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n`,
-    chunks: 48, // 12 MiB: over the 8 MiB body limit
-    chunked: true,
-    tail: '0\r\n\r\n',
-  })
-  await upload.started
-  const closed = app.close()
-  const { out, error } = await upload.result
-  await closed
+  const { out, error } = await uploadToApp(
+    t,
+    {
+      head: `PUT /v1/entries/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n`,
+      chunks: 48, // 12 MiB: over the 8 MiB body limit
+      chunked: true,
+      tail: '0\r\n\r\n',
+    },
+    { shutdown: true },
+  )
   t.match(out, /^HTTP\/1\.1 413 Payload Too Large\r\n[^]*connection: close\r\n[^]*"payload_too_large"/i, 'the 413, closing the connection')
   t.equal(error, undefined, 'the connection closed cleanly')
 })
 
 t.test('shutdown: a connection still sending the body of a refused upload is closed once the body has come, not reset', async (t) => {
-  const app = await build(t)
-  await app.listen({ host: '127.0.0.1', port: 0 })
-  const { port } = app.server.address() as { port: number }
   const chunks = 24
-  const upload = slowUpload(t, port, {
-    head: `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
-    chunks,
-  })
-  await upload.started
-  const closed = app.close()
-  const { out, error } = await upload.result
-  await closed
+  const head = `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`
+  const { out, error } = await uploadToApp(t, { head, chunks }, { shutdown: true })
   t.match(out, /^HTTP\/1\.1 401 Unauthorized\r\n/, 'the 401')
   t.equal(error, undefined, 'the connection closed cleanly')
 })
 
 t.test('a 401 to an upload that asked to close the connection reaches the client; the connection closes once the body has come', async (t) => {
-  const app = await build(t)
-  await app.listen({ host: '127.0.0.1', port: 0 })
-  const { port } = app.server.address() as { port: number }
   const chunks = 24
-  const upload = slowUpload(t, port, {
-    head: `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`,
-    chunks,
-  })
-  const { out, error } = await upload.result
+  const head = `PUT /v1/entries/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: ${chunks * 256 * 1024}\r\n\r\n`
+  const { out, error } = await uploadToApp(t, { head, chunks })
   t.match(out, /^HTTP\/1\.1 401 Unauthorized\r\n[^]*connection: close\r\n/i, 'the 401, closing the connection')
   t.equal(error, undefined, 'the connection closed cleanly')
 })
 
 t.test('shutdown: the body after a 503 is thrown away up to 64 MiB, then the connection is cut', async (t) => {
-  const origin = await OriginServer.start(t)
-  origin.values.set('/users/1/dashboard', { user: '1' })
-  origin.hold()
-  const app = await buildApp({ apiKeys: TEST_API_KEYS, configFile: { origins: [dashboardOrigin(origin)] } })
-  await app.listen({ host: '127.0.0.1', port: 0 })
-  const { port } = app.server.address() as { port: number }
-  const upload = slowUpload(t, port, {
-    first: HELD_LOAD,
-    waitForGo: true,
+  const { out, sent } = await uploadBehindLoadInShutdown(t, {
     head: `PUT /v1/entries/late HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n`,
     chunks: 1600, // 400 MiB, as fast as it goes
     chunked: true,
     gapMs: 0,
   })
-  await origin.waitForCalls(1)
-  const closing = app.close()
-  while (app.server.listening) await new Promise((resolve) => setTimeout(resolve, 5))
-  upload.go()
-  await upload.started
-  origin.release()
-  await closing
-  const { out, sent } = await upload.result
   t.match(out, /HTTP\/1\.1 503 Service Unavailable\r\n/, 'the 503 was sent')
   t.ok(sent < 200 * MiB, `the connection was cut after ${Math.round(sent / MiB)} MiB of the body`)
   t.ok(sent > 32 * MiB, 'by the byte limit, not the time limit')
@@ -1074,8 +1060,9 @@ t.test('a request refused before its body broke off gets one reply, not a second
   t.equal(out.match(/HTTP\/1\.1 /g)?.length, 1, 'and nothing after it')
 })
 
-t.test('shutdown: a client that reads nothing of its reply does not hold the shutdown past the grace', async (t) => {
-  const app = await buildApp({ apiKeys: TEST_API_KEYS, shutdownGraceMs: 2000 })
+/** An app with SHUTDOWN_GRACE_MS `graceMs`, and a connection that asked it for 16 MiB and reads none of it yet. */
+async function unreadReply(t: Test, graceMs: number) {
+  const app = await buildApp({ apiKeys: TEST_API_KEYS, shutdownGraceMs: graceMs })
   const keys = Array.from({ length: 16 }, (_, i) => `big${i}`)
   for (const key of keys) await app.cache.write(key, { value: 'x'.repeat(MiB - 16) })
   await app.listen({ host: '127.0.0.1', port: 0 })
@@ -1087,9 +1074,15 @@ t.test('shutdown: a client that reads nothing of its reply does not hold the shu
   const body = JSON.stringify({ keys })
   slow.write(`POST /v1/entries/batch-get HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
   slow.pause()
+  return { app, slow }
+}
+
+t.test('shutdown: a client that reads nothing of its reply does not hold the shutdown past the grace', async (t) => {
+  const { app, slow } = await unreadReply(t, 2000)
   await new Promise((resolve) => setTimeout(resolve, 500)) // the reply is written (ended) by now
   const started = performance.now()
-  const closed = await Promise.race([app.close().then(() => true), new Promise((resolve) => setTimeout(resolve, 2000, false))])
+  // Well within the grace: what follows the close (stores, origins) must fit in before it ends.
+  const closed = await Promise.race([app.close().then(() => true), new Promise((resolve) => setTimeout(resolve, 1900, false))])
   t.ok(closed, `closed after ${Math.round(performance.now() - started)} ms, before the 2 s grace`)
 })
 
@@ -1110,18 +1103,7 @@ t.test('a 417 for an Expect other than 100-continue reaches a client that sends 
 })
 
 t.test('shutdown: a reply still moving to a slow reader in the grace\'s last second is not cut', async (t) => {
-  const app = await buildApp({ apiKeys: TEST_API_KEYS, shutdownGraceMs: 3000 })
-  const keys = Array.from({ length: 16 }, (_, i) => `big${i}`)
-  for (const key of keys) await app.cache.write(key, { value: 'x'.repeat(MiB - 16) })
-  await app.listen({ host: '127.0.0.1', port: 0 })
-  const { port } = app.server.address() as { port: number }
-  const slow = connect(port, '127.0.0.1')
-  t.teardown(() => slow.destroy())
-  slow.on('error', () => undefined)
-  await once(slow, 'connect')
-  const body = JSON.stringify({ keys })
-  slow.write(`POST /v1/entries/batch-get HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
-  slow.pause()
+  const { app, slow } = await unreadReply(t, 3000)
   await new Promise((resolve) => setTimeout(resolve, 300))
   const closing = app.close()
   await new Promise((resolve) => setTimeout(resolve, 1500)) // then read, slowly, across the cut at 2 s
