@@ -301,13 +301,17 @@ function closeAfterBody(this: Tracked): void {
 }
 
 /**
- * Two answers given before Fastify routes a request, with the contract's body, from one
- * listener put in front of Fastify's own:
+ * Answers given before Fastify routes a request, with the contract's body, from listeners
+ * put in front of Fastify's own (each closes the connection, once a body sent anyway has
+ * come):
  * - once the server is shutting down (preClose: in-flight requests finish; a request that
  *   still arrives on an open connection, pipelined or kept alive, is refused), 503
- *   `backend_unavailable`, and the connection closes, so the client retries elsewhere;
+ *   `backend_unavailable`, so the client retries elsewhere;
  * - HTTP/1.1 without a Host header (RFC 9112 3.2; Node's own check answers an empty 400),
- *   400 `invalid_request`.
+ *   400 `invalid_request`;
+ * - an Expect other than 100-continue (Node's own answer is an empty 417), 417.
+ * It also keeps each connection's newest reply, for the shutdown and for closeAfterBody,
+ * and has the body of a GET or HEAD (which Fastify never reads) thrown away once answered.
  */
 function frontDoor(app: FastifyInstance, drains: Drains): void {
   const [fastifyHandler] = app.server.listeners('request') as ((req: IncomingMessage, res: ServerResponse) => void)[]
