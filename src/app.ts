@@ -109,7 +109,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
       const message =
         error.code === 'FST_ERR_MAX_PARAM_LENGTH' ? overlongParam(request.url, config.limits) : 'the URL is not valid (bad percent-encoding)'
       const server = request.server as FastifyInstance
-      drainRest(request.raw, reply as FastifyReply, drains, server.server.keepAliveTimeout)
+      drainRest(request.raw, reply as FastifyReply, drains)
       ;(reply as FastifyReply).code(400).send({ error: 'invalid_request', message })
       if (server.hasDecorator('metrics')) server.metrics.observeUnrouted(request as FastifyRequest, reply as FastifyReply)
     },

@@ -62,7 +62,7 @@ export default fp(
       // Refused before its body was read (401, 403, 429 from the auth hook, a 413, a body
       // that is not JSON): Node would read and discard the rest of it for as long as it
       // came, up to REQUEST_TIMEOUT_MS.
-      drainRest(request.raw, reply, drains, app.server.keepAliveTimeout)
+      drainRest(request.raw, reply, drains)
       if (error instanceof CacheError) {
         // RFC 9110: a 401 says which scheme would do (RFC 6750 for bearer tokens).
         if (error.statusCode === 401) reply.header('www-authenticate', 'Bearer realm="cachewarden"')
@@ -102,7 +102,7 @@ export default fp(
  * closes once the body has come. A client waiting for `100 Continue` sent nothing (Node
  * closes that connection cleanly).
  */
-export function drainRest(raw: IncomingMessage, reply: FastifyReply, drains: Drains, keepAliveTimeoutMs: number): void {
+export function drainRest(raw: IncomingMessage, reply: FastifyReply, drains: Drains): void {
   if (!bodyMayCome(raw)) return
   if (!drains.discard(raw, reply.raw)) reply.header('connection', 'close')
   // Kept open, unless it is to close anyway (the client asked, the server is shutting down):
@@ -110,7 +110,8 @@ export function drainRest(raw: IncomingMessage, reply: FastifyReply, drains: Dra
   // and an HTTP/1.0 client would take that as a close).
   else if (reply.raw.shouldKeepAlive && reply.hasHeader('connection')) {
     reply.header('connection', 'keep-alive')
-    if (keepAliveTimeoutMs > 0) reply.header('keep-alive', `timeout=${Math.floor(keepAliveTimeoutMs / 1000)}`)
+    const timeout = reply.server.server.keepAliveTimeout
+    if (timeout > 0) reply.header('keep-alive', `timeout=${Math.floor(timeout / 1000)}`)
   }
 }
 

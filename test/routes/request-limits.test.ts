@@ -495,20 +495,30 @@ t.test('requests pipelined before shutdown are all answered, then the connection
   t.match(replies[1], /^HTTP\/1\.1 200 OK\r\n[^]*"key":"early"/, 'the write, applied and answered')
 })
 
-t.test('shutdown neither cuts a reply still draining to a slow reader nor waits on a request half-received', async (t) => {
-  const app = await buildApp({ apiKeys: TEST_API_KEYS })
-  const keys = Array.from({ length: 24 }, (_, i) => `big${i}`)
+/**
+ * An app (SHUTDOWN_GRACE_MS `graceMs`) holding `mib` entries of 1 MiB, and a connection that
+ * asked it for all of them in one batch-get and reads none of the reply yet.
+ */
+async function unreadReply(t: Test, { graceMs = 10_000, mib = 16 } = {}) {
+  const app = await buildApp({ apiKeys: TEST_API_KEYS, shutdownGraceMs: graceMs })
+  const keys = Array.from({ length: mib }, (_, i) => `big${i}`)
   for (const key of keys) await app.cache.write(key, { value: 'x'.repeat(MiB - 16) })
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
-  // A reader that asks for 24 MiB and reads none of it yet: the reply is ended, and waits in
-  // the socket's buffers.
   const slow = connect(port, '127.0.0.1')
   t.teardown(() => slow.destroy())
+  slow.on('error', () => undefined)
   await once(slow, 'connect')
   const body = JSON.stringify({ keys })
   slow.write(`POST /v1/entries/batch-get HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
   slow.pause()
+  return { app, port, slow }
+}
+
+t.test('shutdown neither cuts a reply still draining to a slow reader nor waits on a request half-received', async (t) => {
+  // A reader that asks for 24 MiB and reads none of it yet: the reply is ended, and waits in
+  // the socket's buffers.
+  const { app, port, slow } = await unreadReply(t, { mib: 24 })
   // A client that sent half its headers.
   const half = connect(port, '127.0.0.1')
   t.teardown(() => half.destroy())
@@ -1060,25 +1070,8 @@ t.test('a request refused before its body broke off gets one reply, not a second
   t.equal(out.match(/HTTP\/1\.1 /g)?.length, 1, 'and nothing after it')
 })
 
-/** An app with SHUTDOWN_GRACE_MS `graceMs`, and a connection that asked it for 16 MiB and reads none of it yet. */
-async function unreadReply(t: Test, graceMs: number) {
-  const app = await buildApp({ apiKeys: TEST_API_KEYS, shutdownGraceMs: graceMs })
-  const keys = Array.from({ length: 16 }, (_, i) => `big${i}`)
-  for (const key of keys) await app.cache.write(key, { value: 'x'.repeat(MiB - 16) })
-  await app.listen({ host: '127.0.0.1', port: 0 })
-  const { port } = app.server.address() as { port: number }
-  const slow = connect(port, '127.0.0.1')
-  t.teardown(() => slow.destroy())
-  slow.on('error', () => undefined)
-  await once(slow, 'connect')
-  const body = JSON.stringify({ keys })
-  slow.write(`POST /v1/entries/batch-get HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.admin}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
-  slow.pause()
-  return { app, slow }
-}
-
 t.test('shutdown: a client that reads nothing of its reply does not hold the shutdown past the grace', async (t) => {
-  const { app, slow } = await unreadReply(t, 2000)
+  const { app, slow } = await unreadReply(t, { graceMs: 2000 })
   await new Promise((resolve) => setTimeout(resolve, 500)) // the reply is written (ended) by now
   const started = performance.now()
   // Well within the grace: what follows the close (stores, origins) must fit in before it ends.
@@ -1103,7 +1096,7 @@ t.test('a 417 for an Expect other than 100-continue reaches a client that sends 
 })
 
 t.test('shutdown: a reply still moving to a slow reader in the grace\'s last second is not cut', async (t) => {
-  const { app, slow } = await unreadReply(t, 3000)
+  const { app, slow } = await unreadReply(t, { graceMs: 3000 })
   await new Promise((resolve) => setTimeout(resolve, 300))
   const closing = app.close()
   await new Promise((resolve) => setTimeout(resolve, 1500)) // then read, slowly, across the cut at 2 s
