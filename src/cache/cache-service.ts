@@ -26,6 +26,7 @@ import {
   type InvalidationSource,
   type LeaseStamp,
   type Selector,
+  type SelectorInput,
   type StoredEntry,
 } from './types.js'
 
@@ -332,7 +333,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
    * The one invalidation function. Every source (API, events, PostgreSQL, bus, admin) calls
    * it; it validates, applies through the store, logs, counts and emits `invalidation`.
    */
-  async invalidate(rawSelector: Selector, options: InvalidateOptions): Promise<InvalidationResult> {
+  async invalidate(rawSelector: SelectorInput, options: InvalidateOptions): Promise<InvalidationResult> {
     const selector = checkSelector(rawSelector, this.limits)
     const mode = options.mode ?? 'delete'
     const result = await this.#apply(selector, options, async () => ({

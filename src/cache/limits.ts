@@ -1,6 +1,6 @@
 import { hash } from 'node:crypto'
 import { invalidRequest, valueTooLarge } from '../errors.js'
-import type { Selector, SelectorKind } from './types.js'
+import type { Selector, SelectorInput, SelectorKind } from './types.js'
 import { SELECTOR_KINDS } from './types.js'
 
 /** The limits of DESIGN.md section 2; every one is configurable. */
@@ -130,7 +130,7 @@ export function maxNameBytes(limits: Limits, kind: SelectorKind): number {
 }
 
 /** Checks a selector: at least one list, each within the batch limit, every name valid. */
-export function checkSelector(selector: Selector, limits: Limits): Selector {
+export function checkSelector(selector: SelectorInput, limits: Limits): Selector {
   const out: Selector = {}
   let any = false
   for (const kind of SELECTOR_KINDS) {

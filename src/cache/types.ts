@@ -34,6 +34,9 @@ export interface Selector {
 }
 
 export const SELECTOR_KINDS = ['keys', 'userIds', 'tags', 'prefixes'] as const
+
+/** A selector as a caller sends it, before checkSelector: a list may be null (absent) or empty. */
+export type SelectorInput = { [K in (typeof SELECTOR_KINDS)[number]]?: string[] | null }
 export type SelectorKind = (typeof SELECTOR_KINDS)[number]
 /** Metric label for each selector kind (bounded, never the selector's values). */
 export const SELECTOR_LABEL: Record<SelectorKind, string> = {

@@ -31,7 +31,7 @@ export default async function invalidationRoutes(fastify: FastifyInstance) {
     },
     async (request) => {
       const { mode, reason, ...selector } = request.body
-      return cache.invalidate(selector, { mode, reason, source: 'api', actor: request.apiKey?.name })
+      return cache.invalidate(selector, { mode: mode ?? undefined, reason: reason ?? undefined, source: 'api', actor: request.apiKey?.name })
     },
   )
 

@@ -1,8 +1,10 @@
-import { Type } from '@sinclair/typebox'
+import { Type, type TSchema } from '@sinclair/typebox'
 import { MAX_REASON_CHARS } from '../cache/limits.js'
 import { InvalidationMode } from './common.js'
 
-const names = (what: string) => Type.Optional(Type.Array(Type.String(), { maxItems: 1000, description: what }))
+// `null` counts as absent, as in a write: clients often send a field they have no value for as null.
+const orNull = <T extends TSchema>(schema: T) => Type.Optional(Type.Union([schema, Type.Null()]))
+const names = (what: string) => orNull(Type.Array(Type.String(), { maxItems: 1000, description: what }))
 
 export const SelectorBody = Type.Object(
   {
@@ -10,8 +12,8 @@ export const SelectorBody = Type.Object(
     userIds: names('every entry of these users'),
     tags: names('every entry carrying any of these tags'),
     prefixes: names('every entry whose key starts with one of these (never empty)'),
-    mode: Type.Optional(InvalidationMode),
-    reason: Type.Optional(Type.String({ maxLength: MAX_REASON_CHARS, description: 'why, for the invalidation log' })),
+    mode: orNull(InvalidationMode),
+    reason: orNull(Type.String({ maxLength: MAX_REASON_CHARS, description: 'why, for the invalidation log' })),
   },
   {
     additionalProperties: false,

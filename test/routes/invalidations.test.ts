@@ -95,6 +95,15 @@ t.test('the shorthands and POST take the same modes', async (t) => {
   })
 })
 
+t.test('a null field of a selector counts as absent, as in a write', async (t) => {
+  const app = await build(t)
+  await seed(app)
+  const res = await invalidate(app, { keys: ['global:config'], userIds: null, tags: null, prefixes: null, mode: null, reason: null })
+  t.equal(res.statusCode, 200)
+  t.match(res.json(), { invalidated: 1, mode: 'delete' })
+  t.equal((await present(app)).length, 15, 'only the named key went')
+})
+
 t.test('user ids and tags with reserved URL characters work in the shorthands', async (t) => {
   const app = await build(t)
   await put(app, 'k1', { value: 1, userId: 'org/42:alice@example.com', tags: ['a b/c'] })
@@ -111,7 +120,8 @@ t.test('invalid selectors are 400 invalid_request naming the field', async (t) =
     [{}, /at least one/],
     [{ keys: [] }, /at least one/],
     [{ prefixes: [''] }, /prefixes\[0\]/],
-    [{ prefixes: null }, /prefixes/],
+    [{ prefixes: null }, /at least one/], // null is absent: it never matches everything
+    [{ prefixes: [null] }, /prefixes\.0 must be string/],
     [{ userIds: ['x'.repeat(129)] }, /userIds\[0\]/],
     [{ tags: [5] }, /tags/],
     [{ keys: Array.from({ length: 1001 }, (_, i) => `k${i}`) }, /keys/],
