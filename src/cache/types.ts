@@ -19,7 +19,8 @@ export interface StoredEntry {
   size: number
 }
 
-export type InvalidationMode = 'delete' | 'stale'
+export const INVALIDATION_MODES = ['delete', 'stale'] as const
+export type InvalidationMode = (typeof INVALIDATION_MODES)[number]
 
 export interface Selector {
   keys?: string[]

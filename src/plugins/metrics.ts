@@ -5,7 +5,7 @@ import fp from 'fastify-plugin'
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
 import { LatencyHistogram, type LatencyChild } from './latency-histogram.js'
 import type { CacheService } from '../cache/cache-service.js'
-import { INVALIDATION_SOURCES, selectorLabels, type InvalidationRecord } from '../cache/types.js'
+import { INVALIDATION_MODES, INVALIDATION_SOURCES, SELECTOR_LABEL, selectorLabels, type InvalidationRecord } from '../cache/types.js'
 import { CacheError } from '../errors.js'
 import { unauthorized } from '../schemas/common.js'
 import { METRICS_SECURITY_SCHEME } from './swagger.js'
@@ -159,6 +159,12 @@ export function registerCacheMetrics(registry: Registry, cache: CacheService): v
     registers,
   })
   lastInvalidation.set(0)
+  // Every series there can be starts at 0 (a bounded set: 5 × 6 × 2), so rate() and
+  // increase() see the first invalidation of each kind, and a fresh scrape shows them all.
+  for (const selector of [...Object.values(SELECTOR_LABEL), 'all']) {
+    invalidatedEntries.inc({ selector }, 0)
+    for (const source of INVALIDATION_SOURCES) for (const mode of INVALIDATION_MODES) invalidations.inc({ selector, source, mode }, 0)
+  }
   cache.on('invalidation', (record: InvalidationRecord) => {
     const count = (selector: string) => {
       invalidations.inc({ selector, source: record.source, mode: record.mode })

@@ -53,7 +53,7 @@ t.test('with a real PostgreSQL listener, /metrics follows its connection and its
   t.equal(await metric(app, 'cachewarden_pg_listener_connected'), 1)
   // The default reconnect policy marks everything stale: an invalidation of selector "all".
   await waitFor(
-    async () => ((await metric(app, 'cachewarden_invalidations_total', { selector: 'all', mode: 'stale' })) ?? 0) >= 1,
+    async () => ((await metric(app, 'cachewarden_invalidations_total', { selector: 'all', source: 'postgres', mode: 'stale' })) ?? 0) >= 1,
     20_000,
     'the reconnect policy to be counted',
   )

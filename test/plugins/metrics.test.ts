@@ -154,6 +154,18 @@ t.test('invalidation failures are counted by source from the core totals', async
   t.equal(valueOf(s, 'cachewarden_invalidation_failures_total', { source: 'events' }), 0, 'known sources start at 0')
 })
 
+t.test('a fresh scrape shows every invalidation series at 0, before any invalidation', async (t) => {
+  const app = await build(t)
+  const s = await scrape(app)
+  for (const selector of ['key', 'user', 'tag', 'prefix', 'all']) {
+    t.equal(valueOf(s, 'cachewarden_invalidated_entries_total', { selector }), 0, `invalidated_entries_total{selector="${selector}"}`)
+    for (const mode of ['delete', 'stale']) {
+      t.equal(valueOf(s, 'cachewarden_invalidations_total', { selector, source: 'api', mode }), 0, `invalidations_total ${selector} api ${mode}`)
+    }
+  }
+  t.equal(valueOf(s, 'cachewarden_invalidations_total', { selector: 'user', source: 'postgres', mode: 'stale' }), 0)
+})
+
 t.test('two apps in one process keep separate registries', async (t) => {
   const one = await build(t)
   const two = await build(t)
