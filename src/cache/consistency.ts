@@ -165,6 +165,10 @@ export class ConsistencyChecker {
     if (request.entries !== undefined) throw invalidRequest('entries is for against "provided"; against "origin" fetches the truth itself')
     if (this.#origins.list.length === 0) throw invalidRequest('against "origin" needs origins in CONFIG_FILE; none are configured')
     const limits = this.#cache.limits
+    // An empty list names nothing, as in an invalidation: `{keys: []}` alone is refused.
+    if (!request.keys?.length && !request.userIds?.length && request.sample === undefined) {
+      throw invalidRequest('name what to check: a non-empty keys or userIds, or sample')
+    }
     const keys = new Set<string>()
     for (const [i, key] of (request.keys ?? []).entries()) keys.add(checkKey(key, limits, `keys[${i}]`))
     for (const [i, userId] of (request.userIds ?? []).entries()) {
@@ -172,9 +176,6 @@ export class ConsistencyChecker {
       if (keys.size > MAX_CHECKED_KEYS) break
     }
     if (request.sample !== undefined) for (const key of await this.#cache.store.sampleKeys(request.sample)) keys.add(key)
-    if (request.keys === undefined && request.userIds === undefined && request.sample === undefined) {
-      throw invalidRequest('name what to check: keys, userIds or sample')
-    }
     if (keys.size > MAX_CHECKED_KEYS) throw invalidRequest(`the selection has more than ${MAX_CHECKED_KEYS} keys; check fewer at a time`)
     return [...keys]
   }

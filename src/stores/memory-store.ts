@@ -260,9 +260,12 @@ export class MemoryStore implements Store {
 
   async sampleKeys(limit: number): Promise<string[]> {
     const out: string[] = []
-    for (const key of this.#lru.keys()) {
+    const now = this.#now()
+    // Most recently used first; an entry past its expiry that the sweep has not reached yet
+    // is not cached any more (a consistency sample would report it missing).
+    for (const [key, entry] of this.#lru.entries()) {
       if (out.length >= limit) break
-      out.push(key)
+      if (entry.expiresAt > now) out.push(key)
     }
     return out
   }

@@ -23,6 +23,18 @@ t.test('without lease bookkeeping (a TieredStore L1) every invalidation still ap
   await t.rejects(store.leaseStamp(), /keeps no leases/)
 })
 
+t.test('a sample of keys leaves out an entry past its expiry that the sweep has not dropped yet', async (t) => {
+  const clock = new FakeClock()
+  const store = new MemoryStore({ now: clock.now, sweepIntervalMs: 0 })
+  t.teardown(() => store.close())
+  await store.set(entry(clock, 'short', { expiresAt: clock.now() + 1000 }))
+  await store.set(entry(clock, 'long'))
+  t.same((await store.sampleKeys(10)).sort(), ['long', 'short'])
+  clock.advance(1000)
+  t.same(await store.sampleKeys(10), ['long'])
+  t.same(await store.sampleKeys(1), ['long'], 'and the limit counts live keys')
+})
+
 t.test('LRU eviction past maxEntries drops the least recently used and unindexes it', async (t) => {
   const clock = new FakeClock()
   const store = new MemoryStore({ maxEntries: 3, now: clock.now, sweepIntervalMs: 0 })
