@@ -74,6 +74,8 @@ export class PostgresListener {
   #listening = false
   #closed = false
   #triedBefore = false
+  /** The reconnect policy failed (counted) and has not been applied since. */
+  #policyFailed = false
   #attempt = 0
   #timer: NodeJS.Timeout | undefined
   // Notifications are applied one at a time, in the order PostgreSQL committed them.
@@ -195,9 +197,18 @@ export class PostgresListener {
       await client.query(`LISTEN "${o.channel}"`)
       if (this.#closed || this.#client !== client) return
       if (reconnect || o.policyOnFirstConnect) {
-        await this.#applyPolicy(
-          reconnect ? 'postgres listener reconnected: notifications may have been missed' : 'postgres listener started: entries may predate it',
-        )
+        // Not applied (the store is down): the connection is given up and the policy tried
+        // again on the next one, counted as a failed invalidation once, not at every try.
+        try {
+          await this.#applyPolicy(
+            reconnect ? 'postgres listener reconnected: notifications may have been missed' : 'postgres listener started: entries may predate it',
+            this.#policyFailed,
+          )
+          this.#policyFailed = false
+        } catch (error) {
+          this.#policyFailed = true
+          throw error
+        }
       }
       if (this.#client !== client || this.#closed) return // lost while applying the policy
       this.#attempt = 0

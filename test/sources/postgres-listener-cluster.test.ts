@@ -1,6 +1,7 @@
 // The PostgreSQL listener in cluster mode when Redis stops answering: a row change whose
 // invalidation the store could not apply is owed, not lost. Real PostgreSQL, a real
 // redis-server frozen with SIGSTOP (its data stays, as in a network partition).
+import { randomBytes } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
 import t, { type Test } from 'tap'
 import { PostgresListener } from '../../src/sources/postgres-listener.js'
@@ -118,4 +119,33 @@ t.test('with the policy none, notifications past maxOwed are lost, and each coun
   t.equal(app.cache.totals.invalidationsBySource.postgres ?? 0, 0, 'nothing applied in their place')
   await waitFor(async () => (await get(app, 'dash:43')).statusCode === 200, 20_000, 'Redis to answer reads')
   t.equal((await get(app, 'dash:44')).statusCode, 200, 'a lost notification leaves its entry served: what none means')
+})
+
+t.test('a reconnect whose policy the store cannot apply (Redis down) is tried again until it is, and counts one failure', { skip: !available }, async (t) => {
+  const redis = await startRedis(t)
+  const { url, db } = await personas(t)
+  const app = await build(t, { redisUrl: redis.url })
+  let tries = 0
+  const markAllStale = app.cache.markAllStale.bind(app.cache)
+  app.cache.markAllStale = (...args) => {
+    tries++
+    return markAllStale(...args)
+  }
+  const appName = `cw_policy_${randomBytes(4).toString('hex')}`
+  const listener = new PostgresListener({ url: `${url}?application_name=${appName}`, channel: 'cachewarden', cache: app.cache, minBackoffMs: 50, maxBackoffMs: 200 })
+  t.teardown(() => listener.close())
+  listener.start()
+  await waitFor(() => listener.listening, 20_000, 'the listener')
+
+  await redis.stop()
+  const { rows } = await db.query(`SELECT pg_terminate_backend(pid) AS killed FROM pg_stat_activity WHERE application_name = $1`, [appName])
+  t.same(rows, [{ killed: true }], 'the listener backend killed')
+  await waitFor(() => tries >= 4, 20_000, 'the policy to be tried again and again')
+  t.equal(app.cache.totals.invalidationFailures.postgres, 1, 'one failure, however often it is tried')
+  t.notOk(listener.listening, 'not listening (nor ready) while the policy is not applied')
+
+  await redis.start()
+  await waitFor(() => listener.listening, 20_000, 'the policy to be applied once Redis is back')
+  t.equal(app.cache.totals.invalidationFailures.postgres, 1, 'still one')
+  t.equal(app.cache.totals.invalidationsBySource.postgres, 1, 'applied once')
 })
