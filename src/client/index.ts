@@ -99,6 +99,8 @@ function checkOptions(options: object, allowed: ReadonlySet<string>, what: strin
 
 /** The fields of a write besides `value`: the PUT body's (a test holds them to its schema). */
 const WRITE_FIELDS = ['ttlMs', 'userId', 'tags', 'lease']
+/** The fields of a selector (`POST /v1/invalidations`' body; a test holds them to its schema). */
+const SELECTOR_FIELDS = new Set(['keys', 'userIds', 'tags', 'prefixes', 'mode', 'reason'])
 const OPTIONS = {
   get: new Set(['allowStale', 'signal']),
   lookup: new Set(['allowStale', 'ifNoneMatch', 'signal']),
@@ -233,6 +235,7 @@ export class CachewardenClient {
 
   /** Invalidates by keys, userIds, tags and prefixes at once (`POST /v1/invalidations`). */
   async invalidate(selector: Selector, options: CallOptions = {}): Promise<InvalidationResult> {
+    checkOptions(selector, SELECTOR_FIELDS, 'selector')
     checkOptions(options, OPTIONS.call, 'invalidate options')
     return this.#expect<InvalidationResult>('POST', '/v1/invalidations', selector, options.signal)
   }

@@ -2,6 +2,7 @@ import { createServer } from 'node:http'
 import { createServer as createNetServer, type AddressInfo, type Socket } from 'node:net'
 import t from 'tap'
 import { WriteBody } from '../../src/schemas/entries.js'
+import { SelectorBody } from '../../src/schemas/invalidations.js'
 import { setTimeout as sleep } from 'node:timers/promises'
 import {
   BackendUnavailableError,
@@ -329,6 +330,20 @@ t.test("set takes every field the PUT body has (the client keeps its own list)",
     await c.set('k', 1, { [field]: null }).catch((error: unknown) => t.notOk(error instanceof TypeError, `${field}: ${error}`))
   }
   t.pass('no field refused by the client')
+})
+
+t.test('invalidate refuses a misspelt selector field before sending, and takes every field the selector has', async (t) => {
+  const { app, client } = await serve(t)
+  const c = client()
+  let sent = 0
+  app.server.on('request', () => void sent++)
+  await t.rejects(c.invalidate({ userid: ['1'] } as never), { name: 'TypeError', message: /selector has no "userid"/ })
+  await t.rejects(c.invalidate({ keys: ['a'], Mode: 'stale' } as never), { name: 'TypeError', message: /selector has no "Mode"/ })
+  t.equal(sent, 0, 'nothing was sent')
+  for (const field of Object.keys(SelectorBody.properties)) {
+    await c.invalidate({ keys: ['a'], [field]: null }).catch((error: unknown) => t.notOk(error instanceof TypeError, `${field}: ${error}`))
+  }
+  t.equal(sent, Object.keys(SelectorBody.properties).length, 'each field was sent')
 })
 
 t.test('requests share keep-alive connections from the pool', async (t) => {
