@@ -48,6 +48,10 @@ t.test('every operation is documented, and authenticated ones carry the bearer s
       t.ok(op.description, `${name} has a description`)
       t.ok(op.tags?.length, `${name} has a tag`)
       t.ok(Object.keys(op.responses).some((s) => s.startsWith('2')), `${name} documents its success`)
+      for (const [status, r] of Object.entries(op.responses)) {
+        const description = (r as { description?: string }).description
+        t.ok(description && description !== 'Default Response', `${name} ${status} says what it is (${description})`)
+      }
       // Any of these may be sent a body, and a body that is not JSON is a 400 on every one.
       if (['post', 'put', 'patch', 'delete'].includes(method)) {
         t.ok(op.responses['400'], `${name} documents its 400`)
@@ -87,6 +91,10 @@ t.test('every operation is documented, and authenticated ones carry the bearer s
   }
   const streamParams = (doc.paths['/v1/invalidations/stream']!.get as unknown as { parameters: Array<{ in: string; name: string }> }).parameters
   t.match(streamParams, [{ in: 'header', name: 'last-event-id' }], 'the stream documents Last-Event-ID')
+  // A conditional read: If-None-Match in, ETag out on the 200 and the 304.
+  const read = doc.paths['/v1/entries/{key}']!.get as unknown as { parameters: Array<{ in: string; name: string }>; responses: Record<string, { headers?: Record<string, unknown> }> }
+  t.ok(read.parameters.some((p) => p.in === 'header' && p.name === 'if-none-match'), 'GET /v1/entries/{key} documents If-None-Match')
+  for (const status of ['200', '304']) t.ok(read.responses[status]?.headers?.etag, `GET /v1/entries/{key} ${status} documents its ETag`)
 })
 
 t.test('GET /docs serves Swagger UI and GET /docs/json the document', async (t) => {

@@ -2,8 +2,18 @@ import { readFileSync } from 'node:fs'
 import { STATUS_CODES } from 'node:http'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
-import type { FastifyInstance, FastifySchema } from 'fastify'
+import type { FastifyContextConfig, FastifyInstance, FastifySchema } from 'fastify'
 import fp from 'fastify-plugin'
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /**
+     * What the OpenAPI document shows of a route's headers without Fastify validating them on
+     * every request: request headers (a JSON schema of an object), and response headers by status.
+     */
+    documented?: { headers?: object; responseHeaders?: Record<number, Record<string, { type: string; description: string }>> }
+  }
+}
 
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string; description: string }
 
@@ -36,6 +46,25 @@ function headersOnly(schema: FastifySchema): FastifySchema {
 }
 
 /**
+ * A route's schema as the document shows it: each response with a description (its status's
+ * name where the schema gives none, rather than "Default Response") and the headers its route
+ * documents. New objects throughout: the route's own schemas serialize its replies.
+ */
+function described(schema: FastifySchema, documented: FastifyContextConfig['documented']): FastifySchema {
+  const responses = (schema.response ?? {}) as Record<string, { description?: string; headers?: unknown }>
+  return {
+    ...schema,
+    ...(documented?.headers === undefined ? {} : { headers: documented.headers }),
+    response: Object.fromEntries(
+      Object.entries(responses).map(([status, r]) => {
+        const headers = documented?.responseHeaders?.[Number(status)]
+        return [status, { ...r, description: r.description ?? STATUS_CODES[status] ?? status, ...(headers === undefined ? {} : { headers }) }]
+      }),
+    ),
+  }
+}
+
+/**
  * The OpenAPI document (from the route schemas) and Swagger UI at `/docs`, with a bearer
  * security scheme so the Authorize button works. Register before the routes: it collects
  * them as they are added.
@@ -61,7 +90,8 @@ export default fp(
       // Routes that need a key say so, so Swagger UI sends the key it was authorized with.
       transform: ({ schema, url, route }) => {
         if (schema === undefined) return { schema, url }
-        const documented = route.method === 'HEAD' ? headersOnly(schema) : schema
+        const full = described(schema, route.config?.documented)
+        const documented = route.method === 'HEAD' ? headersOnly(full) : full
         if (route.config?.scope === undefined) return { schema: documented, url }
         return { schema: { ...documented, security: [{ [SECURITY_SCHEME]: [] }] }, url }
       },

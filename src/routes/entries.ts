@@ -49,7 +49,20 @@ export default async function entryRoutes(fastify: FastifyInstance) {
     '/v1/entries/:key',
     {
       // The HEAD route Fastify adds goes into the OpenAPI document too (same schema; no body).
-      config: { scope: 'read', swagger: { exposeHeadRoute: true } },
+      config: {
+        scope: 'read',
+        swagger: { exposeHeadRoute: true },
+        documented: {
+          headers: {
+            type: 'object',
+            properties: { 'if-none-match': { type: 'string', description: 'An etag the caller holds (quoted, weak or bare; a list; or `*`): 304 if it matches' } },
+          },
+          responseHeaders: {
+            200: { etag: { type: 'string', description: 'The quoted etag of the value' } },
+            304: { etag: { type: 'string', description: 'The quoted etag of the value' } },
+          },
+        },
+      },
       schema: {
         tags: ['entries'],
         summary: 'Read an entry',

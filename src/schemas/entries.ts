@@ -47,8 +47,11 @@ export const LeaseInput = Type.Union([
 const writeFields = {
   value: Json,
   ttlMs: Type.Optional(Type.Union([Type.Integer({ description: 'time to live in ms (1 ms to 30 days); default 300000' }), Type.Null()])),
-  userId: Type.Optional(Type.Union([Type.String({ description: 'owner, for invalidation by user' }), Type.Null()])),
-  tags: Type.Optional(Type.Union([Type.Array(Type.String(), { maxItems: 1000 }), Type.Null()])),
+  userId: Type.Optional(Type.Union([Type.String({ description: 'owner, for invalidation by user (1–128 UTF-8 bytes)' }), Type.Null()])),
+  // The schema bounds the array the parser holds; the limit (32 by default) is checked with the others.
+  tags: Type.Optional(
+    Type.Union([Type.Array(Type.String(), { maxItems: 1000, description: 'for invalidation by tag: at most 32 tags (by default), each 1–128 UTF-8 bytes' }), Type.Null()]),
+  ),
   lease: Type.Optional(LeaseInput),
 }
 
