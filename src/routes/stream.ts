@@ -150,10 +150,12 @@ export default fp(
         },
       },
       async (request, reply) => {
-        if (request.method === 'HEAD') return reply.code(200).headers(STREAM_HEADERS).send()
         reply.hijack()
         const res = reply.raw
         res.writeHead(200, STREAM_HEADERS)
+        // Written by Node, not Fastify: its HEAD route would add `content-length: 0`, which a
+        // GET (chunked, endless) never says.
+        if (request.method === 'HEAD') return void res.end()
         request.raw.socket.setNoDelay(true)
         res.write(`retry: ${RETRY_MS}\n: connected\n\n`)
         const lastId = request.headers['last-event-id']

@@ -138,6 +138,8 @@ t.test('HEAD of the stream answers the headers a GET starts with, and ends', asy
   const port = await listen(app)
   const res = await fetch(`http://127.0.0.1:${port}${STREAM}`, { method: 'HEAD', headers: { authorization: `Bearer ${KEYS.read}` }, signal: AbortSignal.timeout(5000) })
   t.equal(res.status, 200)
+  t.equal(res.headers.get('content-length'), null, 'no content-length: a GET has none')
+  t.equal(res.headers.get('cache-control'), 'no-cache, no-transform')
   t.equal(await res.text(), '')
 })
 
