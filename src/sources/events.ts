@@ -260,9 +260,9 @@ export class EventProcessor {
    */
   async #applyOnce(event: DomainEvent, id: string, actor: string | undefined): Promise<EventOutcome> {
     const store = this.#cache.store
-    // A bad event is refused before the store is asked.
+    // A bad event is refused, and one no rule matches is answered, before the store is asked.
     const resolved = this.#rules.resolve(event, this.#cache.limits)
-    if (store.putRecord === undefined || store.swapRecord === undefined) {
+    if (store.putRecord === undefined || store.swapRecord === undefined || resolved.length === 0) {
       return { response: await this.#run(event, actor, resolved), replayed: false }
     }
     const swap = store.swapRecord.bind(store)
@@ -276,9 +276,6 @@ export class EventProcessor {
         await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS))
       }
     } catch (error) {
-      // An event no rule matches has nothing to apply: it is answered even when the store cannot
-      // be asked (its record only tells the other instances that the id was seen).
-      if (resolved.length === 0) return { response: await this.#run(event, actor, resolved), replayed: false }
       // The store could not be asked whether the id was applied, so its invalidations were not
       // attempted: a failed invalidation all the same (counted, and a 503 for the sender to retry).
       this.#cache.countFailure('events')
