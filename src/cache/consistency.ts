@@ -94,12 +94,14 @@ export class ConsistencyChecker {
         )
       }
     } else {
-      const keys = await this.#selected(request)
+      const { keys, named } = await this.#selected(request)
       // Placed first, in the order asked: a Map keeps a key's place when its value is replaced.
       for (const key of keys) statuses.set(key, UNCHECKED)
       await eachLimited(keys, CHECK_CONCURRENCY, async (key) => statuses.set(key, await this.#againstOrigin(key)), signal)
-      // Only an abandoned check leaves keys it never looked at: they are in no list.
-      for (const [key, s] of statuses) if (s === UNCHECKED) statuses.delete(key)
+      // Only an abandoned check leaves keys it never looked at: they are in no list. A key the
+      // cache chose (a user's, the sample) that is gone by the time it is looked at (expired,
+      // evicted, invalidated meanwhile) is no finding: only a named key can be missing.
+      for (const [key, s] of statuses) if (s === UNCHECKED || (s.kind === 'missing' && !named.has(key))) statuses.delete(key)
     }
 
     const cached = [...statuses].filter(([, s]) => s.kind === 'consistent' || s.kind === 'stale').map(([k]) => k)
@@ -160,8 +162,8 @@ export class ConsistencyChecker {
     return out
   }
 
-  /** Origin mode: keys ∪ every key of userIds ∪ a sample of the cache. */
-  async #selected(request: ConsistencyRequest): Promise<string[]> {
+  /** Origin mode: keys ∪ every key of userIds ∪ a sample of the cache; `named`: the keys the caller named. */
+  async #selected(request: ConsistencyRequest): Promise<{ keys: string[]; named: Set<string> }> {
     if (request.entries !== undefined) throw invalidRequest('entries is for against "provided"; against "origin" fetches the truth itself')
     if (this.#origins.list.length === 0) throw invalidRequest('against "origin" needs origins in CONFIG_FILE; none are configured')
     const limits = this.#cache.limits
@@ -171,13 +173,14 @@ export class ConsistencyChecker {
     }
     const keys = new Set<string>()
     for (const [i, key] of (request.keys ?? []).entries()) keys.add(checkKey(key, limits, `keys[${i}]`))
+    const named = new Set(keys)
     for (const [i, userId] of (request.userIds ?? []).entries()) {
       for (const key of await this.#cache.store.userKeys(checkUserId(userId, limits, `userIds[${i}]`))) keys.add(key)
       if (keys.size > MAX_CHECKED_KEYS) break
     }
     if (request.sample !== undefined) for (const key of await this.#cache.store.sampleKeys(request.sample)) keys.add(key)
     if (keys.size > MAX_CHECKED_KEYS) throw invalidRequest(`the selection has more than ${MAX_CHECKED_KEYS} keys; check fewer at a time`)
-    return [...keys]
+    return { keys: [...keys], named }
   }
 
   /** The entry, or an error status when the store cannot say (Redis down, no L1 copy). */

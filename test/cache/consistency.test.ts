@@ -1,7 +1,7 @@
 import t, { type Test } from 'tap'
 import type { FastifyInstance } from 'fastify'
 import { DEFAULT_LIMITS, etagOf } from '../../src/cache/limits.js'
-import { KEYS, build, call, get, put } from '../helpers/build.js'
+import { FakeClock, KEYS, build, call, get, put } from '../helpers/build.js'
 import { OriginServer, dashboardOrigin } from '../helpers/origin-server.js'
 import { serve } from '../helpers/serve.js'
 
@@ -37,6 +37,21 @@ t.test('against the origin, a check finds exactly the entries whose origin data 
   t.equal(body.repaired, 0)
   t.type(body.durationMs, 'number')
   t.same((await get(app, 'dashboard:2')).json().value, { user: '2', version: 1 }, 'repair "none" changes nothing')
+})
+
+t.test('a key the cache chose (a user\'s, the sample) that expired before it was looked at is no finding; a named one is missing', async (t) => {
+  const origin = await OriginServer.start(t)
+  for (const id of ['1', '2']) origin.values.set(dash(id), { user: id, version: 1 })
+  const clock = new FakeClock()
+  const app = await build(t, { configFile: { origins: [dashboardOrigin(origin)] } }, { now: clock.now })
+  await put(app, 'dashboard:1', { value: { user: '1', version: 1 }, userId: '1', ttlMs: 1000 })
+  await put(app, 'dashboard:2', { value: { user: '2', version: 1 }, userId: '2', ttlMs: 60_000 })
+  clock.advance(1000) // dashboard:1 is past its expiry, whether or not the sweep has dropped it
+  for (const chosen of [{ userIds: ['1', '2'] }, { sample: 10 }]) {
+    const body = (await check(app, { ...chosen, against: 'origin' })).json()
+    t.match(body, { checked: 1, consistent: 1, missing: [] }, JSON.stringify(chosen))
+  }
+  t.match((await check(app, { keys: ['dashboard:1', 'dashboard:2'], against: 'origin' })).json(), { checked: 2, consistent: 1, missing: ['dashboard:1'] })
 })
 
 t.test('keys not cached are missing, keys no origin serves are errors, a sample covers the cache', async (t) => {
