@@ -413,9 +413,11 @@ export function parsePayload(payload: string): { selector: Selector; mode?: Inva
     return 'the payload is not JSON'
   }
   if (value === null || typeof value !== 'object' || Array.isArray(value)) return 'the payload must be a JSON object'
-  const body = value as Record<string, unknown>
-  for (const key of Object.keys(body)) {
+  const body: Record<string, unknown> = {}
+  for (const [key, field] of Object.entries(value)) {
     if (!PAYLOAD_KEYS.has(key)) return `${key} is not a selector field (use ${[...PAYLOAD_KEYS].join(', ')})`
+    // null is absent, as in POST /v1/invalidations (json_build_object sends a NULL column as null).
+    if (field !== null) body[key] = field
   }
   if (body.mode !== undefined && body.mode !== 'delete' && body.mode !== 'stale') return 'mode must be "delete" or "stale"'
   if (body.reason !== undefined && typeof body.reason !== 'string') return 'reason must be a string'

@@ -115,12 +115,13 @@ t.test('a malformed notification is logged and counted, and the listener goes on
   await put(app, 'dash:42', { value: 1, userId: '42' })
   await put(app, 'dash:43', { value: 1, userId: '43' })
   const garbage = [
-    'garbage', '[1,2]', '{"nope":["x"]}', '{"userIds":[""]}', '{"userIds":"42"}', '{"mode":"burn","keys":["a"]}', '{}',
+    'garbage', '[1,2]', '{"nope":["x"]}', '{"userIds":[""]}', '{"userIds":"42"}', '{"mode":"burn","keys":["a"]}', '{}', '{"userIds":null}',
     // malformed beside a name no entry can carry: not the silent no-op a row of only such names is
     `{"userIds":["${'u'.repeat(200)}"],"keys":5}`,
   ]
   for (const payload of garbage) await db.query(`SELECT pg_notify('cachewarden', $1)`, [payload])
-  await db.query(`SELECT pg_notify('cachewarden', $1)`, ['{"userIds":["42"],"mode":"stale"}'])
+  // null fields are absent, as in POST /v1/invalidations
+  await db.query(`SELECT pg_notify('cachewarden', $1)`, ['{"userIds":["42"],"tags":null,"mode":"stale","reason":null}'])
   await waitFor(() => app.cache.totals.invalidationsBySource.postgres === 1, 20_000, 'the good notification')
   t.equal(app.cache.totals.invalidationFailures.postgres, garbage.length, 'every bad payload counted')
   const warnings = lines.map((l) => JSON.parse(l)).filter((l) => l.msg === 'malformed postgres notification')
