@@ -1,4 +1,4 @@
-import type { ServerResponse } from 'node:http'
+import type { OutgoingHttpHeaders, ServerResponse } from 'node:http'
 import { Type } from '@sinclair/typebox'
 import type { FastifyInstance } from 'fastify'
 import fp from 'fastify-plugin'
@@ -152,7 +152,8 @@ export default fp(
       async (request, reply) => {
         reply.hijack()
         const res = reply.raw
-        res.writeHead(200, STREAM_HEADERS)
+        // With the headers hooks set on the reply (rate-limit headers), which a hijack leaves behind.
+        res.writeHead(200, { ...(reply.getHeaders() as OutgoingHttpHeaders), ...STREAM_HEADERS })
         // Written by Node, not Fastify: its HEAD route would add `content-length: 0`, which a
         // GET (chunked, endless) never says.
         if (request.method === 'HEAD') return void res.end()

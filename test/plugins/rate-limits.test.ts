@@ -119,4 +119,9 @@ t.test('RATE_LIMIT_MAX limits every authenticated route per key, not the public 
   t.equal(res.json().error, 'rate_limited')
   t.equal((await call(app, { method: 'GET', url: '/v1/entries/k', key: 'readwrite' })).statusCode, 404, 'another key has its own budget')
   for (let i = 0; i < 10; i++) t.equal((await app.inject({ method: 'GET', url: '/health/live' })).statusCode, 200)
+  // The invalidation stream's headers (written by Node, after a hijack) carry the limit too.
+  const head = await call(app, { method: 'HEAD', url: '/v1/invalidations/stream', key: 'admin' })
+  t.equal(head.statusCode, 200)
+  t.equal(head.headers['x-ratelimit-limit'], '5', 'HEAD of the stream says its limit')
+  t.match(head.headers['content-type'], /^text\/event-stream/)
 })
