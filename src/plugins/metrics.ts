@@ -11,6 +11,10 @@ import { unauthorized } from '../schemas/common.js'
 import { METRICS_SECURITY_SCHEME } from './swagger.js'
 
 declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** false: the route is not in the request latency histogram (a stream open for an hour). */
+    latency?: boolean
+  }
   interface FastifyInstance {
     /** This app's Prometheus registry (the process metrics live in a shared one). */
     metrics: {
@@ -238,8 +242,9 @@ export default fp(
     // gets its own onResponse hook with the route pattern closed over (no route lookup), and
     // each method and status its own child, made once (no label hashing per request).
     // Requests that matched no route are observed by the global hook under `unmatched`.
-    // Callback hooks: no promise per request. Hijacked replies (the SSE stream) skip
-    // onResponse, so a long-lived stream never skews the latency quantiles.
+    // Callback hooks: no promise per request. A route whose config says `latency: false` (the
+    // SSE stream: Fastify runs onResponse when a hijacked reply ends, so a stream open for an
+    // hour would count as one request of an hour) is not observed, nor is its HEAD.
     const observer = (route: string) => {
       const children = new Map<string, LatencyChild>()
       return (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
@@ -254,6 +259,7 @@ export default fp(
       }
     }
     app.addHook('onRoute', (routeOptions) => {
+      if (routeOptions.config?.latency === false) return
       const hook = observer(routeOptions.url)
       const existing = routeOptions.onResponse
       routeOptions.onResponse = existing === undefined ? [hook] : [...(Array.isArray(existing) ? existing : [existing]), hook]

@@ -125,7 +125,8 @@ export default fp(
       {
         // HEAD answers what a GET would start with (status and headers, so a probe learns the
         // route and its key work) and ends, where a GET stays open.
-        config: { scope: 'read', swagger: { exposeHeadRoute: true } },
+        // Not in the latency histogram: a stream's "latency" is how long it stayed open.
+        config: { scope: 'read', swagger: { exposeHeadRoute: true }, latency: false },
         schema: {
           tags: ['streams'],
           summary: 'Stream invalidations (Server-Sent Events)',

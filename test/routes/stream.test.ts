@@ -223,6 +223,22 @@ t.test('closing the app ends open streams instead of waiting on them', async (t)
   t.ok(Date.now() - started < 10_000, 'close did not wait for a grace period')
 })
 
+t.test('a stream, ended or probed with HEAD, is not in the request latency histogram (its time is how long it stayed open)', async (t) => {
+  const app = await build(t)
+  const port = await listen(app)
+  t.equal((await call(app, { method: 'HEAD', url: STREAM, key: 'read' })).statusCode, 200)
+  t.equal((await call(app, { method: 'GET', url: '/v1/entries/x', key: 'read' })).statusCode, 404)
+  const stream = await openStream(port)
+  await waitFor('the client to register', () => app.invalidationStream.clients() === 1)
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  const ended = once(stream.res, 'end')
+  await app.close() // ends the stream: Fastify runs onResponse for a hijacked reply when it ends
+  await ended
+  const scraped = await app.metrics.registry.metrics()
+  t.match(scraped, /cachewarden_http_request_duration_seconds_count\{/, 'requests are observed')
+  t.notMatch(scraped, /route="\/v1\/invalidations\/stream"/, 'the stream is not')
+})
+
 t.test('the stream settings come from the environment and bad values stop the start', async (t) => {
   const { loadConfig, ConfigError } = await import('../../src/config.js')
   const config = loadConfig({ STREAM_HEARTBEAT_MS: '2000', STREAM_MAX_BUFFER_BYTES: '65536' })
