@@ -93,7 +93,16 @@ export class PostgresListener {
   /** Notifications heard so far: any since a health check was sent shows the connection alive. */
   #heard = 0
   readonly #onBusState = ({ connected }: { connected: boolean }): void => {
-    if (!connected || !this.behind) return
+    if (!connected) return
+    // Redis answers again: a reconnect policy it could not apply is tried now, not after what
+    // is left of a connection backoff that may have grown to 30 s.
+    if (this.#policyFailed && this.#timer !== undefined) {
+      clearTimeout(this.#timer)
+      this.#timer = undefined
+      this.#attempt = 0
+      this.start()
+    }
+    if (!this.behind) return
     // Redis answers again: from the shortest backoff, in case the command connection is not back yet.
     this.#owedAttempt = 0
     this.#retryOwed(true)
