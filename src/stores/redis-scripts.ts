@@ -406,7 +406,8 @@ return out
 /** info(limit) -> {entries, bytes, sampleKeys}. */
 const INFO = `${PRELUDE}
 local sample = {}
-if tonumber(ARGV[1]) > 0 then sample = redis.call('ZRANGE', xkey, 0, tonumber(ARGV[1]) - 1) end
+-- The latest to expire: the furthest from expiry (one past it, not yet swept, comes last).
+if tonumber(ARGV[1]) > 0 then sample = redis.call('ZREVRANGE', xkey, 0, tonumber(ARGV[1]) - 1) end
 return {redis.call('ZCARD', xkey), tonumber(redis.call('GET', bkey) or '0'), sample}
 `
 
