@@ -403,11 +403,12 @@ end
 return out
 `
 
-/** info(limit) -> {entries, bytes, sampleKeys}. */
+/** info(limit, now) -> {entries, bytes, sampleKeys}. */
 const INFO = `${PRELUDE}
 local sample = {}
--- The latest to expire: the furthest from expiry (one past it, not yet swept, comes last).
-if tonumber(ARGV[1]) > 0 then sample = redis.call('ZREVRANGE', xkey, 0, tonumber(ARGV[1]) - 1) end
+-- Live entries only (one past its expiry may wait for the sweep), the oldest first: with
+-- like TTLs, those written longest ago, the likeliest to be stale.
+if tonumber(ARGV[1]) > 0 then sample = redis.call('ZRANGEBYSCORE', xkey, '(' .. ARGV[2], '+inf', 'LIMIT', 0, tonumber(ARGV[1])) end
 return {redis.call('ZCARD', xkey), tonumber(redis.call('GET', bkey) or '0'), sample}
 `
 

@@ -625,13 +625,13 @@ export class TieredStore implements Store {
   }
 
   async sampleKeys(limit: number): Promise<string[]> {
-    const info = (await this.#call(() => this.#scripts.cwInfo(this.#base, Math.max(0, limit)))) as [number, number, string[]]
+    const info = (await this.#call(() => this.#scripts.cwInfo(this.#base, Math.max(0, limit), this.#now()))) as [number, number, string[]]
     return info[2]
   }
 
   async size(): Promise<{ entries: number; bytes: number }> {
     try {
-      const [entries, bytes] = (await this.#scripts.cwInfo(this.#base, 0)) as [number, number]
+      const [entries, bytes] = (await this.#scripts.cwInfo(this.#base, 0, 0)) as [number, number]
       return { entries, bytes }
     } catch {
       // Stats and metrics must not fail with Redis: show what this instance holds.
