@@ -96,7 +96,7 @@ export class PostgresListener {
     if (!connected) return
     // Redis answers again: a reconnect policy it could not apply is tried now, not after what
     // is left of a connection backoff that may have grown to 30 s.
-    if (this.#policyFailed && this.#timer !== undefined) {
+    if (this.#policyFailed && this.#timer !== undefined && this.#connecting === undefined) {
       clearTimeout(this.#timer)
       this.#timer = undefined
       this.#attempt = 0
@@ -258,7 +258,10 @@ export class PostgresListener {
     const delay = backoffMs(this.#attempt++, this.#o.minBackoffMs, this.#o.maxBackoffMs)
     this.#timer = setTimeout(() => {
       this.#timer = undefined
+      // A connect still under way (lost while it applied the policy) ends without retrying:
+      // the retry is this one, once it has ended.
       if (this.#connecting === undefined) this.start()
+      else void this.#connecting.then(() => this.start())
     }, delay)
     this.#timer.unref()
   }
