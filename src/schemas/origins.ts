@@ -61,10 +61,12 @@ export const ConsistencyBody = Type.Object(
 
 export const ConsistencyReport = Type.Object(
   {
-    checked: Type.Integer({ description: 'keys looked at: consistent + stale + missing + keys with errors' }),
+    checked: Type.Integer({ description: 'keys reported: consistent + stale + missing + keys with errors' }),
     consistent: Type.Integer(),
     stale: Type.Array(Type.String(), { description: 'cached keys whose value differs from the truth (or whose origin no longer has data)' }),
-    missing: Type.Array(Type.String(), { description: 'keys not in the cache: nothing to compare' }),
+    missing: Type.Array(Type.String(), {
+      description: 'keys the caller named (`keys`, `entries`) that are not in the cache: nothing to compare (a key the cache chose that is gone by then is left out)',
+    }),
     errors: Type.Array(Type.Object({ key: Type.String(), error: Type.String() })),
     repaired: Type.Integer({ description: 'stale entries invalidated or refreshed' }),
     durationMs: Type.Number(),
