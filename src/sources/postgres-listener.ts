@@ -201,6 +201,7 @@ export class PostgresListener {
     // while entries were being cached. Either way, notifications may have been missed.
     const reconnect = this.#triedBefore
     this.#triedBefore = true
+    let applying = false
     try {
       await client.connect()
       await client.query(`LISTEN "${o.channel}"`)
@@ -208,6 +209,7 @@ export class PostgresListener {
       if (reconnect || o.policyOnFirstConnect) {
         // Not applied (the store is down): the connection is given up and the policy tried
         // again on the next one, counted as a failed invalidation once, not at every try.
+        applying = true
         try {
           await this.#applyPolicy(
             reconnect ? 'postgres listener reconnected: notifications may have been missed' : 'postgres listener started: entries may predate it',
@@ -225,7 +227,10 @@ export class PostgresListener {
       o.logger?.info({ channel: o.channel, reconnect }, 'postgres listener listening')
     } catch (error) {
       if (this.#closed) return
-      o.logger?.warn({ err: error, channel: o.channel, attempt: this.#attempt + 1 }, 'postgres listener could not connect')
+      o.logger?.warn(
+        { err: error, channel: o.channel, attempt: this.#attempt + 1 },
+        applying ? 'postgres listener could not apply its reconnect policy: reconnecting to try again' : 'postgres listener could not connect',
+      )
       this.#lost(client, error as Error)
     }
   }
