@@ -67,17 +67,13 @@ export default async function adminRoutes(fastify: FastifyInstance) {
       }
       done(null, payload)
     }
-  // Per key (auth ran before this hook); every 429 is audited, since someone is hammering a wipe.
-  const limited = (action: 'clear_token_issued' | 'clear') =>
+  // Per key (auth ran before this hook); every 429 is audited by the route's onSend, as any
+  // refusal (someone is hammering a wipe): `429 rate_limited: …`.
+  const limited = () =>
     clearRateLimitMax > 0
       ? {
-          rateLimit: {
-            max: clearRateLimitMax,
-            timeWindow: clearRateLimitWindowMs,
-            // keyGenerator (per key) and the 429 body come from the plugin's settings.
-            onExceeded: (request: FastifyRequest) =>
-              record(request, { actor: request.apiKey?.name, action, reason: null, outcome: 'refused', detail: 'rate limited' }),
-          },
+          // keyGenerator (per key) and the 429 body come from the plugin's settings.
+          rateLimit: { max: clearRateLimitMax, timeWindow: clearRateLimitWindowMs },
         }
       : { rateLimit: false as const }
 
@@ -85,7 +81,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
     '/v1/admin/clear-token',
     {
       onSend: auditRefusal('clear_token_issued'),
-      config: { scope: 'admin', ...limited('clear_token_issued') },
+      config: { scope: 'admin', ...limited() },
       schema: {
         tags: ['admin'],
         summary: 'Emergency clear, step 1: get a token',
@@ -129,7 +125,7 @@ export default async function adminRoutes(fastify: FastifyInstance) {
     '/v1/admin/clear',
     {
       onSend: auditRefusal('clear'),
-      config: { scope: 'admin', ...limited('clear') },
+      config: { scope: 'admin', ...limited() },
       // No body at all is a missing token too: the contract's 403, not a schema 400.
       preValidation: async (request) => {
         if (request.body === undefined || request.body === null) request.body = {}

@@ -255,7 +255,15 @@ t.test('both steps are rate-limited per key with 429 rate_limited', async (t) =>
   await allStillThere(t, app)
 
   const audit = (await call(app, { method: 'GET', url: '/v1/debug/audit' })).json()
-  t.ok(audit.some((e: { action: string; outcome: string; detail: string }) => e.action === 'clear' && e.detail === 'rate limited'))
+  // As any refusal: the status, code and message sent; step 1's with its reason.
+  t.match(
+    audit.find((e: { action: string; detail: string }) => e.action === 'clear' && e.detail.startsWith('429')),
+    { outcome: 'refused', detail: /^429 rate_limited: / },
+  )
+  t.match(
+    audit.find((e: { action: string; detail: string }) => e.action === 'clear_token_issued' && e.detail.startsWith('429')),
+    { outcome: 'refused', detail: /^429 rate_limited: / },
+  )
   t.equal(audit.filter((e: { detail: string }) => /rate/.test(e.detail)).length, 2, 'each 429 audited once')
 })
 
