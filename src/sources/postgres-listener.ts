@@ -96,11 +96,13 @@ export class PostgresListener {
     if (!connected) return
     // Redis answers again: a reconnect policy it could not apply is tried now, not after what
     // is left of a connection backoff that may have grown to 30 s.
-    if (this.#policyFailed && this.#timer !== undefined && this.#connecting === undefined) {
-      clearTimeout(this.#timer)
-      this.#timer = undefined
+    if (this.#policyFailed) {
       this.#attempt = 0
-      this.start()
+      if (this.#timer !== undefined && this.#connecting === undefined) {
+        clearTimeout(this.#timer)
+        this.#timer = undefined
+        this.start()
+      }
     }
     if (!this.behind) return
     // Redis answers again: from the shortest backoff, in case the command connection is not back yet.
@@ -204,7 +206,11 @@ export class PostgresListener {
     let applying = false
     try {
       await client.connect()
-      await client.query(`LISTEN "${o.channel}"`)
+      // connectionTimeoutMillis covers the connect only: a LISTEN never answered (a network
+      // stalled just then) would hold this attempt, and so every retry, forever.
+      const listen = client.query(`LISTEN "${o.channel}"`)
+      if ((await answerInTime(listen, o.connectTimeoutMs)) === 'late') throw new Error(`no answer to LISTEN in ${o.connectTimeoutMs} ms`)
+      await listen
       if (this.#closed || this.#client !== client) return
       if (reconnect || o.policyOnFirstConnect) {
         // Not applied (the store is down): the connection is given up and the policy tried
@@ -216,6 +222,7 @@ export class PostgresListener {
             this.#policyFailed,
           )
           this.#policyFailed = false
+          this.#overflow = false // what overflowed is covered too: not applied a second time
         } catch (error) {
           this.#policyFailed = true
           throw error

@@ -196,13 +196,18 @@ t.test('a row moving to a user id no entry can carry still invalidates the user 
   t.same(left.map((l) => l.left), [['45\n', 'analytics:45\n']])
 })
 
-/** A TCP proxy to PostgreSQL that can freeze: connections stay open, nothing gets through. */
+/** A TCP proxy to PostgreSQL that can freeze (connections stay open, nothing gets through), or lose LISTEN queries only. */
 async function freezableProxy(t: Test, target: URL) {
   let frozen = false
+  let loseListen = false
   const held: Array<() => void> = []
   const sockets = new Set<Socket>()
   const forward = (from: Socket, to: Socket) =>
-    from.on('data', (chunk) => (frozen ? held.push(() => to.write(chunk)) : to.write(chunk)))
+    from.on('data', (chunk: Buffer) => {
+      if (loseListen && chunk.includes('LISTEN "')) return // gone, as on a network that dropped it
+      if (frozen) held.push(() => to.write(chunk))
+      else to.write(chunk)
+    })
   const server = createServer((client) => {
     const upstream = connect(Number(target.port || 5432), target.hostname)
     for (const s of [client, upstream]) {
@@ -223,12 +228,28 @@ async function freezableProxy(t: Test, target: URL) {
   return {
     url: url.toString(),
     freeze: () => void (frozen = true),
+    loseListen: (lose: boolean) => void (loseListen = lose),
     thaw: () => {
       frozen = false
       for (const send of held.splice(0)) send()
     },
   }
 }
+
+t.test('a LISTEN that is never answered counts as a failed connect and is retried, not waited on forever', { skip: !available }, async (t) => {
+  const { url } = await createDatabase(t)
+  const proxy = await freezableProxy(t, new URL(url))
+  const app = await build(t)
+  proxy.loseListen(true)
+  const listener = new PostgresListener({ url: proxy.url, channel: 'cachewarden', cache: app.cache, connectTimeoutMs: 500, minBackoffMs: 50, maxBackoffMs: 200 })
+  t.teardown(() => listener.close())
+  listener.start()
+  await new Promise((resolve) => setTimeout(resolve, 1500)) // past the connect timeout: given up, tried again
+  t.notOk(listener.listening)
+  proxy.loseListen(false)
+  await waitFor(() => listener.listening, 10_000, 'the listener to listen once a LISTEN gets through')
+  t.pass('listening')
+})
 
 t.test('a listener connection that stops answering (a stalled or cut network) is noticed, and the policy covers what it missed', { skip: !available }, async (t) => {
   const { url, db } = await createDatabase(t)
