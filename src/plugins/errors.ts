@@ -78,6 +78,13 @@ export default fp(
       if (status === 429) {
         return reply.code(429).send({ error: 'rate_limited', message: error.message || 'too many requests; slow down' })
       }
+      if (status === 403 || status === 404) {
+        // Only a plugin's own refusal gets here (the docs' static files: a path that climbs out
+        // of their folder is 403, a file that is not there 404); our own are CacheErrors.
+        return reply.code(status).send(status === 403
+          ? { error: 'forbidden', message: 'the path leaves the folder the docs are served from' }
+          : { error: 'not_found', message: `no route ${request.method} ${truncate(request.url.split('?')[0], 200)}` })
+      }
       if (status >= 400 && status < 500) {
         // JSON syntax, prototype poisoning, unsupported media type, bad URL encoding…
         return reply.code(400).send({ error: 'invalid_request', message: clientMessage(error as FastifyError) })
@@ -87,7 +94,7 @@ export default fp(
     })
 
     app.setNotFoundHandler((request, reply) => {
-      reply.code(404).send({ error: 'not_found', message: `no route ${request.method} ${request.url.split('?')[0]}` })
+      reply.code(404).send({ error: 'not_found', message: `no route ${request.method} ${truncate(request.url.split('?')[0], 200)}` })
     })
   },
   { name: 'cachewarden-errors' },

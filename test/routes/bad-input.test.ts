@@ -1,7 +1,9 @@
+import { request } from 'node:http'
 import { gzipSync } from 'node:zlib'
 import t from 'tap'
 import { buildApp } from '../../src/app.js'
 import { TEST_API_KEYS, build, call } from '../helpers/build.js'
+import { serve } from '../helpers/serve.js'
 
 // Every bad input the contract names gets its 4xx and code, never a 5xx.
 
@@ -61,6 +63,8 @@ const cases: Case[] = [
   { name: 'unknown route', method: 'GET', url: '/v1/nothing', status: 404, error: 'not_found' },
   { name: 'empty key', method: 'GET', url: '/v1/entries/', status: 400, error: 'invalid_request', message: /key/ },
   { name: 'debug entry missing', method: 'GET', url: '/v1/debug/entries/none', status: 404, error: 'not_found' },
+  { name: 'an unknown route with a long path', method: 'GET', url: `/v1/${'p'.repeat(5000)}`, status: 404, error: 'not_found', message: /^no route GET \/v1\/p{196}…$/ },
+  { name: 'a docs file not there', method: 'GET', url: '/docs/static/nothing.js', status: 404, error: 'not_found' },
 ]
 
 t.test('every bad input gets its 4xx code and the error shape', async (t) => {
@@ -182,4 +186,20 @@ t.test('an error never leaks a stack trace', async (t) => {
   const res = await call(app, { method: 'GET', url: '/boom' })
   t.equal(res.statusCode, 500)
   t.same(res.json(), { error: 'internal_error', message: 'an internal error occurred; it has been logged' })
+})
+
+t.test("a docs path that climbs out of the static folder is 403 forbidden, in the contract's shape", async (t) => {
+  const { url } = await serve(t)
+  // Sent as is: fetch and inject would resolve the dots before the server saw them.
+  const res = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+    const path = '/docs/static/%2e%2e/%2e%2e/package.json'
+    const req = request({ host: '127.0.0.1', port: Number(new URL(url).port), path }, (res) => {
+      let body = ''
+      res.setEncoding('utf8').on('data', (chunk: string) => (body += chunk)).on('end', () => resolve({ status: res.statusCode ?? 0, body }))
+    })
+    req.on('error', reject).end()
+  })
+  t.equal(res.status, 403)
+  t.same(JSON.parse(res.body), { error: 'forbidden', message: 'the path leaves the folder the docs are served from' })
+  t.notMatch(res.body, /cachewarden|"version"/, 'no file from outside the folder')
 })
