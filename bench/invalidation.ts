@@ -61,6 +61,7 @@ async function watched(n: number, run: () => Promise<{ invalidated: number }>): 
 const rows: string[] = []
 const prefixRows: string[] = []
 const tagRows: string[] = []
+const allRows: string[] = []
 for (const n of sizes) {
   const now = Date.now()
   const store = new MemoryStore({ maxEntries: n * 2, maxBytes: 4 * 1024 ** 3, sweepIntervalMs: 0 })
@@ -107,6 +108,18 @@ for (const n of sizes) {
     }),
   )
 
+  // Last, a prefix that matches every entry left (nearly all of the cache): deleting that many
+  // entries frees a large part of the heap, and the loop is watched for GC pauses as well.
+  const { entries: left } = await store.size() // the tag's entries are gone: all under user:
+  ;(globalThis as { gc?: () => void }).gc?.()
+  allRows.push(
+    await watched(n, async () => {
+      const all = await cache.invalidate({ prefixes: ['user:'] }, { source: 'api' })
+      if (all.invalidated !== left) throw new Error(`expected ${left} entries under user:, got ${all.invalidated}`)
+      return all
+    }),
+  )
+
   const p50 = pct(times, 50)
   const scan = pct(scanTimes, 50)
   rows.push(`| ${n.toLocaleString('en')} | ${fmt(p50)} | ${fmt(pct(times, 99))} | ${fmt(scan)} | ${Math.round(scan / p50).toLocaleString('en')}x |`)
@@ -123,3 +136,7 @@ console.log('\nTag invalidation of one tag on a tenth as many entries as the cac
 console.log('| entries | invalidated | total ms | longest event-loop block ms |')
 console.log('|---|---|---|---|')
 for (const row of tagRows) console.log(row)
+console.log('\nPrefix invalidation of `user:`, every entry left in the cache:\n')
+console.log('| entries | invalidated | total ms | longest event-loop block ms |')
+console.log('|---|---|---|---|')
+for (const row of allRows) console.log(row)
