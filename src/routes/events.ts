@@ -1,13 +1,13 @@
 import { Type } from '@sinclair/typebox'
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
-import { InvalidationResult, authErrors, badRequest, bodyTooLarge } from '../schemas/common.js'
+import { InvalidationResult, authErrors, badRequest, bodyTooLarge, orNull } from '../schemas/common.js'
 import { EventProcessor, EventRules } from '../sources/events.js'
 
 export const EventBody = Type.Object(
   {
-    id: Type.Optional(
-      Type.String({ minLength: 1, maxLength: 256, description: 'the event\'s id; a repeat within 10 minutes is applied once' }),
+    id: orNull(
+      Type.String({ minLength: 1, maxLength: 256, description: 'the event\'s id; a repeat within 10 minutes is applied once (null: no id)' }),
     ),
     type: Type.String({ minLength: 1, maxLength: 256, description: 'the event type the rules match, e.g. `persona.updated`' }),
     data: Type.Record(Type.String(), Type.Unknown(), {
@@ -52,7 +52,7 @@ export default async function eventRoutes(fastify: FastifyInstance) {
     },
     async (request, reply) => {
       const { id, type, data } = request.body
-      const outcome = await processor.apply({ id, type, data }, request.apiKey?.name)
+      const outcome = await processor.apply({ id: id ?? undefined, type, data }, request.apiKey?.name)
       if (outcome.replayed) reply.header('idempotent-replayed', 'true')
       return outcome.response
     },

@@ -1,6 +1,6 @@
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
-import { authErrors, badRequest, bodyTooLarge, leaseConflict, notFoundError } from '../schemas/common.js'
+import { authErrors, badRequest, bodyTooLarge, leaseConflict, notFoundError, withoutNulls } from '../schemas/common.js'
 import { KeyParams, WriteResult } from '../schemas/entries.js'
 import { ConsistencyBody, ConsistencyReport, WarmBody, WarmSummary } from '../schemas/origins.js'
 import { checkKey } from '../cache/limits.js'
@@ -54,7 +54,7 @@ export default async function originRoutes(fastify: FastifyInstance) {
       },
     },
     async (request, reply) => {
-      const set = checkWarmSet(origins, request.body)
+      const set = checkWarmSet(origins, withoutNulls(request.body))
       // Shutdown, or a caller gone, stops it: no further key is loaded.
       return warm(origins, set, app.log as CoreLogger, AbortSignal.any([callerGone(request, reply), origins.stopping.signal]))
     },
@@ -78,7 +78,10 @@ export default async function originRoutes(fastify: FastifyInstance) {
       },
     },
     async (request, reply) => {
-      const body = request.body as ConsistencyRequest
+      const sent = withoutNulls(request.body)
+      // `value: null` is a value (the truth may be null); a null etag is no etag.
+      const body: ConsistencyRequest = { ...sent, entries: sent.entries?.map(({ etag, ...item }) => (etag == null ? item : { ...item, etag })) }
+      if (body.entries === undefined) delete body.entries
       // A caller that goes away abandons the check: no further origin fetch, no further repair.
       const gone = callerGone(request, reply)
       const report = await app.consistency.check(body, request.apiKey?.name, gone)

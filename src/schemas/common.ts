@@ -1,5 +1,18 @@
 import { Type, type TSchema } from '@sinclair/typebox'
 
+/**
+ * An optional field that may also be sent as `null`, which counts as absent: clients often send
+ * a field they have no value for as null. Routes drop such fields (`withoutNulls`) before use.
+ */
+export const orNull = <T extends TSchema>(schema: T) => Type.Optional(Type.Union([schema, Type.Null()]))
+
+/** A shallow copy of `body` without the fields sent as `null` (see `orNull`). */
+export function withoutNulls<T extends object>(body: T): { [K in keyof T]: Exclude<T[K], null> } {
+  const out: Record<string, unknown> = {}
+  for (const [field, value] of Object.entries(body)) if (value !== null) out[field] = value
+  return out as { [K in keyof T]: Exclude<T[K], null> }
+}
+
 // Limits here are the contract's outer bounds; the configurable limits are checked in the
 // core (src/cache/limits.ts), which names the field in its message.
 

@@ -1,9 +1,8 @@
-import { Type, type TSchema } from '@sinclair/typebox'
+import { Type } from '@sinclair/typebox'
 import { MAX_REASON_CHARS } from '../cache/limits.js'
-import { InvalidationMode } from './common.js'
+import { InvalidationMode, orNull } from './common.js'
 
-// `null` counts as absent, as in a write: clients often send a field they have no value for as null.
-const orNull = <T extends TSchema>(schema: T) => Type.Optional(Type.Union([schema, Type.Null()]))
+// `null` counts as absent, as in a write.
 const names = (what: string) => orNull(Type.Array(Type.String(), { maxItems: 1000, description: what }))
 
 export const SelectorBody = Type.Object(

@@ -1,7 +1,9 @@
 import { Type } from '@sinclair/typebox'
-import { Json } from './common.js'
+import { Json, orNull } from './common.js'
 
-const names = (what: string) => Type.Optional(Type.Array(Type.String(), { maxItems: 1000, description: what }))
+// An optional field sent as `null` counts as absent, as in a write or a selector (`value: null`
+// in a consistency entry is a value, though: the truth may be null).
+const names = (what: string) => orNull(Type.Array(Type.String(), { maxItems: 1000, description: what }))
 
 export const WarmBody = Type.Object(
   {
@@ -25,24 +27,24 @@ export const ConsistencyBody = Type.Object(
   {
     keys: names('with against "origin": keys to check'),
     userIds: names('with against "origin": check every cached key of these users'),
-    sample: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000, description: 'with against "origin": check up to this many cached keys' })),
+    sample: orNull(Type.Integer({ minimum: 1, maximum: 10000, description: 'with against "origin": check up to this many cached keys' })),
     against: Type.Union([Type.Literal('provided'), Type.Literal('origin')], {
       description: '`provided`: `entries` carry the truth; `origin`: cachewarden fetches it from the key\'s origin',
     }),
-    entries: Type.Optional(
+    entries: orNull(
       Type.Array(
         Type.Object(
           {
             key: Type.String(),
             value: Type.Optional(Json),
-            etag: Type.Optional(Type.String({ description: 'the etag of the true value (quoted, weak or bare)' })),
+            etag: orNull(Type.String({ description: 'the etag of the true value (quoted, weak or bare)' })),
           },
           { additionalProperties: false },
         ),
         { maxItems: 1000, description: 'with against "provided": each key with its true value or etag' },
       ),
     ),
-    repair: Type.Optional(
+    repair: orNull(
       Type.Union([Type.Literal('none'), Type.Literal('invalidate'), Type.Literal('refresh')], {
         description:
           '`invalidate` deletes the stale entries; `refresh` reloads them from their origin (keys no origin serves, ' +

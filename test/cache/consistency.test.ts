@@ -156,6 +156,34 @@ t.test('against provided values and etags (quoted, weak or bare), only differing
   t.equal(body.repaired, 0)
 })
 
+t.test('an optional field sent as null counts as absent; a null value in provided mode is a value', async (t) => {
+  const { app } = await setup(t)
+  await put(app, 'nul', { value: null })
+  const origin = await check(app, { against: 'origin', keys: null, userIds: ['2', '3'], sample: null, entries: null, repair: null })
+  t.equal(origin.statusCode, 200, origin.body)
+  t.match(origin.json(), { checked: 2, consistent: 1, stale: ['dashboard:2'] })
+  const provided = await check(app, {
+    against: 'provided',
+    keys: null,
+    userIds: null,
+    sample: null,
+    repair: null,
+    entries: [
+      { key: 'nul', value: null, etag: null },
+      { key: 'dashboard:3', value: { user: '3', version: 1 }, etag: null },
+    ],
+  })
+  t.equal(provided.statusCode, 200, provided.body)
+  t.match(provided.json(), { checked: 2, consistent: 2, stale: [] })
+  // Null names nothing: a check still needs something to check.
+  const nothing = await check(app, { against: 'origin', keys: null, userIds: null, sample: null })
+  t.equal(nothing.statusCode, 400)
+  t.match(nothing.json().message, /name what to check/)
+  const noTruth = await check(app, { against: 'provided', entries: [{ key: 'nul', etag: null }] })
+  t.equal(noTruth.statusCode, 400)
+  t.match(noTruth.json().message, /entries\[0\] needs a value or an etag/)
+})
+
 t.test('provided mode repairs: invalidate deletes, refresh reloads from the origin or deletes without one', async (t) => {
   const { app } = await setup(t)
   await put(app, 'misc:1', { value: 'old' })

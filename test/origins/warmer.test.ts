@@ -92,6 +92,12 @@ t.test('POST /v1/warm checks its input and its scope', async (t) => {
   t.equal((await call(app, { method: 'POST', url: '/v1/warm', payload: {}, key: 'read' })).statusCode, 403)
   const empty = await call(app, { method: 'POST', url: '/v1/warm', payload: {} })
   t.same(empty.json(), { requested: 0, loaded: 0, failed: 0, errors: [] })
+  // A list sent as null counts as absent, as in a selector.
+  origin.values.set(dash('1'), 'one')
+  const nulls = await call(app, { method: 'POST', url: '/v1/warm', payload: { keys: null, userIds: ['1'] } })
+  t.equal(nulls.statusCode, 200, nulls.body)
+  t.same(nulls.json(), { requested: 1, loaded: 1, failed: 0, errors: [] })
+  t.same((await call(app, { method: 'POST', url: '/v1/warm', payload: { keys: null, userIds: null } })).json(), { requested: 0, loaded: 0, failed: 0, errors: [] })
 })
 
 t.test('warm.onStartup loads its set once the app is ready, and warm.intervalMs again and again', async (t) => {

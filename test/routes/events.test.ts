@@ -117,10 +117,16 @@ t.test('a repeated event id within 10 minutes is applied once and gets the first
   t.equal(later.headers['idempotent-replayed'], undefined, 'forgotten after 10 minutes')
   t.equal((await get(a, 'plan:pro')).statusCode, 404)
 
-  // Without an id, every delivery applies.
+  // Without an id (or with a null one: absent, as any optional field sent as null), every delivery applies.
   await send(a, { type: 'plan.changed', data: { planId: 'pro' } })
   await send(a, { type: 'plan.changed', data: { planId: 'pro' } })
   t.equal(a.cache.totals.invalidations, 4)
+  for (let i = 0; i < 2; i++) {
+    const res = await send(a, { id: null, type: 'plan.changed', data: { planId: 'pro' } })
+    t.equal(res.statusCode, 200, res.body)
+    t.equal(res.headers['idempotent-replayed'], undefined)
+  }
+  t.equal(a.cache.totals.invalidations, 6)
 })
 
 t.test('a rejected event is not remembered, so a corrected retry with its id applies', async (t) => {
