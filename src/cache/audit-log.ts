@@ -76,7 +76,8 @@ export class AuditLog {
       }
       if (!isAuditable(record)) return
       this.record({
-        actor: record.actor ?? `source:${record.source}`,
+        // Another instance's (its key acted there, and that instance audits it under the key's name).
+        actor: record.source === 'bus' ? 'source:bus' : record.actor ?? `source:${record.source}`,
         action: 'invalidation',
         reason: record.reason,
         outcome: 'succeeded',

@@ -21,6 +21,7 @@ import {
   selectorLabels,
   type EvictionReason,
   type InvalidationMode,
+  type InvalidationNote,
   type InvalidationRecord,
   type InvalidationResult,
   type InvalidationSource,
@@ -337,7 +338,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const selector = checkSelector(rawSelector, this.limits)
     const mode = options.mode ?? 'delete'
     const result = await this.#apply(selector, options, async () => ({
-      invalidated: await this.store.invalidate(selector, mode, this.now()),
+      invalidated: await this.store.invalidate(selector, mode, this.now(), { reason: options.reason, actor: options.actor }),
       mode,
     }))
     // As memcache does on a delete: a fill in flight for an invalidated key will be refused,
@@ -405,12 +406,14 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   /**
    * Records an invalidation another instance made (cluster mode): Redis and this instance's
    * L1 already have it applied, so only the log, the counters and the `invalidation` event
-   * (metrics, stream) are fed, with source `bus`. `invalidated` counts the L1 copies dropped.
+   * (metrics, stream) are fed, with source `bus`. `invalidated` counts the L1 copies dropped;
+   * `note` is the reason and actor the other instance was given, when its message said.
+   * The id is this instance's own (a stream client's Last-Event-ID names one instance's order).
    */
-  recordBusInvalidation(selector: Selector, mode: InvalidationMode, invalidated: number): void {
+  recordBusInvalidation(selector: Selector, mode: InvalidationMode, invalidated: number, note?: InvalidationNote): void {
     for (const key of selector.keys ?? []) this.#fills.delete(key)
     const at = new Date(this.now()).toISOString()
-    this.#record({ id: randomUUID(), selector, mode, source: 'bus', invalidated, durationMs: 0, at, actor: undefined, reason: undefined })
+    this.#record({ id: randomUUID(), selector, mode, source: 'bus', invalidated, durationMs: 0, at, actor: note?.actor, reason: note?.reason })
   }
 
   /**

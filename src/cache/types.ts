@@ -84,6 +84,9 @@ export interface InvalidationRecord {
   reason: string | undefined
 }
 
+/** Why an invalidation was made and who asked: what other instances log of it (cluster mode). */
+export type InvalidationNote = Pick<InvalidationRecord, 'reason' | 'actor'>
+
 export interface InvalidationResult {
   id: string
   invalidated: number

@@ -1,6 +1,7 @@
 import type {
   EvictionListener,
   InvalidationMode,
+  InvalidationNote,
   LeaseStamp,
   Selector,
   SetOutcome,
@@ -51,9 +52,10 @@ export interface Store {
   /**
    * Applies an invalidation: bumps the sequence, records it for every scope in the
    * selector (so older leases on them are refused), then deletes or marks stale every
-   * matching entry. Returns how many entries it touched.
+   * matching entry. Returns how many entries it touched. `note` (why, and who asked) is for
+   * the other instances' invalidation logs, where a store has other instances to tell.
    */
-  invalidate(selector: Selector, mode: InvalidationMode, now: number): Promise<number>
+  invalidate(selector: Selector, mode: InvalidationMode, now: number, note?: InvalidationNote): Promise<number>
 
   /** Drops every entry and voids every outstanding lease. Returns how many entries went. */
   clear(): Promise<number>

@@ -6,11 +6,13 @@ import {
   type EvictionListener,
   type EvictionReason,
   type InvalidationMode,
+  type InvalidationNote,
   type LeaseStamp,
   type Selector,
   type SetOutcome,
   type StoredEntry,
 } from '../cache/types.js'
+import { cutReason } from '../cache/limits.js'
 import { CacheError, backendUnavailable } from '../errors.js'
 import { answerInTime } from '../liveness.js'
 import { LogThrottle } from '../logger.js'
@@ -123,6 +125,9 @@ interface BusMessage {
   qs?: Selector
   /** The walk's number at its sender: pairs the quiet message with the message proper. */
   i?: number
+  /** With `s`: the invalidation's reason and actor, for the other instances' logs (older builds ignore them). */
+  r?: string
+  a?: string
   /** With `qs`: the walk failed, no message proper follows. */
   x?: 1
   /** The quiet flag of one earlier build, which sent the quiet selector under `s`. */
@@ -131,7 +136,7 @@ interface BusMessage {
 
 /** Another instance's change, once applied to this L1; `invalidated` counts the L1 copies it touched. */
 export type RemoteInvalidation =
-  | { selector: Selector; mode: InvalidationMode; write: boolean; flush?: undefined; invalidated: number }
+  | { selector: Selector; mode: InvalidationMode; write: boolean; flush?: undefined; invalidated: number; note?: InvalidationNote }
   // `mode` is missing in a flush from an instance of an older build.
   | { selector?: undefined; mode?: InvalidationMode; write: false; flush: true; invalidated: number }
 
@@ -409,10 +414,10 @@ export class TieredStore implements Store {
     return 'ok'
   }
 
-  async invalidate(selector: Selector, mode: InvalidationMode, now: number): Promise<number> {
+  async invalidate(selector: Selector, mode: InvalidationMode, now: number, note?: InvalidationNote): Promise<number> {
     const prefixes = selector.prefixes ?? []
     const walk = ++this.#lastWalk
-    const message = this.#message(selector, mode, walk)
+    const message = this.#message(selector, mode, walk, undefined, note)
     const quiet = this.#message(selector, mode, walk, 'quiet')
     // Whether the other instances still wait for the message (the script sent the quiet one).
     let owed = false
@@ -968,7 +973,7 @@ export class TieredStore implements Store {
       const remote: RemoteInvalidation =
         selector === undefined
           ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined }
-          : { selector, mode, write: message.w === 1, invalidated }
+          : { selector, mode, write: message.w === 1, invalidated, note: busNote(message) }
       for (const listener of this.#remoteListeners) {
         try {
           listener(remote)
@@ -1033,9 +1038,11 @@ export class TieredStore implements Store {
     for (const listener of this.#busListeners) listener(up)
   }
 
-  #message(selector: Selector, mode: InvalidationMode, walk: number, kind?: 'quiet' | 'failed'): string {
+  #message(selector: Selector, mode: InvalidationMode, walk: number, kind?: 'quiet' | 'failed', note?: InvalidationNote): string {
     const message: BusMessage =
-      kind === undefined ? { f: this.id, s: selector, m: mode, i: walk } : { f: this.id, qs: selector, m: mode, i: walk, ...(kind === 'failed' && { x: 1 }) }
+      kind === undefined
+        ? { f: this.id, s: selector, m: mode, i: walk, r: note?.reason, a: note?.actor } // undefined fields are left out
+        : { f: this.id, qs: selector, m: mode, i: walk, ...(kind === 'failed' && { x: 1 }) }
     return JSON.stringify(message)
   }
 
@@ -1197,3 +1204,10 @@ function redisAddress(url: string): string {
 }
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref())
+
+/** The reason and actor of a bus message, if it carries them as it should (anything that can PUBLISH can send anything). */
+function busNote(message: BusMessage): InvalidationNote | undefined {
+  const reason = typeof message.r === 'string' && message.r !== '' ? cutReason(message.r) : undefined
+  const actor = typeof message.a === 'string' && message.a !== '' ? message.a.slice(0, 128) : undefined
+  return reason === undefined && actor === undefined ? undefined : { reason, actor }
+}

@@ -84,6 +84,47 @@ if (requireRedisServer(t)) {
     t.notOk(own.some((r) => r.source === 'bus'), 'the sender does not log its own change twice')
   })
 
+  t.test("the other instances log an invalidation with its reason and actor, under their own id", async (t) => {
+    await put(a, 'why:1', { value: 1 })
+    await put(a, 'why:2', { value: 2 })
+    // One the script announces, and a prefix walked in batches, whose message comes at the end.
+    const byKey = await call(a, { method: 'POST', url: '/v1/invalidations', key: 'invalidate', payload: { keys: ['why:1'], reason: 'price changed' } })
+    const byPrefix = await call(a, { method: 'POST', url: '/v1/invalidations', key: 'admin', payload: { prefixes: ['why:'], reason: 'schema v2 ✓' } })
+    const bare = await call(a, { method: 'DELETE', url: '/v1/entries/why:3', key: 'invalidate' })
+    for (const res of [byKey, byPrefix, bare]) t.equal(res.statusCode, 200)
+    type Logged = { id: string; selector: { keys?: string[]; prefixes?: string[] }; source: string; reason: string | null; actor: string | null }
+    const find = (log: Logged[], res: typeof byKey) => {
+      const body = res.json() as { id: string }
+      const own = (res === byPrefix ? (r: Logged) => r.selector.prefixes?.[0] === 'why:' : (r: Logged) => r.selector.keys?.[0] === (res === byKey ? 'why:1' : 'why:3'))
+      return { body, record: log.find(own) }
+    }
+    for (const app of [b, c]) {
+      let log: Logged[] = []
+      t.ok(
+        await waitUntil(async () => {
+          log = (await call(app, { url: '/v1/debug/invalidations?limit=50' })).json() as Logged[]
+          return [byKey, byPrefix, bare].every((res) => find(log, res).record !== undefined)
+        }),
+        'all three reached the log',
+      )
+      const expected = [
+        [byKey, 'price changed', 'invalidator'],
+        [byPrefix, 'schema v2 ✓', 'admin'],
+        [bare, null, 'invalidator'],
+      ] as const
+      for (const [res, reason, actor] of expected) {
+        const { body, record } = find(log, res)
+        t.match(record, { source: 'bus', reason, actor })
+        t.not(record?.id, body.id, "this instance's own id")
+      }
+      // A prefix invalidation is audited everywhere: under the key's name where it was made.
+      const audit = (await call(app, { url: '/v1/debug/audit?limit=50' })).json() as Array<{ actor: string; action: string; reason: string | null }>
+      t.match(audit.find((r) => r.action === 'invalidation' && r.reason === 'schema v2 ✓'), { actor: 'source:bus' })
+    }
+    const audit = (await call(a, { url: '/v1/debug/audit?limit=50' })).json() as Array<{ actor: string; action: string; reason: string | null }>
+    t.match(audit.find((r) => r.action === 'invalidation' && r.reason === 'schema v2 ✓'), { actor: 'admin' })
+  })
+
   t.test('a lease from one instance is voided by an invalidation on another', async (t) => {
     const miss = await get(a, 'report:9')
     t.equal(miss.statusCode, 404)

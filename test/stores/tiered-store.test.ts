@@ -262,19 +262,24 @@ if (requireRedisServer(t)) {
     await a.set(entry(clock, 'k', { value: '"v1"' }))
     t.ok(await filled(b, 'k', clock))
     const reported: unknown[] = []
-    b.onRemoteInvalidation((remote) => void (remote.write || reported.push(remote.selector)))
+    const notes: unknown[] = []
+    b.onRemoteInvalidation((remote) => void (remote.write || remote.flush || (reported.push(remote.selector), notes.push(remote.note))))
     for (const junk of [
       'null', '1', '"text"', '[]', 'true', 'x', '{}', '{"s":null}', '{"s":"all"}', '{"s":{"keys":"k"}}', '{"s":{"userIds":[1]}}',
       '{"s":{"keys":5}}', '{"qs":{"tags":{}}}', '{"s":{"prefixes":[null]},"i":1}', '{"s":{}}', '{"s":{"all":true}}', '{"s":{"keys":[]}}',
       // Not junk, but only its lists are taken: nothing else reaches the log and the stream.
       '{"f":"z","s":{"keys":["j"],"all":true,"note":"<script>"}}',
+      // A reason and an actor that are not strings, or are too long, are dropped or cut.
+      '{"f":"z","s":{"keys":["j2"]},"r":5,"a":{"name":"x"}}',
+      `{"f":"z","s":{"keys":["j3"]},"r":"${'r'.repeat(2000)}","a":"${'a'.repeat(300)}"}`,
     ]) {
       await publisher.publish(`{${namespace}}:bus`, junk)
     }
     await a.set(entry(clock, 'k', { value: '"v2"' }))
     t.ok(await waitUntil(async () => (await b.l1Peek('k', clock.now())) === undefined), 'a real message after the junk still dropped the copy')
     t.equal((await b.get('k', clock.now()))?.value, '"v2"')
-    t.same(reported, [{ keys: ['j'] }], 'one invalidation reported, of its keys alone')
+    t.same(reported, [{ keys: ['j'] }, { keys: ['j2'] }, { keys: ['j3'] }], 'invalidations reported, of their keys alone')
+    t.same(notes, [undefined, undefined, { reason: 'r'.repeat(1024), actor: 'a'.repeat(128) }])
   })
 
   t.test('a bus listener that throws neither stops the listeners after it nor the process', async (t) => {
