@@ -199,7 +199,7 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     store.onRemoteInvalidation((r) => {
       if (!r.flush) {
         if (!r.write) cache.recordBusInvalidation(r.selector, r.mode, r.invalidated, r.note)
-      } else if (r.mode !== undefined) cache.recordBusInvalidation({ all: true }, r.mode, r.invalidated)
+      } else if (r.mode !== undefined) cache.recordBusInvalidation({ all: true }, r.mode, r.invalidated, r.note)
       else cache.emit('resync', { reason: 'the cache was cleared or marked stale on another instance' })
     })
     app.readinessChecks.push({ name: 'redis', ready: () => store.healthy() })

@@ -355,9 +355,10 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
    */
   async markAllStale(options: Omit<InvalidateOptions, 'mode'>): Promise<InvalidationResult> {
     return this.#apply({ all: true }, options, async () => {
-      if (this.store.markAllStale) return { invalidated: await this.store.markAllStale(), mode: 'stale' as const }
+      const note = { reason: options.reason, actor: options.actor }
+      if (this.store.markAllStale) return { invalidated: await this.store.markAllStale(note), mode: 'stale' as const }
       this.#logger?.warn({ store: this.store.kind, source: options.source }, 'store cannot mark all stale; clearing it')
-      const invalidated = await this.store.clear()
+      const invalidated = await this.store.clear(note)
       this.#fills.clear()
       return { invalidated, mode: 'delete' as const }
     })
@@ -423,7 +424,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
    */
   async clear(actor?: string, reason?: string, source: InvalidationSource = 'admin', repeat = false): Promise<number> {
     const result = await this.#apply({ all: true }, { source, actor, reason, repeat }, async () => {
-      const invalidated = await this.store.clear()
+      const invalidated = await this.store.clear({ reason, actor })
       this.#fills.clear()
       return { invalidated, mode: 'delete' as const }
     })

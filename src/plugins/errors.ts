@@ -79,10 +79,12 @@ export default fp(
         return reply.code(429).send({ error: 'rate_limited', message: error.message || 'too many requests; slow down' })
       }
       if (status === 403 || status === 404) {
-        // Only a plugin's own refusal gets here (the docs' static files: a path that climbs out
-        // of their folder is 403, a file that is not there 404); our own are CacheErrors.
+        // A plugin's own refusal (ours are CacheErrors): the docs' static files answer a path
+        // that climbs out of their folder with a 403. (A file not there goes to the not-found
+        // handler; a 404 here would be some other plugin's, and is one all the same.)
+        const docs = request.url.startsWith('/docs/')
         return reply.code(status).send(status === 403
-          ? { error: 'forbidden', message: 'the path leaves the folder the docs are served from' }
+          ? { error: 'forbidden', message: docs ? 'the path leaves the folder the docs are served from' : clientMessage(error as FastifyError) }
           : { error: 'not_found', message: `no route ${request.method} ${truncate(request.url.split('?')[0], 200)}` })
       }
       if (status >= 400 && status < 500) {

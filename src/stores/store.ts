@@ -57,15 +57,15 @@ export interface Store {
    */
   invalidate(selector: Selector, mode: InvalidationMode, now: number, note?: InvalidationNote): Promise<number>
 
-  /** Drops every entry and voids every outstanding lease. Returns how many entries went. */
-  clear(): Promise<number>
+  /** Drops every entry and voids every outstanding lease. Returns how many entries went. `note`: as for `invalidate`. */
+  clear(note?: InvalidationNote): Promise<number>
 
   /**
    * Marks every entry stale and voids every outstanding lease, like `clear` but keeping the
    * entries for `allowStale` readers. Returns how many entries were newly marked. Optional:
    * CacheService.markAllStale falls back to `clear` on a store without it.
    */
-  markAllStale?(): Promise<number>
+  markAllStale?(note?: InvalidationNote): Promise<number>
 
   /** The stamp a lease issued now carries. */
   leaseStamp(): Promise<LeaseStamp>

@@ -125,7 +125,7 @@ interface BusMessage {
   qs?: Selector
   /** The walk's number at its sender: pairs the quiet message with the message proper. */
   i?: number
-  /** With `s`: the invalidation's reason and actor, for the other instances' logs (older builds ignore them). */
+  /** With `s` or `flush`: the invalidation's reason and actor, for the other instances' logs (older builds ignore them). */
   r?: string
   a?: string
   /** With `qs`: the walk failed, no message proper follows. */
@@ -138,7 +138,7 @@ interface BusMessage {
 export type RemoteInvalidation =
   | { selector: Selector; mode: InvalidationMode; write: boolean; flush?: undefined; invalidated: number; note?: InvalidationNote }
   // `mode` is missing in a flush from an instance of an older build.
-  | { selector?: undefined; mode?: InvalidationMode; write: false; flush: true; invalidated: number }
+  | { selector?: undefined; mode?: InvalidationMode; write: false; flush: true; invalidated: number; note?: InvalidationNote }
 
 /** An L1 copy: `expiresAt` is the L1 deadline; `real` is the entry as Redis has it. */
 interface L1Entry extends StoredEntry {
@@ -482,9 +482,9 @@ export class TieredStore implements Store {
     }
   }
 
-  async clear(): Promise<number> {
+  async clear(note?: InvalidationNote): Promise<number> {
     try {
-      const [count, oldGen] = (await this.#scripts.cwClear(this.#base, this.#channel, this.#flushMessage('delete'))) as [
+      const [count, oldGen] = (await this.#scripts.cwClear(this.#base, this.#channel, this.#flushMessage('delete', note))) as [
         number,
         string,
       ]
@@ -503,7 +503,7 @@ export class TieredStore implements Store {
    * policy). Leases are voided first, then the expiry index is walked in batches outside
    * Lua, and every L1 is flushed at the end (the next read fetches the stale-marked entry).
    */
-  async markAllStale(): Promise<number> {
+  async markAllStale(note?: InvalidationNote): Promise<number> {
     let count = 0
     try {
       const gen = (await this.#scripts.cwVoidLeases(this.#base)) as string
@@ -515,7 +515,7 @@ export class TieredStore implements Store {
         },
         async (keys) => void (count += await this.#invalidateKeys(keys, 'stale', this.#now())),
       )
-      await this.#redis.publish(this.#channel, this.#flushMessage('stale'))
+      await this.#redis.publish(this.#channel, this.#flushMessage('stale', note))
       await this.#delivered()
       return count
     } catch (error) {
@@ -972,7 +972,7 @@ export class TieredStore implements Store {
     void applied.then((invalidated) => {
       const remote: RemoteInvalidation =
         selector === undefined
-          ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined }
+          ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined, note: busNote(message) }
           : { selector, mode, write: message.w === 1, invalidated, note: busNote(message) }
       for (const listener of this.#remoteListeners) {
         try {
@@ -1047,8 +1047,8 @@ export class TieredStore implements Store {
   }
 
   /** The bus message telling every other instance to drop its whole L1, and why (clear or mark-all-stale). */
-  #flushMessage(mode: InvalidationMode): string {
-    return JSON.stringify({ f: this.id, flush: 1, m: mode } satisfies BusMessage)
+  #flushMessage(mode: InvalidationMode, note?: InvalidationNote): string {
+    return JSON.stringify({ f: this.id, flush: 1, m: mode, r: note?.reason, a: note?.actor } satisfies BusMessage)
   }
 
   #report(keys: string[], reason: EvictionReason): void {
@@ -1205,9 +1205,13 @@ function redisAddress(url: string): string {
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref())
 
-/** The reason and actor of a bus message, if it carries them as it should (anything that can PUBLISH can send anything). */
+/**
+ * The reason and actor of a bus message, if it carries them as strings (anything that can
+ * PUBLISH can send anything), cut to MAX_REASON_CHARS code points each: a key's name has no
+ * length limit, but one longer than a reason is no name.
+ */
 function busNote(message: BusMessage): InvalidationNote | undefined {
-  const reason = typeof message.r === 'string' && message.r !== '' ? cutReason(message.r) : undefined
-  const actor = typeof message.a === 'string' && message.a !== '' ? message.a.slice(0, 128) : undefined
+  const reason = typeof message.r === 'string' ? cutReason(message.r) : undefined
+  const actor = typeof message.a === 'string' ? cutReason(message.a) : undefined
   return reason === undefined && actor === undefined ? undefined : { reason, actor }
 }

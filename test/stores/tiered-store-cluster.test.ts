@@ -325,10 +325,11 @@ if (requireRedisServer(t)) {
     t.match(stream.text(), /the cache was cleared on another instance/)
     t.match(stream.text(), /event: invalidation\ndata: \{[^\n]*"selector":\{"all":true\},"mode":"delete","source":"bus"/)
     const [record] = (await call(b, { url: '/v1/debug/invalidations?limit=1' })).json()
-    t.match(record, { selector: { all: true }, mode: 'delete', source: 'bus' }, 'in b\'s invalidation log')
+    t.match(record, { selector: { all: true }, mode: 'delete', source: 'bus', actor: 'test', reason: 'cluster stream test' }, 'in b\'s invalidation log, why and who')
     // Marking everything stale travels the same way, as mode stale.
-    await a.cache.markAllStale({ source: 'postgres', reason: 'cluster test' })
+    await a.cache.markAllStale({ source: 'postgres', reason: 'cluster test', actor: 'postgres-listener' })
     t.ok(await waitUntil(async () => (await call(b, { url: '/v1/debug/invalidations?limit=1' })).json()[0]?.mode === 'stale'))
+    t.match((await call(b, { url: '/v1/debug/invalidations?limit=1' })).json()[0], { source: 'bus', reason: 'cluster test', actor: 'postgres-listener' })
   })
 
   t.test('a bus outage is a reset on the stream once the bus is back (invalidations may have been missed)', async (t) => {

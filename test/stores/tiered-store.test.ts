@@ -271,7 +271,7 @@ if (requireRedisServer(t)) {
       '{"f":"z","s":{"keys":["j"],"all":true,"note":"<script>"}}',
       // A reason and an actor that are not strings, or are too long, are dropped or cut.
       '{"f":"z","s":{"keys":["j2"]},"r":5,"a":{"name":"x"}}',
-      `{"f":"z","s":{"keys":["j3"]},"r":"${'r'.repeat(2000)}","a":"${'a'.repeat(300)}"}`,
+      `{"f":"z","s":{"keys":["j3"]},"r":"${'r'.repeat(2000)}","a":"${'😀'.repeat(1500)}"}`,
     ]) {
       await publisher.publish(`{${namespace}}:bus`, junk)
     }
@@ -279,7 +279,7 @@ if (requireRedisServer(t)) {
     t.ok(await waitUntil(async () => (await b.l1Peek('k', clock.now())) === undefined), 'a real message after the junk still dropped the copy')
     t.equal((await b.get('k', clock.now()))?.value, '"v2"')
     t.same(reported, [{ keys: ['j'] }, { keys: ['j2'] }, { keys: ['j3'] }], 'invalidations reported, of their keys alone')
-    t.same(notes, [undefined, undefined, { reason: 'r'.repeat(1024), actor: 'a'.repeat(128) }])
+    t.same(notes, [undefined, undefined, { reason: 'r'.repeat(1024), actor: '😀'.repeat(1024) }], 'cut by code points, never within a pair')
   })
 
   t.test('a bus listener that throws neither stops the listeners after it nor the process', async (t) => {
