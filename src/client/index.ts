@@ -166,6 +166,9 @@ export class CachewardenClient {
   readonly #timeoutMs: number
   /** Fill leases `get` and `batchGet` were handed on a miss, kept for this client's own `getOrSet` of the key for `fillLeaseMs`. */
   readonly #heldFills: LRUCache<string, string>
+  /** The getOrSet calls in flight, which close() waits for. */
+  readonly #filling = new Set<Promise<unknown>>()
+  #closed: Promise<void> | undefined
 
   constructor(options: ClientOptions) {
     if (typeof options?.url !== 'string') throw new TypeError('options.url must be the base URL of cachewarden')
@@ -204,7 +207,7 @@ export class CachewardenClient {
     const headers: Record<string, string> = {}
     if (options.ifNoneMatch !== undefined) headers['if-none-match'] = quote(options.ifNoneMatch)
     const query = options.allowStale ? '?allowStale=true' : ''
-    const { status, body, etag } = await this.#request('GET', `/v1/entries/${encodeURIComponent(key)}${query}`, undefined, options.signal, headers)
+    const { status, body, etag } = await this.#request('GET', `/v1/entries/${keyPath(key)}${query}`, undefined, options.signal, headers)
     if (status === 200) {
       if (body === null || typeof body !== 'object' || !('value' in body)) throw unexpected(status, body, 'not an entry')
       return { status: 'hit', entry: body as Entry<T> }
@@ -223,14 +226,14 @@ export class CachewardenClient {
   async set(key: string, value: unknown, options: WriteOptions & CallOptions = {}): Promise<WriteResult> {
     checkOptions(options, OPTIONS.set, 'set options')
     assertJsonValue(value)
-    return this.#expect<WriteResult>('PUT', `/v1/entries/${encodeURIComponent(key)}`, { value, ...writeFields(options, 'set options') }, options.signal)
+    return this.#expect<WriteResult>('PUT', `/v1/entries/${keyPath(key)}`, { value, ...writeFields(options, 'set options') }, options.signal)
   }
 
   /** Invalidates one key (deletes it, or marks it stale with `mode: 'stale'`), voiding its leases. */
   async delete(key: string, options: { mode?: InvalidationMode } & CallOptions = {}): Promise<InvalidationResult> {
     checkOptions(options, OPTIONS.delete, 'delete options')
     const query = options.mode ? `?mode=${options.mode}` : ''
-    return this.#expect<InvalidationResult>('DELETE', `/v1/entries/${encodeURIComponent(key)}${query}`, undefined, options.signal)
+    return this.#expect<InvalidationResult>('DELETE', `/v1/entries/${keyPath(key)}${query}`, undefined, options.signal)
   }
 
   /** Invalidates by keys, userIds, tags and prefixes at once (`POST /v1/invalidations`). */
@@ -294,13 +297,21 @@ export class CachewardenClient {
   }
 
   /** `getOrSet`, also telling what happened (hit, filled, refused, waited). */
-  async getOrSetTraced<T>(
-    key: string,
-    loader: Loader<T>,
-    options: GetOrSetOptions = {},
-  ): Promise<{ value: T; trace: GetOrSetTrace }> {
+  getOrSetTraced<T>(key: string, loader: Loader<T>, options: GetOrSetOptions = {}): Promise<{ value: T; trace: GetOrSetTrace }> {
+    const call = this.#getOrSet(key, loader, options)
+    // close() waits for it: its loader's value is the caller's, and its write should land.
+    this.#filling.add(call)
+    void call.then(
+      () => this.#filling.delete(call),
+      () => this.#filling.delete(call),
+    )
+    return call
+  }
+
+  async #getOrSet<T>(key: string, loader: Loader<T>, options: GetOrSetOptions): Promise<{ value: T; trace: GetOrSetTrace }> {
     checkOptions(options, OPTIONS.getOrSet, 'getOrSet options')
     const { maxWaitMs = DEFAULT_MAX_WAIT_MS, signal, ...write } = options
+    if (typeof maxWaitMs !== 'number' || !(maxWaitMs >= 0)) throw new TypeError(`getOrSet options: maxWaitMs must be a number of ms, 0 or more (got ${described(maxWaitMs)})`)
     let waits = 0
     let deadline: number | undefined
     for (;;) {
@@ -318,9 +329,10 @@ export class CachewardenClient {
       }
       if (found.status !== 'miss') throw new CachewardenError('unexpected_response', 304, 'unexpected 304 without If-None-Match')
       let { lease } = found
-      // This client's own get() took the fill lease a moment ago: fill with it, not wait it out.
-      const held = lease.fill ? undefined : this.#heldFills.get(key)
-      if (held !== undefined) lease = { lease: held, fill: true }
+      // This client's own get() took the fill lease a moment ago: fill now, not wait it out.
+      // The write still carries this lookup's lease: the loader runs after it was issued, and an
+      // invalidation between the get() and now must not refuse a value loaded after it.
+      if (!lease.fill && this.#heldFills.has(key)) lease = { ...lease, fill: true }
       deadline ??= Date.now() + maxWaitMs
       if (lease.fill || Date.now() >= deadline) {
         this.#heldFills.delete(key)
@@ -350,9 +362,18 @@ export class CachewardenClient {
     if (lease.fill) this.#heldFills.set(key, lease.lease, { start: issuedAfter })
   }
 
-  /** Closes the connection pool (waits for requests in flight). */
-  async close(): Promise<void> {
-    await this.#pool.close()
+  /**
+   * Waits for the `getOrSet` calls in flight (their loaders, and the writes of what they load),
+   * then closes the connection pool, which waits for the other requests in flight. Calls made
+   * after it began fail with undici's ClientDestroyedError once the pool is closed. Closing
+   * again returns the same promise.
+   */
+  close(): Promise<void> {
+    this.#closed ??= (async () => {
+      while (this.#filling.size > 0) await Promise.allSettled([...this.#filling])
+      await this.#pool.close()
+    })()
+    return this.#closed
   }
 
   async #expect<T>(method: 'GET' | 'PUT' | 'POST' | 'DELETE', path: string, payload?: unknown, signal?: AbortSignal): Promise<T> {
@@ -425,6 +446,13 @@ function unavailable(error: unknown): boolean {
  */
 function assertJsonValue(value: unknown, where = ''): void {
   if (value === undefined || notJson(value)) throw new TypeError(`${where}the value must be JSON (got ${described(value)})`)
+}
+
+/** A key as a path segment; one that is not well-formed Unicode (a lone surrogate) cannot be sent. */
+function keyPath(key: string): string {
+  if (typeof key !== 'string') throw new TypeError(`the key must be a string (got ${typeof key})`)
+  if (!key.isWellFormed()) throw new TypeError('the key must be well-formed Unicode (it has a lone surrogate, which no URL can carry)')
+  return encodeURIComponent(key)
 }
 
 const described = (value: unknown) => (typeof value === 'number' ? String(value) : typeof value)

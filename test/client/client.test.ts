@@ -511,12 +511,56 @@ t.test('getOrSet', async (t) => {
     t.ok(afterExpiry.trace.waits > 0, 'an expired kept lease is not used: it waits on the new holder')
     t.throws(() => new CachewardenClient({ url: 'http://x', apiKey: 'k', fillLeaseMs: -1 }), TypeError)
 
-    // The kept lease is still that lease: an invalidation of the user since it was issued voids it.
+    // The kept lease lets it fill now; the write carries getOrSet's own, newer lease: its loader
+    // runs after an invalidation that came since the get(), and what it loads is kept.
     await c.get('v')
     await other.invalidate({ userIds: ['u-v'] })
-    const refused = await c.getOrSetTraced('v', () => 'read before?', { userId: 'u-v' })
-    t.same(refused.trace, { outcome: 'fill_refused', waits: 0 }, 'filled with the kept lease, and refused')
-    t.equal((await c.lookup('v')).status, 'miss', 'nothing was cached')
+    const filled = await c.getOrSetTraced('v', () => 'loaded after', { userId: 'u-v' })
+    t.same(filled.trace, { outcome: 'filled', waits: 0 }, 'filled at once, and kept')
+    t.equal((await other.get('v'))?.value, 'loaded after')
+    // An invalidation while the loader runs still refuses it.
+    await c.get('v2')
+    const refused = await c.getOrSetTraced('v2', async () => {
+      await other.invalidate({ userIds: ['u-v2'] })
+      return 'read before the invalidation'
+    }, { userId: 'u-v2' })
+    t.same(refused.trace, { outcome: 'fill_refused', waits: 0 })
+    t.equal((await c.lookup('v2')).status, 'miss', 'nothing was cached')
+  })
+
+  t.test('maxWaitMs must be a number of ms; a key that no URL can carry is a TypeError', async (t) => {
+    const { client } = await serve(t)
+    const c = client()
+    for (const maxWaitMs of [Number.NaN, 'abc', -1, null]) {
+      await t.rejects(c.getOrSet('k', () => 1, { maxWaitMs: maxWaitMs as number }), { name: 'TypeError', message: /maxWaitMs must be a number/ }, String(maxWaitMs))
+    }
+    const lone = 'k\ud800'
+    for (const call of [() => c.get(lone), () => c.set(lone, 1), () => c.delete(lone), () => c.getOrSet(lone, () => 1), () => c.lookup(lone)]) {
+      await t.rejects(call(), { name: 'TypeError', message: /well-formed Unicode/ })
+    }
+  })
+
+  t.test('close() waits for getOrSet calls in flight, their loads and writes; closing again is the same close', async (t) => {
+    const { client } = await serve(t)
+    const c = client()
+    let release!: () => void
+    const loading = new Promise<void>((resolve) => (release = resolve))
+    const call = c.getOrSetTraced('slow', async () => {
+      await loading
+      return 'loaded'
+    })
+    await sleep(50) // the loader is running
+    let closed = false
+    const closing = c.close().then(() => (closed = true))
+    await sleep(50)
+    t.equal(closed, false, 'not closed while the loader runs')
+    release()
+    t.same(await call, { value: 'loaded', trace: { outcome: 'filled', waits: 0 } })
+    await closing
+    t.equal(closed, true)
+    await c.close() // again: no error
+    t.equal((await client().get('slow'))?.value, 'loaded', 'the write landed before the pool closed')
+    await t.rejects(c.get('slow'), 'a call after close fails')
   })
 
   t.test('cache errors other than 409 propagate', async (t) => {
