@@ -505,6 +505,20 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     if (holder !== undefined) await this.#releaseFill(key, holder)
   }
 
+  /**
+   * A caller that will not fill after all (its load failed) hands its lease back
+   * (`POST /v1/entries/:key/release`): if it was the fill lease, the next miss fills at once.
+   * Any other lease of the key changes nothing; a token that is not a lease of this key is a 400.
+   */
+  async giveUpFill(key: string, lease: unknown): Promise<void> {
+    checkKey(key, this.limits)
+    const token = typeof lease === 'string' ? lease : lease !== null && typeof lease === 'object' ? (lease as { lease?: unknown }).lease : undefined
+    const stamp = typeof token === 'string' ? decodeLease(token) : undefined
+    if (stamp === undefined) throw invalidRequest('lease must be the token a miss returned')
+    if (stamp.keyHash !== keyHash(key)) throw invalidRequest('lease was issued for another key')
+    if (stamp.holder !== undefined) await this.#releaseFill(key, stamp.holder)
+  }
+
   async #releaseFill(key: string, holder: string): Promise<void> {
     if (this.store.releaseFill === undefined) {
       if (this.#fills.get(key)?.holder === holder) this.#fills.delete(key)

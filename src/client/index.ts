@@ -284,12 +284,14 @@ export class CachewardenClient {
    *   loading), the loaded value is returned to the caller but not cached. It is what the
    *   source held when this call began, so the caller gets a consistent answer, and no
    *   second load is spent on a key that is being changed; the next caller fills afresh.
-   * The value must be JSON. A loader that returns `undefined` gets it back uncached (other
-   * callers then wait out the fill lease: return `null` to cache an absence instead); one that
-   * returns something JSON cannot hold (a function, a BigInt, a cycle) gets a TypeError.
+   * The value must be JSON. A loader that returns `undefined` gets it back uncached (return
+   * `null` to cache an absence instead); one that returns something JSON cannot hold (a
+   * function, a BigInt, a cycle) gets a TypeError.
    * When the cache cannot be reached or answers 502/503/504, the loader's value is returned
    * uncached (`unavailable`); over the value limit (413), likewise (`too_large`).
-   * Loader errors propagate (the fill lease then expires on the server); so do other cache errors.
+   * Loader errors propagate; so do other cache errors. Whenever the fill lease it held ends
+   * with nothing written (the loader failed or returned `undefined`, the write was refused or
+   * too large), it is given back, so that the next caller fills at once.
    * The loader is handed the call's `signal`, to stop its own work when the call is aborted.
    */
   async getOrSet<T>(key: string, loader: Loader<T>, options: GetOrSetOptions = {}): Promise<T> {
@@ -332,16 +334,32 @@ export class CachewardenClient {
       // This client's own get() took the fill lease a moment ago: fill now, not wait it out.
       // The write still carries this lookup's lease: the loader runs after it was issued, and an
       // invalidation between the get() and now must not refuse a value loaded after it.
-      if (!lease.fill && this.#heldFills.has(key)) lease = { ...lease, fill: true }
+      const held = lease.fill ? undefined : this.#heldFills.get(key)
+      if (held !== undefined) lease = { ...lease, fill: true }
       deadline ??= Date.now() + maxWaitMs
       if (lease.fill || Date.now() >= deadline) {
         this.#heldFills.delete(key)
-        const value = await loader({ signal })
+        // The fill lease this call holds, given back if no value is written, so that the next
+        // caller fills at once rather than every waiter waiting for it to run out.
+        const fillLease = held ?? (lease.fill ? lease.lease : undefined)
+        let value: T
+        try {
+          value = await loader({ signal })
+        } catch (error) {
+          if (fillLease !== undefined) await this.#giveBack(key, fillLease)
+          throw error
+        }
         // undefined is not JSON: nothing to cache (return null to cache an absence).
-        if (value === undefined) return { value, trace: { outcome: 'not_cached', waits } }
+        if (value === undefined) {
+          if (fillLease !== undefined) await this.#giveBack(key, fillLease)
+          return { value, trace: { outcome: 'not_cached', waits } }
+        }
         try {
           await this.set(key, value, { ...write, lease: lease.lease, signal })
         } catch (error) {
+          // Not written: the fill lease goes back (a refused write with it ended it already, but
+          // one with this lookup's newer lease did not). Then as below.
+          if (fillLease !== undefined && !unavailable(error)) await this.#giveBack(key, fillLease)
           if (error instanceof LeaseInvalidatedError) return { value, trace: { outcome: 'fill_refused', waits } }
           // The value is loaded: a cache that cannot keep it is no reason to fail the caller.
           if (unavailable(error)) return { value, trace: { outcome: 'unavailable', waits } }
@@ -355,6 +373,15 @@ export class CachewardenClient {
       await sleep(Math.max(1, Math.min(lease.retryAfterMs ?? DEFAULT_POLL_MS, deadline - Date.now())), undefined, { signal }).catch((error: unknown) => {
         throw signal?.aborted ? signal.reason : error
       })
+    }
+  }
+
+  /** Gives a fill lease back (`POST /v1/entries/:key/release`); best effort: at worst it runs out on the server. */
+  async #giveBack(key: string, lease: string): Promise<void> {
+    try {
+      await this.#request('POST', `/v1/entries/${keyPath(key)}/release`, { lease })
+    } catch {
+      // Unreachable, or closing: the lease runs out by itself.
     }
   }
 

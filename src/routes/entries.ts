@@ -133,6 +133,31 @@ export default async function entryRoutes(fastify: FastifyInstance) {
     },
   )
 
+  app.post(
+    '/v1/entries/:key/release',
+    {
+      config: { scope: 'write' },
+      schema: {
+        tags: ['entries'],
+        summary: 'Give a lease back (a fill that will not come)',
+        description:
+          'A caller handed the fill lease (`fill: true`) whose load failed sends it back, so that the next miss ' +
+          'gets the fill lease at once instead of every waiter waiting for it to run out. Any other lease of the ' +
+          'key changes nothing. 204 either way; 400 `invalid_request` for a token that is not a lease of this key.',
+        params: KeyParams,
+        body: Type.Object(
+          { lease: Type.String({ description: 'the lease from the miss' }) },
+          { additionalProperties: false, examples: [{ lease: 'kq3Xb1.4f.3b2a1c.h7Yx' }] },
+        ),
+        response: { 204: { type: 'null', description: 'Given back (or it was not the fill lease)' }, ...badRequest, ...bodyTooLarge, ...authErrors },
+      },
+    },
+    async (request, reply) => {
+      await cache.giveUpFill(request.params.key, request.body.lease)
+      return reply.code(204).send()
+    },
+  )
+
   app.delete(
     '/v1/entries/:key',
     {

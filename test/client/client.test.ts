@@ -443,6 +443,44 @@ t.test('getOrSet', async (t) => {
     t.equal(await c.get('k'), undefined)
   })
 
+  t.test('a fill lease that ends with nothing written is given back: the next caller fills at once', async (t) => {
+    const { client } = await serve(t, { fillLeaseMs: 60_000 }) // waiting it out would take a minute
+    const c = client()
+    const other = client()
+    await t.rejects(c.getOrSet('e', async () => { throw new Error('db down') }))
+    t.same(await other.getOrSetTraced('e', () => 'e'), { value: 'e', trace: { outcome: 'filled', waits: 0 } }, 'after a loader error')
+    t.same((await c.getOrSetTraced('u', () => undefined)).trace.outcome, 'not_cached')
+    t.same((await other.getOrSetTraced('u', () => 'u')).trace, { outcome: 'filled', waits: 0 }, 'after undefined')
+    // The fill lease this client's get() kept, and a write refused: it carried the newer lease,
+    // whose refusal ends no fill lease, so the kept one is given back.
+    await c.get('r2')
+    const refused2 = await c.getOrSetTraced('r2', async () => {
+      await other.invalidate({ userIds: ['u-r2'] }) // does not end the fill lease; refuses the write
+      return 'old'
+    }, { userId: 'u-r2' })
+    t.equal(refused2.trace.outcome, 'fill_refused')
+    t.same((await other.getOrSetTraced('r2', () => 'new')).trace, { outcome: 'filled', waits: 0 }, 'after a refused write')
+  })
+
+  t.test('with a source that keeps failing, the callers still load one at a time', async (t) => {
+    const { client } = await serve(t, { fillLeaseMs: 60_000 })
+    const callers = Array.from({ length: 3 }, () => client())
+    let inFlight = 0
+    let most = 0
+    let calls = 0
+    const failing = async () => {
+      calls++
+      most = Math.max(most, ++inFlight)
+      await sleep(30)
+      inFlight--
+      throw new Error('db down')
+    }
+    const results = await Promise.allSettled(Array.from({ length: 12 }, (_, i) => callers[i % 3]!.getOrSet('down', failing, { maxWaitMs: 30_000 })))
+    t.ok(results.every((r) => r.status === 'rejected'), 'every caller gets the error')
+    t.equal(calls, 12, 'each caller asked the source once, in turn')
+    t.equal(most, 1, 'never two at once')
+  })
+
   t.test('a write the cache cannot store (503) still returns the loaded value', { skip: !hasRedisServer() && process.env.CI !== 'true' }, async (t) => {
     const redis = await startRedis(t)
     const { client } = await serve(t, { redisUrl: redis.url })

@@ -300,6 +300,37 @@ t.test('herd control', async (t) => {
     t.equal((await putWith(app, 'k', { value: 'new', lease: filler.lease })).statusCode, 200, 'and its write (no t1) lands')
   })
 
+  t.test('a filler that gives its lease back (POST .../release) lets the next miss fill at once; no other lease can', async (t) => {
+    const app = await build(t, { fillLeaseMs: 60_000 })
+    const release = (key: string, body: unknown, keyName: 'write' | 'read' | 'admin' = 'write') =>
+      call(app, { method: 'POST', url: `${url(key)}/release`, payload: body as object, key: keyName })
+    const filler = await miss(app, 'k')
+    const waiter = await miss(app, 'k')
+    t.equal(waiter.fill, false)
+    const byWaiter = await release('k', { lease: waiter.lease })
+    t.equal(byWaiter.statusCode, 204)
+    t.equal((await miss(app, 'k')).fill, false, "a waiter's lease does not end the fill")
+    t.equal((await release('k', { lease: filler.lease }, 'read')).statusCode, 403, 'it takes the write scope')
+    const byFiller = await release('k', { lease: filler.lease })
+    t.equal(byFiller.statusCode, 204)
+    t.equal(byFiller.body, '')
+    t.equal((await miss(app, 'k')).fill, true, 'the next miss fills at once')
+    t.equal((await release('k', { lease: filler.lease })).statusCode, 204, 'giving it back again changes nothing')
+    // A token that is not a lease of this key is refused.
+    const other = await miss(app, 'other')
+    for (const [body, message] of [
+      [{ lease: other.lease }, /another key/],
+      [{ lease: 'nope' }, /lease/],
+      [{}, /lease/],
+      [{ lease: filler.lease, extra: 1 }, /extra/],
+    ] as const) {
+      const res = await release('k', body)
+      t.equal(res.statusCode, 400, JSON.stringify(body))
+      t.equal(res.json().error, 'invalid_request')
+      t.match(res.json().message, message)
+    }
+  })
+
   t.test('a clear releases every fill lease', async (t) => {
     const clock = new FakeClock()
     const app = await build(t, {}, { now: clock.now })
