@@ -510,10 +510,9 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
    * (`POST /v1/entries/:key/release`): if it was the fill lease, the next miss fills at once.
    * Any other lease of the key changes nothing; a token that is not a lease of this key is a 400.
    */
-  async giveUpFill(key: string, lease: unknown): Promise<void> {
+  async giveUpFill(key: string, lease: string): Promise<void> {
     checkKey(key, this.limits)
-    const token = typeof lease === 'string' ? lease : lease !== null && typeof lease === 'object' ? (lease as { lease?: unknown }).lease : undefined
-    const stamp = typeof token === 'string' ? decodeLease(token) : undefined
+    const stamp = decodeLease(lease)
     if (stamp === undefined) throw invalidRequest('lease must be the token a miss returned')
     if (stamp.keyHash !== keyHash(key)) throw invalidRequest('lease was issued for another key')
     if (stamp.holder !== undefined) await this.#releaseFill(key, stamp.holder)

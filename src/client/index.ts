@@ -302,11 +302,7 @@ export class CachewardenClient {
   getOrSetTraced<T>(key: string, loader: Loader<T>, options: GetOrSetOptions = {}): Promise<{ value: T; trace: GetOrSetTrace }> {
     const call = this.#getOrSet(key, loader, options)
     // close() waits for it: its loader's value is the caller's, and its write should land.
-    this.#filling.add(call)
-    void call.then(
-      () => this.#filling.delete(call),
-      () => this.#filling.delete(call),
-    )
+    this.#track(call)
     return call
   }
 
@@ -346,20 +342,22 @@ export class CachewardenClient {
         try {
           value = await loader({ signal })
         } catch (error) {
-          if (fillLease !== undefined) await this.#giveBack(key, fillLease)
+          if (fillLease !== undefined) this.#giveBack(key, fillLease)
           throw error
         }
         // undefined is not JSON: nothing to cache (return null to cache an absence).
         if (value === undefined) {
-          if (fillLease !== undefined) await this.#giveBack(key, fillLease)
+          if (fillLease !== undefined) this.#giveBack(key, fillLease)
           return { value, trace: { outcome: 'not_cached', waits } }
         }
         try {
           await this.set(key, value, { ...write, lease: lease.lease, signal })
         } catch (error) {
-          // Not written: the fill lease goes back (a refused write with it ended it already, but
-          // one with this lookup's newer lease did not). Then as below.
-          if (fillLease !== undefined && !unavailable(error)) await this.#giveBack(key, fillLease)
+          // Not written: the fill lease goes back (a write refused with it ended it already; one
+          // with this lookup's newer lease, when the fill lease was kept from get(), did not).
+          // Not when the cache could not be reached: the write may have landed.
+          const ended = error instanceof LeaseInvalidatedError && held === undefined
+          if (fillLease !== undefined && !ended && !unavailable(error)) this.#giveBack(key, fillLease)
           if (error instanceof LeaseInvalidatedError) return { value, trace: { outcome: 'fill_refused', waits } }
           // The value is loaded: a cache that cannot keep it is no reason to fail the caller.
           if (unavailable(error)) return { value, trace: { outcome: 'unavailable', waits } }
@@ -376,13 +374,18 @@ export class CachewardenClient {
     }
   }
 
-  /** Gives a fill lease back (`POST /v1/entries/:key/release`); best effort: at worst it runs out on the server. */
-  async #giveBack(key: string, lease: string): Promise<void> {
-    try {
-      await this.#request('POST', `/v1/entries/${keyPath(key)}/release`, { lease })
-    } catch {
-      // Unreachable, or closing: the lease runs out by itself.
-    }
+  /**
+   * Gives a fill lease back (`POST /v1/entries/:key/release`) without holding the caller up;
+   * close() waits for it. Best effort: at worst the lease runs out on the server.
+   */
+  #giveBack(key: string, lease: string): void {
+    this.#track(this.#request('POST', `/v1/entries/${keyPath(key)}/release`, { lease }).catch(() => undefined))
+  }
+
+  #track(work: Promise<unknown>): void {
+    this.#filling.add(work)
+    const done = () => this.#filling.delete(work)
+    void work.then(done, done)
   }
 
   #holdFill(key: string, lease: Lease, issuedAfter: number): void {
@@ -390,14 +393,17 @@ export class CachewardenClient {
   }
 
   /**
-   * Waits for the `getOrSet` calls in flight (their loaders, and the writes of what they load),
-   * then closes the connection pool, which waits for the other requests in flight. Calls made
-   * after it began fail with undici's ClientDestroyedError once the pool is closed. Closing
-   * again returns the same promise.
+   * Waits for the `getOrSet` calls in flight when it is called (their loaders, and the writes
+   * of what they load: a loader that never settles holds it up, so give loaders a timeout or
+   * use the call's `signal`), then closes the connection pool, which waits for the other
+   * requests in flight. Calls made after it began fail with undici's ClientDestroyedError once
+   * the pool is closed. Closing again returns the same promise.
    */
   close(): Promise<void> {
     this.#closed ??= (async () => {
-      while (this.#filling.size > 0) await Promise.allSettled([...this.#filling])
+      await Promise.allSettled([...this.#filling])
+      // What those calls gave back on their way out.
+      await Promise.allSettled([...this.#filling])
       await this.#pool.close()
     })()
     return this.#closed

@@ -315,7 +315,8 @@ t.test('herd control', async (t) => {
     t.equal(byFiller.statusCode, 204)
     t.equal(byFiller.body, '')
     t.equal((await miss(app, 'k')).fill, true, 'the next miss fills at once')
-    t.equal((await release('k', { lease: filler.lease })).statusCode, 204, 'giving it back again changes nothing')
+    t.equal((await release('k', { lease: filler.lease })).statusCode, 204)
+    t.equal((await miss(app, 'k')).fill, false, "giving the old lease back again does not end the new filler's")
     // A token that is not a lease of this key is refused.
     const other = await miss(app, 'other')
     for (const [body, message] of [
