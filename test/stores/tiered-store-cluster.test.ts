@@ -199,6 +199,19 @@ if (requireRedisServer(t)) {
     t.equal(filled.statusCode, 200)
   })
 
+  t.test('a fill lease given back on any instance lets the next miss anywhere fill; a waiter\'s cannot', async (t) => {
+    const release = (app: FastifyInstance, lease: string) =>
+      call(app, { method: 'POST', url: '/v1/entries/herd%3A3/release', payload: { lease }, key: 'readwrite' })
+    const filler = (await get(a, 'herd:3')).json()
+    const waiter = (await get(b, 'herd:3')).json()
+    t.equal(filler.fill, true)
+    t.equal(waiter.fill, false)
+    t.equal((await release(c, waiter.lease)).statusCode, 204)
+    t.equal((await get(c, 'herd:3')).json().fill, false, "a waiter's lease given back ends nothing")
+    t.equal((await release(b, filler.lease)).statusCode, 204)
+    t.equal((await get(c, 'herd:3')).json().fill, true, "the filler's, given back on another instance, ends the claim in Redis")
+  })
+
   t.test('a lease from one instance writes on another when nothing invalidated the key', async (t) => {
     const miss = await get(a, 'report:10')
     await call(b, { method: 'DELETE', url: '/v1/entries/unrelated', key: 'invalidate' })
