@@ -166,8 +166,9 @@ export class CachewardenClient {
   readonly #timeoutMs: number
   /** Fill leases `get` and `batchGet` were handed on a miss, kept for this client's own `getOrSet` of the key for `fillLeaseMs`. */
   readonly #heldFills: LRUCache<string, string>
-  /** The getOrSet calls in flight, which close() waits for. */
+  /** The getOrSet calls in flight, and the fill leases being given back: close() waits for both. */
   readonly #filling = new Set<Promise<unknown>>()
+  readonly #givingBack = new Set<Promise<unknown>>()
   #closed: Promise<void> | undefined
 
   constructor(options: ClientOptions) {
@@ -300,10 +301,8 @@ export class CachewardenClient {
 
   /** `getOrSet`, also telling what happened (hit, filled, refused, waited). */
   getOrSetTraced<T>(key: string, loader: Loader<T>, options: GetOrSetOptions = {}): Promise<{ value: T; trace: GetOrSetTrace }> {
-    const call = this.#getOrSet(key, loader, options)
     // close() waits for it: its loader's value is the caller's, and its write should land.
-    this.#track(call)
-    return call
+    return track(this.#filling, this.#getOrSet(key, loader, options))
   }
 
   async #getOrSet<T>(key: string, loader: Loader<T>, options: GetOrSetOptions): Promise<{ value: T; trace: GetOrSetTrace }> {
@@ -335,36 +334,30 @@ export class CachewardenClient {
       deadline ??= Date.now() + maxWaitMs
       if (lease.fill || Date.now() >= deadline) {
         this.#heldFills.delete(key)
-        // The fill lease this call holds, given back if no value is written, so that the next
+        // The fill lease this call holds goes back unless it ends otherwise, so that the next
         // caller fills at once rather than every waiter waiting for it to run out.
-        const fillLease = held ?? (lease.fill ? lease.lease : undefined)
-        let value: T
+        let fillLease = held ?? (lease.fill ? lease.lease : undefined)
         try {
-          value = await loader({ signal })
-        } catch (error) {
+          const value = await loader({ signal })
+          // undefined is not JSON: nothing to cache (return null to cache an absence).
+          if (value === undefined) return { value, trace: { outcome: 'not_cached', waits } }
+          try {
+            await this.set(key, value, { ...write, lease: lease.lease, signal })
+          } catch (error) {
+            // Ended already by a write refused with it (not by one with this lookup's newer
+            // lease, when it was kept from get()); and an unreachable cache may have taken the write.
+            if ((error instanceof LeaseInvalidatedError && held === undefined) || unavailable(error)) fillLease = undefined
+            if (error instanceof LeaseInvalidatedError) return { value, trace: { outcome: 'fill_refused', waits } }
+            // The value is loaded: a cache that cannot keep it is no reason to fail the caller.
+            if (unavailable(error)) return { value, trace: { outcome: 'unavailable', waits } }
+            if (error instanceof TooLargeError) return { value, trace: { outcome: 'too_large', waits } }
+            throw error
+          }
+          fillLease = undefined // written: the write ended it
+          return { value, trace: { outcome: lease.fill ? 'filled' : 'loaded_after_wait', waits } }
+        } finally {
           if (fillLease !== undefined) this.#giveBack(key, fillLease)
-          throw error
         }
-        // undefined is not JSON: nothing to cache (return null to cache an absence).
-        if (value === undefined) {
-          if (fillLease !== undefined) this.#giveBack(key, fillLease)
-          return { value, trace: { outcome: 'not_cached', waits } }
-        }
-        try {
-          await this.set(key, value, { ...write, lease: lease.lease, signal })
-        } catch (error) {
-          // Not written: the fill lease goes back (a write refused with it ended it already; one
-          // with this lookup's newer lease, when the fill lease was kept from get(), did not).
-          // Not when the cache could not be reached: the write may have landed.
-          const ended = error instanceof LeaseInvalidatedError && held === undefined
-          if (fillLease !== undefined && !ended && !unavailable(error)) this.#giveBack(key, fillLease)
-          if (error instanceof LeaseInvalidatedError) return { value, trace: { outcome: 'fill_refused', waits } }
-          // The value is loaded: a cache that cannot keep it is no reason to fail the caller.
-          if (unavailable(error)) return { value, trace: { outcome: 'unavailable', waits } }
-          if (error instanceof TooLargeError) return { value, trace: { outcome: 'too_large', waits } }
-          throw error
-        }
-        return { value, trace: { outcome: lease.fill ? 'filled' : 'loaded_after_wait', waits } }
       }
       waits++
       // timers/promises rejects with its own AbortError: the call rejects with the signal's reason, as a request does.
@@ -379,13 +372,7 @@ export class CachewardenClient {
    * close() waits for it. Best effort: at worst the lease runs out on the server.
    */
   #giveBack(key: string, lease: string): void {
-    this.#track(this.#request('POST', `/v1/entries/${keyPath(key)}/release`, { lease }).catch(() => undefined))
-  }
-
-  #track(work: Promise<unknown>): void {
-    this.#filling.add(work)
-    const done = () => this.#filling.delete(work)
-    void work.then(done, done)
+    track(this.#givingBack, this.#request('POST', `/v1/entries/${keyPath(key)}/release`, { lease }).catch(() => undefined))
   }
 
   #holdFill(key: string, lease: Lease, issuedAfter: number): void {
@@ -402,8 +389,7 @@ export class CachewardenClient {
   close(): Promise<void> {
     this.#closed ??= (async () => {
       await Promise.allSettled([...this.#filling])
-      // What those calls gave back on their way out.
-      await Promise.allSettled([...this.#filling])
+      await Promise.allSettled([...this.#givingBack]) // what those calls gave back on their way out
       await this.#pool.close()
     })()
     return this.#closed
@@ -479,6 +465,14 @@ function unavailable(error: unknown): boolean {
  */
 function assertJsonValue(value: unknown, where = ''): void {
   if (value === undefined || notJson(value)) throw new TypeError(`${where}the value must be JSON (got ${described(value)})`)
+}
+
+/** Adds `work` to `set` until it settles; returns it. */
+function track<T>(set: Set<Promise<unknown>>, work: Promise<T>): Promise<T> {
+  set.add(work)
+  const done = () => set.delete(work)
+  void work.then(done, done)
+  return work
 }
 
 /** A key as a path segment; one that is not well-formed Unicode (a lone surrogate) cannot be sent. */

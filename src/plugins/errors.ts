@@ -1,6 +1,6 @@
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
-import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify'
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { CacheError, truncate } from '../errors.js'
 
@@ -78,15 +78,14 @@ export default fp(
       if (status === 429) {
         return reply.code(429).send({ error: 'rate_limited', message: error.message || 'too many requests; slow down' })
       }
-      if (status === 403 || status === 404) {
-        // A plugin's own refusal (ours are CacheErrors): the docs' static files answer a path
-        // that climbs out of their folder with a 403. (A file not there goes to the not-found
-        // handler; a 404 here would be some other plugin's, and is one all the same.)
+      // A plugin's own refusals (ours are CacheErrors). The docs' static files answer a path that
+      // climbs out of their folder with a 403; a file not there goes to the not-found handler, so
+      // a 404 here is some other plugin's, and is one all the same.
+      if (status === 403) {
         const docs = request.url.startsWith('/docs/')
-        return reply.code(status).send(status === 403
-          ? { error: 'forbidden', message: docs ? 'the path leaves the folder the docs are served from' : clientMessage(error as FastifyError) }
-          : { error: 'not_found', message: `no route ${request.method} ${truncate(request.url.split('?')[0], 200)}` })
+        return reply.code(403).send({ error: 'forbidden', message: docs ? 'the path leaves the folder the docs are served from' : clientMessage(error as FastifyError) })
       }
+      if (status === 404) return reply.code(404).send(noRoute(request))
       if (status >= 400 && status < 500) {
         // JSON syntax, prototype poisoning, unsupported media type, bad URL encoding…
         return reply.code(400).send({ error: 'invalid_request', message: clientMessage(error as FastifyError) })
@@ -96,7 +95,7 @@ export default fp(
     })
 
     app.setNotFoundHandler((request, reply) => {
-      reply.code(404).send({ error: 'not_found', message: `no route ${request.method} ${truncate(request.url.split('?')[0], 200)}` })
+      reply.code(404).send(noRoute(request))
     })
   },
   { name: 'cachewarden-errors' },
@@ -231,6 +230,11 @@ function validationMessage(error: FastifyError): string {
     return `${path} must be one of ${allowed.map((e) => JSON.stringify((e.params as { allowedValue: unknown }).allowedValue)).join(', ')}`
   }
   return `${path} ${first.message ?? 'is invalid'}`
+}
+
+/** The 404 of a path nothing serves; the path, cut short, without its query. */
+function noRoute(request: FastifyRequest): { error: 'not_found'; message: string } {
+  return { error: 'not_found', message: `no route ${request.method} ${truncate(request.url.split('?')[0]!, 200)}` }
 }
 
 function clientMessage(error: FastifyError): string {

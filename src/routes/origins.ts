@@ -81,7 +81,6 @@ export default async function originRoutes(fastify: FastifyInstance) {
       const sent = withoutNulls(request.body)
       // `value: null` is a value (the truth may be null); a null etag is no etag.
       const body: ConsistencyRequest = { ...sent, entries: sent.entries?.map(({ etag, ...item }) => (etag == null ? item : { ...item, etag })) }
-      if (body.entries === undefined) delete body.entries
       // A caller that goes away abandons the check: no further origin fetch, no further repair.
       const gone = callerGone(request, reply)
       const report = await app.consistency.check(body, request.apiKey?.name, gone)

@@ -88,34 +88,34 @@ if (requireRedisServer(t)) {
     await put(a, 'why:1', { value: 1 })
     await put(a, 'why:2', { value: 2 })
     // One the script announces, and a prefix walked in batches, whose message comes at the end.
-    const byKey = await call(a, { method: 'POST', url: '/v1/invalidations', key: 'invalidate', payload: { keys: ['why:1'], reason: 'price changed' } })
-    const byPrefix = await call(a, { method: 'POST', url: '/v1/invalidations', key: 'admin', payload: { prefixes: ['why:'], reason: 'schema v2 ✓' } })
-    const bare = await call(a, { method: 'DELETE', url: '/v1/entries/why:3', key: 'invalidate' })
-    for (const res of [byKey, byPrefix, bare]) t.equal(res.statusCode, 200)
-    type Logged = { id: string; selector: { keys?: string[]; prefixes?: string[] }; source: string; reason: string | null; actor: string | null }
-    const find = (log: Logged[], res: typeof byKey) => {
-      const body = res.json() as { id: string }
-      const own = (res === byPrefix ? (r: Logged) => r.selector.prefixes?.[0] === 'why:' : (r: Logged) => r.selector.keys?.[0] === (res === byKey ? 'why:1' : 'why:3'))
-      return { body, record: log.find(own) }
+    const cases = [
+      { selector: { keys: ['why:1'] }, reason: 'price changed', actor: 'invalidator' as const },
+      { selector: { prefixes: ['why:'] }, reason: 'schema v2 ✓', actor: 'admin' as const },
+      { selector: { keys: ['why:3'] }, reason: null, actor: 'invalidator' as const }, // the shorthand: no reason
+    ]
+    const replies = []
+    for (const { selector, reason, actor } of cases) {
+      const key = actor === 'invalidator' ? 'invalidate' : 'admin'
+      replies.push(reason === null
+        ? await call(a, { method: 'DELETE', url: `/v1/entries/${selector.keys![0]}`, key })
+        : await call(a, { method: 'POST', url: '/v1/invalidations', key, payload: { ...selector, reason } }))
     }
+    for (const res of replies) t.equal(res.statusCode, 200)
+    type Logged = { id: string; selector: object; source: string; reason: string | null; actor: string | null }
+    const logged = (log: Logged[], selector: object) => log.find((r) => JSON.stringify(r.selector) === JSON.stringify(selector))
     for (const app of [b, c]) {
       let log: Logged[] = []
       t.ok(
         await waitUntil(async () => {
           log = (await call(app, { url: '/v1/debug/invalidations?limit=50' })).json() as Logged[]
-          return [byKey, byPrefix, bare].every((res) => find(log, res).record !== undefined)
+          return cases.every(({ selector }) => logged(log, selector) !== undefined)
         }),
         'all three reached the log',
       )
-      const expected = [
-        [byKey, 'price changed', 'invalidator'],
-        [byPrefix, 'schema v2 ✓', 'admin'],
-        [bare, null, 'invalidator'],
-      ] as const
-      for (const [res, reason, actor] of expected) {
-        const { body, record } = find(log, res)
-        t.match(record, { source: 'bus', reason, actor })
-        t.not(record?.id, body.id, "this instance's own id")
+      for (const [i, { selector, reason, actor }] of cases.entries()) {
+        const record = logged(log, selector)!
+        t.match(record, { source: 'bus', reason, actor }, JSON.stringify(selector))
+        t.not(record.id, replies[i]!.json().id, "this instance's own id")
       }
       // A prefix invalidation is audited everywhere: under the key's name where it was made.
       const audit = (await call(app, { url: '/v1/debug/audit?limit=50' })).json() as Array<{ actor: string; action: string; reason: string | null }>
