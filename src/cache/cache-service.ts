@@ -508,23 +508,25 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
   /**
    * A caller that will not fill after all (its load failed) hands its lease back
    * (`POST /v1/entries/:key/release`): if it was the fill lease, the next miss fills at once.
-   * Any other lease of the key changes nothing; a token that is not a lease of this key is a 400.
+   * Any other lease of the key changes nothing; a token that is not a lease of this key is a 400,
+   * and a store that cannot be reached a 503 (the claim then runs out by itself).
    */
   async giveUpFill(key: string, lease: string): Promise<void> {
     checkKey(key, this.limits)
     const stamp = decodeLease(lease)
     if (stamp === undefined) throw invalidRequest('lease must be the token a miss returned')
     if (stamp.keyHash !== keyHash(key)) throw invalidRequest('lease was issued for another key')
-    if (stamp.holder !== undefined) await this.#releaseFill(key, stamp.holder)
+    if (stamp.holder !== undefined) await this.#releaseFill(key, stamp.holder, true)
   }
 
-  async #releaseFill(key: string, holder: string): Promise<void> {
+  /** Ends `holder`'s fill claim; a store failure is thrown only when `report`: else at worst the claim runs out. */
+  async #releaseFill(key: string, holder: string, report = false): Promise<void> {
     if (this.store.releaseFill === undefined) {
       if (this.#fills.get(key)?.holder === holder) this.#fills.delete(key)
       return
     }
-    // At worst the claim runs out by itself.
-    await this.store.releaseFill(key, holder).catch(() => undefined)
+    const released = this.store.releaseFill(key, holder)
+    await (report ? released : released.catch(() => undefined))
   }
 
   #parseLease(raw: WriteInput['lease'], key: string): (LeaseStamp & { holder?: string }) | undefined {

@@ -143,7 +143,8 @@ export default async function entryRoutes(fastify: FastifyInstance) {
         description:
           'A caller handed the fill lease (`fill: true`) whose load failed sends it back, so that the next miss ' +
           'gets the fill lease at once instead of every waiter waiting for it to run out. Any other lease of the ' +
-          'key changes nothing. 204 either way; 400 `invalid_request` for a token that is not a lease of this key.',
+          'key changes nothing. 204 either way; 400 `invalid_request` for a token that is not a lease of this key; ' +
+          '503 `backend_unavailable` when Redis cannot be reached (nothing was given back: the claim runs out by itself).',
         params: KeyParams,
         body: Type.Object(
           { lease: Type.String({ description: 'the lease from the miss' }) },

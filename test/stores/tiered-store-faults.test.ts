@@ -108,6 +108,10 @@ if (requireRedisServer(t)) {
     t.equal(write.json().error, 'backend_unavailable')
     const leased = await call(a, { method: 'PUT', url: '/v1/entries/never-cached', payload: { value: 1, lease: miss.json().lease } })
     t.equal(leased.statusCode, 503, 'a leased write is 503 too, not a 409')
+    // Giving a fill lease back cannot reach the claim in Redis: say so rather than a 204.
+    const release = await call(a, { method: 'POST', url: '/v1/entries/leased/release', payload: { lease: oldLease } })
+    t.equal(release.statusCode, 503, 'a fill lease given back while Redis is down is 503, not 204')
+    t.equal(release.json().error, 'backend_unavailable')
 
     const inv = await call(a, { method: 'DELETE', url: '/v1/entries/dropped', key: 'invalidate' })
     t.equal(inv.statusCode, 503)
