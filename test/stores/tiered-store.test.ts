@@ -560,7 +560,7 @@ if (requireRedisServer(t)) {
     let heard = 0
     let differing = 0
     // Whether a stale round's reads came while b's run went (on a busy machine the run may
-    // end first: that round goes again, up to 5 times).
+    // end first: that round goes again, up to 20 times).
     let overlapped = false
     let staleRounds = 0
     const modes: Array<'delete' | 'stale'> = ['delete', 'stale', 'delete']
@@ -586,7 +586,7 @@ if (requireRedisServer(t)) {
       if (mode === 'stale') {
         staleRounds++
         if ((await redisHits(keys)) > coveredBefore) overlapped = true
-        else if (!overlapped && staleRounds < 5) modes.splice(m + 1, 0, 'stale')
+        else if (!overlapped && staleRounds < 20) modes.splice(m + 1, 0, 'stale')
       }
       t.ok(await waitUntil(() => applied === heard + 1), 'b applied the invalidation')
       heard++
