@@ -291,7 +291,7 @@ export async function metricsRoute(app: FastifyInstance) {
         tags: ['operations'],
         summary: 'Prometheus metrics',
         description:
-          'The `cachewarden_*` metrics (DESIGN.md section 8) and the process metrics, in the Prometheus ' +
+          'The `cachewarden_*` metrics (listed in the README, "Metrics and dashboards") and the process metrics, in the Prometheus ' +
           'text format. Open unless `METRICS_TOKEN` is set; then `Authorization: Bearer <METRICS_TOKEN>` is required.',
         // Either none (the default) or the metrics token: Swagger UI's Authorize takes it apart from the API key.
         security: [{}, { [METRICS_SECURITY_SCHEME]: [] }],
