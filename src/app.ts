@@ -87,6 +87,9 @@ export async function buildApp(partial: Partial<Config> = {}, options: BuildOpti
     routerOptions: { maxParamLength: Math.max(config.limits.maxKeyBytes, config.limits.maxUserIdBytes, config.limits.maxTagBytes) * 3 + 64 },
     // Per-request log lines would cost more than a cache hit; errors are still logged.
     logController: new LogController({ disableRequestLogging: true }),
+    // Fastify's 10 s for a plugin to start was seen running out on a loaded 2-core machine
+    // (@fastify/swagger-ui reading its static files); a plugin that truly hangs still fails.
+    pluginTimeout: 60_000,
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     // Requests that arrive while the server drains get a 503 from frontDoor() below instead:
