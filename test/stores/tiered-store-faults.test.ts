@@ -102,6 +102,14 @@ if (requireRedisServer(t)) {
     t.equal(loaded.json().error, 'backend_unavailable')
     t.match(loaded.json().message, /Redis/)
     t.notMatch(loaded.json().message, /origin/, 'the origin is not blamed for Redis')
+    // A failing origin gives its fill lease back, which cannot reach Redis: that failure is
+    // swallowed (the claim runs out), and the caller hears about the origin, not about Redis.
+    origin.failAll = 500
+    const failed = await get(withOrigin, 'dashboard:2', '?load=true')
+    origin.failAll = undefined
+    t.equal(failed.statusCode, 503, 'an origin that fails while Redis is down is 503')
+    t.match(failed.json().message, /origin/, 'naming the origin')
+    t.notMatch(failed.json().message, /Redis/, 'not the give-back of the lease that Redis could not take')
 
     const write = await call(a, { method: 'PUT', url: '/v1/entries/x', payload: { value: 1 } })
     t.equal(write.statusCode, 503)
