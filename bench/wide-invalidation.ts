@@ -3,6 +3,7 @@
 // a redis-server of its own. What matters is the longest script (Redis serves no other client
 // while one runs; past the 2 s command timeout the invalidation fails with 503), read from
 // Redis' SLOWLOG: `node --import tsx bench/wide-invalidation.ts [members...]`.
+import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
 import { TieredStore } from '../src/stores/tiered-store.js'
 import { RedisServer, freePort } from '../test/helpers/redis-server.js'
@@ -21,7 +22,7 @@ async function slowlog(): Promise<Array<[number, number, number, string[]]>> {
       return (await admin.slowlog('GET', 100_000)) as Array<[number, number, number, string[]]>
     } catch (error) {
       if (!/^BUSY/.test((error as Error).message)) throw error
-      await new Promise((resolve) => setTimeout(resolve, 100))
+      await sleep(100)
     }
   }
 }

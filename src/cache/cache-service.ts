@@ -338,7 +338,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     const selector = checkSelector(rawSelector, this.limits)
     const mode = options.mode ?? 'delete'
     const result = await this.#apply(selector, options, async () => ({
-      invalidated: await this.store.invalidate(selector, mode, this.now(), { reason: options.reason, actor: options.actor }),
+      invalidated: await this.store.invalidate(selector, mode, this.now(), options), // its reason and actor
       mode,
     }))
     // As memcache does on a delete: a fill in flight for an invalidated key will be refused,
@@ -355,10 +355,9 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
    */
   async markAllStale(options: Omit<InvalidateOptions, 'mode'>): Promise<InvalidationResult> {
     return this.#apply({ all: true }, options, async () => {
-      const note = { reason: options.reason, actor: options.actor }
-      if (this.store.markAllStale) return { invalidated: await this.store.markAllStale(note), mode: 'stale' as const }
+      if (this.store.markAllStale) return { invalidated: await this.store.markAllStale(options), mode: 'stale' as const }
       this.#logger?.warn({ store: this.store.kind, source: options.source }, 'store cannot mark all stale; clearing it')
-      const invalidated = await this.store.clear(note)
+      const invalidated = await this.store.clear(options)
       this.#fills.clear()
       return { invalidated, mode: 'delete' as const }
     })

@@ -85,7 +85,7 @@ export interface InvalidationRecord {
 }
 
 /** Why an invalidation was made and who asked: what other instances log of it (cluster mode). */
-export type InvalidationNote = Pick<InvalidationRecord, 'reason' | 'actor'>
+export type InvalidationNote = Partial<Pick<InvalidationRecord, 'reason' | 'actor'>>
 
 export interface InvalidationResult {
   id: string

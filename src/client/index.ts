@@ -344,12 +344,18 @@ export class CachewardenClient {
           try {
             await this.set(key, value, { ...write, lease: lease.lease, signal })
           } catch (error) {
-            // Ended already by a write refused with it (not by one with this lookup's newer
-            // lease, when it was kept from get()); and an unreachable cache may have taken the write.
-            if ((error instanceof LeaseInvalidatedError && held === undefined) || unavailable(error)) fillLease = undefined
-            if (error instanceof LeaseInvalidatedError) return { value, trace: { outcome: 'fill_refused', waits } }
+            if (error instanceof LeaseInvalidatedError) {
+              // The refused write ended the fill lease, unless it carried this lookup's newer
+              // lease (the fill lease kept from get()), whose refusal ends nothing.
+              if (held === undefined) fillLease = undefined
+              return { value, trace: { outcome: 'fill_refused', waits } }
+            }
             // The value is loaded: a cache that cannot keep it is no reason to fail the caller.
-            if (unavailable(error)) return { value, trace: { outcome: 'unavailable', waits } }
+            // Nothing to give back: the write may have landed.
+            if (unavailable(error)) {
+              fillLease = undefined
+              return { value, trace: { outcome: 'unavailable', waits } }
+            }
             if (error instanceof TooLargeError) return { value, trace: { outcome: 'too_large', waits } }
             throw error
           }

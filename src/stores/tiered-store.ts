@@ -417,8 +417,8 @@ export class TieredStore implements Store {
   async invalidate(selector: Selector, mode: InvalidationMode, now: number, note?: InvalidationNote): Promise<number> {
     const prefixes = selector.prefixes ?? []
     const walk = ++this.#lastWalk
-    const message = this.#message(selector, mode, walk, undefined, note)
-    const quiet = this.#message(selector, mode, walk, 'quiet')
+    const message = this.#message(selector, mode, walk, note)
+    const quiet = this.#quietMessage(selector, mode, walk)
     // Whether the other instances still wait for the message (the script sent the quiet one).
     let owed = false
     let gate: Reach | undefined
@@ -469,7 +469,7 @@ export class TieredStore implements Store {
       // instances would serve their L1 copies of those entries for up to l1MaxTtlMs. Quiet, as
       // the invalidation failed. Best effort: if Redis is gone, so is their bus, and they drop
       // all of L1 when it is back.
-      if (owed) await this.#redis.publish(this.#channel, this.#message(selector, mode, walk, 'failed')).catch(() => undefined)
+      if (owed) await this.#redis.publish(this.#channel, this.#quietMessage(selector, mode, walk, true)).catch(() => undefined)
       throw this.#unavailable(error, 'invalidation')
     } finally {
       // Applied whether Redis took it or not: a failed invalidation still drops local copies.
@@ -1038,12 +1038,14 @@ export class TieredStore implements Store {
     for (const listener of this.#busListeners) listener(up)
   }
 
-  #message(selector: Selector, mode: InvalidationMode, walk: number, kind?: 'quiet' | 'failed', note?: InvalidationNote): string {
-    const message: BusMessage =
-      kind === undefined
-        ? { f: this.id, s: selector, m: mode, i: walk, r: note?.reason, a: note?.actor } // undefined fields are left out
-        : { f: this.id, qs: selector, m: mode, i: walk, ...(kind === 'failed' && { x: 1 }) }
-    return JSON.stringify(message)
+  /** An invalidation's message proper, with why and who (undefined fields are left out). */
+  #message(selector: Selector, mode: InvalidationMode, walk: number, note?: InvalidationNote): string {
+    return JSON.stringify({ f: this.id, s: selector, m: mode, i: walk, r: note?.reason, a: note?.actor } satisfies BusMessage)
+  }
+
+  /** The quiet message of a walk: drop these L1 copies, the message proper follows (or, `failed`, none does). */
+  #quietMessage(selector: Selector, mode: InvalidationMode, walk: number, failed = false): string {
+    return JSON.stringify({ f: this.id, qs: selector, m: mode, i: walk, ...(failed && { x: 1 as const }) } satisfies BusMessage)
   }
 
   /** The bus message telling every other instance to drop its whole L1, and why (clear or mark-all-stale). */
