@@ -386,8 +386,9 @@ if (requireRedisServer(t)) {
   t.test('an event applied for longer than its claim time is still applied once: its owner renews the claim', async (t) => {
     const [x, y] = await Promise.all([0, 1].map(() => build(t, { redisUrl: redis.url })))
     const rules = new EventRules([{ event: 'slow.done', invalidate: { userIds: ['{{data.u}}'] } }], x.cache.limits)
-    const onX = new EventProcessor(x.cache, rules, { pendingTtlMs: 150 })
-    const onY = new EventProcessor(y.cache, rules, { pendingTtlMs: 150 })
+    // A 600 ms claim, renewed every 200: x may stall up to 400 ms (a loaded machine) and keep it.
+    const onX = new EventProcessor(x.cache, rules, { pendingTtlMs: 600 })
+    const onY = new EventProcessor(y.cache, rules, { pendingTtlMs: 600 })
     // x's invalidation is held until the test lets it go: an apply as slow as we like.
     let release!: () => void
     const gate = new Promise<void>((resolve) => (release = resolve))
@@ -407,7 +408,7 @@ if (requireRedisServer(t)) {
     await sleep(50)
     let secondDone = false
     const second = onY.apply(event).finally(() => (secondDone = true))
-    await sleep(750) // five claim times: without renewal y would have taken the id over
+    await sleep(1800) // three claim times: without renewal y would have taken the id over
     t.equal(secondDone, false, 'the second delivery still waits for the first')
     release()
     const [one, two] = await Promise.all([first, second])
