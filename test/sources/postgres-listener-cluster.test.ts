@@ -37,6 +37,28 @@ async function whileFrozen(t: Test, redis: RedisServer, app: FastifyInstance, fa
   await waitFor(() => (app.cache.totals.invalidationFailures.postgres ?? 0) >= failures, 20_000, 'the invalidations to fail')
 }
 
+/**
+ * An app on `redisUrl` and a listener (its backend findable for `kill`) whose reconnect
+ * policy, `markAllStale`, is counted in `tries`; returns once it listens.
+ */
+async function countedPolicy(t: Test, redisUrl: string, maxBackoffMs: number) {
+  const { url, db } = await personas(t)
+  const app = await build(t, { redisUrl })
+  const counted = { tries: 0 }
+  const markAllStale = app.cache.markAllStale.bind(app.cache)
+  app.cache.markAllStale = (...args) => {
+    counted.tries++
+    return markAllStale(...args)
+  }
+  const appName = `cw_policy_${randomBytes(4).toString('hex')}`
+  const listener = new PostgresListener({ url: `${url}?application_name=${appName}`, channel: 'cachewarden', cache: app.cache, minBackoffMs: 50, maxBackoffMs })
+  t.teardown(() => listener.close())
+  listener.start()
+  await waitFor(() => listener.listening, 20_000, 'the listener')
+  const kill = async () => (await db.query(`SELECT pg_terminate_backend(pid) AS killed FROM pg_stat_activity WHERE application_name = $1`, [appName])).rows
+  return { app, listener, kill, tries: () => counted.tries }
+}
+
 const available = requireRedisServer(t) && (await postgresAvailable(t))
 
 t.test('a row change made while Redis is frozen is applied on every instance once Redis answers', { skip: !available }, async (t) => {
@@ -123,25 +145,12 @@ t.test('with the policy none, notifications past maxOwed are lost, and each coun
 
 t.test('a reconnect whose policy the store cannot apply (Redis down) is tried again until it is, and counts one failure', { skip: !available }, async (t) => {
   const redis = await startRedis(t)
-  const { url, db } = await personas(t)
-  const app = await build(t, { redisUrl: redis.url })
-  let tries = 0
-  const markAllStale = app.cache.markAllStale.bind(app.cache)
-  app.cache.markAllStale = (...args) => {
-    tries++
-    return markAllStale(...args)
-  }
-  const appName = `cw_policy_${randomBytes(4).toString('hex')}`
-  const listener = new PostgresListener({ url: `${url}?application_name=${appName}`, channel: 'cachewarden', cache: app.cache, minBackoffMs: 50, maxBackoffMs: 60_000 })
-  t.teardown(() => listener.close())
-  listener.start()
-  await waitFor(() => listener.listening, 20_000, 'the listener')
+  const { app, listener, kill, tries } = await countedPolicy(t, redis.url, 60_000)
 
   await redis.stop()
-  const { rows } = await db.query(`SELECT pg_terminate_backend(pid) AS killed FROM pg_stat_activity WHERE application_name = $1`, [appName])
-  t.same(rows, [{ killed: true }], 'the listener backend killed')
+  t.same(await kill(), [{ killed: true }], 'the listener backend killed')
   // 50 ms doubling: after the 7th try the next is some 6.4 s away (±20%).
-  await waitFor(() => tries >= 7, 20_000, 'the policy to be tried again and again')
+  await waitFor(() => tries() >= 7, 20_000, 'the policy to be tried again and again')
   t.equal(app.cache.totals.invalidationFailures.postgres, 1, 'one failure, however often it is tried')
   t.notOk(listener.listening, 'not listening (nor ready) while the policy is not applied')
 
@@ -154,25 +163,12 @@ t.test('a reconnect whose policy the store cannot apply (Redis down) is tried ag
 
 t.test('a listener connection lost while its reconnect policy waits on a frozen Redis is retried once that attempt ends', { skip: !available }, async (t) => {
   const redis = await startRedis(t)
-  const { url, db } = await personas(t)
-  const app = await build(t, { redisUrl: redis.url })
-  let tries = 0
-  const markAllStale = app.cache.markAllStale.bind(app.cache)
-  app.cache.markAllStale = (...args) => {
-    tries++
-    return markAllStale(...args)
-  }
-  const appName = `cw_policy_${randomBytes(4).toString('hex')}`
-  const listener = new PostgresListener({ url: `${url}?application_name=${appName}`, channel: 'cachewarden', cache: app.cache, minBackoffMs: 50, maxBackoffMs: 200 })
-  t.teardown(() => listener.close())
-  listener.start()
-  await waitFor(() => listener.listening, 20_000, 'the listener')
-  const kill = async () => (await db.query(`SELECT pg_terminate_backend(pid) AS killed FROM pg_stat_activity WHERE application_name = $1`, [appName])).rows
+  const { listener, kill, tries } = await countedPolicy(t, redis.url, 200)
 
   redis.pause(true)
   t.teardown(() => redis.pause(false))
   t.same(await kill(), [{ killed: true }], 'the listener backend killed')
-  await waitFor(() => tries >= 1, 20_000, 'the reconnect to apply its policy (held by the frozen Redis)')
+  await waitFor(() => tries() >= 1, 20_000, 'the reconnect to apply its policy (held by the frozen Redis)')
   // The new connection is lost too while its policy waits; its retry comes due meanwhile.
   t.same(await kill(), [{ killed: true }], 'the new listener backend killed while the policy waits')
   await new Promise((resolve) => setTimeout(resolve, 300))
