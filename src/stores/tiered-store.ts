@@ -374,6 +374,9 @@ export class TieredStore implements Store {
     const now = this.#now()
     const pttl = Math.max(1, entry.expiresAt - now) + this.#ttlMarginMs
     let result: [number, string[]?]
+    // With no offline queue, a command made while the connection is not ready is refused before
+    // anything is sent: such a write cannot have landed, so the L1 copy is still Redis' own.
+    const sent = this.#redis.status === 'ready'
     try {
       result = (await this.#scripts.cwSet(
         this.#base,
@@ -398,12 +401,14 @@ export class TieredStore implements Store {
         JSON.stringify({ f: this.id, s: { keys: [entry.key] }, m: 'delete', w: 1 } satisfies BusMessage),
       )) as [number, string[]?]
     } catch (error) {
+      // One that was sent may have landed: its copy goes. One never sent leaves the copy, so a
+      // stale entry stays served while Redis is down (a load that Redis cannot take falls back on it).
+      if (sent) this.#dropKeys([entry.key])
       throw this.#unavailable(error, 'write')
-    } finally {
-      // Never put the written entry in L1 here: a concurrent write may have landed in Redis
-      // after this one. The next read fills L1 from Redis.
-      this.#dropKeys([entry.key])
     }
+    // Never put the written entry in L1 here: a concurrent write may have landed in Redis
+    // after this one. The next read fills L1 from Redis.
+    this.#dropKeys([entry.key])
     if (result[0] === 0) return 'lease_invalidated'
     const evicted = result[1] ?? []
     if (evicted.length > 0) {

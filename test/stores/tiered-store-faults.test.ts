@@ -60,6 +60,18 @@ if (requireRedisServer(t)) {
     const failedBefore = (await call(a, { url: '/v1/stats' })).json().invalidations.failed
     const oldLease = (await get(a, 'leased')).json().lease as string
     const token = (await call(a, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'fault test' } })).json().token
+    // An origin's entry, stale-marked, with a copy in withOrigin's L1 (a plain read of it misses,
+    // and fills L1 without queueing a refresh).
+    origin.values.set('/users/3/dashboard', 'loaded before')
+    t.equal((await get(withOrigin, 'dashboard:3', '?load=true')).statusCode, 200)
+    t.equal((await call(a, { method: 'DELETE', url: '/v1/entries/dashboard%3A3?mode=stale', key: 'invalidate' })).statusCode, 200)
+    t.ok(
+      await waitUntil(async () => {
+        await get(withOrigin, 'dashboard:3')
+        return (await tiered(withOrigin).l1Peek('dashboard:3', withOrigin.cache.now()))?.stale === true
+      }),
+      'the stale copy is in L1',
+    )
 
     await redis.stop()
     t.ok(await waitUntil(async () => (await readyStatus(a)) === 503 && (await readyStatus(b)) === 503), 'ready flips to 503')
@@ -102,6 +114,15 @@ if (requireRedisServer(t)) {
     t.equal(loaded.json().error, 'backend_unavailable')
     t.match(loaded.json().message, /Redis/)
     t.notMatch(loaded.json().message, /origin/, 'the origin is not blamed for Redis')
+    // The origin answers but Redis cannot take the entry: the stale one stays served.
+    const callsBefore = origin.calls
+    const keptStale = await get(withOrigin, 'dashboard:3', '?load=true')
+    t.equal(keptStale.statusCode, 200, 'a load Redis cannot take serves the stale entry the key holds')
+    t.match(keptStale.json(), { value: 'loaded before', stale: true })
+    t.equal(origin.calls, callsBefore + 1, 'once the origin was asked')
+    const atOnce = await get(withOrigin, 'dashboard:3', '?load=true&allowStale=true')
+    t.equal(atOnce.statusCode, 200, 'and ?allowStale serves it at once: the failed write left the copy')
+    t.equal(atOnce.json().stale, true)
     // A failing origin gives its fill lease back, which cannot reach Redis: that failure is
     // swallowed (the claim runs out), and the caller hears about the origin, not about Redis.
     origin.failAll = 500
@@ -114,6 +135,11 @@ if (requireRedisServer(t)) {
     const write = await call(a, { method: 'PUT', url: '/v1/entries/x', payload: { value: 1 } })
     t.equal(write.statusCode, 503)
     t.equal(write.json().error, 'backend_unavailable')
+    const overwrite = await call(a, { method: 'PUT', url: '/v1/entries/kept', payload: { value: 'v2' } })
+    t.equal(overwrite.statusCode, 503)
+    const copy = await get(a, 'kept')
+    t.equal(copy.statusCode, 200, 'a write never sent to Redis leaves the L1 copy (still what Redis holds)')
+    t.equal(copy.json().value, 'v1')
     const leased = await call(a, { method: 'PUT', url: '/v1/entries/never-cached', payload: { value: 1, lease: miss.json().lease } })
     t.equal(leased.statusCode, 503, 'a leased write is 503 too, not a 409')
     // Giving a fill lease back cannot reach the claim in Redis: say so rather than a 204.
