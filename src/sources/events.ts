@@ -258,15 +258,35 @@ export class EventProcessor {
    * leaves that claim alone. Without shared records (the embedded store) the in-process map
    * is the whole story.
    */
+  /** The reply recorded in the shared store for an applied id (waiting while one applies it), if any. */
+  async #recordedReply(name: string): Promise<EventResponse | undefined> {
+    const store = this.#cache.store
+    if (store.getRecord === undefined) return undefined
+    for (;;) {
+      const record = await store.getRecord(name)
+      if (record === undefined) return undefined
+      if (!record.startsWith(PENDING)) return JSON.parse(record) as EventResponse
+      await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS))
+    }
+  }
+
   async #applyOnce(event: DomainEvent, id: string, actor: string | undefined): Promise<EventOutcome> {
     const store = this.#cache.store
-    // A bad event is refused, and one no rule matches is answered, before the store is asked.
-    const resolved = this.#rules.resolve(event, this.#cache.limits)
+    const name = `event:${id}`
+    // A bad event is refused, and one no rule matches is answered, before the store is asked;
+    // but a repeat is a repeat whatever its data: an id applied on another instance replays.
+    let resolved: ReturnType<EventRules['resolve']>
+    try {
+      resolved = this.#rules.resolve(event, this.#cache.limits)
+    } catch (error) {
+      const reply = await this.#recordedReply(name).catch(() => undefined)
+      if (reply !== undefined) return { response: reply, replayed: true }
+      throw error
+    }
     if (store.putRecord === undefined || store.swapRecord === undefined || resolved.length === 0) {
       return { response: await this.#run(event, actor, resolved), replayed: false }
     }
     const swap = store.swapRecord.bind(store)
-    const name = `event:${id}`
     const claim = `${PENDING}:${randomUUID()}`
     try {
       for (;;) {

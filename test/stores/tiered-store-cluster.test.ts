@@ -381,6 +381,24 @@ if (requireRedisServer(t)) {
     const fresh = await call(z, { method: 'POST', url: '/v1/events', payload: { ...event, id: 'evt-cluster-2' }, key: 'invalidate' })
     t.equal(fresh.headers['idempotent-replayed'], undefined)
     t.equal(fresh.json().invalidations[0].invalidated, 1)
+
+    // A repeat whose data cannot fill the rule's templates is still a repeat, on an instance
+    // that never saw the id as on the one that applied it (as in memory mode): a replay, not a 400.
+    const bad = { ...event, data: {} }
+    const v = await build(t, { redisUrl: redis.url, configFile: { rules } })
+    for (const app of [v, x]) {
+      const repeat = await call(app, { method: 'POST', url: '/v1/events', payload: bad, key: 'invalidate' })
+      t.equal(repeat.statusCode, 200)
+      t.equal(repeat.headers['idempotent-replayed'], 'true')
+      t.same(repeat.json(), replies[0]!.json())
+    }
+    // A new id with such data is refused, and leaves no record (a corrected retry applies).
+    const refused = await call(v, { method: 'POST', url: '/v1/events', payload: { ...bad, id: 'evt-cluster-3' }, key: 'invalidate' })
+    t.equal(refused.statusCode, 400)
+    t.match(refused.json(), { error: 'invalid_request', message: /data\.userId/ })
+    const corrected = await call(v, { method: 'POST', url: '/v1/events', payload: { ...event, id: 'evt-cluster-3' }, key: 'invalidate' })
+    t.equal(corrected.statusCode, 200)
+    t.equal(corrected.headers['idempotent-replayed'], undefined)
   })
 
   t.test('an event applied for longer than its claim time is still applied once: its owner renews the claim', async (t) => {
