@@ -238,7 +238,17 @@ export class EventProcessor {
     }
     if (event.id === undefined) return { response: await this.#run(event, actor, this.#rules.resolve(event, this.#cache.limits)), replayed: false }
     const id = event.id
-    const outcome = this.#applyOnce(event, id, actor)
+    let resolved: ReturnType<EventRules['resolve']>
+    try {
+      resolved = this.#rules.resolve(event, this.#cache.limits)
+    } catch (error) {
+      // A repeat is a repeat whatever its data: an id applied on another instance replays its
+      // reply. Not remembered here, so a valid delivery of the id meanwhile goes its own way.
+      const reply = await this.#recordedReply(id)
+      if (reply !== undefined) return { response: reply, replayed: true }
+      throw error
+    }
+    const outcome = this.#applyOnce(event, id, resolved, actor)
     const record = { at: now, outcome }
     this.#seen.set(id, record)
     while (this.#seen.size > this.#max) this.#seen.shift()
@@ -250,39 +260,36 @@ export class EventProcessor {
   }
 
   /**
+   * The reply recorded in the shared store (cluster mode) for an id applied within the window,
+   * waiting while an instance applies it; undefined if there is none, or the store cannot be asked.
+   */
+  async #recordedReply(id: string): Promise<EventResponse | undefined> {
+    const store = this.#cache.store
+    if (store.getRecord === undefined) return undefined
+    try {
+      for (;;) {
+        const record = await store.getRecord(`event:${id}`)
+        if (record === undefined) return undefined
+        if (!record.startsWith(PENDING)) return JSON.parse(record) as EventResponse
+        await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS))
+      }
+    } catch {
+      return undefined
+    }
+  }
+
+  /**
    * Applies an event with an id once across every instance sharing the store (cluster mode):
    * a record in the store claims the id while it is applied (renewed by its owner) and then
    * holds the reply for the window, so another instance's delivery of the same id waits and
    * replays it. The owner renews, fulfils or drops only its own claim: if its claim ran out
    * (it lost Redis for longer than the claim) and another instance took the id over, it
    * leaves that claim alone. Without shared records (the embedded store) the in-process map
-   * is the whole story.
+   * is the whole story. An event no rule matches is answered without asking the store.
    */
-  /** The reply recorded in the shared store for an applied id (waiting while one applies it), if any. */
-  async #recordedReply(name: string): Promise<EventResponse | undefined> {
-    const store = this.#cache.store
-    if (store.getRecord === undefined) return undefined
-    for (;;) {
-      const record = await store.getRecord(name)
-      if (record === undefined) return undefined
-      if (!record.startsWith(PENDING)) return JSON.parse(record) as EventResponse
-      await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS))
-    }
-  }
-
-  async #applyOnce(event: DomainEvent, id: string, actor: string | undefined): Promise<EventOutcome> {
+  async #applyOnce(event: DomainEvent, id: string, resolved: ReturnType<EventRules['resolve']>, actor: string | undefined): Promise<EventOutcome> {
     const store = this.#cache.store
     const name = `event:${id}`
-    // A bad event is refused, and one no rule matches is answered, before the store is asked;
-    // but a repeat is a repeat whatever its data: an id applied on another instance replays.
-    let resolved: ReturnType<EventRules['resolve']>
-    try {
-      resolved = this.#rules.resolve(event, this.#cache.limits)
-    } catch (error) {
-      const reply = await this.#recordedReply(name).catch(() => undefined)
-      if (reply !== undefined) return { response: reply, replayed: true }
-      throw error
-    }
     if (store.putRecord === undefined || store.swapRecord === undefined || resolved.length === 0) {
       return { response: await this.#run(event, actor, resolved), replayed: false }
     }

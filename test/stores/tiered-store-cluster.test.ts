@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
 import t, { type Test } from 'tap'
+import { CacheError } from '../../src/errors.js'
 import { EventProcessor, EventRules } from '../../src/sources/events.js'
 import type { TieredStore } from '../../src/stores/tiered-store.js'
 import { KEYS, build, call, get, put } from '../helpers/build.js'
@@ -399,6 +400,43 @@ if (requireRedisServer(t)) {
     const corrected = await call(v, { method: 'POST', url: '/v1/events', payload: { ...event, id: 'evt-cluster-3' }, key: 'invalidate' })
     t.equal(corrected.statusCode, 200)
     t.equal(corrected.headers['idempotent-replayed'], undefined)
+  })
+
+  t.test('a repeat with bad data waits for the id another instance applies: a replay if it is applied, else 400, and a valid delivery meanwhile goes its own way', async (t) => {
+    const [x, y] = await Promise.all([0, 1].map(() => build(t, { redisUrl: redis.url })))
+    const rules = new EventRules([{ event: 'slow.done', invalidate: { userIds: ['{{data.u}}'] } }], x.cache.limits)
+    const onX = new EventProcessor(x.cache, rules, { pendingTtlMs: 600 })
+    const onY = new EventProcessor(y.cache, rules, { pendingTtlMs: 600 })
+    const invalidateX = x.cache.invalidate.bind(x.cache)
+    t.teardown(() => void (x.cache.invalidate = invalidateX))
+    for (const fails of [false, true]) {
+      // x's invalidation is held until the test lets it go, then succeeds or fails.
+      let release!: () => void
+      const gate = new Promise<void>((resolve) => (release = resolve))
+      x.cache.invalidate = async (...args) => {
+        await gate
+        if (fails) throw new CacheError('backend_unavailable', 'Redis is unavailable (test)')
+        return invalidateX(...args)
+      }
+      const id = `evt-bad-repeat-${fails ? 'failed' : 'applied'}`
+      const first = onX.apply({ id, type: 'slow.done', data: { u: 'b1' } })
+      first.catch(() => undefined)
+      await sleep(100)
+      const bad = onY.apply({ id, type: 'slow.done', data: {} })
+      bad.catch(() => undefined)
+      const valid = onY.apply({ id, type: 'slow.done', data: { u: 'b1' } })
+      await sleep(100)
+      release()
+      if (fails) {
+        await t.rejects(first, { code: 'backend_unavailable' })
+        await t.rejects(bad, { code: 'invalid_request' }, 'the bad repeat of an id that was not applied is 400')
+        t.equal((await valid).replayed, false, 'the valid delivery on the same instance applied the id itself, not held to that 400')
+      } else {
+        const [one, two, three] = await Promise.all([first, bad, valid])
+        t.same([one.replayed, two.replayed, three.replayed], [false, true, true])
+        t.same(two.response, one.response, 'the bad repeat waited, and replays the reply')
+      }
+    }
   })
 
   t.test('an event applied for longer than its claim time is still applied once: its owner renews the claim', async (t) => {
