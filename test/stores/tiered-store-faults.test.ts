@@ -364,8 +364,10 @@ if (requireRedisServer(t)) {
     t.teardown(() => store.close())
     t.ok(await store.connect(10_000))
     const base = { etag: 'e', userId: undefined, tags: undefined, createdAt: now(), expiresAt: now() + 60_000, hits: 0, lastAccessAt: now(), stale: false, origin: undefined, size: 10 }
-    await store.set({ ...base, key: 'cached', value: '1' })
-    t.ok(await waitUntil(async () => (await store.get('cached', now()), (await store.l1Peek('cached', now())) !== undefined)))
+    for (const key of ['cached', 'written']) {
+      await store.set({ ...base, key, value: '1' })
+      t.ok(await waitUntil(async () => (await store.get(key, now()), (await store.l1Peek(key, now())) !== undefined)))
+    }
     t.equal(await store.healthy(), true)
     frozen.pause(true)
     t.teardown(() => frozen.pause(false))
@@ -373,8 +375,11 @@ if (requireRedisServer(t)) {
     t.equal(await store.healthy(), false, 'but readiness asks Redis, which does not answer')
     let started = Date.now()
     t.equal((await store.get('cached', now()))?.value, '1', 'an L1 hit does not touch Redis')
+    // A write sent to the frozen Redis times out, and may land when Redis wakes: its L1 copy goes.
+    await t.rejects(store.set({ ...base, key: 'written', value: '2' }), { name: 'CacheError', code: 'backend_unavailable' })
+    t.ok(Date.now() - started < 2500, `the write failed in ${Date.now() - started} ms (one command timeout)`)
+    t.equal(await store.l1Peek('written', now()), undefined, 'and the L1 copy of the key it was sent for is dropped')
     t.equal(await store.get('not-cached', now()), undefined, 'a miss')
-    t.ok(Date.now() - started < 2500, `the first miss took ${Date.now() - started} ms (one command timeout)`)
     // That timeout dropped the connection: the next requests fail at once instead of each
     // waiting out its own second.
     t.equal(store.ready(), false, 'not ready once a command timed out')
