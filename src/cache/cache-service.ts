@@ -479,7 +479,7 @@ export class CacheService extends EventEmitter<CacheServiceEvents> {
     // claimed in one step; without one, the claims are kept here.
     const { stamp, left } =
       this.store.claimFill !== undefined
-        ? await this.store.claimFill(key, holder, this.#fillLeaseMs)
+        ? await this.store.claimFill(key, holder, this.#fillLeaseMs, now)
         : { stamp: await this.store.leaseStamp(), left: this.#claimFill(key, holder, now) }
     this.totals.leasesIssued++
     const lease = encodeLease(stamp, key, holder)

@@ -74,12 +74,13 @@ export interface Store {
    * Herd control shared by every instance on the store (DESIGN.md section 4: one fill lease
    * per key at a time): takes the stamp a lease issued now carries and, in the same step,
    * claims the fill of `key` for `ttlMs` for `holder` unless another claim is outstanding.
-   * `left` is 0 when claimed, else the ms the other claim has left. A write of the key and an
+   * `left` is 0 when claimed, else the ms the other claim has left, or 1 when the key holds a
+   * fresh entry at `now` (a fill landed since the read that missed). A write of the key and an
    * invalidation naming it end the claim. Never rejects: when the store cannot be asked, the
    * stamp is one that can never write, and the miss fills. Optional: without it, the
    * CacheService keeps the claims in memory, which is exact for a store only it uses.
    */
-  claimFill?(key: string, holder: string, ttlMs: number): Promise<{ stamp: LeaseStamp; left: number }>
+  claimFill?(key: string, holder: string, ttlMs: number, now: number): Promise<{ stamp: LeaseStamp; left: number }>
 
   /** Ends `holder`'s fill claim on `key` (its write was refused); nothing if another holds it. */
   releaseFill?(key: string, holder: string): Promise<void>

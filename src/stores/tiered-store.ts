@@ -530,10 +530,10 @@ export class TieredStore implements Store {
     }
   }
 
-  async claimFill(key: string, holder: string, ttlMs: number): Promise<{ stamp: LeaseStamp; left: number }> {
+  async claimFill(key: string, holder: string, ttlMs: number, now: number): Promise<{ stamp: LeaseStamp; left: number }> {
     try {
       const ms = Math.max(1, Math.ceil(ttlMs))
-      const [epoch, seq, left] = (await this.#scripts.cwClaimFill(this.#base, key, holder, ms, proposedEpoch())) as [string, number, number]
+      const [epoch, seq, left] = (await this.#scripts.cwClaimFill(this.#base, key, holder, ms, proposedEpoch(), now)) as [string, number, number]
       return { stamp: { epoch, seq }, left }
     } catch {
       // A miss must still answer while Redis is down: it fills, and its lease can never write.

@@ -186,6 +186,24 @@ if (requireRedisServer(t)) {
     t.equal(next.json().fill, true, 'after the write and an invalidation, the next miss fills again')
   })
 
+  t.test('a miss whose key is filled between its read and its claim waits a millisecond: no second fill lease', async (t) => {
+    const first = (await get(a, 'herd:crossed')).json()
+    t.equal(first.fill, true)
+    // c's next miss reads Redis (nothing there), then the filler's write lands on b, then c claims.
+    const store = l1(c)
+    const claimFill = store.claimFill.bind(store)
+    store.claimFill = async (...args) => {
+      store.claimFill = claimFill
+      t.equal((await call(b, { method: 'PUT', url: '/v1/entries/herd%3Acrossed', payload: { value: 3, lease: first.lease } })).statusCode, 200)
+      return claimFill(...args)
+    }
+    t.teardown(() => void (store.claimFill = claimFill))
+    const crossed = await get(c, 'herd:crossed')
+    t.equal(crossed.statusCode, 404, 'the read missed')
+    t.match(crossed.json(), { fill: false, retryAfterMs: 1 }, 'not a fill lease: the fill has landed, read again')
+    t.equal((await get(c, 'herd:crossed')).json().value, 3, 'and reading again finds it')
+  })
+
   t.test("a waiter's refused write on another instance does not end the filler's claim", async (t) => {
     const filler = (await get(a, 'herd:2')).json()
     const waiter = (await get(b, 'herd:2')).json()

@@ -385,7 +385,7 @@ if (requireRedisServer(t)) {
     t.equal(store.ready(), false, 'not ready once a command timed out')
     started = Date.now()
     t.equal(await store.get('not-cached-2', now()), undefined, 'another miss')
-    t.same(await store.claimFill('not-cached-2', 'h', 2000), { stamp: { epoch: 'offline', seq: 0 }, left: 0 }, 'whose lease can never write')
+    t.same(await store.claimFill('not-cached-2', 'h', 2000, now()), { stamp: { epoch: 'offline', seq: 0 }, left: 0 }, 'whose lease can never write')
     await t.rejects(store.set({ ...base, key: 'x', value: '2' }), { name: 'CacheError', code: 'backend_unavailable' })
     await t.rejects(store.invalidate({ userIds: ['u'] }, 'delete', now()), { name: 'CacheError', code: 'backend_unavailable' })
     t.ok(Date.now() - started < 500, `a miss, its lease, a write and an invalidation failed in ${Date.now() - started} ms`)

@@ -205,7 +205,7 @@ if (requireRedisServer(t)) {
   t.test('a fill claim is shared by every store on the Redis, until a write, an invalidation, a release or a clear ends it', async (t) => {
     const clock = new FakeClock()
     const [a, b] = await openPair(t, clock)
-    const claim = async (store: TieredStore, holder: string, ttlMs = 2000) => (await store.claimFill('k', holder, ttlMs)).left
+    const claim = async (store: TieredStore, holder: string, ttlMs = 2000) => (await store.claimFill('k', holder, ttlMs, clock.now())).left
     t.equal(await claim(a, 'holder-a'), 0, 'the first claim holds the fill')
     const left = await claim(b, 'holder-b')
     t.ok(left > 0 && left <= 2000, `another store's claim waits (${left} ms left)`)
@@ -214,8 +214,11 @@ if (requireRedisServer(t)) {
     await a.releaseFill('k', 'holder-a')
     t.equal(await claim(b, 'holder-b'), 0, 'the holder released it')
 
-    await a.set(entry(clock, 'k'))
+    // A stale-marked entry still wants a fill, so the claim that follows shows the write ended the claim.
+    await a.set(entry(clock, 'k', { stale: true }))
     t.equal(await claim(a, 'holder-c'), 0, 'a write of the key ended the claim')
+    await a.set(entry(clock, 'k'))
+    t.equal(await claim(b, 'holder-c2'), 1, 'a fresh entry in the key: nothing to fill, 1 ms (read again)')
     await b.invalidate({ keys: ['k'] }, 'delete', clock.now())
     t.equal(await claim(b, 'holder-d'), 0, 'so did an invalidation naming it')
     await a.clear()
@@ -227,10 +230,10 @@ if (requireRedisServer(t)) {
     const clock = new FakeClock()
     const store = await open(clock)
     t.teardown(() => store.close())
-    const before = await store.claimFill('k', 'h1', 2000)
+    const before = await store.claimFill('k', 'h1', 2000, clock.now())
     t.same(before.stamp, await store.leaseStamp(), 'the same epoch and sequence as leaseStamp')
     await store.invalidate({ tags: ['t'] }, 'delete', clock.now())
-    const after = await store.claimFill('k', 'h2', 2000)
+    const after = await store.claimFill('k', 'h2', 2000, clock.now())
     t.equal(after.stamp.epoch, before.stamp.epoch)
     t.ok(after.stamp.seq > before.stamp.seq, 'an invalidation in between moves the sequence on')
     t.ok(after.left > 0, 'and leaves the claim to its holder (only a write or a key invalidation ends it)')
