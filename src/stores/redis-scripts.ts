@@ -322,15 +322,15 @@ return stamp(ARGV[1])
 /**
  * claimFill(key, holder, ttlMs, proposedEpoch, now) -> {epoch, seq, left}: the lease stamp (as
  * STAMP) and, in the same step, the fill claim: left is 0 when the fill is now `holder`'s,
- * else the ms another claim has left, or 1 when the key holds a fresh entry (a fill landed
- * since the read that missed: nothing to fill, read again).
+ * else the ms another claim has left, or -1 when the key holds a fresh entry (a fill landed
+ * since the read that missed, or the reader's copy was behind: nothing to fill, read again).
  */
 const CLAIM_FILL = `${PRELUDE}${STAMP_FN}
 local out = stamp(ARGV[4])
 local f = pre .. 'f:' .. ARGV[1]
 local e = ekey(ARGV[1])
 local x = redis.call('HGET', e, 'x')
-if x and tonumber(x) > tonumber(ARGV[5]) and redis.call('HGET', e, 's') ~= '1' then out[3] = 1
+if x and tonumber(x) > tonumber(ARGV[5]) and redis.call('HGET', e, 's') ~= '1' then out[3] = -1
 elseif redis.call('SET', f, ARGV[2], 'NX', 'PX', ARGV[3]) then out[3] = 0
 else out[3] = math.max(1, redis.call('PTTL', f)) end
 return out

@@ -534,7 +534,12 @@ export class TieredStore implements Store {
     try {
       const ms = Math.max(1, Math.ceil(ttlMs))
       const [epoch, seq, left] = (await this.#scripts.cwClaimFill(this.#base, key, holder, ms, proposedEpoch(), now)) as [string, number, number]
-      return { stamp: { epoch, seq }, left }
+      if (left >= 0) return { stamp: { epoch, seq }, left }
+      // Redis holds a fresh entry the read missed: a fill landed since, or this instance's L1
+      // copy is behind (marked stale by an invalidation Redis did not take). Drop the copy, so
+      // the read the caller makes in a millisecond goes to Redis and finds the entry.
+      this.#dropKeys([key])
+      return { stamp: { epoch, seq }, left: 1 }
     } catch {
       // A miss must still answer while Redis is down: it fills, and its lease can never write.
       return { stamp: OFFLINE_STAMP, left: 0 }

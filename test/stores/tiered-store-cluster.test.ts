@@ -204,6 +204,22 @@ if (requireRedisServer(t)) {
     t.equal((await get(c, 'herd:crossed')).json().value, 3, 'and reading again finds it')
   })
 
+  t.test('a miss on an L1 copy behind Redis (marked stale there, fresh in Redis) is not stuck: the claim drops the copy', async (t) => {
+    await put(a, 'behind:1', { value: 'fresh' })
+    t.ok(await fillL1(c, 'behind:1'))
+    // A stale-mode message Redis never applied: what a stale invalidation that failed leaves in L1.
+    const publisher = new Redis(redis.url)
+    t.teardown(() => publisher.disconnect())
+    await publisher.publish('{cw}:bus', JSON.stringify({ f: 'elsewhere', s: { keys: ['behind:1'] }, m: 'stale' }))
+    t.ok(await waitUntil(async () => (await l1(c).l1Peek('behind:1', c.cache.now()))?.stale === true), "c's copy is marked stale")
+    const miss = await get(c, 'behind:1')
+    t.equal(miss.statusCode, 404, 'the stale copy is a miss')
+    t.match(miss.json(), { fill: false, retryAfterMs: 1 }, 'Redis holds a fresh entry: nothing to fill')
+    const again = await get(c, 'behind:1')
+    t.equal(again.statusCode, 200, 'and the next read finds it in Redis, not the copy again')
+    t.equal(again.json().value, 'fresh')
+  })
+
   t.test("a waiter's refused write on another instance does not end the filler's claim", async (t) => {
     const filler = (await get(a, 'herd:2')).json()
     const waiter = (await get(b, 'herd:2')).json()

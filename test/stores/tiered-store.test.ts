@@ -217,13 +217,18 @@ if (requireRedisServer(t)) {
     // A stale-marked entry still wants a fill, so the claim that follows shows the write ended the claim.
     await a.set(entry(clock, 'k', { stale: true }))
     t.equal(await claim(a, 'holder-c'), 0, 'a write of the key ended the claim')
-    await a.set(entry(clock, 'k'))
-    t.equal(await claim(b, 'holder-c2'), 1, 'a fresh entry in the key: nothing to fill, 1 ms (read again)')
+    await a.set(entry(clock, 'k', { stale: true }))
+    t.equal(await claim(a, 'holder-c2'), 0)
     await b.invalidate({ keys: ['k'] }, 'delete', clock.now())
     t.equal(await claim(b, 'holder-d'), 0, 'so did an invalidation naming it')
     await a.clear()
     t.equal(await claim(a, 'holder-e', 50.5), 0, 'and a clear (and a fractional ttl is rounded, not refused)')
     t.ok(await waitUntil(async () => (await claim(b, 'holder-f')) === 0), 'a claim runs out by itself')
+    await a.set(entry(clock, 'k'))
+    t.equal(await claim(b, 'holder-g'), 1, 'a fresh entry in the key: nothing to fill, 1 ms (read again)')
+    t.equal(await claim(b, 'holder-g'), 1, 'and no claim was taken')
+    clock.advance(60_000)
+    t.equal(await claim(b, 'holder-h'), 0, 'an expired entry is filled again')
   })
 
   t.test('a fill claim carries the stamp a lease issued at the same moment carries', async (t) => {
