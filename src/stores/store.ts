@@ -75,7 +75,8 @@ export interface Store {
    * per key at a time): takes the stamp a lease issued now carries and, in the same step,
    * claims the fill of `key` for `ttlMs` for `holder` unless another claim is outstanding.
    * `left` is 0 when claimed, else the ms the other claim has left, or 1 when the key holds a
-   * fresh entry at `now` (a fill landed since the read that missed). A write of the key and an
+   * fresh entry at `now` although the read missed (a fill landed since, or the instance's copy
+   * was behind: the store drops that copy, so reading again finds it). A write of the key and an
    * invalidation naming it end the claim. Never rejects: when the store cannot be asked, the
    * stamp is one that can never write, and the miss fills. Optional: without it, the
    * CacheService keeps the claims in memory, which is exact for a store only it uses.

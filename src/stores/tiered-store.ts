@@ -375,7 +375,7 @@ export class TieredStore implements Store {
     const pttl = Math.max(1, entry.expiresAt - now) + this.#ttlMarginMs
     let result: [number, string[]?]
     // With no offline queue, a command made while the connection is not ready is refused before
-    // anything is sent: such a write cannot have landed, so the L1 copy is still Redis' own.
+    // anything is sent: such a write cannot have landed, so the L1 copy stands as before it.
     const sent = this.#redis.status === 'ready'
     try {
       result = (await this.#scripts.cwSet(
