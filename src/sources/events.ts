@@ -1,6 +1,7 @@
 // Domain events -> invalidations (DESIGN.md section 5). No Fastify here: the route in
 // src/routes/events.ts only validates the body's shape and calls `EventProcessor.apply`.
 import { randomUUID } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
 import type { CacheService } from '../cache/cache-service.js'
 import { checkSelector, type Limits } from '../cache/limits.js'
 import { SELECTOR_KINDS, type InvalidationMode, type InvalidationResult, type Selector, type SelectorKind } from '../cache/types.js'
@@ -22,6 +23,22 @@ const PENDING = 'pending'
 const PENDING_TTL_MS = 10_000
 /** How often a repeat delivery checks whether another instance finished applying the event. */
 const PENDING_POLL_MS = 25
+
+/** The shared-store record of an event id. */
+const recordName = (id: string) => `event:${id}`
+
+/**
+ * Asks `look` for an event id's record until it is not another instance's pending claim:
+ * undefined when there is none, else the reply it holds.
+ */
+async function settled(look: () => Promise<string | undefined>): Promise<EventResponse | undefined> {
+  for (;;) {
+    const record = await look()
+    if (record === undefined) return undefined
+    if (!record.startsWith(PENDING)) return JSON.parse(record) as EventResponse
+    await sleep(PENDING_POLL_MS)
+  }
+}
 
 const RULE_KEYS = new Set(['event', 'invalidate', 'mode', 'description'])
 // `{{data.userId}}`, `{{ data.user.id }}`: a path into the event's `data`, one field per segment.
@@ -264,18 +281,9 @@ export class EventProcessor {
    * waiting while an instance applies it; undefined if there is none, or the store cannot be asked.
    */
   async #recordedReply(id: string): Promise<EventResponse | undefined> {
-    const store = this.#cache.store
-    if (store.getRecord === undefined) return undefined
-    try {
-      for (;;) {
-        const record = await store.getRecord(`event:${id}`)
-        if (record === undefined) return undefined
-        if (!record.startsWith(PENDING)) return JSON.parse(record) as EventResponse
-        await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS))
-      }
-    } catch {
-      return undefined
-    }
+    const getRecord = this.#cache.store.getRecord?.bind(this.#cache.store)
+    if (getRecord === undefined) return undefined
+    return settled(() => getRecord(recordName(id))).catch(() => undefined)
   }
 
   /**
@@ -289,19 +297,17 @@ export class EventProcessor {
    */
   async #applyOnce(event: DomainEvent, id: string, resolved: ReturnType<EventRules['resolve']>, actor: string | undefined): Promise<EventOutcome> {
     const store = this.#cache.store
-    const name = `event:${id}`
+    const name = recordName(id)
     if (store.putRecord === undefined || store.swapRecord === undefined || resolved.length === 0) {
       return { response: await this.#run(event, actor, resolved), replayed: false }
     }
+    const put = store.putRecord.bind(store)
     const swap = store.swapRecord.bind(store)
     const claim = `${PENDING}:${randomUUID()}`
     try {
-      for (;;) {
-        const prior = await store.putRecord(name, claim, this.#pendingTtlMs)
-        if (prior === undefined) break
-        if (!prior.startsWith(PENDING)) return { response: JSON.parse(prior) as EventResponse, replayed: true }
-        await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS))
-      }
+      // Claimed (undefined), or the reply of the instance that applied the id.
+      const prior = await settled(() => put(name, claim, this.#pendingTtlMs))
+      if (prior !== undefined) return { response: prior, replayed: true }
     } catch (error) {
       // The store could not be asked whether the id was applied, so its invalidations were not
       // attempted: a failed invalidation all the same (counted, and a 503 for the sender to retry).

@@ -328,9 +328,8 @@ return stamp(ARGV[1])
 const CLAIM_FILL = `${PRELUDE}${STAMP_FN}
 local out = stamp(ARGV[4])
 local f = pre .. 'f:' .. ARGV[1]
-local e = ekey(ARGV[1])
-local x = redis.call('HGET', e, 'x')
-if x and tonumber(x) > tonumber(ARGV[5]) and redis.call('HGET', e, 's') ~= '1' then out[3] = -1
+local xs = redis.call('HMGET', ekey(ARGV[1]), 'x', 's')
+if xs[1] and tonumber(xs[1]) > tonumber(ARGV[5]) and xs[2] ~= '1' then out[3] = -1
 elseif redis.call('SET', f, ARGV[2], 'NX', 'PX', ARGV[3]) then out[3] = 0
 else out[3] = math.max(1, redis.call('PTTL', f)) end
 return out

@@ -138,7 +138,7 @@ if (requireRedisServer(t)) {
     const overwrite = await call(a, { method: 'PUT', url: '/v1/entries/kept', payload: { value: 'v2' } })
     t.equal(overwrite.statusCode, 503)
     const copy = await get(a, 'kept')
-    t.equal(copy.statusCode, 200, 'a write never sent to Redis leaves the L1 copy (still what Redis holds)')
+    t.equal(copy.statusCode, 200, 'a write never sent to Redis leaves the L1 copy as it was')
     t.equal(copy.json().value, 'v1')
     const leased = await call(a, { method: 'PUT', url: '/v1/entries/never-cached', payload: { value: 1, lease: miss.json().lease } })
     t.equal(leased.statusCode, 503, 'a leased write is 503 too, not a 409')
