@@ -1,6 +1,6 @@
 import fc from 'fast-check'
 import t from 'tap'
-import type { LeaseStamp, Selector } from '../../src/cache/types.js'
+import type { LeaseStamp, Selector, SetOutcome } from '../../src/cache/types.js'
 import { MemoryStore } from '../../src/stores/memory-store.js'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock } from '../helpers/build.js'
@@ -18,7 +18,11 @@ import { entry } from './store-contract.js'
 // (or, after a user or tag walked in batches, also when the reference takes it: such a walk
 // refuses every older lease, by design), an invalidation counts what the reference counts,
 // and the Redis indexes hold every live entry under its user and tags and no live entry
-// elsewhere. FC_SEED and FC_PATH replay a failure fast-check reported.
+// elsewhere. A race step starts a write on one instance and an invalidation covering it on
+// the other a few event-loop turns apart (either first), with reads of the key on both
+// meanwhile: the outcome must be one of the two orders (a leased write that lands must be
+// invalidated after it), and the reference takes that order. FC_SEED and FC_PATH replay a
+// failure fast-check reported.
 
 const INDEX_BATCH = 2
 const KEYS = ['a', 'ab', 'abc', 'b:1', 'b:2', 'c/x', 'd', 'é e']
@@ -51,6 +55,10 @@ const op = fc.oneof(
   { arbitrary: fc.record({ op: fc.constant('advance' as const), ms: fc.integer({ min: 1, max: 3000 }) }), weight: 2 },
   fc.record({ op: fc.constant('clear' as const), on }),
   fc.record({ op: fc.constant('markAllStale' as const), on }),
+  {
+    arbitrary: fc.record({ op: fc.constant('race' as const), ...write, leased: fc.boolean(), lease: fc.nat(), cover: fc.nat(), mode, readers: fc.boolean(), writeAfter: fc.integer({ min: -3, max: 3 }) }),
+    weight: 4,
+  },
 )
 
 if (requireRedisServer(t)) {
@@ -67,24 +75,26 @@ if (requireRedisServer(t)) {
         // indexBatch 2: a user or tag with three entries is walked in batches, with its quiet message and gate.
         const open = () => new TieredStore({ redisUrl: redis.url, namespace, now: clock.now, sweepIntervalMs: 0, l1SliceMs: 0, indexBatch: INDEX_BATCH })
         const instances = [open(), open()]
+        // Reads Redis' entry with peek, which never fills its L1: what a race left, whatever the L1s hold.
+        const observer = open()
         try {
-          for (const store of instances) if (!(await store.connect(10_000))) throw new Error('a TieredStore did not connect')
+          for (const store of [...instances, observer]) if (!(await store.connect(10_000))) throw new Error('a TieredStore did not connect')
           // A lease issued on each side at the same step, and whether a walk in batches came after it.
           const leases: Array<{ stamps: [LeaseStamp, LeaseStamp]; walked: boolean }> = []
-          // The keys ever written under each user and tag since the last clear: more than
-          // indexBatch, and an invalidation of that user or tag may be walked in batches.
-          const written = new Map<string, Set<string>>()
+          const written = new Written()
           let version = 0
+          /** A write's fields: a value no earlier write had, so an old value read back shows. */
+          const fieldsOf = (o: { key: string; user?: string | undefined; tags?: string[] | undefined; ttl: number }) => {
+            written.add(o.key, o.user, o.tags)
+            return { value: JSON.stringify(`v${version++}`), userId: o.user, tags: o.tags, expiresAt: clock.now() + o.ttl }
+          }
           for (const [i, o] of ops.entries()) {
             const at = `step ${i} ${JSON.stringify(o)} of ${JSON.stringify(ops)}`
             switch (o.op) {
               case 'set':
               case 'setLeased': {
-                const fields = { value: JSON.stringify(`v${version++}`), userId: o.user, tags: o.tags, expiresAt: clock.now() + o.ttl }
-                for (const name of [...(o.user === undefined ? [] : [`u:${o.user}`]), ...(o.tags ?? []).map((tag) => `t:${tag}`)]) {
-                  ;(written.get(name) ?? written.set(name, new Set()).get(name)!).add(o.key)
-                }
-                const lease = o.op === 'setLeased' && leases.length > 0 ? leases[o.lease % leases.length] : undefined
+                const fields = fieldsOf(o)
+                const lease = o.op === 'setLeased' ? leases[o.lease % leases.length] : undefined
                 const want = await reference.set(entry(clock, o.key, fields), lease?.stamps[0])
                 const got = await instances[o.on]!.set(entry(clock, o.key, fields), lease?.stamps[1])
                 // A walk in batches refuses every older lease (a key no batch has reached yet may be
@@ -95,12 +105,55 @@ if (requireRedisServer(t)) {
                 if (excused && (await instances[o.on]!.set(entry(clock, o.key, fields))) !== 'ok') throw new Error(`an unleased write was refused at ${at}`)
                 break
               }
+              case 'race': {
+                // A write on one instance against an invalidation covering it on the other, and reads
+                // of the key on both meanwhile (L1 fills racing the two). Whatever the interleaving,
+                // the outcome must be one of the two orders, and the reference is given that order.
+                const fields = fieldsOf(o)
+                const lease = o.leased ? leases[o.lease % leases.length] : undefined
+                const covering: Selector[] = [
+                  { keys: [o.key] },
+                  ...(o.user === undefined ? [] : [{ userIds: [o.user] }]),
+                  ...(o.tags ?? []).map((tag) => ({ tags: [tag] })),
+                  ...[...o.key].map((_, n) => ({ prefixes: [o.key.slice(0, n + 1)] })),
+                ]
+                const selector = covering[o.cover % covering.length]!
+                if (written.walks(selector)) for (const older of leases) older.walked = true
+                // The write starts `writeAfter` turns of the event loop after the invalidation (before it, if negative).
+                const [got, count] = await Promise.all([
+                  turns(o.writeAfter).then(() => instances[o.on]!.set(entry(clock, o.key, fields), lease?.stamps[1])),
+                  turns(-o.writeAfter).then(() => instances[1 - o.on]!.invalidate(selector, o.mode, clock.now())),
+                  ...(o.readers ? instances.map((store) => store.get(o.key, clock.now())) : []),
+                ])
+                let writeFirst: boolean
+                if (got === 'lease_invalidated') writeFirst = false
+                else if (lease !== undefined) writeFirst = true // had the invalidation come first, the lease would be void
+                else {
+                  // What Redis holds tells: the new value fresh (invalidated first), or gone or stale (written first).
+                  const left = JSON.stringify(answer(await observer.peek(o.key, clock.now())))
+                  const afterWrite = JSON.stringify(o.mode === 'delete' ? undefined : answer({ value: fields.value, stale: true }))
+                  if (left === JSON.stringify(answer({ value: fields.value, stale: false }))) writeFirst = false
+                  else if (left === afterWrite) writeFirst = true
+                  else throw new Error(`the race left ${left}, the outcome of neither order, at ${at}`)
+                }
+                let want: SetOutcome
+                let wantCount: number
+                if (writeFirst) {
+                  want = await reference.set(entry(clock, o.key, fields), lease?.stamps[0])
+                  wantCount = await reference.invalidate(selector, o.mode, clock.now())
+                } else {
+                  wantCount = await reference.invalidate(selector, o.mode, clock.now())
+                  want = await reference.set(entry(clock, o.key, fields), lease?.stamps[0])
+                }
+                if (got !== want) throw new Error(`the racing write answered ${got}, the reference ${want} (write ${writeFirst ? 'first' : 'second'}), at ${at}`)
+                if (count !== wantCount) throw new Error(`the racing invalidation counted ${count}, the reference ${wantCount}, at ${at}`)
+                break
+              }
               case 'lease':
                 leases.push({ stamps: [await reference.leaseStamp(), await instances[o.on]!.leaseStamp()], walked: false })
                 break
               case 'invalidate': {
-                const names = [...(o.selector.userIds ?? []).map((user) => `u:${user}`), ...(o.selector.tags ?? []).map((tag) => `t:${tag}`)]
-                if (names.some((name) => (written.get(name)?.size ?? 0) > INDEX_BATCH)) for (const lease of leases) lease.walked = true
+                if (written.walks(o.selector)) for (const lease of leases) lease.walked = true
                 const want = await reference.invalidate(o.selector, o.mode, clock.now())
                 const got = await instances[o.on]!.invalidate(o.selector, o.mode, clock.now())
                 if (got !== want) throw new Error(`invalidation counted ${got}, the reference ${want}, at ${at}`)
@@ -123,7 +176,7 @@ if (requireRedisServer(t)) {
             steps++
           }
         } finally {
-          await Promise.all(instances.map((store) => store.close()))
+          await Promise.all([...instances, observer].map((store) => store.close()))
           await reference.close()
         }
       }),
@@ -131,6 +184,32 @@ if (requireRedisServer(t)) {
     )
     t.pass(`the property held for 50 random sequences (${steps} steps), each read on both instances after every step`)
   })
+}
+
+/** The keys ever written under each user and tag since the last clear. */
+class Written {
+  readonly #keys = new Map<string, Set<string>>()
+
+  add(key: string, user: string | undefined, tags: string[] | undefined): void {
+    for (const name of [...(user === undefined ? [] : [`u:${user}`]), ...(tags ?? []).map((tag) => `t:${tag}`)]) {
+      ;(this.#keys.get(name) ?? this.#keys.set(name, new Set()).get(name)!).add(key)
+    }
+  }
+
+  /** Whether an invalidation of this selector may walk a user or tag in batches (more members than a batch). */
+  walks(selector: Selector): boolean {
+    const names = [...(selector.userIds ?? []).map((user) => `u:${user}`), ...(selector.tags ?? []).map((tag) => `t:${tag}`)]
+    return names.some((name) => (this.#keys.get(name)?.size ?? 0) > INDEX_BATCH)
+  }
+
+  clear(): void {
+    this.#keys.clear()
+  }
+}
+
+/** Waits `n` turns of the event loop (none if n <= 0), each letting I/O in. */
+async function turns(n: number): Promise<void> {
+  for (let i = 0; i < n; i++) await new Promise((resolve) => setImmediate(resolve))
 }
 
 type Answer = [value: string, stale: boolean] | undefined
