@@ -1,0 +1,298 @@
+import fc from 'fast-check'
+import type { FastifyInstance, InjectOptions } from 'fastify'
+import t from 'tap'
+import type { Selector } from '../../src/cache/types.js'
+import { TieredStore } from '../../src/stores/tiered-store.js'
+import { FakeClock, build, call, keyPath } from '../helpers/build.js'
+import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
+
+// The HTTP API against a model of it, over random sequences of writes (leased or not),
+// reads (plain, allowStale, conditional), batch reads, invalidations in every form the
+// contract has (POST /v1/invalidations, DELETE of a key, the user and tag shorthands, both
+// modes), user inspection, stats and the clock moving on. Every answer is checked against the
+// model: status, value, user, tags, stale flag, etag and expiry of a read; what a batch read
+// finds and misses; the count an invalidation reports; whether a leased write is refused (the
+// README's Leases rule: an invalidation touching the key by key, by a prefix of it, by the
+// user or a tag of the write or of the entry the key held, after the lease was issued); a
+// user's entries; the hits, misses and sets of the stats. An etag is the same for the same
+// value and differs for different ones. In memory mode with one app, and in cluster mode with
+// two apps on one Redis (a step runs on either).
+
+const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é']
+const USERS = ['u1', 'u2']
+const TAGS = ['t1', 't2', 't3']
+const DEFAULT_TTL_MS = 300_000
+
+const key = fc.constantFrom(...KEYS)
+const mode = fc.constantFrom('delete' as const, 'stale' as const)
+// Fastify refuses a body with a `__proto__` or `constructor` key (prototype poisoning): not values to draw.
+const value = fc.jsonValue({ maxDepth: 2 }).filter((v) => !/"(__proto__|constructor)"/.test(JSON.stringify(v)))
+const selector: fc.Arbitrary<Selector> = fc.oneof(
+  fc.record({ keys: fc.uniqueArray(key, { minLength: 1, maxLength: 2 }) }),
+  fc.record({ userIds: fc.uniqueArray(fc.constantFrom(...USERS), { minLength: 1, maxLength: 2 }) }),
+  fc.record({ tags: fc.uniqueArray(fc.constantFrom(...TAGS), { minLength: 1, maxLength: 2 }) }),
+  fc.record({ prefixes: fc.uniqueArray(fc.constantFrom('a', 'b', 'b:', 'c', 'é'), { minLength: 1, maxLength: 2 }) }),
+  fc.constant<Selector>({ userIds: ['u1'], tags: ['t3'], prefixes: ['b/'] }),
+)
+const on = fc.nat()
+
+const op = fc.oneof(
+  {
+    arbitrary: fc.record({
+      op: fc.constant('put' as const),
+      on,
+      key,
+      value,
+      user: fc.option(fc.constantFrom(...USERS), { nil: undefined }),
+      tags: fc.option(fc.uniqueArray(fc.constantFrom(...TAGS), { minLength: 1, maxLength: 2 }), { nil: undefined }),
+      ttl: fc.option(fc.integer({ min: 1, max: 20_000 }), { nil: undefined }),
+      leased: fc.boolean(),
+    }),
+    weight: 6,
+  },
+  { arbitrary: fc.record({ op: fc.constant('get' as const), on, key, allowStale: fc.boolean(), conditional: fc.boolean() }), weight: 5 },
+  { arbitrary: fc.record({ op: fc.constant('batchGet' as const), on, keys: fc.uniqueArray(key, { minLength: 1, maxLength: 4 }), allowStale: fc.boolean() }), weight: 2 },
+  { arbitrary: fc.record({ op: fc.constant('invalidate' as const), on, selector, mode }), weight: 3 },
+  fc.record({ op: fc.constant('deleteKey' as const), on, key }),
+  fc.record({ op: fc.constant('deleteUser' as const), on, user: fc.constantFrom(...USERS), mode }),
+  fc.record({ op: fc.constant('deleteTag' as const), on, tag: fc.constantFrom(...TAGS), mode }),
+  { arbitrary: fc.record({ op: fc.constant('advance' as const), ms: fc.integer({ min: 1, max: 3000 }) }), weight: 2 },
+  fc.record({ op: fc.constant('inspectUser' as const), on, user: fc.constantFrom(...USERS) }),
+  fc.record({ op: fc.constant('stats' as const), on }),
+)
+type Op = typeof op extends fc.Arbitrary<infer T> ? T : never
+
+interface ModelEntry {
+  value: unknown
+  userId: string | undefined
+  tags: string[] | undefined
+  expiresAt: number
+  stale: boolean
+  etag: string
+}
+
+/** An invalidation as a lease sees it: the keys it surely touched, and those it touched only if an expired entry was still held. */
+interface Voiding {
+  step: number
+  touched: Set<string>
+  maybe: Set<string>
+  userIds: Set<string>
+  tags: Set<string>
+}
+
+/** The API as the contract and README describe it, for `apps` instances of one cache. */
+class Model {
+  readonly entries = new Map<string, ModelEntry>()
+  readonly leases: Array<{ token: string; key: string; step: number }> = []
+  readonly voidings: Voiding[] = []
+  readonly counters: Array<{ hits: number; misses: number; sets: number }>
+  /** Etags by serialized value, and values by etag: one to one. */
+  readonly #etags = new Map<string, string>()
+  readonly #values = new Map<string, string>()
+
+  constructor(
+    apps: number,
+    readonly now: () => number,
+  ) {
+    this.counters = Array.from({ length: apps }, () => ({ hits: 0, misses: 0, sets: 0 }))
+  }
+
+  live(e: ModelEntry | undefined): e is ModelEntry {
+    return e !== undefined && e.expiresAt > this.now()
+  }
+
+  readable(key: string, allowStale: boolean): ModelEntry | undefined {
+    const e = this.entries.get(key)
+    return this.live(e) && (allowStale || !e.stale) ? e : undefined
+  }
+
+  /** Whether a write with the lease must be refused, may be (only an expired entry the key held ties it), or must not. */
+  leaseVerdict(lease: { key: string; step: number }, userId: string | undefined, tags: string[] | undefined): 'refused' | 'either' | 'ok' {
+    const later = this.voidings.filter((v) => v.step > lease.step)
+    const by = (v: Voiding) => v.touched.has(lease.key) || (userId !== undefined && v.userIds.has(userId)) || (tags ?? []).some((tag) => v.tags.has(tag))
+    if (later.some(by)) return 'refused'
+    return later.some((v) => v.maybe.has(lease.key)) ? 'either' : 'ok'
+  }
+
+  /** Applies an invalidation; the count the API must report. */
+  invalidate(step: number, selector: Selector, mode: 'delete' | 'stale'): number {
+    const voiding: Voiding = { step, touched: new Set(selector.keys), maybe: new Set(), userIds: new Set(selector.userIds), tags: new Set(selector.tags) }
+    for (const key of KEYS) if ((selector.prefixes ?? []).some((prefix) => key.startsWith(prefix))) voiding.touched.add(key)
+    let count = 0
+    for (const [key, e] of [...this.entries]) {
+      const byIndex = (e.userId !== undefined && voiding.userIds.has(e.userId)) || (e.tags ?? []).some((tag) => voiding.tags.has(tag))
+      if (byIndex) (this.live(e) ? voiding.touched : voiding.maybe).add(key)
+      if (!byIndex && !voiding.touched.has(key)) continue
+      if (mode === 'delete') {
+        if (this.live(e)) count++
+        this.entries.delete(key)
+      } else if (this.live(e) && !e.stale) {
+        e.stale = true
+        count++
+      }
+    }
+    this.voidings.push(voiding)
+    return count
+  }
+
+  /** Checks that etags and serialized values pair one to one. */
+  etag(serialized: string, etag: string): string | undefined {
+    const known = this.#etags.get(serialized)
+    if (known !== undefined && known !== etag) return `${serialized} had etag ${known}, now ${etag}`
+    const other = this.#values.get(etag)
+    if (other !== undefined && other !== serialized) return `${serialized} and ${other} share etag ${etag}`
+    this.#etags.set(serialized, etag)
+    this.#values.set(etag, serialized)
+    return undefined
+  }
+}
+
+/** Runs one step on the apps and the model; throws on any disagreement. */
+async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at: string): Promise<void> {
+  const fail = (what: string): never => {
+    throw new Error(`${what}, at ${at}`)
+  }
+  const app = 'on' in o ? apps[o.on % apps.length]! : apps[0]!
+  const counters = 'on' in o ? model.counters[o.on % apps.length]! : undefined
+  const now = model.now()
+  const checkEntry = (body: Record<string, unknown>, key: string, e: ModelEntry, what: string) => {
+    const got = JSON.stringify([body.key, body.value, body.userId ?? null, body.tags ?? [], body.stale, body.etag, body.expiresAt, body.ttlRemainingMs])
+    const want = JSON.stringify([key, e.value, e.userId ?? null, e.tags ?? [], e.stale, e.etag, new Date(e.expiresAt).toISOString(), e.expiresAt - now])
+    if (got !== want) fail(`${what} read ${got}, the model ${want}`)
+  }
+  switch (o.op) {
+    case 'put': {
+      const candidates = model.leases.filter((lease) => lease.key === o.key)
+      const lease = o.leased ? candidates.at(-1) : undefined
+      const payload = { value: o.value, userId: o.user, tags: o.tags, ttlMs: o.ttl, lease: lease?.token }
+      const res = await call(app, { method: 'PUT', url: `/v1/entries/${keyPath(o.key)}`, payload })
+      const verdict = lease === undefined ? 'ok' : model.leaseVerdict(lease, o.user, o.tags)
+      if (res.statusCode === 409) {
+        if (verdict === 'ok') fail(`a write was refused (${res.body}) that no invalidation since its lease touched`)
+        if (res.json().error !== 'lease_invalidated') fail(`a refused write answered ${res.body}`)
+        return
+      }
+      if (res.statusCode !== 200) fail(`a write answered ${res.statusCode} ${res.body}`)
+      if (verdict === 'refused') fail('a write was taken although an invalidation since its lease touched its key')
+      const body = res.json()
+      const expiresAt = now + (o.ttl ?? DEFAULT_TTL_MS)
+      if (body.key !== o.key || body.expiresAt !== new Date(expiresAt).toISOString()) fail(`a write answered ${res.body}`)
+      const mismatch = model.etag(JSON.stringify(o.value), body.etag)
+      if (mismatch !== undefined) fail(mismatch)
+      model.entries.set(o.key, { value: o.value, userId: o.user, tags: o.tags, expiresAt, stale: false, etag: body.etag })
+      counters!.sets++
+      return
+    }
+    case 'get': {
+      const e = model.readable(o.key, o.allowStale)
+      const held = model.entries.get(o.key)
+      const headers = o.conditional ? { 'if-none-match': `"${held?.etag ?? 'none'}"` } : {}
+      const res = await call(app, { method: 'GET', url: `/v1/entries/${keyPath(o.key)}${o.allowStale ? '?allowStale=true' : ''}`, headers })
+      if (e === undefined) {
+        if (res.statusCode !== 404 || res.json().error !== 'not_found' || typeof res.json().lease !== 'string') fail(`a miss answered ${res.statusCode} ${res.body}`)
+        model.leases.push({ token: res.json().lease, key: o.key, step: i })
+        counters!.misses++
+        return
+      }
+      counters!.hits++
+      if (o.conditional && !e.stale) {
+        if (res.statusCode !== 304 || res.headers.etag !== `"${e.etag}"`) fail(`a conditional read of an unchanged entry answered ${res.statusCode}`)
+        return
+      }
+      if (res.statusCode !== 200 || res.headers.etag !== `"${e.etag}"`) fail(`a read answered ${res.statusCode} ${res.body}`)
+      checkEntry(res.json(), o.key, e, 'GET')
+      return
+    }
+    case 'batchGet': {
+      const res = await call(app, { method: 'POST', url: `/v1/entries/batch-get${o.allowStale ? '?allowStale=true' : ''}`, payload: { keys: o.keys } })
+      if (res.statusCode !== 200) fail(`batch-get answered ${res.statusCode} ${res.body}`)
+      const body = res.json()
+      const found = o.keys.filter((k) => model.readable(k, o.allowStale) !== undefined)
+      const missing = o.keys.filter((k) => model.readable(k, o.allowStale) === undefined)
+      if (JSON.stringify(Object.keys(body.entries).sort()) !== JSON.stringify(found.sort())) fail(`batch-get found ${Object.keys(body.entries)}, the model ${found}`)
+      if (JSON.stringify([...body.missing].sort()) !== JSON.stringify(missing.sort())) fail(`batch-get missed ${body.missing}, the model ${missing}`)
+      for (const k of found) checkEntry(body.entries[k], k, model.readable(k, o.allowStale)!, 'batch-get')
+      for (const k of missing) model.leases.push({ token: body.leases[k].lease, key: k, step: i })
+      counters!.hits += found.length
+      counters!.misses += missing.length
+      return
+    }
+    case 'invalidate':
+    case 'deleteKey':
+    case 'deleteUser':
+    case 'deleteTag': {
+      const [selector, m, request]: [Selector, 'delete' | 'stale', InjectOptions] =
+        o.op === 'invalidate'
+          ? [o.selector, o.mode, { method: 'POST', url: '/v1/invalidations', payload: { ...o.selector, mode: o.mode } }]
+          : o.op === 'deleteKey'
+            ? [{ keys: [o.key] }, 'delete', { method: 'DELETE', url: `/v1/entries/${keyPath(o.key)}` }]
+            : o.op === 'deleteUser'
+              ? [{ userIds: [o.user] }, o.mode, { method: 'DELETE', url: `/v1/users/${o.user}/entries?mode=${o.mode}` }]
+              : [{ tags: [o.tag] }, o.mode, { method: 'DELETE', url: `/v1/tags/${o.tag}/entries?mode=${o.mode}` }]
+      const res = await call(app, request)
+      const count = model.invalidate(i, selector, m)
+      if (res.statusCode !== 200) fail(`an invalidation answered ${res.statusCode} ${res.body}`)
+      const body = res.json()
+      if (body.invalidated !== count || body.mode !== m || typeof body.id !== 'string') fail(`an invalidation answered ${res.body}, the model counts ${count}`)
+      return
+    }
+    case 'advance':
+      return
+    case 'inspectUser': {
+      const res = await call(app, { method: 'GET', url: `/v1/debug/users/${o.user}` })
+      if (res.statusCode !== 200) fail(`a user's inspection answered ${res.statusCode} ${res.body}`)
+      const body = res.json()
+      const got = JSON.stringify(body.entries.map((e: { key: string; stale: boolean; etag: string }) => [e.key, e.stale, e.etag]).sort())
+      const want = JSON.stringify([...model.entries].filter(([, e]) => model.live(e) && e.userId === o.user).map(([k, e]) => [k, e.stale, e.etag]).sort())
+      if (body.count !== body.entries.length || got !== want) fail(`${o.user}'s inspection listed ${got} (count ${body.count}), the model ${want}`)
+      return
+    }
+    case 'stats': {
+      const res = await call(app, { method: 'GET', url: '/v1/stats' })
+      const { hits, misses, sets } = res.json()
+      if (JSON.stringify({ hits, misses, sets }) !== JSON.stringify(counters)) fail(`stats counted ${JSON.stringify({ hits, misses, sets })}, the model ${JSON.stringify(counters)}`)
+      return
+    }
+  }
+}
+
+/** Runs the property with `open` making the apps for one sequence on the given clock. */
+async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyInstance[]>, numRuns: number): Promise<number> {
+  let steps = 0
+  let run = 0
+  await fc.assert(
+    fc.asyncProperty(fc.array(op, { minLength: 10, maxLength: 40 }), async (ops) => {
+      const clock = new FakeClock()
+      const apps = await open(clock, run++)
+      try {
+        const model = new Model(apps.length, clock.now)
+        for (const [i, o] of ops.entries()) {
+          if (o.op === 'advance') clock.advance(o.ms)
+          await step(apps, model, o, i, `step ${i} ${JSON.stringify(o)} of ${JSON.stringify(ops)}`)
+          steps++
+        }
+      } finally {
+        await Promise.all(apps.map((app) => app.close()))
+      }
+    }),
+    { numRuns, ...(process.env.FC_SEED ? { seed: Number(process.env.FC_SEED), path: process.env.FC_PATH } : {}) },
+  )
+  return steps
+}
+
+t.test('memory mode: every answer of the API agrees with the model, after any sequence', async (t) => {
+  const steps = await holds(async (clock) => [await build({ teardown() {} }, {}, { now: clock.now })], 80)
+  t.pass(`the model held for 80 random sequences (${steps} steps)`)
+})
+
+if (requireRedisServer(t)) {
+  const redis = await startRedis(t)
+  t.test('cluster mode, two apps on one Redis: every answer agrees with the model, whichever app takes each step', async (t) => {
+    const open = async (clock: FakeClock, run: number) => {
+      const store = () => new TieredStore({ redisUrl: redis.url, namespace: `m${run}`, now: clock.now, sweepIntervalMs: 0 })
+      return [await build({ teardown() {} }, {}, { now: clock.now, store: store() }), await build({ teardown() {} }, {}, { now: clock.now, store: store() })]
+    }
+    const steps = await holds(open, 40)
+    t.pass(`the model held for 40 random sequences (${steps} steps) over two apps`)
+  })
+}
