@@ -6,17 +6,18 @@ import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock, build, call, keyPath } from '../helpers/build.js'
 import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 
-// The HTTP API against a model of it, over random sequences of writes (leased or not),
-// reads (plain, allowStale, conditional), batch reads, invalidations in every form the
-// contract has (POST /v1/invalidations, DELETE of a key, the user and tag shorthands, both
-// modes), user inspection, stats and the clock moving on. Every answer is checked against the
-// model: status, value, user, tags, stale flag, etag and expiry of a read; what a batch read
-// finds and misses; the count an invalidation reports; whether a leased write is refused (the
+// The HTTP API against a model of it, over random sequences of writes (leased or not; PUT,
+// and batch-set with a bad item now and then and keys sent twice), reads (plain, allowStale,
+// conditional), batch reads, invalidations in every form the contract has (POST
+// /v1/invalidations, DELETE of a key, the user and tag shorthands, both modes), user
+// inspection, stats and the clock moving on. Every answer is checked against the model:
+// status, value, user, tags, stale flag, etag and expiry of a read; what a batch read finds
+// and misses; the count an invalidation reports; whether a leased write is refused (the
 // README's Leases rule: an invalidation touching the key by key, by a prefix of it, by the
 // user or a tag of the write or of the entry the key held, after the lease was issued); a
 // user's entries; the hits, misses and sets of the stats. An etag is the same for the same
 // value and differs for different ones. In memory mode with one app, and in cluster mode with
-// two apps on one Redis (a step runs on either).
+// two apps on one Redis (a step runs on either). FC_SEED and FC_PATH replay a failure.
 
 const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é']
 const USERS = ['u1', 'u2']
@@ -35,20 +36,24 @@ const selector: fc.Arbitrary<Selector> = fc.oneof(
   fc.constant<Selector>({ userIds: ['u1'], tags: ['t3'], prefixes: ['b/'] }),
 )
 const on = fc.nat()
+const write = {
+  key,
+  value,
+  user: fc.option(fc.constantFrom(...USERS), { nil: undefined }),
+  tags: fc.option(fc.uniqueArray(fc.constantFrom(...TAGS), { minLength: 1, maxLength: 2 }), { nil: undefined }),
+  ttl: fc.option(fc.integer({ min: 1, max: 20_000 }), { nil: undefined }),
+  leased: fc.boolean(),
+}
 
 const op = fc.oneof(
+  { arbitrary: fc.record({ op: fc.constant('put' as const), on, ...write }), weight: 6 },
   {
     arbitrary: fc.record({
-      op: fc.constant('put' as const),
+      op: fc.constant('batchSet' as const),
       on,
-      key,
-      value,
-      user: fc.option(fc.constantFrom(...USERS), { nil: undefined }),
-      tags: fc.option(fc.uniqueArray(fc.constantFrom(...TAGS), { minLength: 1, maxLength: 2 }), { nil: undefined }),
-      ttl: fc.option(fc.integer({ min: 1, max: 20_000 }), { nil: undefined }),
-      leased: fc.boolean(),
+      items: fc.array(fc.record({ ...write, bad: fc.oneof({ arbitrary: fc.constant(false), weight: 5 }, { arbitrary: fc.constant(true), weight: 1 }) }), { minLength: 1, maxLength: 3 }),
     }),
-    weight: 6,
+    weight: 2,
   },
   { arbitrary: fc.record({ op: fc.constant('get' as const), on, key, allowStale: fc.boolean(), conditional: fc.boolean() }), weight: 5 },
   { arbitrary: fc.record({ op: fc.constant('batchGet' as const), on, keys: fc.uniqueArray(key, { minLength: 1, maxLength: 4 }), allowStale: fc.boolean() }), weight: 2 },
@@ -160,27 +165,50 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     const want = JSON.stringify([key, e.value, e.userId ?? null, e.tags ?? [], e.stale, e.etag, new Date(e.expiresAt).toISOString(), e.expiresAt - now])
     if (got !== want) fail(`${what} read ${got}, the model ${want}`)
   }
+  /** Checks a write's answer (a PUT's, or a batch-set item's) against the lease rule, and applies it to the model. */
+  const written = (
+    w: { key: string; value: unknown; user?: string | undefined; tags?: string[] | undefined; ttl?: number | undefined },
+    lease: { key: string; step: number } | undefined,
+    answer: { status: number; key?: string; etag?: string; expiresAt?: string; error?: string },
+    what: string,
+  ) => {
+    const verdict = lease === undefined ? 'ok' : model.leaseVerdict(lease, w.user, w.tags)
+    if (answer.status === 409) {
+      if (verdict === 'ok') fail(`${what} was refused (${JSON.stringify(answer)}) that no invalidation since its lease touched`)
+      if (answer.error !== 'lease_invalidated') fail(`${what} was refused with ${JSON.stringify(answer)}`)
+      return
+    }
+    if (answer.status !== 200) fail(`${what} answered ${JSON.stringify(answer)}`)
+    if (verdict === 'refused') fail(`${what} was taken although an invalidation since its lease touched its key`)
+    const expiresAt = now + (w.ttl ?? DEFAULT_TTL_MS)
+    if (answer.key !== w.key || answer.expiresAt !== new Date(expiresAt).toISOString()) fail(`${what} answered ${JSON.stringify(answer)}`)
+    const mismatch = model.etag(JSON.stringify(w.value), answer.etag!)
+    if (mismatch !== undefined) fail(mismatch)
+    model.entries.set(w.key, { value: w.value, userId: w.user, tags: w.tags, expiresAt, stale: false, etag: answer.etag! })
+    counters!.sets++
+  }
   switch (o.op) {
     case 'put': {
-      const candidates = model.leases.filter((lease) => lease.key === o.key)
-      const lease = o.leased ? candidates.at(-1) : undefined
+      const lease = o.leased ? model.leases.findLast((l) => l.key === o.key) : undefined
       const payload = { value: o.value, userId: o.user, tags: o.tags, ttlMs: o.ttl, lease: lease?.token }
       const res = await call(app, { method: 'PUT', url: `/v1/entries/${keyPath(o.key)}`, payload })
-      const verdict = lease === undefined ? 'ok' : model.leaseVerdict(lease, o.user, o.tags)
-      if (res.statusCode === 409) {
-        if (verdict === 'ok') fail(`a write was refused (${res.body}) that no invalidation since its lease touched`)
-        if (res.json().error !== 'lease_invalidated') fail(`a refused write answered ${res.body}`)
-        return
-      }
-      if (res.statusCode !== 200) fail(`a write answered ${res.statusCode} ${res.body}`)
-      if (verdict === 'refused') fail('a write was taken although an invalidation since its lease touched its key')
       const body = res.json()
-      const expiresAt = now + (o.ttl ?? DEFAULT_TTL_MS)
-      if (body.key !== o.key || body.expiresAt !== new Date(expiresAt).toISOString()) fail(`a write answered ${res.body}`)
-      const mismatch = model.etag(JSON.stringify(o.value), body.etag)
-      if (mismatch !== undefined) fail(mismatch)
-      model.entries.set(o.key, { value: o.value, userId: o.user, tags: o.tags, expiresAt, stale: false, etag: body.etag })
-      counters!.sets++
+      written(o, lease, { status: res.statusCode, ...body, etag: res.statusCode === 200 ? body.etag : undefined }, 'a write')
+      return
+    }
+    case 'batchSet': {
+      // Each item leased with the latest lease of its key as the batch is sent; a bad item (ttlMs 0) fails alone.
+      const leases = o.items.map((item) => (item.leased ? model.leases.findLast((l) => l.key === item.key) : undefined))
+      const entries = o.items.map((item, n) => ({ key: item.key, value: item.value, userId: item.user, tags: item.tags, ttlMs: item.bad ? 0 : item.ttl, lease: leases[n]?.token }))
+      const res = await call(app, { method: 'POST', url: '/v1/entries/batch-set', payload: { entries } })
+      if (res.statusCode !== 200) fail(`batch-set answered ${res.statusCode} ${res.body}`)
+      const { results } = res.json()
+      if (results.length !== o.items.length) fail(`batch-set answered ${results.length} results for ${o.items.length} items`)
+      for (const [n, item] of o.items.entries()) {
+        if (results[n].key !== item.key) fail(`batch-set result ${n} is for ${results[n].key}, not ${item.key}`)
+        if (!item.bad) written(item, leases[n], results[n], `batch-set item ${n}`)
+        else if (results[n].status !== 400 || results[n].error !== 'invalid_request') fail(`a bad batch-set item answered ${JSON.stringify(results[n])}`)
+      }
       return
     }
     case 'get': {
