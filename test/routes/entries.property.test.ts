@@ -8,7 +8,7 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 
 // The HTTP API against a model of it, over random sequences of writes (leased or not; PUT,
 // and batch-set with a bad item now and then and keys sent twice), reads (plain, allowStale,
-// conditional), batch reads, invalidations in every form the contract has (POST
+// conditional), batch reads, leases given back, invalidations in every form the contract has (POST
 // /v1/invalidations, DELETE of a key, the user and tag shorthands, both modes), user
 // inspection, stats and the clock moving on. Every answer is checked against the model:
 // status, value, user, tags, stale flag, etag and expiry of a read; what a batch read finds
@@ -16,13 +16,17 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 // README's Leases rule: an invalidation touching the key by key, by a prefix of it, by the
 // user or a tag of the write or of the entry the key held, after the lease was issued); a
 // user's entries; the hits, misses and sets of the stats. An etag is the same for the same
-// value and differs for different ones. In memory mode with one app, and in cluster mode with
-// two apps on one Redis (a step runs on either). FC_SEED and FC_PATH replay a failure.
+// value and differs for different ones. In memory mode with one app, where herd control is
+// checked too (a miss's `fill` and `retryAfterMs`, the claim ended by a write, an
+// invalidation by key, the filler's refused write or its lease given back, and its running
+// out), and in cluster mode with two apps on one Redis (a step runs on either). FC_SEED and
+// FC_PATH replay a failure.
 
 const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é']
 const USERS = ['u1', 'u2']
 const TAGS = ['t1', 't2', 't3']
 const DEFAULT_TTL_MS = 300_000
+const FILL_LEASE_MS = 2000
 
 const key = fc.constantFrom(...KEYS)
 const mode = fc.constantFrom('delete' as const, 'stale' as const)
@@ -63,6 +67,7 @@ const op = fc.oneof(
   fc.record({ op: fc.constant('deleteTag' as const), on, tag: fc.constantFrom(...TAGS), mode }),
   { arbitrary: fc.record({ op: fc.constant('advance' as const), ms: fc.integer({ min: 1, max: 3000 }) }), weight: 2 },
   fc.record({ op: fc.constant('inspectUser' as const), on, user: fc.constantFrom(...USERS) }),
+  fc.record({ op: fc.constant('release' as const), on, key, lease: fc.nat() }),
   fc.record({ op: fc.constant('stats' as const), on }),
 )
 type Op = typeof op extends fc.Arbitrary<infer T> ? T : never
@@ -95,11 +100,39 @@ class Model {
   readonly #etags = new Map<string, string>()
   readonly #values = new Map<string, string>()
 
+  /**
+   * The fill claims (herd control), by key: the fill lease's token and when its claim runs out.
+   * Undefined where the model does not check them: in cluster mode a claim lives in Redis and
+   * runs out by Redis' own clock, which the test's clock does not move.
+   */
+  readonly fills: Map<string, { token: string; until: number }> | undefined
+
   constructor(
     apps: number,
     readonly now: () => number,
+    herd: boolean,
   ) {
     this.counters = Array.from({ length: apps }, () => ({ hits: 0, misses: 0, sets: 0 }))
+    this.fills = herd ? new Map() : undefined
+  }
+
+  /** A miss's lease: checks `fill` and `retryAfterMs` against the claim the key has, and takes the claim if it is free. */
+  miss(key: string, step: number, lease: { lease: string; fill: boolean; retryAfterMs?: number }): string | undefined {
+    this.leases.push({ token: lease.lease, key, step })
+    if (this.fills === undefined) return undefined
+    const claim = this.fills.get(key)
+    const now = this.now()
+    if (claim === undefined || claim.until <= now) {
+      this.fills.set(key, { token: lease.lease, until: now + FILL_LEASE_MS })
+      return lease.fill === true && lease.retryAfterMs === undefined ? undefined : `a miss with no fill claim on its key got ${JSON.stringify(lease)}`
+    }
+    const retryAfterMs = Math.max(1, Math.min(claim.until - now, 100))
+    return lease.fill === false && lease.retryAfterMs === retryAfterMs ? undefined : `a miss while a claim has ${claim.until - now} ms left got ${JSON.stringify(lease)}`
+  }
+
+  /** Ends the key's fill claim: any write of the key, an invalidation naming it, or the filler's token (`token`) refused or given back. */
+  endFill(key: string, token?: string): void {
+    if (token === undefined || this.fills?.get(key)?.token === token) this.fills?.delete(key)
   }
 
   live(e: ModelEntry | undefined): e is ModelEntry {
@@ -122,6 +155,7 @@ class Model {
   /** Applies an invalidation; the count the API must report. */
   invalidate(step: number, selector: Selector, mode: 'delete' | 'stale'): number {
     const voiding: Voiding = { step, touched: new Set(selector.keys), maybe: new Set(), userIds: new Set(selector.userIds), tags: new Set(selector.tags) }
+    for (const key of selector.keys ?? []) this.endFill(key)
     for (const key of KEYS) if ((selector.prefixes ?? []).some((prefix) => key.startsWith(prefix))) voiding.touched.add(key)
     let count = 0
     for (const [key, e] of [...this.entries]) {
@@ -168,7 +202,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
   /** Checks a write's answer (a PUT's, or a batch-set item's) against the lease rule, and applies it to the model. */
   const written = (
     w: { key: string; value: unknown; user?: string | undefined; tags?: string[] | undefined; ttl?: number | undefined },
-    lease: { key: string; step: number } | undefined,
+    lease: { token: string; key: string; step: number } | undefined,
     answer: { status: number; key?: string; etag?: string; expiresAt?: string; error?: string },
     what: string,
   ) => {
@@ -176,6 +210,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     if (answer.status === 409) {
       if (verdict === 'ok') fail(`${what} was refused (${JSON.stringify(answer)}) that no invalidation since its lease touched`)
       if (answer.error !== 'lease_invalidated') fail(`${what} was refused with ${JSON.stringify(answer)}`)
+      model.endFill(w.key, lease!.token)
       return
     }
     if (answer.status !== 200) fail(`${what} answered ${JSON.stringify(answer)}`)
@@ -185,6 +220,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     const mismatch = model.etag(JSON.stringify(w.value), answer.etag!)
     if (mismatch !== undefined) fail(mismatch)
     model.entries.set(w.key, { value: w.value, userId: w.user, tags: w.tags, expiresAt, stale: false, etag: answer.etag! })
+    model.endFill(w.key)
     counters!.sets++
   }
   switch (o.op) {
@@ -218,7 +254,8 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       const res = await call(app, { method: 'GET', url: `/v1/entries/${keyPath(o.key)}${o.allowStale ? '?allowStale=true' : ''}`, headers })
       if (e === undefined) {
         if (res.statusCode !== 404 || res.json().error !== 'not_found' || typeof res.json().lease !== 'string') fail(`a miss answered ${res.statusCode} ${res.body}`)
-        model.leases.push({ token: res.json().lease, key: o.key, step: i })
+        const herd = model.miss(o.key, i, res.json())
+        if (herd !== undefined) fail(herd)
         counters!.misses++
         return
       }
@@ -240,7 +277,10 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       if (JSON.stringify(Object.keys(body.entries).sort()) !== JSON.stringify(found.sort())) fail(`batch-get found ${Object.keys(body.entries)}, the model ${found}`)
       if (JSON.stringify([...body.missing].sort()) !== JSON.stringify(missing.sort())) fail(`batch-get missed ${body.missing}, the model ${missing}`)
       for (const k of found) checkEntry(body.entries[k], k, model.readable(k, o.allowStale)!, 'batch-get')
-      for (const k of missing) model.leases.push({ token: body.leases[k].lease, key: k, step: i })
+      for (const k of missing) {
+        const herd = model.miss(k, i, body.leases[k])
+        if (herd !== undefined) fail(`batch-get: ${herd}`)
+      }
       counters!.hits += found.length
       counters!.misses += missing.length
       return
@@ -266,6 +306,16 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     }
     case 'advance':
       return
+    case 'release': {
+      // Gives back one of the key's leases (the fill lease or a waiter's): only the fill lease ends the claim.
+      const mine = model.leases.filter((l) => l.key === o.key)
+      if (mine.length === 0) return
+      const token = mine[o.lease % mine.length]!.token
+      const res = await call(app, { method: 'POST', url: `/v1/entries/${keyPath(o.key)}/release`, payload: { lease: token } })
+      if (res.statusCode !== 204) fail(`a release answered ${res.statusCode} ${res.body}`)
+      model.endFill(o.key, token)
+      return
+    }
     case 'inspectUser': {
       const res = await call(app, { method: 'GET', url: `/v1/debug/users/${o.user}` })
       if (res.statusCode !== 200) fail(`a user's inspection answered ${res.statusCode} ${res.body}`)
@@ -285,7 +335,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
 }
 
 /** Runs the property with `open` making the apps for one sequence on the given clock. */
-async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyInstance[]>, numRuns: number): Promise<number> {
+async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyInstance[]>, numRuns: number, herd: boolean): Promise<number> {
   let steps = 0
   let run = 0
   await fc.assert(
@@ -293,7 +343,7 @@ async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyIns
       const clock = new FakeClock()
       const apps = await open(clock, run++)
       try {
-        const model = new Model(apps.length, clock.now)
+        const model = new Model(apps.length, clock.now, herd)
         for (const [i, o] of ops.entries()) {
           if (o.op === 'advance') clock.advance(o.ms)
           await step(apps, model, o, i, `step ${i} ${JSON.stringify(o)} of ${JSON.stringify(ops)}`)
@@ -309,7 +359,7 @@ async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyIns
 }
 
 t.test('memory mode: every answer of the API agrees with the model, after any sequence', async (t) => {
-  const steps = await holds(async (clock) => [await build({ teardown() {} }, {}, { now: clock.now })], 80)
+  const steps = await holds(async (clock) => [await build({ teardown() {} }, {}, { now: clock.now })], 80, true)
   t.pass(`the model held for 80 random sequences (${steps} steps)`)
 })
 
@@ -320,7 +370,7 @@ if (requireRedisServer(t)) {
       const store = () => new TieredStore({ redisUrl: redis.url, namespace: `m${run}`, now: clock.now, sweepIntervalMs: 0 })
       return [await build({ teardown() {} }, {}, { now: clock.now, store: store() }), await build({ teardown() {} }, {}, { now: clock.now, store: store() })]
     }
-    const steps = await holds(open, 40)
+    const steps = await holds(open, 40, false)
     t.pass(`the model held for 40 random sequences (${steps} steps) over two apps`)
   })
 }
