@@ -6,21 +6,20 @@ import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock, build, call, keyPath } from '../helpers/build.js'
 import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 
-// The HTTP API against a model of it, over random sequences of writes (leased or not; PUT,
-// and batch-set with a bad item now and then and keys sent twice), reads (plain, allowStale,
-// conditional), batch reads, leases given back, invalidations in every form the contract has (POST
-// /v1/invalidations, DELETE of a key, the user and tag shorthands, both modes), user
-// inspection, stats and the clock moving on. Every answer is checked against the model:
-// status, value, user, tags, stale flag, etag and expiry of a read; what a batch read finds
-// and misses; the count an invalidation reports; whether a leased write is refused (the
-// README's Leases rule: an invalidation touching the key by key, by a prefix of it, by the
-// user or a tag of the write or of the entry the key held, after the lease was issued); a
-// user's entries; the hits, misses and sets of the stats. An etag is the same for the same
-// value and differs for different ones. In memory mode with one app, where herd control is
-// checked too (a miss's `fill` and `retryAfterMs`, the claim ended by a write, an
-// invalidation by key, the filler's refused write or its lease given back, and its running
-// out), and in cluster mode with two apps on one Redis (a step runs on either). FC_SEED and
-// FC_PATH replay a failure.
+// The HTTP API against a model of it, over random sequences of writes (leased or not; PUT, and
+// batch-set with a bad item now and then and keys sent twice), reads (plain, allowStale,
+// conditional), batch reads, leases given back, invalidations in every form the contract has
+// (POST /v1/invalidations, DELETE of a key, the user and tag shorthands, both modes), user
+// inspection, stats and the clock moving on. Every answer is checked against the model: status,
+// value, user, tags, stale flag, etag and expiry of a read; what a batch read finds and misses;
+// the count an invalidation reports; whether a leased write is refused (the README's Leases
+// rule: an invalidation touching the key by key, by a prefix of it, by the user or a tag of the
+// write or of the entry the key held, after the lease was issued); a user's entries; the hits,
+// misses and sets of the stats. An etag is the same for the same value and differs for
+// different ones. In memory mode with one app, where herd control is checked too (a miss's
+// `fill` and `retryAfterMs`, the claim ended by a write, an invalidation by key, the filler's
+// refused write or its lease given back, and its running out), and in cluster mode with two
+// apps on one Redis (a step runs on either). FC_SEED and FC_PATH replay a failure.
 
 const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é']
 const USERS = ['u1', 'u2']
