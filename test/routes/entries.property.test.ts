@@ -16,16 +16,15 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 // rule: an invalidation touching the key by key, by a prefix of it, by the user or a tag of the
 // write or of the entry the key held, after the lease was issued); a user's entries; the hits,
 // misses and sets of the stats. An etag is the same for the same value and differs for
-// different ones. In memory mode with one app, where herd control is checked too (a miss's
-// `fill` and `retryAfterMs`, the claim ended by a write, an invalidation by key, the filler's
-// refused write or its lease given back, and its running out), and in cluster mode with two
-// apps on one Redis (a step runs on either). FC_SEED and FC_PATH replay a failure.
+// different ones. Herd control: a miss's `fill` and `retryAfterMs` against the key's claim,
+// ended by a write, an invalidation by key, the filler's refused write or its lease given back,
+// or running out. In memory mode with one app, and in cluster mode with two apps on one Redis
+// (a step runs on either; the claims are shared). FC_SEED and FC_PATH replay a failure.
 
 const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é']
 const USERS = ['u1', 'u2']
 const TAGS = ['t1', 't2', 't3']
 const DEFAULT_TTL_MS = 300_000
-const FILL_LEASE_MS = 2000
 
 const key = fc.constantFrom(...KEYS)
 const mode = fc.constantFrom('delete' as const, 'stale' as const)
@@ -99,30 +98,24 @@ class Model {
   readonly #etags = new Map<string, string>()
   readonly #values = new Map<string, string>()
 
-  /**
-   * The fill claims (herd control), by key: the fill lease's token and when its claim runs out.
-   * Undefined where the model does not check them: in cluster mode a claim lives in Redis and
-   * runs out by Redis' own clock, which the test's clock does not move.
-   */
-  readonly fills: Map<string, { token: string; until: number }> | undefined
+  /** The fill claims (herd control), by key: the fill lease's token and when its claim runs out (on the test's clock). */
+  readonly fills = new Map<string, { token: string; until: number }>()
 
   constructor(
     apps: number,
     readonly now: () => number,
-    herd: boolean,
+    readonly fillLeaseMs: number,
   ) {
     this.counters = Array.from({ length: apps }, () => ({ hits: 0, misses: 0, sets: 0 }))
-    this.fills = herd ? new Map() : undefined
   }
 
   /** A miss's lease: checks `fill` and `retryAfterMs` against the claim the key has, and takes the claim if it is free. */
   miss(key: string, step: number, lease: { lease: string; fill: boolean; retryAfterMs?: number }): string | undefined {
     this.leases.push({ token: lease.lease, key, step })
-    if (this.fills === undefined) return undefined
     const claim = this.fills.get(key)
     const now = this.now()
     if (claim === undefined || claim.until <= now) {
-      this.fills.set(key, { token: lease.lease, until: now + FILL_LEASE_MS })
+      this.fills.set(key, { token: lease.lease, until: now + this.fillLeaseMs })
       return lease.fill === true && lease.retryAfterMs === undefined ? undefined : `a miss with no fill claim on its key got ${JSON.stringify(lease)}`
     }
     const retryAfterMs = Math.max(1, Math.min(claim.until - now, 100))
@@ -131,7 +124,7 @@ class Model {
 
   /** Ends the key's fill claim: any write of the key, an invalidation naming it, or the filler's token (`token`) refused or given back. */
   endFill(key: string, token?: string): void {
-    if (token === undefined || this.fills?.get(key)?.token === token) this.fills?.delete(key)
+    if (token === undefined || this.fills.get(key)?.token === token) this.fills.delete(key)
   }
 
   live(e: ModelEntry | undefined): e is ModelEntry {
@@ -334,7 +327,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
 }
 
 /** Runs the property with `open` making the apps for one sequence on the given clock. */
-async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyInstance[]>, numRuns: number, herd: boolean): Promise<number> {
+async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyInstance[]>, numRuns: number, fillLeaseMs: number): Promise<number> {
   let steps = 0
   let run = 0
   await fc.assert(
@@ -342,7 +335,7 @@ async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyIns
       const clock = new FakeClock()
       const apps = await open(clock, run++)
       try {
-        const model = new Model(apps.length, clock.now, herd)
+        const model = new Model(apps.length, clock.now, fillLeaseMs)
         for (const [i, o] of ops.entries()) {
           if (o.op === 'advance') clock.advance(o.ms)
           await step(apps, model, o, i, `step ${i} ${JSON.stringify(o)} of ${JSON.stringify(ops)}`)
@@ -358,18 +351,23 @@ async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyIns
 }
 
 t.test('memory mode: every answer of the API agrees with the model, after any sequence', async (t) => {
-  const steps = await holds(async (clock) => [await build({ teardown() {} }, {}, { now: clock.now })], 80, true)
+  const steps = await holds(async (clock) => [await build({ teardown() {} }, {}, { now: clock.now })], 80, 2000)
   t.pass(`the model held for 80 random sequences (${steps} steps)`)
 })
 
 if (requireRedisServer(t)) {
   const redis = await startRedis(t)
   t.test('cluster mode, two apps on one Redis: every answer agrees with the model, whichever app takes each step', async (t) => {
+    // A fill claim lives in Redis and runs out by Redis' clock, which the test's clock does not
+    // move: claims of 10 minutes run out by neither within a sequence.
     const open = async (clock: FakeClock, run: number) => {
-      const store = () => new TieredStore({ redisUrl: redis.url, namespace: `m${run}`, now: clock.now, sweepIntervalMs: 0 })
-      return [await build({ teardown() {} }, {}, { now: clock.now, store: store() }), await build({ teardown() {} }, {}, { now: clock.now, store: store() })]
+      const app = () => {
+        const store = new TieredStore({ redisUrl: redis.url, namespace: `m${run}`, now: clock.now, sweepIntervalMs: 0 })
+        return build({ teardown() {} }, { fillLeaseMs: 600_000 }, { now: clock.now, store })
+      }
+      return [await app(), await app()]
     }
-    const steps = await holds(open, 40, false)
+    const steps = await holds(open, 40, 600_000)
     t.pass(`the model held for 40 random sequences (${steps} steps) over two apps`)
   })
 }
