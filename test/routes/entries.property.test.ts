@@ -1,9 +1,10 @@
-import fc from 'fast-check'
+import fc, { type Parameters } from 'fast-check'
 import type { FastifyInstance, InjectOptions } from 'fastify'
 import t from 'tap'
 import type { Selector } from '../../src/cache/types.js'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock, build, call, keyPath } from '../helpers/build.js'
+import { runs } from '../helpers/property.js'
 import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 
 // The HTTP API against a model of it, over random sequences of writes (leased or not; PUT, and
@@ -19,7 +20,7 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 // different ones. Herd control: a miss's `fill` and `retryAfterMs` against the key's claim,
 // ended by a write, an invalidation by key, the filler's refused write or its lease given back,
 // or running out. In memory mode with one app, and in cluster mode with two apps on one Redis
-// (a step runs on either; the claims are shared). FC_SEED and FC_PATH replay a failure.
+// (a step runs on either; the claims are shared).
 
 const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é']
 const USERS = ['u1', 'u2']
@@ -327,7 +328,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
 }
 
 /** Runs the property with `open` making the apps for one sequence on the given clock. */
-async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyInstance[]>, numRuns: number, fillLeaseMs: number): Promise<number> {
+async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyInstance[]>, options: Parameters<unknown>, fillLeaseMs: number): Promise<number> {
   let steps = 0
   let run = 0
   await fc.assert(
@@ -345,14 +346,15 @@ async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyIns
         await Promise.all(apps.map((app) => app.close()))
       }
     }),
-    { numRuns, ...(process.env.FC_SEED ? { seed: Number(process.env.FC_SEED), path: process.env.FC_PATH } : {}) },
+    options,
   )
   return steps
 }
 
 t.test('memory mode: every answer of the API agrees with the model, after any sequence', async (t) => {
-  const steps = await holds(async (clock) => [await build({ teardown() {} }, {}, { now: clock.now })], 80, 2000)
-  t.pass(`the model held for 80 random sequences (${steps} steps)`)
+  const options = runs(80)
+  const steps = await holds(async (clock) => [await build({ teardown() {} }, {}, { now: clock.now })], options, 2000)
+  t.pass(`the model held for ${options.numRuns} random sequences (${steps} steps)`)
 })
 
 if (requireRedisServer(t)) {
@@ -367,7 +369,8 @@ if (requireRedisServer(t)) {
       }
       return [await app(), await app()]
     }
-    const steps = await holds(open, 40, 600_000)
-    t.pass(`the model held for 40 random sequences (${steps} steps) over two apps`)
+    const options = runs(40)
+    const steps = await holds(open, options, 600_000)
+    t.pass(`the model held for ${options.numRuns} random sequences (${steps} steps) over two apps`)
   })
 }

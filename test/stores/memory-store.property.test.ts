@@ -2,6 +2,7 @@ import fc from 'fast-check'
 import t from 'tap'
 import type { StoredEntry } from '../../src/cache/types.js'
 import { MemoryStore } from '../../src/stores/memory-store.js'
+import { runs } from '../helpers/property.js'
 import { entry } from './store-contract.js'
 
 // After any sequence of set / overwrite (same or other user and tags, or too large to keep) /
@@ -84,6 +85,7 @@ function check(store: MemoryStore, o: Op, maxEntries: number): void {
 }
 
 t.test('indexes and byte accounting match a brute-force recomputation after any sequence', async (t) => {
+  const options = runs(400)
   await fc.assert(
     fc.asyncProperty(fc.array(op, { minLength: 1, maxLength: 60 }), fc.integer({ min: 2, max: 8 }), async (ops, maxEntries) => {
       const clock = { ms: Date.UTC(2026, 0, 1) }
@@ -109,7 +111,7 @@ t.test('indexes and byte accounting match a brute-force recomputation after any 
         await store.close()
       }
     }),
-    { numRuns: 400 },
+    options,
   )
-  t.pass('the property held for 400 random sequences, with and without the prefix index')
+  t.pass(`the property held for ${options.numRuns} random sequences, with and without the prefix index`)
 })

@@ -4,6 +4,7 @@ import type { LeaseStamp, Selector, SetOutcome } from '../../src/cache/types.js'
 import { MemoryStore } from '../../src/stores/memory-store.js'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock } from '../helpers/build.js'
+import { runs } from '../helpers/property.js'
 import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 import { entry } from './store-contract.js'
 
@@ -21,8 +22,7 @@ import { entry } from './store-contract.js'
 // elsewhere. A race step starts a write on one instance and an invalidation covering it on
 // the other a few event-loop turns apart (either first), with reads of the key on both
 // meanwhile: the outcome must be one of the two orders (a leased write that lands must be
-// invalidated after it), and the reference takes that order. FC_SEED and FC_PATH replay a
-// failure fast-check reported.
+// invalidated after it), and the reference takes that order.
 
 const INDEX_BATCH = 2
 const KEYS = ['a', 'ab', 'abc', 'b:1', 'b:2', 'c/x', 'd', 'é e']
@@ -66,6 +66,7 @@ if (requireRedisServer(t)) {
   let run = 0
 
   t.test('two instances answer every read as one reference store does, after any sequence on either', async (t) => {
+    const options = runs(50)
     let steps = 0
     await fc.assert(
       fc.asyncProperty(fc.array(op, { minLength: 10, maxLength: 40 }), async (ops) => {
@@ -180,9 +181,9 @@ if (requireRedisServer(t)) {
           await reference.close()
         }
       }),
-      { numRuns: 50, ...(process.env.FC_SEED ? { seed: Number(process.env.FC_SEED), path: process.env.FC_PATH } : {}) },
+      options,
     )
-    t.pass(`the property held for 50 random sequences (${steps} steps), each read on both instances after every step`)
+    t.pass(`the property held for ${options.numRuns} random sequences (${steps} steps), each read on both instances after every step`)
   })
 }
 

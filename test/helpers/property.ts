@@ -1,0 +1,14 @@
+import type { Parameters } from 'fast-check'
+
+/**
+ * fast-check's run options for a property test: `numRuns` sequences, or FC_RUNS of them (a
+ * longer hunt: `FC_RUNS=1000 npx tap <file>`); FC_SEED and FC_PATH replay the failure a run
+ * reported.
+ */
+export function runs(numRuns: number): Parameters<unknown> & { numRuns: number } {
+  const seed = process.env.FC_SEED
+  return {
+    numRuns: Number(process.env.FC_RUNS) || numRuns,
+    ...(seed ? { seed: Number(seed), path: process.env.FC_PATH } : {}),
+  }
+}
