@@ -2,8 +2,9 @@ import type { Parameters } from 'fast-check'
 
 /**
  * fast-check's run options for a property test: `numRuns` sequences, or FC_RUNS of them (a
- * longer hunt: `FC_RUNS=1000 npx tap <file>`); FC_SEED and FC_PATH replay the failure a run
- * reported.
+ * longer hunt: `FC_RUNS=1000 npx tap -t 0 <file>`, past tap's 180 s limit); FC_SEED and FC_PATH
+ * replay the failure a run reported (the same sequence: a step whose outcome hangs on timing,
+ * a race, may then pass).
  */
 export function runs(numRuns: number): Parameters<unknown> & { numRuns: number } {
   const seed = process.env.FC_SEED

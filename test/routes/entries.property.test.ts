@@ -2,25 +2,33 @@ import fc, { type Parameters } from 'fast-check'
 import type { FastifyInstance, InjectOptions } from 'fastify'
 import t from 'tap'
 import type { Selector } from '../../src/cache/types.js'
+import { MemoryStore } from '../../src/stores/memory-store.js'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock, build, call, keyPath } from '../helpers/build.js'
 import { runs } from '../helpers/property.js'
 import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 
-// The HTTP API against a model of it, over random sequences of writes (leased or not; PUT, and
-// batch-set with a bad item now and then and keys sent twice), reads (plain, allowStale,
-// conditional), batch reads, leases given back, invalidations in every form the contract has
-// (POST /v1/invalidations, DELETE of a key, the user and tag shorthands, both modes), user
-// inspection, stats and the clock moving on. Every answer is checked against the model: status,
-// value, user, tags, stale flag, etag and expiry of a read; what a batch read finds and misses;
-// the count an invalidation reports; whether a leased write is refused (the README's Leases
-// rule: an invalidation touching the key by key, by a prefix of it, by the user or a tag of the
-// write or of the entry the key held, after the lease was issued); a user's entries; the hits,
-// misses and sets of the stats. An etag is the same for the same value and differs for
-// different ones. Herd control: a miss's `fill` and `retryAfterMs` against the key's claim,
-// ended by a write, an invalidation by key, the filler's refused write or its lease given back,
-// or running out. In memory mode with one app, and in cluster mode with two apps on one Redis
-// (a step runs on either; the claims are shared).
+// The HTTP API against a model of it, over random sequences of: writes (PUT, and batch-set with
+// a bad item now and then and keys sent twice; with no lease, one of the key's, or another
+// key's), reads (plain, allowStale, conditional with the entry's etag quoted or bare, or
+// another), batch reads, leases given back, invalidations in every form the contract has (POST
+// /v1/invalidations, DELETE of a key, the user and tag shorthands, both modes), user
+// inspection, stats, and the clock moving on. Every answer is checked against the model:
+// - a read's status, value, user, tags, stale flag, etag and expiry; 304 only for the entry's
+//   etag and never for a stale entry; what a batch read finds and misses;
+// - an etag is the same for the same value and differs for different ones;
+// - the count an invalidation reports;
+// - a leased write is refused exactly when the README's Leases rule says: an invalidation since
+//   the lease touched the key by key, by a prefix of it, by the user or a tag of the write or
+//   of the entry the key held (one past its expiry included until a read or an invalidation
+//   drops it: no sweep runs here), or the lease is another key's;
+// - herd control: a miss's `fill` and `retryAfterMs` against the key's claim, which a write, an
+//   invalidation by key, the filler's refused write or its lease given back ends, or which runs
+//   out;
+// - a user's entries, and the hits, misses and sets of the stats.
+// In memory mode with one app, and in cluster mode with two apps on one Redis (a step runs on
+// either; reading on the other app at once after a change holds on one host, see
+// test/stores/tiered-store.property.test.ts).
 
 const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é']
 const USERS = ['u1', 'u2']
@@ -45,7 +53,12 @@ const write = {
   user: fc.option(fc.constantFrom(...USERS), { nil: undefined }),
   tags: fc.option(fc.uniqueArray(fc.constantFrom(...TAGS), { minLength: 1, maxLength: 2 }), { nil: undefined }),
   ttl: fc.option(fc.integer({ min: 1, max: 20_000 }), { nil: undefined }),
-  leased: fc.boolean(),
+  // Which lease the write carries: none, one of its key's (the nth, cycling), or another key's.
+  lease: fc.oneof(
+    { arbitrary: fc.constant(undefined), weight: 3 },
+    { arbitrary: fc.record({ nth: fc.nat(), foreign: fc.constant(false) }), weight: 3 },
+    { arbitrary: fc.record({ nth: fc.nat(), foreign: fc.constant(true) }), weight: 1 },
+  ),
 }
 
 const op = fc.oneof(
@@ -58,7 +71,7 @@ const op = fc.oneof(
     }),
     weight: 2,
   },
-  { arbitrary: fc.record({ op: fc.constant('get' as const), on, key, allowStale: fc.boolean(), conditional: fc.boolean() }), weight: 5 },
+  { arbitrary: fc.record({ op: fc.constant('get' as const), on, key, allowStale: fc.boolean(), conditional: fc.constantFrom(undefined, 'quoted', 'bare', 'other') }), weight: 5 },
   { arbitrary: fc.record({ op: fc.constant('batchGet' as const), on, keys: fc.uniqueArray(key, { minLength: 1, maxLength: 4 }), allowStale: fc.boolean() }), weight: 2 },
   { arbitrary: fc.record({ op: fc.constant('invalidate' as const), on, selector, mode }), weight: 3 },
   fc.record({ op: fc.constant('deleteKey' as const), on, key }),
@@ -80,11 +93,10 @@ interface ModelEntry {
   etag: string
 }
 
-/** An invalidation as a lease sees it: the keys it surely touched, and those it touched only if an expired entry was still held. */
+/** An invalidation as a lease sees it: the keys it touched, and the users and tags it named. */
 interface Voiding {
   step: number
   touched: Set<string>
-  maybe: Set<string>
   userIds: Set<string>
   tags: Set<string>
 }
@@ -137,28 +149,44 @@ class Model {
     return this.live(e) && (allowStale || !e.stale) ? e : undefined
   }
 
-  /** Whether a write with the lease must be refused, may be (only an expired entry the key held ties it), or must not. */
-  leaseVerdict(lease: { key: string; step: number }, userId: string | undefined, tags: string[] | undefined): 'refused' | 'either' | 'ok' {
-    const later = this.voidings.filter((v) => v.step > lease.step)
-    const by = (v: Voiding) => v.touched.has(lease.key) || (userId !== undefined && v.userIds.has(userId)) || (tags ?? []).some((tag) => v.tags.has(tag))
-    if (later.some(by)) return 'refused'
-    return later.some((v) => v.maybe.has(lease.key)) ? 'either' : 'ok'
+  /** The lease a write carries: the nth of its key's (cycling), or of the other keys' when `foreign`; none if there is none. */
+  pickLease(key: string, choice: { nth: number; foreign: boolean } | undefined): { token: string; key: string; step: number } | undefined {
+    if (choice === undefined) return undefined
+    const pool = this.leases.filter((lease) => (lease.key === key) !== choice.foreign)
+    return pool.length === 0 ? undefined : pool[choice.nth % pool.length]
   }
 
-  /** Applies an invalidation; the count the API must report. */
+  /** A read: the entry it answers with, if any; a read that meets an expired entry drops it (no sweep runs here). */
+  read(key: string, allowStale: boolean): ModelEntry | undefined {
+    if (this.entries.has(key) && !this.live(this.entries.get(key))) this.entries.delete(key)
+    return this.readable(key, allowStale)
+  }
+
+  /** Whether a write with the lease must be refused: an invalidation since the lease touched its key, its user or a tag. */
+  refuses(lease: { key: string; step: number }, key: string, userId: string | undefined, tags: string[] | undefined): boolean {
+    if (lease.key !== key) return true // a lease bound to another key
+    const by = (v: Voiding) => v.touched.has(key) || (userId !== undefined && v.userIds.has(userId)) || (tags ?? []).some((tag) => v.tags.has(tag))
+    return this.voidings.some((v) => v.step > lease.step && by(v))
+  }
+
+  /**
+   * Applies an invalidation; the count the API must report. It touches (for leases) the keys it
+   * names, those under its prefixes, and those whose entry has a user or tag it names, an entry
+   * past its expiry included until a read or an invalidation drops it (no sweep runs here).
+   */
   invalidate(step: number, selector: Selector, mode: 'delete' | 'stale'): number {
-    const voiding: Voiding = { step, touched: new Set(selector.keys), maybe: new Set(), userIds: new Set(selector.userIds), tags: new Set(selector.tags) }
-    for (const key of selector.keys ?? []) this.endFill(key)
+    const voiding: Voiding = { step, touched: new Set(selector.keys), userIds: new Set(selector.userIds), tags: new Set(selector.tags) }
     for (const key of KEYS) if ((selector.prefixes ?? []).some((prefix) => key.startsWith(prefix))) voiding.touched.add(key)
+    for (const key of selector.keys ?? []) this.endFill(key)
     let count = 0
     for (const [key, e] of [...this.entries]) {
-      const byIndex = (e.userId !== undefined && voiding.userIds.has(e.userId)) || (e.tags ?? []).some((tag) => voiding.tags.has(tag))
-      if (byIndex) (this.live(e) ? voiding.touched : voiding.maybe).add(key)
-      if (!byIndex && !voiding.touched.has(key)) continue
-      if (mode === 'delete') {
-        if (this.live(e)) count++
+      if ((e.userId !== undefined && voiding.userIds.has(e.userId)) || (e.tags ?? []).some((tag) => voiding.tags.has(tag))) voiding.touched.add(key)
+      if (!voiding.touched.has(key)) continue
+      if (!this.live(e)) this.entries.delete(key) // dropped, not counted
+      else if (mode === 'delete') {
         this.entries.delete(key)
-      } else if (this.live(e) && !e.stale) {
+        count++
+      } else if (!e.stale) {
         e.stale = true
         count++
       }
@@ -188,7 +216,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
   const counters = 'on' in o ? model.counters[o.on % apps.length]! : undefined
   const now = model.now()
   const checkEntry = (body: Record<string, unknown>, key: string, e: ModelEntry, what: string) => {
-    const got = JSON.stringify([body.key, body.value, body.userId ?? null, body.tags ?? [], body.stale, body.etag, body.expiresAt, body.ttlRemainingMs])
+    const got = JSON.stringify([body.key, body.value, body.userId, body.tags, body.stale, body.etag, body.expiresAt, body.ttlRemainingMs])
     const want = JSON.stringify([key, e.value, e.userId ?? null, e.tags ?? [], e.stale, e.etag, new Date(e.expiresAt).toISOString(), e.expiresAt - now])
     if (got !== want) fail(`${what} read ${got}, the model ${want}`)
   }
@@ -199,15 +227,15 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     answer: { status: number; key?: string; etag?: string; expiresAt?: string; error?: string },
     what: string,
   ) => {
-    const verdict = lease === undefined ? 'ok' : model.leaseVerdict(lease, w.user, w.tags)
+    const refused = lease !== undefined && model.refuses(lease, w.key, w.user, w.tags)
     if (answer.status === 409) {
-      if (verdict === 'ok') fail(`${what} was refused (${JSON.stringify(answer)}) that no invalidation since its lease touched`)
+      if (!refused) fail(`${what} was refused (${JSON.stringify(answer)}) that no invalidation since its lease touched`)
       if (answer.error !== 'lease_invalidated') fail(`${what} was refused with ${JSON.stringify(answer)}`)
       model.endFill(w.key, lease!.token)
       return
     }
     if (answer.status !== 200) fail(`${what} answered ${JSON.stringify(answer)}`)
-    if (verdict === 'refused') fail(`${what} was taken although an invalidation since its lease touched its key`)
+    if (refused) fail(`${what} was taken although its lease is void`)
     const expiresAt = now + (w.ttl ?? DEFAULT_TTL_MS)
     if (answer.key !== w.key || answer.expiresAt !== new Date(expiresAt).toISOString()) fail(`${what} answered ${JSON.stringify(answer)}`)
     const mismatch = model.etag(JSON.stringify(w.value), answer.etag!)
@@ -218,7 +246,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
   }
   switch (o.op) {
     case 'put': {
-      const lease = o.leased ? model.leases.findLast((l) => l.key === o.key) : undefined
+      const lease = model.pickLease(o.key, o.lease)
       const payload = { value: o.value, userId: o.user, tags: o.tags, ttlMs: o.ttl, lease: lease?.token }
       const res = await call(app, { method: 'PUT', url: `/v1/entries/${keyPath(o.key)}`, payload })
       const body = res.json()
@@ -226,8 +254,8 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       return
     }
     case 'batchSet': {
-      // Each item leased with the latest lease of its key as the batch is sent; a bad item (ttlMs 0) fails alone.
-      const leases = o.items.map((item) => (item.leased ? model.leases.findLast((l) => l.key === item.key) : undefined))
+      // A bad item (ttlMs 0) fails alone.
+      const leases = o.items.map((item) => model.pickLease(item.key, item.lease))
       const entries = o.items.map((item, n) => ({ key: item.key, value: item.value, userId: item.user, tags: item.tags, ttlMs: item.bad ? 0 : item.ttl, lease: leases[n]?.token }))
       const res = await call(app, { method: 'POST', url: '/v1/entries/batch-set', payload: { entries } })
       if (res.statusCode !== 200) fail(`batch-set answered ${res.statusCode} ${res.body}`)
@@ -241,9 +269,10 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       return
     }
     case 'get': {
-      const e = model.readable(o.key, o.allowStale)
-      const held = model.entries.get(o.key)
-      const headers = o.conditional ? { 'if-none-match': `"${held?.etag ?? 'none'}"` } : {}
+      const e = model.read(o.key, o.allowStale)
+      const etag = model.entries.get(o.key)?.etag ?? 'none'
+      const sent = { quoted: `"${etag}"`, bare: etag, other: '"another-etag"' } as const
+      const headers = o.conditional === undefined ? {} : { 'if-none-match': sent[o.conditional] }
       const res = await call(app, { method: 'GET', url: `/v1/entries/${keyPath(o.key)}${o.allowStale ? '?allowStale=true' : ''}`, headers })
       if (e === undefined) {
         if (res.statusCode !== 404 || res.json().error !== 'not_found' || typeof res.json().lease !== 'string') fail(`a miss answered ${res.statusCode} ${res.body}`)
@@ -253,7 +282,8 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
         return
       }
       counters!.hits++
-      if (o.conditional && !e.stale) {
+      // 304 when the etag sent is the entry's, never for a stale-marked entry.
+      if (o.conditional !== undefined && o.conditional !== 'other' && !e.stale) {
         if (res.statusCode !== 304 || res.headers.etag !== `"${e.etag}"`) fail(`a conditional read of an unchanged entry answered ${res.statusCode}`)
         return
       }
@@ -265,11 +295,12 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       const res = await call(app, { method: 'POST', url: `/v1/entries/batch-get${o.allowStale ? '?allowStale=true' : ''}`, payload: { keys: o.keys } })
       if (res.statusCode !== 200) fail(`batch-get answered ${res.statusCode} ${res.body}`)
       const body = res.json()
-      const found = o.keys.filter((k) => model.readable(k, o.allowStale) !== undefined)
-      const missing = o.keys.filter((k) => model.readable(k, o.allowStale) === undefined)
+      const answers = new Map(o.keys.map((k) => [k, model.read(k, o.allowStale)]))
+      const found = o.keys.filter((k) => answers.get(k) !== undefined)
+      const missing = o.keys.filter((k) => answers.get(k) === undefined)
       if (JSON.stringify(Object.keys(body.entries).sort()) !== JSON.stringify(found.sort())) fail(`batch-get found ${Object.keys(body.entries)}, the model ${found}`)
       if (JSON.stringify([...body.missing].sort()) !== JSON.stringify(missing.sort())) fail(`batch-get missed ${body.missing}, the model ${missing}`)
-      for (const k of found) checkEntry(body.entries[k], k, model.readable(k, o.allowStale)!, 'batch-get')
+      for (const k of found) checkEntry(body.entries[k], k, answers.get(k)!, 'batch-get')
       for (const k of missing) {
         const herd = model.miss(k, i, body.leases[k])
         if (herd !== undefined) fail(`batch-get: ${herd}`)
@@ -327,15 +358,16 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
   }
 }
 
-/** Runs the property with `open` making the apps for one sequence on the given clock. */
-async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyInstance[]>, options: Parameters<unknown>, fillLeaseMs: number): Promise<number> {
+/** Runs the property with `open` making the apps for one sequence on the given clock, into `apps` (closed whatever happens). */
+async function holds(open: (clock: FakeClock, run: number, apps: FastifyInstance[]) => Promise<void>, options: Parameters<unknown>, fillLeaseMs: number): Promise<number> {
   let steps = 0
   let run = 0
   await fc.assert(
     fc.asyncProperty(fc.array(op, { minLength: 10, maxLength: 40 }), async (ops) => {
       const clock = new FakeClock()
-      const apps = await open(clock, run++)
+      const apps: FastifyInstance[] = []
       try {
+        await open(clock, run++, apps)
         const model = new Model(apps.length, clock.now, fillLeaseMs)
         for (const [i, o] of ops.entries()) {
           if (o.op === 'advance') clock.advance(o.ms)
@@ -353,7 +385,10 @@ async function holds(open: (clock: FakeClock, run: number) => Promise<FastifyIns
 
 t.test('memory mode: every answer of the API agrees with the model, after any sequence', async (t) => {
   const options = runs(80)
-  const steps = await holds(async (clock) => [await build({ teardown() {} }, {}, { now: clock.now })], options, 2000)
+  // No sweep: an expired entry stays until a read or an invalidation meets it, as the model has it.
+  const open = async (clock: FakeClock, _run: number, apps: FastifyInstance[]) =>
+    void apps.push(await build({ teardown() {} }, {}, { now: clock.now, store: new MemoryStore({ now: clock.now, sweepIntervalMs: 0 }) }))
+  const steps = await holds(open, options, 2000)
   t.pass(`the model held for ${options.numRuns} random sequences (${steps} steps)`)
 })
 
@@ -361,13 +396,17 @@ if (requireRedisServer(t)) {
   const redis = await startRedis(t)
   t.test('cluster mode, two apps on one Redis: every answer agrees with the model, whichever app takes each step', async (t) => {
     // A fill claim lives in Redis and runs out by Redis' clock, which the test's clock does not
-    // move: claims of 10 minutes run out by neither within a sequence.
-    const open = async (clock: FakeClock, run: number) => {
-      const app = () => {
-        const store = new TieredStore({ redisUrl: redis.url, namespace: `m${run}`, now: clock.now, sweepIntervalMs: 0 })
-        return build({ teardown() {} }, { fillLeaseMs: 600_000 }, { now: clock.now, store })
+    // move: claims of 10 minutes run out by neither within a sequence. Timeouts long enough for
+    // a loaded machine, and no bus PING (a late one would take the bus down).
+    const open = async (clock: FakeClock, run: number, apps: FastifyInstance[]) => {
+      for (let n = 0; n < 2; n++) {
+        const store = new TieredStore({ redisUrl: redis.url, namespace: `m${run}`, now: clock.now, sweepIntervalMs: 0, commandTimeoutMs: 10_000, busPingMs: 0 })
+        if (!(await store.connect(10_000))) {
+          await store.close()
+          throw new Error('a TieredStore did not connect')
+        }
+        apps.push(await build({ teardown() {} }, { fillLeaseMs: 600_000 }, { now: clock.now, store }))
       }
-      return [await app(), await app()]
     }
     const options = runs(40)
     const steps = await holds(open, options, 600_000)
