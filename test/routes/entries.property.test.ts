@@ -2,6 +2,7 @@ import fc, { type Parameters } from 'fast-check'
 import type { FastifyInstance, InjectOptions } from 'fastify'
 import t from 'tap'
 import type { Selector } from '../../src/cache/types.js'
+import { DEFAULT_SECURITY } from '../../src/config.js'
 import { MemoryStore } from '../../src/stores/memory-store.js'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock, build, call, keyPath } from '../helpers/build.js'
@@ -11,9 +12,10 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 // The HTTP API against a model of it, over random sequences of: writes (PUT, and batch-set with
 // a bad item now and then and keys sent twice; with no lease, one of the key's, or another
 // key's), reads (plain, allowStale, conditional with the entry's etag quoted or bare, or
-// another), batch reads, leases given back, invalidations in every form the contract has (POST
-// /v1/invalidations, DELETE of a key, the user and tag shorthands, both modes), user
-// inspection, stats, and the clock moving on. Every answer is checked against the model:
+// another), batch reads, leases given back, emergency clears, invalidations in every form the
+// contract has (POST /v1/invalidations, DELETE of a key, the user and tag shorthands, both
+// modes), user inspection, stats, and the clock moving on. Every answer is checked against the
+// model:
 // - a read's status, value, user, tags, stale flag, etag and expiry; 304 only for the entry's
 //   etag and never for a stale entry; what a batch read finds and misses;
 // - an etag is the same for the same value and differs for different ones;
@@ -25,7 +27,9 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 // - herd control: a miss's `fill` and `retryAfterMs` against the key's claim, which a write, an
 //   invalidation by key, the filler's refused write or its lease given back ends, or which runs
 //   out;
-// - a user's entries, and the hits, misses and sets of the stats.
+// - an emergency clear (its token redeemed on either app) drops every entry, voids every lease
+//   and ends every claim;
+// - a user's entries, and the hits, misses, sets and leases issued and refused of the stats.
 // In memory mode with one app, and in cluster mode with two apps on one Redis (a step runs on
 // either; reading on the other app at once after a change holds on one host, see
 // test/stores/tiered-store.property.test.ts).
@@ -34,6 +38,8 @@ const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é']
 const USERS = ['u1', 'u2']
 const TAGS = ['t1', 't2', 't3']
 const DEFAULT_TTL_MS = 300_000
+/** The emergency clear is rate-limited per key: not here, where a sequence may clear many times. */
+const CONFIG = { security: { ...DEFAULT_SECURITY, clearRateLimitMax: 0 } }
 
 const key = fc.constantFrom(...KEYS)
 const mode = fc.constantFrom('delete' as const, 'stale' as const)
@@ -80,6 +86,7 @@ const op = fc.oneof(
   { arbitrary: fc.record({ op: fc.constant('advance' as const), ms: fc.integer({ min: 1, max: 3000 }) }), weight: 2 },
   fc.record({ op: fc.constant('inspectUser' as const), on, user: fc.constantFrom(...USERS) }),
   fc.record({ op: fc.constant('release' as const), on, key, lease: fc.nat() }),
+  fc.record({ op: fc.constant('clear' as const), on, redeemOn: on }),
   fc.record({ op: fc.constant('stats' as const), on }),
 )
 type Op = typeof op extends fc.Arbitrary<infer T> ? T : never
@@ -106,7 +113,7 @@ class Model {
   readonly entries = new Map<string, ModelEntry>()
   readonly leases: Array<{ token: string; key: string; step: number }> = []
   readonly voidings: Voiding[] = []
-  readonly counters: Array<{ hits: number; misses: number; sets: number }>
+  readonly counters: Array<{ hits: number; misses: number; sets: number; issued: number; rejected: number }>
   /** Etags by serialized value, and values by etag: one to one. */
   readonly #etags = new Map<string, string>()
   readonly #values = new Map<string, string>()
@@ -119,7 +126,7 @@ class Model {
     readonly now: () => number,
     readonly fillLeaseMs: number,
   ) {
-    this.counters = Array.from({ length: apps }, () => ({ hits: 0, misses: 0, sets: 0 }))
+    this.counters = Array.from({ length: apps }, () => ({ hits: 0, misses: 0, sets: 0, issued: 0, rejected: 0 }))
   }
 
   /** A miss's lease: checks `fill` and `retryAfterMs` against the claim the key has, and takes the claim if it is free. */
@@ -195,6 +202,15 @@ class Model {
     return count
   }
 
+  /** Applies a clear: every entry goes (past its expiry too), every lease is void, every claim ends. How many went. */
+  clear(step: number): number {
+    const count = this.entries.size
+    this.entries.clear()
+    this.fills.clear()
+    this.voidings.push({ step, touched: new Set(KEYS), userIds: new Set(), tags: new Set() })
+    return count
+  }
+
   /** Checks that etags and serialized values pair one to one. */
   etag(serialized: string, etag: string): string | undefined {
     const known = this.#etags.get(serialized)
@@ -232,6 +248,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       if (!refused) fail(`${what} was refused (${JSON.stringify(answer)}) that no invalidation since its lease touched`)
       if (answer.error !== 'lease_invalidated') fail(`${what} was refused with ${JSON.stringify(answer)}`)
       model.endFill(w.key, lease!.token)
+      counters!.rejected++
       return
     }
     if (answer.status !== 200) fail(`${what} answered ${JSON.stringify(answer)}`)
@@ -279,6 +296,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
         const herd = model.miss(o.key, i, res.json())
         if (herd !== undefined) fail(herd)
         counters!.misses++
+        counters!.issued++
         return
       }
       counters!.hits++
@@ -307,6 +325,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       }
       counters!.hits += found.length
       counters!.misses += missing.length
+      counters!.issued += missing.length
       return
     }
     case 'invalidate':
@@ -330,6 +349,15 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     }
     case 'advance':
       return
+    case 'clear': {
+      // The emergency clear: a token from one app, redeemed on the same or (cluster mode) the other.
+      const token = await call(app, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'model' } })
+      if (token.statusCode !== 200) fail(`clear-token answered ${token.statusCode} ${token.body}`)
+      const res = await call(apps[o.redeemOn % apps.length]!, { method: 'POST', url: '/v1/admin/clear', payload: { token: token.json().token } })
+      const cleared = model.clear(i)
+      if (res.statusCode !== 200 || res.json().cleared !== cleared) fail(`a clear answered ${res.statusCode} ${res.body}, the model clears ${cleared}`)
+      return
+    }
     case 'release': {
       // Gives back one of the key's leases (the fill lease or a waiter's): only the fill lease ends the claim.
       const mine = model.leases.filter((l) => l.key === o.key)
@@ -351,8 +379,9 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     }
     case 'stats': {
       const res = await call(app, { method: 'GET', url: '/v1/stats' })
-      const { hits, misses, sets } = res.json()
-      if (JSON.stringify({ hits, misses, sets }) !== JSON.stringify(counters)) fail(`stats counted ${JSON.stringify({ hits, misses, sets })}, the model ${JSON.stringify(counters)}`)
+      const { hits, misses, sets, leases } = res.json()
+      const got = JSON.stringify({ hits, misses, sets, issued: leases.issued, rejected: leases.rejected })
+      if (got !== JSON.stringify(counters)) fail(`stats counted ${got}, the model ${JSON.stringify(counters)}`)
       return
     }
   }
@@ -387,7 +416,7 @@ t.test('memory mode: every answer of the API agrees with the model, after any se
   const options = runs(80)
   // No sweep: an expired entry stays until a read or an invalidation meets it, as the model has it.
   const open = async (clock: FakeClock, _run: number, apps: FastifyInstance[]) =>
-    void apps.push(await build({ teardown() {} }, {}, { now: clock.now, store: new MemoryStore({ now: clock.now, sweepIntervalMs: 0 }) }))
+    void apps.push(await build({ teardown() {} }, CONFIG, { now: clock.now, store: new MemoryStore({ now: clock.now, sweepIntervalMs: 0 }) }))
   const steps = await holds(open, options, 2000)
   t.pass(`the model held for ${options.numRuns} random sequences (${steps} steps)`)
 })
@@ -405,7 +434,7 @@ if (requireRedisServer(t)) {
           await store.close()
           throw new Error('a TieredStore did not connect')
         }
-        apps.push(await build({ teardown() {} }, { fillLeaseMs: 600_000 }, { now: clock.now, store }))
+        apps.push(await build({ teardown() {} }, { ...CONFIG, fillLeaseMs: 600_000 }, { now: clock.now, store }))
       }
     }
     const options = runs(40)
