@@ -12,8 +12,8 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 // The HTTP API against a model of it, over random sequences of: writes (PUT, and batch-set with
 // a bad item now and then and keys sent twice; with no lease, one of the key's, or another
 // key's), reads (plain, allowStale, conditional with the entry's etag quoted or bare, or
-// another), batch reads, leases given back, emergency clears, invalidations in every form the
-// contract has (POST /v1/invalidations, DELETE of a key, the user and tag shorthands, both
+// another; HEAD), batch reads, leases given back, emergency clears, invalidations in every form
+// the contract has (POST /v1/invalidations, DELETE of a key, the user and tag shorthands, both
 // modes), user inspection, stats, and the clock moving on. Every answer is checked against the
 // model:
 // - a read's status, value, user, tags, stale flag, etag and expiry; 304 only for the entry's
@@ -29,7 +29,9 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 //   out;
 // - an emergency clear (its token redeemed on either app) drops every entry, voids every lease
 //   and ends every claim;
-// - a user's entries, and the hits, misses, sets and leases issued and refused of the stats.
+// - HEAD and the inspection of an entry (the entry's hits too, in memory mode) count nothing
+//   and take no lease; a user's entries; the hits, misses, sets and leases issued and refused of
+//   the stats.
 // In memory mode with one app, and in cluster mode with two apps on one Redis (a step runs on
 // either; reading on the other app at once after a change holds on one host, see
 // test/stores/tiered-store.property.test.ts).
@@ -87,6 +89,8 @@ const op = fc.oneof(
   fc.record({ op: fc.constant('inspectUser' as const), on, user: fc.constantFrom(...USERS) }),
   fc.record({ op: fc.constant('release' as const), on, key, lease: fc.nat() }),
   fc.record({ op: fc.constant('clear' as const), on, redeemOn: on }),
+  fc.record({ op: fc.constant('head' as const), on, key, allowStale: fc.boolean() }),
+  fc.record({ op: fc.constant('inspectEntry' as const), on, key }),
   fc.record({ op: fc.constant('stats' as const), on }),
 )
 type Op = typeof op extends fc.Arbitrary<infer T> ? T : never
@@ -98,6 +102,8 @@ interface ModelEntry {
   expiresAt: number
   stale: boolean
   etag: string
+  /** Reads answered from it; checked in memory mode (in cluster mode an instance adds only its own L1 hits). */
+  hits: number
 }
 
 /** An invalidation as a lease sees it: the keys it touched, and the users and tags it named. */
@@ -125,6 +131,8 @@ class Model {
     apps: number,
     readonly now: () => number,
     readonly fillLeaseMs: number,
+    /** Cluster mode: an inspection or HEAD that meets an expired entry drops it (in Redis), and entry hits are per instance. */
+    readonly cluster: boolean,
   ) {
     this.counters = Array.from({ length: apps }, () => ({ hits: 0, misses: 0, sets: 0, issued: 0, rejected: 0 }))
   }
@@ -161,6 +169,13 @@ class Model {
     if (choice === undefined) return undefined
     const pool = this.leases.filter((lease) => (lease.key === key) !== choice.foreign)
     return pool.length === 0 ? undefined : pool[choice.nth % pool.length]
+  }
+
+  /** An inspection or HEAD: the entry there is, stale or not, counting nothing. */
+  peek(key: string): ModelEntry | undefined {
+    const e = this.entries.get(key)
+    if (this.cluster && e !== undefined && !this.live(e)) this.entries.delete(key)
+    return this.live(e) ? e : undefined
   }
 
   /** A read: the entry it answers with, if any; a read that meets an expired entry drops it (no sweep runs here). */
@@ -257,7 +272,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     if (answer.key !== w.key || answer.expiresAt !== new Date(expiresAt).toISOString()) fail(`${what} answered ${JSON.stringify(answer)}`)
     const mismatch = model.etag(JSON.stringify(w.value), answer.etag!)
     if (mismatch !== undefined) fail(mismatch)
-    model.entries.set(w.key, { value: w.value, userId: w.user, tags: w.tags, expiresAt, stale: false, etag: answer.etag! })
+    model.entries.set(w.key, { value: w.value, userId: w.user, tags: w.tags, expiresAt, stale: false, etag: answer.etag!, hits: 0 })
     model.endFill(w.key)
     counters!.sets++
   }
@@ -300,6 +315,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
         return
       }
       counters!.hits++
+      e.hits++
       // 304 when the etag sent is the entry's, never for a stale-marked entry.
       if (o.conditional !== undefined && o.conditional !== 'other' && !e.stale) {
         if (res.statusCode !== 304 || res.headers.etag !== `"${e.etag}"`) fail(`a conditional read of an unchanged entry answered ${res.statusCode}`)
@@ -324,6 +340,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
         if (herd !== undefined) fail(`batch-get: ${herd}`)
       }
       counters!.hits += found.length
+      for (const k of found) answers.get(k)!.hits++
       counters!.misses += missing.length
       counters!.issued += missing.length
       return
@@ -372,9 +389,31 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       const res = await call(app, { method: 'GET', url: `/v1/debug/users/${o.user}` })
       if (res.statusCode !== 200) fail(`a user's inspection answered ${res.statusCode} ${res.body}`)
       const body = res.json()
-      const got = JSON.stringify(body.entries.map((e: { key: string; stale: boolean; etag: string }) => [e.key, e.stale, e.etag]).sort())
-      const want = JSON.stringify([...model.entries].filter(([, e]) => model.live(e) && e.userId === o.user).map(([k, e]) => [k, e.stale, e.etag]).sort())
+      const hits = (n: number) => (model.cluster ? null : n)
+      const got = JSON.stringify(body.entries.map((e: { key: string; stale: boolean; etag: string; hits: number }) => [e.key, e.stale, e.etag, hits(e.hits)]).sort())
+      const want = JSON.stringify([...model.entries].filter(([, e]) => model.live(e) && e.userId === o.user).map(([k, e]) => [k, e.stale, e.etag, hits(e.hits)]).sort())
       if (body.count !== body.entries.length || got !== want) fail(`${o.user}'s inspection listed ${got} (count ${body.count}), the model ${want}`)
+      return
+    }
+    case 'head': {
+      // Whether the key is cached now: no lease, no hit or miss, no fill claim.
+      const e = model.peek(o.key)
+      const res = await call(app, { method: 'HEAD', url: `/v1/entries/${keyPath(o.key)}${o.allowStale ? '?allowStale=true' : ''}` })
+      const cached = e !== undefined && (o.allowStale || !e.stale)
+      if (res.statusCode !== (cached ? 200 : 404) || res.body !== '' || (cached && res.headers.etag !== `"${e.etag}"`)) fail(`HEAD answered ${res.statusCode} ${JSON.stringify(res.headers)}`)
+      return
+    }
+    case 'inspectEntry': {
+      const e = model.peek(o.key)
+      const res = await call(app, { method: 'GET', url: `/v1/debug/entries/${keyPath(o.key)}` })
+      if (e === undefined) {
+        if (res.statusCode !== 404 || res.json().error !== 'not_found' || 'lease' in res.json()) fail(`an inspection of a missing key answered ${res.statusCode} ${res.body}`)
+        return
+      }
+      const body = res.json()
+      const got = JSON.stringify([res.statusCode, body.key, body.value, body.userId, body.tags, body.stale, body.etag, body.expiresAt, model.cluster ? null : body.hits])
+      const want = JSON.stringify([200, o.key, e.value, e.userId ?? null, e.tags ?? [], e.stale, e.etag, new Date(e.expiresAt).toISOString(), model.cluster ? null : e.hits])
+      if (got !== want) fail(`an inspection answered ${got}, the model ${want}`)
       return
     }
     case 'stats': {
@@ -388,7 +427,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
 }
 
 /** Runs the property with `open` making the apps for one sequence on the given clock, into `apps` (closed whatever happens). */
-async function holds(open: (clock: FakeClock, run: number, apps: FastifyInstance[]) => Promise<void>, options: Parameters<unknown>, fillLeaseMs: number): Promise<number> {
+async function holds(open: (clock: FakeClock, run: number, apps: FastifyInstance[]) => Promise<void>, options: Parameters<unknown>, fillLeaseMs: number, cluster: boolean): Promise<number> {
   let steps = 0
   let run = 0
   await fc.assert(
@@ -397,7 +436,7 @@ async function holds(open: (clock: FakeClock, run: number, apps: FastifyInstance
       const apps: FastifyInstance[] = []
       try {
         await open(clock, run++, apps)
-        const model = new Model(apps.length, clock.now, fillLeaseMs)
+        const model = new Model(apps.length, clock.now, fillLeaseMs, cluster)
         for (const [i, o] of ops.entries()) {
           if (o.op === 'advance') clock.advance(o.ms)
           await step(apps, model, o, i, `step ${i} ${JSON.stringify(o)} of ${JSON.stringify(ops)}`)
@@ -417,7 +456,7 @@ t.test('memory mode: every answer of the API agrees with the model, after any se
   // No sweep: an expired entry stays until a read or an invalidation meets it, as the model has it.
   const open = async (clock: FakeClock, _run: number, apps: FastifyInstance[]) =>
     void apps.push(await build({ teardown() {} }, CONFIG, { now: clock.now, store: new MemoryStore({ now: clock.now, sweepIntervalMs: 0 }) }))
-  const steps = await holds(open, options, 2000)
+  const steps = await holds(open, options, 2000, false)
   t.pass(`the model held for ${options.numRuns} random sequences (${steps} steps)`)
 })
 
@@ -438,7 +477,7 @@ if (requireRedisServer(t)) {
       }
     }
     const options = runs(40)
-    const steps = await holds(open, options, 600_000)
+    const steps = await holds(open, options, 600_000, true)
     t.pass(`the model held for ${options.numRuns} random sequences (${steps} steps) over two apps`)
   })
 }
