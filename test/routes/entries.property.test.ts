@@ -198,10 +198,13 @@ class Model {
    */
   invalidate(step: number, selector: Selector, mode: 'delete' | 'stale'): number {
     const voiding: Voiding = { step, touched: new Set(selector.keys), userIds: new Set(selector.userIds), tags: new Set(selector.tags) }
-    for (const key of KEYS) if ((selector.prefixes ?? []).some((prefix) => key.startsWith(prefix))) voiding.touched.add(key)
+    const byPrefix = new Set(KEYS.filter((key) => (selector.prefixes ?? []).some((prefix) => key.startsWith(prefix))))
+    for (const key of byPrefix) voiding.touched.add(key)
     for (const key of selector.keys ?? []) this.endFill(key)
     let count = 0
     for (const [key, e] of [...this.entries]) {
+      // In cluster mode a prefix's batches name the keys they found, so they end those claims too.
+      if (this.cluster && byPrefix.has(key)) this.endFill(key)
       if ((e.userId !== undefined && voiding.userIds.has(e.userId)) || (e.tags ?? []).some((tag) => voiding.tags.has(tag))) voiding.touched.add(key)
       if (!voiding.touched.has(key)) continue
       if (!this.live(e)) this.entries.delete(key) // dropped, not counted
