@@ -1,6 +1,7 @@
 import fc, { type Parameters } from 'fast-check'
 import type { FastifyInstance, InjectOptions } from 'fastify'
 import t from 'tap'
+import { DEFAULT_LIMITS } from '../../src/cache/limits.js'
 import type { Selector } from '../../src/cache/types.js'
 import { DEFAULT_SECURITY } from '../../src/config.js'
 import { MemoryStore } from '../../src/stores/memory-store.js'
@@ -39,7 +40,6 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é']
 const USERS = ['u1', 'u2']
 const TAGS = ['t1', 't2', 't3']
-const DEFAULT_TTL_MS = 300_000
 /** The emergency clear is rate-limited per key: not here, where a sequence may clear many times. */
 const CONFIG = { security: { ...DEFAULT_SECURITY, clearRateLimitMax: 0 } }
 
@@ -171,17 +171,20 @@ class Model {
     return pool.length === 0 ? undefined : pool[choice.nth % pool.length]
   }
 
-  /** An inspection or HEAD: the entry there is, stale or not, counting nothing. */
+  /** An inspection or HEAD: the entry there is, stale or not, counting nothing (in cluster mode it drops an expired one). */
   peek(key: string): ModelEntry | undefined {
-    const e = this.entries.get(key)
-    if (this.cluster && e !== undefined && !this.live(e)) this.entries.delete(key)
-    return this.live(e) ? e : undefined
+    if (this.cluster) this.#dropExpired(key)
+    return this.readable(key, true)
   }
 
   /** A read: the entry it answers with, if any; a read that meets an expired entry drops it (no sweep runs here). */
   read(key: string, allowStale: boolean): ModelEntry | undefined {
-    if (this.entries.has(key) && !this.live(this.entries.get(key))) this.entries.delete(key)
+    this.#dropExpired(key)
     return this.readable(key, allowStale)
+  }
+
+  #dropExpired(key: string): void {
+    if (this.entries.has(key) && !this.live(this.entries.get(key))) this.entries.delete(key)
   }
 
   /** Whether a write with the lease must be refused: an invalidation since the lease touched its key, its user or a tag. */
@@ -271,7 +274,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     }
     if (answer.status !== 200) fail(`${what} answered ${JSON.stringify(answer)}`)
     if (refused) fail(`${what} was taken although its lease is void`)
-    const expiresAt = now + (w.ttl ?? DEFAULT_TTL_MS)
+    const expiresAt = now + (w.ttl ?? DEFAULT_LIMITS.defaultTtlMs)
     if (answer.key !== w.key || answer.expiresAt !== new Date(expiresAt).toISOString()) fail(`${what} answered ${JSON.stringify(answer)}`)
     const mismatch = model.etag(JSON.stringify(w.value), answer.etag!)
     if (mismatch !== undefined) fail(mismatch)
@@ -284,8 +287,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       const lease = model.pickLease(o.key, o.lease)
       const payload = { value: o.value, userId: o.user, tags: o.tags, ttlMs: o.ttl, lease: lease?.token }
       const res = await call(app, { method: 'PUT', url: `/v1/entries/${keyPath(o.key)}`, payload })
-      const body = res.json()
-      written(o, lease, { status: res.statusCode, ...body, etag: res.statusCode === 200 ? body.etag : undefined }, 'a write')
+      written(o, lease, { ...res.json(), status: res.statusCode }, 'a write')
       return
     }
     case 'batchSet': {
@@ -352,14 +354,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     case 'deleteKey':
     case 'deleteUser':
     case 'deleteTag': {
-      const [selector, m, request]: [Selector, 'delete' | 'stale', InjectOptions] =
-        o.op === 'invalidate'
-          ? [o.selector, o.mode, { method: 'POST', url: '/v1/invalidations', payload: { ...o.selector, mode: o.mode } }]
-          : o.op === 'deleteKey'
-            ? [{ keys: [o.key] }, 'delete', { method: 'DELETE', url: `/v1/entries/${keyPath(o.key)}` }]
-            : o.op === 'deleteUser'
-              ? [{ userIds: [o.user] }, o.mode, { method: 'DELETE', url: `/v1/users/${o.user}/entries?mode=${o.mode}` }]
-              : [{ tags: [o.tag] }, o.mode, { method: 'DELETE', url: `/v1/tags/${o.tag}/entries?mode=${o.mode}` }]
+      const [selector, m, request] = invalidation(o)
       const res = await call(app, request)
       const count = model.invalidate(i, selector, m)
       if (res.statusCode !== 200) fail(`an invalidation answered ${res.statusCode} ${res.body}`)
@@ -429,6 +424,20 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
   }
 }
 
+/** An invalidation step as its selector, its mode, and the request that makes it. */
+function invalidation(o: Extract<Op, { op: 'invalidate' | 'deleteKey' | 'deleteUser' | 'deleteTag' }>): [Selector, 'delete' | 'stale', InjectOptions] {
+  switch (o.op) {
+    case 'invalidate':
+      return [o.selector, o.mode, { method: 'POST', url: '/v1/invalidations', payload: { ...o.selector, mode: o.mode } }]
+    case 'deleteKey':
+      return [{ keys: [o.key] }, 'delete', { method: 'DELETE', url: `/v1/entries/${keyPath(o.key)}` }]
+    case 'deleteUser':
+      return [{ userIds: [o.user] }, o.mode, { method: 'DELETE', url: `/v1/users/${o.user}/entries?mode=${o.mode}` }]
+    case 'deleteTag':
+      return [{ tags: [o.tag] }, o.mode, { method: 'DELETE', url: `/v1/tags/${o.tag}/entries?mode=${o.mode}` }]
+  }
+}
+
 /** Runs the property with `open` making the apps for one sequence on the given clock, into `apps` (closed whatever happens). */
 async function holds(open: (clock: FakeClock, run: number, apps: FastifyInstance[]) => Promise<void>, options: Parameters<unknown>, fillLeaseMs: number, cluster: boolean): Promise<number> {
   let steps = 0
@@ -457,9 +466,10 @@ async function holds(open: (clock: FakeClock, run: number, apps: FastifyInstance
 t.test('memory mode: every answer of the API agrees with the model, after any sequence', async (t) => {
   const options = runs(80)
   // No sweep: an expired entry stays until a read or an invalidation meets it, as the model has it.
+  const fillLeaseMs = 2000
   const open = async (clock: FakeClock, _run: number, apps: FastifyInstance[]) =>
-    void apps.push(await build({ teardown() {} }, CONFIG, { now: clock.now, store: new MemoryStore({ now: clock.now, sweepIntervalMs: 0 }) }))
-  const steps = await holds(open, options, 2000, false)
+    void apps.push(await build({ teardown() {} }, { ...CONFIG, fillLeaseMs }, { now: clock.now, store: new MemoryStore({ now: clock.now, sweepIntervalMs: 0 }) }))
+  const steps = await holds(open, options, fillLeaseMs, false)
   t.pass(`the model held for ${options.numRuns} random sequences (${steps} steps)`)
 })
 
@@ -469,6 +479,7 @@ if (requireRedisServer(t)) {
     // A fill claim lives in Redis and runs out by Redis' clock, which the test's clock does not
     // move: claims of 10 minutes run out by neither within a sequence. Timeouts long enough for
     // a loaded machine, and no bus PING (a late one would take the bus down).
+    const fillLeaseMs = 600_000
     const open = async (clock: FakeClock, run: number, apps: FastifyInstance[]) => {
       for (let n = 0; n < 2; n++) {
         const store = new TieredStore({ redisUrl: redis.url, namespace: `m${run}`, now: clock.now, sweepIntervalMs: 0, commandTimeoutMs: 10_000, busPingMs: 0 })
@@ -476,11 +487,11 @@ if (requireRedisServer(t)) {
           await store.close()
           throw new Error('a TieredStore did not connect')
         }
-        apps.push(await build({ teardown() {} }, { ...CONFIG, fillLeaseMs: 600_000 }, { now: clock.now, store }))
+        apps.push(await build({ teardown() {} }, { ...CONFIG, fillLeaseMs }, { now: clock.now, store }))
       }
     }
     const options = runs(40)
-    const steps = await holds(open, options, 600_000, true)
+    const steps = await holds(open, options, fillLeaseMs, true)
     t.pass(`the model held for ${options.numRuns} random sequences (${steps} steps) over two apps`)
   })
 }

@@ -102,7 +102,6 @@ if (requireRedisServer(t)) {
         const observer = open()
         try {
           for (const store of [...instances, observer]) if (!(await store.connect(10_000))) throw new Error('a TieredStore did not connect')
-          // A lease issued on each side at the same step, and whether a walk in batches came after it.
           // Leases issued on each side at the same step (none until a lease step: a leased write then writes without).
           const leases: Array<[LeaseStamp, LeaseStamp]> = []
           let version = 0
