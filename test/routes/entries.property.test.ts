@@ -3,10 +3,11 @@ import type { FastifyInstance, InjectOptions } from 'fastify'
 import t from 'tap'
 import { DEFAULT_LIMITS } from '../../src/cache/limits.js'
 import type { Selector } from '../../src/cache/types.js'
-import { DEFAULT_SECURITY } from '../../src/config.js'
+import { DEFAULT_SECURITY, type Config } from '../../src/config.js'
 import { MemoryStore } from '../../src/stores/memory-store.js'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock, build, call, keyPath } from '../helpers/build.js'
+import { OriginServer } from '../helpers/origin-server.js'
 import { runs } from '../helpers/property.js'
 import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 
@@ -15,8 +16,8 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 // key's), reads (plain, allowStale, conditional with the entry's etag quoted or bare, or
 // another; HEAD), batch reads, leases given back, emergency clears, invalidations in every form
 // the contract has (POST /v1/invalidations, DELETE of a key, the user and tag shorthands, both
-// modes), user inspection, stats, and the clock moving on. Every answer is checked against the
-// model:
+// modes), domain events, user inspection, stats, the invalidation log, and the clock moving on.
+// Every answer is checked against the model:
 // - a read's status, value, user, tags, stale flag, etag and expiry; 304 only for the entry's
 //   etag and never for a stale entry; what a batch read finds and misses;
 // - an etag is the same for the same value and differs for different ones;
@@ -30,20 +31,62 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 //   out;
 // - an emergency clear (its token redeemed on either app) drops every entry, voids every lease
 //   and ends every claim;
+// - a write racing an invalidation that covers its key (both in flight at once, a few event-loop
+//   turns apart either way, on either app) comes out as one of the two orders: what is left
+//   (the write refused, or its entry standing fresh: the invalidation went first) tells which,
+//   and both answers and the entry must then be the model's for that order; both orders occur;
+// - a domain event runs each rule its type matches (`{{data.…}}` filled in), in rule order; a
+//   redelivery of an id (on either app) gets the first reply again and applies nothing;
 // - HEAD and the inspection of an entry (the entry's hits too, in memory mode) count nothing
 //   and take no lease; a user's entries; the hits, misses, sets and leases issued and refused of
-//   the stats.
+//   the stats; the invalidation log: every invalidation the app made (API, events, repairs,
+//   clears), newest first, with its selector, mode, source and count.
+// With a real origin serving two of the keys (`o:{userId}`), whose data steps change or remove:
+// - a `?load=true` miss the origin has data for is filled from it (under the miss's lease, so a
+//   miss and a set are counted) and answered; one it has no data for stays a plain miss;
+// - a hit on an origin key's entry that is stale or past 80% of its TTL reloads it in the
+//   background (the step waits for the refresh queue to drain, then the model reloads it);
+// - a forced refresh reloads (404 when no origin serves the key, or it has no data: then the
+//   key is invalidated); a warm loads its keys and its users' keys, and counts what failed;
+// - a consistency check, against the origin (named keys and users' keys) or against truths
+//   sent (values or etags), reports each key consistent, stale, missing or an error (a key no
+//   origin serves), and repairs by invalidating, or by reloading those the origin has data for.
 // In memory mode with one app, and in cluster mode with two apps on one Redis (a step runs on
 // either; reading on the other app at once after a change holds on one host, see
 // test/stores/tiered-store.property.test.ts).
 
-const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é']
 const USERS = ['u1', 'u2']
 const TAGS = ['t1', 't2', 't3']
+/** Keys an origin serves (`o:{userId}`, user from the key, tag t3): read-through, refresh-ahead, forced refresh, warming, consistency. */
+const ORIGIN_KEYS = USERS.map((user) => `o:${user}`)
+const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é', ...ORIGIN_KEYS]
+const ORIGIN_TTL_MS = 4000
+/** The origin's entry for `o:{userId}`: the value is the test's, the rest the origin config's. */
+const originOf = (key: string) => (ORIGIN_KEYS.includes(key) ? { userId: key.slice(2), tags: ['t3'], path: `/o/${encodeURIComponent(key.slice(2))}` } : undefined)
+/** A hit past this share of its entry's TTL, or on a stale entry, refreshes an origin key in the background. */
+const REFRESH_AHEAD = 0.8
+const originConfig = (origin: OriginServer) => ({
+  origins: [
+    { name: 'o', keyPattern: 'o:{userId}', url: `${origin.base}/o/{userId}`, ttlMs: ORIGIN_TTL_MS, tags: ['t3'], refreshAhead: REFRESH_AHEAD, timeoutMs: 10_000, retries: 0 },
+  ],
+})
+/** CONFIG_FILE `rules`: domain events and the invalidations they make, filled from the event's data. */
+const RULES = [
+  { event: 'user.changed', invalidate: { userIds: ['{{data.user}}'], tags: ['{{data.tag}}'] }, mode: 'stale' as const },
+  { event: 'user.changed', invalidate: { keys: ['{{data.key}}'] }, mode: 'delete' as const },
+  { event: 'catalog.changed', invalidate: { prefixes: ['{{ data.prefix }}'] }, mode: 'delete' as const },
+]
+/** A rule's selector for an event's data. */
+const ruleSelector = (rule: (typeof RULES)[number], data: Record<string, string>): Selector => {
+  const fill = (list: string[] | undefined) => list?.map((template) => template.replace(/\{\{\s*data\.(\w+)\s*\}\}/g, (_, field: string) => data[field]!))
+  const { keys, userIds, tags, prefixes } = rule.invalidate as Partial<Record<keyof Selector, string[]>>
+  return { keys: fill(keys), userIds: fill(userIds), tags: fill(tags), prefixes: fill(prefixes) }
+}
 /** The emergency clear is rate-limited per key: not here, where a sequence may clear many times. */
 const CONFIG = { security: { ...DEFAULT_SECURITY, clearRateLimitMax: 0 } }
 
-const key = fc.constantFrom(...KEYS)
+// The origin's keys drawn more often: their steps (loads, refreshes, checks) need an entry there.
+const key = fc.oneof({ arbitrary: fc.constantFrom(...KEYS), weight: 3 }, { arbitrary: fc.constantFrom(...ORIGIN_KEYS), weight: 1 })
 const mode = fc.constantFrom('delete' as const, 'stale' as const)
 // Fastify refuses a body with a `__proto__` or `constructor` key (prototype poisoning): not values to draw.
 const value = fc.jsonValue({ maxDepth: 2 }).filter((v) => !/"(__proto__|constructor)"/.test(JSON.stringify(v)))
@@ -51,10 +94,11 @@ const selector: fc.Arbitrary<Selector> = fc.oneof(
   fc.record({ keys: fc.uniqueArray(key, { minLength: 1, maxLength: 2 }) }),
   fc.record({ userIds: fc.uniqueArray(fc.constantFrom(...USERS), { minLength: 1, maxLength: 2 }) }),
   fc.record({ tags: fc.uniqueArray(fc.constantFrom(...TAGS), { minLength: 1, maxLength: 2 }) }),
-  fc.record({ prefixes: fc.uniqueArray(fc.constantFrom('a', 'b', 'b:', 'c', 'é'), { minLength: 1, maxLength: 2 }) }),
+  fc.record({ prefixes: fc.uniqueArray(fc.constantFrom('a', 'b', 'b:', 'c', 'é', 'o:'), { minLength: 1, maxLength: 2 }) }),
   fc.constant<Selector>({ userIds: ['u1'], tags: ['t3'], prefixes: ['b/'] }),
 )
 const on = fc.nat()
+const repair = fc.constantFrom('none' as const, 'invalidate' as const, 'refresh' as const)
 const write = {
   key,
   value,
@@ -79,7 +123,10 @@ const op = fc.oneof(
     }),
     weight: 2,
   },
-  { arbitrary: fc.record({ op: fc.constant('get' as const), on, key, allowStale: fc.boolean(), conditional: fc.constantFrom(undefined, 'quoted', 'bare', 'other') }), weight: 5 },
+  {
+    arbitrary: fc.record({ op: fc.constant('get' as const), on, key, allowStale: fc.boolean(), conditional: fc.constantFrom(undefined, 'quoted', 'bare', 'other'), load: fc.boolean() }),
+    weight: 5,
+  },
   { arbitrary: fc.record({ op: fc.constant('batchGet' as const), on, keys: fc.uniqueArray(key, { minLength: 1, maxLength: 4 }), allowStale: fc.boolean() }), weight: 2 },
   { arbitrary: fc.record({ op: fc.constant('invalidate' as const), on, selector, mode }), weight: 3 },
   fc.record({ op: fc.constant('deleteKey' as const), on, key }),
@@ -92,6 +139,50 @@ const op = fc.oneof(
   fc.record({ op: fc.constant('head' as const), on, key, allowStale: fc.boolean() }),
   fc.record({ op: fc.constant('inspectEntry' as const), on, key }),
   fc.record({ op: fc.constant('stats' as const), on }),
+  fc.record({ op: fc.constant('log' as const), on }),
+  // A write racing an invalidation that covers its key (by key, a prefix of it, its user or a
+  // tag), on either app, `gap` event-loop turns apart (the write first when negative).
+  {
+    arbitrary: fc.record({
+      op: fc.constant('race' as const),
+      on,
+      invalidateOn: on,
+      ...write,
+      cover: fc.constantFrom('key' as const, 'prefix' as const, 'user' as const, 'tag' as const),
+      mode,
+      gap: fc.integer({ min: -3, max: 3 }),
+    }),
+    weight: 2,
+  },
+  // A domain event (one with no rule too); an id seen before is a redelivery of that event.
+  {
+    arbitrary: fc.record({
+      op: fc.constant('event' as const),
+      on,
+      id: fc.option(fc.constantFrom('e1', 'e2', 'e3'), { nil: undefined }),
+      type: fc.constantFrom('user.changed', 'catalog.changed', 'other.thing'),
+      data: fc.record({ user: fc.constantFrom(...USERS), tag: fc.constantFrom(...TAGS), key, prefix: fc.constantFrom('a', 'b:', 'o:', 'é') }),
+    }),
+    weight: 2,
+  },
+  // The origin's data changes (or goes: the origin then answers 404).
+  { arbitrary: fc.record({ op: fc.constant('originSet' as const), key: fc.constantFrom(...ORIGIN_KEYS), value: fc.option(value, { nil: undefined, freq: 3 }) }), weight: 2 },
+  { arbitrary: fc.record({ op: fc.constant('refresh' as const), on, key }), weight: 2 },
+  fc.record({ op: fc.constant('warm' as const), on, keys: fc.uniqueArray(key, { maxLength: 3 }), userIds: fc.uniqueArray(fc.constantFrom(...USERS), { maxLength: 2 }) }),
+  fc
+    .record({ op: fc.constant('checkOrigin' as const), on, keys: fc.uniqueArray(key, { maxLength: 3 }), userIds: fc.uniqueArray(fc.constantFrom(...USERS), { maxLength: 2 }), repair })
+    .filter((o) => o.keys.length + o.userIds.length > 0),
+  fc.record({
+    op: fc.constant('checkProvided' as const),
+    on,
+    // The truth sent for each key: the cached value, the origin's, another value, the cached entry's etag, or another etag.
+    entries: fc.uniqueArray(fc.record({ key, truth: fc.constantFrom('cached' as const, 'origin' as const, 'other' as const, 'etag' as const, 'otherEtag' as const), other: value }), {
+      selector: (e) => e.key,
+      minLength: 1,
+      maxLength: 3,
+    }),
+    repair,
+  }),
 )
 type Op = typeof op extends fc.Arbitrary<infer T> ? T : never
 
@@ -99,12 +190,32 @@ interface ModelEntry {
   value: unknown
   userId: string | undefined
   tags: string[] | undefined
+  createdAt: number
   expiresAt: number
   stale: boolean
-  etag: string
+  /** Undefined for a value loaded from the origin that no answer has shown yet: the first that does tells it. */
+  etag: string | undefined
   /** Reads answered from it; checked in memory mode (in cluster mode an instance adds only its own L1 hits). */
   hits: number
 }
+
+/** What the stats count, per app. */
+interface Counters {
+  hits: number
+  misses: number
+  sets: number
+  issued: number
+  rejected: number
+}
+
+/** An invalidation record as the model compares it: selector (each list sorted), mode, source and count. */
+function logged(selector: Selector, mode: string, source: string, invalidated: number): string {
+  const lists = (['keys', 'userIds', 'tags', 'prefixes'] as const).map((kind) => (selector[kind] === undefined ? null : [...selector[kind]].sort()))
+  return JSON.stringify([lists, selector.all === true, mode, source, invalidated])
+}
+
+/** What a consistency check finds for a key ('gone': cached, but the origin has no data for it). */
+type Finding = 'consistent' | 'stale' | 'gone' | 'missing' | 'error'
 
 /** An invalidation as a lease sees it: the keys it touched, and the users and tags it named. */
 interface Voiding {
@@ -119,7 +230,13 @@ class Model {
   readonly entries = new Map<string, ModelEntry>()
   readonly leases: Array<{ token: string; key: string; step: number }> = []
   readonly voidings: Voiding[] = []
-  readonly counters: Array<{ hits: number; misses: number; sets: number; issued: number; rejected: number }>
+  readonly counters: Counters[]
+  /** Each app's invalidation log as `logged` writes a record, newest first (in cluster mode without the other apps' records, source `bus`). */
+  readonly logs: string[][]
+  /** Events by id: the event first delivered with it, and the reply it got. */
+  readonly events = new Map<string, { type: string; data: Record<string, string>; reply: string }>()
+  /** What the origin holds, by key (absent: it answers 404). */
+  readonly origin = new Map<string, unknown>()
   /** Etags by serialized value, and values by etag: one to one. */
   readonly #etags = new Map<string, string>()
   readonly #values = new Map<string, string>()
@@ -135,6 +252,7 @@ class Model {
     readonly cluster: boolean,
   ) {
     this.counters = Array.from({ length: apps }, () => ({ hits: 0, misses: 0, sets: 0, issued: 0, rejected: 0 }))
+    this.logs = Array.from({ length: apps }, () => [])
   }
 
   /** A miss's lease: checks `fill` and `retryAfterMs` against the claim the key has, and takes the claim if it is free. */
@@ -199,7 +317,7 @@ class Model {
    * names, those under its prefixes, and those whose entry has a user or tag it names, an entry
    * past its expiry included until a read or an invalidation drops it (no sweep runs here).
    */
-  invalidate(step: number, selector: Selector, mode: 'delete' | 'stale'): number {
+  invalidate(step: number, selector: Selector, mode: 'delete' | 'stale', by: { app: number; source: 'api' | 'events' | 'consistency' }): number {
     const voiding: Voiding = { step, touched: new Set(selector.keys), userIds: new Set(selector.userIds), tags: new Set(selector.tags) }
     const byPrefix = new Set(KEYS.filter((key) => (selector.prefixes ?? []).some((prefix) => key.startsWith(prefix))))
     for (const key of byPrefix) voiding.touched.add(key)
@@ -220,16 +338,56 @@ class Model {
       }
     }
     this.voidings.push(voiding)
+    this.logs[by.app]!.unshift(logged(selector, mode, by.source, count))
     return count
   }
 
   /** Applies a clear: every entry goes (past its expiry too), every lease is void, every claim ends. How many went. */
-  clear(step: number): number {
+  clear(step: number, app: number): number {
     const count = this.entries.size
+    this.logs[app]!.unshift(logged({ all: true }, 'delete', 'admin', count))
     this.entries.clear()
     this.fills.clear()
     this.voidings.push({ step, touched: new Set(KEYS), userIds: new Set(), tags: new Set() })
     return count
+  }
+
+  /**
+   * An origin key loaded now, for read-through, refresh-ahead, a forced refresh, a warm or a
+   * repair: a write (under a lease no invalidation voided: steps run one at a time) of what the
+   * origin holds, for the origin's TTL, user and tag. The etag is known if the value was seen before.
+   */
+  load(key: string, counters: Counters): ModelEntry {
+    const { userId, tags } = originOf(key)!
+    const value = this.origin.get(key)
+    const now = this.now()
+    const e = { value, userId, tags, createdAt: now, expiresAt: now + ORIGIN_TTL_MS, stale: false, etag: this.#etags.get(JSON.stringify(value)), hits: 0 }
+    this.entries.set(key, e)
+    this.endFill(key)
+    counters.sets++
+    return e
+  }
+
+  /** Keys a hit of the step has given a background refresh (with the counters of the app that runs it): see `refreshed`. */
+  readonly refreshes = new Map<string, Counters>()
+
+  /** Once the step's background refreshes are done: each reloaded its key, if the origin has data for it. */
+  refreshed(): void {
+    for (const [key, counters] of this.refreshes) if (this.origin.has(key)) this.load(key, counters)
+    this.refreshes.clear()
+  }
+
+  /** Whether a hit on the key's entry refreshes it from the origin in the background: stale, or past REFRESH_AHEAD of its TTL. */
+  due(key: string, e: ModelEntry): boolean {
+    return originOf(key) !== undefined && (e.stale || this.now() - e.createdAt >= REFRESH_AHEAD * (e.expiresAt - e.createdAt))
+  }
+
+  /** Takes the etag an answer shows for an entry whose etag the model does not know yet (checking it pairs one to one). */
+  learn(e: ModelEntry, etag: unknown): string | undefined {
+    if (e.etag !== undefined || typeof etag !== 'string') return undefined
+    const mismatch = this.etag(JSON.stringify(e.value), etag)
+    if (mismatch === undefined) e.etag = etag
+    return mismatch
   }
 
   /** Checks that etags and serialized values pair one to one. */
@@ -245,14 +403,20 @@ class Model {
 }
 
 /** Runs one step on the apps and the model; throws on any disagreement. */
-async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at: string): Promise<void> {
+async function step(apps: FastifyInstance[], model: Model, origin: OriginServer, o: Op, i: number, at: string): Promise<void> {
   const fail = (what: string): never => {
     throw new Error(`${what}, at ${at}`)
   }
-  const app = 'on' in o ? apps[o.on % apps.length]! : apps[0]!
-  const counters = 'on' in o ? model.counters[o.on % apps.length]! : undefined
+  const here = 'on' in o ? o.on % apps.length : 0
+  const app = apps[here]!
+  const counters = 'on' in o ? model.counters[here]! : undefined
   const now = model.now()
+  const learn = (e: ModelEntry, etag: unknown) => {
+    const mismatch = model.learn(e, etag)
+    if (mismatch !== undefined) fail(mismatch)
+  }
   const checkEntry = (body: Record<string, unknown>, key: string, e: ModelEntry, what: string) => {
+    learn(e, body.etag)
     const got = JSON.stringify([body.key, body.value, body.userId, body.tags, body.stale, body.etag, body.expiresAt, body.ttlRemainingMs])
     const want = JSON.stringify([key, e.value, e.userId ?? null, e.tags ?? [], e.stale, e.etag, new Date(e.expiresAt).toISOString(), e.expiresAt - now])
     if (got !== want) fail(`${what} read ${got}, the model ${want}`)
@@ -278,9 +442,30 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     if (answer.key !== w.key || answer.expiresAt !== new Date(expiresAt).toISOString()) fail(`${what} answered ${JSON.stringify(answer)}`)
     const mismatch = model.etag(JSON.stringify(w.value), answer.etag!)
     if (mismatch !== undefined) fail(mismatch)
-    model.entries.set(w.key, { value: w.value, userId: w.user, tags: w.tags, expiresAt, stale: false, etag: answer.etag!, hits: 0 })
+    model.entries.set(w.key, { value: w.value, userId: w.user, tags: w.tags, createdAt: now, expiresAt, stale: false, etag: answer.etag!, hits: 0 })
     model.endFill(w.key)
     counters!.sets++
+  }
+  /** A hit: counted, and a background refresh if the entry is due one (applied once it is done). */
+  const hit = (key: string, e: ModelEntry) => {
+    counters!.hits++
+    e.hits++
+    if (model.due(key, e)) model.refreshes.set(key, counters!)
+  }
+  /** Checks a consistency report against the model's findings per key, then applies the repair asked for. */
+  const reported = (res: Awaited<ReturnType<typeof call>>, findings: Map<string, Finding>, repair: 'none' | 'invalidate' | 'refresh') => {
+    if (res.statusCode !== 200) fail(`a consistency check answered ${res.statusCode} ${res.body}`)
+    const body = res.json()
+    const keysOf = (...kinds: Finding[]) => [...findings].filter(([, f]) => kinds.includes(f)).map(([k]) => k).sort()
+    const stale = keysOf('stale', 'gone')
+    // A refresh reloads the stale keys whose origin has data, and deletes the others (no origin, or no data).
+    const reload = repair === 'refresh' ? stale.filter((k) => model.origin.has(k)) : []
+    const drop = repair === 'none' ? [] : stale.filter((k) => !reload.includes(k))
+    const got = JSON.stringify([body.checked, body.consistent, [...body.stale].sort(), [...body.missing].sort(), body.errors.map((e: { key: string }) => e.key).sort(), body.repaired])
+    const want = JSON.stringify([findings.size, keysOf('consistent').length, stale, keysOf('missing'), keysOf('error'), reload.length + drop.length])
+    if (got !== want) fail(`a consistency check reported ${got}, the model ${want}`)
+    for (const k of reload) model.load(k, counters!)
+    if (drop.length > 0) model.invalidate(i, { keys: drop }, 'delete', { app: here, source: 'consistency' })
   }
   switch (o.op) {
     case 'put': {
@@ -306,27 +491,32 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       return
     }
     case 'get': {
-      const e = model.read(o.key, o.allowStale)
       const etag = model.entries.get(o.key)?.etag ?? 'none'
+      let e = model.read(o.key, o.allowStale)
       const sent = { quoted: `"${etag}"`, bare: etag, other: '"another-etag"' } as const
       const headers = o.conditional === undefined ? {} : { 'if-none-match': sent[o.conditional] }
-      const res = await call(app, { method: 'GET', url: `/v1/entries/${keyPath(o.key)}${o.allowStale ? '?allowStale=true' : ''}`, headers })
+      const query = new URLSearchParams({ ...(o.allowStale ? { allowStale: 'true' } : {}), ...(o.load ? { load: 'true' } : {}) })
+      const res = await call(app, { method: 'GET', url: `/v1/entries/${keyPath(o.key)}?${query}`, headers })
       if (e === undefined) {
-        if (res.statusCode !== 404 || res.json().error !== 'not_found' || typeof res.json().lease !== 'string') fail(`a miss answered ${res.statusCode} ${res.body}`)
-        const herd = model.miss(o.key, i, res.json())
-        if (herd !== undefined) fail(herd)
         counters!.misses++
         counters!.issued++
-        return
-      }
-      counters!.hits++
-      e.hits++
+        // With ?load=true a miss the origin has data for is filled from it under the miss's lease, and answered.
+        if (!o.load || !model.origin.has(o.key)) {
+          if (res.statusCode !== 404 || res.json().error !== 'not_found' || typeof res.json().lease !== 'string') fail(`a miss answered ${res.statusCode} ${res.body}`)
+          const herd = model.miss(o.key, i, res.json())
+          if (herd !== undefined) fail(herd)
+          return
+        }
+        e = model.load(o.key, counters!)
+      } else hit(o.key, e)
       // 304 when the etag sent is the entry's, never for a stale-marked entry.
-      if (o.conditional !== undefined && o.conditional !== 'other' && !e.stale) {
+      if (o.conditional !== undefined && o.conditional !== 'other' && etag === e.etag && !e.stale) {
         if (res.statusCode !== 304 || res.headers.etag !== `"${e.etag}"`) fail(`a conditional read of an unchanged entry answered ${res.statusCode}`)
         return
       }
-      if (res.statusCode !== 200 || res.headers.etag !== `"${e.etag}"`) fail(`a read answered ${res.statusCode} ${res.body}`)
+      if (res.statusCode !== 200) fail(`a read answered ${res.statusCode} ${res.body}`)
+      learn(e, String(res.headers.etag).slice(1, -1))
+      if (res.headers.etag !== `"${e.etag}"`) fail(`a read answered etag ${res.headers.etag}, the model's "${e.etag}"`)
       checkEntry(res.json(), o.key, e, 'GET')
       return
     }
@@ -344,8 +534,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
         const herd = model.miss(k, i, body.leases[k])
         if (herd !== undefined) fail(`batch-get: ${herd}`)
       }
-      counters!.hits += found.length
-      for (const k of found) answers.get(k)!.hits++
+      for (const k of found) hit(k, answers.get(k)!)
       counters!.misses += missing.length
       counters!.issued += missing.length
       return
@@ -356,7 +545,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
     case 'deleteTag': {
       const [selector, m, request] = invalidation(o)
       const res = await call(app, request)
-      const count = model.invalidate(i, selector, m)
+      const count = model.invalidate(i, selector, m, { app: here, source: 'api' })
       if (res.statusCode !== 200) fail(`an invalidation answered ${res.statusCode} ${res.body}`)
       const body = res.json()
       if (body.invalidated !== count || body.mode !== m || typeof body.id !== 'string') fail(`an invalidation answered ${res.body}, the model counts ${count}`)
@@ -369,7 +558,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       const token = await call(app, { method: 'POST', url: '/v1/admin/clear-token', payload: { reason: 'model' } })
       if (token.statusCode !== 200) fail(`clear-token answered ${token.statusCode} ${token.body}`)
       const res = await call(apps[o.redeemOn % apps.length]!, { method: 'POST', url: '/v1/admin/clear', payload: { token: token.json().token } })
-      const cleared = model.clear(i)
+      const cleared = model.clear(i, o.redeemOn % apps.length)
       if (res.statusCode !== 200 || res.json().cleared !== cleared) fail(`a clear answered ${res.statusCode} ${res.body}, the model clears ${cleared}`)
       return
     }
@@ -388,6 +577,10 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       if (res.statusCode !== 200) fail(`a user's inspection answered ${res.statusCode} ${res.body}`)
       const body = res.json()
       const hits = (n: number) => (model.cluster ? null : n)
+      for (const listed of body.entries) {
+        const e = model.entries.get(listed.key)
+        if (e !== undefined) learn(e, listed.etag)
+      }
       const got = JSON.stringify(body.entries.map((e: { key: string; stale: boolean; etag: string; hits: number }) => [e.key, e.stale, e.etag, hits(e.hits)]).sort())
       const want = JSON.stringify([...model.entries].filter(([, e]) => model.live(e) && e.userId === o.user).map(([k, e]) => [k, e.stale, e.etag, hits(e.hits)]).sort())
       if (body.count !== body.entries.length || got !== want) fail(`${o.user}'s inspection listed ${got} (count ${body.count}), the model ${want}`)
@@ -398,6 +591,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       const e = model.peek(o.key)
       const res = await call(app, { method: 'HEAD', url: `/v1/entries/${keyPath(o.key)}${o.allowStale ? '?allowStale=true' : ''}` })
       const cached = e !== undefined && (o.allowStale || !e.stale)
+      if (cached && typeof res.headers.etag === 'string') learn(e, res.headers.etag.slice(1, -1))
       if (res.statusCode !== (cached ? 200 : 404) || res.body !== '' || (cached && res.headers.etag !== `"${e.etag}"`)) fail(`HEAD answered ${res.statusCode} ${JSON.stringify(res.headers)}`)
       return
     }
@@ -409,6 +603,7 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
         return
       }
       const body = res.json()
+      learn(e, body.etag)
       const got = JSON.stringify([res.statusCode, body.key, body.value, body.userId, body.tags, body.stale, body.etag, body.expiresAt, model.cluster ? null : body.hits])
       const want = JSON.stringify([200, o.key, e.value, e.userId ?? null, e.tags ?? [], e.stale, e.etag, new Date(e.expiresAt).toISOString(), model.cluster ? null : e.hits])
       if (got !== want) fail(`an inspection answered ${got}, the model ${want}`)
@@ -421,7 +616,162 @@ async function step(apps: FastifyInstance[], model: Model, o: Op, i: number, at:
       if (got !== JSON.stringify(counters)) fail(`stats counted ${got}, the model ${JSON.stringify(counters)}`)
       return
     }
+    case 'race': {
+      const lease = model.pickLease(o.key, o.lease === undefined ? undefined : { nth: o.lease.nth, foreign: false })
+      const selector: Selector =
+        o.cover === 'user' && o.user !== undefined ? { userIds: [o.user] }
+        : o.cover === 'tag' && o.tags !== undefined ? { tags: [o.tags[0]!] }
+        : o.cover === 'prefix' ? { prefixes: [o.key.slice(0, 1)] }
+        : { keys: [o.key] }
+      const payload = { value: o.value, userId: o.user, tags: o.tags, ttlMs: o.ttl, lease: lease?.token }
+      const [res, inv] = await Promise.all([
+        turns(Math.max(0, o.gap)).then(() => call(app, { method: 'PUT', url: `/v1/entries/${keyPath(o.key)}`, payload })),
+        turns(Math.max(0, -o.gap)).then(() => call(apps[o.invalidateOn % apps.length]!, { method: 'POST', url: '/v1/invalidations', payload: { ...selector, mode: o.mode } })),
+      ])
+      if (inv.statusCode !== 200) fail(`an invalidation racing a write answered ${inv.statusCode} ${inv.body}`)
+      // Which went first, from what is left: a write refused, or one whose entry stands fresh, came after the invalidation.
+      const after = await call(app, { method: 'GET', url: `/v1/debug/entries/${keyPath(o.key)}` })
+      const answer = { ...res.json(), status: res.statusCode }
+      const stands = after.statusCode === 200 && after.json().etag === answer.etag && after.json().stale === false
+      const invalidationFirst = res.statusCode === 409 || stands
+      races[invalidationFirst ? 'invalidationFirst' : 'writeFirst']++
+      let count: number
+      if (invalidationFirst) {
+        count = model.invalidate(i, selector, o.mode, { app: o.invalidateOn % apps.length, source: 'api' })
+        written(o, lease, answer, 'a write racing an invalidation (after it)')
+      } else {
+        written(o, lease, answer, 'a write racing an invalidation (before it)')
+        count = model.invalidate(i, selector, o.mode, { app: o.invalidateOn % apps.length, source: 'api' })
+      }
+      if (inv.json().invalidated !== count) fail(`an invalidation racing a write counted ${inv.body}, the model ${count} (${invalidationFirst ? 'after' : 'before'} the write)`)
+      // What is left must be what the model has after the two in that order.
+      return step(apps, model, origin, { op: 'inspectEntry', on: o.on, key: o.key }, i, `${at} (its inspection)`)
+    }
+    case 'event': {
+      // A redelivery (an id seen before) sends that event again: it is replied to as it was the first time, nothing applied again.
+      const first = o.id === undefined ? undefined : model.events.get(o.id)
+      const event = first ?? { type: o.type, data: o.data }
+      const res = await call(app, { method: 'POST', url: '/v1/events', payload: { id: o.id, type: event.type, data: event.data } })
+      if (res.statusCode !== 200) fail(`an event answered ${res.statusCode} ${res.body}`)
+      const rules = RULES.filter((rule) => rule.event === event.type)
+      // (An event no rule matches is answered alike either way; in cluster mode another app does not know it replayed one.)
+      if (first !== undefined && rules.length > 0) {
+        if (res.headers['idempotent-replayed'] !== 'true' || res.body !== first.reply) fail(`a redelivered event answered ${JSON.stringify(res.headers)} ${res.body}, first ${first.reply}`)
+        return
+      }
+      if (first === undefined && res.headers['idempotent-replayed'] !== undefined) fail(`a new event was answered as a replay: ${res.body}`)
+      const counts = rules.map((rule) => [model.invalidate(i, ruleSelector(rule, event.data), rule.mode, { app: here, source: 'events' }), rule.mode])
+      const body = res.json()
+      const got = JSON.stringify([body.matched, body.invalidations.map((inv: { invalidated: number; mode: string }) => [inv.invalidated, inv.mode])])
+      if (got !== JSON.stringify([rules.length, counts])) fail(`an event answered ${got}, the model ${JSON.stringify([rules.length, counts])}`)
+      if (o.id !== undefined && first === undefined) model.events.set(o.id, { ...event, reply: res.body })
+      return
+    }
+    case 'log': {
+      // Every invalidation the app made, newest first: the API's, the events', the repairs', the clears.
+      const res = await call(app, { method: 'GET', url: '/v1/debug/invalidations?limit=1000' })
+      if (res.statusCode !== 200) fail(`the invalidation log answered ${res.statusCode} ${res.body}`)
+      const records: Array<{ selector: Selector; mode: string; source: string; invalidated: number }> = res.json()
+      const got = records.filter((r) => r.source !== 'bus').map((r) => logged(r.selector, r.mode, r.source, r.invalidated))
+      if (JSON.stringify(got) !== JSON.stringify(model.logs[here])) fail(`the invalidation log has ${JSON.stringify(got)}, the model ${JSON.stringify(model.logs[here])}`)
+      return
+    }
+    case 'originSet': {
+      const { path } = originOf(o.key)!
+      if (o.value === undefined) {
+        origin.values.delete(path)
+        model.origin.delete(o.key)
+      } else {
+        origin.values.set(path, o.value)
+        model.origin.set(o.key, o.value)
+      }
+      return
+    }
+    case 'refresh': {
+      // A forced refresh: 404 when no origin serves the key, and when it has no data (then the key is invalidated).
+      const res = await call(app, { method: 'POST', url: `/v1/entries/${keyPath(o.key)}/refresh` })
+      if (!model.origin.has(o.key)) {
+        if (originOf(o.key) !== undefined) model.invalidate(i, { keys: [o.key] }, 'delete', { app: here, source: 'api' })
+        if (res.statusCode !== 404 || res.json().error !== 'not_found') fail(`a refresh answered ${res.statusCode} ${res.body}, not 404`)
+        return
+      }
+      const e = model.load(o.key, counters!)
+      const body = res.json()
+      learn(e, body.etag)
+      if (res.statusCode !== 200 || body.key !== o.key || body.etag !== e.etag || body.expiresAt !== new Date(e.expiresAt).toISOString()) {
+        fail(`a refresh answered ${res.statusCode} ${res.body}`)
+      }
+      return
+    }
+    case 'warm': {
+      // Each key, and each user's key of the origin, is loaded (cached or not) if the origin has data for it; else it failed.
+      const res = await call(app, { method: 'POST', url: '/v1/warm', payload: { keys: o.keys, userIds: o.userIds } })
+      if (res.statusCode !== 200) fail(`a warm answered ${res.statusCode} ${res.body}`)
+      const keys = [...new Set([...o.keys, ...o.userIds.map((user) => `o:${user}`)])]
+      const loaded = keys.filter((k) => model.origin.has(k))
+      const body = res.json()
+      const got = JSON.stringify([body.requested, body.loaded, body.failed, body.errors.map((e: { key: string }) => e.key).sort()])
+      const want = JSON.stringify([keys.length, loaded.length, keys.length - loaded.length, keys.filter((k) => !loaded.includes(k)).sort()])
+      if (got !== want) fail(`a warm summed up ${got}, the model ${want}`)
+      for (const k of loaded) model.load(k, counters!)
+      return
+    }
+    case 'checkOrigin': {
+      // The named keys and the users' keys, each compared with what the origin holds now.
+      const res = await call(app, { method: 'POST', url: '/v1/consistency', payload: { against: 'origin', keys: o.keys, userIds: o.userIds, repair: o.repair } })
+      const named = new Set(o.keys)
+      const users = [...model.entries].filter(([, e]) => e.userId !== undefined && o.userIds.includes(e.userId)).map(([k]) => k)
+      const findings = new Map<string, Finding>()
+      for (const k of new Set([...o.keys, ...users])) {
+        const e = model.peek(k)
+        // A key the cache chose (a user's) that is not there is no finding.
+        if (e === undefined) {
+          if (named.has(k)) findings.set(k, 'missing')
+        } else if (originOf(k) === undefined) findings.set(k, 'error')
+        else if (!model.origin.has(k)) findings.set(k, 'gone')
+        else findings.set(k, JSON.stringify(model.origin.get(k)) === JSON.stringify(e.value) ? 'consistent' : 'stale')
+      }
+      reported(res, findings, o.repair)
+      return
+    }
+    case 'checkProvided': {
+      const truths = o.entries.map(({ key: k, truth, other }) => {
+        const e = model.entries.get(k)
+        switch (truth) {
+          case 'cached':
+            return { key: k, value: e !== undefined ? e.value : other }
+          case 'origin':
+            return { key: k, value: model.origin.has(k) ? model.origin.get(k) : other }
+          case 'other':
+            return { key: k, value: other }
+          case 'etag':
+            return { key: k, etag: `"${e?.etag ?? 'unknown'}"` }
+          case 'otherEtag':
+            return { key: k, etag: 'another-etag' }
+        }
+      })
+      const res = await call(app, { method: 'POST', url: '/v1/consistency', payload: { against: 'provided', entries: truths, repair: o.repair } })
+      const findings = new Map<string, Finding>()
+      for (const truth of truths) {
+        const e = model.peek(truth.key)
+        const same = e !== undefined && ('etag' in truth ? truth.etag === `"${e.etag}"` : JSON.stringify(truth.value) === JSON.stringify(e.value))
+        findings.set(truth.key, e === undefined ? 'missing' : same ? 'consistent' : 'stale')
+      }
+      reported(res, findings, o.repair)
+      return
+    }
   }
+}
+
+/** How often each order came out of the races (both must, for the races to be races). */
+const races = { writeFirst: 0, invalidationFirst: 0 }
+
+/** Resolves after `n` turns of the event loop. */
+function turns(n: number): Promise<void> {
+  return new Promise((resolve) => {
+    const next = (left: number): unknown => (left === 0 ? resolve() : setImmediate(() => next(left - 1)))
+    next(n)
+  })
 }
 
 /** An invalidation step as its selector, its mode, and the request that makes it. */
@@ -438,20 +788,36 @@ function invalidation(o: Extract<Op, { op: 'invalidate' | 'deleteKey' | 'deleteU
   }
 }
 
-/** Runs the property with `open` making the apps for one sequence on the given clock, into `apps` (closed whatever happens). */
-async function holds(open: (clock: FakeClock, run: number, apps: FastifyInstance[]) => Promise<void>, options: Parameters<unknown>, fillLeaseMs: number, cluster: boolean): Promise<number> {
+type Open = (clock: FakeClock, run: number, apps: FastifyInstance[], config: Partial<Config>) => Promise<void>
+
+/**
+ * Runs the property with `open` making the apps for one sequence on the given clock and with
+ * the given config, into `apps` (closed whatever happens), all with `origin` as their origin.
+ */
+async function holds(open: Open, origin: OriginServer, options: Parameters<unknown>, fillLeaseMs: number, cluster: boolean): Promise<{ steps: number; races: typeof races }> {
   let steps = 0
   let run = 0
+  races.writeFirst = races.invalidationFirst = 0
+  const config = { ...CONFIG, fillLeaseMs, configFile: { ...originConfig(origin), rules: RULES } }
   await fc.assert(
-    fc.asyncProperty(fc.array(op, { minLength: 10, maxLength: 40 }), async (ops) => {
+    // The origin starts with data for each of its keys; `originSet` steps change or remove it.
+    fc.asyncProperty(fc.array(op, { minLength: 10, maxLength: 40 }), fc.array(value, { minLength: ORIGIN_KEYS.length, maxLength: ORIGIN_KEYS.length }), async (ops, data) => {
       const clock = new FakeClock()
       const apps: FastifyInstance[] = []
       try {
-        await open(clock, run++, apps)
+        await open(clock, run++, apps, config)
         const model = new Model(apps.length, clock.now, fillLeaseMs, cluster)
+        origin.values.clear()
+        for (const [n, key] of ORIGIN_KEYS.entries()) {
+          origin.values.set(originOf(key)!.path, data[n])
+          model.origin.set(key, data[n])
+        }
         for (const [i, o] of ops.entries()) {
           if (o.op === 'advance') clock.advance(o.ms)
-          await step(apps, model, o, i, `step ${i} ${JSON.stringify(o)} of ${JSON.stringify(ops)}`)
+          await step(apps, model, origin, o, i, `step ${i} ${JSON.stringify(o)} of ${JSON.stringify(ops)}`)
+          // Refresh-ahead runs in the background: the step is over once its refreshes are.
+          await Promise.all(apps.map((app) => app.origins.refresher.drain()))
+          model.refreshed()
           steps++
         }
       } finally {
@@ -460,17 +826,18 @@ async function holds(open: (clock: FakeClock, run: number, apps: FastifyInstance
     }),
     options,
   )
-  return steps
+  return { steps, races: { ...races } }
 }
 
 t.test('memory mode: every answer of the API agrees with the model, after any sequence', async (t) => {
   const options = runs(80)
   // No sweep: an expired entry stays until a read or an invalidation meets it, as the model has it.
   const fillLeaseMs = 2000
-  const open = async (clock: FakeClock, _run: number, apps: FastifyInstance[]) =>
-    void apps.push(await build({ teardown() {} }, { ...CONFIG, fillLeaseMs }, { now: clock.now, store: new MemoryStore({ now: clock.now, sweepIntervalMs: 0 }) }))
-  const steps = await holds(open, options, fillLeaseMs, false)
+  const open: Open = async (clock, _run, apps, config) =>
+    void apps.push(await build({ teardown() {} }, config, { now: clock.now, store: new MemoryStore({ now: clock.now, sweepIntervalMs: 0 }) }))
+  const { steps, races } = await holds(open, await OriginServer.start(t), options, fillLeaseMs, false)
   t.pass(`the model held for ${options.numRuns} random sequences (${steps} steps)`)
+  t.ok(races.writeFirst > 0 && races.invalidationFirst > 0, `writes raced invalidations both ways: ${JSON.stringify(races)}`)
 })
 
 if (requireRedisServer(t)) {
@@ -480,18 +847,19 @@ if (requireRedisServer(t)) {
     // move: claims of 10 minutes run out by neither within a sequence. Timeouts long enough for
     // a loaded machine, and no bus PING (a late one would take the bus down).
     const fillLeaseMs = 600_000
-    const open = async (clock: FakeClock, run: number, apps: FastifyInstance[]) => {
+    const open: Open = async (clock, run, apps, config) => {
       for (let n = 0; n < 2; n++) {
         const store = new TieredStore({ redisUrl: redis.url, namespace: `m${run}`, now: clock.now, sweepIntervalMs: 0, commandTimeoutMs: 10_000, busPingMs: 0 })
         if (!(await store.connect(10_000))) {
           await store.close()
           throw new Error('a TieredStore did not connect')
         }
-        apps.push(await build({ teardown() {} }, { ...CONFIG, fillLeaseMs }, { now: clock.now, store }))
+        apps.push(await build({ teardown() {} }, config, { now: clock.now, store }))
       }
     }
     const options = runs(40)
-    const steps = await holds(open, options, fillLeaseMs, true)
+    const { steps, races } = await holds(open, await OriginServer.start(t), options, fillLeaseMs, true)
     t.pass(`the model held for ${options.numRuns} random sequences (${steps} steps) over two apps`)
+    t.ok(races.writeFirst > 0 && races.invalidationFirst > 0, `writes raced invalidations both ways: ${JSON.stringify(races)}`)
   })
 }
