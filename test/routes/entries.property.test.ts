@@ -46,6 +46,10 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 //   miss and a set are counted) and answered; one it has no data for stays a plain miss;
 // - a hit on an origin key's entry that is stale or past 80% of its TTL reloads it in the
 //   background (the step waits for the refresh queue to drain, then the model reloads it);
+// - a slow fill racing an invalidation: while a `?load=true` miss's origin call is held, the
+//   origin's data changes and an invalidation covering the key lands (on either app); the
+//   load's write of the old data is refused (counted), and it loads again: the new data is
+//   cached and answered, or, if the origin has none now, the miss with its (void) lease;
 // - a forced refresh reloads (404 when no origin serves the key, or it has no data: then the
 //   key is invalidated); a warm loads its keys and its users' keys, and counts what failed;
 // - a consistency check, against the origin (named keys and users' keys) or against truths
@@ -151,6 +155,20 @@ const op = fc.oneof(
       cover: fc.constantFrom('key' as const, 'prefix' as const, 'user' as const, 'tag' as const),
       mode,
       gap: fc.integer({ min: -3, max: 3 }),
+    }),
+    weight: 2,
+  },
+  // A `?load=true` miss of an origin key whose origin call is held while the origin's data
+  // changes (to `value`, or goes) and an invalidation covering the key lands, on either app.
+  {
+    arbitrary: fc.record({
+      op: fc.constant('fillRace' as const),
+      on,
+      invalidateOn: on,
+      key: fc.constantFrom(...ORIGIN_KEYS),
+      value: fc.option(value, { nil: undefined, freq: 4 }),
+      cover: fc.constantFrom('key' as const, 'prefix' as const, 'user' as const, 'tag' as const),
+      mode,
     }),
     weight: 2,
   },
@@ -646,6 +664,56 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
       if (inv.json().invalidated !== count) fail(`an invalidation racing a write counted ${inv.body}, the model ${count} (${invalidationFirst ? 'after' : 'before'} the write)`)
       // What is left must be what the model has after the two in that order.
       return step(apps, model, origin, { op: 'inspectEntry', on: o.on, key: o.key }, i, `${at} (its inspection)`)
+    }
+    case 'fillRace': {
+      // Only a miss loads: with a readable entry the step does nothing.
+      if (model.readable(o.key, false) !== undefined) return
+      model.read(o.key, false)
+      const { path, userId, tags } = originOf(o.key)!
+      const selector: Selector = { key: { keys: [o.key] }, prefix: { prefixes: ['o'] }, user: { userIds: [userId] }, tag: { tags } }[o.cover]
+      const loaded = model.origin.has(o.key)
+      origin.holdPath = path
+      origin.hold()
+      const calls = origin.calls
+      const reading = call(app, { method: 'GET', url: `/v1/entries/${keyPath(o.key)}?load=true` })
+      let inv: Awaited<ReturnType<typeof call>>
+      try {
+        await origin.waitForCalls(calls + 1)
+        if (o.value === undefined) origin.values.delete(path)
+        else origin.values.set(path, o.value)
+        inv = await call(apps[o.invalidateOn % apps.length]!, { method: 'POST', url: '/v1/invalidations', payload: { ...selector, mode: o.mode } })
+      } finally {
+        origin.release()
+        origin.holdPath = undefined
+      }
+      const res = await reading
+      if (inv.statusCode !== 200) fail(`an invalidation during a load answered ${inv.statusCode} ${inv.body}`)
+      // In the model's order: the miss (its lease and fill claim, at step i), the invalidation
+      // (half a step later, so it voids that lease), the load's refused write of what the origin
+      // had (if it had anything), and its second load: what the origin has now is cached and
+      // answered; if it has nothing, the miss is.
+      counters!.misses++
+      counters!.issued++
+      const missed = !loaded || o.value === undefined
+      if (missed) {
+        if (res.statusCode !== 404 || typeof res.json().lease !== 'string') fail(`a load voided by an invalidation answered ${res.statusCode} ${res.body}`)
+        const herd = model.miss(o.key, i, res.json())
+        if (herd !== undefined) fail(herd)
+      }
+      const count = model.invalidate(i + 0.5, selector, o.mode, { app: o.invalidateOn % apps.length, source: 'api' })
+      if (inv.json().invalidated !== count) fail(`an invalidation during a load counted ${inv.body}, the model ${count}`)
+      if (o.value === undefined) model.origin.delete(o.key)
+      else model.origin.set(o.key, o.value)
+      if (loaded) counters!.rejected++
+      if (missed) {
+        // The refused write ended the miss's fill claim, if it had one.
+        if (loaded) model.endFill(o.key, res.json().lease)
+        return
+      }
+      const e = model.load(o.key, counters!)
+      if (res.statusCode !== 200) fail(`a load voided by an invalidation answered ${res.statusCode} ${res.body}, not the origin's new data`)
+      checkEntry(res.json(), o.key, e, 'a load voided by an invalidation')
+      return
     }
     case 'event': {
       // A redelivery (an id seen before) sends that event again: it is replied to as it was the first time, nothing applied again.
