@@ -16,8 +16,8 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 // key's), reads (plain, allowStale, conditional with the entry's etag quoted or bare, or
 // another; HEAD), batch reads, leases given back, emergency clears, invalidations in every form
 // the contract has (POST /v1/invalidations, DELETE of a key, the user and tag shorthands, both
-// modes), domain events, user inspection, stats, the invalidation log, and the clock moving on.
-// Every answer is checked against the model:
+// modes), domain events, user inspection, stats and their reset, the invalidation log, and the
+// clock moving on. Every answer is checked against the model:
 // - a read's status, value, user, tags, stale flag, etag and expiry; 304 only for the entry's
 //   etag and never for a stale entry; what a batch read finds and misses;
 // - an etag is the same for the same value and differs for different ones;
@@ -40,9 +40,10 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 //   redelivery of an id (on either app, with the first payload or another) gets the first
 //   reply again and applies nothing;
 // - HEAD and the inspection of an entry (the entry's hits too, in memory mode) count nothing
-//   and take no lease; a user's entries; the hits, misses, sets and leases issued and refused of
-//   the stats; the invalidation log: every invalidation the app made (API, events, repairs,
-//   clears), newest first, with its selector, mode, source and count.
+//   and take no lease; a user's entries; the stats since the app's last reset: hits, misses,
+//   sets, leases issued and refused, invalidations by source (and in memory mode the last);
+//   the invalidation log: every invalidation the app made (API, events, repairs, clears),
+//   newest first, with its selector, mode, source and count.
 // With a real origin serving two of the keys (`o:{userId}`), whose data steps change or remove:
 // - a `?load=true` miss the origin has data for is filled from it (under the miss's lease, so a
 //   miss and a set are counted) and answered; one it has no data for stays a plain miss;
@@ -55,9 +56,10 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 //   cached and answered, or, if the origin has none now, the miss with its (void) lease;
 // - a forced refresh reloads (404 when no origin serves the key, or it has no data: then the
 //   key is invalidated); a warm loads its keys and its users' keys, and counts what failed;
-// - a consistency check, against the origin (named keys and users' keys) or against truths
-//   sent (values or etags), reports each key consistent, stale, missing or an error (a key no
-//   origin serves), and repairs by invalidating, or by reloading those the origin has data for.
+// - a consistency check, against the origin (named keys, users' keys, a sample of them all)
+//   or against truths sent (values or etags), reports each key consistent, stale, missing or
+//   an error (a key no origin serves), and repairs by invalidating, or by reloading those the
+//   origin has data for.
 // In memory mode with one app, and in cluster mode with two apps on one Redis (a step runs on
 // either; reading on the other app at once after a change holds on one host, see
 // test/stores/tiered-store.property.test.ts).
@@ -147,6 +149,7 @@ const op = fc.oneof(
   fc.record({ op: fc.constant('inspectEntry' as const), on, key }),
   fc.record({ op: fc.constant('stats' as const), on }),
   fc.record({ op: fc.constant('log' as const), on }),
+  fc.record({ op: fc.constant('resetStats' as const), on }),
   // A write racing an invalidation that covers its key (by key, a prefix of it, its user or a
   // tag: by key when the write has no user or no tag), on either app, `gap` event-loop turns
   // apart (the write first when negative). The write carries no lease, one of the key's (the
@@ -204,9 +207,17 @@ const op = fc.oneof(
   { arbitrary: fc.record({ op: fc.constant('originSet' as const), key: fc.constantFrom(...ORIGIN_KEYS), value: fc.option(value, { nil: undefined, freq: 3 }) }), weight: 2 },
   { arbitrary: fc.record({ op: fc.constant('refresh' as const), on, key }), weight: 2 },
   fc.record({ op: fc.constant('warm' as const), on, keys: fc.uniqueArray(key, { maxLength: 3 }), userIds: fc.uniqueArray(fc.constantFrom(...USERS), { maxLength: 2 }) }),
+  // (A sample of 100 is every cached key here.)
   fc
-    .record({ op: fc.constant('checkOrigin' as const), on, keys: fc.uniqueArray(key, { maxLength: 3 }), userIds: fc.uniqueArray(fc.constantFrom(...USERS), { maxLength: 2 }), repair })
-    .filter((o) => o.keys.length + o.userIds.length > 0),
+    .record({
+      op: fc.constant('checkOrigin' as const),
+      on,
+      keys: fc.uniqueArray(key, { maxLength: 3 }),
+      userIds: fc.uniqueArray(fc.constantFrom(...USERS), { maxLength: 2 }),
+      sample: fc.option(fc.constant(100), { nil: undefined, freq: 2 }),
+      repair,
+    })
+    .filter((o) => o.keys.length + o.userIds.length > 0 || o.sample !== undefined),
   fc.record({
     op: fc.constant('checkProvided' as const),
     on,
@@ -243,6 +254,14 @@ interface Counters {
   rejected: number
 }
 
+/** The fields of an invalidation record (`GET /v1/debug/invalidations`, the stats' `last`) the model compares. */
+interface LogRecord {
+  selector: Selector
+  mode: string
+  source: string
+  invalidated: number
+}
+
 /** An invalidation record as the model compares it: selector (each list sorted), mode, source and count. */
 function logged(selector: Selector, mode: string, source: string, invalidated: number): string {
   const lists = (['keys', 'userIds', 'tags', 'prefixes'] as const).map((kind) => (selector[kind] === undefined ? null : [...selector[kind]].sort()))
@@ -268,6 +287,8 @@ class Model {
   readonly counters: Counters[]
   /** Each app's invalidation log as `logged` writes a record, newest first (in cluster mode without the other apps' records, source `bus`). */
   readonly logs: string[][]
+  /** How many of each app's log records predate its last stats reset. */
+  readonly resetAt: number[]
   /** Events by id: the event first delivered with it, and the reply it got. */
   readonly events = new Map<string, { type: string; data: Record<string, string>; reply: string }>()
   /** Keys a hit of the step has given a background refresh (with the counters of the app that runs it, and whether the entry was stale): see `refreshed`. */
@@ -292,6 +313,7 @@ class Model {
   ) {
     this.counters = Array.from({ length: apps }, () => ({ hits: 0, misses: 0, sets: 0, issued: 0, rejected: 0 }))
     this.logs = Array.from({ length: apps }, () => [])
+    this.resetAt = Array.from({ length: apps }, () => 0)
   }
 
   /** A miss's lease: checks `fill` and `retryAfterMs` against the claim the key has, and takes the claim if it is free. */
@@ -665,6 +687,30 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
       const { hits, misses, sets, leases } = res.json()
       const got = JSON.stringify({ hits, misses, sets, issued: leases.issued, rejected: leases.rejected })
       if (got !== JSON.stringify(counters)) fail(`stats counted ${got}, the model ${JSON.stringify(counters)}`)
+      // The invalidations by source since the reset, this app's own (in cluster mode, `bus` counts the others' as they arrive),
+      // and (memory mode) the last of them.
+      const { bySource, last } = res.json().invalidations as { bySource: Record<string, number>; last: LogRecord | null }
+      const since = model.logs[here]!.slice(0, model.logs[here]!.length - model.resetAt[here]!)
+      const sources: Record<string, number> = {}
+      for (const record of since) {
+        const source = JSON.parse(record)[3] as string
+        sources[source] = (sources[source] ?? 0) + 1
+      }
+      const counted = Object.fromEntries(Object.entries(bySource).filter(([source, n]) => source !== 'bus' && n > 0))
+      if (JSON.stringify(counted, Object.keys(counted).sort()) !== JSON.stringify(sources, Object.keys(sources).sort())) {
+        fail(`stats counted invalidations by source ${JSON.stringify(bySource)}, the model ${JSON.stringify(sources)}`)
+      }
+      if (!model.cluster) {
+        const newest = last === null ? null : logged(last.selector, last.mode, last.source, last.invalidated)
+        if (newest !== (since[0] ?? null)) fail(`stats' last invalidation is ${newest}, the model's ${since[0] ?? null}`)
+      }
+      return
+    }
+    case 'resetStats': {
+      const res = await call(app, { method: 'POST', url: '/v1/stats/reset' })
+      if (res.statusCode !== 200 || res.json().reset !== true) fail(`a stats reset answered ${res.statusCode} ${res.body}`)
+      Object.assign(counters!, { hits: 0, misses: 0, sets: 0, issued: 0, rejected: 0 })
+      model.resetAt[here] = model.logs[here]!.length
       return
     }
     case 'race': {
@@ -792,7 +838,7 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
       // Every invalidation the app made, newest first: the API's, the events', the repairs', the clears.
       const res = await call(app, { method: 'GET', url: '/v1/debug/invalidations?limit=1000' })
       if (res.statusCode !== 200) fail(`the invalidation log answered ${res.statusCode} ${res.body}`)
-      const records: Array<{ selector: Selector; mode: string; source: string; invalidated: number }> = res.json()
+      const records: LogRecord[] = res.json()
       const got = records.filter((r) => r.source !== 'bus').map((r) => logged(r.selector, r.mode, r.source, r.invalidated))
       if (JSON.stringify(got) !== JSON.stringify(model.logs[here])) fail(`the invalidation log has ${JSON.stringify(got)}, the model ${JSON.stringify(model.logs[here])}`)
       return
@@ -839,12 +885,13 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
       return
     }
     case 'checkOrigin': {
-      // The named keys and the users' keys, each compared with what the origin holds now.
-      const res = await call(app, { method: 'POST', url: '/v1/consistency', payload: { against: 'origin', keys: o.keys, userIds: o.userIds, repair: o.repair } })
+      // The named keys, the users' keys and the sampled ones (every cached key), each compared with what the origin holds now.
+      const res = await call(app, { method: 'POST', url: '/v1/consistency', payload: { against: 'origin', keys: o.keys, userIds: o.userIds, sample: o.sample, repair: o.repair } })
       const named = new Set(o.keys)
       const users = [...model.entries].filter(([, e]) => e.userId !== undefined && o.userIds.includes(e.userId)).map(([k]) => k)
+      const sampled = o.sample === undefined ? [] : [...model.entries].filter(([, e]) => model.live(e)).map(([k]) => k)
       const findings = new Map<string, Finding>()
-      for (const k of new Set([...o.keys, ...users])) {
+      for (const k of new Set([...o.keys, ...users, ...sampled])) {
         const e = model.peek(k)
         // A key the cache chose (a user's) that is not there is no finding.
         if (e === undefined) {
