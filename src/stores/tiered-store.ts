@@ -185,6 +185,12 @@ export class TieredStore implements Store {
   readonly #listeners: EvictionListener[] = []
   readonly #busListeners: Array<(connected: boolean) => void> = []
   readonly #remoteListeners: Array<(message: RemoteInvalidation) => void> = []
+  /**
+   * The last bus message's report: each waits for the one before, so the log, metrics and
+   * stream hear another instance's invalidations in the order they came, though their L1 runs
+   * (a key's is done at once, a user's or prefix's takes turns) may end in another.
+   */
+  #reported: Promise<void> = Promise.resolve()
   readonly #timer: NodeJS.Timeout | undefined
   readonly #busPingTimer: NodeJS.Timeout | undefined
   #busPinging = false
@@ -979,7 +985,7 @@ export class TieredStore implements Store {
       return
     }
     if (this.#remoteListeners.length === 0) return
-    void applied.then((invalidated) => {
+    this.#reported = this.#reported.then(() => applied).then((invalidated) => {
       const remote: RemoteInvalidation =
         selector === undefined
           ? { flush: true, write: false, invalidated, mode: message.m === 'stale' || message.m === 'delete' ? message.m : undefined, note: busNote(message) }

@@ -1,5 +1,6 @@
 import { Redis } from 'ioredis'
 import t, { type Test } from 'tap'
+import type { Selector } from '../../src/cache/types.js'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock } from '../helpers/build.js'
 import { requireRedisServer, startRedis, waitUntil } from '../helpers/redis-server.js'
@@ -301,6 +302,26 @@ if (requireRedisServer(t)) {
     await a.invalidate({ userIds: ['u'] }, 'delete', clock.now())
     t.ok(await waitUntil(() => heard.length === 2))
     t.same(heard, ['{"keys":["x"]}', '{"userIds":["u"]}'])
+  })
+
+  t.test('another store\'s invalidations are reported in the order they were sent, whatever each takes to apply to L1', async (t) => {
+    const clock = new FakeClock()
+    const [a, b, namespace] = await openPair(t, clock)
+    // Copies in b's L1 for the runs to find: users', tags', keys under prefixes.
+    for (let n = 0; n < 100; n++) await a.set(entry(clock, `p:${n}`, { value: '1', userId: `u${n % 3}`, tags: [`t${n % 4}`] }))
+    for (let n = 0; n < 100; n++) await b.get(`p:${n}`, clock.now())
+    const heard: string[] = []
+    b.onRemoteInvalidation((remote) => void (remote.write || heard.push(JSON.stringify(remote.selector))))
+    const kinds = (n: number): Selector => [{ keys: [`p:${n}`] }, { userIds: [`u${n % 3}`] }, { tags: [`t${n % 4}`] }, { prefixes: [`p:${n % 10}`] }][n % 4]!
+    const selectors = Array.from({ length: 60 }, (_, n) => kinds(n))
+    // Sent at once (as a busy sender's messages come), so that b reads them together.
+    const publisher = new Redis(redis.url)
+    t.teardown(() => publisher.quit())
+    const batch = publisher.pipeline()
+    for (const selector of selectors) batch.publish(`{${namespace}}:bus`, JSON.stringify({ f: 'other', s: selector, m: 'stale' }))
+    await batch.exec()
+    t.ok(await waitUntil(() => heard.length === selectors.length))
+    t.same(heard, selectors.map((selector) => JSON.stringify(selector)))
   })
 
   t.test('an L1 fill racing an invalidation from another store never keeps the old value', async (t) => {
