@@ -16,3 +16,8 @@ export function runs(numRuns: number): Parameters<unknown> & { numRuns: number }
     ...(seed ? { seed: Number(seed), path: process.env.FC_PATH } : {}),
   }
 }
+
+/** Waits `n` turns of the event loop (none if n <= 0), each letting I/O in: how far apart a race's two sides start. */
+export async function turns(n: number): Promise<void> {
+  for (let i = 0; i < n; i++) await new Promise((resolve) => setImmediate(resolve))
+}

@@ -8,7 +8,7 @@ import { MemoryStore } from '../../src/stores/memory-store.js'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock, build, call, keyPath } from '../helpers/build.js'
 import { OriginServer } from '../helpers/origin-server.js'
-import { runs } from '../helpers/property.js'
+import { runs, turns } from '../helpers/property.js'
 import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 
 // The HTTP API against a model of it, over random sequences of: writes (PUT, and batch-set with
@@ -66,8 +66,11 @@ import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 
 const USERS = ['u1', 'u2']
 const TAGS = ['t1', 't2', 't3']
-/** Keys an origin serves (`o:{userId}`, user from the key, tag t3): read-through, refresh-ahead, forced refresh, warming, consistency. */
-const ORIGIN_KEYS = USERS.map((user) => `o:${user}`)
+/** The key the origin serves for a user (`o:{userId}`), and the tag of what it loads. */
+const originKey = (user: string) => `o:${user}`
+const ORIGIN_TAG = 't3'
+/** Keys the origin serves: read-through, refresh-ahead, forced refresh, warming, consistency. */
+const ORIGIN_KEYS = USERS.map(originKey)
 const KEYS = ['a', 'ab', 'b:1', 'b/2', 'c d', 'é', ...ORIGIN_KEYS]
 const ORIGIN_TTL_MS = 4000
 /**
@@ -77,12 +80,12 @@ const ORIGIN_TTL_MS = 4000
  */
 const AGE_BUDGET_MS = 5 * 60_000
 /** The origin's entry for `o:{userId}`: the value is the test's, the rest the origin config's. */
-const originOf = (key: string) => (ORIGIN_KEYS.includes(key) ? { userId: key.slice(2), tags: ['t3'], path: `/o/${encodeURIComponent(key.slice(2))}` } : undefined)
+const originOf = (key: string) => (ORIGIN_KEYS.includes(key) ? { userId: key.slice(2), tags: [ORIGIN_TAG], path: `/o/${encodeURIComponent(key.slice(2))}` } : undefined)
 /** A hit past this share of its entry's TTL, or on a stale entry, refreshes an origin key in the background. */
 const REFRESH_AHEAD = 0.8
 const originConfig = (origin: OriginServer) => ({
   origins: [
-    { name: 'o', keyPattern: 'o:{userId}', url: `${origin.base}/o/{userId}`, ttlMs: ORIGIN_TTL_MS, tags: ['t3'], refreshAhead: REFRESH_AHEAD, timeoutMs: 10_000, retries: 0 },
+    { name: 'o', keyPattern: 'o:{userId}', url: `${origin.base}/o/{userId}`, ttlMs: ORIGIN_TTL_MS, tags: [ORIGIN_TAG], refreshAhead: REFRESH_AHEAD, timeoutMs: 10_000, retries: 0 },
   ],
 })
 /** CONFIG_FILE `rules`: domain events and the invalidations they make, filled from the event's data. */
@@ -291,8 +294,8 @@ class Model {
   readonly leases: Array<{ token: string; key: string; step: number }> = []
   readonly voidings: Voiding[] = []
   readonly counters: Counters[]
-  /** Each app's invalidation log as `logged` writes a record, newest first (in cluster mode without the other apps' records, source `bus`). */
-  readonly logs: string[][]
+  /** Each app's invalidation log, newest first: each record as `logged` writes it, and its source (in cluster mode without the other apps' records, source `bus`). */
+  readonly logs: Array<Array<{ record: string; source: string }>>
   /** How many of each app's log records predate its last stats reset. */
   readonly resetAt: number[]
   /** Events by id: the event first delivered with it, and the reply it got. */
@@ -405,14 +408,14 @@ class Model {
       }
     }
     this.voidings.push(voiding)
-    this.logs[by.app]!.unshift(logged(selector, mode, by.source, count))
+    this.logs[by.app]!.unshift({ record: logged(selector, mode, by.source, count), source: by.source })
     return count
   }
 
   /** Applies a clear: every entry goes (past its expiry too), every lease is void, every claim ends. How many went. */
   clear(step: number, app: number): number {
     const count = this.entries.size
-    this.logs[app]!.unshift(logged({ all: true }, 'delete', 'admin', count))
+    this.logs[app]!.unshift({ record: logged({ all: true }, 'delete', 'admin', count), source: 'admin' })
     this.entries.clear()
     this.fills.clear()
     this.voidings.push({ step, touched: new Set(KEYS), userIds: new Set(), tags: new Set() })
@@ -546,8 +549,7 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
   switch (o.op) {
     case 'put': {
       const lease = model.pickLease(o.key, o.lease)
-      const payload = { value: o.value, userId: o.user, tags: o.tags, ttlMs: o.ttl, lease: lease?.token }
-      const res = await call(app, { method: 'PUT', url: `/v1/entries/${keyPath(o.key)}`, payload })
+      const res = await call(app, putRequest(o, lease))
       written(o, lease, { ...res.json(), status: res.statusCode }, 'a write')
       return
     }
@@ -698,17 +700,14 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
       const { bySource, last } = res.json().invalidations as { bySource: Record<string, number>; last: LogRecord | null }
       const since = model.logs[here]!.slice(0, model.logs[here]!.length - model.resetAt[here]!)
       const sources: Record<string, number> = {}
-      for (const record of since) {
-        const source = JSON.parse(record)[3] as string
-        sources[source] = (sources[source] ?? 0) + 1
-      }
-      const counted = Object.fromEntries(Object.entries(bySource).filter(([source, n]) => source !== 'bus' && n > 0))
-      if (JSON.stringify(counted, Object.keys(counted).sort()) !== JSON.stringify(sources, Object.keys(sources).sort())) {
+      for (const { source } of since) sources[source] = (sources[source] ?? 0) + 1
+      const counted = Object.entries(bySource).filter(([source, n]) => source !== 'bus' && n > 0)
+      if (JSON.stringify(counted.sort()) !== JSON.stringify(Object.entries(sources).sort())) {
         fail(`stats counted invalidations by source ${JSON.stringify(bySource)}, the model ${JSON.stringify(sources)}`)
       }
       if (!model.cluster) {
         const newest = last === null ? null : logged(last.selector, last.mode, last.source, last.invalidated)
-        if (newest !== (since[0] ?? null)) fail(`stats' last invalidation is ${newest}, the model's ${since[0] ?? null}`)
+        if (newest !== (since[0]?.record ?? null)) fail(`stats' last invalidation is ${newest}, the model's ${since[0]?.record ?? null}`)
       }
       return
     }
@@ -728,15 +727,10 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
         : o.lease === 'any' ? model.pickLease(o.key, { nth: o.nth, foreign: false })
         : model.leases.filter((l) => l.key === o.key && !model.refuses(l, o.key, o.user, o.tags)).at(-1)
       const kind = lease === undefined ? 'unleased' : model.refuses(lease, o.key, o.user, o.tags) ? 'void' : 'valid'
-      const selector: Selector =
-        o.cover === 'user' && o.user !== undefined ? { userIds: [o.user] }
-        : o.cover === 'tag' && o.tags !== undefined ? { tags: [o.tags[0]!] }
-        : o.cover === 'prefix' ? { prefixes: [o.key.slice(0, 1)] }
-        : { keys: [o.key] }
-      const payload = { value: o.value, userId: o.user, tags: o.tags, ttlMs: o.ttl, lease: lease?.token }
+      const selector = covering(o.cover, o.key, o.user, o.tags)
       const [res, inv] = await Promise.all([
-        turns(Math.max(0, o.gap)).then(() => call(app, { method: 'PUT', url: `/v1/entries/${keyPath(o.key)}`, payload })),
-        turns(Math.max(0, -o.gap)).then(() => call(apps[o.invalidateOn % apps.length]!, { method: 'POST', url: '/v1/invalidations', payload: { ...selector, mode: o.mode } })),
+        turns(o.gap).then(() => call(app, putRequest(o, lease))),
+        turns(-o.gap).then(() => call(apps[o.invalidateOn % apps.length]!, postInvalidation(selector, o.mode))),
       ])
       if (inv.statusCode !== 200) fail(`an invalidation racing a write answered ${inv.statusCode} ${inv.body}`)
       // Which went first, from what is left: a write refused, or one whose entry stands fresh, came after the invalidation.
@@ -762,15 +756,14 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
     case 'age':
       // The clock has moved (see `holds`): now the read, its refresh, and what it left.
       await step(apps, model, origin, { op: 'get', on: o.on, key: o.key, allowStale: o.allowStale, conditional: undefined, load: false }, i, `${at} (its read)`)
-      await Promise.all(apps.map((other) => other.origins.refresher.drain()))
-      model.refreshed()
+      await refreshesDone(apps, model)
       return step(apps, model, origin, { op: 'inspectEntry', on: o.on, key: o.key }, i, `${at} (its inspection)`)
     case 'fillRace': {
       // Only a miss loads: a readable entry is deleted first (before the miss: its lease is not voided by it).
       if (model.readable(o.key, false) !== undefined) await step(apps, model, origin, { op: 'deleteKey', on: o.on, key: o.key }, i, `${at} (its delete)`)
       model.read(o.key, false)
       const { path, userId, tags } = originOf(o.key)!
-      const selector: Selector = { key: { keys: [o.key] }, prefix: { prefixes: ['o'] }, user: { userIds: [userId] }, tag: { tags } }[o.cover]
+      const selector = covering(o.cover, o.key, userId, tags)
       const loaded = model.origin.has(o.key)
       origin.holdPath = path
       origin.hold()
@@ -784,9 +777,8 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
           origin.waitForCalls(calls + 1).then(() => void (called = true)),
           reading.then((r) => void (called || fail(`a ?load=true miss answered ${r.statusCode} ${r.body} without calling the origin`))),
         ])
-        if (o.value === undefined) origin.values.delete(path)
-        else origin.values.set(path, o.value)
-        inv = await call(apps[o.invalidateOn % apps.length]!, { method: 'POST', url: '/v1/invalidations', payload: { ...selector, mode: o.mode } })
+        setOriginData(origin, model, o.key, o.value)
+        inv = await call(apps[o.invalidateOn % apps.length]!, postInvalidation(selector, o.mode))
       } finally {
         origin.release()
         origin.holdPath = undefined
@@ -809,8 +801,6 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
       }
       const count = model.invalidate(i + 0.5, selector, o.mode, { app: o.invalidateOn % apps.length, source: 'api' })
       if (inv.json().invalidated !== count) fail(`an invalidation during a load counted ${inv.body}, the model ${count}`)
-      if (o.value === undefined) model.origin.delete(o.key)
-      else model.origin.set(o.key, o.value)
       if (loaded) counters!.rejected++
       model.tally.fills[!loaded ? 'nothing' : missed ? 'voided' : 'reloaded']++
       if (missed) {
@@ -856,21 +846,13 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
       const res = await call(app, { method: 'GET', url: '/v1/debug/invalidations?limit=1000' })
       if (res.statusCode !== 200) fail(`the invalidation log answered ${res.statusCode} ${res.body}`)
       const records: LogRecord[] = res.json()
-      const got = records.filter((r) => r.source !== 'bus').map((r) => logged(r.selector, r.mode, r.source, r.invalidated))
-      if (JSON.stringify(got) !== JSON.stringify(model.logs[here])) fail(`the invalidation log has ${JSON.stringify(got)}, the model ${JSON.stringify(model.logs[here])}`)
+      const got = JSON.stringify(records.filter((r) => r.source !== 'bus').map((r) => logged(r.selector, r.mode, r.source, r.invalidated)))
+      const want = JSON.stringify(model.logs[here]!.map(({ record }) => record))
+      if (got !== want) fail(`the invalidation log has ${got}, the model ${want}`)
       return
     }
-    case 'originSet': {
-      const { path } = originOf(o.key)!
-      if (o.value === undefined) {
-        origin.values.delete(path)
-        model.origin.delete(o.key)
-      } else {
-        origin.values.set(path, o.value)
-        model.origin.set(o.key, o.value)
-      }
-      return
-    }
+    case 'originSet':
+      return setOriginData(origin, model, o.key, o.value)
     case 'refresh': {
       // A forced refresh: 404 when no origin serves the key, and when it has no data (then the key is invalidated).
       const res = await call(app, { method: 'POST', url: `/v1/entries/${keyPath(o.key)}/refresh` })
@@ -892,7 +874,7 @@ async function step(apps: FastifyInstance[], model: Model, origin: OriginServer,
       // Each key, and each user's key of the origin, is loaded (cached or not) if the origin has data for it; else it failed.
       const res = await call(app, { method: 'POST', url: '/v1/warm', payload: { keys: o.keys, userIds: o.userIds } })
       if (res.statusCode !== 200) fail(`a warm answered ${res.statusCode} ${res.body}`)
-      const keys = [...new Set([...o.keys, ...o.userIds.map((user) => `o:${user}`)])]
+      const keys = [...new Set([...o.keys, ...o.userIds.map(originKey)])]
       const loaded = keys.filter((k) => model.origin.has(k))
       const body = res.json()
       const got = JSON.stringify([body.requested, body.loaded, body.failed, body.errors.map((e: { key: string }) => e.key).sort()])
@@ -960,19 +942,47 @@ interface Tally {
   fills: { nothing: number; voided: number; reloaded: number }
 }
 
-/** Resolves after `n` turns of the event loop. */
-function turns(n: number): Promise<void> {
-  return new Promise((resolve) => {
-    const next = (left: number): unknown => (left === 0 ? resolve() : setImmediate(() => next(left - 1)))
-    next(n)
-  })
+/** Waits until no app has a background refresh queued or running, then applies them to the model. */
+async function refreshesDone(apps: FastifyInstance[], model: Model): Promise<void> {
+  await Promise.all(apps.map((app) => app.origins.refresher.drain()))
+  model.refreshed()
 }
+
+/** The origin's data for an origin key, in the origin server and in the model (undefined: none, it answers 404). */
+function setOriginData(origin: OriginServer, model: Model, key: string, value: unknown): void {
+  const { path } = originOf(key)!
+  if (value === undefined) {
+    origin.values.delete(path)
+    model.origin.delete(key)
+  } else {
+    origin.values.set(path, value)
+    model.origin.set(key, value)
+  }
+}
+
+/**
+ * An invalidation that covers a write of `key` (its user and tags given): by the key, its
+ * first character as a prefix, its user or its first tag (by key when it has no user or tag).
+ */
+function covering(cover: 'key' | 'prefix' | 'user' | 'tag', key: string, userId: string | undefined, tags: string[] | undefined): Selector {
+  if (cover === 'user' && userId !== undefined) return { userIds: [userId] }
+  if (cover === 'tag' && tags !== undefined) return { tags: [tags[0]!] }
+  if (cover === 'prefix') return { prefixes: [key.slice(0, 1)] }
+  return { keys: [key] }
+}
+
+/** A PUT of a write, with the lease's token if it carries one. */
+function putRequest(w: { key: string; value: unknown; user?: string | undefined; tags?: string[] | undefined; ttl?: number | undefined }, lease: { token: string } | undefined): InjectOptions {
+  return { method: 'PUT', url: `/v1/entries/${keyPath(w.key)}`, payload: { value: w.value, userId: w.user, tags: w.tags, ttlMs: w.ttl, lease: lease?.token } }
+}
+
+const postInvalidation = (selector: Selector, mode: 'delete' | 'stale'): InjectOptions => ({ method: 'POST', url: '/v1/invalidations', payload: { ...selector, mode } })
 
 /** An invalidation step as its selector, its mode, and the request that makes it. */
 function invalidation(o: Extract<Op, { op: 'invalidate' | 'deleteKey' | 'deleteUser' | 'deleteTag' }>): [Selector, 'delete' | 'stale', InjectOptions] {
   switch (o.op) {
     case 'invalidate':
-      return [o.selector, o.mode, { method: 'POST', url: '/v1/invalidations', payload: { ...o.selector, mode: o.mode } }]
+      return [o.selector, o.mode, postInvalidation(o.selector, o.mode)]
     case 'deleteKey':
       return [{ keys: [o.key] }, 'delete', { method: 'DELETE', url: `/v1/entries/${keyPath(o.key)}` }]
     case 'deleteUser':
@@ -1002,10 +1012,7 @@ async function holds(open: Open, origin: OriginServer, options: Parameters<unkno
         await open(clock, run++, apps, config)
         const model = new Model(apps.length, clock.now, fillLeaseMs, cluster, tally)
         origin.values.clear()
-        for (const [n, key] of ORIGIN_KEYS.entries()) {
-          origin.values.set(originOf(key)!.path, data[n])
-          model.origin.set(key, data[n])
-        }
+        for (const [n, key] of ORIGIN_KEYS.entries()) setOriginData(origin, model, key, data[n])
         let aged = 0
         for (const [i, o] of ops.entries()) {
           if (o.op === 'advance') clock.advance(o.ms)
@@ -1017,8 +1024,7 @@ async function holds(open: Open, origin: OriginServer, options: Parameters<unkno
           }
           await step(apps, model, origin, o, i, `step ${i} ${JSON.stringify(o)} of ${JSON.stringify(ops)}`)
           // Refresh-ahead runs in the background: the step is over once its refreshes are.
-          await Promise.all(apps.map((app) => app.origins.refresher.drain()))
-          model.refreshed()
+          await refreshesDone(apps, model)
           steps++
         }
       } finally {

@@ -5,7 +5,7 @@ import type { LeaseStamp, Selector, SetOutcome, StoredEntry } from '../../src/ca
 import { MemoryStore } from '../../src/stores/memory-store.js'
 import { TieredStore } from '../../src/stores/tiered-store.js'
 import { FakeClock } from '../helpers/build.js'
-import { runs } from '../helpers/property.js'
+import { runs, turns } from '../helpers/property.js'
 import { requireRedisServer, startRedis } from '../helpers/redis-server.js'
 import { entry } from './store-contract.js'
 
@@ -218,11 +218,6 @@ if (requireRedisServer(t)) {
   })
 }
 
-/** Waits `n` turns of the event loop (none if n <= 0), each letting I/O in. */
-async function turns(n: number): Promise<void> {
-  for (let i = 0; i < n; i++) await new Promise((resolve) => setImmediate(resolve))
-}
-
 /** What a read answered, as compared: the value, its flags and metadata (hits and access times differ by design). */
 const answer = (e: StoredEntry | undefined) => (e === undefined ? undefined : [e.value, e.stale, e.etag, e.userId, e.tags, e.expiresAt, e.createdAt, e.size])
 
@@ -244,20 +239,19 @@ async function compare(reference: MemoryStore, instances: TieredStore[], now: nu
   // tags' sets, and every member is an entry of that user or tag (one past its expiry included,
   // until something drops it), never a leftover of a delete, an overwrite or a clear.
   const pre = `{${namespace}}:${(await raw.get(`{${namespace}}:g`)) ?? '0'}:`
+  type Owner = { userId?: string | undefined; tags?: string[] | undefined }
   for (const [set, names, has] of [
-    ['u', USERS, (fields: [string | null, string | null], name: string) => fields[0] === name],
-    ['t', TAGS, (fields: [string | null, string | null], name: string) => fields[1] !== null && (JSON.parse(fields[1]) as string[]).includes(name)],
+    ['u', USERS, (e: Owner, name: string) => e.userId === name],
+    ['t', TAGS, (e: Owner, name: string) => e.tags?.includes(name) === true],
   ] as const) {
     for (const name of names) {
       const members = new Set(await raw.smembers(`${pre}${set}:${name}`))
       for (const key of members) {
-        const fields = (await raw.hmget(`${pre}e:${key}`, 'u', 't')) as [string | null, string | null]
-        if (!has(fields, name)) throw new Error(`${set}:${name} lists ${key}, whose entry is ${JSON.stringify(fields)}, after ${at}`)
+        const [userId, tags] = await raw.hmget(`${pre}e:${key}`, 'u', 't')
+        const owner = { userId: userId ?? undefined, tags: tags === null ? undefined : (JSON.parse(tags) as string[]) }
+        if (!has(owner, name)) throw new Error(`${set}:${name} lists ${key}, whose entry is ${JSON.stringify([userId, tags])}, after ${at}`)
       }
-      for (const e of live) {
-        const belongs = set === 'u' ? e.userId === name : e.tags?.includes(name) === true
-        if (belongs && !members.has(e.key)) throw new Error(`${set}:${name} misses ${e.key} after ${at}`)
-      }
+      for (const e of live) if (has(e, name) && !members.has(e.key)) throw new Error(`${set}:${name} misses ${e.key} after ${at}`)
     }
   }
 }

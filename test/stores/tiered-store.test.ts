@@ -312,8 +312,7 @@ if (requireRedisServer(t)) {
     for (let n = 0; n < 100; n++) await b.get(`p:${n}`, clock.now())
     const heard: string[] = []
     b.onRemoteInvalidation((remote) => void (remote.write || heard.push(JSON.stringify(remote.selector))))
-    const kinds = (n: number): Selector => [{ keys: [`p:${n}`] }, { userIds: [`u${n % 3}`] }, { tags: [`t${n % 4}`] }, { prefixes: [`p:${n % 10}`] }][n % 4]!
-    const selectors = Array.from({ length: 60 }, (_, n) => kinds(n))
+    const selectors = Array.from({ length: 60 }, (_, n): Selector => [{ keys: [`p:${n}`] }, { userIds: [`u${n % 3}`] }, { tags: [`t${n % 4}`] }, { prefixes: [`p:${n % 10}`] }][n % 4]!)
     // Sent at once (as a busy sender's messages come), so that b reads them together.
     const publisher = new Redis(redis.url)
     t.teardown(() => publisher.quit())
